@@ -1,0 +1,109 @@
+"""Every magic number, id and limit of the format, in one place (spec/FORMAT.md is normative).
+
+Each group is headed by the spec section that defines it. Nothing else in the package
+spells these values.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+# spec 5.1 File_Header
+MAGIC = b"\x89CPFT\r\n\x1a"
+VERSION_MAJOR = 1
+VERSION_MINOR = 0
+FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
+FILE_HEADER_SIZE = FILE_HEADER.size  # 16
+CHECKSUM = struct.Struct("<I")
+CHECKSUM_SIZE = 4
+MIN_ALIGNMENT_LOG2 = 0
+MAX_ALIGNMENT_LOG2 = 12  # 4096, a page
+DEFAULT_ALIGNMENT_LOG2 = 3  # 8 bytes: every dtype of spec 5.4 can be viewed in place
+
+# spec 5.3 Record_Kind
+KIND_END = 0x00  # the Index follows
+KIND_TERNARY = 0x01
+KIND_DENSE = 0x02
+KIND_OPTIONAL_BIT = 0x80  # spec 10.2: an unknown kind with this bit set is skipped
+
+# spec 5.5 Block_Type
+BLOCK_BITMASK = 0x01
+BLOCK_GOLOMB = 0x02
+BLOCK_SIGNS = 0x03
+BLOCK_SCALE = 0x04
+BLOCK_DENSE = 0x05
+BLOCK_OPTIONAL_BIT = 0x80
+
+# spec 7 Stage
+STAGE_NONE = 0x00
+STAGE_ZSTD = 0x01
+DEFAULT_ZSTD_LEVEL = 3
+
+# spec 5.7 Trailer
+TRAILER = struct.Struct("<QI4s")  # Index_Offset, Index_Checksum, Tail_Magic
+TRAILER_SIZE = TRAILER.size  # 16
+TAIL_MAGIC = b"CPFE"
+
+# spec 2.3 VarInt
+VARINT_MAX_BYTES = 10
+VARINT_MAX_VALUE = 2**63 - 1
+
+# spec 5.4 Dtype codes: code -> (safetensors name, item size in bytes)
+DTYPES: dict[int, tuple[str, int]] = {
+    0x01: ("F32", 4),
+    0x02: ("F16", 2),
+    0x03: ("BF16", 2),
+    0x04: ("F64", 8),
+    0x05: ("I8", 1),
+    0x06: ("I16", 2),
+    0x07: ("I32", 4),
+    0x08: ("I64", 8),
+    0x09: ("U8", 1),
+    0x0A: ("U16", 2),
+    0x0B: ("U32", 4),
+    0x0C: ("U64", 8),
+    0x0D: ("BOOL", 1),
+    0x0E: ("F8_E4M3", 1),
+    0x0F: ("F8_E5M2", 1),
+}
+DTYPE_CODES: dict[str, int] = {name: code for code, (name, _) in DTYPES.items()}
+ITEMSIZE: dict[str, int] = {name: size for _, (name, size) in DTYPES.items()}
+TERNARY_DTYPES = ("F32", "F16", "BF16", "F64")  # spec 5.4: dtypes a ternary record may stand for
+
+# spec 6.4 Scale_Dtype (Param of the scale block)
+SCALE_F32 = 0x00
+
+# spec 8.3 reserved metadata keys
+META_PRODUCER = "compeft.producer"
+META_COMPRESSION = "compeft.compression"
+META_BASE = "compeft.base"
+META_RESERVED_PREFIX = "compeft."
+
+
+# spec 9.2 Limits
+@dataclass(frozen=True)
+class ReadLimits:
+    """Reader limits of spec 9.2; every one can be raised by the caller.
+
+    Examples
+    --------
+    >>> from compeft_format import ReadLimits
+    >>> ReadLimits(max_numel=2**40).max_numel
+    1099511627776
+    """
+
+    max_metadata_size: int = 16 * 2**20
+    max_metadata_depth: int = 64
+    max_index_size: int = 256 * 2**20
+    max_tensors: int = 1_000_000
+    max_ndim: int = 16
+    max_name_length: int = 4096
+    max_numel: int = 2**48
+    #: bytes one read call may allocate for decoded data; None = max(64 MiB, 64 x file size)
+    max_decoded_bytes: int | None = None
+
+
+DEFAULT_LIMITS = ReadLimits()
+DECODE_BUDGET_FLOOR = 64 * 2**20
+DECODE_BUDGET_RATIO = 64

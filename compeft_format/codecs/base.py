@@ -1,0 +1,87 @@
+"""The block codec interface (spec 6) and the registry keyed by the on-disk ``Block_Type``.
+
+A codec turns one part of a tensor (its positions, its signs, its scale, its dense data)
+into the bytes of one block and back. Codecs see only their own payload and a
+:class:`BlockContext`; only :mod:`compeft_format.container` knows where blocks sit in a file.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from ..errors import CorruptBlockError, UnsupportedFeatureError
+
+__all__ = ["BlockCodec", "BlockContext", "get_codec", "register_codec", "registered_codecs"]
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What a codec may know about the record its block belongs to."""
+
+    name: str  #: tensor name, for error messages
+    numel: int
+    nnz: int
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int | None = None  #: absolute file offset of the block payload, for error messages
+
+    def error(self, message: str, cls: type[Exception] = CorruptBlockError) -> Exception:
+        """Return an error about this block that names the tensor and byte offset."""
+        return cls(message, tensor=self.name, offset=self.offset)
+
+
+class BlockCodec(ABC):
+    """One block type of spec 6. Subclasses register themselves by ``block_type``.
+
+    ``encode`` returns ``(param, payload)``; ``param`` is stored in the block descriptor.
+    ``decode`` MUST validate everything it reads and raise a ``FormatError`` subclass,
+    never ``IndexError`` or a numpy error.
+    """
+
+    block_type: ClassVar[int]  #: the byte stored in Block_Type (spec 5.5)
+    name: ClassVar[str]  #: short name used by the API, the CLI and ``info``
+    role: ClassVar[str]  #: "positions", "signs", "scale" or "dense"
+
+    @abstractmethod
+    def encode(self, value: Any, ctx: BlockContext) -> tuple[int, bytes]:
+        """Return ``(param, payload)`` for ``value``."""
+
+    @abstractmethod
+    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> Any:
+        """Return the value held by ``payload`` (validated against ``ctx``)."""
+
+    def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
+        """Return the largest payload a valid block of this type can have (spec 7.2)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+_REGISTRY: dict[int, BlockCodec] = {}
+
+
+def register_codec(cls: type[BlockCodec]) -> type[BlockCodec]:
+    """Class decorator: register ``cls`` under its ``block_type``."""
+    if cls.block_type in _REGISTRY:
+        raise ValueError(f"block type 0x{cls.block_type:02x} registered twice")
+    _REGISTRY[cls.block_type] = cls()
+    return cls
+
+
+def get_codec(block_type: int, ctx: BlockContext | None = None) -> BlockCodec:
+    """Return the codec for ``block_type``; unknown types raise ``UnsupportedFeatureError``."""
+    try:
+        return _REGISTRY[block_type]
+    except KeyError:
+        msg = f"unknown block type 0x{block_type:02x}"
+        if ctx is not None:
+            raise ctx.error(msg, UnsupportedFeatureError) from None
+        raise UnsupportedFeatureError(msg) from None
+
+
+def registered_codecs() -> dict[int, BlockCodec]:
+    """Return a copy of the registry (block type -> codec instance)."""
+    return dict(_REGISTRY)

@@ -1,0 +1,62 @@
+"""The zstd stage (spec 7): an optional zstd frame around any block's payload."""
+
+from __future__ import annotations
+
+import zstandard
+
+from .._spec import STAGE_ZSTD
+from .base import BlockContext
+
+__all__ = ["ZstdStage"]
+
+
+class ZstdStage:
+    """Compress a payload into one zstd frame that declares its content size.
+
+    >>> s = ZstdStage()
+    >>> frame = s.encode(b"\\x00" * 1000, level=3)
+    >>> len(frame) < 1000, s.decode(frame, 1000, None) == b"\\x00" * 1000
+    (True, True)
+    """
+
+    stage_id = STAGE_ZSTD
+    name = "zstd"
+
+    def __init__(self) -> None:
+        self._compressors: dict[int, zstandard.ZstdCompressor] = {}
+        self._decompressor = zstandard.ZstdDecompressor()
+
+    def encode(self, data: bytes, level: int) -> bytes:
+        """Return one zstd frame holding ``data`` (content size and no checksum, spec 7.1)."""
+        cctx = self._compressors.get(level)
+        if cctx is None:
+            cctx = zstandard.ZstdCompressor(level=level, write_content_size=True,
+                                            write_checksum=False, write_dict_id=False)
+            self._compressors[level] = cctx
+        return cctx.compress(data)
+
+    def decode(self, frame: bytes | memoryview, decoded_size: int, ctx: BlockContext | None):
+        """Return the content of ``frame``, which MUST declare exactly ``decoded_size`` bytes."""
+        def fail(msg: str) -> Exception:
+            return ctx.error(msg) if ctx is not None else ValueError(msg)
+
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise fail(f"zstd stage: bad frame header ({exc})") from None
+        if declared != decoded_size:  # spec 7.1: checked before anything is allocated
+            raise fail(f"zstd stage: frame declares {declared} bytes, block declares {decoded_size}")
+        if decoded_size == 0:
+            out = self._decompressor.decompress(frame, allow_extra_data=False) if len(frame) else b""
+        else:
+            try:
+                out = self._decompressor.decompress(frame, max_output_size=decoded_size,
+                                                    allow_extra_data=False)
+            except zstandard.ZstdError as exc:
+                raise fail(f"zstd stage: {exc}") from None
+        if len(out) != decoded_size:
+            raise fail(f"zstd stage: {len(out)} bytes decoded, {decoded_size} declared")
+        return out
+
+
+ZSTD = ZstdStage()

@@ -1,0 +1,225 @@
+"""`TernaryTensor`: the value type the format stores (every element is +scale, -scale or 0)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from . import dtypes as _dt
+from ._spec import TERNARY_DTYPES
+from .errors import EncodeError
+
+__all__ = ["TernaryTensor"]
+
+_NAME_ALIASES = {
+    "f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "bf16": "BF16",
+    "bfloat16": "BF16", "f64": "F64", "float64": "F64",
+}
+
+
+def _dtype_name(dtype: Any) -> str:
+    """Normalise a dtype given as a name, numpy dtype or torch dtype to ``F32``/``F16``/..."""
+    if isinstance(dtype, str):
+        name = dtype if dtype in TERNARY_DTYPES else _NAME_ALIASES.get(dtype.lower())
+    elif type(dtype).__module__ == "torch":
+        name = _NAME_ALIASES.get(str(dtype).removeprefix("torch."))
+    else:
+        try:
+            name = _dt.numpy_dtype_name(np.dtype(dtype))
+        except (TypeError, EncodeError):
+            name = None
+    if name not in TERNARY_DTYPES:
+        raise EncodeError(f"dtype {dtype!r} is not a ternary dtype; use one of {TERNARY_DTYPES}")
+    return name
+
+
+def _round_scale(scale: float, name: str) -> float:
+    """Return ``scale`` rounded to the dense dtype ``name``, as a Python float."""
+    if name == "BF16":
+        return float(_dt.bf16_bits_to_f32(_dt.f32_to_bf16_bits(np.float32([scale])))[0])
+    if name == "F16":
+        return float(np.float16(scale))
+    return float(np.float32(scale))
+
+
+class TernaryTensor:
+    """A sparse ternary tensor: ``value[i] = -scale if signs[k] else +scale`` at ``indices[k]``.
+
+    Parameters
+    ----------
+    shape:
+        The dense shape (any rank, 0-d and empty included).
+    indices:
+        Flat C-order positions of the nonzeros, strictly increasing (stored as int64).
+    signs:
+        One bool per nonzero, True = negative.
+    scale:
+        The common magnitude; finite, non-negative, stored as float32 (spec 6.4).
+    dtype:
+        The dense dtype the tensor stands for, in safetensors spelling:
+        ``"F32"``, ``"F16"``, ``"BF16"`` or ``"F64"``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = TernaryTensor((2, 3), [1, 5], [False, True], 0.5)
+    >>> t.nnz, t.numel, round(t.density, 3)
+    (2, 6, 0.333)
+    >>> t.to_numpy()
+    array([[ 0. ,  0.5,  0. ],
+           [ 0. ,  0. , -0.5]], dtype=float32)
+    >>> TernaryTensor.from_dense(t.to_numpy()) == t
+    True
+    """
+
+    __slots__ = ("dtype", "indices", "scale", "shape", "signs")
+
+    def __init__(
+        self,
+        shape: Any,
+        indices: Any,
+        signs: Any,
+        scale: float,
+        dtype: Any = "F32",
+        *,
+        _validated: bool = False,
+    ) -> None:
+        self.shape: tuple[int, ...] = tuple(int(d) for d in shape)
+        self.dtype: str = _dtype_name(dtype)
+        self.indices: np.ndarray = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
+        self.signs: np.ndarray = np.ascontiguousarray(signs, dtype=bool).reshape(-1)
+        scale = float(scale)
+        if not math.isfinite(scale) or math.copysign(1.0, scale) < 0:
+            raise EncodeError(f"scale must be finite and non-negative, got {scale!r}")
+        scale32 = float(np.float32(scale))
+        if not math.isfinite(scale32):
+            raise EncodeError(f"scale {scale!r} overflows float32")
+        self.scale: float = scale32
+        if not _validated:
+            self._validate()
+
+    def _validate(self) -> None:
+        if any(d < 0 for d in self.shape):
+            raise EncodeError(f"shape {self.shape} has a negative dimension")
+        if self.indices.shape != self.signs.shape:
+            raise EncodeError(
+                f"{self.indices.size} indices but {self.signs.size} signs; they must match"
+            )
+        n = self.indices.size
+        if n:
+            if self.indices[0] < 0 or self.indices[-1] >= self.numel:
+                raise EncodeError(f"indices must lie in [0, {self.numel})")
+            if n > 1 and not bool(np.all(self.indices[1:] > self.indices[:-1])):
+                raise EncodeError("indices must be strictly increasing")
+
+    # -- properties ------------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        """Number of elements of the dense tensor."""
+        return math.prod(self.shape)
+
+    @property
+    def nnz(self) -> int:
+        """Number of nonzero elements."""
+        return int(self.indices.size)
+
+    @property
+    def density(self) -> float:
+        """``nnz / numel`` (0.0 for a tensor without elements)."""
+        return self.nnz / self.numel if self.numel else 0.0
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def zeros(cls, shape: Any, dtype: Any = "F32") -> TernaryTensor:
+        """Return an all-zero tensor (scale 0).
+
+        >>> TernaryTensor.zeros((2, 2)).nnz
+        0
+        """
+        return cls(shape, np.empty(0, np.int64), np.empty(0, bool), 0.0, dtype, _validated=True)
+
+    @classmethod
+    def from_dense(cls, array: Any, dtype: Any = None) -> TernaryTensor:
+        """Build from a dense numpy array or torch tensor whose nonzeros share one magnitude.
+
+        Raises :class:`EncodeError` for non-float data, non-finite values, nonzeros of
+        different magnitudes, or a magnitude that float32 cannot hold exactly.
+
+        >>> TernaryTensor.from_dense(np.array([0.0, -2.0, 2.0])).dtype
+        'F64'
+        """
+        storage, name = _dt.to_storage(array)
+        if name not in TERNARY_DTYPES:
+            raise EncodeError(f"from_dense needs float data, got {name}")
+        values = _dt.to_numpy_values(storage, name).reshape(-1)
+        if not np.isfinite(values).all():
+            raise EncodeError("from_dense: the array holds NaN or infinity")
+        indices = np.flatnonzero(values)
+        nz = values[indices]
+        mags = np.abs(nz)
+        scale = float(mags[0]) if indices.size else 0.0
+        if indices.size and not bool(np.all(mags == mags[0])):
+            raise EncodeError(
+                f"from_dense: nonzeros have {np.unique(mags).size} different magnitudes "
+                f"({float(mags.min())!r} .. {float(mags.max())!r}); a ternary tensor has one"
+            )
+        if float(np.float32(scale)) != scale:
+            raise EncodeError(f"from_dense: magnitude {scale!r} is not exact in float32")
+        out_dtype = name if dtype is None else dtype
+        return cls(storage.shape, indices, np.signbit(nz), scale, out_dtype, _validated=True)
+
+    # -- conversion ------------------------------------------------------------------------
+    def to_numpy(self, dtype: Any = None) -> np.ndarray:
+        """Return the dense array; BF16 comes back as float32 holding bfloat16 values.
+
+        ``dtype`` (``"F32"``, ``np.float16``, ...) overrides the stored dtype.
+
+        >>> TernaryTensor((3,), [2], [True], 0.1, "F16").to_numpy()
+        array([ 0. ,  0. , -0.1], dtype=float16)
+        """
+        name = self.dtype if dtype is None else _dtype_name(dtype)
+        np_dtype = np.float32 if name == "BF16" else _dt.storage_dtype(name)
+        value = _round_scale(self.scale, name)
+        out = np.zeros(self.numel, dtype=np_dtype)
+        if self.nnz:
+            vals = np.array([value, -value], dtype=np_dtype)
+            out[self.indices] = vals[self.signs.view(np.uint8)]
+        return out.reshape(self.shape)
+
+    def to_torch(self, dtype: Any = None):
+        """Return the dense ``torch.Tensor`` in the stored dtype (BF16 native).
+
+        >>> TernaryTensor((2,), [0], [False], 1.5, "BF16").to_torch()
+        tensor([1.5000, 0.0000], dtype=torch.bfloat16)
+        """
+        name = self.dtype if dtype is None else _dtype_name(dtype)
+        if name != "BF16":
+            return _dt.to_torch(self.to_numpy(name), name)
+        value_bits = _dt.f32_to_bf16_bits(np.float32([self.scale]))[0]
+        out = np.zeros(self.numel, dtype=np.uint16)
+        if self.nnz:
+            vals = np.array([value_bits, value_bits | 0x8000], dtype=np.uint16)
+            out[self.indices] = vals[self.signs.view(np.uint8)]
+        return _dt.to_torch(out.reshape(self.shape), "BF16")
+
+    # -- value semantics -------------------------------------------------------------------
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, TernaryTensor):
+            return NotImplemented
+        return (
+            self.shape == other.shape
+            and self.dtype == other.dtype
+            and np.float32(self.scale).tobytes() == np.float32(other.scale).tobytes()
+            and np.array_equal(self.indices, other.indices)
+            and np.array_equal(self.signs, other.signs)
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable arrays inside
+
+    def __repr__(self) -> str:
+        return (
+            f"TernaryTensor(shape={self.shape}, nnz={self.nnz}, scale={self.scale!r}, "
+            f"dtype={self.dtype!r})"
+        )
