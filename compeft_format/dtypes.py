@@ -172,12 +172,12 @@ def to_torch(arr: np.ndarray, name: str):
     """Return storage data as a torch tensor of the native dtype (BF16 and F8 included)."""
     import torch
 
+    if not arr.flags.writeable:
+        arr = arr.copy()  # torch warns on read-only memory (a file map, a bytes object)
     if name == "BF16":
         return torch.from_numpy(np.ascontiguousarray(arr, np.uint16)).view(torch.bfloat16)
     if name == "F8_E4M3":
         return torch.from_numpy(np.ascontiguousarray(arr, np.uint8)).view(torch.float8_e4m3fn)
     if name == "F8_E5M2":
         return torch.from_numpy(np.ascontiguousarray(arr, np.uint8)).view(torch.float8_e5m2)
-    if not arr.flags.writeable:
-        arr = arr.copy()  # torch warns on read-only memory
     return torch.from_numpy(np.ascontiguousarray(arr))

@@ -24,7 +24,7 @@ __all__ = [
     "BadMagicError",
     "ChecksumError",
     "CompeftError",
-    "CorruptBlockError",
+    "CorruptDataError",
     "EncodeError",
     "FormatError",
     "LimitExceededError",
@@ -83,7 +83,7 @@ class ChecksumError(FormatError):
     """A stored CRC-32 does not match the bytes it covers."""
 
 
-class CorruptBlockError(FormatError):
+class CorruptDataError(FormatError):
     """A structure is complete and its checksum matches, but its content breaks a rule."""
 
 

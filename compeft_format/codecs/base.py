@@ -11,7 +11,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ..errors import CorruptBlockError, UnsupportedFeatureError
+from ..errors import CorruptDataError, UnsupportedFeatureError
 
 __all__ = ["BlockCodec", "BlockContext", "get_codec", "register_codec", "registered_codecs"]
 
@@ -27,7 +27,7 @@ class BlockContext:
     shape: tuple[int, ...]
     offset: int | None = None  #: absolute file offset of the block payload, for error messages
 
-    def error(self, message: str, cls: type[Exception] = CorruptBlockError) -> Exception:
+    def error(self, message: str, cls: type[Exception] = CorruptDataError) -> Exception:
         """Return an error about this block that names the tensor and byte offset."""
         return cls(message, tensor=self.name, offset=self.offset)
 

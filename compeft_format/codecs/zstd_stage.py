@@ -45,9 +45,10 @@ class ZstdStage:
         except zstandard.ZstdError as exc:
             raise fail(f"zstd stage: bad frame header ({exc})") from None
         if declared != decoded_size:  # spec 7.1: checked before anything is allocated
-            raise fail(f"zstd stage: frame declares {declared} bytes, block declares {decoded_size}")
+            raise fail(f"zstd stage: frame declares {declared} bytes, block declares "
+                       f"{decoded_size}")
         if decoded_size == 0:
-            out = self._decompressor.decompress(frame, allow_extra_data=False) if len(frame) else b""
+            out = b""
         else:
             try:
                 out = self._decompressor.decompress(frame, max_output_size=decoded_size,

@@ -1,0 +1,687 @@
+"""ComPEFT compression: task vectors to sparse ternary tensors (top-k, sign, one scale).
+
+:func:`compress` keeps the ``round(density * n)`` entries of largest magnitude of a task
+vector, stores only their signs and replaces every kept magnitude with one scale (spec and
+paper: ``alpha * sigma(tau) * sign(topk(tau))``). The selection is exact (the same entries as
+a full sort with the documented tie rule) and streams over the tensors: the model is never
+concatenated, and a tensor is read a few times, one at a time, in chunks.
+
+How the exact top-k is found fast (:func:`select_topk`)
+------------------------------------------------------
+1. A random sample of the magnitudes (fixed seed, one element in 256) estimates the
+   threshold; a band ``(lo, hi]`` around it is wide enough that the true threshold falls
+   inside with overwhelming probability (a few standard errors of the sample quantile).
+2. One streaming pass counts the magnitudes above ``hi`` and collects those inside the band
+   (typically well under 1% of the elements).
+3. ``np.partition`` of the small band gives the exact k-th largest magnitude.
+4. If the sample was unlucky (threshold outside the band, or a band too large because of
+   massive ties), an exact radix select over the float bit patterns (16 bits per pass,
+   bounded memory) takes over. The result never depends on the sample, only the speed does.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import dtypes as _dt
+from ._spec import TERNARY_DTYPES
+from .errors import EncodeError
+from .tensor import TernaryTensor
+
+__all__ = [
+    "COMPRESSION_METADATA_KEY",
+    "SCALES",
+    "SCOPES",
+    "TopK",
+    "compress",
+    "compression_metadata",
+    "select_topk",
+]
+
+#: File metadata key under which :func:`compression_metadata` is stored.
+COMPRESSION_METADATA_KEY = "compeft.compression"
+SCOPES = ("global", "tensor")
+SCALES = ("norm", "l2", "std")
+
+_CHUNK = 1 << 20  # elements per chunk: cache-friendly, bounds every temporary to a few MiB
+_SAMPLE_EVERY = 256  # one sampled magnitude per 256 elements (with replacement)
+_SAMPLE_SEED = 0x5EED_C0DE  # fixed: same input, same sample, same (deterministic) run time
+_BAND_Z = 6.0  # band half-width in standard errors of the sample quantile
+_BAND_CAP_MIN = 1 << 20  # the band may always hold this many values ...
+_BAND_CAP_DIV = 32  # ... or n / 32 of them (n / 8 bytes of float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# exact top-k threshold
+# ---------------------------------------------------------------------------------------------
+class TopK(NamedTuple):
+    """The exact top-k of a set of magnitudes, as a threshold plus a tie quota.
+
+    The kept entries are every magnitude ``> threshold`` (``n_greater`` of them) plus the
+    first ``n_ties`` entries equal to ``threshold`` in scope order. ``threshold == 0`` means
+    fewer than k nonzeros exist: all nonzeros are kept and zeros never are (``n_ties == 0``).
+    """
+
+    threshold: float
+    n_greater: int
+    n_ties: int
+
+    @property
+    def kept(self) -> int:
+        """Number of kept entries, ``n_greater + n_ties``."""
+        return self.n_greater + self.n_ties
+
+
+def select_topk(magnitudes: np.ndarray | Sequence[np.ndarray], k: int) -> TopK:
+    """Return the exact top-k threshold over one or more arrays of magnitudes.
+
+    The result is the same as a full descending sort: the k-th largest magnitude, how many
+    are strictly larger, and how many entries equal to it complete the k (taken in array
+    order, then flat index order). Zeros are never selected, so fewer than ``k`` entries are
+    kept when fewer than ``k`` are nonzero. Runs in about a tenth of ``np.partition``'s time
+    on large float32 arrays and allocates no copy of the input.
+
+    Parameters
+    ----------
+    magnitudes:
+        A non-negative, finite float array (any shape) or a sequence of them. Mixed float32
+        and float64 arrays are compared in float64; float16 is widened to float32.
+    k:
+        How many entries to keep; ``0 <= k``. Values above the element count keep everything
+        nonzero.
+
+    Returns
+    -------
+    TopK
+        ``(threshold, n_greater, n_ties)``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> select_topk(np.array([0.5, 2.0, 1.0, 1.0, 0.0]), 3)
+    TopK(threshold=1.0, n_greater=1, n_ties=2)
+    >>> select_topk([np.array([3.0, 0.0]), np.array([0.0])], 2)
+    TopK(threshold=0.0, n_greater=1, n_ties=0)
+    """
+    arrays = [magnitudes] if isinstance(magnitudes, np.ndarray) else list(magnitudes)
+    arrays = [np.asarray(a).reshape(-1) for a in arrays]
+    for a in arrays:
+        if a.dtype.kind != "f":
+            raise EncodeError(f"select_topk needs float magnitudes, got {a.dtype}")
+    work = np.dtype(np.float64 if any(a.dtype == np.float64 for a in arrays) else np.float32)
+    arrays = [a if a.dtype == work else a.astype(work) for a in arrays]
+    n = sum(a.size for a in arrays)
+    rng = np.random.default_rng(_SAMPLE_SEED)
+    sample = np.concatenate([np.empty(0, work)] + [_sample_of(a, rng) for a in arrays if a.size])
+
+    def chunks() -> Iterator[np.ndarray]:
+        for a in arrays:
+            for start in range(0, a.size, _CHUNK):
+                yield a[start : start + _CHUNK]
+
+    return _select(chunks, n, int(k), sample, work)
+
+
+def _sample_of(flat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Return ``ceil(n / 256)`` values of ``flat`` at random positions (with replacement)."""
+    count = -(-flat.size // _SAMPLE_EVERY)
+    return flat[rng.integers(0, flat.size, size=count)]
+
+
+def _select(
+    make_chunks: Callable[[], Iterable[np.ndarray]],
+    n: int,
+    k: int,
+    sample: np.ndarray,
+    work: np.dtype,
+) -> TopK:
+    """Exact top-k threshold of the magnitudes that ``make_chunks()`` yields (each call anew).
+
+    ``sample`` holds magnitudes drawn from the same data; it only steers the speed.
+    """
+    if k <= 0 or n == 0:
+        return TopK(math.inf, 0, 0)
+    k = min(k, n)
+    lo_open, hi = _band_edges(sample, n, k, work)
+    cap = max(_BAND_CAP_MIN, n // _BAND_CAP_DIV)
+    found = _band_pass(make_chunks(), lo_open, hi, cap)
+    if found is not None:
+        above, band = found
+        if above < k <= above + band.size:
+            pos = band.size - (k - above)  # the k-th largest overall sits here in the band
+            band.partition(pos)
+            t = band[pos]
+            greater = above + int(np.count_nonzero(band[pos + 1 :] > t))
+            return _topk(t, greater, k)
+        if above < k and lo_open == 0:
+            # The band held every nonzero below hi and still fell short: fewer than k
+            # nonzeros exist, so the threshold is 0 and all nonzeros are kept.
+            return TopK(0.0, above + band.size, 0)
+    t, greater = _radix_select(make_chunks, k, work)
+    return _topk(t, greater, k)
+
+
+def _topk(t: Any, greater: int, k: int) -> TopK:
+    t = float(t)
+    if t == 0.0:  # zeros are never kept
+        return TopK(0.0, greater, 0)
+    return TopK(t, greater, k - greater)
+
+
+def _band_edges(sample: np.ndarray, n: int, k: int, work: np.dtype) -> tuple[Any, Any]:
+    """Return ``(lo_open, hi)``: the band ``lo_open < m <= hi`` that likely holds the threshold.
+
+    ``lo_open`` is -1 when the band reaches down to include zeros, 0 when it starts just above
+    zero, else just below a sampled magnitude; ``hi`` is +inf when the band reaches the top.
+    """
+    s = sample.size
+    if s == 0:
+        return work.type(-1), work.type(np.inf)
+    sample.sort()
+    q = (n - k) / n  # fraction of the elements below the threshold's rank
+    centre = q * s
+    half = _BAND_Z * math.sqrt(s * q * (1.0 - q)) + 4.0
+    j_lo = math.floor(centre - half)
+    j_hi = math.ceil(centre + half)
+    if j_lo < 0:
+        lo_open = work.type(-1)
+    else:
+        lo = sample[j_lo]
+        # include lo itself: a heavily tied value often sits right at the quantile
+        lo_open = work.type(0) if lo == 0 else np.nextafter(lo, work.type(0))
+    hi = sample[j_hi] if j_hi < s else work.type(np.inf)
+    return lo_open, hi
+
+
+def _band_pass(
+    chunks: Iterable[np.ndarray], lo_open: Any, hi: Any, cap: int
+) -> tuple[int, np.ndarray] | None:
+    """Count magnitudes ``> hi`` and collect those in ``(lo_open, hi]``; None past ``cap``."""
+    above = 0
+    parts: list[np.ndarray] = []
+    held = 0
+    for c in chunks:
+        above += int(np.count_nonzero(c > hi))
+        mask = c > lo_open
+        mask &= c <= hi
+        got = c[mask]
+        if got.size:
+            held += got.size
+            if held > cap:
+                return None
+            parts.append(got)
+    band = np.concatenate(parts) if parts else np.empty(0, dtype=hi.dtype)
+    return above, band
+
+
+def _radix_select(
+    make_chunks: Callable[[], Iterable[np.ndarray]], k: int, work: np.dtype
+) -> tuple[Any, int]:
+    """Exact k-th largest by its bit pattern, 16 bits a pass; returns ``(value, n_greater)``.
+
+    Non-negative IEEE floats order like their bit patterns read as unsigned integers, so a
+    histogram of the top 16 bits finds the bucket of the k-th largest, the next pass the next
+    16 bits inside that bucket, and so on. Memory is one 65536-bin histogram.
+    """
+    ukind = np.dtype(np.uint32 if work == np.float32 else np.uint64)
+    bits = ukind.itemsize * 8
+    prefix = 0
+    prefix_bits = 0
+    greater = 0
+    rank = k  # we want the rank-th largest among the entries matching the prefix
+    while prefix_bits < bits:
+        shift = ukind.type(bits - prefix_bits - 16)
+        hist = np.zeros(1 << 16, dtype=np.int64)
+        for c in make_chunks():
+            u = c.view(ukind)
+            if prefix_bits:
+                u = u[(u >> ukind.type(bits - prefix_bits)) == ukind.type(prefix)]
+            digits = ((u >> shift) & ukind.type(0xFFFF)).astype(np.intp)
+            hist += np.bincount(digits, minlength=1 << 16)
+        from_top = np.cumsum(hist[::-1])  # from_top[i]: entries with digit >= 65535 - i
+        i = int(np.searchsorted(from_top, rank))
+        digit = 0xFFFF - i
+        above_digit = int(from_top[i] - hist[digit])
+        greater += above_digit
+        rank -= above_digit
+        prefix = (prefix << 16) | digit
+        prefix_bits += 16
+    value = np.array([prefix], dtype=ukind).view(work)[0]
+    return value, greater
+
+
+# ---------------------------------------------------------------------------------------------
+# compress
+# ---------------------------------------------------------------------------------------------
+def compression_metadata(density: float, alpha: float, scope: str, scale: str) -> dict[str, Any]:
+    """Return the JSON-safe record of the compression parameters.
+
+    Store it in the file metadata under :data:`COMPRESSION_METADATA_KEY`
+    (``"compeft.compression"``). The arguments are checked as :func:`compress` checks them.
+
+    Examples
+    --------
+    >>> compression_metadata(0.1, 1.0, "global", "norm")
+    {'method': 'compeft', 'density': 0.1, 'alpha': 1.0, 'scope': 'global', 'scale': 'norm'}
+    """
+    return {
+        "method": "compeft",
+        "density": _check_density(density),
+        "alpha": _check_alpha(alpha),
+        "scope": _check_choice("scope", scope, SCOPES),
+        "scale": _check_choice("scale", scale, SCALES),
+    }
+
+
+def compress(
+    tensors: Mapping[str, Any],
+    *,
+    density: float,
+    alpha: float = 1.0,
+    scope: str = "global",
+    scale: str = "norm",
+    exclude: str | Iterable[str] = (),
+    progress: Callable[[str], Any] | None = None,
+) -> dict[str, Any]:
+    """Compress a task vector to sparse ternary tensors (ComPEFT).
+
+    In every *scope* (the whole task vector, or each tensor) the ``round(density * n)``
+    entries of largest magnitude are kept (Python's ``round``, half to even; at least one
+    when the scope has elements and is not all zero; zeros are never kept, so an all-but-zero
+    scope keeps only its nonzeros). Each kept entry becomes ``+scale`` or ``-scale`` with
+    its own sign; the rest become 0.
+
+    **Ties** at the threshold magnitude are broken by position: lowest flat (C-order) index
+    first, and for ``scope="global"`` tensors in sorted name order (``sorted(names)``,
+    Python string order), as if the scope were the sorted-name concatenation of the
+    flattened tensors, as in the paper's code. So the selection equals a stable sort by
+    descending magnitude.
+
+    **Scale** (one per scope; statistics in float64):
+
+    * ``"norm"`` (default): ``alpha * ||t||_2 / sqrt(kept)``, so the compressed vector has
+      the norm of the dense one.
+    * ``"l2"``: ``alpha * mean(|t|)`` over the kept entries, the least-squares scale for the
+      kept signs.
+    * ``"std"``: ``alpha * std(t)`` (unbiased, N-1) of the dense task vector over the scope,
+      as in the paper (its alpha is tuned per task).
+
+    Measured on a 22M-parameter full fine-tune at density 0.1, sentence-embedding cosine
+    against the true fine-tune: std/alpha=1 0.60, l2/alpha=1 0.86, norm/alpha=1 0.96. Hence
+    the default ``"norm"``.
+
+    Parameters
+    ----------
+    tensors:
+        Mapping name -> numpy array or torch tensor (float16, bfloat16, float32, float64):
+        the task vector (fine-tuned minus base; see :mod:`compeft_format.taskvec`). It may be
+        lazy: values are fetched one at a time, ``tensors[name]``, up to three times each
+        for ``scope="global"`` (statistics and sample; exact count; output) and once each
+        for ``scope="tensor"``; none is kept between fetches, and the model is never
+        concatenated. If ``tensors`` has a ``dtypes`` mapping attribute (as
+        :class:`~compeft_format.taskvec.TaskVector` has), it names the original dtype of
+        each tensor (``"BF16"`` for float32 values of a bfloat16 model).
+    density:
+        Fraction of entries to keep, in ``(0, 1]``.
+    alpha:
+        Multiplier of the scale, finite and ``> 0``.
+    scope:
+        ``"global"`` (one selection and one scale over all non-excluded tensors together)
+        or ``"tensor"`` (each tensor on its own).
+    scale:
+        ``"norm"``, ``"l2"`` or ``"std"``, see above.
+    exclude:
+        ``fnmatch`` patterns (case-sensitive) of names kept dense and lossless: their value
+        is returned untouched and takes no part in the selection or the scale. Non-float
+        tensors must be excluded.
+    progress:
+        Called as ``progress(name)`` once per tensor when its output is ready.
+
+    Returns
+    -------
+    dict
+        name -> :class:`TernaryTensor` (same shape, original dtype name) or the untouched
+        value for excluded names, in the input's order. A scope whose scale is 0 (all zero,
+        or constant with ``scale="std"``) gives empty ternary tensors with scale 0.
+
+    Raises
+    ------
+    EncodeError
+        A bad option; a non-float, NaN or infinite tensor (named); a scale that overflows
+        float32 or the tensor dtype.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tv = {"a": np.array([0.1, -0.4, 0.0, 0.3]), "b": np.array([[-0.2, 0.05]])}
+    >>> out = compress(tv, density=0.5)  # keeps round(0.5 * 6) = 3 entries
+    >>> out["a"]
+    TernaryTensor(shape=(4,), nnz=2, scale=0.3175426423549652, dtype='F64')
+    >>> out["a"].to_numpy().round(4), out["b"].to_numpy().round(4)
+    (array([ 0.    , -0.3175,  0.    ,  0.3175]), array([[-0.3175,  0.    ]]))
+    >>> compress(tv, density=0.5, scale="l2")["b"].scale  # mean of 0.4, 0.3, 0.2
+    0.30000001192092896
+    """
+    density = _check_density(density)
+    alpha = _check_alpha(alpha)
+    scope = _check_choice("scope", scope, SCOPES)
+    scale = _check_choice("scale", scale, SCALES)
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise EncodeError(f"exclude patterns must be strings, got {p!r}")
+    names = list(tensors.keys())
+    excluded = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+    work_names = sorted(n for n in names if n not in excluded)
+    declared = getattr(tensors, "dtypes", None)
+    declared = declared if isinstance(declared, Mapping) else {}
+
+    results: dict[str, Any] = {}
+    for name in names:
+        if name in excluded:
+            results[name] = tensors[name]
+            if progress is not None:
+                progress(name)
+    job = _Job(density, alpha, scale, declared, progress)
+    if scope == "global":
+        results.update(job.run(work_names, tensors.__getitem__))
+    else:
+        for name in work_names:
+            value = tensors[name]  # fetched once, held for the passes over this tensor
+            results.update(job.run([name], lambda _n, v=value: v))
+    return {name: results[name] for name in names}
+
+
+@dataclass
+class _Meta:
+    """What pass 1 learns about a tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # output dtype name
+    numel: int
+
+
+class _Job:
+    """The three passes of one compression over one scope."""
+
+    def __init__(
+        self,
+        density: float,
+        alpha: float,
+        scale: str,
+        declared: Mapping[str, Any],
+        progress: Callable[[str], Any] | None,
+    ) -> None:
+        self.density = density
+        self.alpha = alpha
+        self.scale = scale
+        self.declared = declared
+        self.progress = progress
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
+        """Return the flat storage array and storage dtype name; reject non-float data."""
+        try:
+            storage, dname = _dt.to_storage(value)
+        except EncodeError as exc:
+            raise EncodeError(exc.message, tensor=name) from None
+        if dname not in TERNARY_DTYPES:
+            raise EncodeError(
+                f"dtype {dname} is not a float dtype {TERNARY_DTYPES}; exclude it "
+                "(exclude=[...]) to keep it dense",
+                tensor=name,
+            )
+        return storage.reshape(-1), dname
+
+    @staticmethod
+    def _chunks(flat: np.ndarray, dname: str, work: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, values)`` chunks widened to the work dtype (exact)."""
+        for start in range(0, flat.size, _CHUNK):
+            c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname)
+            if c.dtype != work:
+                c = c.astype(work)
+            yield start, c
+
+    # -- the passes ------------------------------------------------------------------------
+    # Per-tensor work lives in helper methods so that every view of a tensor dies when the
+    # helper returns: the next tensor is only fetched once the previous one is unreachable.
+    def run(self, names: list[str], fetch: Callable[[str], Any]) -> dict[str, TernaryTensor]:
+        """Compress the scope ``names`` (sorted), fetching values with ``fetch(name)``."""
+        metas: list[_Meta] = []
+        stats = _Stats(need_std=self.scale == "std")
+        rng = np.random.default_rng(_SAMPLE_SEED)
+        samples = [self._pass1_tensor(name, fetch, stats, rng, metas) for name in names]
+        n = stats.count
+        work = np.dtype(np.float64 if any(s.dtype == np.float64 for s in samples) else np.float32)
+        sample = np.concatenate([np.empty(0, work)] + [s.astype(work) for s in samples])
+        del samples
+        k = max(1, round(self.density * n)) if n else 0
+        buf = np.empty(min(_CHUNK, max(n, 1)), dtype=work)
+
+        def mags() -> Iterator[np.ndarray]:
+            for meta in metas:
+                if meta.numel:
+                    yield from self._tensor_mags(meta.name, fetch, work, buf)
+
+        top = _select(mags, n, k, sample, work)
+        del sample
+        return self._pass3(metas, fetch, top, stats, work, buf)
+
+    def _pass1_tensor(
+        self,
+        name: str,
+        fetch: Callable[[str], Any],
+        stats: _Stats,
+        rng: np.random.Generator,
+        metas: list[_Meta],
+    ) -> np.ndarray:
+        """Record shape and dtype, check finiteness, add to the statistics; return a sample."""
+        value = fetch(name)
+        flat, dname = self._read(name, value)
+        out_dtype = self.declared.get(name, dname)
+        if out_dtype not in TERNARY_DTYPES:
+            out_dtype = dname
+        metas.append(_Meta(name, _shape_of(value), out_dtype, int(flat.size)))
+        native = np.dtype(np.float64 if dname == "F64" else np.float32)
+        for start, c in self._chunks(flat, dname, native):
+            if not stats.add(c):
+                bad = np.flatnonzero(~np.isfinite(c))
+                if bad.size:
+                    raise EncodeError(
+                        f"value {c[bad[0]]!r} at flat index {start + int(bad[0])} is not "
+                        "finite; a task vector must be finite",
+                        tensor=name,
+                    )
+                raise EncodeError(
+                    "sum of squares overflows float64 (values near 1e154 or above)", tensor=name
+                )
+        if not flat.size:
+            return np.empty(0, native)
+        picked = flat[rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))]
+        return np.abs(_dt.to_numpy_values(picked, dname)).astype(native, copy=False)
+
+    def _tensor_mags(
+        self, name: str, fetch: Callable[[str], Any], work: np.dtype, buf: np.ndarray
+    ) -> Iterator[np.ndarray]:
+        """Yield the magnitudes of one tensor, chunk by chunk, in ``buf``."""
+        flat, dname = self._read(name, fetch(name))
+        for _, c in self._chunks(flat, dname, work):
+            yield np.abs(c, out=buf[: c.size])
+
+    def _pass3(
+        self,
+        metas: list[_Meta],
+        fetch: Callable[[str], Any],
+        top: TopK,
+        stats: _Stats,
+        work: np.dtype,
+        buf: np.ndarray,
+    ) -> dict[str, TernaryTensor]:
+        """Gather the kept positions and signs, then build the tensors with the final scale."""
+        t = work.type(top.threshold)
+        ties_left = top.n_ties
+        kept_sum = 0.0  # float64 sum of kept magnitudes (for scale="l2")
+        parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        for meta in metas:
+            if not meta.numel or top.kept == 0:
+                parts[meta.name] = (np.empty(0, np.int64), np.empty(0, bool))
+                continue
+            idx, signs, ties_left, part_sum = self._gather(
+                meta.name, fetch, t, ties_left, work, buf
+            )
+            parts[meta.name] = (idx, signs)
+            kept_sum += part_sum
+        value = self._scale_value(top.kept, kept_sum, stats, metas)
+        out: dict[str, TernaryTensor] = {}
+        for meta in metas:
+            idx, signs = parts.pop(meta.name)
+            if value == 0.0:
+                out[meta.name] = TernaryTensor.zeros(meta.shape, meta.dtype)
+            else:
+                out[meta.name] = TernaryTensor(
+                    meta.shape, idx, signs, value, meta.dtype, _validated=True
+                )
+            if self.progress is not None:
+                self.progress(meta.name)
+        return out
+
+    def _gather(
+        self,
+        name: str,
+        fetch: Callable[[str], Any],
+        t: Any,
+        ties_left: int,
+        work: np.dtype,
+        buf: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """Kept flat indices and signs of one tensor; ties are taken first come, first kept."""
+        flat, dname = self._read(name, fetch(name))
+        idx_parts: list[np.ndarray] = []
+        sign_parts: list[np.ndarray] = []
+        kept_sum = 0.0
+        for start, c in self._chunks(flat, dname, work):
+            m = np.abs(c, out=buf[: c.size])
+            sel = m > t
+            if ties_left:
+                eq = np.flatnonzero(m == t)[:ties_left]
+                sel[eq] = True
+                ties_left -= eq.size
+            loc = np.flatnonzero(sel)
+            if loc.size:
+                idx_parts.append(loc + start)
+                sign_parts.append(np.signbit(c[loc]))
+                if self.scale == "l2":
+                    kept_sum += float(m[loc].sum(dtype=np.float64))
+        idx = np.concatenate(idx_parts) if idx_parts else np.empty(0, np.int64)
+        signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
+        return idx, signs, ties_left, kept_sum
+
+    def _scale_value(self, kept: int, kept_sum: float, stats: _Stats, metas: list[_Meta]) -> float:
+        """The scope's scale, float32-exact; 0.0 when nothing is kept or the scale is 0."""
+        if kept == 0:
+            return 0.0
+        if self.scale == "norm":
+            raw = self.alpha * math.sqrt(stats.sumsq) / math.sqrt(kept)
+        elif self.scale == "l2":
+            raw = self.alpha * kept_sum / kept
+        else:
+            raw = self.alpha * stats.std()
+        where = metas[0].name if len(metas) == 1 else None
+        scope = "" if where else f"global scope ({len(metas)} tensors): "
+        with np.errstate(over="ignore"):
+            value = float(np.float32(raw))
+        if not math.isfinite(value):
+            raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
+        for meta in metas:  # the decoder rounds the scale to each tensor's dtype
+            if meta.numel and not math.isfinite(_decoded_scale(value, meta.dtype)):
+                raise EncodeError(
+                    f"{scope}scale {value!r} overflows the tensor's dtype {meta.dtype}",
+                    tensor=meta.name,
+                )
+        return value
+
+
+def _decoded_scale(scale: float, dtype: str) -> float:
+    """The magnitude a decoder writes for ``scale`` in dtype ``dtype``."""
+    with np.errstate(over="ignore"):
+        one = TernaryTensor((1,), [0], [False], scale, dtype, _validated=True).to_numpy()
+    return float(one[0])
+
+
+def _shape_of(value: Any) -> tuple[int, ...]:
+    return tuple(int(d) for d in (value.shape if hasattr(value, "shape") else np.shape(value)))
+
+
+class _Stats:
+    """Float64 streaming count, sum of squares and (optionally) mean/M2 (Chan et al.)."""
+
+    def __init__(self, need_std: bool) -> None:
+        self.need_std = need_std
+        self.count = 0
+        self.sumsq = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, c: np.ndarray) -> bool:
+        """Add a chunk; return False if it holds a non-finite value (or overflows)."""
+        if not c.size:
+            return True
+        c64 = c.astype(np.float64)
+        s2 = float(np.dot(c64, c64))  # float32 squares are exact in float64
+        if not math.isfinite(s2):
+            return False
+        if not self.need_std:
+            self.count += c.size
+            self.sumsq += s2
+            return True
+        nc = c.size
+        mean_c = float(c64.sum()) / nc
+        c64 -= mean_c
+        m2_c = float(np.dot(c64, c64))
+        total = self.count + nc
+        delta = mean_c - self.mean
+        self.mean += delta * nc / total
+        self.m2 += m2_c + delta * delta * self.count * nc / total
+        self.count = total
+        self.sumsq += s2
+        return True
+
+    def std(self) -> float:
+        """Unbiased standard deviation; 0 for fewer than two elements."""
+        if self.count < 2:
+            return 0.0
+        return math.sqrt(max(self.m2, 0.0) / (self.count - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# option checks
+# ---------------------------------------------------------------------------------------------
+def _check_density(density: Any) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)):
+        raise EncodeError(f"density must be a number in (0, 1], got {density!r}")
+    d = float(density)
+    if not (0.0 < d <= 1.0):  # also rejects NaN
+        raise EncodeError(f"density must be in (0, 1], got {d!r}")
+    return d
+
+
+def _check_alpha(alpha: Any) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
+        raise EncodeError(f"alpha must be a finite number > 0, got {alpha!r}")
+    a = float(alpha)
+    if not (math.isfinite(a) and a > 0.0):
+        raise EncodeError(f"alpha must be a finite number > 0, got {a!r}")
+    return a
+
+
+def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise EncodeError(f"{what} must be one of {choices}, got {value!r}")
+    return value
