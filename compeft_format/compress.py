@@ -393,8 +393,7 @@ def compress(
         results.update(job.run(work_names, tensors.__getitem__))
     else:
         for name in work_names:
-            value = tensors[name]  # fetched once, held for the passes over this tensor
-            results.update(job.run([name], lambda _n, v=value: v))
+            results.update(job.run_one(name, tensors))
     return {name: results[name] for name in names}
 
 
@@ -473,6 +472,11 @@ class _Job:
         top = _select(mags, n, k, sample, work)
         del sample
         return self._pass3(metas, fetch, top, stats, work, buf)
+
+    def run_one(self, name: str, tensors: Mapping[str, Any]) -> dict[str, TernaryTensor]:
+        """Compress one tensor on its own; it is fetched once and held for the passes."""
+        value = tensors[name]
+        return self.run([name], lambda _name: value)
 
     def _pass1_tensor(
         self,
@@ -634,7 +638,8 @@ class _Stats:
         if not c.size:
             return True
         c64 = c.astype(np.float64)
-        s2 = float(np.dot(c64, c64))  # float32 squares are exact in float64
+        with np.errstate(over="ignore", invalid="ignore"):
+            s2 = float(np.dot(c64, c64))  # float32 squares are exact in float64
         if not math.isfinite(s2):
             return False
         if not self.need_std:

@@ -1,0 +1,524 @@
+"""compress(): exact top-k, signs and scale against a plain argsort reference; edge cases."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import weakref
+from collections.abc import Iterator, Mapping
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from compeft_format.compress import (
+    COMPRESSION_METADATA_KEY,
+    TopK,
+    compress,
+    compression_metadata,
+    select_topk,
+)
+from compeft_format.errors import CompeftError, EncodeError
+from compeft_format.taskvec import TaskVector
+from compeft_format.tensor import TernaryTensor
+
+# the module itself (the package may export a function of the same name)
+cmod = importlib.import_module("compeft_format.compress")
+
+SCALES = ("norm", "l2", "std")
+SCOPES = ("global", "tensor")
+
+
+# ---------------------------------------------------------------------------------------------
+# the plain reference: concatenate in sorted-name order, stable argsort by descending magnitude
+# ---------------------------------------------------------------------------------------------
+def _values64(x) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(torch.float64).numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def reference(tv, density, alpha=1.0, scope="global", scale="norm", exclude=()):
+    """name -> (indices, signs, scale as float64) for the compressed names."""
+    names = sorted(n for n in tv if n not in exclude)
+    groups = [names] if scope == "global" else [[n] for n in names]
+    out = {}
+    for group in groups:
+        flats = [_values64(tv[n]).reshape(-1) for n in group]
+        flat = np.concatenate([np.empty(0), *flats])
+        n = flat.size
+        mags = np.abs(flat)
+        k = max(1, round(density * n)) if n else 0
+        chosen = np.argsort(-mags, kind="stable")[:k]  # ties: lowest position first
+        chosen = chosen[mags[chosen] > 0]  # zeros are never kept
+        if not chosen.size:
+            s = 0.0
+        elif scale == "norm":
+            s = alpha * math.sqrt(float(np.sum(flat * flat))) / math.sqrt(chosen.size)
+        elif scale == "l2":
+            s = alpha * float(mags[chosen].mean())
+        else:
+            s = alpha * float(flat.std(ddof=1)) if n > 1 else 0.0
+        if float(np.float32(s)) == 0.0:
+            chosen = chosen[:0]
+        chosen = np.sort(chosen)
+        off = 0
+        for name, f in zip(group, flats, strict=True):
+            sel = chosen[(chosen >= off) & (chosen < off + f.size)]
+            out[name] = (sel - off, flat[sel] < 0, s)
+            off += f.size
+    return out
+
+
+def assert_matches(out, ref, tv):
+    assert set(ref) <= set(out)
+    for name, (idx, signs, s) in ref.items():
+        t = out[name]
+        assert isinstance(t, TernaryTensor), name
+        assert t.shape == tuple(np.shape(tv[name])), name
+        np.testing.assert_array_equal(t.indices, idx, err_msg=name)
+        np.testing.assert_array_equal(t.signs, signs, err_msg=name)
+        if idx.size:
+            assert t.scale == pytest.approx(s, rel=1e-6), name
+        else:
+            assert t.nnz == 0
+
+
+def tie_heavy(rng, shapes, dtype=np.float32, zeros=0.3):
+    """Values on a coarse grid (many exact ties) with a fraction of zeros."""
+    out = {}
+    for i, shape in enumerate(shapes):
+        v = np.asarray(rng.integers(-4, 5, size=shape) * 0.125, dtype=dtype)
+        v[rng.random(shape) < zeros] = 0
+        out[f"t{i:02d}"] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# against the reference
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("density", [0.001, 0.05, 0.3, 0.5, 0.9, 1.0])
+def test_matches_reference_with_ties_and_zeros(scope, scale, density):
+    rng = np.random.default_rng(1)
+    tv = tie_heavy(rng, [(7, 13), (200,), (3, 4, 5), (), (0, 3), (1,), (64, 33)])
+    tv["zz_all_zero"] = np.zeros((4, 4), np.float32)
+    out = compress(tv, density=density, scope=scope, scale=scale, alpha=1.5)
+    assert_matches(out, reference(tv, density, 1.5, scope, scale), tv)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_matches_reference_continuous_large(scope, scale):
+    # big enough that the sampled band is a real band, not the whole scope
+    rng = np.random.default_rng(2)
+    tv = {
+        "b.weight": rng.standard_normal((300, 700)).astype(np.float32),
+        "a.weight": rng.standard_normal(150_000).astype(np.float32) * 0.5,
+        "c.bias": rng.standard_normal(512).astype(np.float32),
+    }
+    out = compress(tv, density=0.07, scope=scope, scale=scale)
+    assert_matches(out, reference(tv, 0.07, 1.0, scope, scale), tv)
+
+
+def test_mixed_dtypes_compare_in_float64():
+    rng = np.random.default_rng(3)
+    tv = {
+        "f64": rng.standard_normal(1000),
+        "f16": rng.standard_normal(1000).astype(np.float16),
+        "f32": rng.standard_normal(1000).astype(np.float32),
+    }
+    tv["f64"][:5] = tv["f32"][:5]  # exact cross-dtype ties
+    out = compress(tv, density=0.2)
+    assert_matches(out, reference(tv, 0.2), tv)
+    assert {n: t.dtype for n, t in out.items()} == {"f64": "F64", "f16": "F16", "f32": "F32"}
+
+
+def test_global_ties_follow_sorted_name_order_not_input_order():
+    tv = {"b": np.array([1.0, 1.0]), "a": np.array([0.5, 1.0])}
+    out = compress(tv, density=0.5)  # k = 2 of three equal magnitudes 1.0
+    assert list(out) == ["b", "a"]  # input order kept in the result
+    assert out["a"].indices.tolist() == [1]
+    assert out["b"].indices.tolist() == [0]
+    per = compress(tv, density=0.5, scope="tensor")
+    assert per["a"].indices.tolist() == [1]
+    assert per["b"].indices.tolist() == [0]
+
+
+def test_keeps_exactly_round_density_n():
+    rng = np.random.default_rng(4)
+    tv = {"w": rng.standard_normal(1001).astype(np.float32)}
+    for d in (0.1, 0.25, 0.5, 0.0005, 1e-9):
+        assert compress(tv, density=d)["w"].nnz == max(1, round(d * 1001))
+
+
+def test_never_keeps_zeros_and_all_zero_scope_is_empty():
+    tv = {"w": np.array([0.0, 3.0, 0.0, -1.0]), "z": np.zeros(3)}
+    out = compress(tv, density=1.0)
+    assert out["w"].indices.tolist() == [1, 3]
+    assert out["z"].nnz == 0
+    zero = compress({"a": np.zeros(5), "b": np.zeros((2, 0))}, density=0.5)
+    for name, t in zero.items():
+        assert t.nnz == 0, name
+        assert t.scale == 0.0, name
+    assert zero["b"].shape == (2, 0)
+
+
+def test_constant_task_vector_with_std_scale_is_empty():
+    out = compress({"w": np.full(10, 0.5)}, density=0.3, scale="std")
+    assert out["w"].nnz == 0
+    assert out["w"].scale == 0.0
+    assert compress({"w": np.full(10, 0.5)}, density=0.3)["w"].nnz == 3
+
+
+def test_zero_d_and_empty_tensors():
+    tv = {"s": np.float32(2.5), "e": np.empty((0, 4), np.float32), "v": np.float32([1, -1])}
+    out = compress(tv, density=0.5, scope="tensor")
+    assert out["s"].shape == ()
+    assert out["s"].nnz == 1
+    assert out["e"].shape == (0, 4)
+    assert out["e"].nnz == 0
+    g = compress(tv, density=0.34)  # round(0.34 * 3) = 1: the scalar wins
+    assert g["s"].nnz == 1
+    assert g["v"].nnz == 0
+
+
+def test_scales_by_hand():
+    tv = {"w": np.array([3.0, -4.0, 0.0, 1.0])}
+    # kept: -4, 3
+    assert compress(tv, density=0.5, scale="l2")["w"].scale == pytest.approx(3.5)
+    assert compress(tv, density=0.5, scale="norm")["w"].scale == pytest.approx(
+        math.sqrt(26) / math.sqrt(2)
+    )
+    assert compress(tv, density=0.5, scale="std", alpha=2)["w"].scale == pytest.approx(
+        2 * np.std([3.0, -4.0, 0.0, 1.0], ddof=1)
+    )
+    got = compress(tv, density=0.5)["w"].to_numpy()
+    s = math.sqrt(13)
+    np.testing.assert_allclose(got, [s, -s, 0, 0], rtol=1e-6)
+    assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(tv["w"]), rel=1e-6)
+
+
+def test_std_statistics_are_accurate_with_a_large_mean():
+    # mean 1e4, std ~1e-3 over chunks: a naive sum-of-squares formula would lose it all
+    rng = np.random.default_rng(5)
+    x = 1e4 + rng.standard_normal(3 * (1 << 20) + 17) * 1e-3
+    got = compress({"w": x}, density=0.01, scale="std")["w"].scale
+    assert got == pytest.approx(float(np.float32(x.std(ddof=1))), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtypes, torch, task vectors
+# ---------------------------------------------------------------------------------------------
+def test_torch_bf16_input():
+    g = torch.Generator().manual_seed(0)
+    tv = {
+        "x.weight": (torch.randn(64, 48, generator=g) * 0.01).to(torch.bfloat16),
+        "x.bias": (torch.randn(48, generator=g) * 0.01).to(torch.bfloat16),
+    }
+    for scope in SCOPES:
+        out = compress(tv, density=0.1, scope=scope)
+        for name, t in out.items():
+            assert t.dtype == "BF16"
+            assert t.shape == tuple(tv[name].shape)
+        assert_matches(out, reference(tv, 0.1, scope=scope), tv)
+        dense = out["x.weight"].to_torch()
+        assert dense.dtype == torch.bfloat16
+        kept = dense != 0
+        assert torch.equal(torch.signbit(dense[kept]), torch.signbit(tv["x.weight"][kept]))
+
+
+def test_torch_float32_and_float16_input():
+    g = torch.Generator().manual_seed(1)
+    tv = {"a": torch.randn(100, generator=g), "b": torch.randn(50, generator=g).half()}
+    out = compress(tv, density=0.2)
+    assert (out["a"].dtype, out["b"].dtype) == ("F32", "F16")
+    assert_matches(out, reference(tv, 0.2), tv)
+
+
+def test_declared_dtypes_of_a_task_vector_are_kept():
+    tv = TaskVector({"w": np.array([0.5, -0.25], np.float32)}, dtypes={"w": "BF16"})
+    assert compress(tv, density=1.0)["w"].dtype == "BF16"
+
+
+# ---------------------------------------------------------------------------------------------
+# exclude, progress, order, metadata
+# ---------------------------------------------------------------------------------------------
+def test_exclude_keeps_values_untouched_and_out_of_the_scope():
+    rng = np.random.default_rng(6)
+    head = rng.standard_normal((2, 8)).astype(np.float32) * 100
+    ids = np.arange(10)
+    tv = {
+        "enc.w": rng.standard_normal(300).astype(np.float32),
+        "classifier.weight": head,
+        "classifier.bias": torch.ones(2),
+        "pos_ids": ids,
+    }
+    out = compress(tv, density=0.1, exclude=["classifier.*", "pos_ids"])
+    assert out["classifier.weight"] is head
+    assert out["pos_ids"] is ids
+    assert out["classifier.bias"] is tv["classifier.bias"]
+    assert list(out) == list(tv)
+    ref = reference({"enc.w": tv["enc.w"]}, 0.1)
+    assert_matches(out, ref, tv)
+    assert compress(tv, density=0.1, exclude="*")["enc.w"] is tv["enc.w"]
+
+
+def test_exclude_is_case_sensitive_glob():
+    tv = {"Head.w": np.ones(2), "x": np.ones(2)}
+    assert isinstance(compress(tv, density=1.0, exclude=["head.*"])["Head.w"], TernaryTensor)
+    with pytest.raises(EncodeError):
+        compress(tv, density=1.0, exclude=[3])
+
+
+def test_progress_called_once_per_tensor():
+    seen = []
+    tv = {"b": np.ones(3), "a": np.ones(2), "skip": np.ones(1)}
+    compress(tv, density=0.5, exclude=["skip"], progress=seen.append)
+    assert sorted(seen) == ["a", "b", "skip"]
+    seen.clear()
+    compress(tv, density=0.5, scope="tensor", progress=seen.append)
+    assert sorted(seen) == ["a", "b", "skip"]
+
+
+def test_compression_metadata():
+    meta = compression_metadata(0.1, 2, "tensor", "l2")
+    assert meta == {
+        "method": "compeft",
+        "density": 0.1,
+        "alpha": 2.0,
+        "scope": "tensor",
+        "scale": "l2",
+    }
+    json.dumps(meta, allow_nan=False)
+    assert COMPRESSION_METADATA_KEY == "compeft.compression"
+    with pytest.raises(EncodeError):
+        compression_metadata(0, 1, "global", "norm")
+    with pytest.raises(EncodeError):
+        compression_metadata(0.1, 1, "layer", "norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "density", [0, 0.0, -0.1, 1.0000001, 2, math.nan, math.inf, True, "0.1", None]
+)
+def test_bad_density(density):
+    with pytest.raises(EncodeError, match="density"):
+        compress({"w": np.ones(3)}, density=density)
+
+
+@pytest.mark.parametrize("alpha", [0, -1.0, math.nan, math.inf, False, "1"])
+def test_bad_alpha(alpha):
+    with pytest.raises(EncodeError, match="alpha"):
+        compress({"w": np.ones(3)}, density=0.5, alpha=alpha)
+
+
+def test_bad_scope_and_scale():
+    with pytest.raises(EncodeError, match="scope"):
+        compress({"w": np.ones(3)}, density=0.5, scope="layer")
+    with pytest.raises(EncodeError, match="scale"):
+        compress({"w": np.ones(3)}, density=0.5, scale="max")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("scale", SCALES)
+def test_non_finite_input_names_the_tensor(bad, scale):
+    x = np.zeros(3 * (1 << 20) + 5, np.float32)
+    x[(1 << 21) + 7] = bad
+    with pytest.raises(EncodeError) as info:
+        compress({"a": np.ones(4), "bad.w": x}, density=0.1, scale=scale)
+    assert info.value.tensor == "bad.w"
+    assert str((1 << 21) + 7) in str(info.value)
+    with pytest.raises(EncodeError):
+        compress({"bad": torch.tensor([1.0, bad]).bfloat16()}, density=0.1, scope="tensor")
+
+
+def test_non_float_tensor_names_the_tensor():
+    with pytest.raises(EncodeError, match="exclude") as info:
+        compress({"w": np.ones(3), "step": np.array(5)}, density=0.5)
+    assert info.value.tensor == "step"
+    with pytest.raises(EncodeError) as info:
+        compress({"mask": torch.ones(3, dtype=torch.bool)}, density=0.5)
+    assert info.value.tensor == "mask"
+    assert isinstance(info.value, CompeftError)
+
+
+def test_scale_overflow_is_an_error():
+    with pytest.raises(EncodeError, match="F16") as info:
+        compress({"w": np.full(100, 60000, np.float16)}, density=0.01)
+    assert info.value.tensor == "w"
+    with pytest.raises(EncodeError, match="float32"):
+        compress({"w": np.full(4, 1e100), "v": np.ones(2)}, density=0.5)
+    with pytest.raises(EncodeError, match="overflows float64") as info:
+        compress({"w": np.full(4, 1e200)}, density=0.5)
+    assert info.value.tensor == "w"
+
+
+# ---------------------------------------------------------------------------------------------
+# lazy mappings: one value at a time, fetched a bounded number of times
+# ---------------------------------------------------------------------------------------------
+class LazyTensors(Mapping):
+    """Creates each value on access and records how many earlier values are still alive."""
+
+    def __init__(self, specs: dict[str, tuple[int, int]]) -> None:
+        self.specs = specs
+        self.fetches: dict[str, int] = dict.fromkeys(specs, 0)
+        self.alive_at_fetch: list[int] = []
+        self._refs: list[weakref.ref] = []
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        size, seed = self.specs[name]
+        self.alive_at_fetch.append(sum(r() is not None for r in self._refs))
+        self.fetches[name] += 1
+        value = np.random.default_rng(seed).standard_normal(size).astype(np.float32)
+        self._refs.append(weakref.ref(value))
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("scale", SCALES)
+def test_lazy_mapping_holds_one_value_at_a_time(scope, scale):
+    specs = {f"layer{i}": (50_000 + 1000 * i, i) for i in range(5)}
+    lazy = LazyTensors(specs)
+    out = compress(lazy, density=0.05, scope=scope, scale=scale)
+    assert max(lazy.alive_at_fetch) == 0
+    assert max(lazy.fetches.values()) <= (3 if scope == "global" else 1)
+    eager = {n: lazy[n] for n in specs}
+    assert_matches(out, reference(eager, 0.05, scope=scope, scale=scale), eager)
+
+
+# ---------------------------------------------------------------------------------------------
+# select_topk and its fallbacks
+# ---------------------------------------------------------------------------------------------
+def sorted_topk(arrays, k) -> TopK:
+    flat = np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in arrays])
+    if k <= 0 or not flat.size:
+        return TopK(math.inf, 0, 0)
+    desc = np.sort(flat)[::-1]
+    t = desc[min(k, flat.size) - 1]
+    if t == 0:
+        return TopK(0.0, int(np.count_nonzero(flat > 0)), 0)
+    greater = int(np.count_nonzero(flat > t))
+    return TopK(float(t), greater, min(k, flat.size) - greater)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_select_topk_matches_sort(dtype):
+    rng = np.random.default_rng(7)
+    a = np.abs(rng.standard_normal(400_000)).astype(dtype)
+    b = np.abs(rng.integers(0, 6, 50_000) * 0.5).astype(dtype)  # massive ties and zeros
+    for k in (1, 7, 1000, 40_000, 225_000, 449_999, 450_000, 10**7):
+        assert select_topk([a, b], k) == sorted_topk([a, b], k), k
+    assert select_topk(a, 0) == TopK(math.inf, 0, 0)
+    assert select_topk([], 3) == TopK(math.inf, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "edges",
+    [
+        lambda s, n, k, w: (w.type(100.0), w.type(np.inf)),  # band above the threshold
+        lambda s, n, k, w: (w.type(-1), w.type(1e-6)),  # band below it
+        lambda s, n, k, w: (w.type(0.5), w.type(0.5000001)),  # thin band beside it
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_unlucky_sample_falls_back_to_exact_radix(monkeypatch, edges, dtype):
+    calls = []
+    radix = cmod._radix_select
+    monkeypatch.setattr(cmod, "_band_edges", edges)
+    monkeypatch.setattr(cmod, "_radix_select", lambda *a: calls.append(1) or radix(*a))
+    rng = np.random.default_rng(8)
+    a = np.abs(rng.standard_normal(100_000)).astype(dtype)
+    a[::7] = a[3]  # a tied value
+    for k in (1, 14_286, 30_000, 99_999):
+        assert select_topk(a, k) == sorted_topk([a], k), k
+    assert calls
+
+
+def test_band_over_the_cap_falls_back(monkeypatch):
+    calls = []
+    radix = cmod._radix_select
+    monkeypatch.setattr(cmod, "_radix_select", lambda *a: calls.append(1) or radix(*a))
+    monkeypatch.setattr(cmod, "_BAND_CAP_MIN", 10)
+    monkeypatch.setattr(cmod, "_BAND_CAP_DIV", 10**9)
+    x = np.full(50_000, 0.25, np.float32)  # every magnitude tied
+    x[::3] = 0
+    x[5] = 1.0
+    tv = {"w": x * np.where(np.arange(x.size) % 2, 1, -1).astype(np.float32)}
+    for d in (0.01, 0.5, 0.9):
+        out = compress(tv, density=d)
+        assert_matches(out, reference(tv, d), tv)
+    assert len(calls) == 3
+
+
+def test_fewer_nonzeros_than_k_through_the_band():
+    rng = np.random.default_rng(9)
+    x = np.zeros(1_000_000, np.float32)
+    x[rng.choice(x.size, 30_000, replace=False)] = rng.standard_normal(30_000)
+    assert select_topk(np.abs(x), 200_000) == TopK(0.0, 30_000, 0)
+    assert compress({"x": x}, density=0.2)["x"].nnz == 30_000
+
+
+# ---------------------------------------------------------------------------------------------
+# properties
+# ---------------------------------------------------------------------------------------------
+_grid = st.sampled_from([-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 0.3, -0.7])
+
+
+@st.composite
+def task_vectors(draw):
+    count = draw(st.integers(1, 4))
+    tv = {}
+    for i in range(count):
+        dtype = draw(st.sampled_from([np.float16, np.float32, np.float64]))
+        shape = draw(hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=12))
+        tv[f"m{draw(st.integers(0, 99)):02d}.{i}"] = draw(
+            hnp.arrays(dtype, shape, elements=_grid, fill=st.just(0))
+        )
+    return tv
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    tv=task_vectors(),
+    density=st.floats(1e-4, 1.0, exclude_min=False) | st.sampled_from([1.0, 0.5, 1e-9]),
+    scope=st.sampled_from(SCOPES),
+    scale=st.sampled_from(SCALES),
+)
+def test_property_matches_reference(tv, density, scope, scale):
+    out = compress(tv, density=density, scope=scope, scale=scale)
+    assert list(out) == list(tv)
+    assert_matches(out, reference(tv, density, 1.0, scope, scale), tv)
+    for name, t in out.items():
+        assert (
+            t.dtype
+            == {np.float16: "F16", np.float32: "F32", np.float64: "F64"}[tv[name].dtype.type]
+        )
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n=st.integers(0, 30_000),
+    k=st.integers(0, 31_000),
+    levels=st.sampled_from([0, 3, 50, 10**6]),
+)
+def test_property_select_topk(seed, n, k, levels):
+    rng = np.random.default_rng(seed)
+    a = np.abs(rng.standard_normal(n)).astype(np.float32)
+    if levels:
+        a = np.round(a * levels) / levels  # ties
+    assert select_topk(a, k) == sorted_topk([a], k)
