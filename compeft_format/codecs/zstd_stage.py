@@ -9,6 +9,8 @@ from .base import BlockContext
 
 __all__ = ["ZstdStage"]
 
+_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"  # RFC 8878 3.1.1; a skippable frame has another magic
+
 
 class ZstdStage:
     """Compress a payload into one zstd frame that declares its content size.
@@ -48,7 +50,7 @@ class ZstdStage:
             raise fail(f"zstd stage: frame declares {declared} bytes, block declares "
                        f"{decoded_size}")
         if decoded_size == 0:
-            out = b""
+            out = self._decode_empty(frame, fail)
         else:
             try:
                 out = self._decompressor.decompress(frame, max_output_size=decoded_size,
@@ -57,6 +59,27 @@ class ZstdStage:
                 raise fail(f"zstd stage: {exc}") from None
         if len(out) != decoded_size:
             raise fail(f"zstd stage: {len(out)} bytes decoded, {decoded_size} declared")
+        return out
+
+    def _decode_empty(self, frame: bytes | memoryview, fail) -> bytes:
+        """Check a frame that declares 0 bytes to its end (spec 7.1: one frame, nothing after).
+
+        python-zstandard answers ``b""`` for such a frame without reading past its header,
+        and ``frame_content_size`` gives 0 for a skippable frame; without this walk any bytes
+        could hide in an empty block.
+        """
+        if bytes(frame[:4]) != _FRAME_MAGIC:
+            raise fail("zstd stage: a skippable frame is not a zstd frame")
+        dobj = self._decompressor.decompressobj()
+        try:
+            out = dobj.decompress(frame)
+        except zstandard.ZstdError as exc:
+            raise fail(f"zstd stage: {exc}") from None
+        if not dobj.eof:
+            raise fail("zstd stage: decompression error: did not decompress full frame")
+        if dobj.unused_data:
+            raise fail(f"zstd stage: compressed input contains {len(dobj.unused_data)} bytes "
+                       "of unused data, which is disallowed")
         return out
 
 
