@@ -1003,6 +1003,9 @@ class CompeftReader:
                                    "index", offset=first)
         ends = [off for _, off in entries[1:]] + [index_at]
         for (name, off), end in zip(entries, ends, strict=False):
+            kind = data[off]
+            if kind not in (S.KIND_TERNARY, S.KIND_DENSE) and kind & S.KIND_OPTIONAL_BIT:
+                continue  # spec 10.2: an unknown optional record is skipped, as loads does
             self._entries[name] = (off, end)
         self._closed = False
 
