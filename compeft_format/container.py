@@ -254,13 +254,21 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 would sneak infinity past the NaN/Infinity rule
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
 def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict[str, Any]:
     """Parse and validate the Metadata bytes (spec 5.2)."""
     if not len(data):
         return {}
     try:
         text = bytes(data).decode("utf-8", "strict")
-        meta = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        meta = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                          parse_float=_finite_float)
     except RecursionError:
         raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
                                  offset=offset) from None
