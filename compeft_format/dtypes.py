@@ -114,7 +114,9 @@ def to_storage(x: Any, dtype: str | None = None) -> tuple[np.ndarray, str]:
             raise EncodeError(f"cannot declare {name} data as {dtype}")
         name = dtype
     want = storage_dtype(name)
-    arr = np.ascontiguousarray(arr, dtype=want)  # spec 2.1: little-endian, C order
+    # spec 2.1: little-endian, C order; the reshape keeps a 0-d array 0-d (ascontiguousarray
+    # returns at least 1-d)
+    arr = np.ascontiguousarray(arr, dtype=want).reshape(arr.shape)
     return arr, name
 
 
@@ -174,10 +176,13 @@ def to_torch(arr: np.ndarray, name: str):
 
     if not arr.flags.writeable:
         arr = arr.copy()  # torch warns on read-only memory (a file map, a bytes object)
+    shape = arr.shape  # np.ascontiguousarray returns at least 1-d: a 0-d array gets it back
     if name == "BF16":
-        return torch.from_numpy(np.ascontiguousarray(arr, np.uint16)).view(torch.bfloat16)
-    if name == "F8_E4M3":
-        return torch.from_numpy(np.ascontiguousarray(arr, np.uint8)).view(torch.float8_e4m3fn)
-    if name == "F8_E5M2":
-        return torch.from_numpy(np.ascontiguousarray(arr, np.uint8)).view(torch.float8_e5m2)
-    return torch.from_numpy(np.ascontiguousarray(arr))
+        out = torch.from_numpy(np.ascontiguousarray(arr, np.uint16)).view(torch.bfloat16)
+    elif name == "F8_E4M3":
+        out = torch.from_numpy(np.ascontiguousarray(arr, np.uint8)).view(torch.float8_e4m3fn)
+    elif name == "F8_E5M2":
+        out = torch.from_numpy(np.ascontiguousarray(arr, np.uint8)).view(torch.float8_e5m2)
+    else:
+        out = torch.from_numpy(np.ascontiguousarray(arr))
+    return out.reshape(shape)
