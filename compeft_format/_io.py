@@ -110,19 +110,17 @@ class StreamSource(Source):
         self.pos = 0
 
     def read(self, n: int, what: str) -> memoryview:
-        if n <= _READ_CHUNK:
-            data = self.f.read(n)
-            if len(data) != n:
-                raise self.truncated(what, n, len(data))
-        else:  # grow with the bytes actually present, never with the declared size
-            parts, got = [], 0
-            while got < n:
-                chunk = self.f.read(min(_READ_CHUNK, n - got))
-                if not chunk:
-                    raise self.truncated(what, n, got)
-                parts.append(chunk)
-                got += len(chunk)
-            data = b"".join(parts)
+        # grow with the bytes actually present, never with the declared size; and only an
+        # empty read is the end: a raw stream (an unbuffered pipe, a socket) returns short
+        # reads long before it
+        parts, got = [], 0
+        while got < n:
+            chunk = self.f.read(min(_READ_CHUNK, n - got))
+            if not chunk:
+                raise self.truncated(what, n, got)
+            parts.append(chunk)
+            got += len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
         self.pos += n
         if self.capture is not None:
             self.capture += data
