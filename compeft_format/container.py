@@ -394,8 +394,12 @@ class Writer:
             self._emit(bytes(n))
 
     # -- records --
-    def write(self, name: str, value: Any) -> None:
-        """Append one tensor: a :class:`TernaryTensor`, or a numpy array / torch tensor (dense)."""
+    def write(self, name: str, value: Any, *, dtype: str | None = None) -> None:
+        """Append one tensor: a :class:`TernaryTensor`, or a numpy array / torch tensor (dense).
+
+        ``dtype`` declares the safetensors dtype of a dense numpy storage array whose numpy
+        dtype cannot say it: raw ``uint16`` bits as ``"BF16"``, ``uint8`` as ``"F8_E4M3"``.
+        """
         if self._closed:
             raise ValueError("writer is closed")
         if not isinstance(name, str):
@@ -415,7 +419,7 @@ class Writer:
             dtype, shape = value.dtype, value.shape
         else:
             try:
-                storage, dtype = _dt.to_storage(value)
+                storage, dtype = _dt.to_storage(value, dtype)
             except EncodeError as exc:
                 raise EncodeError(exc.message, tensor=name) from None
             shape = storage.shape
@@ -432,17 +436,19 @@ class Writer:
                 + b"".join(_descriptor(t, s, p, len(st), d) for t, s, p, st, d in blocks))
         # spec 5.4: the data area starts at the next aligned offset after the header and
         # holds each block followed by zero padding to the alignment
-        data = bytearray()
+        # (the blocks are emitted as they are, not joined: a dense record may be large)
+        parts: list[bytes] = []
         for *_, stored, _d in blocks:
-            data += stored + bytes(_align(len(stored), self._alignment) - len(stored))
+            parts += [stored, bytes(_align(len(stored), self._alignment) - len(stored))]
+        data_size = sum(len(p) for p in parts)
         header_len = len(body) + 8  # Data_Checksum and Header_Checksum follow the body
-        head = (bytes([kind]) + encode_varint(header_len) + encode_varint(len(data)) + body
-                + S.CHECKSUM.pack(_crc(data)))
+        head = (bytes([kind]) + encode_varint(header_len) + encode_varint(data_size) + body
+                + S.CHECKSUM.pack(_crc(*parts)))
         self._names.append(bname)
         self._offsets.append(self._pos)
         self._emit(head, S.CHECKSUM.pack(_crc(head)))
         self._pad()
-        self._emit(bytes(data))
+        self._emit(*parts)
 
     def _ternary(self, name: str, t: TernaryTensor) -> tuple[int, bytes, list]:
         ctx = BlockContext(name, t.numel, t.nnz, t.dtype, t.shape)
