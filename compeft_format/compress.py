@@ -84,8 +84,8 @@ def select_topk(magnitudes: np.ndarray | Sequence[np.ndarray], k: int) -> TopK:
     The result is the same as a full descending sort: the k-th largest magnitude, how many
     are strictly larger, and how many entries equal to it complete the k (taken in array
     order, then flat index order). Zeros are never selected, so fewer than ``k`` entries are
-    kept when fewer than ``k`` are nonzero. Runs in about a tenth of ``np.partition``'s time
-    on large float32 arrays and allocates no copy of the input.
+    kept when fewer than ``k`` are nonzero. About 6x faster than ``np.partition`` on 10^8
+    float32 magnitudes (``bench/bench_select.py``), and allocates no copy of the input.
 
     Parameters
     ----------

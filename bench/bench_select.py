@@ -1,0 +1,184 @@
+"""Benchmark: exact top-k selection vs np.partition, and the memory of a global compress.
+
+Run from the repository root::
+
+    .venv/bin/python bench/bench_select.py           # n = 10^8 (about a minute)
+    .venv/bin/python bench/bench_select.py --quick   # small sizes, seconds
+
+Part 1 times ``np.partition(|x|, n - k)`` (the usual exact threshold) against
+``compeft_format.compress.select_topk(|x|, k)`` on the same standard-normal float32 ``|x|``,
+median of several runs each, and checks that both give the same k-th largest value.
+
+Part 2 writes several float32 tensors to ``np.memmap`` files, then, in a fresh subprocess,
+runs ``compress(..., scope="global")`` over a lazy mapping that opens each file on access,
+and reports the peak resident memory above the baseline (Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``; mapped file pages count while mapped), against the size of the
+largest tensor and of the output (int64 indices + bool signs). Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compeft_format.compress import select_topk  # noqa: E402
+
+DENSITIES = (0.01, 0.05, 0.2)
+
+
+def median_time(fn, runs: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def bench_selection(n: int, runs: int) -> None:
+    rng = np.random.default_rng(0)
+    a = np.abs(rng.standard_normal(n, dtype=np.float32))
+    print(f"## Exact top-k threshold, n = {n:,} float32 |standard normal|, median of {runs}\n")
+    print("| density | k | np.partition (s) | select_topk (s) | speed-up | same k-th value |")
+    print("|---|---|---|---|---|---|")
+    for d in DENSITIES:
+        k = round(d * n)
+        t_part, kth = median_time(lambda k=k: np.partition(a, n - k)[n - k], runs)
+        t_ours, top = median_time(lambda k=k: select_topk(a, k), runs)
+        same = float(kth) == top.threshold and top.kept == k
+        print(
+            f"| {d} | {k:,} | {t_part:.3f} | {t_ours:.3f} | {t_part / t_ours:.1f}x "
+            f"| {'yes' if same else 'NO'} |"
+        )
+    print()
+
+
+# ---------------------------------------------------------------------------------------------
+_CHILD = r"""
+import json, sys, time
+from collections.abc import Mapping
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from compeft_format.compress import compress
+
+spec = json.loads(sys.argv[2])
+
+class MemmapTensors(Mapping):
+    # opens the file on each access: nothing stays mapped once compress lets go
+    def __getitem__(self, name):
+        path, size = spec["files"][name]
+        return np.memmap(path, dtype=np.float32, mode="r", shape=(size,))
+    def __iter__(self):
+        return iter(spec["files"])
+    def __len__(self):
+        return len(spec["files"])
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+# ru_maxrss would not do: after fork + exec it starts at the *parent's* high-water mark.
+# VmHWM is this process's own peak, and writing 5 to clear_refs resets it to the current RSS.
+tensors = MemmapTensors()
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status("VmRSS")
+t0 = time.perf_counter()
+out = compress(tensors, density=spec["density"], scope="global")
+seconds = time.perf_counter() - t0
+peak = status("VmHWM")
+out_bytes = sum(t.indices.nbytes + t.signs.nbytes for t in out.values())
+print(json.dumps({"before": before, "peak": peak, "seconds": seconds, "out_bytes": out_bytes,
+                  "nnz": sum(t.nnz for t in out.values())}))
+"""
+
+
+def write_tensors(folder: Path, n: int) -> dict[str, tuple[str, int]]:
+    """Eight float32 tensors, the largest a quarter of the total, as raw memmap files."""
+    weights = [8, 5, 4, 4, 3, 3, 3, 2]
+    sizes = [n * w // sum(weights) for w in weights]
+    sizes[0] += n - sum(sizes)
+    rng = np.random.default_rng(1)
+    files = {}
+    for i, size in enumerate(sizes):
+        path = folder / f"layer{i}.f32"
+        mm = np.memmap(path, dtype=np.float32, mode="w+", shape=(size,))
+        step = 1 << 22
+        for start in range(0, size, step):
+            stop = min(size, start + step)
+            mm[start:stop] = rng.standard_normal(stop - start, dtype=np.float32) * (0.01 * (i + 1))
+        mm.flush()
+        del mm
+        files[f"model.layers.{i}.weight"] = (str(path), size)
+    return files
+
+
+def bench_memory(n: int, density: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        files = write_tensors(Path(tmp), n)
+        largest = max(size for _, size in files.values()) * 4
+        spec = json.dumps({"files": files, "density": density})
+        res = subprocess.run(
+            [sys.executable, "-c", _CHILD, str(ROOT), spec],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+    mib = 2**20
+    extra = r["peak"] - r["before"]
+    print(
+        f"## Peak memory of compress(scope='global', density={density}) over "
+        f"{len(files)} memory-mapped float32 tensors, n = {n:,} ({n * 4 / mib:.0f} MiB)\n"
+    )
+    print("| quantity | MiB | x largest tensor |")
+    print("|---|---|---|")
+    rows = [
+        ("largest tensor (float32)", largest),
+        ("output: int64 indices + bool signs", r["out_bytes"]),
+        ("n / 8 bytes", n // 8),
+        ("peak RSS above baseline (VmHWM)", extra),
+        ("peak above baseline minus the largest tensor", extra - largest),
+    ]
+    for label, b in rows:
+        print(f"| {label} | {b / mib:.1f} | {b / largest:.2f} |")
+    print(
+        f"\nbaseline RSS {r['before'] / mib:.0f} MiB; compress took {r['seconds']:.2f} s; "
+        f"kept {r['nnz']:,} entries\n"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
+    parser.add_argument("--n", type=int, default=None, help="elements (default 10^8)")
+    parser.add_argument("--runs", type=int, default=None, help="timed runs per method")
+    parser.add_argument("--density", type=float, default=0.05, help="density of part 2")
+    args = parser.parse_args()
+    n = args.n or (2 * 10**6 if args.quick else 10**8)
+    runs = args.runs or (3 if args.quick else 5)
+    print(
+        f"numpy {np.__version__}, Python {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}\n"
+    )
+    bench_selection(n, runs)
+    bench_memory(n, args.density)
+
+
+if __name__ == "__main__":
+    main()
