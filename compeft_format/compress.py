@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import dtypes as _dt
-from ._spec import TERNARY_DTYPES
+from ._spec import META_COMPRESSION, TERNARY_DTYPES
 from .errors import EncodeError
 from .tensor import TernaryTensor
 
@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: File metadata key under which :func:`compression_metadata` is stored.
-COMPRESSION_METADATA_KEY = "compeft.compression"
+COMPRESSION_METADATA_KEY = META_COMPRESSION  # "compeft.compression"
 SCOPES = ("global", "tensor")
 SCALES = ("norm", "l2", "std")
 
@@ -85,12 +85,14 @@ def select_topk(magnitudes: np.ndarray | Sequence[np.ndarray], k: int) -> TopK:
     are strictly larger, and how many entries equal to it complete the k (taken in array
     order, then flat index order). Zeros are never selected, so fewer than ``k`` entries are
     kept when fewer than ``k`` are nonzero. About 6x faster than ``np.partition`` on 10^8
-    float32 magnitudes (``bench/bench_select.py``), and allocates no copy of the input.
+    float32 magnitudes (``bench/bench_select.py``); contiguous float32/float64 input is not
+    copied.
 
     Parameters
     ----------
     magnitudes:
-        A non-negative, finite float array (any shape) or a sequence of them. Mixed float32
+        A non-negative, finite float array (any shape; e.g. ``np.abs(x)``) or a sequence of
+        them. Mixed float32
         and float64 arrays are compared in float64; float16 is widened to float32.
     k:
         How many entries to keep; ``0 <= k``. Values above the element count keep everything
@@ -231,6 +233,7 @@ def _radix_select(
     """
     ukind = np.dtype(np.uint32 if work == np.float32 else np.uint64)
     bits = ukind.itemsize * 8
+    no_sign = ukind.type((1 << (bits - 1)) - 1)
     prefix = 0
     prefix_bits = 0
     greater = 0
@@ -239,7 +242,7 @@ def _radix_select(
         shift = ukind.type(bits - prefix_bits - 16)
         hist = np.zeros(1 << 16, dtype=np.int64)
         for c in make_chunks():
-            u = c.view(ukind)
+            u = c.view(ukind) & no_sign  # -0.0 counts as 0
             if prefix_bits:
                 u = u[(u >> ukind.type(bits - prefix_bits)) == ukind.type(prefix)]
             digits = ((u >> shift) & ukind.type(0xFFFF)).astype(np.intp)
