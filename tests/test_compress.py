@@ -491,7 +491,7 @@ def task_vectors(draw):
     return tv
 
 
-@settings(max_examples=120, deadline=None)
+@settings(deadline=None)
 @given(
     tv=task_vectors(),
     density=st.floats(1e-4, 1.0, exclude_min=False) | st.sampled_from([1.0, 0.5, 1e-9]),
@@ -509,7 +509,7 @@ def test_property_matches_reference(tv, density, scope, scale):
         )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     n=st.integers(0, 30_000),
