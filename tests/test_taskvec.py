@@ -249,10 +249,11 @@ def test_lazy_state_dict_task_vector():
     assert "w1" in lazy
     assert lazy.dtypes == dict.fromkeys(ft_d, "F32")
     eager, _ = state_dict_task_vector(ft_d, base_d)
-    out = compress(lazy, density=0.1)
-    assert max(base.alive + ft.alive) <= 1  # the pair being subtracted, nothing more
-    ref = compress(eager, density=0.1)
-    assert out == ref
+    for scope in ("global", "tensor"):
+        out = compress(lazy, density=0.1, scope=scope)
+        # no earlier value of either side is alive when the next one is fetched
+        assert max(base.alive + ft.alive) == 0
+        assert out == compress(eager, density=0.1, scope=scope)
     with pytest.raises(KeyError):
         lazy["nope"]
 
