@@ -7,6 +7,7 @@ True
 """
 
 from ._spec import VERSION_MAJOR, VERSION_MINOR, ReadLimits
+from .compress import compress, compression_metadata, select_topk
 from .container import (
     BlockInfo,
     CompeftReader,
@@ -21,6 +22,13 @@ from .container import (
     open_file,
     save_file,
 )
+from .convert import (
+    CompressSummary,
+    ConvertError,
+    DecompressSummary,
+    compress_file,
+    decompress_file,
+)
 from .errors import (
     BadMagicError,
     ChecksumError,
@@ -34,6 +42,22 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
+from .quality import QualityReport, TensorQuality, quality_report
+from .safetensors_io import (
+    SafetensorsError,
+    SafetensorsReader,
+    SafetensorsWriter,
+    open_safetensors,
+    save_safetensors,
+)
+from .taskvec import (
+    LazyTaskVector,
+    TaskVector,
+    TaskVectorReport,
+    apply_task_vector,
+    peft_task_vector,
+    state_dict_task_vector,
+)
 from .tensor import TernaryTensor
 
 __version__ = "0.1.0"
@@ -46,13 +70,24 @@ __all__ = [
     "ChecksumError",
     "CompeftError",
     "CompeftReader",
+    "CompressSummary",
+    "ConvertError",
     "CorruptDataError",
+    "DecompressSummary",
     "EncodeError",
     "FileInfo",
     "FormatError",
+    "LazyTaskVector",
     "LimitExceededError",
+    "QualityReport",
     "ReadLimits",
+    "SafetensorsError",
+    "SafetensorsReader",
+    "SafetensorsWriter",
+    "TaskVector",
+    "TaskVectorReport",
     "TensorInfo",
+    "TensorQuality",
     "TernaryTensor",
     "TruncatedError",
     "UnsupportedError",
@@ -60,11 +95,22 @@ __all__ = [
     "UnsupportedVersionError",
     "Writer",
     "__version__",
+    "apply_task_vector",
+    "compress",
+    "compress_file",
+    "compression_metadata",
+    "decompress_file",
     "dumps",
     "inspect",
     "iter_stream",
     "load_file",
     "loads",
     "open_file",
+    "open_safetensors",
+    "peft_task_vector",
+    "quality_report",
     "save_file",
+    "save_safetensors",
+    "select_topk",
+    "state_dict_task_vector",
 ]
