@@ -518,6 +518,9 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
     try:
+        mask = os.umask(0)  # mkstemp makes a private (0600) file; give the usual mode
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
