@@ -1,0 +1,59 @@
+"""Shared test setup: import path, hypothesis profiles and the spec vector folders.
+
+Hypothesis profiles are chosen by the ``HYPOTHESIS_PROFILE`` environment variable:
+
+* ``default``: few examples, so the whole suite stays fast on a 2-core machine;
+* ``ci``: more examples, derandomized (a CI failure reproduces from the seed it prints) and
+  no example database (a CI checkout is fresh, there is nothing to replay);
+* ``expensive``: thousands of examples, for a run on demand before a release.
+
+The example database lives in ``<repo>/.hypothesis/`` (git-ignored) whatever the working
+directory, so a failure found locally is replayed first on the next local run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis.database import DirectoryBasedExampleDatabase
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing the package
+    sys.path.insert(0, str(ROOT))
+
+VECTORS = ROOT / "spec" / "vectors"
+
+# numpy-heavy examples have jittery timings on a shared VM: never fail on a deadline
+_COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
+
+settings.register_profile(
+    "default",
+    max_examples=25,
+    database=DirectoryBasedExampleDatabase(str(ROOT / ".hypothesis" / "examples")),
+    **_COMMON,
+)
+settings.register_profile(
+    "ci", max_examples=200, derandomize=True, database=None, print_blob=True, **_COMMON
+)
+settings.register_profile(
+    "expensive",
+    max_examples=5000,
+    database=DirectoryBasedExampleDatabase(str(ROOT / ".hypothesis" / "examples")),
+    **_COMMON,
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+def valid_vector_paths() -> list[Path]:
+    """Return the ``spec/vectors/valid/*.compeft`` files, sorted (maybe none yet)."""
+    return sorted((VECTORS / "valid").glob("*.compeft"))
+
+
+@pytest.fixture(scope="session")
+def valid_vectors() -> list[Path]:
+    """The valid spec vectors; an empty list when none have been written yet."""
+    return valid_vector_paths()
