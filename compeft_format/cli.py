@@ -1,0 +1,309 @@
+"""The ``compeft`` command (also ``python -m compeft_format``).
+
+::
+
+    compeft compress INPUT -o OUTPUT [--base BASE] [--density K] [--alpha A]
+                     [--scope global|tensor] [--scale norm|std|l2] [--exclude GLOB]...
+                     [--positions auto|bitmask|golomb|rice] [--zstd LEVEL | --no-zstd]
+                     [--force] [--quiet] [--verbose]
+    compeft decompress INPUT -o OUTPUT [--dtype f32|f16|bf16] [--base BASE] [--force] [--quiet]
+    compeft info FILE [--json]
+    compeft verify FILE...
+    compeft demo [--quiet]
+
+Exit status: 0 on success; 1 on a data error (one line ``compeft: error: ...`` on stderr, no
+traceback: a bad or missing file, a base that does not match, an existing output); 2 on a
+usage error, bad option values included (a density outside ``(0, 1]``...). ``verify`` exits
+1 when any file is not sound. Outputs are written atomically and never over an input; an
+existing output is replaced only with ``--force``. Progress bars go to stderr when it is a
+terminal (``--quiet`` silences them); the summaries go to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import _spec as S
+from .container import inspect, iter_stream
+from .convert import (
+    ADAPTER_COMPEFT,
+    ADAPTER_CONFIG,
+    DEFAULT_DENSITY,
+    OUTPUT_DTYPES,
+    compress_file,
+    decompress_file,
+    with_path,
+)
+from .errors import CompeftError
+
+__all__ = ["main"]
+
+PROG = "compeft"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``compeft compress: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _alpha(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _zstd_level(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -7 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"must be in [-7, 22], got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog=PROG, description="Compress fine-tuned experts (PEFT adapters, task "
+                "vectors) to sparse ternary compeft files, and back.")
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s {__version__} (format {S.VERSION_MAJOR}.{S.VERSION_MINOR})")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def common(q: argparse.ArgumentParser) -> None:
+        q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+    c = sub.add_parser(
+        "compress", help="safetensors file or PEFT adapter directory -> compeft",
+        description="Keep the top-k entries of a task vector by magnitude, their signs and one "
+        "scale (ComPEFT), and write them as a compeft file. INPUT is a .safetensors file or a "
+        "PEFT adapter directory; for a directory, OUTPUT is a directory holding "
+        f"{ADAPTER_CONFIG} and {ADAPTER_COMPEFT}.")
+    c.add_argument("input", metavar="INPUT")
+    c.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    c.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial adapter) "
+                   "the task vector is measured from; needed again to decompress")
+    c.add_argument("--density", type=_density, default=DEFAULT_DENSITY, metavar="K",
+                   help=f"fraction of entries kept, in (0, 1] (default {DEFAULT_DENSITY})")
+    c.add_argument("--alpha", type=_alpha, default=1.0, metavar="A",
+                   help="multiplier of the scale (default 1)")
+    c.add_argument("--scope", choices=("global", "tensor"), default="global",
+                   help="top-k over all tensors together, or each on its own (default global)")
+    c.add_argument("--scale", choices=("norm", "std", "l2"), default="norm",
+                   help="how the one magnitude is chosen (default norm: keeps the L2 norm)")
+    c.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                   help="tensor names kept dense and lossless (repeatable)")
+    c.add_argument("--positions", choices=("auto", "bitmask", "golomb", "rice"),
+                   default="auto", help="how nonzero positions are coded (default auto: the "
+                   "smaller; rice = golomb)")
+    z = c.add_mutually_exclusive_group()
+    # default None, not the level: argparse sees an option given its default value as absent,
+    # and would let `--zstd 3 --no-zstd` through
+    z.add_argument("--zstd", type=_zstd_level, default=None, metavar="LEVEL",
+                   help=f"zstd level tried on every block (default {S.DEFAULT_ZSTD_LEVEL})")
+    z.add_argument("--no-zstd", action="store_true", help="no zstd stage")
+    c.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    c.add_argument("-v", "--verbose", action="store_true",
+                   help="also print the quality of every tensor")
+    common(c)
+
+    d = sub.add_parser(
+        "decompress", help="compeft -> safetensors (or a PEFT adapter directory)",
+        description="Write a compeft file back as safetensors with the original names, shapes "
+        "and dtypes; a compressed adapter directory comes back as a PEFT adapter directory.")
+    d.add_argument("input", metavar="INPUT")
+    d.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    d.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="convert float tensors")
+    d.add_argument("--base", metavar="BASE", help="add the task vector to this base "
+                   "checkpoint (or initial adapter) and write the full tensors")
+    d.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    common(d)
+
+    i = sub.add_parser("info", help="per-tensor layout, sizes and ratio of a compeft file",
+                       description="Shape, dtype, density, codecs, bytes and bits per "
+                       "parameter of every tensor, and the totals; reads no tensor data.")
+    i.add_argument("file", metavar="FILE")
+    i.add_argument("--json", action="store_true", help="print JSON")
+
+    v = sub.add_parser("verify", help="check every checksum and decode everything",
+                       description="Check every byte of each file; one line per file. Exit "
+                       "status 0 when all are sound, 1 otherwise.")
+    v.add_argument("files", nargs="+", metavar="FILE")
+
+    m = sub.add_parser("demo", help="compress and restore a small real LoRA adapter",
+                       description="Compress the LoRA adapter shipped in the package "
+                       "(all-MiniLM-L6-v2, trained on VADER sentiment) from its initial "
+                       "state, restore it, and print the summaries.")
+    common(m)
+    return p
+
+
+def _compeft_path(path: str) -> Path:
+    """A compeft file, or the one inside a compressed adapter directory."""
+    p = Path(path)
+    return p / ADAPTER_COMPEFT if p.is_dir() else p
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "quiet", False) and sys.stderr.isatty()
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    summary = compress_file(
+        args.input, args.output, density=args.density, alpha=args.alpha, scope=args.scope,
+        scale=args.scale, exclude=args.exclude, base=args.base, positions=args.positions,
+        zstd_level=None if args.no_zstd else S.DEFAULT_ZSTD_LEVEL if args.zstd is None
+        else args.zstd, force=args.force,
+        progress=_show_progress(args))
+    print(summary.format(verbose=args.verbose))
+    return 0
+
+
+def _cmd_decompress(args: argparse.Namespace) -> int:
+    summary = decompress_file(args.input, args.output, dtype=args.dtype, base=args.base,
+                              force=args.force, progress=_show_progress(args))
+    print(summary.format())
+    return 0
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    path = _compeft_path(args.file)
+    try:
+        info = inspect(path)
+    except CompeftError as exc:
+        raise with_path(exc, path) from None
+    if args.json:
+        d = info.to_dict()
+        d["file"] = str(path)
+        print(json.dumps(d, indent=2, sort_keys=True))
+        return 0
+    rows = [("tensor", "shape", "dtype", "kind", "density", "codecs", "bytes", "bits/param")]
+    for t in info.tensors:
+        rows.append((t.name, _shape(t.shape), t.dtype, t.kind,
+                     "-" if t.density is None else f"{t.density:.4f}", t.codecs,
+                     f"{t.record_size:,}", f"{t.bits_per_element:.3f}"))
+    bits = 8 * info.file_size / info.numel if info.numel else 0.0
+    rows.append(("total", f"{info.numel:,} params", "", "", "", "", f"{info.file_size:,}",
+                 f"{bits:.3f}"))
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    right = {4, 6, 7}
+    meta = info.metadata
+    comp = meta.get(S.META_COMPRESSION, {})
+    base = meta.get(S.META_BASE, {})
+    print(f"{path}: compeft {info.version[0]}.{info.version[1]}, {len(info.tensors)} tensors, "
+          f"{info.file_size:,} bytes; dense {info.dense_size:,} bytes; ratio {info.ratio:.1f}x")
+    if isinstance(comp, dict) and comp:
+        print("compression: " + ", ".join(f"{k} {comp[k]}" for k in
+                                          ("method", "density", "scope", "scale", "alpha")
+                                          if k in comp))
+    if isinstance(base, dict) and base:
+        extra = f" {base['name']!r}" if isinstance(base.get("name"), str) else ""
+        peft = f" (PEFT {base['peft_type']})" if isinstance(base.get("peft_type"), str) else ""
+        print(f"measured from: {base.get('reference')}{extra}{peft}")
+    for r in rows:
+        print("  ".join(c.rjust(w) if k in right else c.ljust(w)
+                        for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    status = 0
+    for name in args.files:
+        path = _compeft_path(name)
+        try:
+            with open(path, "rb") as f:
+                count = sum(1 for _ in iter_stream(f))
+            print(f"{path}: OK ({count} tensors, {os.path.getsize(path):,} bytes)")
+        except (CompeftError, OSError) as exc:
+            status = 1
+            print(f"{path}: FAILED: {_message(exc)}")
+    return status
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from importlib import resources
+
+    root = resources.files("compeft_format") / "demo" / "lora-minilm-vader"
+    with resources.as_file(root) as adapter, tempfile.TemporaryDirectory() as tmp:
+        if not (adapter / ADAPTER_CONFIG).is_file():
+            raise CompeftError(f"{adapter}: the demo adapter is not installed")
+        show = _show_progress(args)
+        print("demo: a LoRA adapter (r=8, 74 tensors) of all-MiniLM-L6-v2 trained on VADER "
+              "sentiment, measured from its saved initial state\n")
+        out = Path(tmp) / "compressed"
+        s = compress_file(adapter, out, base=adapter / "init", progress=show)
+        print(s.format())
+        print()
+        d = decompress_file(out, Path(tmp) / "restored", base=adapter / "init", progress=show)
+        print(d.format())
+        print(f"\nThe restored directory is a PEFT adapter: {ADAPTER_CONFIG} and "
+              "adapter_model.safetensors, ready for PeftModel.from_pretrained.")
+    return 0
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename is not None else ""
+        return f"{where}{exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__  # one line
+
+
+_COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _cmd_info,
+             "verify": _cmd_verify, "demo": _cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status.
+
+    Examples
+    --------
+    >>> main(["verify", "/nonexistent.compeft"])
+    /nonexistent.compeft: FAILED: /nonexistent.compeft: No such file or directory
+    1
+    """
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version (0) or a usage error (2)
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return _COMMANDS[args.command](args)
+    except BrokenPipeError:  # `compeft info ... | head`: the reader left; stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except (CompeftError, OSError) as exc:
+        print(f"{PROG}: error: {_message(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
