@@ -9,7 +9,11 @@ from .base import BlockContext
 
 __all__ = ["ZstdStage"]
 
-_FRAME_MAGIC = b"\x28\xb5\x2f\xfd"  # RFC 8878 3.1.1; a skippable frame has another magic
+
+
+def _is_skippable(frame: bytes | memoryview) -> bool:
+    """Return True for a skippable frame (RFC 8878 3.1.2: magic 0x184D2A50 to 0x184D2A5F)."""
+    return len(frame) >= 4 and bytes(frame[1:4]) == b"\x2a\x4d\x18" and frame[0] & 0xF0 == 0x50
 
 
 class ZstdStage:
@@ -42,6 +46,8 @@ class ZstdStage:
         def fail(msg: str) -> Exception:
             return ctx.error(msg) if ctx is not None else ValueError(msg)
 
+        if _is_skippable(frame):  # frame_content_size() would call it a frame of 0 bytes
+            raise fail("zstd stage: a skippable frame is not a zstd frame")
         try:
             declared = zstandard.frame_content_size(frame)
         except zstandard.ZstdError as exc:
@@ -64,12 +70,9 @@ class ZstdStage:
     def _decode_empty(self, frame: bytes | memoryview, fail) -> bytes:
         """Check a frame that declares 0 bytes to its end (spec 7.1: one frame, nothing after).
 
-        python-zstandard answers ``b""`` for such a frame without reading past its header,
-        and ``frame_content_size`` gives 0 for a skippable frame; without this walk any bytes
-        could hide in an empty block.
+        python-zstandard answers ``b""`` for such a frame without reading past its header;
+        without this walk any bytes could hide in an empty block.
         """
-        if bytes(frame[:4]) != _FRAME_MAGIC:
-            raise fail("zstd stage: a skippable frame is not a zstd frame")
         dobj = self._decompressor.decompressobj()
         try:
             out = dobj.decompress(frame)
