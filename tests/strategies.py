@@ -26,6 +26,7 @@ __all__ = [
     "RAW_BITS_DTYPES",
     "ZSTD_LEVELS",
     "st_dense_arrays",
+    "st_metadata",
     "st_names",
     "st_options",
     "st_scales",
@@ -149,3 +150,20 @@ def st_options(*, alignments: tuple[int, ...] = ALIGNMENTS) -> st.SearchStrategy
         "zstd_level": st.sampled_from(ZSTD_LEVELS),
         "alignment": st.sampled_from(alignments),
     })
+
+
+def st_metadata() -> st.SearchStrategy[dict[str, Any] | None]:
+    """JSON metadata objects (finite numbers, nested a few levels), or None.
+
+    Keys avoid the reserved ``compeft.`` prefix, whose values have fixed types (spec 5.2.1);
+    one well-typed reserved key is mixed in sometimes.
+    """
+    keys = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8).filter(
+        lambda k: not k.startswith(S.META_RESERVED_PREFIX))
+    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8)
+               | st.floats(allow_nan=False, allow_infinity=False))
+    values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
+                          | st.dictionaries(keys, inner, max_size=3), max_leaves=8)
+    objects = st.dictionaries(keys, values, max_size=4)
+    producer = st.fixed_dictionaries({S.META_PRODUCER: st.text(max_size=8)})
+    return st.none() | objects | st.builds(lambda a, b: {**a, **b}, objects, producer)
