@@ -74,7 +74,7 @@ TERNARY_DTYPES = ("F32", "F16", "BF16", "F64")  # spec 5.4: dtypes a ternary rec
 # spec 6.4 Scale_Dtype (Param of the scale block)
 SCALE_F32 = 0x00
 
-# spec 8.3 reserved metadata keys
+# spec 5.2.1 reserved metadata keys
 META_PRODUCER = "compeft.producer"
 META_COMPRESSION = "compeft.compression"
 META_BASE = "compeft.base"
