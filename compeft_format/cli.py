@@ -37,6 +37,7 @@ from .convert import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
     DEFAULT_DENSITY,
+    META_TASK_VECTOR,
     OUTPUT_DTYPES,
     compress_file,
     decompress_file,
@@ -219,16 +220,21 @@ def _cmd_info(args: argparse.Namespace) -> int:
     meta = info.metadata
     comp = meta.get(S.META_COMPRESSION, {})
     base = meta.get(S.META_BASE, {})
+    tv = meta.get(META_TASK_VECTOR, {})
     print(f"{path}: compeft {info.version[0]}.{info.version[1]}, {len(info.tensors)} tensors, "
           f"{info.file_size:,} bytes; dense {info.dense_size:,} bytes; ratio {info.ratio:.1f}x")
     if isinstance(comp, dict) and comp:
         print("compression: " + ", ".join(f"{k} {comp[k]}" for k in
                                           ("method", "density", "scope", "scale", "alpha")
                                           if k in comp))
-    if isinstance(base, dict) and base:
-        extra = f" {base['name']!r}" if isinstance(base.get("name"), str) else ""
-        peft = f" (PEFT {base['peft_type']})" if isinstance(base.get("peft_type"), str) else ""
-        print(f"measured from: {base.get('reference')}{extra}{peft}")
+    name = base.get("name") if isinstance(base, dict) else None
+    if isinstance(tv, dict) and tv:
+        ref = tv.get("reference")
+        extra = f" {name!r}" if ref == "checkpoint" and isinstance(name, str) else ""
+        peft = f" (PEFT {tv['peft_type']})" if isinstance(tv.get("peft_type"), str) else ""
+        print(f"measured from: {ref}{extra}{peft}")
+    if isinstance(name, str) and not (isinstance(tv, dict) and tv.get("reference") == "checkpoint"):
+        print(f"base model: {name}")
     for r in rows:
         print("  ".join(c.rjust(w) if k in right else c.ljust(w)
                         for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())

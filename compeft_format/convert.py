@@ -13,22 +13,24 @@ Inputs and outputs
 * A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) <-> a
   directory holding the copied ``adapter_config.json`` and ``adapter_model.compeft``.
 
-What the task vector is measured from (metadata key ``compeft.base``)
+What the task vector is measured from (metadata key ``task_vector``)
 ---------------------------------------------------------------------
-``{"reference": ...}`` with
+``{"reference": ..., "delta": [names], "peft_type": ..., "exclude": [patterns]}`` with
 
 * ``"zero"``: the tensors are stored as they are: a LoRA adapter (``B`` starts at zero; as in
   the ComPEFT paper, ``A`` is taken as is too), or a file that already is a task vector.
-  ``"peft_type"`` names an adapter's type.
 * ``"one"``: an (IA)^3 adapter; the names in ``"delta"`` (its scaling vectors, which start at
   one) are stored minus one, and :func:`decompress_file` adds the one back.
 * ``"checkpoint"``: the names in ``"delta"`` are stored as ``tensor - base[name]``, measured
-  from a base checkpoint or an adapter's saved initial state (``--base``), named by ``"name"``.
-  ``"hashes"`` holds ``"sha256:<hex>"`` of the raw bytes of *every* base tensor, so
-  :func:`decompress_file` refuses a base with other names, shapes, dtypes or contents.
+  from a base checkpoint or an adapter's saved initial state (``base=``/``--base``).
 
-Tensors not listed in ``"delta"`` are stored as they are: non-float tensors, the ``exclude``
-patterns (dense records, lossless), and tensors the base does not have.
+``"peft_type"`` names an adapter's type. Tensors not in ``"delta"`` are stored as they are:
+non-float tensors, the ``exclude`` patterns (dense records, lossless), and tensors the base
+does not have. The spec's own key ``compeft.base`` (spec 5.2.1) names the base: for a
+checkpoint, ``{"name": its file or directory name, "hashes": {tensor: "sha256:<hex>"}}`` over
+*every* base tensor's raw bytes, so that :func:`decompress_file` refuses a base with other
+names, shapes, dtypes or contents; for an adapter, ``{"name": base_model_name_or_path}``.
+(``task_vector`` is not a ``compeft.`` key: the spec reserves those.)
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_COMPEFT = "adapter_model.compeft"
 #: Metadata key holding the source's safetensors ``__metadata__`` (restored on decompress).
 META_SAFETENSORS = "safetensors.metadata"
+#: Metadata key recording what the task vector is measured from (see the module doc).
+META_TASK_VECTOR = "task_vector"
 REFERENCES = ("zero", "one", "checkpoint")
 OUTPUT_DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _CHUNK = 1 << 20  # elements per chunk of a tensor being decoded, added or converted
@@ -234,6 +238,7 @@ class _Source:
     weights: Path  # the tensor file
     config: Path | None = None  # adapter_config.json of a directory
     peft_type: str | None = None
+    base_model: str | None = None  # an adapter's base_model_name_or_path
 
     @property
     def is_dir(self) -> bool:
@@ -265,7 +270,9 @@ def _resolve(path: str | os.PathLike, weights_name: str, what: str) -> _Source:
     peft_type = cfg.get("peft_type")
     if not isinstance(peft_type, str):
         raise ConvertError(f"{config}: no peft_type string")
-    return _Source(p, weights, config, peft_type)
+    base_model = cfg.get("base_model_name_or_path")
+    return _Source(p, weights, config, peft_type,
+                   base_model if isinstance(base_model, str) and base_model else None)
 
 
 def _base_weights(base: str | os.PathLike) -> Path:
@@ -493,7 +500,8 @@ class _Plan:
     """Which tensors are compressed, and the ``compeft.base`` metadata."""
 
     compressible: list[str]
-    reference: dict[str, Any]
+    reference: dict[str, Any]  # the task_vector metadata
+    base: dict[str, Any] | None = None  # the compeft.base metadata
 
 
 def _plan(source: _Source, reader: SafetensorsReader, base: SafetensorsReader | None,
@@ -508,6 +516,7 @@ def _plan(source: _Source, reader: SafetensorsReader, base: SafetensorsReader | 
         compressible = [n for n in names if n not in excluded and is_float(n)]
         if source.peft_type is None:
             return _Plan(compressible, {"reference": "zero"})
+        base_meta = {"name": source.base_model} if source.base_model else None
         if source.peft_type.upper() not in PEFT_TYPES:
             raise ConvertError(f"{source.config}: peft_type {source.peft_type!r} has no known "
                                f"initial value ({'/'.join(PEFT_TYPES)} do); give the initial "
@@ -523,7 +532,7 @@ def _plan(source: _Source, reader: SafetensorsReader, base: SafetensorsReader | 
                                "peft_type": source.peft_type}
         if from_one:
             ref["delta"] = from_one
-        return _Plan(compressible, ref)
+        return _Plan(compressible, ref, base_meta)
 
     assert base_path is not None
     base_names = set(base.keys())
@@ -548,12 +557,11 @@ def _plan(source: _Source, reader: SafetensorsReader, base: SafetensorsReader | 
         for n in base:
             hashes[n] = _sha256(base, n)
             bar.update()
-    ref = {"reference": "checkpoint", "name": base_path.parent.name
-           if base_path.name == ADAPTER_WEIGHTS else base_path.name,
-           "hashes": hashes, "delta": compressible}
+    ref: dict[str, Any] = {"reference": "checkpoint", "delta": compressible}
     if source.peft_type is not None:
         ref["peft_type"] = source.peft_type
-    return _Plan(compressible, ref)
+    name = base_path.parent.name if base_path.name == ADAPTER_WEIGHTS else base_path.name
+    return _Plan(compressible, ref, {"name": name, "hashes": hashes})
 
 
 def compress_file(
@@ -658,12 +666,13 @@ def compress_file(
 
         from . import __version__
 
-        comp_meta.update({"exclude": list(patterns)})
         metadata: dict[str, Any] = {
             S.META_PRODUCER: f"compeft_format {__version__}",
             S.META_COMPRESSION: comp_meta,
-            S.META_BASE: plan.reference,
+            META_TASK_VECTOR: {**plan.reference, "exclude": list(patterns)},
         }
+        if plan.base is not None:
+            metadata[S.META_BASE] = plan.base
         if reader.metadata:
             metadata[META_SAFETENSORS] = dict(reader.metadata)
         counts = {"nnz": 0, "cnumel": 0, "numel": 0, "dense_bytes": 0}
@@ -702,7 +711,8 @@ def compress_file(
             compressed_numel=counts["cnumel"], nnz=counts["nnz"], density=float(density),
             dense_bytes=counts["dense_bytes"], file_bytes=final.stat().st_size,
             reference=plan.reference["reference"], quality=quality,
-            base_name=plan.reference.get("name"))
+            base_name=plan.base["name"] if plan.reference["reference"] == "checkpoint"
+            and plan.base else None)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -719,14 +729,18 @@ class _Reference:
 
 
 def _read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> _Reference:
-    """Parse and check ``compeft.base``; a file without it is a task vector from zero."""
-    ref = meta.get(S.META_BASE)
+    """Parse and check ``task_vector`` (and ``compeft.base``); absent: a task vector from zero."""
+    ref = meta.get(META_TASK_VECTOR)
+    base = meta.get(S.META_BASE)  # its types are checked by the reader (spec 5.2.1)
+    base = base if isinstance(base, dict) else {}
     if ref is None:
         return _Reference("zero", set(), None, None, None)
 
     def bad(message: str) -> CorruptDataError:
-        return CorruptDataError(f"{where}: metadata {S.META_BASE!r}: {message}")
+        return CorruptDataError(f"{where}: metadata {META_TASK_VECTOR!r}: {message}")
 
+    if not isinstance(ref, dict):
+        raise bad("must be an object")
     kind = ref.get("reference")
     if kind not in REFERENCES:
         raise bad(f"reference must be one of {REFERENCES}, got {kind!r}")
@@ -736,10 +750,11 @@ def _read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> 
     unknown = [n for n in delta if n not in records]
     if unknown:
         raise bad(f"delta names {len(unknown)} tensors the file does not hold: {unknown[:5]}")
-    hashes = ref.get("hashes")
+    hashes = base.get("hashes")
     if kind == "checkpoint" and not isinstance(hashes, dict):
-        raise bad("a checkpoint reference needs the base's hashes")
-    name = ref.get("name")
+        raise CorruptDataError(f"{where}: a task vector measured from a checkpoint needs the "
+                               f"base's hashes in metadata {S.META_BASE!r}")
+    name = base.get("name")
     peft_type = ref.get("peft_type")
     return _Reference(kind, set(delta), name if isinstance(name, str) else None,
                       hashes if kind == "checkpoint" else None,

@@ -80,8 +80,8 @@ def test_options_reach_the_file(tmp_path, capsys, model):
     assert "(overall)" in out  # -v: the per-tensor quality table
     info = inspect(tmp_path / "a.compeft")
     comp = info.metadata["compeft.compression"]
-    assert (comp["scope"], comp["scale"], comp["alpha"], comp["exclude"]) == (
-        "tensor", "l2", 0.5, ["e", "x*"])
+    assert (comp["scope"], comp["scale"], comp["alpha"]) == ("tensor", "l2", 0.5)
+    assert info.metadata["task_vector"]["exclude"] == ["e", "x*"]
     kinds = {t.name: (t.kind, t.codecs) for t in info.tensors}
     assert kinds["e"] == ("dense", "dense")
     assert kinds["w"] == ("ternary", "golomb,signs,scale")
@@ -131,6 +131,7 @@ def test_info_text_and_json(tmp_path, capsys, model):
     code, out, _ = run(capsys, "info", tmp_path / "d")
     assert code == 0
     assert "measured from: one (PEFT IA3)" in out
+    assert "base model: sentence-transformers/all-MiniLM-L6-v2" in out
 
 
 def test_verify_good_and_bad(tmp_path, capsys, model):

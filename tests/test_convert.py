@@ -103,7 +103,8 @@ def test_summary_matches_the_file(tmp_path, model):
     assert s.bits_per_param == pytest.approx(8 * info.file_size / info.numel)
     meta = info.metadata
     assert meta["compeft.compression"]["density"] == 0.1
-    assert meta["compeft.base"] == {"reference": "zero"}
+    assert meta["task_vector"] == {"reference": "zero", "exclude": []}
+    assert "compeft.base" not in meta  # no base: nothing to name
     assert meta["compeft.producer"].startswith("compeft_format ")
     text = s.format(verbose=True)
     for word in ("tensors", "density", "dense size", "compressed", "ratio", "bits/param",
@@ -200,11 +201,14 @@ def test_base_reconstructs_the_full_checkpoint(tmp_path, checkpoint):
                       exclude=["layer.1.h16"])
     assert s.reference == "checkpoint"
     assert s.base_name == "base.safetensors"
-    meta = open_file(tmp_path / "ft.compeft").metadata()["compeft.base"]
+    metadata = open_file(tmp_path / "ft.compeft").metadata()
+    base_meta, meta = metadata["compeft.base"], metadata["task_vector"]
+    assert set(base_meta) == {"name", "hashes"}  # the spec's members only (spec 5.2.1)
+    assert base_meta["name"] == "base.safetensors"
+    assert set(base_meta["hashes"]) == set(base)
+    assert all(h.startswith("sha256:") and len(h) == 71 for h in base_meta["hashes"].values())
     assert meta["reference"] == "checkpoint"
-    assert meta["name"] == "base.safetensors"
-    assert set(meta["hashes"]) == set(base)
-    assert all(h.startswith("sha256:") and len(h) == 71 for h in meta["hashes"].values())
+    assert meta["exclude"] == ["layer.1.h16"]
     assert sorted(meta["delta"]) == sorted(["layer.0.w", "layer.0.b16", "layer.1.d64",
                                             "scalar", "empty"])
 
@@ -310,6 +314,10 @@ def test_ia3_directory_round_trip_adds_one(tmp_path):
     assert (tmp_path / "c" / "adapter_config.json").read_bytes() == \
         (IA3 / "adapter_config.json").read_bytes()
     assert s.reference == "one"
+    meta = inspect(tmp_path / "c" / "adapter_model.compeft").metadata
+    assert meta["compeft.base"] == {"name": "sentence-transformers/all-MiniLM-L6-v2"}
+    assert meta["task_vector"]["peft_type"] == "IA3"
+    assert len(meta["task_vector"]["delta"]) == 24
     decompress_file(tmp_path / "c", tmp_path / "r")
     assert _listing(tmp_path / "r") == ["adapter_config.json", "adapter_model.safetensors"]
     orig = safetensors.torch.load_file(IA3 / "adapter_model.safetensors")
