@@ -1022,7 +1022,14 @@ class CompeftReader:
         for (name, off), end in zip(entries, ends, strict=False):
             kind = data[off]
             if kind not in (S.KIND_TERNARY, S.KIND_DENSE) and kind & S.KIND_OPTIONAL_BIT:
-                continue  # spec 10.2: an unknown optional record is skipped, as loads does
+                # spec 10.2: an unknown optional record is skipped, as loads does. Its header
+                # checksum covers the kind byte: checked first, one flipped bit 7 cannot turn
+                # a tensor into a record that is silently left out
+                src = BufferSource(data[off:end], base=off)
+                src.tensor = name
+                src.u8("record kind")
+                _read_record_header(src, kind, limits, self._header.alignment)
+                continue
             self._entries[name] = (off, end)
         self._closed = False
 
