@@ -1,0 +1,1164 @@
+#!/usr/bin/env python
+"""Write the golden test vectors of spec/FORMAT.md §12.
+
+* ``spec/vectors/valid/``: files the reference encoder writes, with the JSON of their
+  decoded content and the writer options that rebuild them byte for byte.
+* ``spec/vectors/accepted/``: valid files that the reference encoder never writes
+  (optional parts, non-canonical choices); a decoder MUST accept them.
+* ``spec/vectors/invalid/``: one or more files per rule of the §9.1 table, each with the
+  error class, rule ID and exact message of the reference decoder.
+
+Usage::
+
+    .venv/bin/python spec/tools/make_vectors.py          # write the vectors that are missing
+    .venv/bin/python spec/tools/make_vectors.py --check  # rebuild all in memory, write nothing
+
+Released vectors are never edited: a vector file that exists is never overwritten. To pin
+something new, add a vector under the next free number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import struct
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parents[1]
+VECTORS = ROOT / "spec" / "vectors"
+sys.path[:0] = [str(ROOT), str(TOOLS)]
+
+from _layout import Block, File, Record, crc32, parse, varint  # noqa: E402
+from _rules import Rule, load_rules  # noqa: E402
+
+import compeft_format as cf  # noqa: E402
+from compeft_format import ReadLimits, TernaryTensor  # noqa: E402
+
+DEFAULT_OPTIONS = {"positions": "auto", "zstd_level": 3, "alignment": 8}
+KIND_TERNARY, KIND_DENSE = 0x01, 0x02
+BITMASK, GOLOMB, SIGNS, SCALE, DENSE = 0x01, 0x02, 0x03, 0x04, 0x05
+ZSTD = 0x01
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a file the three ways a user can
+# ---------------------------------------------------------------------------------------------
+
+
+class ShortReads(io.RawIOBase):
+    """A non-seekable stream that returns at most 7 bytes a read, like a raw pipe."""
+
+    def __init__(self, data: bytes) -> None:
+        self._buf = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        chunk = self._buf.read(min(len(b), 7))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def _limits(spec: dict[str, int] | None) -> ReadLimits:
+    return ReadLimits(**(spec or {}))
+
+
+def error_of(fn: Callable[[], Any]) -> tuple[str, str] | None:
+    """Return ``(class name, str(exc))`` of the CompeftError ``fn`` raises, or None."""
+    try:
+        fn()
+    except cf.CompeftError as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def read_all_random(data: bytes, limits: ReadLimits) -> None:
+    """Open ``data`` for random access and decode every tensor."""
+    with cf.open_file(data, limits=limits) as f:
+        for name in f:
+            f.get_raw(name)
+
+
+def path_errors(data: bytes, limits: ReadLimits) -> dict[str, tuple[str, str] | None]:
+    """Return the error of each read path: loads, iter_stream (short reads) and open_file."""
+    return {
+        "loads": error_of(lambda: cf.loads(data, limits=limits)),
+        "iter_stream": error_of(lambda: list(cf.iter_stream(ShortReads(data), limits=limits))),
+        "open_file": error_of(lambda: read_all_random(data, limits)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# The JSON form of decoded content (spec §12.2)
+# ---------------------------------------------------------------------------------------------
+
+
+def scale_bits(scale: float) -> str:
+    """Return the float32 bits of ``scale`` as ``0x`` and 8 hex digits."""
+    return f"0x{struct.unpack('<I', struct.pack('<f', scale))[0]:08x}"
+
+
+def describe(data: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Return ``(tensors, layout)`` of a valid file, in file order."""
+    tensors, layout = [], []
+    with cf.open_file(data) as f:
+        for name in f:
+            raw = f.get_raw(name)
+            if isinstance(raw, TernaryTensor):
+                tensors.append({
+                    "name": name, "kind": "ternary", "shape": list(raw.shape),
+                    "dtype": raw.dtype, "nnz": raw.nnz, "indices": raw.indices.tolist(),
+                    "signs": raw.signs.astype(int).tolist(), "scale": raw.scale,
+                    "scale_bits": scale_bits(raw.scale),
+                })
+            else:
+                arr, dtype = raw
+                tensors.append({"name": name, "kind": "dense", "shape": list(arr.shape),
+                                "dtype": dtype, "data_hex": arr.tobytes().hex()})
+            info = f.info(name)
+            layout.append({"name": name, "blocks": [
+                {"codec": b.codec, "stage": b.stage, "param": b.param,
+                 "stored_size": b.stored_size, "decoded_size": b.decoded_size}
+                for b in info.blocks]})
+    return tensors, layout
+
+
+# ---------------------------------------------------------------------------------------------
+# Valid vectors: written by the reference encoder (dumps)
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_bits(bits: list[int], dtype: str) -> Any:
+    """Return a torch tensor of ``dtype`` (BF16 or F8) holding the raw ``bits``."""
+    import torch
+
+    if dtype == "BF16":
+        return torch.tensor(np.array(bits, np.uint16).view(np.int16)).view(torch.bfloat16)
+    t = torch.tensor(np.array(bits, np.uint8))
+    return t.view(torch.float8_e4m3fn if dtype == "F8_E4M3" else torch.float8_e5m2)
+
+
+@dataclass
+class Valid:
+    """A valid vector: tensors and options given to ``dumps``."""
+
+    slug: str
+    description: str
+    tensors: Callable[[], dict[str, Any]]
+    metadata: dict[str, Any] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    check: Callable[[list[dict[str, Any]]], bool] = lambda layout: True
+
+    def all_options(self) -> dict[str, Any]:
+        return {**DEFAULT_OPTIONS, **self.options}
+
+    def build(self) -> bytes:
+        return cf.dumps(self.tensors(), metadata=self.metadata, **self.all_options())
+
+
+def _golomb_m(m: int) -> Callable[[list[dict[str, Any]]], bool]:
+    return lambda layout: all(e["blocks"][0]["codec"] == "golomb" and e["blocks"][0]["param"] == m
+                              for e in layout)
+
+
+def _t(shape: tuple[int, ...], idx: list[int], signs: list[int], scale: float,
+       dtype: str = "F32") -> TernaryTensor:
+    return TernaryTensor(shape, idx, signs, scale, dtype)
+
+
+EXAMPLE = Valid(
+    "002-spec-example",
+    "The annotated example of spec Appendix A: one 2x8 F32 ternary tensor with golomb "
+    "positions (M = 3) and a producer in the metadata.",
+    lambda: {"w": _t((2, 8), [0, 3, 14], [0, 1, 0], 0.5)},
+    metadata={"compeft.producer": "spec"},
+    options={"positions": "golomb"},
+    check=_golomb_m(3),
+)
+
+_M12 = [7, 9, 10, 16, 94, 110, 130, 134, 138, 158, 162, 201, 213, 220, 240, 250, 276, 293]
+
+
+def _dense_dtypes() -> dict[str, Any]:
+    return {
+        "bf16": _torch_bits([0x0000, 0x8000, 0x3F80, 0xFF80, 0x7FC1, 0x0001], "BF16").reshape(2, 3),
+        "bool": np.array([[True, False, True], [True, False, False]]),
+        "f16": np.array([[0.0, -0.0, 65504.0], [-np.inf, np.nan, 6e-8]], np.float16),
+        "f32": np.array([[0.0, -0.0, 1.5], [-np.inf, np.nan, 3.4028235e38]], np.float32),
+        "f64": np.array([[0.0, -0.0, 1e308], [-np.inf, np.nan, 5e-324]], np.float64),
+        "f8_e4m3": _torch_bits([0x00, 0x80, 0x7E, 0x7F, 0x01, 0xFE], "F8_E4M3").reshape(2, 3),
+        "f8_e5m2": _torch_bits([0x00, 0x80, 0x7B, 0x7C, 0x7D, 0x01], "F8_E5M2").reshape(2, 3),
+        "i16": np.array([[-32768, 32767, 0], [-1, 1, 42]], np.int16),
+        "i32": np.array([[-(2**31), 2**31 - 1, 0], [-1, 1, 42]], np.int32),
+        "i64": np.array([[-(2**63), 2**63 - 1, 0], [-1, 1, 42]], np.int64),
+        "i8": np.array([[-128, 127, 0], [-1, 1, 42]], np.int8),
+        "u16": np.array([[0, 65535, 1], [2, 3, 4]], np.uint16),
+        "u32": np.array([[0, 2**32 - 1, 1], [2, 3, 4]], np.uint32),
+        "u64": np.array([[0, 2**64 - 1, 1], [2, 3, 4]], np.uint64),
+        "u8": np.array([[0, 255, 1], [2, 3, 4]], np.uint8),
+    }
+
+
+VALID: list[Valid] = [
+    Valid("001-empty-file", "No tensors and no metadata: header, index and trailer only.",
+          dict),
+    EXAMPLE,
+    Valid("003-0d-tensors", "Ternary tensors of rank 0 (one element): one -1.5, one zero.",
+          lambda: {"neg": _t((), [0], [1], 1.5), "zero": TernaryTensor.zeros(())}),
+    Valid("004-empty-tensors", "Tensors with no elements: ternary (0,) F32 and (3, 0, 2) F16, "
+          "dense (0,) I32.",
+          lambda: {"a": TernaryTensor.zeros((0,)), "b": TernaryTensor.zeros((3, 0, 2), "F16"),
+                   "c": np.zeros((0,), np.int32)}),
+    Valid("005-nnz-zero", "Ternary tensors without nonzeros: an empty golomb block (M = 1), "
+          "an empty signs block; the scale is stored as given (0.0 and 0.25).",
+          lambda: {"scaled": _t((4, 4), [], [], 0.25), "zero": TernaryTensor.zeros((4, 4))}),
+    Valid("006-density-one", "Every element nonzero (3x5): bitmask of ones, mixed signs.",
+          lambda: {"full": _t((3, 5), list(range(15)), [i % 3 == 0 for i in range(15)],
+                              0.125)}),
+    Valid("007-bitmask", "Bitmask positions (numel 35, so 5 padding bits), no zstd.",
+          lambda: {"m": _t((5, 7), [0, 3, 4, 10, 17, 22, 28, 33, 34],
+                           [0, 1, 1, 0, 0, 1, 0, 1, 0], 0.75)},
+          options={"positions": "bitmask", "zstd_level": None}),
+    Valid("008-golomb-m1", "Golomb positions with M = 1: unary codes only.",
+          lambda: {"g": _t((4, 6), [1, 4, 6, 8, 9, 10, 12, 13, 14, 15, 20, 22],
+                           [i % 2 for i in range(12)], 2.0)},
+          options={"positions": "golomb"}, check=_golomb_m(1)),
+    Valid("009-golomb-m2", "Golomb positions with M = 2 (Rice, k = 1): one extension bit each.",
+          lambda: {"g": _t((30,), [4, 5, 7, 11, 18, 22, 23, 24], [1, 0, 0, 1, 1, 0, 1, 0], 3.0)},
+          options={"positions": "golomb"}, check=_golomb_m(2)),
+    Valid("010-golomb-m4", "Golomb positions with M = 4 (Rice, k = 2): one plane, all codes "
+          "long.",
+          lambda: {"g": _t((40,), [0, 3, 7, 27, 34, 37], [0, 0, 1, 1, 0, 1], 0.0625)},
+          options={"positions": "golomb"}, check=_golomb_m(4)),
+    Valid("011-golomb-m12", "Golomb positions with M = 12: three planes, short and long "
+          "truncated-binary codes.",
+          lambda: {"g": _t((300,), _M12, [(i * 7) % 3 == 0 for i in range(18)], 0.01)},
+          options={"positions": "golomb"}, check=_golomb_m(12)),
+    Valid("012-bitmask-zstd", "A 64x64 bitmask and its signs both through the zstd stage.",
+          lambda: {"z": _t((64, 64), list(range(0, 1024, 2)), [0] * 512, 1.0)},
+          options={"positions": "bitmask"},
+          check=lambda layout: [b["stage"] for b in layout[0]["blocks"]] == ["zstd", "zstd",
+                                                                             "none"]),
+    Valid("013-ternary-dtypes", "One ternary tensor per ternary dtype (F32, F16, BF16, F64); "
+          "the scale 0.1 is a float32 whatever the dtype.",
+          lambda: {f"t_{d.lower()}": _t((3, 4), [1, 6, 11], [0, 1, 0], 0.1, d)
+                   for d in ("F32", "F16", "BF16", "F64")}),
+    Valid("014-dense-dtypes", "One dense 2x3 tensor per dtype of the dtype table, with edge "
+          "values (signed zero, infinities, NaN, extremes).",
+          _dense_dtypes, options={"zstd_level": None}),
+    Valid("015-dense-zstd", "Dense records through the zstd stage (F32 and U8); a 4-element I16 "
+          "stays raw (below 64 bytes).",
+          lambda: {"ramp": (np.arange(1024, dtype=np.float32) % 7).reshape(32, 32),
+                   "small": np.array([1, -2, 3, -4], np.int16), "zeros": np.zeros(1000, np.uint8)},
+          check=lambda layout: [e["blocks"][0]["stage"] for e in layout] == ["zstd", "none",
+                                                                            "zstd"]),
+    Valid("016-metadata", "Metadata with every reserved key and nested user values.",
+          lambda: {"w": _t((2, 2), [3], [1], 1.0)},
+          metadata={
+              "compeft.producer": "compeft_format 0.1.0",
+              "compeft.compression": {"method": "compeft", "density": 0.1, "alpha": 1.0,
+                                      "scope": "global", "scale": "norm"},
+              "compeft.base": {"name": "org/base-model", "revision": "0123abcd",
+                               "hashes": {"model.safetensors": "sha256:" + "ab" * 32}},
+              "task": {"name": "ünïcødé ✓", "scores": [1, 2.5, -3, True, False, None],
+                       "empty": {}, "none": []},
+          }),
+    Valid("017-alignment-1", "Alignment 1 (Alignment_Log2 0): no padding anywhere.",
+          lambda: {"a": _t((10,), [2, 5], [0, 1], 0.5), "b": np.arange(3, dtype=np.int16)},
+          options={"alignment": 1}),
+    Valid("018-alignment-64", "Alignment 64 (Alignment_Log2 6).",
+          lambda: {"a": _t((10,), [2, 5], [0, 1], 0.5), "b": np.arange(3, dtype=np.int16)},
+          options={"alignment": 64}),
+    Valid("019-several-tensors", "Five tensors, ternary and dense, in byte order of their "
+          "names ('B' < 'a' < 'a.b' < 'a0' < 'z').",
+          lambda: {"z": np.array([1.0, 2.0], np.float32), "a0": _t((8,), [7], [0], 4.0),
+                   "a.b": _t((2, 3), [0, 5], [1, 1], 0.5, "BF16"), "a": np.array([True]),
+                   "B": _t((100,), [3, 50, 99], [0, 1, 0], 0.25)}),
+    Valid("020-unicode-names", "Names are UTF-8 data, never paths: accents, CJK, an emoji, a "
+          "space and a path-like name.",
+          lambda: {"é": _t((2,), [1], [0], 1.0), "层.权重": _t((2,), [0], [1], 1.0),
+                   "🙂": np.array([7], np.uint8), "a b": np.array([1], np.int8),
+                   "../etc/passwd": np.array([0], np.uint8)}),
+    Valid("021-dense-shapes", "Dense tensors of rank 0, with no elements, and BOOL.",
+          lambda: {"empty": np.zeros((0, 3), np.int32), "flags": np.array([1, 0, 0, 1, 1], bool),
+                   "scalar": np.array(2.5, np.float64)}),
+    Valid("022-rank-16", "A ternary tensor of 16 dimensions (the default max_ndim).",
+          lambda: {"r": _t((1,) * 15 + (3,), [2], [1], 1.0)}),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Field-level building blocks (spec §5, §6) used by the accepted and invalid vectors
+# ---------------------------------------------------------------------------------------------
+
+_valid_cache: dict[str, bytes] = {}
+
+
+def valid_bytes(slug: str) -> bytes:
+    """Return the bytes of the valid vector ``slug`` (built in memory)."""
+    if slug not in _valid_cache:
+        _valid_cache[slug] = next(v for v in VALID if v.slug == slug).build()
+    return _valid_cache[slug]
+
+
+def base(slug: str) -> File:
+    """Return a fresh :class:`File` model of the valid vector ``slug``."""
+    return parse(valid_bytes(slug))
+
+
+def rec(f: File, name: str) -> Record:
+    """Return the record named ``name``."""
+    return next(r for r in f.records if r.name == name.encode())
+
+
+def blk(f: File, name: str, btype: int) -> Block:
+    """Return the block of type ``btype`` of the record ``name``."""
+    return next(b for b in rec(f, name).blocks if b.type == btype)
+
+
+def golomb_encode(indices: list[int], m: int) -> bytes:
+    """Encode positions with Golomb parameter ``m`` straight from spec §6.2.1."""
+    gaps = [p - q - 1 for p, q in zip(indices, [-1, *indices[:-1]], strict=True)]
+    b = (m - 1).bit_length()
+    u = (1 << b) - m
+    w = max(b - 1, 0)
+    values, ext = [], []
+    for g in gaps:
+        r = g % m
+        if b == 0:
+            values.append(0)
+        elif r < u:
+            values.append(r)
+        else:
+            values.append((r + u) >> 1)
+            ext.append((r + u) & 1)
+    bits = [(v >> j) & 1 for j in range(w) for v in values] + ext
+    for g in gaps:
+        bits += [0] * (g // m) + [1]
+    return pack_bits(bits)
+
+
+def pack_bits(bits: list[int]) -> bytes:
+    """Pack bits LSB-first (spec §2.2)."""
+    out = bytearray((len(bits) + 7) // 8)
+    for i, bit in enumerate(bits):
+        out[i // 8] |= bit << (i % 8)
+    return bytes(out)
+
+
+def zstd_frame(data: bytes, *, checksum: bool = False, content_size: bool = True) -> bytes:
+    """Return one zstd frame holding ``data``."""
+    return zstandard.ZstdCompressor(level=3, write_checksum=checksum,
+                                    write_content_size=content_size).compress(data)
+
+
+def with_zstd(b: Block, frame: bytes | None = None) -> None:
+    """Put block ``b`` through the zstd stage (in place)."""
+    raw = b.stored
+    b.stage, b.stored, b.decoded_size = ZSTD, zstd_frame(raw) if frame is None else frame, len(raw)
+
+
+def optional_record(name: bytes, body_tail: bytes = b"opaque", data: bytes = b"12345678",
+                    kind: int = 0x81) -> Record:
+    """Return a record of an unknown optional kind: a name, opaque fields, opaque data."""
+    return Record(kind, name, body=varint(len(name)) + name + body_tail, data=data)
+
+
+def fix_index_crc(f: File) -> None:
+    """Set Index_Checksum to the CRC of the bytes from Index_Offset to the trailer."""
+    data = f.serialize()
+    f.index_crc = crc32(data[f.index_offset : len(data) - len(f.trailing) - 16])
+
+
+def ternary_scale(value: float) -> bytes:
+    """Return a scale block payload."""
+    return struct.pack("<f", value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepted vectors: valid, but never written by the reference encoder
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Accepted:
+    """A valid file built field by field; decoding it must give ``expect``'s content."""
+
+    slug: str
+    description: str
+    build: Callable[[], bytes]
+    expect: Callable[[], bytes]  #: a canonical file with the same decoded content
+    metadata: Callable[[], dict[str, Any]] | None = None  #: when it differs from expect's
+
+
+def _model(slug: str, fn: Callable[[File], None]) -> Callable[[], bytes]:
+    def build() -> bytes:
+        f = base(slug)
+        fn(f)
+        return f.serialize()
+    return build
+
+
+def _minor(f: File) -> None:
+    f.minor = 7
+
+
+def _add_optional_record(f: File) -> None:
+    f.records.insert(2, optional_record(b"a.a"))  # between 'a' and 'a.b'
+
+
+def _add_optional_blocks(f: File) -> None:
+    r = rec(f, "w")
+    r.blocks.insert(0, Block(0x80, 0, 7, b"hello", 5))
+    r.blocks.append(Block(0xFF, ZSTD, 0, zstd_frame(b"x" * 100), 100))
+
+
+def _noncanonical_metadata(f: File) -> None:
+    f.metadata = (b'{ "z" : [1, 2.50, "\\u00e9", 1E2],\n  "compeft.future": {"x": 1},\n'
+                  b'  "compeft.producer": "spec" }')
+
+
+def _bitmask_nnz0(f: File) -> None:
+    r = rec(f, "zero")
+    r.blocks[0] = Block(BITMASK, 0, 0, bytes(2), 2)
+
+
+def _golomb_m5(f: File) -> None:
+    b = blk(f, "w", GOLOMB)
+    b.param, b.stored = 5, golomb_encode([0, 3, 14], 5)
+    b.decoded_size = len(b.stored)
+
+
+def _odd_stages(f: File) -> None:
+    r = rec(f, "m")
+    with_zstd(r.blocks[0], zstd_frame(r.blocks[0].stored, checksum=True))  # larger than raw
+    with_zstd(r.blocks[1])
+    with_zstd(r.blocks[2])
+
+
+def _empty_zstd(f: File) -> None:
+    for r in f.records:
+        for b in r.blocks:
+            if b.decoded_size == 0:
+                with_zstd(b)
+
+
+ACCEPTED: list[Accepted] = [
+    Accepted("001-minor-version", "Version_Minor 7: a 1.0 decoder reads any minor version.",
+             _model("002-spec-example", _minor), lambda: valid_bytes("002-spec-example")),
+    Accepted("002-optional-record", "A record of unknown optional kind 0x81 named 'a.a', "
+             "listed in the index, skipped by the decoder.",
+             _model("019-several-tensors", _add_optional_record),
+             lambda: valid_bytes("019-several-tensors")),
+    Accepted("003-optional-blocks", "Unknown optional blocks 0x80 (before the positions) and "
+             "0xFF (zstd-staged, after the scale), skipped by the decoder.",
+             _model("002-spec-example", _add_optional_blocks),
+             lambda: valid_bytes("002-spec-example")),
+    Accepted("004-noncanonical-metadata", "Metadata with whitespace, unsorted keys, escapes, "
+             "an exponent, and an unknown reserved-prefix key.",
+             _model("002-spec-example", _noncanonical_metadata),
+             lambda: valid_bytes("002-spec-example"),
+             metadata=lambda: {"z": [1, 2.5, "é", 100.0], "compeft.future": {"x": 1},
+                               "compeft.producer": "spec"}),
+    Accepted("005-bitmask-nnz0", "A tensor without nonzeros whose positions are a bitmask of "
+             "zeros (the encoder writes an empty golomb block).",
+             _model("005-nnz-zero", _bitmask_nnz0), lambda: valid_bytes("005-nnz-zero")),
+    Accepted("006-golomb-m5", "Golomb positions with M = 5, where the encoder picks M = 3.",
+             _model("002-spec-example", _golomb_m5), lambda: valid_bytes("002-spec-example")),
+    Accepted("007-zstd-stages", "The zstd stage where the encoder leaves blocks raw: a "
+             "bitmask (in a frame with a content checksum, larger than the raw block), "
+             "the signs and the scale.",
+             _model("007-bitmask", _odd_stages), lambda: valid_bytes("007-bitmask")),
+    Accepted("008-zstd-empty-blocks", "Empty blocks (0 bytes) through the zstd stage: each is "
+             "one frame that declares 0 bytes.",
+             _model("004-empty-tensors", _empty_zstd), lambda: valid_bytes("004-empty-tensors")),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Invalid vectors: one or more per rule of spec §9.1
+# ---------------------------------------------------------------------------------------------
+
+SAME = "same"
+
+
+@dataclass
+class Invalid:
+    """An invalid file and the rule each read path reports.
+
+    ``rule`` is what ``loads`` reports (None: loads accepts the file, which only a reader
+    limit of the random-access path can cause). ``stream`` and ``random`` give the rule of
+    ``iter_stream`` and of ``open_file`` plus ``get`` of every tensor: ``SAME`` as ``rule``,
+    another rule ID, or None where that path accepts the file.
+    """
+
+    slug: str
+    description: str
+    rule: str | None
+    build: Callable[[], bytes]
+    random: str | None = SAME
+    stream: str | None = SAME
+    limits: dict[str, int] | None = None
+
+
+def mutate(slug: str, fn: Callable[[File], Any]) -> Callable[[], bytes]:
+    """Return a builder: the valid vector ``slug``, changed by ``fn``, serialized."""
+    def build() -> bytes:
+        f = base(slug)
+        fn(f)
+        return f.serialize()
+    return build
+
+
+def raw(fn: Callable[[], bytes]) -> Callable[[], bytes]:
+    """Return ``fn`` unchanged (a builder of raw bytes, for symmetry with :func:`mutate`)."""
+    return fn
+
+
+EX = "002-spec-example"  # one ternary record 'w' (golomb M = 3), metadata
+BMP = "007-bitmask"  # one ternary record 'm' (bitmask, numel 35)
+TWO = "017-alignment-1"  # records 'a' (ternary) and 'b' (dense), alignment 1
+DT = "014-dense-dtypes"  # one dense record per dtype
+ZS = "015-dense-zstd"  # dense 'ramp' (zstd), 'small' (raw), 'zeros' (zstd)
+NNZ0 = "005-nnz-zero"  # ternary 'scaled' and 'zero' without nonzeros
+EMPTY = "004-empty-tensors"
+
+
+def _set(obj: Any, **fields: Any) -> Callable[[File], None]:
+    """Return a mutation that sets ``fields`` on ``obj(file)``."""
+    def fn(f: File) -> None:
+        target = obj(f)
+        for k, v in fields.items():
+            setattr(target, k, v)
+    return fn
+
+
+def _file(f: File) -> File:
+    return f
+
+
+def _rec(name: str) -> Callable[[File], Record]:
+    return lambda f: rec(f, name)
+
+
+def _blk(name: str, btype: int) -> Callable[[File], Block]:
+    return lambda f: blk(f, name, btype)
+
+
+def _meta(text: bytes) -> Callable[[], bytes]:
+    return mutate(EX, _set(_file, metadata=text))
+
+
+def _name(name: bytes) -> Callable[[File], None]:
+    def fn(f: File) -> None:
+        f.records[0].name = name  # the index takes the same name
+    return fn
+
+
+def _body(name: str, build_body: Callable[[Record], bytes]) -> Callable[[File], None]:
+    def fn(f: File) -> None:
+        r = rec(f, name)
+        r.body = build_body(r)
+    return fn
+
+
+def _descs(r: Record) -> bytes:
+    return bytes([len(r.blocks)]) + b"".join(b.descriptor() for b in r.blocks)
+
+
+def _dims_body(ndim: int, dims: list[int]) -> Callable[[Record], bytes]:
+    def body(r: Record) -> bytes:
+        out = varint(len(r.name)) + r.name + bytes([r.dtype, ndim])
+        out += b"".join(varint(d) for d in dims) + varint(r.nnz or 0)
+        return out + _descs(r)
+    return body
+
+
+def _swap_records(f: File) -> None:
+    f.records.reverse()
+
+
+def _dup_names(f: File) -> None:
+    f.records[1].name = f.records[0].name
+
+
+def _cut(slug: str, keep: Callable[[bytes], int]) -> Callable[[], bytes]:
+    def build() -> bytes:
+        data = valid_bytes(slug)
+        return data[: keep(data)]
+    return build
+
+
+def _bomb() -> bytes:
+    """A 2 KB file whose dense block claims 64 MiB + 1 decoded bytes (a real zstd frame)."""
+    n = 64 * 2**20 + 1
+    f = File(records=[Record(KIND_DENSE, b"bomb", dtype=0x09, dims=[n])])
+    f.records[0].blocks = [Block(DENSE, ZSTD, 0, zstd_frame(bytes(n)), n)]
+    return f.serialize()
+
+
+def _golomb_payload(payload: bytes, param: int | None = None) -> Callable[[File], None]:
+    def fn(f: File) -> None:
+        b = blk(f, "w", GOLOMB)
+        b.stored, b.decoded_size = payload, len(payload)
+        if param is not None:
+            b.param = param
+    return fn
+
+
+def _index_offset(delta: Callable[[File, bytes], int], fix_crc: bool) -> Callable[[File], None]:
+    def fn(f: File) -> None:
+        data = f.serialize()
+        f.index_offset = delta(f, data)
+        if fix_crc:
+            fix_index_crc(f)
+    return fn
+
+
+def _offsets(f: File) -> list[int]:
+    """Return the record offsets of ``f`` as serialized (from its index)."""
+    data = f.serialize()
+    index_at = struct.unpack("<Q", data[-16:-8])[0]
+    pos, out = index_at + 1, []
+    count, pos = _read_varint(data, pos)
+    for _ in range(count):
+        n, pos = _read_varint(data, pos)
+        pos += n
+        off, pos = _read_varint(data, pos)
+        out.append(off)
+    return out
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            return value, pos
+
+
+def _entries(fn: Callable[[list[tuple[bytes, int]], int], list[tuple[bytes, int]]]
+             ) -> Callable[[File], None]:
+    """Return a mutation that rewrites the index entries from the true ones and Index_Offset."""
+    def mutation(f: File) -> None:
+        data = f.serialize()
+        index_at = struct.unpack("<Q", data[-16:-8])[0]
+        true = [(r.name, off) for r, off in zip(f.records, _offsets(f), strict=True)]
+        f.index_entries = fn(true, index_at)
+    return mutation
+
+
+def _hole(f: File) -> None:
+    f.records[0].after = bytes(8)  # the index gives the offsets with the hole in place
+
+
+def _index_at(data: bytes) -> int:
+    return struct.unpack("<Q", data[-16:-8])[0]
+
+
+def _index_bytes(f: File) -> bytes:
+    data = f.serialize()
+    return data[_index_at(data) : -16]
+
+
+def _scale_payload(value: bytes) -> Callable[[File], None]:
+    return _set(_blk("w", SCALE), stored=value, decoded_size=len(value))
+
+
+def _zstd_dense(name: str, fn: Callable[[Block], None]) -> Callable[[File], None]:
+    def mutation(f: File) -> None:
+        fn(blk(f, name, DENSE))
+    return mutation
+
+
+def _reserved_zstd_block(b: Block) -> None:
+    """Give the frame's first block the Reserved Block_Type 3 (RFC 8878 3.1.1.2)."""
+    frame = bytearray(b.stored)
+    fhd = frame[4]
+    fcs = (0, 2, 4, 8)[fhd >> 6] or (1 if fhd & 0x20 else 0)
+    at = 5 + (0 if fhd & 0x20 else 1) + (0, 1, 2, 4)[fhd & 3] + fcs
+    frame[at] |= 0x06
+    b.stored = bytes(frame)
+
+
+def _skippable(b: Block) -> None:
+    b.stage, b.stored, b.decoded_size = ZSTD, b"\x50\x2a\x4d\x18" + struct.pack("<I", 2) + b"hi", 0
+
+
+def _empty_frame_plus(b: Block) -> None:
+    b.stage, b.stored, b.decoded_size = ZSTD, zstd_frame(b"") + b"hidden", 0
+
+
+def _bitmask_bits(change: Callable[[bytearray], None]) -> Callable[[File], None]:
+    def fn(f: File) -> None:
+        b = blk(f, "m", BITMASK)
+        payload = bytearray(b.stored)
+        change(payload)
+        b.stored = bytes(payload)
+    return fn
+
+
+def _xor(i: int, mask: int) -> Callable[[bytearray], None]:
+    def change(p: bytearray) -> None:
+        p[i] ^= mask
+    return change
+
+
+INVALID: list[Invalid] = [
+    # -- R-EOF-1: structures past the end
+    Invalid("001-empty-input", "A file of 0 bytes.", "R-EOF-1", raw(lambda: b"")),
+    Invalid("002-cut-in-header", "The first 12 bytes of a file (a prefix of the magic and "
+            "more).", "R-EOF-1", _cut(EX, lambda d: 12)),
+    Invalid("003-cut-in-metadata", "Cut inside the metadata.", "R-EOF-1", _cut(EX, lambda d: 30)),
+    Invalid("004-cut-in-record-header", "Cut inside the first record header.", "R-EOF-1",
+            _cut(EX, lambda d: 70), random="R-TRL-2"),
+    Invalid("005-cut-in-data", "Cut inside the first record's data area.", "R-EOF-1",
+            _cut(EX, lambda d: 90), random="R-TRL-2"),
+    Invalid("006-cut-in-trailer", "The last 5 bytes of the trailer missing.", "R-EOF-1",
+            _cut(EX, lambda d: len(d) - 5), random="R-TRL-2"),
+    Invalid("007-cut-after-header", "The header and its padding only: no index, no trailer.",
+            "R-EOF-1", _cut(EX, lambda d: 48), random="R-TRL-7"),
+    # -- R-VAR-*: VarInts
+    Invalid("008-varint-not-minimal", "Name_Length written as 81 00 (1 in two bytes).",
+            "R-VAR-1", mutate(EX, _body("w", lambda r: b"\x81\x00" + r.build_body()[1:]))),
+    Invalid("009-varint-not-minimal-count", "Tensor_Count written as 81 80 00 (1 in three "
+            "bytes).", "R-VAR-1", mutate(EX, lambda f: setattr(
+                f, "index", b"\x00\x81\x80\x00\x01w" + varint(_offsets(f)[0])))),
+    Invalid("010-varint-too-large", "A dimension of 2**63 (ten bytes 80 .. 80 01).", "R-VAR-2",
+            mutate(EX, _body("w", _dims_body(2, [2**63, 8])))),
+    Invalid("011-varint-too-long", "Data_Size as eleven bytes FF x 10, 01.", "R-VAR-3",
+            mutate(EX, _set(_rec("w"), data_size_raw=b"\xff" * 10 + b"\x01"))),
+    # -- R-HDR-*: the file header
+    Invalid("012-bad-magic", "A PNG signature instead of the compeft magic.", "R-HDR-1",
+            mutate(EX, _set(_file, magic=b"\x89PNG\r\n\x1a\n"))),
+    Invalid("013-not-compeft-short", "Four bytes of a ZIP file: shorter than a header and not "
+            "a prefix of the magic.", "R-HDR-1", raw(lambda: b"PK\x03\x04"),
+            stream="R-EOF-1"),
+    Invalid("014-major-version-2", "Version_Major 2.", "R-HDR-2",
+            mutate(EX, _set(_file, major=2))),
+    Invalid("015-major-version-0", "Version_Major 0.", "R-HDR-2",
+            mutate(EX, _set(_file, major=0))),
+    Invalid("016-alignment-log2-13", "Alignment_Log2 13 (8192).", "R-HDR-3",
+            mutate(EX, _set(_file, log2=13))),
+    Invalid("017-header-flags", "Flags 0x01.", "R-HDR-4", mutate(EX, _set(_file, flags=1))),
+    Invalid("018-metadata-size-lies", "Metadata_Size 0xFFFFFFFF in a 125-byte file: rejected "
+            "before any read.", "R-HDR-5", mutate(EX, _set(_file, metadata_size=0xFFFFFFFF))),
+    Invalid("019-metadata-size-limit", "27 bytes of metadata read with max_metadata_size 26.",
+            "R-HDR-5", raw(lambda: valid_bytes(EX)), limits={"max_metadata_size": 26}),
+    Invalid("020-header-checksum", "Header_Checksum off by one bit.", "R-HDR-6",
+            mutate(EX, lambda f: setattr(f, "header_crc",
+                                         crc32(f.serialize()[: 16 + len(f.metadata)]) ^ 1))),
+    Invalid("021-header-padding", "A header padding byte of 0x01.", "R-HDR-7",
+            mutate(EX, _set(_file, header_pad_byte=1))),
+    # -- R-META-*: metadata
+    Invalid("022-metadata-not-utf8", "Metadata holding the byte 0xFF.", "R-META-1",
+            _meta(b'{"a":"\xff"}')),
+    Invalid("023-metadata-syntax", "Metadata with a trailing comma.", "R-META-2",
+            _meta(b'{"a":1,}')),
+    Invalid("024-metadata-duplicate-key", "An object with the key 'a' twice.", "R-META-3",
+            _meta(b'{"a":1,"a":2}')),
+    Invalid("025-metadata-nan", "The token NaN.", "R-META-4", _meta(b'{"a":NaN}')),
+    Invalid("026-metadata-overflow", "The number 1e400, infinite as a binary64.", "R-META-4",
+            _meta(b'{"a":1e400}')),
+    Invalid("027-metadata-not-object", "A JSON array at the top.", "R-META-5", _meta(b"[1,2]")),
+    Invalid("028-metadata-too-deep", "Objects nested 65 deep.", "R-META-6",
+            _meta(b'{"a":' * 65 + b"1" + b"}" * 65)),
+    Invalid("029-metadata-very-deep", "Arrays nested 5000 deep (beyond the recursion limit of "
+            "a recursive parser).", "R-META-6", _meta(b"[" * 5000 + b"]" * 5000)),
+    Invalid("030-producer-not-string", "compeft.producer is a number.", "R-META-7",
+            _meta(b'{"compeft.producer":1}')),
+    Invalid("031-compression-not-object", "compeft.compression is a string.", "R-META-8",
+            _meta(b'{"compeft.compression":"compeft"}')),
+    Invalid("032-base-not-object", "compeft.base is an array.", "R-META-9",
+            _meta(b'{"compeft.base":["org/model"]}')),
+    Invalid("033-base-name-not-string", "compeft.base.name is a number.", "R-META-10",
+            _meta(b'{"compeft.base":{"name":7}}')),
+    Invalid("034-base-revision-not-string", "compeft.base.revision is null.", "R-META-10",
+            _meta(b'{"compeft.base":{"revision":null}}')),
+    Invalid("035-base-hashes-not-strings", "A value of compeft.base.hashes is a number.",
+            "R-META-11", _meta(b'{"compeft.base":{"hashes":{"a":1}}}')),
+    # -- R-REC-*: record framing
+    Invalid("036-record-kind-3", "Record_Kind 0x03 (unknown, bit 7 clear).", "R-REC-1",
+            mutate(EX, _set(_rec("w"), kind=0x03))),
+    Invalid("037-record-kind-7f", "Record_Kind 0x7F (unknown, bit 7 clear).", "R-REC-1",
+            mutate(EX, _set(_rec("w"), kind=0x7F))),
+    Invalid("038-too-many-records", "Two records read with max_tensors 1.", "R-REC-2",
+            raw(lambda: valid_bytes(TWO)), random="R-IDX-1", limits={"max_tensors": 1}),
+    Invalid("039-header-length-7", "Header_Length 7, below the two checksums.", "R-REC-3",
+            mutate(EX, _set(_rec("w"), header_length=7))),
+    Invalid("040-header-length-65537", "Header_Length 65537.", "R-REC-3",
+            mutate(EX, _set(_rec("w"), header_length=65537))),
+    Invalid("041-record-header-checksum", "A record Header_Checksum of 0.", "R-REC-4",
+            mutate(EX, _set(_rec("w"), header_crc=0))),
+    Invalid("042-record-header-extra-byte", "One byte after the last Block_Descriptor.",
+            "R-REC-5", mutate(EX, _set(_rec("w"), body_extra=b"\x00"))),
+    Invalid("043-data-size-mismatch", "Data_Size 8 more than the blocks' aligned sizes.",
+            "R-REC-6", mutate(EX, _set(_rec("w"), data_size=32))),
+    Invalid("044-names-decrease", "Records 'b' then 'a'.", "R-REC-7", mutate(TWO, _swap_records),
+            random="R-IDX-6"),
+    Invalid("045-names-repeat", "Two records named 'a'.", "R-REC-7", mutate(TWO, _dup_names),
+            random="R-IDX-6"),
+    Invalid("046-record-padding", "A record padding byte of 0x01.", "R-REC-8",
+            mutate(EX, _set(_rec("w"), pad_byte=1))),
+    Invalid("047-data-checksum", "A Data_Checksum of 0.", "R-REC-9",
+            mutate(EX, _set(_rec("w"), data_crc=0))),
+    Invalid("048-optional-record-data-checksum", "A skipped optional record (kind 0x81) whose "
+            "Data_Checksum is wrong; the random-access path never reads it.", "R-REC-10",
+            mutate(TWO, lambda f: f.records.insert(1, Record(
+                0x81, b"a.x", body=b"\x03a.x", data=b"12345678", data_crc=0))),
+            random=None),
+    # -- R-NAME-*: names
+    Invalid("049-name-empty", "A record whose Name_Length is 0.", "R-NAME-1",
+            mutate(EX, _name(b""))),
+    Invalid("050-name-4097", "A name of 4097 bytes (max_name_length is 4096).", "R-NAME-1",
+            mutate(EX, _name(b"n" * 4097))),
+    Invalid("051-index-name-empty", "An index entry whose Name_Length is 0.", "R-NAME-1",
+            mutate(EX, _entries(lambda e, i: [(b"", e[0][1])]))),
+    Invalid("052-name-not-utf8", "A name holding the byte 0xFF.", "R-NAME-2",
+            mutate(EX, _name(b"w\xff"))),
+    Invalid("053-name-nul", "A name holding U+0000.", "R-NAME-3", mutate(EX, _name(b"w\x00x"))),
+    # -- R-BODY-*: dtype, shape, nnz
+    Invalid("054-dtype-unknown", "Dtype code 0x10.", "R-BODY-1",
+            mutate(EX, _set(_rec("w"), dtype=0x10))),
+    Invalid("055-dtype-zero", "Dtype code 0x00.", "R-BODY-1",
+            mutate(EX, _set(_rec("w"), dtype=0x00))),
+    Invalid("056-ternary-int-dtype", "A ternary record with Dtype I8.", "R-BODY-2",
+            mutate(EX, _set(_rec("w"), dtype=0x05))),
+    Invalid("057-ndim-17", "Ndim 17 (max_ndim is 16).", "R-BODY-3",
+            mutate(EX, _body("w", _dims_body(17, [1] * 16 + [16])))),
+    Invalid("058-numel-2-49", "Dimensions 2**25 x 2**24: 2**49 elements (max_numel 2**48).",
+            "R-BODY-4", mutate(EX, _set(_rec("w"), dims=[2**25, 2**24]))),
+    Invalid("059-numel-product-huge", "Dimensions (2**63 - 1) x (2**63 - 1): numel is computed "
+            "exactly, without wrapping.", "R-BODY-4",
+            mutate(EX, _set(_rec("w"), dims=[2**63 - 1, 2**63 - 1]))),
+    Invalid("060-nnz-above-numel", "Nnz 17 in a 2x8 tensor.", "R-BODY-5",
+            mutate(EX, _set(_rec("w"), nnz=17))),
+    # -- R-BLK-*: descriptors and block sets
+    Invalid("061-stage-2", "Stage 2 on the signs block.", "R-BLK-1",
+            mutate(EX, _set(_blk("w", SIGNS), stage=2))),
+    Invalid("062-block-type-6", "An extra block of unknown required type 0x06.", "R-BLK-2",
+            mutate(EX, lambda f: rec(f, "w").blocks.append(Block(0x06, 0, 0, b"x", 1)))),
+    Invalid("063-block-type-0", "An extra block of type 0x00 before the positions.", "R-BLK-2",
+            mutate(EX, lambda f: rec(f, "w").blocks.insert(0, Block(0x00, 0, 0, b"", 0)))),
+    Invalid("064-blocks-out-of-order", "Signs before positions.", "R-BLK-3",
+            mutate(EX, lambda f: rec(f, "w").blocks.reverse())),
+    Invalid("065-ternary-without-scale", "A ternary record without its scale block.", "R-BLK-3",
+            mutate(EX, lambda f: rec(f, "w").blocks.pop())),
+    Invalid("066-dense-with-bitmask", "A dense record whose block is a bitmask.", "R-BLK-3",
+            mutate(DT, _set(_blk("u8", DENSE), type=BITMASK))),
+    Invalid("067-two-positions-blocks", "A ternary record with a bitmask and a golomb block.",
+            "R-BLK-3", mutate(EX, lambda f: rec(f, "w").blocks.insert(
+                0, Block(BITMASK, 0, 0, b"\x09\x40", 2)))),
+    Invalid("068-block-padding", "A block padding byte of 0x01.", "R-BLK-4",
+            mutate(EX, _set(_blk("w", GOLOMB), pad_byte=1))),
+    # -- R-BMP-*: bitmask blocks
+    Invalid("069-bitmask-param", "A bitmask block with Param 1.", "R-BMP-1",
+            mutate(BMP, _set(_blk("m", BITMASK), param=1))),
+    Invalid("070-bitmask-short", "A bitmask of 4 bytes for 35 elements.", "R-BMP-2",
+            mutate(BMP, lambda f: setattr(blk(f, "m", BITMASK), "stored",
+                                          blk(f, "m", BITMASK).stored[:4]))),
+    Invalid("071-bitmask-padding-bit", "Bit 35 (a padding bit) set.", "R-BMP-3",
+            mutate(BMP, _bitmask_bits(_xor(4, 0x08)))),
+    Invalid("072-bitmask-popcount", "One position bit cleared: 8 bits set, Nnz 9.", "R-BMP-4",
+            mutate(BMP, _bitmask_bits(_xor(0, 0x01)))),
+    # -- R-GOL-*: golomb blocks (the example: nnz 3, numel 16, M = 3, payload 6e 04)
+    Invalid("073-golomb-m0", "M = 0.", "R-GOL-1", mutate(EX, _set(_blk("w", GOLOMB), param=0))),
+    Invalid("074-golomb-m-above-numel", "M = 17 in a 16-element tensor.", "R-GOL-1",
+            mutate(EX, _set(_blk("w", GOLOMB), param=17))),
+    Invalid("075-golomb-nnz0-m2", "No nonzeros but M = 2.", "R-GOL-2",
+            mutate(NNZ0, _set(_blk("zero", GOLOMB), param=2))),
+    Invalid("076-golomb-nnz0-bytes", "No nonzeros but a 1-byte golomb block.", "R-GOL-2",
+            mutate(NNZ0, _set(_blk("zero", GOLOMB), stored=b"\x01"))),
+    Invalid("077-golomb-too-short-for-planes", "An empty golomb block for 3 nonzeros.",
+            "R-GOL-3", mutate(EX, _golomb_payload(b""))),
+    Invalid("078-golomb-too-short-for-extension", "1 byte: three long codes need 3 plane + 3 "
+            "extension + 3 unary bits.", "R-GOL-4", mutate(EX, _golomb_payload(b"\x07"))),
+    Invalid("079-golomb-extra-one", "A one bit in the padding: 4 unary codes for Nnz 3.",
+            "R-GOL-5", mutate(EX, _golomb_payload(b"\x6e\x84"))),
+    Invalid("080-golomb-trailing-byte", "A zero byte after the stream.", "R-GOL-6",
+            mutate(EX, _golomb_payload(b"\x6e\x04\x00"))),
+    Invalid("081-golomb-past-numel", "The last gap 13 instead of 10: position 17 in 16 "
+            "elements.", "R-GOL-7", mutate(EX, _golomb_payload(b"\x6e\x08"))),
+    # -- R-SGN-*: signs blocks
+    Invalid("082-signs-param", "A signs block with Param 1.", "R-SGN-1",
+            mutate(EX, _set(_blk("w", SIGNS), param=1))),
+    Invalid("083-signs-long", "A signs block of 2 bytes for 3 signs.", "R-SGN-2",
+            mutate(EX, _set(_blk("w", SIGNS), stored=b"\x02\x00"))),
+    Invalid("084-signs-padding-bit", "Bit 3 (a padding bit) of the signs set.", "R-SGN-3",
+            mutate(EX, _set(_blk("w", SIGNS), stored=b"\x0a"))),
+    # -- R-SCL-*: scale blocks
+    Invalid("085-scale-dtype-1", "Scale_Dtype 1 (Reserved for per-row scales).", "R-SCL-1",
+            mutate(EX, _set(_blk("w", SCALE), param=1))),
+    Invalid("086-scale-3-bytes", "A scale block of 3 bytes.", "R-SCL-2",
+            mutate(EX, _scale_payload(b"\x00\x00\x00"))),
+    Invalid("087-scale-negative", "Scale -0.5.", "R-SCL-3", mutate(EX, _scale_payload(
+        ternary_scale(-0.5)))),
+    Invalid("088-scale-negative-zero", "Scale -0.0 (sign bit set).", "R-SCL-3",
+            mutate(EX, _scale_payload(ternary_scale(-0.0)))),
+    Invalid("089-scale-nan", "Scale NaN.", "R-SCL-3",
+            mutate(EX, _scale_payload(b"\x00\x00\xc0\x7f"))),
+    Invalid("090-scale-infinity", "Scale +infinity.", "R-SCL-3",
+            mutate(EX, _scale_payload(b"\x00\x00\x80\x7f"))),
+    # -- R-DNS-*: dense blocks
+    Invalid("091-dense-param", "A dense block with Param 1.", "R-DNS-1",
+            mutate(DT, _set(_blk("u8", DENSE), param=1))),
+    Invalid("092-dense-short", "A 2x3 I16 dense block of 11 bytes.", "R-DNS-2",
+            mutate(DT, lambda f: setattr(blk(f, "i16", DENSE), "stored",
+                                         blk(f, "i16", DENSE).stored[:11]))),
+    Invalid("093-dense-bool-2", "A BOOL byte of 0x02.", "R-DNS-3",
+            mutate(DT, _set(_blk("bool", DENSE), stored=b"\x01\x00\x02\x01\x00\x00"))),
+    # -- R-ZST-*: the zstd stage
+    Invalid("094-zstd-decoded-above-bound", "Decoded_Size 4097 for a 32x32 F32 block (bound "
+            "4096).", "R-ZST-1", mutate(ZS, _set(_blk("ramp", DENSE), decoded_size=4097))),
+    Invalid("095-zstd-bound-bitmask", "Decoded_Size 10**12 for a 64x64 bitmask (bound 512).",
+            "R-ZST-1", mutate("012-bitmask-zstd", _set(_blk("z", BITMASK),
+                                                       decoded_size=10**12))),
+    Invalid("096-zstd-not-a-frame", "Stored bytes that are not a zstd frame.", "R-ZST-2",
+            mutate(ZS, _set(_blk("ramp", DENSE), stored=b"not a zstd frame"))),
+    Invalid("097-zstd-skippable-frame", "An empty block whose stored bytes are a skippable "
+            "frame.", "R-ZST-2", mutate(EMPTY, _zstd_dense("c", _skippable))),
+    Invalid("098-zstd-size-mismatch", "Decoded_Size 4095, the frame declares 4096.", "R-ZST-3",
+            mutate(ZS, _set(_blk("ramp", DENSE), decoded_size=4095))),
+    Invalid("099-zstd-no-content-size", "A frame that does not declare its content size.",
+            "R-ZST-3", mutate(ZS, _zstd_dense("ramp", lambda b: setattr(
+                b, "stored", zstd_frame(bytes(np.arange(1024, dtype=np.float32) % 7),
+                                        content_size=False))))),
+    Invalid("100-zstd-trailing-byte", "One byte after the frame.", "R-ZST-4",
+            mutate(ZS, _zstd_dense("ramp", lambda b: setattr(b, "stored", b.stored + b"\x00")))),
+    Invalid("101-zstd-cut-frame", "The frame without its last 3 bytes.", "R-ZST-4",
+            mutate(ZS, _zstd_dense("ramp", lambda b: setattr(b, "stored", b.stored[:-3])))),
+    Invalid("102-zstd-empty-frame-plus-bytes", "An empty block: a frame declaring 0 bytes, then "
+            "6 hidden bytes.", "R-ZST-4", mutate(EMPTY, _zstd_dense("c", _empty_frame_plus))),
+    Invalid("103-zstd-corrupt-frame", "A frame whose first block has the Reserved block type "
+            "3.", "R-ZST-5", mutate(ZS, _zstd_dense("ramp", _reserved_zstd_block))),
+    # -- R-LIM-1: the decode budget
+    Invalid("104-zstd-bomb", "A 2 KB file whose U8 dense block decodes to 64 MiB + 1 bytes: "
+            "above the default budget max(64 MiB, 64 x file size).", "R-LIM-1", raw(_bomb)),
+    Invalid("105-budget-limit", "The 64x64 bitmask file read with max_decoded_bytes 1000.",
+            "R-LIM-1", raw(lambda: valid_bytes("012-bitmask-zstd")),
+            limits={"max_decoded_bytes": 1000}),
+    # -- R-IDX-*: the index
+    Invalid("106-index-count-huge", "Tensor_Count 2**40.", "R-IDX-1",
+            mutate(EX, _set(_file, index_count=2**40))),
+    Invalid("107-index-wrong-offset", "The index gives the record's offset + 8.", "R-IDX-2",
+            mutate(EX, _entries(lambda e, i: [(e[0][0], e[0][1] + 8)])), random="R-IDX-7"),
+    Invalid("108-index-empty", "An empty index for a file with one record.", "R-IDX-2",
+            mutate(EX, _entries(lambda e, i: [])), random="R-IDX-9"),
+    Invalid("109-index-size-limit", "A valid file read with max_index_size 4 (its index is 8 "
+            "bytes); only the random-access path bounds the index size.", None,
+            raw(lambda: valid_bytes(TWO)), random="R-IDX-3", stream=None,
+            limits={"max_index_size": 4}),
+    Invalid("110-index-offset-at-record", "Index_Offset (and Index_Checksum) point at the "
+            "second record, whose first byte is 0x02, not 0x00.", "R-TRL-3",
+            mutate(TWO, _index_offset(lambda f, d: _offsets(f)[1], fix_crc=True)),
+            random="R-IDX-4"),
+    Invalid("111-index-extra-byte", "A byte between the index entries and the trailer.",
+            "R-TRL-1", mutate(TWO, lambda f: setattr(f, "index", _index_bytes(f) + b"\x00")),
+            random="R-IDX-5"),
+    Invalid("112-index-names-decrease", "Index entries 'b' then 'a', records 'a' then 'b'.",
+            "R-IDX-2", mutate(TWO, _entries(lambda e, i: [(e[1][0], e[0][1]),
+                                                          (e[0][0], e[1][1])])),
+            random="R-IDX-6"),
+    Invalid("113-index-offsets-repeat", "Both entries give the first record's offset.",
+            "R-IDX-2", mutate(TWO, _entries(lambda e, i: [e[0], (e[1][0], e[0][1])])),
+            random="R-IDX-7"),
+    Invalid("114-index-offset-past-index", "The second entry's offset is Index_Offset.",
+            "R-IDX-2", mutate(TWO, _entries(lambda e, i: [e[0], (e[1][0], i)])),
+            random="R-IDX-8"),
+    Invalid("115-index-name-differs", "The index names the second record 'c'; it is 'b'.",
+            "R-IDX-2", mutate(TWO, _entries(lambda e, i: [e[0], (b"c", e[1][1])])),
+            random="R-IDX-10"),
+    Invalid("116-index-offset-inside-record", "The second entry's offset is 8 bytes into the "
+            "second record.", "R-IDX-2",
+            mutate(TWO, _entries(lambda e, i: [e[0], (e[1][0], e[1][1] + 8)])),
+            random="R-IDX-11"),
+    Invalid("117-hole-between-records", "8 zero bytes between two records (a hole).",
+            "R-IDX-2", mutate(TWO, _hole), random="R-IDX-11"),
+    # -- R-TRL-*: the trailer
+    Invalid("118-tail-magic", "Tail_Magic 'CPFX'.", "R-TRL-1",
+            mutate(EX, _set(_file, tail=b"CPFX")), random="R-TRL-2"),
+    Invalid("119-index-checksum", "Index_Checksum of 0.", "R-TRL-3",
+            mutate(EX, _set(_file, index_crc=0))),
+    Invalid("120-index-offset-low", "Index_Offset 8 below the index (Index_Checksum over the "
+            "bytes from there).", "R-TRL-4",
+            mutate(EX, _index_offset(lambda f, d: _index_at(d) - 8, fix_crc=False)),
+            random="R-TRL-3"),
+    Invalid("121-index-offset-past-end", "Index_Offset 2**64 - 1.", "R-TRL-4",
+            mutate(EX, _set(_file, index_offset=2**64 - 1)), random="R-TRL-5"),
+    Invalid("122-trailing-byte", "One zero byte after the trailer.", "R-TRL-6",
+            mutate(EX, _set(_file, trailing=b"\x00")), random="R-TRL-2"),
+    Invalid("123-polyglot-tail", "An HTML page after the trailer (a polyglot).", "R-TRL-6",
+            mutate(EX, _set(_file, trailing=b"<html><script>alert(1)</script></html>")),
+            random="R-TRL-2"),
+    # -- added after the first batch
+    Invalid("124-zstd-skippable-then-frame", "A skippable frame, then the real frame of a "
+            "4096-byte block: one frame only, and no skippable frames.", "R-ZST-2",
+            mutate(ZS, _zstd_dense("ramp", lambda b: setattr(
+                b, "stored", b"\x5f\x2a\x4d\x18" + struct.pack("<I", 2) + b"hi" + b.stored)))),
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_json(err: tuple[str, str] | None, rule: str | None) -> dict[str, Any] | None:
+    if err is None:
+        return None
+    return {"error": err[0], "rule": rule, "message": err[1]}
+
+
+def _check_error(slug: str, path: str, err: tuple[str, str] | None, rule_id: str | None,
+                 rules: dict[str, Rule]) -> None:
+    """Fail unless ``err`` is what ``rule_id`` of the spec's table says (class and message)."""
+    if rule_id is None:
+        if err is not None:
+            raise SystemExit(f"{slug}: {path} raised {err}, expected no error")
+        return
+    if err is None:
+        raise SystemExit(f"{slug}: {path} accepted the file, expected {rule_id}")
+    rule = rules[rule_id]
+    if err[0] != rule.error or not rule.matches(err[1]):
+        raise SystemExit(f"{slug}: {path} raised {err}, which is not {rule_id} "
+                         f"({rule.error}: {rule.templates})")
+    if ("R" if path == "open_file" else "S") not in rule.paths:
+        raise SystemExit(f"{slug}: {rule_id} is not listed for the {path} path")
+
+
+def invalid_files(rules: dict[str, Rule]) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """Yield ``(slug, bytes, json)`` of every invalid vector, each checked against the table."""
+    for v in INVALID:
+        data = v.build()
+        limits = _limits(v.limits)
+        errors = path_errors(data, limits)
+        stream = v.rule if v.stream == SAME else v.stream
+        random = v.rule if v.random == SAME else v.random
+        _check_error(v.slug, "loads", errors["loads"], v.rule, rules)
+        _check_error(v.slug, "iter_stream", errors["iter_stream"], stream, rules)
+        _check_error(v.slug, "open_file", errors["open_file"], random, rules)
+        doc: dict[str, Any] = {"description": v.description}
+        if v.limits:
+            doc["limits"] = v.limits
+        main = _as_json(errors["loads"], v.rule)
+        doc.update(main or {"error": None, "rule": None, "message": None})
+        if errors["iter_stream"] != errors["loads"]:
+            doc["iter_stream"] = _as_json(errors["iter_stream"], stream)
+        doc["open_file"] = _as_json(errors["open_file"], random)
+        yield v.slug, data, doc
+
+
+def valid_files() -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """Yield ``(slug, bytes, json)`` of every valid vector."""
+    for v in VALID:
+        data = valid_bytes(v.slug)
+        tensors, layout = describe(data)
+        if not v.check(layout):
+            raise SystemExit(f"{v.slug}: the encoder no longer makes the layout it pins: {layout}")
+        for path, err in path_errors(data, ReadLimits()).items():
+            if err is not None:
+                raise SystemExit(f"{v.slug}: {path} rejects a valid vector: {err}")
+        doc = {"description": v.description, "options": v.all_options(),
+               "metadata": v.metadata or {}, "tensors": tensors, "layout": layout}
+        yield v.slug, data, doc
+
+
+def accepted_files() -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """Yield ``(slug, bytes, json)`` of every accepted vector."""
+    for v in ACCEPTED:
+        data = v.build()
+        for path, err in path_errors(data, ReadLimits()).items():
+            if err is not None:
+                raise SystemExit(f"{v.slug}: {path} rejects an accepted vector: {err}")
+        canonical = v.expect()
+        tensors, _ = describe(canonical)
+        metadata = v.metadata() if v.metadata else cf.open_file(canonical).metadata()
+        if cf.open_file(data).metadata() != metadata:
+            raise SystemExit(f"{v.slug}: metadata differs from the expectation")
+        if not _same_content(cf.loads(data), cf.loads(canonical)):
+            raise SystemExit(f"{v.slug}: decodes differently from its canonical file")
+        doc = {"description": v.description, "metadata": metadata, "tensors": tensors}
+        yield v.slug, data, doc
+
+
+def _same_content(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    if list(a) != list(b):
+        return False
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, TernaryTensor):
+            if x != y:
+                return False
+        elif not (x.dtype == y.dtype and x.shape == y.shape and x.tobytes() == y.tobytes()):
+            return False
+    return True
+
+
+def dump_json(doc: Any, depth: int = 0) -> str:
+    """Return the JSON text of a vector description: stable, UTF-8, one line per list of scalars."""
+    def scalar(x: Any) -> str:
+        return json.dumps(x, ensure_ascii=False, allow_nan=False)
+
+    pad, inner = " " * depth, " " * (depth + 1)
+    if isinstance(doc, dict) and doc:
+        items = [f"{inner}{scalar(k)}: {dump_json(v, depth + 1)}" for k, v in doc.items()]
+        out = "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    elif isinstance(doc, list) and any(isinstance(x, (dict, list)) for x in doc):
+        out = "[\n" + ",\n".join(inner + dump_json(x, depth + 1) for x in doc) + f"\n{pad}]"
+    elif isinstance(doc, list):
+        out = "[" + ", ".join(scalar(x) for x in doc) + "]"
+    else:
+        out = scalar(doc)
+    return out + ("\n" if depth == 0 else "")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write the missing vectors (or, with --check, compare every vector with the disk)."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; report differences")
+    args = ap.parse_args(argv)
+    rules = load_rules()
+    covered = {v.rule for v in INVALID} | {v.random for v in INVALID} | {
+        v.stream for v in INVALID}
+    missing = [r for r in rules if r not in covered]
+    if missing:
+        raise SystemExit(f"rules without an invalid vector: {missing}")
+    written, differ = 0, 0
+    groups = [("valid", valid_files()), ("accepted", accepted_files()),
+              ("invalid", invalid_files(rules))]
+    for group, items in groups:
+        folder = VECTORS / group
+        folder.mkdir(parents=True, exist_ok=True)
+        for slug, data, doc in items:
+            for path, content in ((folder / f"{slug}.compeft", data),
+                                  (folder / f"{slug}.json", dump_json(doc).encode("utf-8"))):
+                if path.exists():
+                    if path.read_bytes() != content:
+                        differ += 1
+                        print(f"differs (left as released): {path.relative_to(ROOT)}")
+                elif args.check:
+                    differ += 1
+                    print(f"missing: {path.relative_to(ROOT)}")
+                else:
+                    path.write_bytes(content)
+                    written += 1
+    print(f"{written} files written, {differ} differ or are missing")
+    return 1 if differ else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

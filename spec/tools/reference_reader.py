@@ -1,0 +1,635 @@
+#!/usr/bin/env python
+"""An independent compeft 1.0 decoder, written from spec/FORMAT.md alone.
+
+It exists to check that the specification is enough to write a compatible reader: it imports
+nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
+numbered steps of FORMAT.md §8. It is slow (pure Python bit handling) and meant for test
+vectors, not for real files.
+
+Decoded content has the JSON form of the vectors (FORMAT.md §12)::
+
+    {"metadata": {...}, "tensors": [{"name", "kind", "shape", "dtype", ...}, ...]}
+
+Every rejection raises :class:`SpecError` with the rule ID of FORMAT.md §9.1.
+
+Usage: ``python spec/tools/reference_reader.py FILE [--random]`` prints the content as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import sys
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import zstandard
+
+# §5.1, §5.7
+MAGIC = bytes.fromhex("89435046540d0a1a")
+TAIL_MAGIC = b"CPFE"
+ZSTD_MAGIC = bytes.fromhex("28b52ffd")
+# §5.4.2: code -> (name, item size, may a ternary record have it)
+DTYPES = {
+    0x01: ("F32", 4, True), 0x02: ("F16", 2, True), 0x03: ("BF16", 2, True),
+    0x04: ("F64", 8, True), 0x05: ("I8", 1, False), 0x06: ("I16", 2, False),
+    0x07: ("I32", 4, False), 0x08: ("I64", 8, False), 0x09: ("U8", 1, False),
+    0x0A: ("U16", 2, False), 0x0B: ("U32", 4, False), 0x0C: ("U64", 8, False),
+    0x0D: ("BOOL", 1, False), 0x0E: ("F8_E4M3", 1, False), 0x0F: ("F8_E5M2", 1, False),
+}
+# §5.5
+ROLES = {0x01: "positions", 0x02: "positions", 0x03: "signs", 0x04: "scale", 0x05: "dense"}
+OPTIONAL = 0x80
+MAX_HEADER_LENGTH = 65536  # §5.3
+VARINT_MAX = 2**63 - 1  # §2.3
+
+
+class SpecError(Exception):
+    """A file broke rule ``rule`` of FORMAT.md §9.1."""
+
+    def __init__(self, rule: str, detail: str) -> None:
+        super().__init__(f"{rule}: {detail}")
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The limits of FORMAT.md §9.2, with their defaults."""
+
+    max_metadata_size: int = 16 * 2**20
+    max_metadata_depth: int = 64
+    max_index_size: int = 256 * 2**20
+    max_tensors: int = 1_000_000
+    max_ndim: int = 16
+    max_name_length: int = 4096
+    max_numel: int = 2**48
+    max_decoded_bytes: int | None = None
+
+
+def crc32(data: bytes) -> int:
+    """CRC-32/ISO-HDLC (§2.4)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def align(x: int, a: int) -> int:
+    """The smallest multiple of ``a`` not less than ``x`` (§2.1)."""
+    return -(-x // a) * a
+
+
+class Cursor:
+    """Reads from ``data[pos:end]``; reading past ``end`` breaks R-EOF-1 (§4)."""
+
+    def __init__(self, data: bytes, pos: int = 0, end: int | None = None) -> None:
+        self.data, self.pos = data, pos
+        self.end = len(data) if end is None else end
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.end - self.pos:
+            raise SpecError("R-EOF-1", f"{what}: {n} bytes needed, {self.end - self.pos} left")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def u8(self, what: str) -> int:
+        return self.take(1, what)[0]
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def varint(self, what: str) -> int:
+        """§2.3: LEB128, minimal, at most 10 bytes, at most 2^63 - 1."""
+        value = 0
+        for i in range(10):
+            byte = self.u8(what)
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                if byte == 0 and i > 0:
+                    raise SpecError("R-VAR-1", f"{what}: not minimal")
+                if value > VARINT_MAX:
+                    raise SpecError("R-VAR-2", f"{what}: {value}")
+                return value
+        raise SpecError("R-VAR-3", f"{what}: more than 10 bytes")
+
+    def left(self) -> int:
+        return self.end - self.pos
+
+
+def check_zero(data: bytes, rule: str) -> None:
+    """Padding bytes are zero."""
+    if any(data):
+        raise SpecError(rule, "padding byte not zero")
+
+
+def read_name(c: Cursor, limits: Limits) -> str:
+    """§5.4.1: Name_Length and Name."""
+    n = c.varint("Name_Length")
+    if not 1 <= n <= limits.max_name_length:
+        raise SpecError("R-NAME-1", f"Name_Length {n}")
+    raw = c.take(n, "Name")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError("R-NAME-2", repr(raw)) from None
+    if "\x00" in name:
+        raise SpecError("R-NAME-3", repr(name))
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# §5.1, §5.2: header and metadata
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Header:
+    alignment: int
+    metadata: dict[str, Any]
+    first: int  #: P: where the first record (or the index) starts
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def parse_metadata(raw: bytes, limits: Limits) -> dict[str, Any]:
+    """§5.2 in the order of §8.1 step 4."""
+    if not raw:
+        return {}
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise SpecError("R-META-1", str(exc)) from None
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise SpecError("R-META-3", "duplicate key")
+        return dict(items)
+
+    def constant(token: str) -> Any:
+        raise SpecError("R-META-4", token)
+
+    def number(token: str) -> float:
+        value = float(token)
+        if not math.isfinite(value):
+            raise SpecError("R-META-4", token)
+        return value
+
+    try:
+        meta = json.loads(text, object_pairs_hook=pairs, parse_constant=constant,
+                          parse_float=number)
+    except RecursionError:
+        raise SpecError("R-META-6", "nesting") from None
+    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
+        raise SpecError("R-META-2", str(exc)) from None
+    if not isinstance(meta, dict):
+        raise SpecError("R-META-5", type(meta).__name__)
+    if _depth(meta) > limits.max_metadata_depth:
+        raise SpecError("R-META-6", "nesting")
+    # §5.2.1
+    if "compeft.producer" in meta and not isinstance(meta["compeft.producer"], str):
+        raise SpecError("R-META-7", "compeft.producer")
+    if "compeft.compression" in meta and not isinstance(meta["compeft.compression"], dict):
+        raise SpecError("R-META-8", "compeft.compression")
+    if "compeft.base" in meta:
+        base = meta["compeft.base"]
+        if not isinstance(base, dict):
+            raise SpecError("R-META-9", "compeft.base")
+        for key in ("name", "revision"):
+            if key in base and not isinstance(base[key], str):
+                raise SpecError("R-META-10", key)
+        hashes = base.get("hashes", {})
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise SpecError("R-META-11", "hashes")
+    return meta
+
+
+def read_header(data: bytes, limits: Limits) -> Header:
+    """§8.1 steps 1 to 5."""
+    if len(data) < 16 and not MAGIC.startswith(data[:8]):
+        raise SpecError("R-HDR-1", "short and not a prefix of the magic")
+    c = Cursor(data)
+    magic, major, _minor, log2, flags, msize = struct.unpack("<8sBBBBI", c.take(16, "header"))
+    if magic != MAGIC:
+        raise SpecError("R-HDR-1", repr(magic))
+    if major != 1:
+        raise SpecError("R-HDR-2", f"major {major}")
+    if log2 > 12:
+        raise SpecError("R-HDR-3", f"Alignment_Log2 {log2}")
+    if flags:
+        raise SpecError("R-HDR-4", f"flags {flags}")
+    if msize > limits.max_metadata_size:
+        raise SpecError("R-HDR-5", f"metadata {msize}")
+    raw = c.take(msize, "Metadata")
+    if c.u32("Header_Checksum") != crc32(data[: 16 + msize]):
+        raise SpecError("R-HDR-6", "header checksum")
+    meta = parse_metadata(raw, limits)
+    a = 1 << log2
+    first = align(c.pos, a)
+    check_zero(c.take(first - c.pos, "header padding"), "R-HDR-7")
+    return Header(a, meta, first)
+
+
+# ---------------------------------------------------------------------------------------------
+# §5.3 to §5.5: record headers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Desc:
+    type: int
+    stage: int
+    param: int
+    stored: int
+    decoded: int
+
+
+@dataclass
+class RecordHeader:
+    kind: int
+    name: str
+    dtype: str
+    shape: list[int]
+    nnz: int | None
+    descs: list[Desc]
+    data_crc: int
+    header_end: int
+    data_size: int
+
+    @property
+    def known(self) -> bool:
+        return self.kind in (0x01, 0x02)
+
+
+def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHeader:
+    """§8.1 steps 7 to 9 (the Record_Kind byte has been read)."""
+    start = c.pos - 1
+    hl = c.varint("Header_Length")
+    if not 8 <= hl <= MAX_HEADER_LENGTH:
+        raise SpecError("R-REC-3", f"Header_Length {hl}")
+    data_size = c.varint("Data_Size")
+    body_start = c.pos
+    c.take(hl - 4, "Record_Body and Data_Checksum")
+    stored_crc = c.u32("Header_Checksum")
+    if stored_crc != crc32(c.data[start : c.pos - 4]):
+        raise SpecError("R-REC-4", "record header checksum")
+    header_end = c.pos
+    body_end = header_end - 8
+    data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
+    b = Cursor(c.data, body_start, body_end)
+    name = read_name(b, limits)
+    if kind not in (0x01, 0x02):  # an optional kind: the rest of the body is not ours
+        return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size)
+    code = b.u8("Dtype")
+    if code not in DTYPES:
+        raise SpecError("R-BODY-1", f"dtype {code}")
+    dtype, _, ternary_ok = DTYPES[code]
+    if kind == 0x01 and not ternary_ok:
+        raise SpecError("R-BODY-2", dtype)
+    ndim = b.u8("Ndim")
+    if ndim > limits.max_ndim:
+        raise SpecError("R-BODY-3", f"Ndim {ndim}")
+    shape = [b.varint("Dim") for _ in range(ndim)]
+    numel = math.prod(shape)
+    if numel > limits.max_numel:
+        raise SpecError("R-BODY-4", f"numel {numel}")
+    nnz = None
+    if kind == 0x01:
+        nnz = b.varint("Nnz")
+        if nnz > numel:
+            raise SpecError("R-BODY-5", f"Nnz {nnz}")
+    descs = []
+    for _ in range(b.u8("Block_Count")):
+        btype, stage = b.u8("Block_Type"), b.u8("Stage")
+        param, stored = b.varint("Param"), b.varint("Stored_Size")
+        if stage == 0:
+            decoded = stored
+        elif stage == 1:
+            decoded = b.varint("Decoded_Size")
+        else:
+            raise SpecError("R-BLK-1", f"Stage {stage}")
+        descs.append(Desc(btype, stage, param, stored, decoded))
+    if b.left():
+        raise SpecError("R-REC-5", f"{b.left()} bytes left in the body")
+    if data_size != sum(align(d.stored, a) for d in descs):
+        raise SpecError("R-REC-6", f"Data_Size {data_size}")
+    for d in descs:
+        if d.type not in ROLES and not d.type & OPTIONAL:
+            raise SpecError("R-BLK-2", f"Block_Type {d.type}")
+    roles = [ROLES[d.type] for d in descs if d.type in ROLES]
+    if roles != (["positions", "signs", "scale"] if kind == 0x01 else ["dense"]):
+        raise SpecError("R-BLK-3", f"blocks {roles}")
+    return RecordHeader(kind, name, dtype, shape, nnz, descs, data_crc, header_end, data_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# §6, §7: blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def bits_of(payload: bytes, count: int, rules: tuple[str, str]) -> list[int]:
+    """§2.2: exactly ``count`` bits LSB-first, padding bits zero (size rule, padding rule)."""
+    if len(payload) != (count + 7) // 8:
+        raise SpecError(rules[0], f"{len(payload)} bytes for {count} bits")
+    bits = [(payload[i // 8] >> (i % 8)) & 1 for i in range(8 * len(payload))]
+    if any(bits[count:]):
+        raise SpecError(rules[1], "padding bits")
+    return bits[:count]
+
+
+def golomb_shape(m: int) -> tuple[int, int, int]:
+    """§6.2: b = ceil(log2 M), u = 2^b - M, w = max(b - 1, 0)."""
+    b = 0
+    while (1 << b) < m:
+        b += 1
+    return b, (1 << b) - m, max(b - 1, 0)
+
+
+def max_payload(btype: int, param: int, numel: int, nnz: int, itemsize: int) -> int:
+    """§7.2."""
+    if btype == 0x01:
+        return (numel + 7) // 8
+    if btype == 0x02:
+        m = max(1, param)
+        w = golomb_shape(m)[2]
+        return ((w + 2) * nnz + numel // m + 7) // 8
+    if btype == 0x03:
+        return (nnz + 7) // 8
+    if btype == 0x04:
+        return 4
+    return numel * itemsize
+
+
+def decode_golomb(payload: bytes, m: int, numel: int, n: int) -> list[int]:
+    """§6.2.2 then §6.2.1."""
+    if not 1 <= m <= max(1, numel):
+        raise SpecError("R-GOL-1", f"M {m}")
+    if n == 0:
+        if payload or m != 1:
+            raise SpecError("R-GOL-2", f"M {m}, {len(payload)} bytes")
+        return []
+    b, u, w = golomb_shape(m)
+    total = 8 * len(payload)
+    if (w + 1) * n > total:
+        raise SpecError("R-GOL-3", "too short for the planes")
+    bits = [(payload[i // 8] >> (i % 8)) & 1 for i in range(total)]
+    v = [sum(bits[j * n + k] << j for j in range(w)) for k in range(n)]
+    long_codes = [k for k in range(n) if b >= 1 and v[k] >= u]
+    if w * n + len(long_codes) + n > total:
+        raise SpecError("R-GOL-4", "too short for the extension bits")
+    r = list(v) if b >= 1 else [0] * n
+    for i, k in enumerate(long_codes):
+        r[k] = 2 * v[k] + bits[w * n + i] - u
+    s = w * n + len(long_codes)
+    ones = [t for t in range(s, total) if bits[t]]
+    if len(ones) != n:
+        raise SpecError("R-GOL-5", f"{len(ones)} unary codes")
+    if (ones[-1] + 1 + 7) // 8 != len(payload):
+        raise SpecError("R-GOL-6", "stream does not end in the last byte")
+    positions, prev_one, p = [], s - 1, -1
+    for k, t in enumerate(ones):
+        q = t - prev_one - 1
+        prev_one = t
+        p += q * m + r[k] + 1
+        positions.append(p)
+    if positions[-1] >= numel:
+        raise SpecError("R-GOL-7", f"position {positions[-1]}")
+    return positions
+
+
+def undo_zstd(stored: bytes, decoded_size: int) -> bytes:
+    """§7.1."""
+    if len(stored) >= 4 and stored[1:4] == b"\x2a\x4d\x18" and stored[0] & 0xF0 == 0x50:
+        raise SpecError("R-ZST-2", "skippable frame")
+    try:
+        declared = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError as exc:
+        raise SpecError("R-ZST-2", str(exc)) from None
+    if declared != decoded_size:
+        raise SpecError("R-ZST-3", f"frame declares {declared}")
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    try:
+        out = dobj.decompress(stored)
+    except zstandard.ZstdError as exc:
+        raise SpecError("R-ZST-5", str(exc)) from None
+    if not dobj.eof or dobj.unused_data:
+        raise SpecError("R-ZST-4", "not exactly one complete frame")
+    if len(out) != decoded_size:
+        raise SpecError("R-ZST-5", f"{len(out)} bytes decoded")
+    return out
+
+
+class Budget:
+    """§9.3."""
+
+    def __init__(self, limits: Limits, size: int) -> None:
+        if limits.max_decoded_bytes is not None:
+            self.limit = limits.max_decoded_bytes
+        else:
+            self.limit = max(64 * 2**20, 64 * size)
+        self.used = 0
+
+    def charge(self, n: int) -> None:
+        self.used += n
+        if self.used > self.limit:
+            raise SpecError("R-LIM-1", f"{self.used} > {self.limit}")
+
+
+def decode_data(h: RecordHeader, data: bytes, a: int, budget: Budget) -> dict[str, Any]:
+    """§8.1 steps 13 and 14: the tensor of a known record, in the JSON form of §12."""
+    if crc32(data) != h.data_crc:
+        raise SpecError("R-REC-9", "data checksum")
+    numel, nnz = math.prod(h.shape), h.nnz or 0
+    itemsize = next(size for name, size, _ in DTYPES.values() if name == h.dtype)
+    values: dict[str, Any] = {}
+    at = 0
+    for d in h.descs:
+        stored = data[at : at + d.stored]
+        check_zero(data[at + d.stored : at + align(d.stored, a)], "R-BLK-4")
+        at += align(d.stored, a)
+        if d.type not in ROLES:
+            continue  # §10.2: an optional block is skipped
+        payload = stored
+        if d.stage == 1:
+            if d.decoded > max_payload(d.type, d.param, numel, nnz, itemsize):
+                raise SpecError("R-ZST-1", f"Decoded_Size {d.decoded}")
+            budget.charge(d.decoded)
+            payload = undo_zstd(stored, d.decoded)
+        if ROLES[d.type] == "positions":
+            budget.charge(8 * len(payload) + 9 * nnz)
+        values[ROLES[d.type]] = decode_block(d.type, d.param, payload, h, numel, nnz, itemsize)
+    if h.kind == 0x02:
+        return {"name": h.name, "kind": "dense", "shape": h.shape, "dtype": h.dtype,
+                "data_hex": values["dense"]}
+    scale_bits, scale = values["scale"]
+    return {"name": h.name, "kind": "ternary", "shape": h.shape, "dtype": h.dtype, "nnz": nnz,
+            "indices": values["positions"], "signs": values["signs"], "scale": scale,
+            "scale_bits": f"0x{scale_bits:08x}"}
+
+
+def decode_block(btype: int, param: int, payload: bytes, h: RecordHeader, numel: int,
+                 nnz: int, itemsize: int) -> Any:
+    """§6.1 to §6.5."""
+    if btype == 0x01:
+        if param != 0:
+            raise SpecError("R-BMP-1", f"Param {param}")
+        bits = bits_of(payload, numel, ("R-BMP-2", "R-BMP-3"))
+        positions = [i for i, bit in enumerate(bits) if bit]
+        if len(positions) != nnz:
+            raise SpecError("R-BMP-4", f"{len(positions)} bits set")
+        return positions
+    if btype == 0x02:
+        return decode_golomb(payload, param, numel, nnz)
+    if btype == 0x03:
+        if param != 0:
+            raise SpecError("R-SGN-1", f"Param {param}")
+        return bits_of(payload, nnz, ("R-SGN-2", "R-SGN-3"))
+    if btype == 0x04:
+        if param != 0:
+            raise SpecError("R-SCL-1", f"Scale_Dtype {param}")
+        if len(payload) != 4:
+            raise SpecError("R-SCL-2", f"{len(payload)} bytes")
+        bits = struct.unpack("<I", payload)[0]
+        scale = struct.unpack("<f", payload)[0]
+        if bits >> 31 or not math.isfinite(scale):
+            raise SpecError("R-SCL-3", repr(scale))
+        return bits, scale
+    if param != 0:
+        raise SpecError("R-DNS-1", f"Param {param}")
+    if len(payload) != numel * itemsize:
+        raise SpecError("R-DNS-2", f"{len(payload)} bytes")
+    if h.dtype == "BOOL" and any(x > 1 for x in payload):
+        raise SpecError("R-DNS-3", "BOOL byte above 1")
+    return payload.hex()
+
+
+# ---------------------------------------------------------------------------------------------
+# §8.1 and §8.2
+# ---------------------------------------------------------------------------------------------
+
+
+def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
+    """Decode ``data`` by the sequential procedure of §8.1."""
+    limits = limits or Limits()
+    header = read_header(data, limits)
+    a = header.alignment
+    budget = Budget(limits, len(data))
+    c = Cursor(data, header.first)
+    seen: list[tuple[str, int]] = []
+    tensors = []
+    while True:
+        at = c.pos
+        kind = c.u8("Record_Kind")
+        if kind == 0x00:
+            break
+        if kind not in (0x01, 0x02) and not kind & OPTIONAL:
+            raise SpecError("R-REC-1", f"Record_Kind {kind}")
+        if len(seen) >= limits.max_tensors:
+            raise SpecError("R-REC-2", "too many records")
+        h = read_record_header(c, kind, limits, a)
+        if seen and h.name.encode() <= seen[-1][0].encode():
+            raise SpecError("R-REC-7", f"{h.name!r} after {seen[-1][0]!r}")
+        seen.append((h.name, at))
+        data_start = align(h.header_end, a)
+        check_zero(c.take(data_start - h.header_end, "record padding"), "R-REC-8")
+        area = c.take(h.data_size, "data area")
+        if not h.known:
+            if crc32(area) != h.data_crc:
+                raise SpecError("R-REC-10", "data checksum of an optional record")
+            continue
+        tensors.append(decode_data(h, area, a, budget))
+    index_at = c.pos - 1
+    count = c.varint("Tensor_Count")
+    if count > limits.max_tensors:
+        raise SpecError("R-IDX-1", f"Tensor_Count {count}")
+    entries = [(read_name(c, limits), c.varint("Record_Offset")) for _ in range(count)]
+    if entries != seen:
+        raise SpecError("R-IDX-2", "index does not match the records")
+    index_end = c.pos
+    offset, crc, tail = struct.unpack("<QI4s", c.take(16, "Trailer"))
+    if tail != TAIL_MAGIC:
+        raise SpecError("R-TRL-1", repr(tail))
+    if crc != crc32(data[index_at:index_end]):
+        raise SpecError("R-TRL-3", "index checksum")
+    if offset != index_at:
+        raise SpecError("R-TRL-4", f"Index_Offset {offset}")
+    if c.left():
+        raise SpecError("R-TRL-6", "bytes after the trailer")
+    return {"metadata": header.metadata, "tensors": tensors}
+
+
+def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
+    """Decode ``data`` by the random-access procedure of §8.2, reading every entry."""
+    limits = limits or Limits()
+    header = read_header(data, limits)
+    a, size, first = header.alignment, len(data), header.first
+    if size < first + 17:
+        raise SpecError("R-TRL-7", f"{size} bytes")
+    index_at, crc, tail = struct.unpack("<QI4s", data[-16:])
+    if tail != TAIL_MAGIC:
+        raise SpecError("R-TRL-2", repr(tail))
+    if not first <= index_at <= size - 17:
+        raise SpecError("R-TRL-5", f"Index_Offset {index_at}")
+    if size - 16 - index_at > limits.max_index_size:
+        raise SpecError("R-IDX-3", "index size")
+    if crc != crc32(data[index_at : size - 16]):
+        raise SpecError("R-TRL-3", "index checksum")
+    c = Cursor(data, index_at, size - 16)
+    if c.u8("Index_Kind") != 0x00:
+        raise SpecError("R-IDX-4", "Index_Kind")
+    count = c.varint("Tensor_Count")
+    if count > limits.max_tensors:
+        raise SpecError("R-IDX-1", f"Tensor_Count {count}")
+    entries = [(read_name(c, limits), c.varint("Record_Offset")) for _ in range(count)]
+    if c.left():
+        raise SpecError("R-IDX-5", f"{c.left()} bytes after the entries")
+    for i, (name, off) in enumerate(entries):
+        if i and name.encode() <= entries[i - 1][0].encode():
+            raise SpecError("R-IDX-6", f"{name!r}")
+        if off <= entries[i - 1][1] if i else off != first:
+            raise SpecError("R-IDX-7", f"offset {off}")
+        if off >= index_at:
+            raise SpecError("R-IDX-8", f"offset {off}")
+    if not entries and index_at != first:
+        raise SpecError("R-IDX-9", "bytes before an empty index")
+    ends = [off for _, off in entries[1:]] + [index_at]
+    spans = [(name, off, end) for (name, off), end in zip(entries, ends, strict=False)
+             if data[off] in (0x01, 0x02) or not data[off] & OPTIONAL]
+    tensors = []
+    for name, off, end in spans:
+        c = Cursor(data, off, end)
+        kind = c.u8("Record_Kind")
+        if kind not in (0x01, 0x02):
+            raise SpecError("R-REC-1", f"Record_Kind {kind}")
+        h = read_record_header(c, kind, limits, a)
+        if h.name != name:
+            raise SpecError("R-IDX-10", f"{h.name!r} is not {name!r}")
+        data_start = align(h.header_end, a)
+        if data_start + h.data_size != end:
+            raise SpecError("R-IDX-11", "record does not end at the next one")
+        check_zero(data[h.header_end : data_start], "R-REC-8")
+        area = data[data_start:end]
+        tensors.append(decode_data(h, area, a, Budget(limits, size)))
+    return {"metadata": header.metadata, "tensors": tensors}
+
+
+def main(argv: list[str]) -> int:
+    """Print the content of a file as JSON, or the rule it breaks."""
+    data = open(argv[0], "rb").read()  # noqa: SIM115 - a one-shot tool
+    read = read_random if "--random" in argv[1:] else read_stream
+    try:
+        print(json.dumps(read(data), indent=1, ensure_ascii=False))
+    except SpecError as exc:
+        print(f"invalid: {exc}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
