@@ -6,16 +6,26 @@ Each nonzero's gap (zeros since the previous nonzero) ``g`` is split into a quot
 power of two this is a Golomb-Rice code. The bits are laid out as three parts of one stream:
 remainder planes, extension bits and the unary part. That split, rather than interleaving
 the codes, lets numpy encode and decode every code at once, with no sequential scan.
+
+Both directions work in chunks (a few ten thousand codes, or a few KiB of the unary part) so
+that every temporary stays in the CPU cache; the decoder yields positions chunk by chunk, so
+a dense tensor can be written without building the index array of the whole tensor.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 
 from .._spec import BLOCK_GOLOMB
+from ._bits import bit_slice, count_ones, join_bits, packed_slice
 from .base import BlockCodec, BlockContext, register_codec
+
+_ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
+_DECODE_CHUNK = 1 << 14  # unary bytes per decoder step (131072 bits, ~10^4..10^5 codes)
+_INT32_NUMEL = 2**31 - 2**20  # below this every gap, quotient and unary offset fits in int32
 
 
 def _code_shape(m: int) -> tuple[int, int, int]:
@@ -60,6 +70,34 @@ def _cost_bits(gaps: np.ndarray, m: int) -> int:
 _SAMPLE = 1 << 18  # gaps looked at when choosing M for a long stream
 
 
+def _sample_gaps(indices: np.ndarray) -> np.ndarray:
+    """Return ``_gaps(indices)[::stride]`` (the sample of :func:`choose_parameter`) directly.
+
+    Only the sampled gaps are computed: the full gap array of a large tensor costs more
+    than the whole rest of the choice.
+    """
+    n = indices.size
+    stride = max(1, n // _SAMPLE)
+    if stride == 1:
+        return _gaps(indices)
+    ends = indices[::stride]
+    before = np.empty_like(ends)
+    before[0] = -1
+    before[1:] = indices[stride - 1 : n - 1 : stride][: ends.size - 1]
+    return ends - before - 1
+
+
+def _choose(sample: np.ndarray, n: int, numel: int) -> int:
+    """:func:`choose_parameter` given its sample and the number of gaps."""
+    if n == 0:
+        return 1
+    theta = 1.0 - n / numel
+    m0 = 1 if theta <= 0.0 else max(1, math.ceil(math.log1p(theta) / -math.log(theta)))
+    m0 = min(m0, max(1, numel))
+    candidates = [m for m in (m0 - 1, m0, m0 + 1) if 1 <= m <= max(1, numel)]
+    return min(candidates, key=lambda m: (_cost_bits(sample, m), m))
+
+
 def choose_parameter(gaps: np.ndarray, numel: int) -> int:
     """Return the encoder's ``M`` (spec 6.2.3): the best of three around the geometric optimum.
 
@@ -68,15 +106,102 @@ def choose_parameter(gaps: np.ndarray, numel: int) -> int:
     ``M - 1``, ``M`` and ``M + 1`` on the actual gaps picks the best (the smallest ``M`` on a tie).
     """
     n = gaps.size
-    if n == 0:
-        return 1
-    theta = 1.0 - n / numel
-    m0 = 1 if theta <= 0.0 else max(1, math.ceil(math.log1p(theta) / -math.log(theta)))
-    m0 = min(m0, max(1, numel))
-    candidates = [m for m in (m0 - 1, m0, m0 + 1) if 1 <= m <= max(1, numel)]
     # a fixed stride keeps the choice deterministic and cheap on long streams
-    sample = gaps[:: max(1, n // _SAMPLE)]
-    return min(candidates, key=lambda m: (_cost_bits(sample, m), m))
+    return _choose(gaps[:: max(1, n // _SAMPLE)], n, numel)
+
+
+def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
+    """Return the golomb stream of the sorted int64 ``indices`` with parameter ``m``.
+
+    One pass over chunks of codes writes the remainder planes and extension bits (one bool
+    per bit, at their final offsets) and the unary part (in its own bool buffer, since where
+    it starts depends on the count of long codes); both are packed and joined at the end.
+    """
+    n = indices.size
+    b, u, w = _code_shape(m)
+    work = np.int32 if numel < _INT32_NUMEL else np.int64
+    last = int(indices[-1])
+    # planes, then at most n extension bits; np.zeros maps pages lazily, so unused room is free
+    head = np.zeros(w * n + n if b else 0, dtype=bool)
+    # sum(q) <= sum(gaps) // m = (last + 1 - n) // m, plus one terminating bit per code
+    unary = np.zeros(n + (last + 1 - n) // m, dtype=bool)
+    plane_dtype = np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32 if w <= 32 else None
+    n_long = unary_bits = 0
+    prev = -1
+    for k0 in range(0, n, _ENCODE_CHUNK):
+        x = indices[k0 : k0 + _ENCODE_CHUNK].astype(work)  # narrow first: int32 math is 3x faster
+        k = x.size
+        g = np.empty(k, dtype=work)
+        g[0] = x[0] - prev - 1
+        np.subtract(x[1:], x[:-1], out=g[1:])
+        g[1:] -= 1
+        prev = int(x[-1])
+        q = g // m
+        if b:
+            r = g - q * m
+            if u:
+                # branch-free truncated binary: a long code is r + u in b bits, whose top b - 1
+                # bits go to the planes and whose low bit goes to the extension part
+                is_long = r >= u
+                c = r + is_long.view(np.uint8) * work(u)
+                # np.compress with a bool condition: 4x faster than c[mask] (and than a uint8 one)
+                ext = np.compress(is_long, c & 1)
+                v = c >> is_long.view(np.uint8)
+            else:  # M a power of two: every code is long
+                ext = r & 1
+                v = r >> 1
+            head[w * n + n_long : w * n + n_long + ext.size] = ext
+            n_long += ext.size
+            if w:
+                if plane_dtype is not None:
+                    v = v.astype(plane_dtype)  # narrow: one byte per code for w <= 8
+                for j in range(w):  # plane j holds bit j of every v (spec 6.2.1)
+                    head[j * n + k0 : j * n + k0 + k] = v & (1 << j)
+        # unary: q zeros then a one, so the ones sit at cumsum(q + 1) - 1
+        q += 1
+        np.cumsum(q, dtype=q.dtype, out=q)  # dtype: int32 would otherwise go via int64
+        ends = q.astype(np.intp)  # scatter with intp indices: int32 ones are converted, 3x slower
+        ends += unary_bits - 1
+        unary_bits += int(q[-1])
+        unary[ends] = True
+    start = w * n + n_long
+    return join_bits(np.packbits(head[:start], bitorder="little"), start,
+                     np.packbits(unary[:unary_bits], bitorder="little"), unary_bits)
+
+
+def _count_long(buf: np.ndarray, n: int, w: int, u: int) -> int:
+    """Return how many of the ``n`` plane values are ``>= u`` (long codes), bit-sliced.
+
+    Compares all values at once on the packed planes, most significant plane first, so the
+    count costs a few byte-wise operations per plane instead of unpacking every code.
+    """
+    nbytes = (n + 7) >> 3
+    greater = np.zeros(nbytes, dtype=np.uint8)
+    equal = np.full(nbytes, 0xFF, dtype=np.uint8)
+    for j in reversed(range(w)):
+        plane = packed_slice(buf, j * n, n)
+        if (u >> j) & 1:
+            equal &= plane
+        else:
+            greater |= equal & plane
+            equal &= ~plane
+    at_least = greater | equal
+    if n & 7:
+        at_least[-1] &= (1 << (n & 7)) - 1
+    return int(np.bitwise_count(at_least).sum(dtype=np.int64))
+
+
+def _sum_remainders(buf: np.ndarray, n: int, m: int, n_long: int) -> int:
+    """Return the sum of all remainders, simply (only used to word an error)."""
+    b, u, w = _code_shape(m)
+    if not b:
+        return 0
+    v = np.zeros(n, dtype=np.int64)
+    for j in range(w):
+        v |= bit_slice(buf, j * n, n).astype(np.int64) << j
+    ext = int(np.count_nonzero(bit_slice(buf, w * n, n_long)))
+    long_v = int(v[v >= u].sum()) if u else int(v.sum())
+    return int(v.sum()) + long_v - u * n_long + ext
 
 
 @register_codec
@@ -98,91 +223,159 @@ class GolombCodec(BlockCodec):
 
     def encoded_size(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, int]:
         """Return ``(M, payload size)`` without building the stream."""
-        gaps = _gaps(np.asarray(value, dtype=np.int64))
-        if not gaps.size:
+        indices = np.asarray(value, dtype=np.int64)
+        if not indices.size:
             return 1, 0
-        m = choose_parameter(gaps, ctx.numel)
-        return m, (_cost_bits(gaps, m) + 7) // 8
+        m = _choose(_sample_gaps(indices), indices.size, ctx.numel)
+        _b, u, w = _code_shape(m)
+        n = indices.size
+        if m == 1:
+            return m, (int(indices[-1]) + 1 + 7) // 8  # sum(gaps) + n = last + 1
+        sum_q = n_long = 0
+        prev = -1
+        for k0 in range(0, n, _ENCODE_CHUNK):  # chunked: the gaps never exist all at once
+            x = indices[k0 : k0 + _ENCODE_CHUNK]
+            g = np.empty_like(x)
+            g[0] = x[0] - prev - 1
+            np.subtract(x[1:], x[:-1], out=g[1:])
+            g[1:] -= 1
+            prev = int(x[-1])
+            q = g // m
+            sum_q += int(q.sum())
+            if u:
+                n_long += int(np.count_nonzero(g - q * m >= u))
+        if not u:
+            n_long = n
+        return m, (w * n + n_long + sum_q + n + 7) // 8
 
     def encode(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, bytes]:
-        indices = np.asarray(value, dtype=np.int64)
+        indices = np.ascontiguousarray(value, dtype=np.int64)
         n = indices.size
         if n == 0:
             return 1, b""  # spec 6.2.2: an empty block has M = 1
-        gaps = _gaps(indices)
-        m = choose_parameter(gaps, ctx.numel)
-        b, u, w = _code_shape(m)
-        q, r = _split(gaps, m)
-        if b >= 1:
-            # branch-free truncated binary: a long code is r + u in b bits, whose top b - 1
-            # bits go to the planes and whose low bit goes to the extension part
-            long = r >= u
-            where_long = np.flatnonzero(long)
-            c = r
-            c[where_long] += u
-            ext = (c[where_long] & 1).astype(bool)
-            v = np.right_shift(c, long.view(np.uint8), out=c)
-        else:
-            v = r
-            ext = np.empty(0, dtype=bool)
-        start = w * n + ext.size
-        q += 1
-        ends = np.cumsum(q, out=q)  # unary: q zeros then a one, so the ones end each code
-        bits = np.zeros(start + int(ends[-1]), dtype=bool)
-        for j in range(w):  # plane j holds bit j of every v (spec 6.2.1)
-            np.not_equal(v & (1 << j), 0, out=bits[j * n : (j + 1) * n])
-        bits[w * n : start] = ext
-        ends += start - 1
-        bits[ends] = True
-        return m, np.packbits(bits, bitorder="little").tobytes()
+        m = _choose(_sample_gaps(indices), n, ctx.numel)
+        return m, _encode_stream(indices, m, ctx.numel)
 
-    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
+    def positions(self, payload: memoryview, param: int, ctx: BlockContext,
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+        """Validate the block, then return an iterator of ``(k0, positions)`` chunks.
+
+        Every check that can be made before decoding (spec 6.2: M, sizes, the count of unary
+        codes, where the stream ends) is made here; the last (positions below numel) is made
+        on each chunk before it is handed out, with exact integer arithmetic.
+        """
         n, numel, m = ctx.nnz, ctx.numel, param
         if not 1 <= m <= max(1, numel):  # spec 6.2.2
             raise ctx.error(f"golomb block: parameter M = {m} outside [1, {max(1, numel)}]")
         if n == 0:
             if len(payload) or m != 1:
                 raise ctx.error(f"golomb block: nnz is 0 but M = {m} and {len(payload)} bytes")
-            return np.empty(0, dtype=np.int64)
+            return iter(())
         b, u, w = _code_shape(m)
-        total = 8 * len(payload)
+        size = len(payload)
+        total = 8 * size
         if (w + 1) * n > total:
-            raise ctx.error(f"golomb block: {len(payload)} bytes cannot hold {n} codes "
-                            f"with M = {m}")
-        # a bool view: flatnonzero is 5x faster on bool than on uint8
-        bits = np.unpackbits(np.frombuffer(payload, dtype=np.uint8), bitorder="little").view(bool)
-        v = np.zeros(n, dtype=np.int64)
-        for j in range(w):
-            plane = bits[j * n : (j + 1) * n].view(np.uint8).astype(np.int64)
-            v |= plane << j if j else plane
-        start = w * n
-        r = v
-        if b >= 1:
-            where_long = np.flatnonzero(v >= u)
-            n_long = where_long.size
-            if start + n_long + n > total:
-                raise ctx.error(f"golomb block: {len(payload)} bytes too short for the codes")
-            # a long code's plane bits are its top b - 1 bits; append the extension bit
-            r[where_long] = ((v[where_long] << 1) | bits[start : start + n_long]) - u
-            start += n_long
-        ones = np.flatnonzero(bits[start:])
-        if ones.size != n:  # spec 6.2.1: exactly nnz unary codes
-            raise ctx.error(f"golomb block: {ones.size} unary codes, nnz is {n}")
-        used = start + int(ones[-1]) + 1
-        if (used + 7) // 8 != len(payload):  # spec 6.2.1: the stream ends in the last byte
+            raise ctx.error(f"golomb block: {size} bytes cannot hold {n} codes with M = {m}")
+        buf = np.frombuffer(payload, dtype=np.uint8)
+        n_long = 0 if not b else n if not u else _count_long(buf, n, w, u)
+        start = w * n + n_long
+        if start + n > total:
+            raise ctx.error(f"golomb block: {size} bytes too short for the codes")
+        ones = count_ones(buf, start)
+        if ones != n:  # spec 6.2.1: exactly nnz unary codes
+            raise ctx.error(f"golomb block: {ones} unary codes, nnz is {n}")
+        if not int(buf[-1]) >> max(0, start - 8 * (size - 1)):
+            # spec 6.2.1: the stream ends in the last byte; find where it does end
+            tail = np.flatnonzero(bit_slice(buf, start, total - start))
+            used = start + int(tail[-1]) + 1
             raise ctx.error(f"golomb block: stream ends at byte {(used + 7) // 8}, block has "
-                            f"{len(payload)}")
-        q = _runs(ones)
-        # spec 6.2.1: the last position is below numel; Python ints, so nothing can wrap
-        span = m * int(q.sum()) + int(r.sum()) + n
-        if span > numel:
-            raise ctx.error(f"golomb block: positions run to {span - 1}, numel is {numel}")
-        q *= m
-        q += r
-        q += 1
-        np.cumsum(q, out=q)
-        q -= 1
-        return q
+                            f"{size}")
+        return self._chunks(buf, m, n, numel, n_long, ctx)
+
+    def _chunks(self, buf: np.ndarray, m: int, n: int, numel: int, n_long: int,
+                ctx: BlockContext) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(k0, positions)``, one chunk of the unary part at a time.
+
+        With ``t_i`` the offset of code i's one bit in the unary part and ``R_i`` the sum of
+        the remainders up to i, position ``i`` is ``M * t_i + R_i - (M - 1) * i``: one cumsum
+        and two multiply-adds per chunk. Chunks are small enough that every term fits in
+        int64 (``8 * chunk_bytes * M < 2**59``); the last position of each chunk is checked
+        below numel in Python integers before the chunk is used, so intermediate wrap-around
+        (modular, hence harmless for in-range results) can never reach the caller.
+        """
+        b, u, w = _code_shape(m)
+        size = buf.size
+        start = w * n + n_long
+        chunk = max(1, min(_DECODE_CHUNK, (1 << 56) // m))
+        r_dtype = np.uint8 if b <= 8 else np.uint16 if b <= 16 else np.uint32 if b <= 32 \
+            else np.uint64
+        k0 = n_seen_long = r_base = 0
+        a = start >> 3
+        while a < size:
+            stop = min(size, a + chunk)
+            bits = np.unpackbits(buf[a:stop], bitorder="little").view(bool)
+            if a == start >> 3:
+                bits[: start & 7] = False  # the bits before start are extension or plane bits
+            pos = np.flatnonzero(bits)
+            k = pos.size
+            if not k:
+                a = stop
+                continue
+            if b:
+                # remainders in the narrowest dtype that holds b bits: fancy indexing on one
+                # byte per code is several times cheaper than on int64
+                v = np.zeros(k, dtype=r_dtype)
+                for j in range(w):
+                    v |= np.left_shift(bit_slice(buf, j * n + k0, k).view(np.uint8), j,
+                                       dtype=r_dtype)
+                ext_at = w * n + n_seen_long
+                if u:  # long codes (v >= u) are 2v + e - u; 2v + 1 < 2**b, so nothing wraps
+                    long_at = np.flatnonzero(v >= u)
+                    t = v[long_at]
+                    t += t
+                    t += bit_slice(buf, ext_at, long_at.size).view(np.uint8)
+                    t -= u
+                    v[long_at] = t
+                    n_seen_long += long_at.size
+                else:  # M a power of two: every code is long, r = 2v + e
+                    v <<= 1
+                    v |= bit_slice(buf, ext_at, k).view(np.uint8)
+                    n_seen_long += k
+                r = v.astype(np.int64)
+                r -= m - 1
+                np.cumsum(r, out=r)
+                r_chunk = int(r[-1]) + (m - 1) * k  # exact: |r| <= k * M < 2**59
+            else:
+                r_chunk = 0
+            # exact last position of the chunk, in Python integers
+            last = (m * (8 * a + int(pos[-1]) - start - (k0 + k - 1)) + r_base + r_chunk
+                    + k0 + k - 1)
+            if last >= numel:  # spec 6.2.1: positions below numel
+                span = (m * (8 * size - start - 1 - (n - 1) - self._trailing_zeros(buf))
+                        + _sum_remainders(buf, n, m, n_long) + n)
+                raise ctx.error(f"golomb block: positions run to {span - 1}, numel is {numel}")
+            offset = m * (8 * a - start) + r_base + (m - 1) * (1 - k0)
+            offset = (offset + 2**63) % 2**64 - 2**63  # int64 wrap-around, see above
+            if m != 1:
+                pos *= m
+            if b:
+                pos += r
+            pos += offset
+            yield k0, pos
+            r_base += r_chunk
+            k0 += k
+            a = stop
+
+    @staticmethod
+    def _trailing_zeros(buf: np.ndarray) -> int:
+        """Zero bits after the last one bit (the padding of the last byte)."""
+        return 8 - int(buf[-1]).bit_length()
+
+    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
+        out = np.empty(ctx.nnz, dtype=np.int64)
+        for k0, pos in self.positions(payload, param, ctx):
+            out[k0 : k0 + pos.size] = pos
+        return out
 
     def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
         _, _, w = _code_shape(max(1, param))
