@@ -1,12 +1,23 @@
-"""Positions as a bitmask (spec 6.1): one bit per element, 1 = nonzero, LSB-first."""
+"""Positions as a bitmask (spec 6.1): one bit per element, 1 = nonzero, LSB-first.
+
+Both directions work on spans of the mask (a few hundred KiB of bits) so that the unpacked
+bools and the positions of one span stay in cache; the decoder yields positions span by span,
+so a dense tensor can be written without building the index array of the whole tensor.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from itertools import pairwise
 
 import numpy as np
 
 from .._spec import BLOCK_BITMASK
-from ._bits import pack_bits, unpack_bits
+from ._bits import check_packed
 from .base import BlockCodec, BlockContext, register_codec
+
+_ENCODE_SPAN = 1 << 20  # elements per encoder step (a multiple of 8: spans are whole bytes)
+_DECODE_SPAN = 1 << 15  # mask bytes per decoder step (262144 elements)
 
 
 @register_codec
@@ -24,22 +35,58 @@ class BitmaskCodec(BlockCodec):
     role = "positions"
 
     def encode(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, bytes]:
-        mask = np.zeros(ctx.numel, dtype=bool)
-        mask[value] = True
-        return 0, pack_bits(mask)
+        indices = np.asarray(value, dtype=np.int64)
+        numel = ctx.numel
+        out = np.zeros((numel + 7) // 8, dtype=np.uint8)
+        if not indices.size:
+            return 0, out.tobytes()
+        # one reusable span of bools instead of a bool per element of the whole tensor
+        span = min(_ENCODE_SPAN, -(-numel // 8) * 8)
+        mask = np.zeros(span, dtype=bool)
+        cuts = np.searchsorted(indices, np.arange(0, numel + span, span)).tolist()
+        for s, (i0, i1) in enumerate(pairwise(cuts)):
+            if i0 == i1:
+                continue  # an empty span is already zero in out
+            a = s * span
+            local = indices[i0:i1] - a
+            mask[local] = True
+            stop = min(span, numel - a)
+            out[a // 8 : (a + stop + 7) // 8] = np.packbits(mask[:stop], bitorder="little")
+            mask[local] = False  # cheaper than clearing the whole span when it is sparse
+        return 0, out.tobytes()
 
     def encoded_size(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, int]:
         """Return ``(param, payload size)`` without encoding."""
         return 0, (ctx.numel + 7) // 8
 
-    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
+    def positions(self, payload: memoryview, param: int, ctx: BlockContext,
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+        """Validate the block, then return an iterator of ``(k0, positions)`` chunks."""
         if param != 0:  # spec 6.1: Param is 0
             raise ctx.error(f"bitmask block: param must be 0, got {param}")
-        mask = unpack_bits(payload, ctx.numel, ctx, "bitmask block")
-        indices = np.flatnonzero(mask)
-        if indices.size != ctx.nnz:  # spec 6.1: popcount equals Nnz
-            raise ctx.error(f"bitmask block: {indices.size} bits set, nnz is {ctx.nnz}")
-        return indices
+        buf = check_packed(payload, ctx.numel, ctx, "bitmask block")
+        count = int(np.bitwise_count(buf).sum(dtype=np.int64))
+        if count != ctx.nnz:  # spec 6.1: popcount equals Nnz
+            raise ctx.error(f"bitmask block: {count} bits set, nnz is {ctx.nnz}")
+        return self._chunks(buf)
+
+    @staticmethod
+    def _chunks(buf: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+        k0 = 0
+        for a in range(0, buf.size, _DECODE_SPAN):
+            # flatnonzero on a bool view: 5x faster than on uint8
+            pos = np.flatnonzero(np.unpackbits(buf[a : a + _DECODE_SPAN],
+                                               bitorder="little").view(bool))
+            if pos.size:
+                pos += 8 * a
+                yield k0, pos
+                k0 += pos.size
+
+    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
+        out = np.empty(ctx.nnz, dtype=np.int64)
+        for k0, pos in self.positions(payload, param, ctx):
+            out[k0 : k0 + pos.size] = pos
+        return out
 
     def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
         return (ctx.numel + 7) // 8
