@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._spec import BLOCK_SIGNS
-from ._bits import pack_bits, unpack_bits
+from ._bits import check_packed, pack_bits, unpack_bits
 from .base import BlockCodec, BlockContext, register_codec
 
 
@@ -30,6 +30,15 @@ class SignsCodec(BlockCodec):
         if param != 0:  # spec 6.3: Param is 0
             raise ctx.error(f"signs block: param must be 0, got {param}")
         return unpack_bits(payload, ctx.nnz, ctx, "signs block")
+
+    def packed(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
+        """Validate the block like :meth:`decode`; return the packed bits (uint8), not bools.
+
+        The dense decoders unpack the few signs of each chunk they write instead.
+        """
+        if param != 0:  # spec 6.3: Param is 0
+            raise ctx.error(f"signs block: param must be 0, got {param}")
+        return check_packed(payload, ctx.nnz, ctx, "signs block")
 
     def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
         return (ctx.nnz + 7) // 8
