@@ -11,7 +11,7 @@ from . import dtypes as _dt
 from ._spec import TERNARY_DTYPES
 from .errors import EncodeError
 
-__all__ = ["TernaryTensor"]
+__all__ = ["TernaryTensor", "dense_output", "dense_values"]
 
 _NAME_ALIASES = {
     "f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "bf16": "BF16",
@@ -42,6 +42,45 @@ def _round_scale(scale: float, name: str) -> float:
     if name == "F16":
         return float(np.float16(scale))
     return float(np.float32(scale))
+
+
+_SCATTER_CHUNK = 1 << 16  # nonzeros per step of the dense writers (fits in L2 with its values)
+
+
+def dense_values(scale: float, name: str, *, bf16_bits: bool = False) -> np.ndarray:
+    """Return ``[+value, -value]``: the two nonzero elements of a dense tensor of dtype ``name``.
+
+    Indexed by a sign bit (1 = negative). BF16 gives float32 values rounded to bfloat16, or
+    with ``bf16_bits`` the raw uint16 bits (the sign is the top bit, as torch stores them).
+
+    >>> dense_values(0.5, "F16")
+    array([ 0.5, -0.5], dtype=float16)
+    """
+    if name == "BF16" and bf16_bits:
+        bits = _dt.f32_to_bf16_bits(np.float32([scale]))[0]
+        return np.array([bits, bits | 0x8000], dtype=np.uint16)
+    np_dtype = np.float32 if name == "BF16" else _dt.storage_dtype(name)
+    value = _round_scale(scale, name)
+    return np.array([value, -value], dtype=np_dtype)
+
+
+def dense_output(out: np.ndarray | None, numel: int, dtype: np.dtype) -> np.ndarray:
+    """Return a flat zeroed array of ``numel`` elements: a new one, or a flat view of ``out``.
+
+    A new array comes from ``np.zeros``, whose pages the OS hands out already zeroed.
+    """
+    if out is None:
+        return np.zeros(numel, dtype=dtype)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a numpy array, got {type(out).__name__}")
+    if out.dtype != dtype or out.size != numel:
+        raise ValueError(f"out must hold {numel} elements of {np.dtype(dtype)}, got {out.size} "
+                         f"of {out.dtype}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("out must be C-contiguous and writeable")
+    flat = out.reshape(-1)
+    flat.fill(0)
+    return flat
 
 
 class TernaryTensor:
@@ -171,22 +210,21 @@ class TernaryTensor:
         return cls(storage.shape, indices, np.signbit(nz), scale, out_dtype, _validated=True)
 
     # -- conversion ------------------------------------------------------------------------
-    def to_numpy(self, dtype: Any = None) -> np.ndarray:
+    def to_numpy(self, dtype: Any = None, *, out: np.ndarray | None = None) -> np.ndarray:
         """Return the dense array; BF16 comes back as float32 holding bfloat16 values.
 
-        ``dtype`` (``"F32"``, ``np.float16``, ...) overrides the stored dtype.
+        ``dtype`` (``"F32"``, ``np.float16``, ...) overrides the stored dtype. ``out``, a
+        C-contiguous writeable array of ``numel`` elements of that numpy dtype, receives the
+        values instead of a new array (it is zeroed first) and is returned.
 
         >>> TernaryTensor((3,), [2], [True], 0.1, "F16").to_numpy()
         array([ 0. ,  0. , -0.1], dtype=float16)
         """
         name = self.dtype if dtype is None else _dtype_name(dtype)
-        np_dtype = np.float32 if name == "BF16" else _dt.storage_dtype(name)
-        value = _round_scale(self.scale, name)
-        out = np.zeros(self.numel, dtype=np_dtype)
-        if self.nnz:
-            vals = np.array([value, -value], dtype=np_dtype)
-            out[self.indices] = vals[self.signs.view(np.uint8)]
-        return out.reshape(self.shape)
+        vals = dense_values(self.scale, name)
+        flat = dense_output(out, self.numel, vals.dtype)
+        self._scatter(flat, vals)
+        return flat.reshape(self.shape) if out is None else out
 
     def to_torch(self, dtype: Any = None):
         """Return the dense ``torch.Tensor`` in the stored dtype (BF16 native).
@@ -195,14 +233,19 @@ class TernaryTensor:
         tensor([1.5000, 0.0000], dtype=torch.bfloat16)
         """
         name = self.dtype if dtype is None else _dtype_name(dtype)
-        if name != "BF16":
-            return _dt.to_torch(self.to_numpy(name), name)
-        value_bits = _dt.f32_to_bf16_bits(np.float32([self.scale]))[0]
-        out = np.zeros(self.numel, dtype=np.uint16)
-        if self.nnz:
-            vals = np.array([value_bits, value_bits | 0x8000], dtype=np.uint16)
-            out[self.indices] = vals[self.signs.view(np.uint8)]
-        return _dt.to_torch(out.reshape(self.shape), "BF16")
+        vals = dense_values(self.scale, name, bf16_bits=True)
+        flat = np.zeros(self.numel, dtype=vals.dtype)
+        self._scatter(flat, vals)
+        return _dt.to_torch(flat.reshape(self.shape), name)
+
+    def _scatter(self, flat: np.ndarray, vals: np.ndarray) -> None:
+        """Write ``vals[sign]`` at every nonzero, a cache-sized chunk of nonzeros at a time.
+
+        Chunks avoid a values array of the whole tensor (one gather per chunk instead).
+        """
+        signs = self.signs.view(np.uint8)
+        for a in range(0, self.nnz, _SCATTER_CHUNK):
+            flat[self.indices[a : a + _SCATTER_CHUNK]] = vals.take(signs[a : a + _SCATTER_CHUNK])
 
     # -- value semantics -------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
