@@ -18,8 +18,10 @@ import math
 import mmap
 import os
 import tempfile
+import threading
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -29,7 +31,8 @@ import numpy as np
 from . import _spec as S
 from . import dtypes as _dt
 from ._io import BufferSource, Source, StreamSource, encode_varint
-from .codecs import ZSTD, BlockContext, get_codec
+from .codecs import ZSTD, BlockContext, ZstdStage, get_codec
+from .codecs._bits import scatter_signed
 from .codecs.bitmask import BitmaskCodec
 from .codecs.dense import DenseCodec
 from .codecs.golomb import GolombCodec
@@ -45,7 +48,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
-from .tensor import TernaryTensor
+from .tensor import TernaryTensor, dense_output, dense_values
 
 __all__ = [
     "BlockInfo",
@@ -296,38 +299,92 @@ def _descriptor(block_type: int, stage: int, param: int, stored: int, decoded: i
     return out
 
 
-def _maybe_zstd(payload: bytes, level: int | None) -> tuple[int, bytes]:
+def _maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD,
+                ) -> tuple[int, bytes]:
     """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7)."""
     if level is None or len(payload) < 64:
         return S.STAGE_NONE, payload
-    frame = ZSTD.encode(payload, level)
+    frame = stage.encode(payload, level)
     if len(frame) < len(payload):
         return S.STAGE_ZSTD, frame
     return S.STAGE_NONE, payload
 
 
+# The zstd stage of a large block runs on one worker thread while the writer's thread encodes
+# the next block: zstd and most numpy loops release the GIL, so the two share the cores. The
+# output is the same bytes (single-threaded zstd, same parameters); zstd's own multi-threaded
+# mode would change them. The worker has its own ZstdStage: zstd compressors are not
+# thread-safe.
+_ZSTD_WORKER = ZstdStage()
+_BACKGROUND_MIN = 1 << 20  # smaller payloads are compressed inline: the hand-off costs more
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def _zstd_pool() -> ThreadPoolExecutor:
+    """The worker, created on first use and again in a forked child (whose copy has no thread)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="compeft-zstd"))
+        return _pool[1]
+
+
+def _zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, bytes]]:
+    """Start :func:`_maybe_zstd` of ``payload``; return a function that waits for its result."""
+    if level is None or len(payload) < _BACKGROUND_MIN:
+        result = _maybe_zstd(payload, level)
+        return lambda: result
+    return _zstd_pool().submit(_maybe_zstd, payload, level, _ZSTD_WORKER).result
+
+
+_Block = tuple[int, int, int, bytes, int]  # block type, stage, param, stored, decoded size
+
+
 def _encode_positions(t: TernaryTensor, ctx: BlockContext, positions: str,
-                      level: int | None) -> tuple[int, int, int, bytes, int]:
-    """Return ``(block_type, stage, param, stored, decoded_size)`` for the positions block."""
+                      level: int | None) -> Callable[[], _Block]:
+    """Start encoding the positions block; return a function that finishes it.
+
+    ``auto`` keeps the smallest raw candidate, or with zstd the smallest of both candidates
+    each through zstd where that is smaller (the smaller raw one wins a tie). The bitmask is
+    encoded first so that its zstd stage, the slow one, runs while the golomb stream is built.
+    """
     if positions == "golomb" or t.nnz == 0:
         codecs = [_GOLOMB]  # spec 6.2.2: an empty tensor's positions are an empty golomb block
     elif positions == "bitmask":
         codecs = [_BITMASK]
-    else:  # auto: the smallest raw candidate, then each through zstd where that is smaller
-        g_size = _GOLOMB.encoded_size(t.indices, ctx)[1]
-        b_size = _BITMASK.encoded_size(t.indices, ctx)[1]
-        codecs = [_BITMASK, _GOLOMB] if b_size <= g_size else [_GOLOMB, _BITMASK]
-        if level is None:
-            codecs = codecs[:1]
-    best = None
-    for codec in codecs:
-        param, payload = codec.encode(t.indices, ctx)
-        stage, stored = _maybe_zstd(payload, level)
-        cand = (codec.block_type, stage, param, stored, len(payload))
-        if best is None or len(stored) < len(best[3]):
-            best = cand
-    assert best is not None
-    return best
+    else:
+        codecs = []
+    jobs = []
+    if codecs:
+        param, payload = codecs[0].encode(t.indices, ctx)
+        jobs.append((codecs[0], param, payload, _zstd_later(payload, level)))
+    elif level is None:  # auto without zstd: only the smaller raw candidate is built
+        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
+        if _BITMASK.encoded_size(t.indices, ctx)[1] <= len(g_payload):
+            b_param, b_payload = _BITMASK.encode(t.indices, ctx)
+            jobs.append((_BITMASK, b_param, b_payload, _zstd_later(b_payload, None)))
+        else:
+            jobs.append((_GOLOMB, g_param, g_payload, _zstd_later(g_payload, None)))
+    else:
+        b_param, b_payload = _BITMASK.encode(t.indices, ctx)
+        b_job = (_BITMASK, b_param, b_payload, _zstd_later(b_payload, level))
+        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
+        # golomb streams are near-incompressible, zstd's fast path: inline
+        g_stage = _maybe_zstd(g_payload, level)
+        g_job = (_GOLOMB, g_param, g_payload, lambda: g_stage)
+        jobs = [b_job, g_job] if len(b_payload) <= len(g_payload) else [g_job, b_job]
+
+    def finish() -> _Block:
+        best = None
+        for codec, param, payload, wait in jobs:
+            stage, stored = wait()
+            if best is None or len(stored) < len(best[3]):
+                best = (codec.block_type, stage, param, stored, len(payload))
+        assert best is not None
+        return best
+
+    return finish
 
 
 class Writer:
@@ -452,10 +509,10 @@ class Writer:
 
     def _ternary(self, name: str, t: TernaryTensor) -> tuple[int, bytes, list]:
         ctx = BlockContext(name, t.numel, t.nnz, t.dtype, t.shape)
-        blocks = [_encode_positions(t, ctx, self._positions, self._level)]
-        param, payload = _SIGNS.encode(t.signs, ctx)
+        positions = _encode_positions(t, ctx, self._positions, self._level)
+        param, payload = _SIGNS.encode(t.signs, ctx)  # meanwhile a worker may run zstd
         stage, stored = _maybe_zstd(payload, self._level)
-        blocks.append((S.BLOCK_SIGNS, stage, param, stored, len(payload)))
+        blocks = [positions(), (S.BLOCK_SIGNS, stage, param, stored, len(payload))]
         param, payload = _SCALE.encode(t.scale, ctx)
         blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
         return S.KIND_TERNARY, encode_varint(t.nnz), blocks
@@ -790,8 +847,14 @@ def _check_block_set(rec: _Record) -> None:
                                tensor=rec.name, offset=rec.offset)
 
 
-def _decode_record(rec: _Record, data: memoryview, budget: _Budget) -> Any:
-    """Verify a record's data area and decode its blocks (spec 8)."""
+def _decode_record(rec: _Record, data: memoryview, budget: _Budget, dense: str | None = None,
+                   out: np.ndarray | None = None) -> Any:
+    """Verify a record's data area and decode its blocks (spec 8).
+
+    A ternary record gives a :class:`TernaryTensor`; with ``dense`` ("numpy" or "torch") it
+    gives its dense array instead, written chunk by chunk straight from the positions and
+    signs blocks (see :func:`_dense_ternary`). A dense record gives its storage array.
+    """
     computed = _crc(data)
     if computed != rec.data_crc:
         raise ChecksumError(f"data checksum mismatch: stored 0x{rec.data_crc:08x}, computed "
@@ -819,15 +882,41 @@ def _decode_record(rec: _Record, data: memoryview, budget: _Budget) -> Any:
             payload = memoryview(ZSTD.decode(payload, decoded_size, ctx))
         if codec.role == "positions":  # unpacked bits, then int64 indices and bool signs
             budget.charge(8 * len(payload) + 9 * ctx.nnz, ctx, rec.end)
-        values[codec.role] = codec.decode(payload, param, ctx)
+        if dense is not None and codec.role == "positions":
+            values["positions"] = codec.positions(payload, param, ctx)  # checks the block now
+        elif dense is not None and codec.role == "signs":
+            values["signs"] = codec.packed(payload, param, ctx)
+        else:
+            values[codec.role] = codec.decode(payload, param, ctx)
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
+    if dense is not None:
+        return _dense_ternary(rec, values, dense, out)
     return TernaryTensor(rec.shape, values["positions"], values["signs"], values["scale"],
                          rec.dtype, _validated=True)
 
 
+def _dense_ternary(rec: _Record, values: dict[str, Any], dense: str,
+                   out: np.ndarray | None) -> np.ndarray:
+    """Write a ternary record's dense array from its blocks' positions and packed signs.
+
+    The positions codec yields chunks of positions; each is written at once with its signs'
+    values, so neither the int64 index array nor the bool signs of the whole tensor are
+    built. The output is "numpy" values (BF16 as float32, as ``to_numpy``) or "torch"
+    storage (BF16 as raw uint16 bits, as ``to_torch`` stores them).
+    """
+    vals = dense_values(values["scale"], rec.dtype, bf16_bits=dense == "torch")
+    flat = dense_output(out, math.prod(rec.shape), vals.dtype)
+    scatter_signed(values["positions"], values["signs"], vals, flat)
+    return flat.reshape(rec.shape) if out is None else out
+
+
 def _present(value: Any, framework: str) -> Any:
-    """Return a decoded value in the caller's framework (spec-independent)."""
+    """Return a decoded value in the caller's framework (spec-independent).
+
+    ``value`` is a :class:`TernaryTensor` or ``(storage array, dtype)``; a ternary record
+    decoded dense for numpy comes as ``(values, "F32"/"F16"/"F64")``, already values.
+    """
     if framework == "torch":
         if isinstance(value, TernaryTensor):
             return value.to_torch()
@@ -858,11 +947,13 @@ def _read_index(src: Source, limits: S.ReadLimits) -> list[tuple[str, int]]:
 
 
 def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
-                limits: S.ReadLimits = S.DEFAULT_LIMITS) -> Iterator[tuple[str, Any]]:
+                limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+                ) -> Iterator[tuple[str, Any]]:
     """Decode a compeft file from a stream, tensor by tensor, in file order.
 
     The stream need not seek (a pipe, a download). Every byte is checked: checksums,
     padding, the index against the records seen, and the end of the stream after the trailer.
+    ``dense=True`` gives ternary tensors as dense numpy arrays (see :func:`loads`).
 
     >>> import io
     >>> data = dumps({"a": TernaryTensor((2,), [1], [False], 1.0)})
@@ -871,11 +962,34 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
     """
     _check_framework(framework)
     src: Source = fileobj if isinstance(fileobj, Source) else StreamSource(fileobj)
-    yield from _walk(src, framework, limits, None)
+    yield from _walk(src, framework, limits, None, dense)
+
+
+def _decode_present(rec: _Record, data: memoryview, budget: _Budget, framework: str,
+                    dense: bool, out: np.ndarray | None = None) -> Any:
+    """Decode one record and return it as the caller asked (framework, dense, ``out``).
+
+    Torch always gets dense tensors, and like ``dense=True`` they are written straight from
+    the blocks, without a :class:`TernaryTensor` in between.
+    """
+    mode = "torch" if framework == "torch" else "numpy" if dense else None
+    if out is not None and mode != "numpy":
+        raise ValueError("out= needs dense=True and framework='numpy'")
+    value = _decode_record(rec, data, budget, mode, out)
+    if isinstance(value, TernaryTensor):
+        return _present(value, framework)
+    if rec.kind == S.KIND_TERNARY:  # decoded dense: numpy values, or torch storage
+        return _dt.to_torch(value, rec.dtype) if mode == "torch" else value
+    value = _present((value, rec.dtype), framework)
+    if out is not None:
+        flat = dense_output(out, value.size, value.dtype)
+        flat[...] = value.reshape(-1)
+        return out
+    return value
 
 
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
-          file_size: int | None) -> Iterator[tuple[str, Any]]:
+          file_size: int | None, dense: bool = False) -> Iterator[tuple[str, Any]]:
     header = _read_file_header(src, limits)
     budget = _Budget(limits, file_size)
     seen: list[tuple[str, int]] = []
@@ -903,10 +1017,7 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
                 raise ChecksumError("data checksum mismatch", tensor=rec.name,
                                     offset=rec.data_start)
             continue  # spec 10.2: an unknown optional record is skipped
-        value = _decode_record(rec, data, budget)
-        if isinstance(value, np.ndarray):
-            value = (value, rec.dtype)
-        yield rec.name, _present(value, framework)
+        yield rec.name, _decode_present(rec, data, budget, framework, dense)
     src.tensor = None
     index_at = src.pos - 1
     src.capture = bytearray(b"\x00")
@@ -931,18 +1042,22 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
 
 
 def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
-          limits: S.ReadLimits = S.DEFAULT_LIMITS) -> dict[str, Any]:
+          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
     """Decode a whole file from bytes, checking every byte (spec 8).
 
     Values are :class:`TernaryTensor` for ternary records and numpy arrays for dense records
     (BF16/F8 widened to float32); ``framework="torch"`` gives torch tensors in the stored dtype.
+    ``dense=True`` gives ternary records as dense numpy arrays too (``TernaryTensor.to_numpy``
+    values), decoded straight into the array: the fastest way to dense weights.
 
     >>> loads(dumps({"b": np.arange(3, dtype=np.int8)}))["b"]
     array([0, 1, 2], dtype=int8)
+    >>> loads(dumps({"t": TernaryTensor((3,), [1], [True], 0.5)}), dense=True)["t"]
+    array([ 0. , -0.5,  0. ], dtype=float32)
     """
     _check_framework(framework)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    return dict(_walk(BufferSource(buf), framework, limits, len(buf)))
+    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense))
 
 
 def _verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:
@@ -1088,8 +1203,16 @@ class CompeftReader:
         """Shape, dtype, nnz, blocks and sizes of one tensor, without decoding its data."""
         return self._record(name).info()
 
-    def get(self, name: str, *, framework: str | None = None) -> Any:
-        """Decode one tensor, reading only its bytes."""
+    def get(self, name: str, *, framework: str | None = None, dense: bool = False,
+            out: np.ndarray | None = None) -> Any:
+        """Decode one tensor, reading only its bytes.
+
+        ``dense=True`` returns a ternary tensor as its dense numpy array, decoded straight
+        from the file (no index array in between); ``out``, a C-contiguous array of the
+        right size and dtype (float32 for BF16), then receives it and is returned.
+        The dense array is not counted in ``ReadLimits.max_decoded_bytes`` (its size,
+        ``info(name).numel`` elements, is known before decoding).
+        """
         rec = self._record(name)
         fw = framework or self._framework
         _check_framework(fw)
@@ -1097,10 +1220,7 @@ class CompeftReader:
             raise UnsupportedFeatureError(f"record kind 0x{rec.kind:02x} has no tensor",
                                           tensor=name)
         data = self._buf[rec.data_start : rec.end]
-        value = _decode_record(rec, data, _Budget(self._limits, len(self._buf)))
-        if isinstance(value, np.ndarray):
-            value = (value, rec.dtype)
-        return _present(value, fw)
+        return _decode_present(rec, data, _Budget(self._limits, len(self._buf)), fw, dense, out)
 
     def get_raw(self, name: str) -> tuple[np.ndarray, str] | TernaryTensor:
         """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits)."""
@@ -1164,15 +1284,15 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
 
 
 def load_file(path: str | os.PathLike, *, framework: str = "numpy",
-              limits: S.ReadLimits = S.DEFAULT_LIMITS) -> dict[str, Any]:
+              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
     """Read and check a whole file; like :func:`loads` on its bytes."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return loads(b"", framework=framework, limits=limits)
+            return loads(b"", framework=framework, limits=limits, dense=dense)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mm)
-    result = loads(view, framework=framework, limits=limits)
+    result = loads(view, framework=framework, limits=limits, dense=dense)
     return result
 
 
