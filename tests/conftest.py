@@ -1,4 +1,4 @@
-"""Shared test setup: import path, hypothesis profiles and the spec vector folders.
+"""Shared test setup: the import path and the hypothesis profiles.
 
 Hypothesis profiles are chosen by the ``HYPOTHESIS_PROFILE`` environment variable:
 
@@ -17,15 +17,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a checkout without installing the package
     sys.path.insert(0, str(ROOT))
-
-VECTORS = ROOT / "spec" / "vectors"
 
 # numpy-heavy examples have jittery timings on a shared VM: never fail on a deadline
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
@@ -47,13 +44,3 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
-
-def valid_vector_paths() -> list[Path]:
-    """Return the ``spec/vectors/valid/*.compeft`` files, sorted (maybe none yet)."""
-    return sorted((VECTORS / "valid").glob("*.compeft"))
-
-
-@pytest.fixture(scope="session")
-def valid_vectors() -> list[Path]:
-    """The valid spec vectors; an empty list when none have been written yet."""
-    return valid_vector_paths()
