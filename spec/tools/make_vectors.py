@@ -661,6 +661,23 @@ def _entries(fn: Callable[[list[tuple[bytes, int]], int], list[tuple[bytes, int]
     return mutation
 
 
+def _flip_kind(f: File) -> None:
+    r = f.records[0]
+    r.header_crc = crc32(_record_header_bytes(f, 0))  # the checksum of the unflipped header
+    r.kind ^= 0x80
+
+
+def _record_header_bytes(f: File, i: int) -> bytes:
+    """Return record ``i``'s header bytes from Record_Kind to Data_Checksum."""
+    data = f.serialize()
+    off = _offsets(f)[i]
+    r = f.records[i]
+    head = bytes([r.kind]) + varint(len(r.build_body()) + 8)
+    head += varint(len(r.build_data(f.alignment))) + r.build_body()
+    assert data[off : off + len(head)] == head
+    return data[off : off + len(head) + 4]
+
+
 def _hole(f: File) -> None:
     f.records[0].after = bytes(8)  # the index gives the offsets with the hole in place
 
@@ -1008,6 +1025,10 @@ INVALID: list[Invalid] = [
             "4096-byte block: one frame only, and no skippable frames.", "R-ZST-2",
             mutate(ZS, _zstd_dense("ramp", lambda b: setattr(
                 b, "stored", b"\x5f\x2a\x4d\x18" + struct.pack("<I", 2) + b"hi" + b.stored)))),
+    Invalid("125-kind-bit7-flipped", "Bit 7 of the first record's Record_Kind flipped (0x01 "
+            "to 0x81) without fixing its Header_Checksum: an optional kind, but a broken "
+            "header, which random access also checks before dropping the record.", "R-REC-4",
+            mutate(TWO, _flip_kind)),
 ]
 
 

@@ -599,8 +599,15 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     if not entries and index_at != first:
         raise SpecError("R-IDX-9", "bytes before an empty index")
     ends = [off for _, off in entries[1:]] + [index_at]
-    spans = [(name, off, end) for (name, off), end in zip(entries, ends, strict=False)
-             if data[off] in (0x01, 0x02) or not data[off] & OPTIONAL]
+    spans = []
+    for (name, off), end in zip(entries, ends, strict=False):
+        if data[off] not in (0x01, 0x02) and data[off] & OPTIONAL:
+            # step 6: the header of a dropped optional record is checked (its checksum covers
+            # the kind byte), its data area is not read
+            c = Cursor(data, off + 1, end)
+            read_record_header(c, data[off], limits, a)
+            continue
+        spans.append((name, off, end))
     tensors = []
     for name, off, end in spans:
         c = Cursor(data, off, end)
