@@ -7,7 +7,7 @@ True
 """
 
 from ._spec import VERSION_MAJOR, VERSION_MINOR, ReadLimits
-from .compress import compress, compression_metadata, select_topk
+from .compress import compress, compression_metadata, iter_compress, select_topk
 from .container import (
     BlockInfo,
     CompeftReader,
@@ -102,6 +102,7 @@ __all__ = [
     "decompress_file",
     "dumps",
     "inspect",
+    "iter_compress",
     "iter_stream",
     "load_file",
     "loads",

@@ -41,6 +41,7 @@ __all__ = [
     "TopK",
     "compress",
     "compression_metadata",
+    "iter_compress",
     "select_topk",
 ]
 
@@ -371,6 +372,89 @@ def compress(
     >>> compress(tv, density=0.5, scale="l2")["b"].scale  # mean of 0.4, 0.3, 0.2
     0.30000001192092896
     """
+    names, excluded, work_names, job = _setup(
+        tensors, density, alpha, scope, scale, exclude, progress
+    )
+    results: dict[str, Any] = {}
+    for name in names:
+        if name in excluded:
+            results[name] = tensors[name]
+            if progress is not None:
+                progress(name)
+    if scope == "global":
+        results.update(job.run(work_names, tensors.__getitem__))
+    else:
+        for name in work_names:
+            results.update(job.run_one(name, tensors))
+    return {name: results[name] for name in names}
+
+
+def iter_compress(
+    tensors: Mapping[str, Any],
+    *,
+    density: float,
+    alpha: float = 1.0,
+    scope: str = "global",
+    scale: str = "norm",
+    exclude: str | Iterable[str] = (),
+    progress: Callable[[str], Any] | None = None,
+) -> Iterator[tuple[str, Any]]:
+    """Compress like :func:`compress`, yielding ``(name, value)`` one tensor at a time.
+
+    The values are exactly :func:`compress`'s, yielded in sorted name order (``sorted``,
+    Python string order, which is also the order of the names' UTF-8 bytes, the order of a
+    compeft file's records). Once the threshold and the scale are known, each tensor is
+    gathered, yielded and dropped, so only the tensor being consumed is held, where
+    :func:`compress` returns them all at once: for a model larger than memory, write each
+    tensor as it comes (``compeft_format.convert`` does). A scale other than ``"norm"`` and
+    ``"std"`` needs the sum of every kept magnitude before the first tensor can be built:
+    one more pass over the data (four reads of each tensor instead of three).
+
+    The options are checked at the call; the work starts with the first ``next()``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> tv = {"b": np.array([0.1, -0.4, 0.0]), "a": np.array([0.3, 0.2]), "n": np.arange(2)}
+    >>> [(name, getattr(v, "nnz", v)) for name, v in iter_compress(tv, density=0.5,
+    ...                                                            exclude="n")]
+    [('a', 1), ('b', 1), ('n', array([0, 1]))]
+    """
+    names, excluded, work_names, job = _setup(
+        tensors, density, alpha, scope, scale, exclude, progress, stream=True
+    )
+
+    def stream() -> Iterator[tuple[str, Any]]:
+        if scope == "global":
+            work = job.iter_run(work_names, tensors.__getitem__)
+        else:
+            work = (item for name in work_names for item in job.iter_run_one(name, tensors))
+        for name in sorted(names):
+            if name in excluded:
+                value = tensors[name]
+                if progress is not None:
+                    progress(name)
+                yield name, value
+                continue
+            got, value = next(work)
+            assert got == name, (got, name)  # both walk the sorted names
+            yield name, value
+            del value  # hold nothing once the consumer has moved on
+
+    return stream()
+
+
+def _setup(
+    tensors: Mapping[str, Any],
+    density: float,
+    alpha: float,
+    scope: str,
+    scale: str,
+    exclude: str | Iterable[str],
+    progress: Callable[[str], Any] | None,
+    stream: bool = False,
+) -> tuple[list[str], set[str], list[str], _Job]:
+    """Check the options; return the names, the excluded ones, the sorted rest and the job."""
     density = _check_density(density)
     alpha = _check_alpha(alpha)
     scope = _check_choice("scope", scope, SCOPES)
@@ -384,20 +468,9 @@ def compress(
     work_names = sorted(n for n in names if n not in excluded)
     declared = getattr(tensors, "dtypes", None)
     declared = declared if isinstance(declared, Mapping) else {}
-
-    results: dict[str, Any] = {}
-    for name in names:
-        if name in excluded:
-            results[name] = tensors[name]
-            if progress is not None:
-                progress(name)
     job = _Job(density, alpha, scale, declared, progress)
-    if scope == "global":
-        results.update(job.run(work_names, tensors.__getitem__))
-    else:
-        for name in work_names:
-            results.update(job.run_one(name, tensors))
-    return {name: results[name] for name in names}
+    job.stream = stream
+    return names, excluded, work_names, job
 
 
 @dataclass
@@ -426,6 +499,9 @@ class _Job:
         self.scale = scale
         self.declared = declared
         self.progress = progress
+        #: set by iter_compress: hold one output tensor at a time, at the cost of one more
+        #: pass for the scales that need the sum of the kept magnitudes (see _pass3)
+        self.stream = False
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
@@ -456,6 +532,12 @@ class _Job:
     # helper returns: the next tensor is only fetched once the previous one is unreachable.
     def run(self, names: list[str], fetch: Callable[[str], Any]) -> dict[str, TernaryTensor]:
         """Compress the scope ``names`` (sorted), fetching values with ``fetch(name)``."""
+        return dict(self.iter_run(names, fetch))
+
+    def iter_run(
+        self, names: list[str], fetch: Callable[[str], Any]
+    ) -> Iterator[tuple[str, TernaryTensor]]:
+        """:meth:`run`, yielding each tensor as soon as it is built (in ``names`` order)."""
         metas: list[_Meta] = []
         stats = _Stats(need_std=self.scale == "std")
         rng = np.random.default_rng(_SAMPLE_SEED)
@@ -474,12 +556,18 @@ class _Job:
 
         top = _select(mags, n, k, sample, work)
         del sample
-        return self._pass3(metas, fetch, top, stats, work, buf)
+        yield from self._pass3(metas, fetch, top, stats, work, buf)
 
     def run_one(self, name: str, tensors: Mapping[str, Any]) -> dict[str, TernaryTensor]:
         """Compress one tensor on its own; it is fetched once and held for the passes."""
+        return dict(self.iter_run_one(name, tensors))
+
+    def iter_run_one(
+        self, name: str, tensors: Mapping[str, Any]
+    ) -> Iterator[tuple[str, TernaryTensor]]:
+        """:meth:`run_one`, as a generator."""
         value = tensors[name]
-        return self.run([name], lambda _name: value)
+        yield from self.iter_run([name], lambda _name: value)
 
     def _pass1_tensor(
         self,
@@ -530,34 +618,51 @@ class _Job:
         stats: _Stats,
         work: np.dtype,
         buf: np.ndarray,
-    ) -> dict[str, TernaryTensor]:
-        """Gather the kept positions and signs, then build the tensors with the final scale."""
+    ) -> Iterator[tuple[str, TernaryTensor]]:
+        """Find the final scale, then build and yield the tensors one at a time.
+
+        ``"norm"`` and ``"std"`` are known from pass 1: each tensor is gathered when it is
+        yielded, so only that one is held. The other scales need the sum of every kept
+        magnitude first. With :attr:`stream` set (:func:`iter_compress`), a pass of its own
+        computes it, gathering exactly as the output pass does (same order, same ties, so
+        the same sum); otherwise (:func:`compress`, which holds every output anyway, and
+        reads each tensor at most three times) the positions and signs of all tensors are
+        gathered together with the sum and held until the scale is known.
+        """
         t = work.type(top.threshold)
-        ties_left = top.n_ties
-        kept_sum = 0.0  # float64 sum of kept magnitudes (for scale="l2")
-        parts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        for meta in metas:
-            if not meta.numel or top.kept == 0:
-                parts[meta.name] = (np.empty(0, np.int64), np.empty(0, bool))
-                continue
-            idx, signs, ties_left, part_sum = self._gather(
-                meta.name, fetch, t, ties_left, work, buf
-            )
-            parts[meta.name] = (idx, signs)
-            kept_sum += part_sum
+        kept_sum = 0.0  # float64 sum of the kept magnitudes
+        held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if top.kept and self.scale not in ("norm", "std"):
+            ties_left = top.n_ties
+            for meta in metas:
+                if meta.numel:
+                    idx, signs, ties_left, part_sum = self._gather(
+                        meta.name, fetch, t, ties_left, work, buf
+                    )
+                    kept_sum += part_sum
+                    if not self.stream:
+                        held[meta.name] = (idx, signs)
+                    del idx, signs
         value = self._scale_value(top.kept, kept_sum, stats, metas)
-        out: dict[str, TernaryTensor] = {}
+        ties_left = top.n_ties
         for meta in metas:
-            idx, signs = parts.pop(meta.name)
-            if value == 0.0:
-                out[meta.name] = TernaryTensor.zeros(meta.shape, meta.dtype)
+            part = held.pop(meta.name, None)
+            if value == 0.0 or not meta.numel or top.kept == 0:
+                out = TernaryTensor.zeros(meta.shape, meta.dtype)
             else:
-                out[meta.name] = TernaryTensor(
-                    meta.shape, idx, signs, value, meta.dtype, _validated=True
-                )
+                if part is None:
+                    idx, signs, ties_left, _ = self._gather(
+                        meta.name, fetch, t, ties_left, work, buf
+                    )
+                else:
+                    idx, signs = part
+                out = TernaryTensor(meta.shape, idx, signs, value, meta.dtype, _validated=True)
+                del idx, signs
+            del part
             if self.progress is not None:
                 self.progress(meta.name)
-        return out
+            yield meta.name, out
+            del out
 
     def _gather(
         self,
