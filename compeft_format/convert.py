@@ -53,7 +53,7 @@ import numpy as np
 
 from . import _spec as S
 from . import dtypes as _dt
-from .compress import compress, compression_metadata
+from .compress import compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
 from .errors import CompeftError, CorruptDataError, EncodeError
 from .quality import QualityReport, quality_report
@@ -492,7 +492,31 @@ class _TaskVector(Mapping):
             a = _dt.to_numpy_values(flat[start:stop], dtype).astype(work, copy=False)
             b = _dt.to_numpy_values(b_flat[start:stop], dtype).astype(work, copy=False)
             np.subtract(a, b, out=out[start:stop])
+            # the inputs are read once: drop their pages as we go, so that the two mapped
+            # tensors do not stay resident beside the difference
+            self._reader.release(name)
+            self._base.release(name)
         return out.reshape(storage.shape)
+
+
+class _Records(Mapping):
+    """name -> the tensor as decoded from an open compeft file, read on each access."""
+
+    def __init__(self, reader: Any, names: list[str]) -> None:
+        self._reader = reader
+        self._names = names
+        self._known = set(names)
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._known:
+            raise KeyError(name)
+        return self._reader.get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 @dataclass
@@ -654,15 +678,13 @@ def compress_file(
         base_reader = (stack.enter_context(SafetensorsReader(base_path))
                        if base_path is not None else None)
         plan = _plan(source, reader, base_reader, base_path, patterns, progress)
-        passes = (3 if scope == "global" else 1) + 1  # compress's reads, then the quality's
+        # compress reads each tensor three times (global scope; once per tensor scope; one
+        # more for the scales that need the sum of the kept magnitudes), the quality once
+        passes = (1 if scope == "tensor" else 3 if scale in ("norm", "std") else 4) + 1
         bar = stack.enter_context(_Bar(progress, passes * len(plan.compressible), "compress"))
         tv = _TaskVector(plan.compressible, reader, base_reader, source.peft_type, bar.update)
-        compressed = compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
-        quality = quality_report(tv, compressed)
-        bar.close()
-        reader.release()
-        if base_reader is not None:
-            base_reader.release()
+        # one tensor at a time, in the file's (sorted) order: nothing is held once written
+        stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
 
         from . import __version__
 
@@ -678,31 +700,40 @@ def compress_file(
         counts = {"nnz": 0, "cnumel": 0, "numel": 0, "dense_bytes": 0}
         # the file's record order; a name that is not UTF-8 is refused by the Writer
         names = sorted(reader.keys(), key=lambda n: n.encode("utf-8", "surrogatepass"))
+        compressible = set(plan.compressible)
 
         def write(f: BinaryIO) -> None:
-            with _Bar(progress, len(names), "write") as wbar, Writer(
-                    f, metadata=metadata, positions=positions, zstd_level=zstd_level) as w:
+            with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level) as w:
                 for name in names:
                     info = reader.info(name)
                     counts["numel"] += info.numel
                     counts["dense_bytes"] += info.nbytes
-                    if name in compressed:
-                        t = compressed.pop(name)  # written: let it go
+                    if name in compressible:
+                        got, t = next(stream)
+                        if got != name:  # both walk the names in sorted order
+                            raise AssertionError(f"compress yielded {got!r}, expected {name!r}")
                         counts["nnz"] += t.nnz
                         counts["cnumel"] += t.numel
                         w.write(name, t)
+                        del t
                     else:
                         arr, dtype = reader.get(name)
                         w.write(name, arr, dtype=dtype)
                         del arr
                         reader.release(name)
-                    wbar.update()
 
         with out:
             target = out.file(ADAPTER_COMPEFT if source.is_dir else None)
             _write_fsync(target, write)
+            # the quality of what was written, read back from it one tensor at a time
+            with open_file(target) as written:
+                quality = quality_report(tv, _Records(written, plan.compressible))
+            bar.close()
             if source.config is not None:
                 shutil.copyfile(source.config, out.file(ADAPTER_CONFIG))
+        reader.release()
+        if base_reader is not None:
+            base_reader.release()
         final = out.dst / ADAPTER_COMPEFT if source.is_dir else out.dst
         return CompressSummary(
             source=str(source.path), output=str(out.dst), file=str(final),
