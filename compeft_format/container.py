@@ -194,13 +194,23 @@ class FileInfo:
 # ---------------------------------------------------------------------------------------------
 
 
-def _depth(obj: Any) -> int:
-    """Return the nesting depth of a JSON value (a scalar is 0)."""
-    if isinstance(obj, dict):
-        return 1 + max((_depth(v) for v in obj.values()), default=0)
-    if isinstance(obj, list):
-        return 1 + max((_depth(v) for v in obj), default=0)
-    return 0
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Return True if a JSON value nests deeper than ``limit`` (a scalar is depth 0).
+
+    Iterative, and it stops at the first container past the limit: a recursive walk raised
+    RecursionError (not a CompeftError) on metadata a few hundred levels deep that json.loads
+    still accepts, and never returned on a self-referencing dict given to the writer.
+    """
+    stack = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, (dict, list)))
+    return False
 
 
 def _check_reserved(meta: Mapping[str, Any], error: type[Exception]) -> None:
@@ -231,7 +241,7 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes:
     if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
         raise EncodeError("metadata must be a mapping with string keys")
     _check_reserved(metadata, EncodeError)
-    if _depth(dict(metadata)) > S.DEFAULT_LIMITS.max_metadata_depth:
+    if _too_deep(dict(metadata), S.DEFAULT_LIMITS.max_metadata_depth):
         raise EncodeError(f"metadata nests deeper than {S.DEFAULT_LIMITS.max_metadata_depth}")
     try:
         text = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"),
@@ -280,7 +290,7 @@ def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict
     if not isinstance(meta, dict):
         raise CorruptDataError(f"metadata must be a JSON object, got {type(meta).__name__}",
                                offset=offset)
-    if _depth(meta) > limits.max_metadata_depth:
+    if _too_deep(meta, limits.max_metadata_depth):
         raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
                                  offset=offset)
     _check_reserved(meta, lambda m: CorruptDataError(m, offset=offset))
@@ -793,6 +803,12 @@ def _read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment:
     if numel > limits.max_numel:
         raise LimitExceededError(f"shape {list(shape)} has {numel} elements; limit "
                                  f"{limits.max_numel}", tensor=name, offset=dims_at)
+    # an empty shape like (0, 2**62) has 0 elements, but no array library can make it
+    extent = math.prod(d for d in shape if d)
+    if extent > limits.max_numel:
+        raise LimitExceededError(f"shape {list(shape)}: its nonzero dimensions multiply to "
+                                 f"{extent}; limit {limits.max_numel}", tensor=name,
+                                 offset=dims_at)
     nnz = None
     if kind == S.KIND_TERNARY:
         nnz_at = b.pos
@@ -975,6 +991,15 @@ def _decode_present(rec: _Record, data: memoryview, budget: _Budget, framework: 
     mode = "torch" if framework == "torch" else "numpy" if dense else None
     if out is not None and mode != "numpy":
         raise ValueError("out= needs dense=True and framework='numpy'")
+    if rec.kind == S.KIND_DENSE:
+        # presenting a dense record allocates beyond its storage: BF16 widens to float32
+        # through a uint32 temporary (8 bytes an element), F8 through a table (4); torch
+        # copies the read-only storage. Charged before anything is decoded.
+        numel = math.prod(rec.shape)
+        cost = (S.ITEMSIZE[rec.dtype] if framework == "torch" else 8 if rec.dtype == "BF16"
+                else 4 if rec.dtype.startswith("F8") else 0) * numel
+        ctx = BlockContext(rec.name, numel, 0, rec.dtype, rec.shape, rec.data_start)
+        budget.charge(cost, ctx, rec.end)
     value = _decode_record(rec, data, budget, mode, out)
     if isinstance(value, TernaryTensor):
         return _present(value, framework)
