@@ -781,3 +781,21 @@ def test_iter_stream_accepts_bytes_io_and_files(tmp_path: Path) -> None:
     with path.open("rb") as f:
         assert _names(iter_stream(f)) == list(loads(data))
     assert _names(iter_stream(io.BytesIO(data))) == list(loads(data))
+
+
+def test_dense_input_layouts_are_stored_little_endian_c_order() -> None:
+    """Big-endian, transposed, Fortran-ordered and strided inputs read back equal (spec 2.1)."""
+    inputs = {
+        "be.t": np.arange(12, dtype=">i4").reshape(3, 4).T,
+        "fortran": np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)),
+        "strided": np.arange(10, dtype=np.uint16)[::3],
+        "torch.t": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4).T,
+    }
+    data = dumps(inputs)
+    loaded = loads(data)
+    for name in ("be.t", "fortran", "strided"):
+        assert loaded[name].dtype == inputs[name].dtype.newbyteorder("<")
+        np.testing.assert_array_equal(loaded[name], inputs[name])
+    assert open_file(data).get_raw("be.t")[0].tobytes() == np.arange(12, dtype="<i4").reshape(
+        3, 4).T.copy().tobytes()
+    assert torch.equal(loads(data, framework="torch")["torch.t"], inputs["torch.t"])

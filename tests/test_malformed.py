@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compeft_format import (
     BadMagicError,
@@ -487,3 +489,81 @@ def test_errors_are_value_errors_and_pickle() -> None:
     exc = pickle.loads(pickle.dumps(info.value))
     assert (type(exc), exc.offset, exc.tensor, str(exc)) == (
         BadMagicError, 0, None, str(info.value))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutations behind valid checksums: deep checks, and the readers agree
+# ---------------------------------------------------------------------------------------------
+
+
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        value |= (data[pos] & 0x7F) << shift
+        shift += 7
+        pos += 1
+        if not data[pos - 1] & 0x80:
+            return value, pos
+
+
+def checksum_spans(data: bytes) -> list[tuple[int, int, int]]:
+    """``(store_at, start, end)`` of every CRC of a valid file, in the order to recompute them
+    (a data checksum lies inside the record header its header checksum covers)."""
+    meta_end = S.FILE_HEADER_SIZE + struct.unpack("<I", data[12:16])[0]
+    spans = [(meta_end, 0, meta_end)]
+    for t in inspect(data).tensors:
+        header_len, pos = _varint_at(data, t.offset + 1)
+        header_end = _varint_at(data, pos)[1] + header_len
+        spans.append((header_end - 8, t.blocks[0].offset, t.offset + t.record_size))
+        spans.append((header_end - 4, t.offset, header_end - 4))
+    spans.append((len(data) - 8, struct.unpack("<Q", data[-16:-8])[0], len(data) - 16))
+    return spans
+
+
+def with_checksums(data: bytearray, spans: list[tuple[int, int, int]]) -> bytes:
+    for store_at, start, end in spans:
+        data[store_at : store_at + 4] = crc(bytes(data[start:end]))
+    return bytes(data)
+
+
+def outcome(reader: Callable[..., Any], data: bytes) -> Any:
+    """The reader's result, or the CompeftError it raised (any other exception escapes)."""
+    try:
+        return reader(data)
+    except CompeftError as exc:
+        return exc
+
+
+MUTATION_BASES = [SMALL[k] for k in ("bitmask", "golomb", "dense", "zstd", "metadata")]
+
+
+@given(st.sampled_from(range(len(MUTATION_BASES))), st.data())
+@settings(max_examples=max(50, settings.default.max_examples * 8))
+def test_mutations_behind_valid_checksums(which: int, data: st.DataObject) -> None:
+    """Bytes changed, then every CRC recomputed: whatever the readers do, they raise only
+    CompeftError, and when ``loads`` accepts, the two other readers return the same."""
+    base = MUTATION_BASES[which]
+    buf = bytearray(base)
+    for _ in range(data.draw(st.integers(1, 3))):
+        at = data.draw(st.integers(0, len(buf) - 1))
+        buf[at] = data.draw(st.integers(0, 255) | st.sampled_from([0, 1, 0x7F, 0x80, 0xFF,
+                                                                   buf[at] ^ 1]))
+    mutated = with_checksums(buf, checksum_spans(base))
+    got = {name: outcome(reader, mutated) for name, reader in READERS.items()}
+    if isinstance(got["loads"], CompeftError):
+        return
+    streamed = dict(got["iter_stream"]) if isinstance(got["iter_stream"], list) else None
+    assert streamed is not None, got["iter_stream"]
+    assert not isinstance(got["open_file"], CompeftError), got["open_file"]
+    for name, value in got["loads"].items():
+        for other in (streamed[name], got["open_file"][1][name]):
+            if isinstance(value, TernaryTensor):
+                assert other == value
+            else:
+                assert other.tobytes() == value.tobytes()
+    assert list(streamed) == list(got["loads"]) == list(got["open_file"][1])
+
+
+def test_checksum_spans_rebuild_the_files() -> None:
+    for base in MUTATION_BASES:
+        assert with_checksums(bytearray(base), checksum_spans(base)) == base
