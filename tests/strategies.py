@@ -8,7 +8,10 @@ float bounds are exactly representable at the width asked for.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
+from unittest import mock
 
 import numpy as np
 from hypothesis import strategies as st
@@ -33,6 +36,7 @@ __all__ = [
     "st_shapes",
     "st_tensor_dicts",
     "st_ternary_tensors",
+    "tiny_chunks",
     "torch_from_storage",
 ]
 
@@ -167,3 +171,29 @@ def st_metadata() -> st.SearchStrategy[dict[str, Any] | None]:
     objects = st.dictionaries(keys, values, max_size=4)
     producer = st.fixed_dictionaries({S.META_PRODUCER: st.text(max_size=8)})
     return st.none() | objects | st.builds(lambda a, b: {**a, **b}, objects, producer)
+
+
+@contextmanager
+def tiny_chunks(*, sample: bool = False) -> Iterator[None]:
+    """Shrink every chunk and span size of the fast paths to a few elements.
+
+    The real sizes (tens of thousands of codes, MiB of elements) are never crossed by the
+    small inputs hypothesis draws; shrunk, every boundary case of the chunked loops (a code,
+    a byte or a span cut anywhere) is met, and the results must not change. Also forces the
+    golomb encoder's int64 path, the zstd worker thread and pieced stream reads.
+
+    ``sample`` also shrinks the sample the golomb encoder chooses M from: that one may change
+    the bytes written (a different, still valid M), so it is only for tests of the choice.
+    """
+    from compeft_format import _io, container, tensor
+    from compeft_format.codecs import bitmask, golomb
+
+    sizes = [(golomb, "_ENCODE_CHUNK", 3), (golomb, "_DECODE_CHUNK", 1),
+             (golomb, "_INT32_NUMEL", 0), (bitmask, "_ENCODE_SPAN", 8),
+             (bitmask, "_DECODE_SPAN", 1), (tensor, "_SCATTER_CHUNK", 3), (_io, "_READ_CHUNK", 3),
+             (container, "_BACKGROUND_MIN", 1)] + [(golomb, "_SAMPLE", 4)] * sample
+    with ExitStack() as stack:
+        for module, name, value in sizes:
+            assert hasattr(module, name), f"{module.__name__}.{name} is gone: update tiny_chunks"
+            stack.enter_context(mock.patch.object(module, name, value))
+        yield

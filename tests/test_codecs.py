@@ -19,7 +19,7 @@ from bitarray import bitarray
 from bitarray.util import ba2int, int2ba
 from hypothesis import example, given
 from hypothesis import strategies as st
-from strategies import st_dense_arrays, st_shapes, st_ternary_tensors
+from strategies import st_dense_arrays, st_shapes, st_ternary_tensors, tiny_chunks
 
 from compeft_format import _spec as S
 from compeft_format.codecs import (
@@ -33,6 +33,7 @@ from compeft_format.codecs import (
     SignsCodec,
     ZstdStage,
     get_codec,
+    golomb,
     register_codec,
     registered_codecs,
 )
@@ -526,7 +527,29 @@ def st_golomb_inputs(draw: st.DrawFn) -> tuple[int, int, int, bytes]:
     return numel, nnz, m, bytes(payload)
 
 
-@given(st_golomb_inputs())
+@st.composite
+def st_golomb_inputs_huge(draw: st.DrawFn) -> tuple[int, int, int, bytes]:
+    """(numel, nnz, M, payload) with numel up to max_numel: big gaps, big M, 64-bit paths."""
+    numel = draw(st.integers(1, S.DEFAULT_LIMITS.max_numel))
+    indices = sorted(draw(st.sets(st.integers(0, numel - 1), max_size=6)))
+    if not indices or draw(st.booleans()):
+        m = draw(st.integers(1, numel) | st.sampled_from([0, 1, 2, numel, numel + 1]))
+        return numel, draw(st.integers(0, 6)), m, draw(st.binary(max_size=40))
+    m = draw(st.integers(short_unary_m(indices), numel))
+    payload = bytearray(ref_golomb_encode(indices, m))
+    if draw(st.booleans()):
+        bit = draw(st.integers(0, 8 * len(payload) - 1))
+        payload[bit // 8] ^= 1 << (bit % 8)
+    return numel, len(indices), m, bytes(payload)
+
+
+def short_unary_m(indices: list[int]) -> int:
+    """The least M for which no code of ``indices`` has more than 2048 unary zeros."""
+    gaps = np.diff(np.array([-1, *indices], dtype=object)) - 1
+    return max(1, -(-int(max(gaps, default=0)) // 2048))
+
+
+@given(st_golomb_inputs() | st_golomb_inputs_huge())
 @example((16, 3, 2, b"\x34\x02"))
 @example((8, 8, 1, b"\xff"))
 def test_golomb_decode_agrees_with_reference_on_any_bytes(args: tuple) -> None:
@@ -534,6 +557,53 @@ def test_golomb_decode_agrees_with_reference_on_any_bytes(args: tuple) -> None:
     fast = fast_or_none(GOLOMB, payload, m, ctx(numel, nnz))
     ref = ref_golomb_decode(payload, m, numel, nnz)
     assert (None if fast is None else fast.tolist()) == ref
+
+
+@given(st.integers(1, S.DEFAULT_LIMITS.max_numel), st.data())
+@example(2**48, None)
+def test_golomb_huge_numel_matches_reference(numel: int, data: st.DataObject | None) -> None:
+    """Up to max_numel elements: gaps and M far beyond 32 bits, unary parts kept short."""
+    if data is None:  # the extremes: first and last position of the largest tensor
+        indices = [0, numel - 1]
+    else:
+        indices = sorted(data.draw(st.sets(st.integers(0, numel - 1), max_size=12)))
+    c = ctx(numel, len(indices))
+    m, payload = GOLOMB.encode(np.array(indices, dtype=np.int64), c)
+    assert payload == ref_golomb_encode(indices, m)
+    assert GOLOMB.decode(mv(payload), m, c).tolist() == indices
+    if indices and data is not None:
+        m2 = data.draw(st.integers(short_unary_m(indices), numel))
+        payload2 = ref_golomb_encode(indices, m2)
+        assert GOLOMB.decode(mv(payload2), m2, c).tolist() == indices
+
+
+def chunks_of(codec: Any, payload: bytes, param: int, c: BlockContext) -> list[int]:
+    """The positions a codec yields chunk by chunk; each chunk starts where the last ended."""
+    out: list[int] = []
+    for k0, pos in codec.positions(mv(payload), param, c):
+        assert k0 == len(out)
+        out += pos.tolist()
+    return out
+
+
+@given(st_1d_tensors, st_golomb_inputs() | st_golomb_inputs_huge())
+def test_chunked_paths_match_reference_at_every_boundary(t: Any, args: tuple) -> None:
+    """With chunks of one byte and spans of a few elements, every cut is crossed."""
+    indices = t.indices.tolist()
+    c = ctx(t.numel, t.nnz)
+    with tiny_chunks(sample=True):
+        _, mask = BITMASK.encode(t.indices, c)
+        assert mask == ref_bitmask_encode(indices, t.numel)
+        assert chunks_of(BITMASK, mask, 0, c) == indices == BITMASK.decode(mv(mask), 0, c).tolist()
+        m, payload = GOLOMB.encode(t.indices, c)
+        assert payload == ref_golomb_encode(indices, m)
+        gaps = np.diff(t.indices, prepend=-1) - 1
+        assert m == golomb.choose_parameter(gaps, t.numel)  # the sampled choice, stride > 1
+        assert chunks_of(GOLOMB, payload, m, c) == indices
+        assert GOLOMB.decode(mv(payload), m, c).tolist() == indices
+        numel, nnz, m2, raw = args
+        fast = fast_or_none(GOLOMB, raw, m2, ctx(numel, nnz))
+        assert (None if fast is None else fast.tolist()) == ref_golomb_decode(raw, m2, numel, nnz)
 
 
 # ---------------------------------------------------------------------------------------------
