@@ -56,7 +56,7 @@ from . import dtypes as _dt
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
 from .errors import CompeftError, CorruptDataError, EncodeError
-from .quality import QualityReport, quality_report
+from .quality import QualityReport, _measure, _Sums  # its sums, added up slice by slice
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 from .taskvec import PEFT_TYPES, _round_sum, peft_task_vector
 from .tensor import TernaryTensor
@@ -82,6 +82,7 @@ META_TASK_VECTOR = "task_vector"
 REFERENCES = ("zero", "one", "checkpoint")
 OUTPUT_DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 _CHUNK = 1 << 20  # elements per chunk of a tensor being decoded, added or converted
+_QUALITY_SLICE = 1 << 23  # elements per slice of the quality figures (temporaries ~30 B each)
 
 
 class ConvertError(CompeftError, ValueError):
@@ -474,11 +475,54 @@ class _TaskVector(Mapping):
         if self._base is not None:
             return self._difference(name, storage, dtype)
         if self._peft_type is not None:  # taskvec's rules: LoRA from zero, (IA)^3 from one
-            return peft_task_vector({name: _dt.to_numpy_values(storage, dtype)},
-                                    self._peft_type)[name]
+            delta = peft_task_vector({name: _dt.to_numpy_values(storage, dtype)},
+                                     self._peft_type)[name]
+            self._reader.release(name)  # a copy: the mapped pages are not needed again
+            return delta
         if dtype == "BF16":  # compress reads float arrays; BF16 widens exactly
-            return _dt.to_numpy_values(storage, dtype)
+            return self._widen(name, storage)
         return storage  # the mapped data itself: no copy
+
+    def slices(self, name: str, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, values)``: the flat task vector of ``name``, ``size`` at a time.
+
+        The same values as ``self[name]`` without ever holding the whole tensor (except for
+        an adapter's, which is small).
+        """
+        if name not in self.dtypes:
+            raise KeyError(name)
+        self._reader.release()
+        if self._base is not None:
+            self._base.release()
+        if self._peft_type is not None:
+            whole = self[name].reshape(-1)
+            for start in range(0, whole.size, size):
+                yield start, whole[start : start + size]
+            return
+        storage, dtype = self._reader.get(name)
+        flat = storage.reshape(-1)
+        b_flat = self._base.get(name)[0].reshape(-1) if self._base is not None else None
+        work = _work(dtype)
+        for start in range(0, flat.size, size):
+            values = _dt.to_numpy_values(flat[start : start + size], dtype)
+            if b_flat is not None:
+                values = values.astype(work) - _dt.to_numpy_values(
+                    b_flat[start : start + size], dtype).astype(work, copy=False)
+            yield start, values
+            del values
+            self._reader.release(name)
+            if self._base is not None:
+                self._base.release(name)
+
+    def _widen(self, name: str, storage: np.ndarray) -> np.ndarray:
+        """BF16 bits to float32, chunk by chunk into one array (widening it whole makes two
+        temporaries of the float32 size), dropping the mapped pages as they are read."""
+        flat = storage.reshape(-1)
+        out = np.empty(flat.size, np.float32)
+        for start in range(0, flat.size, _CHUNK):
+            out[start : start + _CHUNK] = _dt.bf16_bits_to_f32(flat[start : start + _CHUNK])
+            self._reader.release(name)
+        return out.reshape(storage.shape)
 
     def _difference(self, name: str, storage: np.ndarray, dtype: str) -> np.ndarray:
         """``tensor - base`` in float32 (float64 for F64), chunk by chunk (as taskvec does)."""
@@ -499,24 +543,28 @@ class _TaskVector(Mapping):
         return out.reshape(storage.shape)
 
 
-class _Records(Mapping):
-    """name -> the tensor as decoded from an open compeft file, read on each access."""
+def _quality(tv: _TaskVector, written: Any, names: list[str]) -> QualityReport:
+    """``quality_report(tv, the ternary tensors of written)``, computed slice by slice.
 
-    def __init__(self, reader: Any, names: list[str]) -> None:
-        self._reader = reader
-        self._names = names
-        self._known = set(names)
-
-    def __getitem__(self, name: str) -> Any:
-        if name not in self._known:
-            raise KeyError(name)
-        return self._reader.get(name)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
+    quality_report takes whole tensors and makes float64 temporaries of their kept entries;
+    for a large tensor (a BF16 one is widened to float32 first) that is the peak of a
+    compress. Here each tensor goes in slices of ``_QUALITY_SLICE`` elements through
+    quality's own per-tensor sums, added up as quality_report adds tensors: the same figures.
+    """
+    per = []
+    total = _Sums()
+    for name in names:
+        t = written.get(name)
+        sums = _Sums()
+        for start, values in tv.slices(name, _QUALITY_SLICE):
+            stop = start + values.size
+            lo, hi = np.searchsorted(t.indices, [start, stop])
+            part = TernaryTensor((stop - start,), t.indices[lo:hi] - start, t.signs[lo:hi],
+                                 t.scale, t.dtype, _validated=True)
+            sums.add(_measure(name, values, part)[1])
+        per.append(sums.quality(name, "ternary"))
+        total.add(sums)
+    return QualityReport(tuple(per), total.quality("(overall)", "all"))
 
 
 @dataclass
@@ -712,6 +760,11 @@ def compress_file(
                         got, t = next(stream)
                         if got != name:  # both walk the names in sorted order
                             raise AssertionError(f"compress yielded {got!r}, expected {name!r}")
+                        # its input was read for the last time: drop those pages before
+                        # the encoder's temporaries join them
+                        reader.release()
+                        if base_reader is not None:
+                            base_reader.release()
                         counts["nnz"] += t.nnz
                         counts["cnumel"] += t.numel
                         w.write(name, t)
@@ -727,7 +780,7 @@ def compress_file(
             _write_fsync(target, write)
             # the quality of what was written, read back from it one tensor at a time
             with open_file(target) as written:
-                quality = quality_report(tv, _Records(written, plan.compressible))
+                quality = _quality(tv, written, plan.compressible)
             bar.close()
             if source.config is not None:
                 shutil.copyfile(source.config, out.file(ADAPTER_CONFIG))
@@ -1029,6 +1082,7 @@ def decompress_file(
                 flat = base_reader.get(n)[0].reshape(-1)
                 for a, z in _chunks(total):
                     yield _cast(flat[a:z], dt, out_dtype)[0]
+                    base_reader.release(n)
                 return
             rec_dt = infos[n].dtype
             with _naming(source.weights):
@@ -1055,6 +1109,8 @@ def decompress_file(
                 else:  # reference one: (IA)^3 vectors start at one
                     b = _cast(np.ones(z - a, np.float32), "F32", dt)[0]
                 yield _cast(_add(b, dt, delta), dt, out_dtype)[0]
+                if base_reader is not None:  # each base chunk is read once
+                    base_reader.release(n)
 
         def write(f: BinaryIO) -> None:
             with _Bar(progress, len(layout), "decompress") as bar, SafetensorsWriter(

@@ -525,3 +525,28 @@ def test_doctests():
     result = doctest.testmod(conv, optionflags=doctest.ELLIPSIS)
     assert result.attempted
     assert not result.failed
+
+
+@pytest.mark.parametrize("with_base", [False, True])
+def test_sliced_quality_equals_quality_report(tmp_path, monkeypatch, checkpoint, with_base):
+    """The summary's quality, computed slice by slice, is quality_report's on whole tensors."""
+    from compeft_format import quality_report
+
+    monkeypatch.setattr(conv, "_QUALITY_SLICE", 100)  # many slices per tensor
+    base_path, ft_path, base, ft = checkpoint
+    kwargs = {"base": base_path} if with_base else {}
+    s = compress_file(ft_path, tmp_path / "q.compeft", density=0.2, **kwargs)
+    stored = load_file(tmp_path / "q.compeft")
+    names = [q.name for q in s.quality.tensors]
+    tv = {}
+    for n in names:
+        delta = ft[n].double() - base[n].double() if with_base else ft[n].double()
+        tv[n] = delta.to(torch.float64 if ft[n].dtype == torch.float64 else torch.float32)
+    want = quality_report(tv, {n: stored[n] for n in names})
+    assert [q.name for q in want.tensors] == names
+    for got, exp in zip((*s.quality.tensors, s.quality.overall),
+                        (*want.tensors, want.overall), strict=True):
+        assert (got.name, got.kind, got.numel, got.nnz) == (exp.name, exp.kind, exp.numel,
+                                                             exp.nnz)
+        for field in ("norm", "rel_error", "cosine"):
+            assert getattr(got, field) == pytest.approx(getattr(exp, field), rel=1e-12), field

@@ -103,3 +103,17 @@ def test_data_provider_is_total():
             assert 0.0 <= p.probability() <= 1.0
             assert p.pick("abc") in "abc"
             assert len(p.text(5)) <= 5
+
+
+def test_regression_optional_record_in_random_access():
+    """Found by the first replay of fuzz_loads: open_file listed an unknown optional record
+    among its keys; info() called it 'dense' with dtype '' and file_info()/inspect() raised
+    KeyError. It is skipped, as loads skips it."""
+    import compeft_format as cf
+
+    data = make_corpus.seeds("fuzz_loads")["crafted-optional-record"]
+    with cf.open_file(data) as f:
+        assert f.keys() == ["t"]
+        assert [t.name for t in f.file_info().tensors] == ["t"]
+    assert list(cf.loads(data)) == ["t"]
+    assert [t.name for t in cf.inspect(data).tensors] == ["t"]

@@ -530,3 +530,42 @@ def test_budget_default_grows_with_the_file():
         cf.loads(small)
     assert cf.loads(large)["b"].size == 66 * MiB
     assert cf.loads(small, limits=ReadLimits(max_decoded_bytes=66 * MiB))["b"].size == 66 * MiB
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions
+# ---------------------------------------------------------------------------------------------
+
+
+@READERS
+def test_empty_shape_with_huge_dimensions_is_a_limit(read):
+    """(0, 2**62) has no element, but no array can have that shape: to_numpy, dense=True and
+    torch raised numpy's ValueError. Its nonzero dimensions count against max_numel."""
+    data = C.build_file([C.record(b"w", shape=(0, 2**62), nnz=0, blocks=[
+        C.block(C.GOLOMB, param=1), C.block(C.SIGNS), SCALE])])
+    with pytest.raises(LimitExceededError, match=r"nonzero dimensions multiply to "
+                                                 r"4611686018427387904; limit 281474976710656"):
+        read(data)
+    assert read(data, ReadLimits(max_numel=2**62))["w"].shape == (0, 2**62)
+    ok = C.build_file([C.record(b"w", shape=(0, 2**48), nnz=0, blocks=[
+        C.block(C.GOLOMB, param=1), C.block(C.SIGNS), SCALE])])
+    assert read(ok)["w"].to_numpy().shape == (0, 2**48)
+
+
+@pytest.mark.parametrize(("dtype", "code", "itemsize", "extra"), [
+    ("BF16", C.BF16, 2, 8), ("F8_E4M3", 0x0E, 1, 4), ("F8_E5M2", 0x0F, 1, 4)])
+def test_widening_to_float32_is_charged(dtype, code, itemsize, extra):
+    """Regression: a 2 KB file of zstd'd BF16 zeros made loads allocate 304 MiB. Widening
+    to float32 costs ``extra`` bytes an element, charged with the decoded bytes."""
+    n = 1000
+    data = C.build_file([C.record(b"d", kind=C.KIND_DENSE, dtype=code, shape=(n,), nnz=None,
+                                  blocks=[_zblock(C.DENSE, bytes(n * itemsize))])])
+    need = n * itemsize + n * extra
+    for read in (read_loads, read_stream, read_random):
+        with pytest.raises(LimitExceededError, match=f"decoding needs {need} bytes"):
+            read(data, ReadLimits(max_decoded_bytes=need - 1))
+        got = read(data, ReadLimits(max_decoded_bytes=need))["d"]
+        assert got.dtype == np.float32
+        assert not got.any()
+    with cf.open_file(data, limits=ReadLimits(max_decoded_bytes=n * itemsize)) as f:
+        assert f.get_raw("d")[1] == dtype  # raw storage is not widened, not charged
