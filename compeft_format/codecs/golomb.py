@@ -169,6 +169,11 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
                      np.packbits(unary[:unary_bits], bitorder="little"), unary_bits)
 
 
+def _wrap(value: int) -> int:
+    """``value`` modulo 2**64 as a signed int64 (what numpy's wrap-around arithmetic gives)."""
+    return (value + 2**63) % 2**64 - 2**63
+
+
 def _count_long(buf: np.ndarray, n: int, w: int, u: int) -> int:
     """Return how many of the ``n`` plane values are ``>= u`` (long codes), bit-sliced.
 
@@ -321,13 +326,19 @@ class GolombCodec(BlockCodec):
             if not k:
                 a = stop
                 continue
+            offset = _wrap(m * (8 * a - start) + r_base + (m - 1) * (1 - k0))
             if b:
                 # remainders in the narrowest dtype that holds b bits: fancy indexing on one
                 # byte per code is several times cheaper than on int64
-                v = np.zeros(k, dtype=r_dtype)
-                for j in range(w):
-                    v |= np.left_shift(bit_slice(buf, j * n + k0, k).view(np.uint8), j,
-                                       dtype=r_dtype)
+                if not w:
+                    v = np.zeros(k, dtype=r_dtype)
+                else:  # plane 0 unpacked is a fresh array: one byte per code, ours to modify
+                    v = bit_slice(buf, k0, k).view(np.uint8)
+                    if r_dtype is not np.uint8:
+                        v = v.astype(r_dtype)
+                    for j in range(1, w):
+                        v |= np.left_shift(bit_slice(buf, j * n + k0, k).view(np.uint8), j,
+                                           dtype=r_dtype)
                 ext_at = w * n + n_seen_long
                 if u:  # long codes (v >= u) are 2v + e - u; 2v + 1 < 2**b, so nothing wraps
                     long_at = np.flatnonzero(v >= u)
@@ -343,8 +354,9 @@ class GolombCodec(BlockCodec):
                     n_seen_long += k
                 r = v.astype(np.int64)
                 r -= m - 1
+                r[:1] += offset  # the cumsum carries the chunk's offset: one pass less
                 np.cumsum(r, out=r)
-                r_chunk = int(r[-1]) + (m - 1) * k  # exact: |r| <= k * M < 2**59
+                r_chunk = _wrap(int(r[-1]) - offset) + (m - 1) * k  # exact: |sum| < 2**59
             else:
                 r_chunk = 0
             # exact last position of the chunk, in Python integers
@@ -354,13 +366,9 @@ class GolombCodec(BlockCodec):
                 span = (m * (8 * size - start - 1 - (n - 1) - self._trailing_zeros(buf))
                         + _sum_remainders(buf, n, m, n_long) + n)
                 raise ctx.error(f"golomb block: positions run to {span - 1}, numel is {numel}")
-            offset = m * (8 * a - start) + r_base + (m - 1) * (1 - k0)
-            offset = (offset + 2**63) % 2**64 - 2**63  # int64 wrap-around, see above
             if m != 1:
                 pos *= m
-            if b:
-                pos += r
-            pos += offset
+            pos += r if b else offset
             yield k0, pos
             r_base += r_chunk
             k0 += k
