@@ -10,6 +10,11 @@
     compeft info FILE [--json]
     compeft verify FILE...
     compeft demo [--quiet]
+    compeft sweep INPUT [--base BASE] [--densities LIST] [--scales LIST] [--scope ...]
+                  [--alpha A] [--exclude GLOB]... [--json] [--plot FILE.png] [--force]
+    compeft tune INPUT [--base BASE] -o OUTPUT --eval 'CMD {checkpoint}' [--densities LIST]
+                 [--alphas LIST] [--budget-bits-per-param B] [--scale RULE] [--scope ...]
+                 [--timeout S] [--json] [--force]
 
 Exit status: 0 on success; 1 on a data error (one line ``compeft: error: ...`` on stderr, no
 traceback: a bad or missing file, a base that does not match, an existing output); 2 on a
@@ -27,9 +32,9 @@ import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import _spec as S
 from .compress import DEFAULT_SCALE, SCALES
@@ -40,11 +45,13 @@ from .convert import (
     DEFAULT_DENSITY,
     META_TASK_VECTOR,
     OUTPUT_DTYPES,
+    ConvertError,
     compress_file,
     decompress_file,
     with_path,
 )
 from .errors import CompeftError
+from .tuning import DEFAULT_ALPHAS, DEFAULT_DENSITIES
 
 __all__ = ["main"]
 
@@ -76,6 +83,34 @@ def _alpha(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _scale_rule(text: str) -> str:
+    if text not in SCALES:
+        raise argparse.ArgumentTypeError(f"unknown scale rule {text!r} (choose from "
+                                         f"{', '.join(SCALES)})")
+    return text
+
+
+def _list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """A comma-separated list of ``item`` values, at least one."""
+    def parse(text: str) -> list[Any]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return [item(p) for p in parts]
+
+    return parse
 
 
 def _zstd_level(text: str) -> int:
@@ -163,6 +198,71 @@ def _parser() -> argparse.ArgumentParser:
                        "(all-MiniLM-L6-v2, trained on VADER sentiment) from its initial "
                        "state, restore it, and print the summaries.")
     common(m)
+
+    def packing(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial "
+                       "adapter) the task vector is measured from, as for compress")
+        q.add_argument("--scope", choices=("global", "tensor"), default="global",
+                       help="top-k over all tensors together, or each on its own")
+        q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                       help="tensor names kept dense and lossless (repeatable)")
+        q.add_argument("--positions", choices=("auto", "bitmask", "golomb", "rice"),
+                       default="auto", help="how nonzero positions are coded")
+        zz = q.add_mutually_exclusive_group()
+        zz.add_argument("--zstd", type=_zstd_level, default=None, metavar="LEVEL",
+                        help=f"zstd level (default {S.DEFAULT_ZSTD_LEVEL})")
+        zz.add_argument("--no-zstd", action="store_true", help="no zstd stage")
+
+    w = sub.add_parser(
+        "sweep", help="size and error at several densities and scale rules",
+        description="Compress INPUT (as compress would) at every density with every scale "
+        "rule, without writing the files, and print each setting's size (bytes, bits per "
+        "parameter, ratio against the dense input) and its error (relative L2 error and "
+        "cosine of the compressed task vector against the exact one; --json adds them per "
+        "tensor). The error is the parameters', not the rebuilt model's: use tune for that.")
+    w.add_argument("input", metavar="INPUT")
+    w.add_argument("--densities", type=_list_of(_density), default=list(DEFAULT_DENSITIES),
+                   metavar="LIST", help="comma-separated densities (default "
+                   f"{','.join(f'{d:g}' for d in DEFAULT_DENSITIES)})")
+    w.add_argument("--scales", type=_list_of(_scale_rule), default=list(SCALES),
+                   metavar="LIST", help=f"comma-separated scale rules (default {','.join(SCALES)})")
+    w.add_argument("--alpha", type=_alpha, default=1.0, metavar="A",
+                   help="multiplier of every scale (default 1)")
+    packing(w)
+    w.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    w.add_argument("--plot", metavar="FILE.png",
+                   help="also draw size against error, one curve per scale rule (matplotlib)")
+    w.add_argument("--force", action="store_true", help="replace an existing plot file")
+    common(w)
+
+    t = sub.add_parser(
+        "tune", help="choose density and alpha with your own evaluation command",
+        description="Try every density with every alpha: each candidate is compressed, "
+        "restored (with --base added) to a temporary checkpoint exactly as decompress would "
+        "write it, and '--eval' runs on it with {checkpoint} replaced by its path; the "
+        "number ending the last line of its output is the score, higher is better. The best "
+        "candidate (within --budget-bits-per-param, if given) is written to OUTPUT, the "
+        "search recorded in its metadata. A failing command, or one whose last line ends "
+        "with no number, stops the search.")
+    t.add_argument("input", metavar="INPUT")
+    t.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    t.add_argument("--eval", required=True, metavar="'CMD {checkpoint}'", dest="eval_command",
+                   help="the evaluation command (run by the shell)")
+    t.add_argument("--densities", type=_list_of(_density), default=[DEFAULT_DENSITY],
+                   metavar="LIST", help=f"comma-separated densities (default {DEFAULT_DENSITY})")
+    t.add_argument("--alphas", type=_list_of(_alpha), default=list(DEFAULT_ALPHAS),
+                   metavar="LIST", help="comma-separated alphas (default "
+                   f"{','.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
+    t.add_argument("--budget-bits-per-param", type=_positive, default=None, metavar="B",
+                   help="choose the best score among the candidates within this size")
+    t.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE,
+                   help=f"the scale rule alpha multiplies (default {DEFAULT_SCALE})")
+    packing(t)
+    t.add_argument("--timeout", type=_positive, default=None, metavar="S",
+                   help="seconds one evaluation may take (default: no limit)")
+    t.add_argument("--json", action="store_true", help="print the search as JSON")
+    t.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    common(t)
     return p
 
 
@@ -278,6 +378,87 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Progress:
+    """A tqdm bar on stderr counting settings or candidates, when enabled."""
+
+    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+        self._bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
+                             dynamic_ncols=True)
+
+    def __call__(self, *_: Any) -> None:
+        if self._bar is not None:
+            self._bar.update(1)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def _zstd_arg(args: argparse.Namespace) -> int | None:
+    return None if args.no_zstd else S.DEFAULT_ZSTD_LEVEL if args.zstd is None else args.zstd
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from .tuning import sweep_file
+
+    plot = Path(args.plot) if args.plot else None
+    if plot is not None and (plot.exists() and not args.force):
+        raise ConvertError(f"{plot}: the plot file exists; use --force to replace it")
+    total = len(args.densities) * len(args.scales)
+    with _Progress(_show_progress(args), total, "sweep") as bar:
+        result = sweep_file(args.input, base=args.base, densities=args.densities,
+                            scales=args.scales, scope=args.scope, alpha=args.alpha,
+                            exclude=args.exclude, positions=args.positions,
+                            zstd_level=_zstd_arg(args), progress=bar)
+    if plot is not None:
+        result.plot(plot, title=f"compeft sweep of {Path(args.input).name}")
+    if args.json:
+        d = {"input": args.input, "base": args.base, "scope": args.scope, **result.to_dict()}
+        print(json.dumps(d, indent=2))
+        return 0
+    p0 = result.points[0]
+    print(f"sweep of {args.input}: {p0.numel:,} parameters, dense {p0.dense_bytes:,} bytes; "
+          "error and cosine of the compressed task vector (not of the rebuilt model)")
+    print(result.format_table())
+    if plot is not None:
+        print(f"plot: {plot}")
+    return 0
+
+
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .tuning import CHECKPOINT_PLACEHOLDER, tune_file
+
+    if CHECKPOINT_PLACEHOLDER not in args.eval_command:
+        print(f"{PROG} tune: error: --eval must contain {CHECKPOINT_PLACEHOLDER} (the "
+              "candidate checkpoint's path)", file=sys.stderr)
+        return 2
+    total = len(args.densities) * len(args.alphas)
+    with _Progress(_show_progress(args), total, "tune") as bar:
+        result, summary = tune_file(
+            args.input, args.output, args.eval_command, base=args.base,
+            densities=args.densities, alphas=args.alphas, scale=args.scale, scope=args.scope,
+            budget_bits_per_param=args.budget_bits_per_param, exclude=args.exclude,
+            positions=args.positions, zstd_level=_zstd_arg(args), force=args.force,
+            timeout=args.timeout, progress=bar)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "output": summary.to_dict()}, indent=2))
+        return 0
+    b = result.best
+    print(result.format_table())
+    print(f"\nchosen: {b.label()}, score {b.score:g}"
+          + (f" (best within {result.budget_bits_per_param:g} bits/param)"
+             if result.budget_bits_per_param is not None else " (best score)"))
+    print(summary.format())
+    return 0
+
+
 def _message(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         where = f"{exc.filename}: " if exc.filename is not None else ""
@@ -286,7 +467,7 @@ def _message(exc: BaseException) -> str:
 
 
 _COMMANDS = {"compress": _cmd_compress, "decompress": _cmd_decompress, "info": _cmd_info,
-             "verify": _cmd_verify, "demo": _cmd_demo}
+             "verify": _cmd_verify, "demo": _cmd_demo, "sweep": _cmd_sweep, "tune": _cmd_tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

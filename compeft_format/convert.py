@@ -636,6 +636,30 @@ def _plan(source: _Source, reader: SafetensorsReader, base: SafetensorsReader | 
     return _Plan(compressible, ref, {"name": name, "hashes": hashes})
 
 
+def _file_metadata(plan: _Plan, reader: SafetensorsReader, comp_meta: dict[str, Any],
+                   patterns: tuple[str, ...],
+                   extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata :func:`compress_file` writes (``compeft sweep`` counts the same bytes)."""
+    from . import __version__
+
+    metadata: dict[str, Any] = {
+        S.META_PRODUCER: f"compeft_format {__version__}",
+        S.META_COMPRESSION: comp_meta,
+        META_TASK_VECTOR: {**plan.reference, "exclude": list(patterns)},
+    }
+    if plan.base is not None:
+        metadata[S.META_BASE] = plan.base
+    if reader.metadata:
+        metadata[META_SAFETENSORS] = dict(reader.metadata)
+    for key, value in (extra or {}).items():
+        if key in metadata or key in (S.META_BASE, META_SAFETENSORS) or key.startswith(
+                S.META_RESERVED_PREFIX):
+            raise EncodeError(f"extra metadata key {key!r} is written by compress_file itself "
+                              "or reserved")
+        metadata[key] = value
+    return metadata
+
+
 def compress_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -650,6 +674,7 @@ def compress_file(
     zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
     force: bool = False,
     progress: bool = False,
+    extra_metadata: Mapping[str, Any] | None = None,
 ) -> CompressSummary:
     """Compress a safetensors file or a PEFT adapter directory to compeft.
 
@@ -680,6 +705,10 @@ def compress_file(
         Replace an existing output (never an input).
     progress:
         Show progress bars on stderr.
+    extra_metadata:
+        More file metadata (e.g. ``{"tuning": ...}``, the search that ``compeft tune``
+        records); keys that this function writes itself, or that start with ``compeft.``,
+        are refused.
 
     Returns
     -------
@@ -734,17 +763,7 @@ def compress_file(
         # one tensor at a time, in the file's (sorted) order: nothing is held once written
         stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
 
-        from . import __version__
-
-        metadata: dict[str, Any] = {
-            S.META_PRODUCER: f"compeft_format {__version__}",
-            S.META_COMPRESSION: comp_meta,
-            META_TASK_VECTOR: {**plan.reference, "exclude": list(patterns)},
-        }
-        if plan.base is not None:
-            metadata[S.META_BASE] = plan.base
-        if reader.metadata:
-            metadata[META_SAFETENSORS] = dict(reader.metadata)
+        metadata = _file_metadata(plan, reader, comp_meta, patterns, extra_metadata)
         counts = {"nnz": 0, "cnumel": 0, "numel": 0, "dense_bytes": 0}
         # the file's record order; a name that is not UTF-8 is refused by the Writer
         names = sorted(reader.keys(), key=lambda n: n.encode("utf-8", "surrogatepass"))
