@@ -1,10 +1,11 @@
 """Peak resident memory of ``compeft compress`` and ``compeft decompress`` on a large model.
 
-Generates a safetensors file of ``--tensors`` float32 tensors of ``--numel`` elements each
-(default 8 x 64M = 2 GiB; written with the streaming writer, chunk by chunk, so generating it
-needs little memory either), then runs the command on it in a child process and reads the
-child's peak resident set size (``ru_maxrss`` from ``os.wait4``, which counts the file pages
-it has mapped too). The target: at most twice the largest tensor plus 300 MB.
+Generates a safetensors file of ``--tensors`` tensors (``--dtype`` F32 or BF16) of
+``--numel`` elements each (default 8 x 64M F32 = 2 GiB; written with the streaming writer,
+chunk by chunk, so generating it needs little memory either), then runs the command on it in
+a child process and reads the child's peak resident set size (``ru_maxrss`` from
+``os.wait4``, which counts the file pages it has mapped too). The target: at most twice the
+largest tensor plus 300 MB.
 
 Usage::
 
@@ -31,14 +32,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compeft_format import dtypes as _dt  # noqa: E402
 from compeft_format.safetensors_io import SafetensorsWriter  # noqa: E402
 
 MB = 1e6
 CHUNK = 1 << 22  # elements generated at a time
 
 
-def generate(path: Path, tensors: int, numel: int, seed: int, like: Path | None = None) -> None:
-    """Write ``tensors`` float32 tensors of ``numel`` N(0, 1) elements (or ``like`` + noise)."""
+def generate(path: Path, tensors: int, numel: int, seed: int, like: Path | None = None,
+             dtype: str = "F32") -> None:
+    """Write ``tensors`` tensors of ``numel`` N(0, 1) elements (or ``like`` + noise)."""
     rng = np.random.default_rng(seed)
     names = [f"layers.{i}.weight" for i in range(tensors)]
     base = None
@@ -47,15 +50,15 @@ def generate(path: Path, tensors: int, numel: int, seed: int, like: Path | None 
 
         base = open_safetensors(like)
     with open(path, "wb") as f, SafetensorsWriter(
-            f, [(n, "F32", (numel,)) for n in names], metadata={"format": "pt"}) as w:
+            f, [(n, dtype, (numel,)) for n in names], metadata={"format": "pt"}) as w:
         for name in w.order:
             for start in range(0, numel, CHUNK):
                 n = min(CHUNK, numel - start)
                 chunk = rng.standard_normal(n, dtype=np.float32)
                 if base is not None:  # a "fine-tune": base plus a small change
                     chunk *= np.float32(0.01)
-                    chunk += base.get(name)[0][start : start + n]
-                w.write(name, chunk)
+                    chunk += _dt.to_numpy_values(base.get(name)[0][start : start + n], dtype)
+                w.write(name, chunk if dtype == "F32" else _dt.f32_to_bf16_bits(chunk))
             if base is not None:
                 base.release()
     if base is not None:
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tensors", type=int, default=8)
     p.add_argument("--numel", type=int, default=64 << 20, help="elements per tensor")
     p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--dtype", choices=("F32", "BF16"), default="F32", help="of the tensors")
     p.add_argument("--with-base", action="store_true",
                    help="also measure compress/decompress of a fine-tune against a base")
     p.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp)")
@@ -110,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         args.numel = 1 << 20
     work = Path(tempfile.mkdtemp(prefix="bench_memory.", dir=args.dir))
     try:
-        largest = args.numel * 4
+        largest = args.numel * (4 if args.dtype == "F32" else 2)
         target = (2 * largest + 300e6) / MB
         src = work / "model.safetensors"
         t0 = time.perf_counter()
-        generate(src, args.tensors, args.numel, seed=0)
+        generate(src, args.tensors, args.numel, seed=0, dtype=args.dtype)
         gen_s = time.perf_counter() - t0
         d = str(args.density)
         rows = [("compress", src, work / "m.compeft", ["compress", str(src), "-o",
@@ -123,14 +127,14 @@ def main(argv: list[str] | None = None) -> int:
                  ["decompress", str(work / "m.compeft"), "-o", str(work / "back.safetensors")])]
         if args.with_base:
             ft = work / "ft.safetensors"
-            generate(ft, args.tensors, args.numel, seed=1, like=src)
+            generate(ft, args.tensors, args.numel, seed=1, like=src, dtype=args.dtype)
             rows += [("compress --base", ft, work / "ft.compeft",
                       ["compress", str(ft), "-o", str(work / "ft.compeft"), "--base", str(src),
                        "--density", d]),
                      ("decompress --base", work / "ft.compeft", work / "ft_back.safetensors",
                       ["decompress", str(work / "ft.compeft"), "-o",
                        str(work / "ft_back.safetensors"), "--base", str(src)])]
-        print(f"model: {args.tensors} F32 tensors x {args.numel:,} elements = "
+        print(f"model: {args.tensors} {args.dtype} tensors x {args.numel:,} elements = "
               f"{src.stat().st_size / MB:,.0f} MB (largest tensor {largest / MB:,.0f} MB; "
               f"generated in {gen_s:.0f} s); density {args.density}; "
               f"python + package imported: {baseline():.0f} MB; "
