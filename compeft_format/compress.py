@@ -345,10 +345,14 @@ def compress(
     full fine-tunes (x3)   0.3068  0.1601  0.0809  0.0077  0.0084
     =====================  ======  ======  ======  ======  ===========
 
-    Where the gap is left (full fine-tunes at density 0.05), the best scale sits 5-17%
-    above ``"proj"`` (about 8% in a third-party full fine-tune of the same model, where
-    ``"std"`` at alpha 1 scored 0.60, ``"l2"`` 0.86, ``"norm"`` 0.96 and the tuned scale
-    0.998); :func:`compeft_format.tuning.tune` finds it from your own evaluation.
+    Within 0.005 of the tuned scale: both adapters at every density, the full fine-tunes
+    (learning rates 2e-5, 5e-5, 1e-4) at 0.1 and 0.2 for two of the three. Where a gap is
+    left, the best scale sits 13-17% above ``"proj"`` (about 8% in a third-party full
+    fine-tune of the same model, where at density 0.1 ``"std"`` at alpha 1 scored 0.60,
+    ``"l2"`` 0.86, ``"norm"`` 0.96 and the tuned scale 0.998), while LoRA's best is 0.93-1.04
+    and (IA)^3's 0.55-0.86 times ``"proj"``'s: no data-free rule tried fits all three (see
+    ``bench/results/scale_rules.md`` and the README's "Choosing density and scale").
+    :func:`compeft_format.tuning.tune` finds the last bit from your own evaluation.
 
     Parameters
     ----------

