@@ -81,21 +81,85 @@ def join_bits(head: np.ndarray, head_bits: int, tail: np.ndarray, tail_bits: int
     Both inputs are packed LSB-first with zero padding; the tail is shifted into place a byte
     at a time instead of going through one bool per bit.
     """
-    total = head_bits + tail_bits
+    return concat_bits([(head, head_bits), (tail, tail_bits)])
+
+
+def concat_bits(parts: Iterable[tuple[np.ndarray, int]]) -> bytes:
+    """Return the packed concatenation of ``(packed, nbits)`` streams (LSB-first, zero padded).
+
+    Each part is shifted into place a byte at a time (two shifts and two ors per byte, in
+    uint8: 3x faster than going through uint16), never unpacked.
+    """
+    parts = list(parts)
+    total = sum(nbits for _, nbits in parts)
     out = np.zeros((total + 7) >> 3, dtype=np.uint8)
-    hb = (head_bits + 7) >> 3
-    out[:hb] = head[:hb]
-    first, shift = head_bits >> 3, head_bits & 7
-    tb = (tail_bits + 7) >> 3
-    if shift == 0:
-        out[first : first + tb] = tail[:tb]
-    else:
-        wide = tail[:tb].astype(np.uint16) << shift
-        out[first : first + tb] |= wide.astype(np.uint8)  # low byte (astype truncates)
-        high = (wide >> 8).astype(np.uint8)
-        room = out.size - first - 1
-        out[first + 1 : first + 1 + min(tb, room)] |= high[:room]
+    at = 0
+    for packed, nbits in parts:
+        nb = (nbits + 7) >> 3
+        first, shift = at >> 3, at & 7
+        if shift == 0:
+            out[first : first + nb] = packed[:nb]
+        elif nb:
+            src = packed[:nb]
+            out[first : first + nb] |= np.left_shift(src, shift)  # uint8: the high bits drop
+            spill = min(nb, out.size - first - 1)  # the last byte may spill past the end
+            out[first + 1 : first + 1 + spill] |= np.right_shift(src[:spill], 8 - shift)
+        at += nbits
     return out.tobytes()
+
+
+class BitWriter:
+    """Append bits chunk by chunk into a packed buffer, keeping the last partial byte aside.
+
+    Packing each chunk as it comes keeps the bools of only one chunk alive (in cache), instead
+    of one bool per bit of the whole stream.
+    """
+
+    def __init__(self, capacity_bits: int) -> None:
+        self.buf = np.zeros((capacity_bits + 7) // 8 + 1, dtype=np.uint8)
+        self.nbits = 0
+        self._nbytes = 0  # whole bytes packed so far
+        self._carry = np.zeros(0, dtype=bool)  # the < 8 bits not packed yet
+
+    def _pack(self, bits: np.ndarray) -> None:
+        """Pack the whole bytes of ``bits`` (which starts with the carry); keep the rest."""
+        full = bits.size & ~7
+        if full:
+            at = self._nbytes
+            self.buf[at : at + (full >> 3)] = np.packbits(bits[:full], bitorder="little")
+            self._nbytes += full >> 3
+        self._carry = bits[full:].copy()
+
+    def write(self, bits: np.ndarray) -> None:
+        """Append ``bits`` (bools, or integers where nonzero is a one)."""
+        if not bits.size:
+            return
+        joined = np.empty(self._carry.size + bits.size, dtype=bool)
+        joined[: self._carry.size] = self._carry
+        joined[self._carry.size :] = bits
+        self.nbits += bits.size
+        self._pack(joined)
+
+    @property
+    def pending(self) -> int:
+        """Bits written but not packed yet (fewer than 8): :meth:`write_ones` offsets shift."""
+        return self._carry.size
+
+    def write_ones(self, ones: np.ndarray, count: int) -> None:
+        """Append ``count`` bits, zero but at the offsets ``ones - pending`` (intp; the
+        caller adds :attr:`pending` to its offsets, saving a pass here)."""
+        c = self._carry.size
+        bits = np.zeros(c + count, dtype=bool)
+        bits[:c] = self._carry
+        bits[ones] = True
+        self.nbits += count
+        self._pack(bits)
+
+    def packed(self) -> tuple[np.ndarray, int]:
+        """Return ``(packed bytes, nbits)``; the padding bits are zero."""
+        if self._carry.size:
+            self.buf[self._nbytes] = np.packbits(self._carry, bitorder="little")[0]
+        return self.buf[: (self.nbits + 7) >> 3], self.nbits
 
 
 def scatter_signed(chunks: Iterable[tuple[int, np.ndarray]], signs: np.ndarray,
