@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from .._spec import BLOCK_GOLOMB
-from ._bits import bit_slice, count_ones, join_bits, packed_slice
+from ._bits import BitWriter, bit_slice, concat_bits, count_ones, packed_slice
 from .base import BlockCodec, BlockContext, register_codec
 
 _ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
@@ -113,23 +113,25 @@ def choose_parameter(gaps: np.ndarray, numel: int) -> int:
 def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
     """Return the golomb stream of the sorted int64 ``indices`` with parameter ``m``.
 
-    One pass over chunks of codes writes the remainder planes and extension bits (one bool
-    per bit, at their final offsets) and the unary part (in its own bool buffer, since where
-    it starts depends on the count of long codes); both are packed and joined at the end.
+    One pass over chunks of codes packs, chunk by chunk, the remainder planes (each its own
+    packed array: a chunk of codes is whole bytes of every plane), the extension bits and the
+    unary part (bit writers that carry a partial byte to the next chunk). The parts are
+    joined at the end with byte-wise shifts: where the unary part starts depends on the count
+    of long codes, known only then. No array of one bool per bit of the stream is built.
     """
     n = indices.size
     b, u, w = _code_shape(m)
     work = np.int32 if numel < _INT32_NUMEL else np.int64
     last = int(indices[-1])
-    # planes, then at most n extension bits; np.zeros maps pages lazily, so unused room is free
-    head = np.zeros(w * n + n if b else 0, dtype=bool)
+    planes = np.zeros((w, (n + 7) // 8), dtype=np.uint8)
+    ext_bits = BitWriter(n if b else 0)
     # sum(q) <= sum(gaps) // m = (last + 1 - n) // m, plus one terminating bit per code
-    unary = np.zeros(n + (last + 1 - n) // m, dtype=bool)
+    unary = BitWriter(n + (last + 1 - n) // m)
     plane_dtype = np.uint8 if w <= 8 else np.uint16 if w <= 16 else np.uint32 if w <= 32 else None
-    n_long = unary_bits = 0
     prev = -1
-    for k0 in range(0, n, _ENCODE_CHUNK):
-        x = indices[k0 : k0 + _ENCODE_CHUNK].astype(work)  # narrow first: int32 math is 3x faster
+    step = -(-_ENCODE_CHUNK // 8) * 8  # a multiple of 8: a chunk is whole bytes of each plane
+    for k0 in range(0, n, step):
+        x = indices[k0 : k0 + step].astype(work)  # narrow first: int32 math is 3x faster
         k = x.size
         g = np.empty(k, dtype=work)
         g[0] = x[0] - prev - 1
@@ -145,28 +147,24 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
                 is_long = r >= u
                 c = r + is_long.view(np.uint8) * work(u)
                 # np.compress with a bool condition: 4x faster than c[mask] (and than a uint8 one)
-                ext = np.compress(is_long, c & 1)
+                ext_bits.write(np.compress(is_long, c & 1))
                 v = c >> is_long.view(np.uint8)
             else:  # M a power of two: every code is long
-                ext = r & 1
+                ext_bits.write(r & 1)
                 v = r >> 1
-            head[w * n + n_long : w * n + n_long + ext.size] = ext
-            n_long += ext.size
             if w:
                 if plane_dtype is not None:
                     v = v.astype(plane_dtype)  # narrow: one byte per code for w <= 8
                 for j in range(w):  # plane j holds bit j of every v (spec 6.2.1)
-                    head[j * n + k0 : j * n + k0 + k] = v & (1 << j)
+                    planes[j, k0 >> 3 : (k0 + k + 7) >> 3] = np.packbits(
+                        v & (1 << j), bitorder="little")  # packbits: nonzero is a one
         # unary: q zeros then a one, so the ones sit at cumsum(q + 1) - 1
         q += 1
         np.cumsum(q, dtype=q.dtype, out=q)  # dtype: int32 would otherwise go via int64
         ends = q.astype(np.intp)  # scatter with intp indices: int32 ones are converted, 3x slower
-        ends += unary_bits - 1
-        unary_bits += int(q[-1])
-        unary[ends] = True
-    start = w * n + n_long
-    return join_bits(np.packbits(head[:start], bitorder="little"), start,
-                     np.packbits(unary[:unary_bits], bitorder="little"), unary_bits)
+        ends += unary.pending - 1
+        unary.write_ones(ends, int(q[-1]))
+    return concat_bits([*((planes[j], n) for j in range(w)), ext_bits.packed(), unary.packed()])
 
 
 def _wrap(value: int) -> int:
