@@ -52,7 +52,10 @@ class BitmaskCodec(BlockCodec):
             mask[local] = True
             stop = min(span, numel - a)
             out[a // 8 : (a + stop + 7) // 8] = np.packbits(mask[:stop], bitorder="little")
-            mask[local] = False  # cheaper than clearing the whole span when it is sparse
+            if 32 * local.size < span:  # sparse: clearing the few ones beats clearing the span
+                mask[local] = False
+            else:
+                mask.fill(False)
         return 0, out.tobytes()
 
     def encoded_size(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, int]:
