@@ -1,0 +1,79 @@
+"""A short run of the benchmark suite (small sizes, seconds), so that bench/ cannot rot.
+
+Timings are never asserted: the benchmark reports its targets, the tests only check that it
+runs, that its tables hold what they say, and the pieces it is built from (formulas, the
+README rewrite, the memory hand-off).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench import run, sizes  # noqa: E402
+from bench.common import entropy_bound, md_table, stc_golomb_bits, time_interleaved  # noqa: E402
+
+
+def test_quick_run_writes_every_section(tmp_path: Path) -> None:
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path), "--skip", "memory",
+         "--no-readme", "--repeats", "1"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = (tmp_path / "results.md").read_text()
+    for heading in ("## Machine", "## Size: bits per parameter", "## Size on real adapters",
+                    "## Speed", "## Shipping time"):
+        assert heading in text
+    assert "## Memory" not in text  # skipped
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert [r["density"] for r in data["sizes"]] == list(sizes.DENSITIES)
+    for r in data["sizes"]:  # a whole file is never below the entropy of its positions
+        assert r["auto"] >= r["H(p)+p"] * 0.999
+        assert r["auto"] <= min(r["golomb"], r["bitmask"]) + 1e-9  # auto picks the smaller
+    assert {r["adapter"] for r in data["adapters"]} == {a[0] for a in sizes.ADAPTERS}
+    assert len(data["speed"]) == 3
+    assert all(len(r["times"]["decode"]) == 1 for r in data["speed"])
+    pytest.importorskip("matplotlib")
+    assert (tmp_path / "sizes.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(("p", "bound", "stc"), [  # paper.md section 4
+    (0.01, 0.0908, 0.0911), (0.05, 0.3364, 0.3393), (0.1, 0.5690, 0.5756),
+    (0.2, 0.9219, 0.9388), (0.5, 1.5, 1.5)])
+def test_reference_formulas(p: float, bound: float, stc: float) -> None:
+    assert math.isclose(entropy_bound(p), bound, abs_tol=6e-5)
+    assert math.isclose(stc_golomb_bits(p), stc, abs_tol=6e-5)
+
+
+def test_readme_block_is_replaced_between_the_markers(tmp_path: Path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{run.README_BEGIN}\nold\n{run.README_END}\n\ntail\n")
+    assert run.update_readme("| a |\n| --- |", readme) == "README.md size table updated"
+    want = f"# x\n\n{run.README_BEGIN}\n| a |\n| --- |\n{run.README_END}\n\ntail\n"
+    assert readme.read_text() == want
+    readme.write_text("no markers")
+    assert "no" in run.update_readme("x", readme)
+    assert readme.read_text() == "no markers"
+
+
+def test_memory_section_is_pending_without_the_script(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    assert run.run_memory([], timeout=5).startswith("Pending")
+
+
+def test_interleaved_timing_and_tables() -> None:
+    calls: list[str] = []
+    t = time_interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 3
+    assert len(t["a"].runs) == 3
+    assert t["a"].best <= t["a"].median
+    assert md_table(["x", "y"], [[1, 2]]) == "| x | y |\n| --- | ---: |\n| 1 | 2 |"
