@@ -148,6 +148,9 @@ def main(test_one_input: Callable[[bytes], None], harness: str,
     """
     argv = list(sys.argv if argv is None else argv)
     if atheris is not None and "--replay" not in argv:
+        # libFuzzer re-runs argv[0] through the shell for -merge=1 and -fork: make that
+        # "this interpreter + this script", so neither a shebang nor an executable bit is needed
+        argv[0] = f"{sys.executable} {Path(argv[0]).resolve()}"
         atheris.Setup(argv, test_one_input)
         atheris.Fuzz()
         return
