@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import dtypes as _dt
+from ._alloc import Prefault, fresh_zeros
 from ._spec import TERNARY_DTYPES
 from .errors import EncodeError
 
@@ -222,8 +223,11 @@ class TernaryTensor:
         """
         name = self.dtype if dtype is None else _dtype_name(dtype)
         vals = dense_values(self.scale, name)
-        flat = dense_output(out, self.numel, vals.dtype)
-        self._scatter(flat, vals)
+        if out is None:
+            flat, prefault = fresh_zeros(self.numel, vals.dtype)
+        else:
+            flat, prefault = dense_output(out, self.numel, vals.dtype), None
+        self._scatter(flat, vals, prefault)
         return flat.reshape(self.shape) if out is None else out
 
     def to_torch(self, dtype: Any = None):
@@ -234,18 +238,25 @@ class TernaryTensor:
         """
         name = self.dtype if dtype is None else _dtype_name(dtype)
         vals = dense_values(self.scale, name, bf16_bits=True)
-        flat = np.zeros(self.numel, dtype=vals.dtype)
-        self._scatter(flat, vals)
+        flat, prefault = fresh_zeros(self.numel, vals.dtype)
+        self._scatter(flat, vals, prefault)
         return _dt.to_torch(flat.reshape(self.shape), name)
 
-    def _scatter(self, flat: np.ndarray, vals: np.ndarray) -> None:
+    def _scatter(self, flat: np.ndarray, vals: np.ndarray, prefault: Prefault | None) -> None:
         """Write ``vals[sign]`` at every nonzero, a cache-sized chunk of nonzeros at a time.
 
         Chunks avoid a values array of the whole tensor (one gather per chunk instead).
         """
         signs = self.signs.view(np.uint8)
-        for a in range(0, self.nnz, _SCATTER_CHUNK):
-            flat[self.indices[a : a + _SCATTER_CHUNK]] = vals.take(signs[a : a + _SCATTER_CHUNK])
+        try:
+            for a in range(0, self.nnz, _SCATTER_CHUNK):
+                idx = self.indices[a : a + _SCATTER_CHUNK]
+                if prefault is not None:
+                    prefault.ready(int(idx[-1]))
+                flat[idx] = vals.take(signs[a : a + _SCATTER_CHUNK])
+        finally:
+            if prefault is not None:
+                prefault.close()
 
     # -- value semantics -------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
