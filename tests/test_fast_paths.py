@@ -48,7 +48,8 @@ def test_dense_decoding_through_every_prefault_branch(small_outputs: pytest.Monk
         small_outputs.setattr(_alloc, "_madvise", None)
     else:
         small_outputs.setattr(_alloc, "_COLD_SECONDS", 1e9)
-    numel = 3 * HUGE_ELEMENTS + 12345  # several huge pages, an unaligned end
+    numel = 3 * HUGE_ELEMENTS + 12345  # several huge pages (of float32, and of int64 indices
+    # at p = 1), an unaligned end
     t = _tensor(numel, p, seed=int(p * 1000))
     want = t.to_numpy()
     data = cf.dumps({"t": t})
@@ -57,6 +58,8 @@ def test_dense_decoding_through_every_prefault_branch(small_outputs: pytest.Monk
     assert np.array_equal(got, want)
     assert np.array_equal(np.signbit(got), np.signbit(want))
     assert cf.TernaryTensor.from_dense(got) == t if t.nnz else not got.any()
+    assert cf.loads(data)["t"] == t  # the index array goes through the prefault too
+    assert cf.loads(cf.dumps({"t": t}, positions="bitmask"))["t"] == t
     torch = pytest.importorskip("torch")
     assert torch.equal(cf.loads(data, framework="torch")["t"], t.to_torch())
 
