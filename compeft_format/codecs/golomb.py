@@ -25,7 +25,7 @@ from ._bits import BitWriter, bit_slice, concat_bits, count_ones, packed_slice
 from .base import BlockCodec, BlockContext, register_codec
 
 _ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
-_DECODE_CHUNK = 1 << 14  # unary bytes per decoder step (131072 bits, ~10^4..10^5 codes)
+_DECODE_CHUNK = 1 << 15  # unary bytes per decoder step (262144 bits, ~10^4..10^5 codes)
 _INT32_NUMEL = 2**31 - 2**20  # below this every gap, quotient and unary offset fits in int32
 
 
