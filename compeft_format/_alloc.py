@@ -17,15 +17,17 @@ of this applies (another OS, small arrays) the output is plain ``np.zeros``.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Prefault", "fresh_zeros"]
+__all__ = ["Prefault", "fresh_zeros", "writing"]
 
 _MIN_BYTES = 64 << 20  # smaller outputs fault in a few milliseconds: not worth a thread
 _HUGE = 2 << 20
@@ -80,6 +82,7 @@ class Prefault:
         self._done = 0  # elements [0, _done) are faulted in
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._cancelled = False
         if not huge:
             self._small_pages_from(0)
 
@@ -100,6 +103,8 @@ class Prefault:
         populate = True
         try:
             for a in range(index, flat.size, block):
+                if self._cancelled:  # the writer failed: the array is thrown away
+                    break
                 b = min(flat.size, a + block)
                 # MADV_POPULATE_WRITE (Linux 5.14+) faults a range in one call, 30% cheaper
                 # than a fault per page; otherwise write one element per page
@@ -145,10 +150,33 @@ class Prefault:
             while index >= self._done:
                 self._cond.wait()
 
-    def close(self) -> None:
-        """Wait for the helper to finish (it must not write once the array is handed out)."""
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the helper to finish (it must not write once the array is handed out).
+
+        ``cancel`` stops it at its next block first (the writer failed).
+        """
+        self._cancelled = cancel
         if self._thread is not None:
             self._thread.join()
+
+
+@contextlib.contextmanager
+def writing(prefault: Prefault | None) -> Iterator[Callable[[int], None] | None]:
+    """Give the writer ``prefault.ready`` (or None), and close the prefault after it.
+
+    >>> flat, prefault = fresh_zeros(10, np.dtype(np.float32))
+    >>> with writing(prefault) as ready:
+    ...     flat[3] = 1.0
+    """
+    if prefault is None:
+        yield None
+        return
+    try:
+        yield prefault.ready
+    except BaseException:
+        prefault.close(cancel=True)
+        raise
+    prefault.close()
 
 
 def fresh_zeros(numel: int, dtype: np.dtype) -> tuple[np.ndarray, Prefault | None]:
