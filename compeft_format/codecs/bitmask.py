@@ -12,7 +12,7 @@ from itertools import pairwise
 
 import numpy as np
 
-from .._alloc import fresh_zeros
+from .._alloc import fresh_zeros, writing
 from .._spec import BLOCK_BITMASK
 from ._bits import check_packed
 from .base import BlockCodec, BlockContext, register_codec
@@ -89,14 +89,11 @@ class BitmaskCodec(BlockCodec):
     def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
         chunks = self.positions(payload, param, ctx)  # checks the block first
         out, prefault = fresh_zeros(ctx.nnz, np.dtype(np.int64))
-        try:
+        with writing(prefault) as ready:
             for k0, pos in chunks:
-                if prefault is not None:
-                    prefault.ready(k0 + pos.size - 1)
+                if ready is not None:
+                    ready(k0 + pos.size - 1)
                 out[k0 : k0 + pos.size] = pos
-        finally:
-            if prefault is not None:
-                prefault.close()
         return out
 
     def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
