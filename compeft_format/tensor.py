@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from . import dtypes as _dt
-from ._alloc import Prefault, fresh_zeros
+from ._alloc import Prefault, fresh_zeros, writing
 from ._spec import TERNARY_DTYPES
 from .errors import EncodeError
 
@@ -248,15 +248,12 @@ class TernaryTensor:
         Chunks avoid a values array of the whole tensor (one gather per chunk instead).
         """
         signs = self.signs.view(np.uint8)
-        try:
+        with writing(prefault) as ready:
             for a in range(0, self.nnz, _SCATTER_CHUNK):
                 idx = self.indices[a : a + _SCATTER_CHUNK]
-                if prefault is not None:
-                    prefault.ready(int(idx[-1]))
+                if ready is not None:
+                    ready(int(idx[-1]))
                 flat[idx] = vals.take(signs[a : a + _SCATTER_CHUNK])
-        finally:
-            if prefault is not None:
-                prefault.close()
 
     # -- value semantics -------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
