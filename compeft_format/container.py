@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from . import _spec as S
 from . import dtypes as _dt
-from ._alloc import fresh_zeros
+from ._alloc import fresh_zeros, writing
 from ._io import BufferSource, Source, StreamSource, encode_varint
 from .codecs import ZSTD, BlockContext, ZstdStage, get_codec
 from .codecs._bits import scatter_signed
@@ -978,12 +978,8 @@ def _dense_ternary(rec: _Record, values: dict[str, Any], dense: str,
         flat, prefault = fresh_zeros(math.prod(rec.shape), vals.dtype)
     else:
         flat, prefault = dense_output(out, math.prod(rec.shape), vals.dtype), None
-    try:
-        scatter_signed(values["positions"], values["signs"], vals, flat,
-                       prefault.ready if prefault is not None else None)
-    finally:
-        if prefault is not None:
-            prefault.close()
+    with writing(prefault) as ready:
+        scatter_signed(values["positions"], values["signs"], vals, flat, ready)
     return flat.reshape(rec.shape) if out is None else out
 
 
