@@ -139,3 +139,19 @@ def test_concat_bits_and_bit_writer_match_bools() -> None:
     buf, nbits = w.packed()
     assert nbits == sum(b.size for b in ones_pieces)
     assert buf.tobytes() == np.packbits(np.concatenate(ones_pieces), bitorder="little").tobytes()
+
+
+def test_a_failed_decode_stops_the_prefault(small_outputs: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from compeft_format.codecs import BlockContext, GolombCodec, golomb
+
+    small_outputs.setattr(_alloc, "_COLD_SECONDS", -1.0)
+    small_outputs.setattr(golomb, "_DECODE_CHUNK", 1)  # the error comes in the last chunk
+    t = _tensor(HUGE_ELEMENTS, 0.3, seed=7)
+    ctx = BlockContext("t", t.numel, t.nnz, "F32", t.shape)
+    m, payload = GolombCodec().encode(t.indices, ctx)
+    short = BlockContext("t", int(t.indices[-1]), t.nnz, "F32", t.shape)  # last one is out
+    with pytest.raises(cf.CorruptDataError, match="positions run to"):
+        GolombCodec().decode(memoryview(payload), m, short)
+    assert not [th for th in threading.enumerate() if th.name == "compeft-prefault"]
