@@ -2,7 +2,7 @@
 
 Usage, from the repository root::
 
-    python -m bench                     # full run (about 10 minutes), results in
+    python -m bench                     # full run (a few minutes), results in
                                         # bench/results/<date>/ and README.md's size table
     python -m bench --quick             # small sizes, seconds; writes nothing unless --out
     python bench/run.py --quick --out /tmp/b   # the same as a script
