@@ -450,6 +450,7 @@ class Writer:
         self._alignment = alignment
         self._names: list[bytes] = []
         self._offsets: list[int] = []
+        self._cost = 0  # decode-budget charge of the records written so far (spec 9.3)
         self._closed = False
         meta = encode_metadata(metadata)
         header = S.FILE_HEADER.pack(S.MAGIC, S.VERSION_MAJOR, S.VERSION_MINOR, log2, 0, len(meta))
@@ -490,19 +491,33 @@ class Writer:
             raise EncodeError(f"names must be unique and written in increasing order; "
                               f"{name!r} follows {self._names[-1].decode()!r}", tensor=name)
         if isinstance(value, TernaryTensor):
-            kind, body_tail, blocks = self._ternary(name, value)
-            dtype, shape = value.dtype, value.shape
+            kind, body_tail, blocks = self._ternary(name, value, self._level)
+            dtype, shape, nnz = value.dtype, value.shape, value.nnz
         else:
             try:
                 storage, dtype = _dt.to_storage(value, dtype)
             except EncodeError as exc:
                 raise EncodeError(exc.message, tensor=name) from None
-            shape = storage.shape
+            shape, nnz = storage.shape, 0
             ctx = BlockContext(name, storage.size, 0, dtype, shape)
             param, payload = _DENSE.encode(storage, ctx)
             stage, stored = _maybe_zstd(payload, self._level)
             kind, body_tail = S.KIND_DENSE, b""
             blocks = [(S.BLOCK_DENSE, stage, param, stored, len(payload))]
+        # spec 9.3: the file must decode within the default budget, max(64 MiB, 64 x size),
+        # whoever reads it. Only zstd can break that (data that compress more than 64-fold,
+        # such as all-zero tensors; without zstd a record costs under 41x its size), so a
+        # record that would overdraw the budget of the file written so far goes without zstd.
+        numel = math.prod(shape)
+        cost = _record_cost(kind, dtype, numel, nnz, blocks)
+        end = self._pos + sum(_align(len(b[3]), self._alignment) for b in blocks)
+        if self._cost + cost > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * end):
+            if kind == S.KIND_TERNARY:
+                blocks = self._ternary(name, value, None)[2]
+            else:
+                blocks = [(S.BLOCK_DENSE, S.STAGE_NONE, param, payload, len(payload))]
+            cost = _record_cost(kind, dtype, numel, nnz, blocks)
+        self._cost += cost
         if len(shape) > S.DEFAULT_LIMITS.max_ndim:
             raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
                               tensor=name)
@@ -525,11 +540,12 @@ class Writer:
         self._pad()
         self._emit(*parts)
 
-    def _ternary(self, name: str, t: TernaryTensor) -> tuple[int, bytes, list]:
+    def _ternary(self, name: str, t: TernaryTensor, level: int | None
+                 ) -> tuple[int, bytes, list]:
         ctx = BlockContext(name, t.numel, t.nnz, t.dtype, t.shape)
-        positions = _encode_positions(t, ctx, self._positions, self._level)
+        positions = _encode_positions(t, ctx, self._positions, level)
         param, payload = _SIGNS.encode(t.signs, ctx)  # meanwhile a worker may run zstd
-        stage, stored = _maybe_zstd(payload, self._level)
+        stage, stored = _maybe_zstd(payload, level)
         blocks = [positions(), (S.BLOCK_SIGNS, stage, param, stored, len(payload))]
         param, payload = _SCALE.encode(t.scale, ctx)
         blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
@@ -677,6 +693,31 @@ def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, *,
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
+
+
+def _positions_cost(decoded_size: int, nnz: int) -> int:
+    """Budget charge of decoding a positions payload (spec 9.3): bits, positions, signs."""
+    return 8 * decoded_size + 9 * nnz
+
+
+def _widening_cost(dtype: str, numel: int, framework: str) -> int:
+    """Budget charge of presenting a dense record (spec 9.3): BF16/F8 widen, torch copies."""
+    if framework == "torch":
+        return S.ITEMSIZE[dtype] * numel
+    return (8 if dtype == "BF16" else 4 if dtype.startswith("F8") else 0) * numel
+
+
+def _record_cost(kind: int, dtype: str, numel: int, nnz: int, blocks: list) -> int:
+    """What a numpy reader charges to its decode budget for a record (spec 9.3)."""
+    cost = 0
+    for btype, stage, _param, _stored, decoded in blocks:
+        if stage != S.STAGE_NONE:
+            cost += decoded
+        if btype in (S.BLOCK_BITMASK, S.BLOCK_GOLOMB):
+            cost += _positions_cost(decoded, nnz)
+    if kind == S.KIND_DENSE:
+        cost += _widening_cost(dtype, numel, "numpy")
+    return cost
 
 
 class _Budget:
@@ -949,7 +990,7 @@ def _decode_record(rec: _Record, data: memoryview, budget: _Budget, dense: str |
             budget.charge(decoded_size, ctx, rec.end)
             payload = memoryview(ZSTD.decode(payload, decoded_size, ctx))
         if codec.role == "positions":  # unpacked bits, then int64 indices and bool signs
-            budget.charge(8 * len(payload) + 9 * ctx.nnz, ctx, rec.end)
+            budget.charge(_positions_cost(len(payload), ctx.nnz), ctx, rec.end)
         if dense is not None and codec.role == "positions":
             values["positions"] = codec.positions(payload, param, ctx)  # checks the block now
         elif dense is not None and codec.role == "signs":
@@ -1052,8 +1093,7 @@ def _decode_present(rec: _Record, data: memoryview, budget: _Budget, framework: 
         # through a uint32 temporary (8 bytes an element), F8 through a table (4); torch
         # copies the read-only storage. Charged before anything is decoded.
         numel = math.prod(rec.shape)
-        cost = (S.ITEMSIZE[rec.dtype] if framework == "torch" else 8 if rec.dtype == "BF16"
-                else 4 if rec.dtype.startswith("F8") else 0) * numel
+        cost = _widening_cost(rec.dtype, numel, framework)
         ctx = BlockContext(rec.name, numel, 0, rec.dtype, rec.shape, rec.data_start)
         budget.charge(cost, ctx, rec.end)
     value = _decode_record(rec, data, budget, mode, out)
