@@ -256,7 +256,10 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes:
                           ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise EncodeError(f"metadata is not JSON-serialisable: {exc}") from None
-    data = text.encode("utf-8", "strict")
+    try:
+        data = text.encode("utf-8", "strict")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. read back from "\ud800"
+        raise EncodeError(f"metadata is not valid Unicode: {exc}") from None
     if len(data) > S.DEFAULT_LIMITS.max_metadata_size:
         raise EncodeError(f"metadata is {len(data)} bytes; limit "
                           f"{S.DEFAULT_LIMITS.max_metadata_size}")

@@ -40,9 +40,10 @@ def _round_scale(scale: float, name: str) -> float:
     """Return ``scale`` rounded to the dense dtype ``name``, as a Python float."""
     if name == "BF16":
         return float(_dt.bf16_bits_to_f32(_dt.f32_to_bf16_bits(np.float32([scale])))[0])
-    if name == "F16":
-        return float(np.float16(scale))
-    return float(np.float32(scale))
+    with np.errstate(over="ignore"):  # above 65504 an F16 tensor holds inf, as numpy casts
+        if name == "F16":
+            return float(np.float16(scale))
+        return float(np.float32(scale))
 
 
 _SCATTER_CHUNK = 1 << 16  # nonzeros per step of the dense writers (fits in L2 with its values)
