@@ -8,6 +8,7 @@ the fast numpy path on hypothesis inputs, in both directions.
 
 from __future__ import annotations
 
+import inspect
 import math
 import struct
 from typing import Any
@@ -29,6 +30,7 @@ from compeft_format.codecs import (
     BlockContext,
     DenseCodec,
     GolombCodec,
+    PositionsCodec,
     ScaleCodec,
     SignsCodec,
     ZstdStage,
@@ -281,7 +283,10 @@ def test_every_block_codec_is_registered_under_its_spec_id() -> None:
         S.BLOCK_SCALE: ScaleCodec,
         S.BLOCK_DENSE: DenseCodec,
     }
-    for cls in _all_subclasses(BlockCodec):
+    concrete = {c for c in _all_subclasses(BlockCodec) if not inspect.isabstract(c)}
+    assert concrete == set(registry_types := {type(c) for c in registry.values()})
+    assert PositionsCodec in _all_subclasses(BlockCodec) - registry_types  # abstract: no id
+    for cls in concrete:
         assert type(registry[cls.block_type]) is cls
         assert get_codec(cls.block_type) is registry[cls.block_type]
         assert not cls.block_type & S.BLOCK_OPTIONAL_BIT  # every known block is required

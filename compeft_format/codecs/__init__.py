@@ -4,7 +4,14 @@ Importing this package registers every codec; :func:`get_codec` looks one up by 
 ``Block_Type`` byte stored in the file.
 """
 
-from .base import BlockCodec, BlockContext, get_codec, register_codec, registered_codecs
+from .base import (
+    BlockCodec,
+    BlockContext,
+    PositionsCodec,
+    get_codec,
+    register_codec,
+    registered_codecs,
+)
 from .bitmask import BitmaskCodec
 from .dense import DenseCodec
 from .golomb import GolombCodec
@@ -19,6 +26,7 @@ __all__ = [
     "BlockContext",
     "DenseCodec",
     "GolombCodec",
+    "PositionsCodec",
     "ScaleCodec",
     "SignsCodec",
     "ZstdStage",

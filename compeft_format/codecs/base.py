@@ -8,12 +8,23 @@ into the bytes of one block and back. Codecs see only their own payload and a
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import numpy as np
+
+from .._alloc import fresh_zeros, writing
 from ..errors import CorruptDataError, UnsupportedFeatureError
 
-__all__ = ["BlockCodec", "BlockContext", "get_codec", "register_codec", "registered_codecs"]
+__all__ = [
+    "BlockCodec",
+    "BlockContext",
+    "PositionsCodec",
+    "get_codec",
+    "register_codec",
+    "registered_codecs",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,31 @@ class BlockCodec(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class PositionsCodec(BlockCodec):
+    """A codec of the nonzero positions: ``positions()`` yields them chunk by chunk.
+
+    ``decode`` gathers the chunks into one int64 array; the dense decoders of the container
+    consume the chunks directly, without that array.
+    """
+
+    role = "positions"
+
+    @abstractmethod
+    def positions(self, payload: memoryview, param: int, ctx: BlockContext
+                  ) -> Iterator[tuple[int, np.ndarray]]:
+        """Check the block, then yield ``(first nonzero number, positions)`` in order."""
+
+    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
+        chunks = self.positions(payload, param, ctx)  # checks the block first
+        out, prefault = fresh_zeros(ctx.nnz, np.dtype(np.int64))
+        with writing(prefault) as ready:
+            for k0, pos in chunks:
+                if ready is not None:
+                    ready(k0 + pos.size - 1)
+                out[k0 : k0 + pos.size] = pos
+        return out
 
 
 _REGISTRY: dict[int, BlockCodec] = {}

@@ -12,17 +12,16 @@ from itertools import pairwise
 
 import numpy as np
 
-from .._alloc import fresh_zeros, writing
 from .._spec import BLOCK_BITMASK
 from ._bits import check_packed
-from .base import BlockCodec, BlockContext, register_codec
+from .base import BlockContext, PositionsCodec, register_codec
 
 _ENCODE_SPAN = 1 << 20  # elements per encoder step (a multiple of 8: spans are whole bytes)
 _DECODE_SPAN = 1 << 15  # mask bytes per decoder step (262144 elements)
 
 
 @register_codec
-class BitmaskCodec(BlockCodec):
+class BitmaskCodec(PositionsCodec):
     """Positions as ``numel`` presence bits.
 
     >>> from compeft_format.codecs import BitmaskCodec, BlockContext
@@ -33,7 +32,6 @@ class BitmaskCodec(BlockCodec):
 
     block_type = BLOCK_BITMASK
     name = "bitmask"
-    role = "positions"
 
     def encode(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, bytes]:
         indices = np.asarray(value, dtype=np.int64)
@@ -85,16 +83,6 @@ class BitmaskCodec(BlockCodec):
                 pos += 8 * a
                 yield k0, pos
                 k0 += pos.size
-
-    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
-        chunks = self.positions(payload, param, ctx)  # checks the block first
-        out, prefault = fresh_zeros(ctx.nnz, np.dtype(np.int64))
-        with writing(prefault) as ready:
-            for k0, pos in chunks:
-                if ready is not None:
-                    ready(k0 + pos.size - 1)
-                out[k0 : k0 + pos.size] = pos
-        return out
 
     def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
         return (ctx.numel + 7) // 8

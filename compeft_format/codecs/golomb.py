@@ -19,10 +19,9 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .._alloc import fresh_zeros, writing
 from .._spec import BLOCK_GOLOMB
 from ._bits import BitWriter, bit_slice, concat_bits, count_ones, packed_slice
-from .base import BlockCodec, BlockContext, register_codec
+from .base import BlockContext, PositionsCodec, register_codec
 
 _ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
 _DECODE_CHUNK = 1 << 15  # unary bytes per decoder step (262144 bits, ~10^4..10^5 codes)
@@ -266,7 +265,7 @@ def _sum_remainders(buf: np.ndarray, n: int, m: int, n_long: int) -> int:
 
 
 @register_codec
-class GolombCodec(BlockCodec):
+class GolombCodec(PositionsCodec):
     """Positions as Golomb-coded gaps; ``Param`` is the Golomb parameter ``M``.
 
     >>> from compeft_format.codecs import GolombCodec, BlockContext
@@ -280,7 +279,6 @@ class GolombCodec(BlockCodec):
 
     block_type = BLOCK_GOLOMB
     name = "golomb"
-    role = "positions"
 
     def encoded_size(self, value: np.ndarray, ctx: BlockContext) -> tuple[int, int]:
         """Return ``(M, payload size)`` without building the stream."""
@@ -436,16 +434,6 @@ class GolombCodec(BlockCodec):
     def _trailing_zeros(buf: np.ndarray) -> int:
         """Zero bits after the last one bit (the padding of the last byte)."""
         return 8 - int(buf[-1]).bit_length()
-
-    def decode(self, payload: memoryview, param: int, ctx: BlockContext) -> np.ndarray:
-        chunks = self.positions(payload, param, ctx)  # checks the block first
-        out, prefault = fresh_zeros(ctx.nnz, np.dtype(np.int64))
-        with writing(prefault) as ready:
-            for k0, pos in chunks:
-                if ready is not None:
-                    ready(k0 + pos.size - 1)
-                out[k0 : k0 + pos.size] = pos
-        return out
 
     def max_decoded_size(self, param: int, ctx: BlockContext) -> int:
         _, _, w = _code_shape(max(1, param))
