@@ -75,16 +75,6 @@ def _density(text: str) -> float:
     return value
 
 
-def _alpha(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def _positive(text: str) -> float:
     try:
         value = float(text)
@@ -147,7 +137,7 @@ def _parser() -> argparse.ArgumentParser:
                    "the task vector is measured from; needed again to decompress")
     c.add_argument("--density", type=_density, default=DEFAULT_DENSITY, metavar="K",
                    help=f"fraction of entries kept, in (0, 1] (default {DEFAULT_DENSITY})")
-    c.add_argument("--alpha", type=_alpha, default=1.0, metavar="A",
+    c.add_argument("--alpha", type=_positive, default=1.0, metavar="A",
                    help="multiplier of the scale (default 1)")
     c.add_argument("--scope", choices=("global", "tensor"), default="global",
                    help="top-k over all tensors together, or each on its own (default global)")
@@ -226,7 +216,7 @@ def _parser() -> argparse.ArgumentParser:
                    f"{','.join(f'{d:g}' for d in DEFAULT_DENSITIES)})")
     w.add_argument("--scales", type=_list_of(_scale_rule), default=list(SCALES),
                    metavar="LIST", help=f"comma-separated scale rules (default {','.join(SCALES)})")
-    w.add_argument("--alpha", type=_alpha, default=1.0, metavar="A",
+    w.add_argument("--alpha", type=_positive, default=1.0, metavar="A",
                    help="multiplier of every scale (default 1)")
     packing(w)
     w.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -250,7 +240,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="the evaluation command (run by the shell)")
     t.add_argument("--densities", type=_list_of(_density), default=[DEFAULT_DENSITY],
                    metavar="LIST", help=f"comma-separated densities (default {DEFAULT_DENSITY})")
-    t.add_argument("--alphas", type=_list_of(_alpha), default=list(DEFAULT_ALPHAS),
+    t.add_argument("--alphas", type=_list_of(_positive), default=list(DEFAULT_ALPHAS),
                    metavar="LIST", help="comma-separated alphas (default "
                    f"{','.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
     t.add_argument("--budget-bits-per-param", type=_positive, default=None, metavar="B",
