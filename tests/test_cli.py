@@ -12,30 +12,14 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from cli_helpers import one_line_error, run
 
 from compeft_format import inspect
-from compeft_format.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 LORA = DATA / "lora-minilm-vader"
 IA3 = DATA / "ia3-minilm-vader"
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("compeft"), err
-    assert ": error: " in lines[0], err
-    assert "Traceback" not in err
-    for n in needles:
-        assert n in lines[0], (n, err)
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
+from cli_helpers import one_line_error, run
 
 from compeft_format import inspect
-from compeft_format.cli import main
 from compeft_format.compress import SCALES
 from compeft_format.convert import compress_file, decompress_file
 
@@ -38,21 +38,6 @@ score = -sum(float(np.sum((got[n].astype(np.float64) - want[n]) ** 2)) for n in 
 print("evaluating", checkpoint)
 print(f"score: {score!r}")
 """
-
-
-def run(capsys, *argv: object) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str, *needles: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("compeft"), err
-    assert ": error: " in lines[0], err
-    for n in needles:
-        assert n in lines[0], (n, err)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import json
 import re
 import struct
@@ -51,6 +50,7 @@ def _load(name: str, path: Path) -> ModuleType:
 
 rules_mod = _load("spec_rules", TOOLS / "_rules.py")
 ref = _load("spec_reference_reader", TOOLS / "reference_reader.py")
+ShortReads = _load("spec_make_vectors", TOOLS / "make_vectors.py").ShortReads  # a raw pipe
 RULES = rules_mod.load_rules(SPEC)
 
 
@@ -71,19 +71,6 @@ def _ids(vectors: list[tuple[str, Any, Any, Any]]) -> list[str]:
     return [v[0] for v in vectors]
 
 
-class ShortReads(io.RawIOBase):
-    """A non-seekable stream that returns at most 7 bytes a read, like a raw pipe."""
-
-    def __init__(self, data: bytes) -> None:
-        self._buf = io.BytesIO(data)
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b: Any) -> int:
-        chunk = self._buf.read(min(len(b), 7))
-        b[: len(chunk)] = chunk
-        return len(chunk)
 
 
 # ---------------------------------------------------------------------------------------------
