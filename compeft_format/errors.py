@@ -24,6 +24,7 @@ __all__ = [
     "BadMagicError",
     "ChecksumError",
     "CompeftError",
+    "ConvertError",
     "CorruptDataError",
     "EncodeError",
     "FormatError",
@@ -105,3 +106,11 @@ class UnsupportedFeatureError(UnsupportedError):
 
 class EncodeError(CompeftError, ValueError):
     """The input cannot be represented: not ternary, not finite, bad option value."""
+
+
+class ConvertError(CompeftError, ValueError):
+    """An input or output of a conversion cannot be used.
+
+    A directory that is not a PEFT adapter, a base that does not match the one the task
+    vector was measured from, an output that exists, a file that needs ``base``...
+    """
