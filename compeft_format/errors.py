@@ -28,6 +28,7 @@ __all__ = [
     "EncodeError",
     "FormatError",
     "LimitExceededError",
+    "MissingDependencyError",
     "TruncatedError",
     "UnsupportedError",
     "UnsupportedFeatureError",
@@ -105,3 +106,11 @@ class UnsupportedFeatureError(UnsupportedError):
 
 class EncodeError(CompeftError, ValueError):
     """The input cannot be represented: not ternary, not finite, bad option value."""
+
+
+class MissingDependencyError(CompeftError, ImportError):
+    """An optional dependency (torch, peft) that the function called needs is not installed.
+
+    >>> issubclass(MissingDependencyError, ImportError)
+    True
+    """
