@@ -29,6 +29,7 @@ __all__ = [
     "EncodeError",
     "FormatError",
     "LimitExceededError",
+    "MissingDependencyError",
     "TruncatedError",
     "UnsupportedError",
     "UnsupportedFeatureError",
@@ -113,4 +114,12 @@ class ConvertError(CompeftError, ValueError):
 
     A directory that is not a PEFT adapter, a base that does not match the one the task
     vector was measured from, an output that exists, a file that needs ``base``...
+    """
+
+
+class MissingDependencyError(CompeftError, ImportError):
+    """An optional dependency (torch, peft) that the function called needs is not installed.
+
+    >>> issubclass(MissingDependencyError, ImportError)
+    True
     """
