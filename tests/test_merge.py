@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from peft.utils import merge_utils
 
 import compeft_format.merge as M
-from compeft_format import TernaryTensor
+from compeft_format import EncodeError, TernaryTensor, compress
 from compeft_format.merge import MergeError, MergeStats, Rescale, merge, merge_tensor
 
 # ---------------------------------------------------------------------------------------------
@@ -321,3 +321,93 @@ def test_doctests():
     result = doctest.testmod(M, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 5
     assert result.failed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# compressing the merge again
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def st_expert_dicts(draw):
+    """2-4 experts over a few named tensors (matrices and vectors), F32 or BF16."""
+    n = draw(st.integers(2, 4))
+    shapes = {"a.weight": (12, 9), "a.bias": (9,), "b": (3, 1, 5), "c": (1,)}
+    dtype = draw(st.sampled_from(["F32", "BF16"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    experts = []
+    for _ in range(n):
+        tv = {}
+        for name, shape in shapes.items():
+            numel = int(np.prod(shape))
+            idx = np.flatnonzero(rng.random(numel) < draw(st.sampled_from([0.0, 0.2, 0.6])))
+            tv[name] = TernaryTensor(shape, idx, rng.random(idx.size) < 0.5,
+                                     draw(st.sampled_from([0.0, 0.25, 1.0, 0.3])), dtype)
+        experts.append(tv)
+    return experts
+
+
+def _same_ternary(got: TernaryTensor, want: TernaryTensor) -> None:
+    assert got.shape == want.shape
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.signs, want.signs)
+    assert got.scale == pytest.approx(want.scale, rel=1e-6, abs=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st_expert_dicts(), st.data())
+def test_merge_and_compress_equals_compress_of_the_merge(experts, data):
+    method = data.draw(st.sampled_from(M.METHODS))
+    sign = data.draw(st.sampled_from(M.SIGN_METHODS))
+    weights = data.draw(st.lists(DYADIC_WEIGHTS, min_size=len(experts), max_size=len(experts)))
+    density = data.draw(st.sampled_from([0.01, 0.1, 0.3, 1.0]))
+    scope = data.draw(st.sampled_from(["global", "tensor"]))
+    scale = data.draw(st.sampled_from(M.PATTERN_SCALES))
+    merged = merge(experts, method=method, weights=weights, sign=sign)
+    from compeft_format.taskvec import TaskVector
+
+    declared = TaskVector(merged, dtypes={n: t.dtype for n, t in experts[0].items()})
+    want = compress(declared, density=density, scope=scope, scale=scale)
+    got = M.merge_and_compress(experts, density=density, method=method, weights=weights,
+                               sign=sign, scope=scope, scale=scale)
+    assert list(got) == list(experts[0])
+    for name in got:
+        _same_ternary(got[name], want[name])
+
+
+def test_merge_and_compress_dense_fallback(monkeypatch):
+    """Without pattern tables the dense merged tensors go through iter_compress: same result."""
+    rng = np.random.default_rng(5)
+    experts = [{"w": TernaryTensor((30, 20), idx, rng.random(idx.size) < 0.5, 0.1 * (i + 1)),
+                "v": TernaryTensor((20,), [1, 4], [True, False], 0.2)}
+               for i, idx in enumerate(np.flatnonzero(rng.random(600) < 0.3) for _ in range(3))]
+    calls = []
+
+    def rule(stats):
+        calls.append(stats.name)
+        return 0.5
+
+    fast = M.merge_and_compress(experts, density=0.1, rescale=rule)
+    assert sorted(calls) == ["v", "w"]  # once per tensor, though each is read twice
+    with monkeypatch.context() as mp:
+        mp.setattr(M, "MAX_PATTERN_INPUTS", 0)
+        calls.clear()
+        slow = M.merge_and_compress(experts, density=0.1, rescale=rule)
+        assert sorted(calls) == ["v", "w"]
+    for name in fast:
+        _same_ternary(fast[name], slow[name])
+    dense = {name: np.asarray(t.to_numpy()) for name, t in experts[0].items()}
+    mixed = M.merge_and_compress([experts[1], dense], density=0.1, scale="norm")
+    want = compress(merge([experts[1], dense]), density=0.1, scale="norm")
+    for name in mixed:
+        _same_ternary(mixed[name], want[name])
+
+
+def test_merge_and_compress_errors():
+    e = {"w": TernaryTensor((4,), [0], [False], 1.0)}
+    with pytest.raises(EncodeError, match="density"):
+        M.merge_and_compress([e, e], density=0.0)
+    with pytest.raises(EncodeError, match="scope"):
+        M.merge_and_compress([e, e], density=0.5, scope="model")
+    huge = {"w": TernaryTensor((4,), [0], [False], 60000.0, "F16")}
+    with pytest.raises(EncodeError, match="overflows the tensor's dtype F16"):
+        M.merge_and_compress([huge, huge], density=0.5, method="sum", scale="norm")
