@@ -41,6 +41,7 @@ __all__ = [
     "COMPRESSION_METADATA_KEY",
     "SCALES",
     "SCOPES",
+    "ChunkedValues",
     "TopK",
     "compress",
     "compression_metadata",
@@ -143,6 +144,38 @@ def _scratch(size: int, dtype: np.dtype) -> np.ndarray:
     if arr is None or arr.size < size:
         arr = buf[key] = np.empty(max(size, _CHUNK), dtype)
     return arr[:size]
+
+
+class ChunkedValues:
+    """A tensor's float values made on demand, a slice at a time, never held whole.
+
+    :func:`compress` and :func:`iter_compress` take it wherever they take an array (e.g. a
+    fine-tuned tensor minus its base, computed from two memory-mapped files:
+    :class:`~compeft_format.plan.FileTaskVector` hands these out). ``chunk(start, stop)``
+    returns the flat values ``start:stop`` and ``take(indices)`` those at flat indices, as
+    ``dtype`` (float32 or float64); both may be called from several threads at once.
+
+    >>> x = np.arange(6, dtype=np.float32) - 2
+    >>> v = ChunkedValues((2, 3), np.float32, lambda a, z: x[a:z], lambda i: x[i])
+    >>> compress({"t": v}, density=0.5)["t"].indices.tolist()
+    [0, 4, 5]
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any,
+                 chunk: Callable[[int, int], np.ndarray],
+                 take: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise EncodeError(f"ChunkedValues must be float32 or float64, got {self.dtype}")
+        self.size = math.prod(self.shape)
+        self.chunk = chunk
+        self.take = take
+
+    @property
+    def dtype_name(self) -> str:
+        """``"F32"`` or ``"F64"``."""
+        return "F64" if self.dtype == np.float64 else "F32"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -686,7 +719,11 @@ class _Job:
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
-        """Return the flat storage array and storage dtype name; reject non-float data."""
+        """Return the flat storage array and storage dtype name; reject non-float data.
+
+        A :class:`ChunkedValues` stays as it is (its values are read by :meth:`_chunk`)."""
+        if isinstance(value, ChunkedValues):
+            return value, value.dtype_name  # type: ignore[return-value]
         try:
             storage, dname = _dt.to_storage(value)
         except EncodeError as exc:
@@ -702,6 +739,9 @@ class _Job:
     @staticmethod
     def _chunk(flat: np.ndarray, dname: str, work: np.dtype, start: int) -> np.ndarray:
         """The chunk at ``start``, widened to the work dtype (exact)."""
+        if isinstance(flat, ChunkedValues):
+            c = flat.chunk(start, min(flat.size, start + _CHUNK))
+            return c if c.dtype == work else c.astype(work)
         c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname)
         return c if c.dtype == work else c.astype(work)
 
@@ -805,7 +845,8 @@ class _Job:
                 )
         if not flat.size:
             return np.empty(0, native)
-        picked = flat[rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))]
+        where = rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))
+        picked = flat.take(where) if isinstance(flat, ChunkedValues) else flat[where]
         return np.abs(_dt.to_numpy_values(picked, dname)).astype(native, copy=False)
 
     def _band_tensor(self, name: str, fetch: Callable[[str], Any], work: np.dtype,
