@@ -42,6 +42,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
+from .merge import MergeError, MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .safetensors_io import (
     SafetensorsError,
@@ -79,6 +80,8 @@ __all__ = [
     "FormatError",
     "LazyTaskVector",
     "LimitExceededError",
+    "MergeError",
+    "MergeSummary",
     "QualityReport",
     "ReadLimits",
     "SafetensorsError",
@@ -106,6 +109,8 @@ __all__ = [
     "iter_stream",
     "load_file",
     "loads",
+    "merge_and_compress",
+    "merge_files",
     "open_file",
     "open_safetensors",
     "peft_task_vector",

@@ -855,7 +855,8 @@ OUTPUT_FORMS = ("compeft", "safetensors", "adapter")
 
 @dataclass(frozen=True)
 class MergeSummary:
-    """What :func:`merge_files` did; :meth:`format` is the command's printout.
+    """What :func:`merge_files` did; :meth:`format` is the command's printout (example:
+    :func:`merge_files`).
 
     ``form`` is ``"compeft"`` (compressed again), ``"safetensors"`` or ``"adapter"`` (a PEFT
     adapter directory); ``merged``/``copied`` count the task-vector tensors merged and the
@@ -989,18 +990,31 @@ def _check_inputs(sources: Sequence[Source], readers: Sequence[CompeftReader],
 
 
 def _same_everywhere(name: str, readers: Sequence[CompeftReader],
-                     sources: Sequence[Source]) -> tuple[np.ndarray, str]:
-    """The raw value of a tensor copied unchanged; it must be equal in every input."""
+                     sources: Sequence[Source]) -> None:
+    """A tensor copied unchanged (not a task vector) must be equal in every input."""
     first = readers[0].get_raw(name)
-    assert not isinstance(first, TernaryTensor)
     for s, r in zip(sources[1:], readers[1:], strict=True):
         other = r.get_raw(name)
-        assert not isinstance(other, TernaryTensor)
-        if other[0].tobytes() != first[0].tobytes():
+        if isinstance(first, TernaryTensor) or isinstance(other, TernaryTensor):
+            same = first == other
+        else:
+            same = other[1] == first[1] and other[0].tobytes() == first[0].tobytes()
+        if not same:
             raise MergeError(f"{s.weights}: differs from {sources[0].weights}, and it is not "
                              "a task vector (stored as it is), so it cannot be merged",
                              tensor=name)
-    return first
+
+
+def _copied(reader: CompeftReader, name: str) -> tuple[np.ndarray, str]:
+    """The storage of a tensor copied unchanged."""
+    value = reader.get_raw(name)
+    if isinstance(value, TernaryTensor):  # not a task vector, yet stored ternary
+        return _to_storage(value.to_numpy(_work_name(value.dtype)), value.dtype), value.dtype
+    return value
+
+
+def _work_name(dtype: str) -> str:
+    return "F64" if dtype == "F64" else "F32"
 
 
 def _default_compression(readers: Sequence[CompeftReader]) -> tuple[float, str, str]:
@@ -1168,6 +1182,9 @@ def merge_files(
         # is zero or one); the rest is stored as it is and must be the same everywhere
         merged = {n for n, i in infos.items() if (n in ref.delta if ref.kind == "checkpoint"
                                                   else i.dtype in TERNARY_DTYPES)}
+        for name in infos:  # copied tensors must agree: checked before anything is written
+            if name not in merged:
+                _same_everywhere(name, readers, sources)
         n_in = len(readers)
 
         def make(name: str, fixed: Rescale | None) -> TensorMerge:
@@ -1229,7 +1246,7 @@ def merge_files(
                             w.write(name, _to_storage(make(name, None).to_numpy(),
                                                       info.dtype), dtype=info.dtype)
                         else:
-                            arr, dtype = _same_everywhere(name, readers, sources)
+                            arr, dtype = _copied(readers[0], name)
                             w.write(name, arr, dtype=dtype)
                         bar.update()
             target_name = None
@@ -1257,7 +1274,7 @@ def merge_files(
                         base_reader.release(name)
                     return
                 if name not in merged:
-                    yield _same_everywhere(name, readers, sources)[0]
+                    yield _copied(readers[0], name)[0]
                     return
                 tm = make(name, None)
                 bflat = (base_reader.get(name)[0].reshape(-1)
