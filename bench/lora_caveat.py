@@ -37,7 +37,7 @@ TASKS = ("sentiment", "frequency", "syllables")
 
 def _load(path: Path) -> dict[str, np.ndarray]:
     with cf.open_safetensors(path / "adapter_model.safetensors") as r:
-        return {n: np.array(r.values(n), dtype=np.float64) for n in r.keys()}
+        return {n: np.array(r.values(n), dtype=np.float64) for n in r}
 
 
 def _modules(names) -> list[str]:
