@@ -159,6 +159,8 @@ class ChunkedValues:
     >>> v = ChunkedValues((2, 3), np.float32, lambda a, z: x[a:z], lambda i: x[i])
     >>> compress({"t": v}, density=0.5)["t"].indices.tolist()
     [0, 4, 5]
+    >>> np.asarray(v).tolist()  # the whole tensor, where an array is needed
+    [[-2.0, -1.0, 0.0], [1.0, 2.0, 3.0]]
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: Any,
@@ -176,6 +178,20 @@ class ChunkedValues:
     def dtype_name(self) -> str:
         """``"F32"`` or ``"F64"``."""
         return "F64" if self.dtype == np.float64 else "F32"
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole tensor, for code that needs an array (``np.asarray(values)``)."""
+        out = np.empty(self.size, self.dtype)
+        for start in range(0, self.size, _CHUNK):
+            stop = min(self.size, start + _CHUNK)
+            out[start:stop] = self.chunk(start, stop)
+        out = out.reshape(self.shape)
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
