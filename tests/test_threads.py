@@ -184,3 +184,20 @@ def test_processes_save_and_load_at_once(tmp_path: Path) -> None:
         assert Path(own).read_bytes() == cf.dumps(_tensors(seed))
         assert head == cf.dumps(_tensors(seed)).hex()[:64]
     assert Path(shared).read_bytes() == cf.dumps(_tensors(0))
+def test_fork_after_a_background_compression_does_not_hang() -> None:
+    """No zstd worker thread outlives a write, so a fork copies no thread holding a lock."""
+    out = _run_child("""
+        import os, warnings
+        warnings.simplefilter("error")  # Python 3.12+: forking a threaded process warns
+        t = tensors(5)
+        ref = cf.dumps(t)
+        names = sorted(th.name for th in threading.enumerate())
+        assert names == ["MainThread"], names
+        pid = os.fork()
+        if pid == 0:
+            ok = cf.dumps(t) == ref and cf.loads(ref)["big"] == t["big"]
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        print("child", os.waitstatus_to_exitcode(status))
+    """, timeout=120)
+    assert out == "child 0\n"
