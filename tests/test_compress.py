@@ -29,7 +29,7 @@ from compeft_format.tensor import TernaryTensor
 # the module itself (the package may export a function of the same name)
 cmod = importlib.import_module("compeft_format.compress")
 
-SCALES = ("proj_vcap", "proj", "norm", "l2", "std")
+SCALES = ("proj_vcap", "gram", "proj", "norm", "l2", "std")
 SCOPES = ("global", "tensor")
 
 
@@ -57,8 +57,13 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         chosen = chosen[mags[chosen] > 0]  # zeros are never kept
         if not chosen.size:
             s = 0.0
-        elif scale in ("proj", "proj_vcap"):
+        elif scale in ("proj", "proj_vcap") or (
+            scale == "gram" and not _gram_reference(tv, group, flats, chosen)[0]
+        ):
             s = alpha * float(np.sum(flat * flat)) / float(mags[chosen].sum())
+        elif scale == "gram":
+            _, num, den = _gram_reference(tv, group, flats, chosen)
+            s = alpha * num / den
         elif scale == "norm":
             s = alpha * math.sqrt(float(np.sum(flat * flat))) / math.sqrt(chosen.size)
         elif scale == "l2":
@@ -72,11 +77,32 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         for name, f in zip(group, flats, strict=True):
             sel = chosen[(chosen >= off) & (chosen < off + f.size)]
             s_name = s
-            if scale == "proj_vcap" and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
+            capped = scale in ("proj_vcap", "gram")
+            if capped and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
                 s_name = min(s, alpha * float(np.abs(f).max()))  # a vector's own cap
             out[name] = (sel - off, flat[sel] < 0, s_name)
             off += f.size
     return out
+
+
+def _gram_reference(tv, group, flats, chosen):
+    """``(usable, num, den)`` of the "gram" scale, by the dense trace formulas."""
+    num = den = 0.0
+    off = 0
+    for name, f in zip(group, flats, strict=True):
+        shape = np.shape(tv[name])
+        sel = chosen[(chosen >= off) & (chosen < off + f.size)] - off
+        off += f.size
+        if sum(d > 1 for d in shape) <= 1 or not sel.size:
+            continue
+        t = f.reshape(shape[0], -1)
+        signs = np.zeros(f.size)
+        signs[sel] = np.sign(f[sel])
+        s_mat = signs.reshape(t.shape)
+        c = t.T @ t / (float((t * t).sum()) / t.shape[1])
+        num += float(np.trace(s_mat @ c @ t.T))
+        den += float(np.trace(s_mat @ c @ s_mat.T))
+    return num > 0 and den > 0, num, den
 
 
 def assert_matches(out, ref, tv):
