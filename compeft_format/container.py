@@ -12,40 +12,26 @@ fixed-size trailer at the end give random access (:func:`open_file`).
 from __future__ import annotations
 
 import contextlib
-import glob
 import io
-import json
 import math
 import mmap
 import os
-import tempfile
-import threading
-import time
 import zlib
-from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-try:  # POSIX: a lock tells a stale temporary file from one being written (atomic_write)
-    import fcntl
-except ImportError:  # pragma: no cover - Windows
-    fcntl = None
-
 from . import _spec as S
 from . import dtypes as _dt
-from ._alloc import fresh_zeros, writing
 from ._io import BufferSource, Source, StreamSource, encode_varint
-from .codecs import ZSTD, BlockContext, ZstdStage, get_codec
-from .codecs._bits import scatter_signed
-from .codecs.bitmask import BitmaskCodec
+from .budget import Budget, positions_cost, record_cost, widening_cost
+from .codecs import ZSTD, BlockContext, get_codec
 from .codecs.dense import DenseCodec
-from .codecs.golomb import GolombCodec
 from .codecs.scale import ScaleCodec
 from .codecs.signs import SignsCodec
+from .encode import POSITIONS_CHOICES, encode_positions, maybe_zstd
 from .errors import (
     BadMagicError,
     ChecksumError,
@@ -56,7 +42,11 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
-from .tensor import TernaryTensor, dense_output, dense_values
+from .fsio import atomic_write
+from .info import BlockInfo, FileInfo, TensorInfo
+from .metadata import decode_metadata, encode_metadata
+from .present import check_framework, dense_ternary, present
+from .tensor import TernaryTensor, dense_output
 
 __all__ = [
     "BlockInfo",
@@ -73,10 +63,7 @@ __all__ = [
     "save_file",
 ]
 
-POSITIONS_CHOICES = ("auto", "bitmask", "golomb")
-_BITMASK, _GOLOMB, _SIGNS, _SCALE, _DENSE = (
-    BitmaskCodec(), GolombCodec(), SignsCodec(), ScaleCodec(), DenseCodec()
-)
+_SIGNS, _SCALE, _DENSE = SignsCodec(), ScaleCodec(), DenseCodec()
 _MAX_RECORD_HEADER = 1 << 16  # spec 9.2: a record header above 64 KiB is rejected
 
 
@@ -93,222 +80,6 @@ def _align(offset: int, alignment: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# Info records
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class BlockInfo:
-    """One block of a record, as described by its Block_Descriptor (spec 5.5)."""
-
-    codec: str  #: "bitmask", "golomb", "signs", "scale", "dense" (or "0x.." when unknown)
-    block_type: int
-    stage: str  #: "none" or "zstd"
-    param: int
-    stored_size: int
-    decoded_size: int
-    offset: int  #: absolute offset of the stored bytes
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """What a record header says about one tensor, without decoding its data."""
-
-    name: str
-    kind: str  #: "ternary" or "dense"
-    dtype: str
-    shape: tuple[int, ...]
-    nnz: int | None
-    blocks: tuple[BlockInfo, ...]
-    offset: int  #: absolute offset of the record
-    record_size: int  #: header plus data area, in bytes
-
-    @property
-    def numel(self) -> int:
-        """Number of elements of the dense tensor."""
-        return math.prod(self.shape)
-
-    @property
-    def density(self) -> float | None:
-        """``nnz / numel`` for a ternary record."""
-        if self.nnz is None:
-            return None
-        return self.nnz / self.numel if self.numel else 0.0
-
-    @property
-    def dense_size(self) -> int:
-        """Bytes the tensor takes dense, in its dtype."""
-        return self.numel * S.ITEMSIZE[self.dtype]
-
-    @property
-    def bits_per_element(self) -> float:
-        """Record bytes (header, blocks and padding) times 8 over ``numel``."""
-        return 8 * self.record_size / self.numel if self.numel else 0.0
-
-    @property
-    def codecs(self) -> str:
-        """The blocks as ``codec[+zstd]`` joined by commas, e.g. ``"golomb,signs,scale"``."""
-        return ",".join(b.codec + ("+zstd" if b.stage == "zstd" else "") for b in self.blocks)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict."""
-        return {
-            "name": self.name, "kind": self.kind, "dtype": self.dtype, "shape": list(self.shape),
-            "numel": self.numel, "nnz": self.nnz, "density": self.density,
-            "record_bytes": self.record_size, "dense_bytes": self.dense_size,
-            "bits_per_element": self.bits_per_element, "codecs": self.codecs,
-            "blocks": [b.__dict__ for b in self.blocks],
-        }
-
-
-@dataclass(frozen=True)
-class FileInfo:
-    """The header, metadata and per-tensor layout of a file (see :func:`inspect`)."""
-
-    version: tuple[int, int]
-    alignment: int
-    metadata: dict[str, Any]
-    file_size: int
-    tensors: tuple[TensorInfo, ...]
-
-    @property
-    def dense_size(self) -> int:
-        """Bytes of all tensors stored dense in their dtypes."""
-        return sum(t.dense_size for t in self.tensors)
-
-    @property
-    def numel(self) -> int:
-        """Elements of all tensors."""
-        return sum(t.numel for t in self.tensors)
-
-    @property
-    def ratio(self) -> float:
-        """Dense size over file size."""
-        return self.dense_size / self.file_size if self.file_size else 0.0
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict."""
-        return {
-            "version": f"{self.version[0]}.{self.version[1]}", "alignment": self.alignment,
-            "metadata": self.metadata, "file_bytes": self.file_size,
-            "dense_bytes": self.dense_size, "numel": self.numel, "ratio": self.ratio,
-            "bits_per_element": 8 * self.file_size / self.numel if self.numel else 0.0,
-            "tensors": [t.to_dict() for t in self.tensors],
-        }
-
-
-# ---------------------------------------------------------------------------------------------
-# Metadata (spec 5.2)
-# ---------------------------------------------------------------------------------------------
-
-
-def _too_deep(obj: Any, limit: int) -> bool:
-    """Return True if a JSON value nests deeper than ``limit`` (a scalar is depth 0).
-
-    Iterative, and it stops at the first container past the limit: a recursive walk raised
-    RecursionError (not a CompeftError) on metadata a few hundred levels deep that json.loads
-    still accepts, and never returned on a self-referencing dict given to the writer.
-    """
-    stack = [(obj, 0)]
-    while stack:
-        value, depth = stack.pop()
-        if isinstance(value, (dict, list)):
-            if depth >= limit:
-                return True
-            children = value.values() if isinstance(value, dict) else value
-            stack.extend((child, depth + 1) for child in children
-                         if isinstance(child, (dict, list)))
-    return False
-
-
-def _check_reserved(meta: Mapping[str, Any], error: type[Exception]) -> None:
-    """Enforce the types of the reserved keys (spec 5.2.1)."""
-    def bad(key: str, want: str) -> Exception:
-        return error(f"metadata key {key!r} must be {want}")
-
-    if S.META_PRODUCER in meta and not isinstance(meta[S.META_PRODUCER], str):
-        raise bad(S.META_PRODUCER, "a string")
-    if S.META_COMPRESSION in meta and not isinstance(meta[S.META_COMPRESSION], dict):
-        raise bad(S.META_COMPRESSION, "an object")
-    if S.META_BASE in meta:
-        base = meta[S.META_BASE]
-        if not isinstance(base, dict):
-            raise bad(S.META_BASE, "an object")
-        for key in ("name", "revision"):
-            if key in base and not isinstance(base[key], str):
-                raise bad(f"{S.META_BASE}.{key}", "a string")
-        hashes = base.get("hashes", {})
-        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
-            raise bad(f"{S.META_BASE}.hashes", "an object of strings")
-
-
-def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes:
-    """Return the canonical JSON bytes of ``metadata`` (spec 5.2): sorted, compact, UTF-8."""
-    if not metadata:
-        return b""
-    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
-        raise EncodeError("metadata must be a mapping with string keys")
-    _check_reserved(metadata, EncodeError)
-    if _too_deep(dict(metadata), S.DEFAULT_LIMITS.max_metadata_depth):
-        raise EncodeError(f"metadata nests deeper than {S.DEFAULT_LIMITS.max_metadata_depth}")
-    try:
-        text = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"),
-                          ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise EncodeError(f"metadata is not JSON-serialisable: {exc}") from None
-    try:
-        data = text.encode("utf-8", "strict")
-    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. read back from "\ud800"
-        raise EncodeError(f"metadata is not valid Unicode: {exc}") from None
-    if len(data) > S.DEFAULT_LIMITS.max_metadata_size:
-        raise EncodeError(f"metadata is {len(data)} bytes; limit "
-                          f"{S.DEFAULT_LIMITS.max_metadata_size}")
-    return data
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [k for k, _ in pairs]
-    if len(set(keys)) != len(keys):
-        dup = next(k for k in keys if keys.count(k) > 1)
-        raise ValueError(f"duplicate key {dup!r}")
-    return dict(pairs)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 would sneak infinity past the NaN/Infinity rule
-        raise ValueError(f"number {text} is out of range")
-    return value
-
-
-def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict[str, Any]:
-    """Parse and validate the Metadata bytes (spec 5.2)."""
-    if not len(data):
-        return {}
-    try:
-        text = bytes(data).decode("utf-8", "strict")
-        meta = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                          parse_float=_finite_float)
-    except RecursionError:
-        raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
-                                 offset=offset) from None
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise CorruptDataError(f"metadata is not valid JSON: {exc}", offset=offset) from None
-    if not isinstance(meta, dict):
-        raise CorruptDataError(f"metadata must be a JSON object, got {type(meta).__name__}",
-                               offset=offset)
-    if _too_deep(meta, limits.max_metadata_depth):
-        raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
-                                 offset=offset)
-    _check_reserved(meta, lambda m: CorruptDataError(m, offset=offset))
-    return meta
-
-
-# ---------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------
 
@@ -318,94 +89,6 @@ def _descriptor(block_type: int, stage: int, param: int, stored: int, decoded: i
     if stage != S.STAGE_NONE:
         out += encode_varint(decoded)
     return out
-
-
-def _maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD,
-                ) -> tuple[int, bytes]:
-    """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7)."""
-    if level is None or len(payload) < 64:
-        return S.STAGE_NONE, payload
-    frame = stage.encode(payload, level)
-    if len(frame) < len(payload):
-        return S.STAGE_ZSTD, frame
-    return S.STAGE_NONE, payload
-
-
-# The zstd stage of a large block runs on one worker thread while the writer's thread encodes
-# the next block: zstd and most numpy loops release the GIL, so the two share the cores. The
-# output is the same bytes (single-threaded zstd, same parameters); zstd's own multi-threaded
-# mode would change them. The worker has its own ZstdStage: zstd compressors are not
-# thread-safe.
-_ZSTD_WORKER = ZstdStage()
-_BACKGROUND_MIN = 1 << 20  # smaller payloads are compressed inline: the hand-off costs more
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
-
-
-def _zstd_pool() -> ThreadPoolExecutor:
-    """The worker, created on first use and again in a forked child (whose copy has no thread)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="compeft-zstd"))
-        return _pool[1]
-
-
-def _zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, bytes]]:
-    """Start :func:`_maybe_zstd` of ``payload``; return a function that waits for its result."""
-    if level is None or len(payload) < _BACKGROUND_MIN:
-        result = _maybe_zstd(payload, level)
-        return lambda: result
-    return _zstd_pool().submit(_maybe_zstd, payload, level, _ZSTD_WORKER).result
-
-
-_Block = tuple[int, int, int, bytes, int]  # block type, stage, param, stored, decoded size
-
-
-def _encode_positions(t: TernaryTensor, ctx: BlockContext, positions: str,
-                      level: int | None) -> Callable[[], _Block]:
-    """Start encoding the positions block; return a function that finishes it.
-
-    ``auto`` keeps the smallest raw candidate, or with zstd the smallest of both candidates
-    each through zstd where that is smaller (the smaller raw one wins a tie). The bitmask is
-    encoded first so that its zstd stage, the slow one, runs while the golomb stream is built.
-    """
-    if positions == "golomb" or t.nnz == 0:
-        codecs = [_GOLOMB]  # spec 6.2.2: an empty tensor's positions are an empty golomb block
-    elif positions == "bitmask":
-        codecs = [_BITMASK]
-    else:
-        codecs = []
-    jobs = []
-    if codecs:
-        param, payload = codecs[0].encode(t.indices, ctx)
-        jobs.append((codecs[0], param, payload, _zstd_later(payload, level)))
-    elif level is None:  # auto without zstd: only the smaller raw candidate is built
-        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
-        if _BITMASK.encoded_size(t.indices, ctx)[1] <= len(g_payload):
-            b_param, b_payload = _BITMASK.encode(t.indices, ctx)
-            jobs.append((_BITMASK, b_param, b_payload, _zstd_later(b_payload, None)))
-        else:
-            jobs.append((_GOLOMB, g_param, g_payload, _zstd_later(g_payload, None)))
-    else:
-        b_param, b_payload = _BITMASK.encode(t.indices, ctx)
-        b_job = (_BITMASK, b_param, b_payload, _zstd_later(b_payload, level))
-        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
-        # golomb streams are near-incompressible, zstd's fast path: inline
-        g_stage = _maybe_zstd(g_payload, level)
-        g_job = (_GOLOMB, g_param, g_payload, lambda: g_stage)
-        jobs = [b_job, g_job] if len(b_payload) <= len(g_payload) else [g_job, b_job]
-
-    def finish() -> _Block:
-        best = None
-        for codec, param, payload, wait in jobs:
-            stage, stored = wait()
-            if best is None or len(stored) < len(best[3]):
-                best = (codec.block_type, stage, param, stored, len(payload))
-        assert best is not None
-        return best
-
-    return finish
 
 
 class Writer:
@@ -504,7 +187,7 @@ class Writer:
             shape, nnz = storage.shape, 0
             ctx = BlockContext(name, storage.size, 0, dtype, shape)
             param, payload = _DENSE.encode(storage, ctx)
-            stage, stored = _maybe_zstd(payload, self._level)
+            stage, stored = maybe_zstd(payload, self._level)
             kind, body_tail = S.KIND_DENSE, b""
             blocks = [(S.BLOCK_DENSE, stage, param, stored, len(payload))]
         # spec 9.3: the file must decode within the default budget, max(64 MiB, 64 x size),
@@ -512,14 +195,14 @@ class Writer:
         # such as all-zero tensors; without zstd a record costs under 41x its size), so a
         # record that would overdraw the budget of the file written so far goes without zstd.
         numel = math.prod(shape)
-        cost = _record_cost(kind, dtype, numel, nnz, blocks)
+        cost = record_cost(kind, dtype, numel, nnz, blocks)
         end = self._pos + sum(_align(len(b[3]), self._alignment) for b in blocks)
         if self._cost + cost > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * end):
             if kind == S.KIND_TERNARY:
                 blocks = self._ternary(name, value, None)[2]
             else:
                 blocks = [(S.BLOCK_DENSE, S.STAGE_NONE, param, payload, len(payload))]
-            cost = _record_cost(kind, dtype, numel, nnz, blocks)
+            cost = record_cost(kind, dtype, numel, nnz, blocks)
         self._cost += cost
         if len(shape) > S.DEFAULT_LIMITS.max_ndim:
             raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
@@ -546,9 +229,9 @@ class Writer:
     def _ternary(self, name: str, t: TernaryTensor, level: int | None
                  ) -> tuple[int, bytes, list]:
         ctx = BlockContext(name, t.numel, t.nnz, t.dtype, t.shape)
-        positions = _encode_positions(t, ctx, self._positions, level)
+        positions = encode_positions(t, ctx, self._positions, level)
         param, payload = _SIGNS.encode(t.signs, ctx)  # meanwhile a worker may run zstd
-        stage, stored = _maybe_zstd(payload, level)
+        stage, stored = maybe_zstd(payload, level)
         blocks = [positions(), (S.BLOCK_SIGNS, stage, param, stored, len(payload))]
         param, payload = _SCALE.encode(t.scale, ctx)
         blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
@@ -603,73 +286,6 @@ def _sorted_names(tensors: Mapping[str, Any]) -> list[str]:
         raise EncodeError("a tensor name is not valid UTF-8") from None
 
 
-def atomic_write(path: str | os.PathLike, write: Any) -> None:
-    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``.
-
-    A crash leaves either the old file or the new one, never a mix: the temporary file
-    ``.{name}.<random>.tmp`` (hidden: a dot name) is flushed and fsynced before the rename,
-    and the directory after it. On an exception the temporary file is removed.
-
-    A writer killed outright (SIGKILL, power loss) cannot remove its temporary file, so the
-    next successful ``atomic_write`` to the same ``path`` removes the stale ones: siblings
-    named ``.{name}.*.tmp`` last modified before this write started and, where ``fcntl``
-    exists, not locked. Every writer holds an exclusive ``flock`` on its temporary file while
-    it writes and the kernel drops it when the writer dies, so the temporary file of a writer
-    that is still running (even a stalled one) is left alone.
-    """
-    path = Path(path)
-    started = time.time()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": see _remove_stale_temps
-        mask = os.umask(0)  # mkstemp makes a private (0600) file; give the usual mode
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-            if fcntl is not None:
-                os.replace(tmp, path)  # before close: the lock holds until the name is gone
-        if fcntl is None:
-            os.replace(tmp, path)  # Windows cannot rename a file that is still open
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-    _remove_stale_temps(path, started)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_stale_temps(path: Path, before: float) -> None:
-    """Remove ``.{name}.*.tmp`` beside ``path`` left by dead writers (see :func:`atomic_write`)."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        with contextlib.suppress(OSError):  # gone already, or not ours to remove
-            if tmp.stat().st_mtime >= before:
-                continue  # a writer that started after us: certainly alive
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                if fcntl is not None:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer lives
-                tmp.unlink()
-            finally:
-                os.close(fd)
-
-
 def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, *,
               metadata: Mapping[str, Any] | None = None, positions: str = "auto",
               zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
@@ -696,50 +312,6 @@ def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, *,
 # ---------------------------------------------------------------------------------------------
 # Reading
 # ---------------------------------------------------------------------------------------------
-
-
-def _positions_cost(decoded_size: int, nnz: int) -> int:
-    """Budget charge of decoding a positions payload (spec 9.3): bits, positions, signs."""
-    return 8 * decoded_size + 9 * nnz
-
-
-def _widening_cost(dtype: str, numel: int, framework: str) -> int:
-    """Budget charge of presenting a dense record (spec 9.3): BF16/F8 widen, torch copies."""
-    if framework == "torch":
-        return S.ITEMSIZE[dtype] * numel
-    return (8 if dtype == "BF16" else 4 if dtype.startswith("F8") else 0) * numel
-
-
-def _record_cost(kind: int, dtype: str, numel: int, nnz: int, blocks: list) -> int:
-    """What a numpy reader charges to its decode budget for a record (spec 9.3)."""
-    cost = 0
-    for btype, stage, _param, _stored, decoded in blocks:
-        if stage != S.STAGE_NONE:
-            cost += decoded
-        if btype in (S.BLOCK_BITMASK, S.BLOCK_GOLOMB):
-            cost += _positions_cost(decoded, nnz)
-    if kind == S.KIND_DENSE:
-        cost += _widening_cost(dtype, numel, "numpy")
-    return cost
-
-
-class _Budget:
-    """Bytes a read call may still allocate for decoded data (spec 9.2, 11)."""
-
-    def __init__(self, limits: S.ReadLimits, file_size: int | None) -> None:
-        self.limits = limits
-        self.fixed = limits.max_decoded_bytes
-        self.used = 0
-        self.file_size = file_size
-
-    def charge(self, n: int, ctx: BlockContext, seen: int) -> None:
-        size = self.file_size if self.file_size is not None else seen
-        limit = self.fixed if self.fixed is not None else max(
-            S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * size)
-        self.used += n
-        if self.used > limit:
-            raise ctx.error(f"decoding needs {self.used} bytes, above the limit of {limit} "
-                            "(raise ReadLimits.max_decoded_bytes)", LimitExceededError)
 
 
 @dataclass
@@ -959,13 +531,13 @@ def _check_block_set(rec: _Record) -> None:
                                tensor=rec.name, offset=rec.offset)
 
 
-def _decode_record(rec: _Record, data: memoryview, budget: _Budget, dense: str | None = None,
+def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | None = None,
                    out: np.ndarray | None = None) -> Any:
     """Verify a record's data area and decode its blocks (spec 8).
 
     A ternary record gives a :class:`TernaryTensor`; with ``dense`` ("numpy" or "torch") it
     gives its dense array instead, written chunk by chunk straight from the positions and
-    signs blocks (see :func:`_dense_ternary`). A dense record gives its storage array.
+    signs blocks (see :func:`dense_ternary`). A dense record gives its storage array.
     """
     computed = _crc(data)
     if computed != rec.data_crc:
@@ -993,7 +565,7 @@ def _decode_record(rec: _Record, data: memoryview, budget: _Budget, dense: str |
             budget.charge(decoded_size, ctx, rec.end)
             payload = memoryview(ZSTD.decode(payload, decoded_size, ctx))
         if codec.role == "positions":  # unpacked bits, then int64 indices and bool signs
-            budget.charge(_positions_cost(len(payload), ctx.nnz), ctx, rec.end)
+            budget.charge(positions_cost(len(payload), ctx.nnz), ctx, rec.end)
         if dense is not None and codec.role == "positions":
             values["positions"] = codec.positions(payload, param, ctx)  # checks the block now
         elif dense is not None and codec.role == "signs":
@@ -1003,50 +575,10 @@ def _decode_record(rec: _Record, data: memoryview, budget: _Budget, dense: str |
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
     if dense is not None:
-        return _dense_ternary(rec, values, dense, out)
+        return dense_ternary(rec.shape, rec.dtype, values, dense, out)
     return TernaryTensor(rec.shape, values["positions"], values["signs"], values["scale"],
                          rec.dtype, _validated=True)
 
-
-def _dense_ternary(rec: _Record, values: dict[str, Any], dense: str,
-                   out: np.ndarray | None) -> np.ndarray:
-    """Write a ternary record's dense array from its blocks' positions and packed signs.
-
-    The positions codec yields chunks of positions; each is written at once with its signs'
-    values, so neither the int64 index array nor the bool signs of the whole tensor are
-    built. The output is "numpy" values (BF16 as float32, as ``to_numpy``) or "torch"
-    storage (BF16 as raw uint16 bits, as ``to_torch`` stores them).
-    """
-    vals = dense_values(values["scale"], rec.dtype, bf16_bits=dense == "torch")
-    if out is None:
-        flat, prefault = fresh_zeros(math.prod(rec.shape), vals.dtype)
-    else:
-        flat, prefault = dense_output(out, math.prod(rec.shape), vals.dtype), None
-    with writing(prefault) as ready:
-        scatter_signed(values["positions"], values["signs"], vals, flat, ready)
-    return flat.reshape(rec.shape) if out is None else out
-
-
-def _present(value: Any, framework: str) -> Any:
-    """Return a decoded value in the caller's framework (spec-independent).
-
-    ``value`` is a :class:`TernaryTensor` or ``(storage array, dtype)``; a ternary record
-    decoded dense for numpy comes as ``(values, "F32"/"F16"/"F64")``, already values.
-    """
-    if framework == "torch":
-        if isinstance(value, TernaryTensor):
-            return value.to_torch()
-        arr, dtype = value
-        return _dt.to_torch(arr, dtype)
-    if isinstance(value, TernaryTensor):
-        return value
-    arr, dtype = value
-    return _dt.to_numpy_values(arr, dtype)
-
-
-def _check_framework(framework: str) -> None:
-    if framework not in ("numpy", "torch"):
-        raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
 
 
 def _read_index(src: Source, limits: S.ReadLimits) -> list[tuple[str, int]]:
@@ -1076,12 +608,12 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
     >>> [(n, t.nnz) for n, t in iter_stream(io.BytesIO(data))]
     [('a', 1)]
     """
-    _check_framework(framework)
+    check_framework(framework)
     src: Source = fileobj if isinstance(fileobj, Source) else StreamSource(fileobj)
     yield from _walk(src, framework, limits, None, dense)
 
 
-def _decode_present(rec: _Record, data: memoryview, budget: _Budget, framework: str,
+def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: str,
                     dense: bool, out: np.ndarray | None = None) -> Any:
     """Decode one record and return it as the caller asked (framework, dense, ``out``).
 
@@ -1096,15 +628,15 @@ def _decode_present(rec: _Record, data: memoryview, budget: _Budget, framework: 
         # through a uint32 temporary (8 bytes an element), F8 through a table (4); torch
         # copies the read-only storage. Charged before anything is decoded.
         numel = math.prod(rec.shape)
-        cost = _widening_cost(rec.dtype, numel, framework)
+        cost = widening_cost(rec.dtype, numel, framework)
         ctx = BlockContext(rec.name, numel, 0, rec.dtype, rec.shape, rec.data_start)
         budget.charge(cost, ctx, rec.end)
     value = _decode_record(rec, data, budget, mode, out)
     if isinstance(value, TernaryTensor):
-        return _present(value, framework)
+        return present(value, framework)
     if rec.kind == S.KIND_TERNARY:  # decoded dense: numpy values, or torch storage
         return _dt.to_torch(value, rec.dtype) if mode == "torch" else value
-    value = _present((value, rec.dtype), framework)
+    value = present((value, rec.dtype), framework)
     if out is not None:
         flat = dense_output(out, value.size, value.dtype)
         flat[...] = value.reshape(-1)
@@ -1115,7 +647,7 @@ def _decode_present(rec: _Record, data: memoryview, budget: _Budget, framework: 
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
           file_size: int | None, dense: bool = False) -> Iterator[tuple[str, Any]]:
     header = _read_file_header(src, limits)
-    budget = _Budget(limits, file_size)
+    budget = Budget(limits, file_size)
     seen: list[tuple[str, int]] = []
     while True:
         src.tensor = None
@@ -1179,7 +711,7 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
     >>> loads(dumps({"t": TernaryTensor((3,), [1], [True], 0.5)}), dense=True)["t"]
     array([ 0. , -0.5,  0. ], dtype=float32)
     """
-    _check_framework(framework)
+    check_framework(framework)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense))
 
@@ -1211,7 +743,7 @@ class CompeftReader:
 
     def __init__(self, data: memoryview, *, framework: str = "numpy",
                  limits: S.ReadLimits = S.DEFAULT_LIMITS, closer: Any = None) -> None:
-        _check_framework(framework)
+        check_framework(framework)
         self._buf = data
         self._closer = closer
         self._framework = framework
@@ -1339,18 +871,18 @@ class CompeftReader:
         """
         rec = self._record(name)
         fw = framework or self._framework
-        _check_framework(fw)
+        check_framework(fw)
         if rec.kind not in (S.KIND_TERNARY, S.KIND_DENSE):
             raise UnsupportedFeatureError(f"record kind 0x{rec.kind:02x} has no tensor",
                                           tensor=name)
         data = self._buf[rec.data_start : rec.end]
-        return _decode_present(rec, data, _Budget(self._limits, len(self._buf)), fw, dense, out)
+        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out)
 
     def get_raw(self, name: str) -> tuple[np.ndarray, str] | TernaryTensor:
         """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits)."""
         rec = self._record(name)
         data = self._buf[rec.data_start : rec.end]
-        value = _decode_record(rec, data, _Budget(self._limits, len(self._buf)))
+        value = _decode_record(rec, data, Budget(self._limits, len(self._buf)))
         return (value, rec.dtype) if isinstance(value, np.ndarray) else value
 
     def __getitem__(self, name: str) -> Any:

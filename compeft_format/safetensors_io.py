@@ -483,7 +483,7 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, *,
     >>> open_safetensors(p).values("t").tolist()
     [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]
     """
-    from .container import atomic_write
+    from .fsio import atomic_write
 
     prepared: dict[str, tuple[np.ndarray, str]] = {}
     for name, value in tensors.items():

@@ -185,13 +185,13 @@ def tiny_chunks(*, sample: bool = False) -> Iterator[None]:
     ``sample`` also shrinks the sample the golomb encoder chooses M from: that one may change
     the bytes written (a different, still valid M), so it is only for tests of the choice.
     """
-    from compeft_format import _io, container, tensor
+    from compeft_format import _io, encode, tensor
     from compeft_format.codecs import bitmask, golomb
 
     sizes = [(golomb, "_ENCODE_CHUNK", 3), (golomb, "_DECODE_CHUNK", 1),
              (golomb, "_INT32_NUMEL", 0), (bitmask, "_ENCODE_SPAN", 8),
              (bitmask, "_DECODE_SPAN", 1), (tensor, "_SCATTER_CHUNK", 3), (_io, "_READ_CHUNK", 3),
-             (container, "_BACKGROUND_MIN", 1)] + [(golomb, "_SAMPLE", 4)] * sample
+             (encode, "BACKGROUND_MIN", 1)] + [(golomb, "_SAMPLE", 4)] * sample
     with ExitStack() as stack:
         for module, name, value in sizes:
             assert hasattr(module, name), f"{module.__name__}.{name} is gone: update tiny_chunks"

@@ -4,7 +4,7 @@ A writer runs in a subprocess and is killed with SIGKILL part-way through a larg
 destination must then hold the previous complete file (or nothing, if there was none), and
 the hidden temporary file it leaves must be removed by the next successful ``save_file`` to
 that path, while the temporary file of a writer that is still alive is left alone. The rule
-is documented in :func:`compeft_format.container.atomic_write`.
+is documented in :func:`compeft_format.fsio.atomic_write`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import compeft_format as cf
-from compeft_format import _alloc, container
+from compeft_format import _alloc, encode
 from compeft_format.codecs import _bits
 
 HUGE_ELEMENTS = _alloc._HUGE // 4  # float32 elements per huge page
@@ -116,7 +116,7 @@ def test_to_numpy_out_is_zeroed_first() -> None:
 def test_encoder_worker_thread_gives_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     t = _tensor(200_000, 0.3, seed=5)
     inline = cf.dumps({"t": t})
-    monkeypatch.setattr(container, "_BACKGROUND_MIN", 1)  # every zstd stage on the worker
+    monkeypatch.setattr(encode, "BACKGROUND_MIN", 1)  # every zstd stage on the worker
     assert cf.dumps({"t": t}) == inline
     assert cf.dumps({"t": t}, positions="bitmask") == cf.dumps({"t": t}, positions="bitmask")
 

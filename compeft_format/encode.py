@@ -1,0 +1,112 @@
+"""Encoding blocks (spec 6, 7): the positions codec choice and the optional zstd stage.
+
+The payloads are built here; :mod:`compeft_format.container` lays them out in records.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from . import _spec as S
+from .codecs import ZSTD, BlockContext, ZstdStage
+from .codecs.bitmask import BitmaskCodec
+from .codecs.golomb import GolombCodec
+from .tensor import TernaryTensor
+
+__all__ = ["BACKGROUND_MIN", "POSITIONS_CHOICES", "Block", "encode_positions", "maybe_zstd",
+           "zstd_later"]
+
+POSITIONS_CHOICES = ("auto", "bitmask", "golomb")
+_BITMASK, _GOLOMB = BitmaskCodec(), GolombCodec()
+
+
+def maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD,
+               ) -> tuple[int, bytes]:
+    """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7)."""
+    if level is None or len(payload) < 64:
+        return S.STAGE_NONE, payload
+    frame = stage.encode(payload, level)
+    if len(frame) < len(payload):
+        return S.STAGE_ZSTD, frame
+    return S.STAGE_NONE, payload
+
+
+# The zstd stage of a large block runs on one worker thread while the writer's thread encodes
+# the next block: zstd and most numpy loops release the GIL, so the two share the cores. The
+# output is the same bytes (single-threaded zstd, same parameters); zstd's own multi-threaded
+# mode would change them. The worker has its own ZstdStage: zstd compressors are not
+# thread-safe.
+ZSTD_WORKER = ZstdStage()
+BACKGROUND_MIN = 1 << 20  # smaller payloads are compressed inline: the hand-off costs more
+_pool: tuple[int, ThreadPoolExecutor] | None = None
+_pool_lock = threading.Lock()
+
+
+def zstd_pool() -> ThreadPoolExecutor:
+    """The worker, created on first use and again in a forked child (whose copy has no thread)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool[0] != os.getpid():
+            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="compeft-zstd"))
+        return _pool[1]
+
+
+def zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, bytes]]:
+    """Start :func:`maybe_zstd` of ``payload``; return a function that waits for its result."""
+    if level is None or len(payload) < BACKGROUND_MIN:
+        result = maybe_zstd(payload, level)
+        return lambda: result
+    return zstd_pool().submit(maybe_zstd, payload, level, ZSTD_WORKER).result
+
+
+Block = tuple[int, int, int, bytes, int]  # block type, stage, param, stored, decoded size
+
+
+def encode_positions(t: TernaryTensor, ctx: BlockContext, positions: str,
+                      level: int | None) -> Callable[[], Block]:
+    """Start encoding the positions block; return a function that finishes it.
+
+    ``auto`` keeps the smallest raw candidate, or with zstd the smallest of both candidates
+    each through zstd where that is smaller (the smaller raw one wins a tie). The bitmask is
+    encoded first so that its zstd stage, the slow one, runs while the golomb stream is built.
+    """
+    if positions == "golomb" or t.nnz == 0:
+        codecs = [_GOLOMB]  # spec 6.2.2: an empty tensor's positions are an empty golomb block
+    elif positions == "bitmask":
+        codecs = [_BITMASK]
+    else:
+        codecs = []
+    jobs = []
+    if codecs:
+        param, payload = codecs[0].encode(t.indices, ctx)
+        jobs.append((codecs[0], param, payload, zstd_later(payload, level)))
+    elif level is None:  # auto without zstd: only the smaller raw candidate is built
+        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
+        if _BITMASK.encoded_size(t.indices, ctx)[1] <= len(g_payload):
+            b_param, b_payload = _BITMASK.encode(t.indices, ctx)
+            jobs.append((_BITMASK, b_param, b_payload, zstd_later(b_payload, None)))
+        else:
+            jobs.append((_GOLOMB, g_param, g_payload, zstd_later(g_payload, None)))
+    else:
+        b_param, b_payload = _BITMASK.encode(t.indices, ctx)
+        b_job = (_BITMASK, b_param, b_payload, zstd_later(b_payload, level))
+        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
+        # golomb streams are near-incompressible, zstd's fast path: inline
+        g_stage = maybe_zstd(g_payload, level)
+        g_job = (_GOLOMB, g_param, g_payload, lambda: g_stage)
+        jobs = [b_job, g_job] if len(b_payload) <= len(g_payload) else [g_job, b_job]
+
+    def finish() -> Block:
+        best = None
+        for codec, param, payload, wait in jobs:
+            stage, stored = wait()
+            if best is None or len(stored) < len(best[3]):
+                best = (codec.block_type, stage, param, stored, len(payload))
+        assert best is not None
+        return best
+
+    return finish
+

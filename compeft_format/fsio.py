@@ -1,0 +1,86 @@
+"""Atomic file replacement: a crash leaves the old file or the new one, never a mix."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+try:  # POSIX: a lock tells a stale temporary file from one being written (atomic_write)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["atomic_write", "fsync_dir", "remove_stale_temps"]
+
+
+def atomic_write(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(fileobj)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A crash leaves either the old file or the new one, never a mix: the temporary file
+    ``.{name}.<random>.tmp`` (hidden: a dot name) is flushed and fsynced before the rename,
+    and the directory after it. On an exception the temporary file is removed.
+
+    A writer killed outright (SIGKILL, power loss) cannot remove its temporary file, so the
+    next successful ``atomic_write`` to the same ``path`` removes the stale ones: siblings
+    named ``.{name}.*.tmp`` last modified before this write started and, where ``fcntl``
+    exists, not locked. Every writer holds an exclusive ``flock`` on its temporary file while
+    it writes and the kernel drops it when the writer dies, so the temporary file of a writer
+    that is still running (even a stalled one) is left alone.
+    """
+    path = Path(path)
+    started = time.time()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": see remove_stale_temps
+        mask = os.umask(0)  # mkstemp makes a private (0600) file; give the usual mode
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+            if fcntl is not None:
+                os.replace(tmp, path)  # before close: the lock holds until the name is gone
+        if fcntl is None:
+            os.replace(tmp, path)  # Windows cannot rename a file that is still open
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    remove_stale_temps(path, started)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(path: Path, before: float) -> None:
+    """Remove ``.{name}.*.tmp`` beside ``path`` left by dead writers (see :func:`atomic_write`)."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if tmp.stat().st_mtime >= before:
+                continue  # a writer that started after us: certainly alive
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while a writer lives
+                tmp.unlink()
+            finally:
+                os.close(fd)
+

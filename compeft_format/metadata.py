@@ -1,0 +1,124 @@
+"""The Metadata JSON of spec 5.2: canonical encoding, strict decoding, the reserved keys.
+
+The container places these bytes in the file header and checks their checksum; this module
+only knows what the bytes mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from . import _spec as S
+from .errors import CorruptDataError, EncodeError, LimitExceededError
+
+__all__ = ["decode_metadata", "encode_metadata"]
+
+
+def _too_deep(obj: Any, limit: int) -> bool:
+    """Return True if a JSON value nests deeper than ``limit`` (a scalar is depth 0).
+
+    Iterative, and it stops at the first container past the limit: a recursive walk raised
+    RecursionError (not a CompeftError) on metadata a few hundred levels deep that json.loads
+    still accepts, and never returned on a self-referencing dict given to the writer.
+    """
+    stack = [(obj, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth >= limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children
+                         if isinstance(child, (dict, list)))
+    return False
+
+
+def _check_reserved(meta: Mapping[str, Any], error: type[Exception]) -> None:
+    """Enforce the types of the reserved keys (spec 5.2.1)."""
+    def bad(key: str, want: str) -> Exception:
+        return error(f"metadata key {key!r} must be {want}")
+
+    if S.META_PRODUCER in meta and not isinstance(meta[S.META_PRODUCER], str):
+        raise bad(S.META_PRODUCER, "a string")
+    if S.META_COMPRESSION in meta and not isinstance(meta[S.META_COMPRESSION], dict):
+        raise bad(S.META_COMPRESSION, "an object")
+    if S.META_BASE in meta:
+        base = meta[S.META_BASE]
+        if not isinstance(base, dict):
+            raise bad(S.META_BASE, "an object")
+        for key in ("name", "revision"):
+            if key in base and not isinstance(base[key], str):
+                raise bad(f"{S.META_BASE}.{key}", "a string")
+        hashes = base.get("hashes", {})
+        if not isinstance(hashes, dict) or not all(isinstance(v, str) for v in hashes.values()):
+            raise bad(f"{S.META_BASE}.hashes", "an object of strings")
+
+
+def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes:
+    """Return the canonical JSON bytes of ``metadata`` (spec 5.2): sorted, compact, UTF-8."""
+    if not metadata:
+        return b""
+    if not isinstance(metadata, Mapping) or not all(isinstance(k, str) for k in metadata):
+        raise EncodeError("metadata must be a mapping with string keys")
+    _check_reserved(metadata, EncodeError)
+    if _too_deep(dict(metadata), S.DEFAULT_LIMITS.max_metadata_depth):
+        raise EncodeError(f"metadata nests deeper than {S.DEFAULT_LIMITS.max_metadata_depth}")
+    try:
+        text = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"),
+                          ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise EncodeError(f"metadata is not JSON-serialisable: {exc}") from None
+    try:
+        data = text.encode("utf-8", "strict")
+    except UnicodeEncodeError as exc:  # a lone surrogate, e.g. read back from "\ud800"
+        raise EncodeError(f"metadata is not valid Unicode: {exc}") from None
+    if len(data) > S.DEFAULT_LIMITS.max_metadata_size:
+        raise EncodeError(f"metadata is {len(data)} bytes; limit "
+                          f"{S.DEFAULT_LIMITS.max_metadata_size}")
+    return data
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"duplicate key {dup!r}")
+    return dict(pairs)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 would sneak infinity past the NaN/Infinity rule
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict[str, Any]:
+    """Parse and validate the Metadata bytes (spec 5.2)."""
+    if not len(data):
+        return {}
+    try:
+        text = bytes(data).decode("utf-8", "strict")
+        meta = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                          parse_float=_finite_float)
+    except RecursionError:
+        raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
+                                 offset=offset) from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptDataError(f"metadata is not valid JSON: {exc}", offset=offset) from None
+    if not isinstance(meta, dict):
+        raise CorruptDataError(f"metadata must be a JSON object, got {type(meta).__name__}",
+                               offset=offset)
+    if _too_deep(meta, limits.max_metadata_depth):
+        raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
+                                 offset=offset)
+    _check_reserved(meta, lambda m: CorruptDataError(m, offset=offset))
+    return meta
+
