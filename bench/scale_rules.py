@@ -542,6 +542,33 @@ def main() -> None:
         args.json.write_text(json.dumps({"base_scores": base_scores, "rows": rows}, indent=1))
 
 
+def plot_densities(rows: list[dict], path: Path) -> None:
+    """Score against density, one panel per model: every scored rule and the tuned scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["density"])
+        x = [r["density"] for r in mine]
+        ax.plot(x, [r["tuned"]["score"] for r in mine], color="black", lw=2.5, alpha=0.35,
+                label="tuned (best single scale, with data)")
+        for rule in RULES:
+            ax.plot(x, [r["scores"][rule] for r in mine], marker="o", ms=3, label=rule)
+        ax.set_xscale("log")
+        ax.set_xlabel("density")
+        ax.set_title(model, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("mean cosine with the fine-tune")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report_from(args: argparse.Namespace) -> None:
     """One report from the ``--json`` files of several runs (e.g. one model per run)."""
     global RULES
@@ -558,6 +585,7 @@ def report_from(args: argparse.Namespace) -> None:
     header = ("| model | density | " + " | ".join(RULES)
               + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram |")
     write_report(args.out, rows, base_scores, header, seconds, args)
+    plot_densities(rows, args.out.with_suffix(".png"))
 
 
 def write_report(path: Path, rows: list[dict], base_scores: dict[str, float], header: str,

@@ -43,12 +43,13 @@ __all__ = [
     "compression_metadata",
     "gram_terms",
     "iter_compress",
+    "role_groups",
     "select_topk",
 ]
 
 #: File metadata key under which :func:`compression_metadata` is stored.
 COMPRESSION_METADATA_KEY = META_COMPRESSION  # "compeft.compression"
-SCOPES = ("global", "tensor")
+SCOPES = ("global", "tensor", "role")
 SCALES = ("proj_vcap", "gram", "proj", "norm", "l2", "std")
 #: The default scale rule (see :func:`compress` for the evidence).
 DEFAULT_SCALE = "proj_vcap"
@@ -382,8 +383,12 @@ def compress(
     alpha:
         Multiplier of the scale, finite and ``> 0``.
     scope:
-        ``"global"`` (one selection and one scale over all non-excluded tensors together)
-        or ``"tensor"`` (each tensor on its own).
+        ``"global"`` (one selection and one scale over all non-excluded tensors together),
+        ``"tensor"`` (each tensor on its own) or ``"role"`` (one selection and one scale
+        for a LoRA's A tensors, one for its B tensors, one for the rest: see
+        :func:`role_groups`; B starts at zero and A at random, so from zero their kept
+        entries mean different things; for anything but LoRA it is ``"global"``).
+        :func:`iter_compress` holds a role's output tensors until they are yielded.
     scale:
         ``"proj_vcap"`` (default), ``"gram"``, ``"proj"``, ``"norm"``, ``"l2"`` or ``"std"``,
         see above.
@@ -432,10 +437,34 @@ def compress(
                 progress(name)
     if scope == "global":
         results.update(job.run(work_names, tensors.__getitem__))
+    elif scope == "role":
+        for group in role_groups(work_names):
+            results.update(job.run(group, tensors.__getitem__))
     else:
         for name in work_names:
             results.update(job.run_one(name, tensors))
     return {name: results[name] for name in names}
+
+
+def role_groups(names: Iterable[str]) -> list[list[str]]:
+    """The scopes of ``scope="role"``: LoRA's A tensors, its B tensors, then the rest.
+
+    A tensor is a LoRA A (B) when its name holds ``.lora_A.`` (``.lora_B.``) or
+    ``lora_embedding_A`` (``_B``), PEFT's names. Empty groups are left out; each group is
+    in sorted name order.
+
+    >>> role_groups(["m.lora_B.weight", "m.lora_A.weight", "m.bias"])
+    [['m.lora_A.weight'], ['m.lora_B.weight'], ['m.bias']]
+    """
+    groups: dict[str, list[str]] = {"A": [], "B": [], "": []}
+    for name in sorted(names):
+        if ".lora_A." in name or "lora_embedding_A" in name:
+            groups["A"].append(name)
+        elif ".lora_B." in name or "lora_embedding_B" in name:
+            groups["B"].append(name)
+        else:
+            groups[""].append(name)
+    return [g for g in groups.values() if g]
 
 
 def iter_compress(
@@ -476,6 +505,11 @@ def iter_compress(
     def stream() -> Iterator[tuple[str, Any]]:
         if scope == "global":
             work = job.iter_run(work_names, tensors.__getitem__)
+        elif scope == "role":  # the groups interleave in name order: each is held until used
+            done: dict[str, Any] = {}
+            for group in role_groups(work_names):
+                done.update(job.run(group, tensors.__getitem__))
+            work = ((name, done.pop(name)) for name in work_names)
         else:
             work = (item for name in work_names for item in job.iter_run_one(name, tensors))
         for name in sorted(names):

@@ -30,7 +30,7 @@ from compeft_format.tensor import TernaryTensor
 cmod = importlib.import_module("compeft_format.compress")
 
 SCALES = ("proj_vcap", "gram", "proj", "norm", "l2", "std")
-SCOPES = ("global", "tensor")
+SCOPES = ("global", "tensor", "role")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +46,9 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
     """name -> (indices, signs, scale as float64) for the compressed names."""
     names = sorted(n for n in tv if n not in exclude)
     groups = [names] if scope == "global" else [[n] for n in names]
+    if scope == "role":
+        roles = [[n for n in names if ".lora_A." in n], [n for n in names if ".lora_B." in n]]
+        groups = [*roles, [n for n in names if n not in roles[0] + roles[1]]]
     out = {}
     for group in groups:
         flats = [_values64(tv[n]).reshape(-1) for n in group]
@@ -155,6 +158,26 @@ def test_matches_reference_continuous_large(scope, scale):
     }
     out = compress(tv, density=0.07, scope=scope, scale=scale)
     assert_matches(out, reference(tv, 0.07, 1.0, scope, scale), tv)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_role_scope_selects_lora_a_and_b_apart(scale):
+    # A large (random init), B small (trained from zero): a global selection would take
+    # nearly all of its entries from A; by role, each keeps its own density
+    rng = np.random.default_rng(7)
+    tv = {}
+    for m in ("l0.q", "l0.v", "l1.q"):
+        tv[f"{m}.lora_A.weight"] = rng.uniform(-0.05, 0.05, (8, 96)).astype(np.float32)
+        tv[f"{m}.lora_B.weight"] = (rng.standard_normal((96, 8)) * 0.004).astype(np.float32)
+    tv["head.bias"] = rng.standard_normal(16).astype(np.float32) * 0.01
+    out = compress(tv, density=0.1, scope="role", scale=scale)
+    assert_matches(out, reference(tv, 0.1, 1.0, "role", scale), tv)
+    b_kept = sum(out[n].nnz for n in tv if ".lora_B." in n)
+    assert b_kept == round(0.1 * 3 * 96 * 8)
+    assert sum(compress(tv, density=0.1)[n].nnz for n in tv if ".lora_B." in n) < b_kept / 4
+    streamed = dict(cmod.iter_compress(tv, density=0.1, scope="role", scale=scale))
+    assert list(streamed) == sorted(tv)
+    assert all(streamed[n] == out[n] for n in tv)
 
 
 def test_mixed_dtypes_compare_in_float64():
@@ -439,7 +462,7 @@ def test_lazy_mapping_holds_one_value_at_a_time(scope, scale):
     lazy = LazyTensors(specs)
     out = compress(lazy, density=0.05, scope=scope, scale=scale)
     assert max(lazy.alive_at_fetch) == 0
-    assert max(lazy.fetches.values()) <= (3 if scope == "global" else 1)
+    assert max(lazy.fetches.values()) <= (1 if scope == "tensor" else 3)
     eager = {n: lazy[n] for n in specs}
     assert_matches(out, reference(eager, 0.05, scope=scope, scale=scale), eager)
 
