@@ -341,8 +341,8 @@ def plot(points: list[dict], path, peer: tuple[float, float] | None = None) -> N
         ax.set_title(f"{model} (untouched base: 1 - {mine[0]['base']:.3f})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("Quality against size: one scale (black) and richer structures "
-                 "(bench/fidelity.py); dotted line: cosine 0.9999", fontsize=10)
+    fig.suptitle("bench/fidelity.py: one scale (black) and richer structures\n"
+                 "dotted line: cosine 0.9999", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

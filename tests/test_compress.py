@@ -589,3 +589,19 @@ def test_property_select_topk(seed, n, k, levels):
     if levels:
         a = np.round(a * levels) / levels  # ties
     assert select_topk(a, k) == sorted_topk([a], k)
+
+
+def test_role_scope_through_compress_file(tmp_path):
+    # the tests/data LoRA adapter from zero: each role keeps its own 5%
+    from pathlib import Path
+
+    from compeft_format.container import load_file
+    from compeft_format.convert import compress_file
+
+    src = Path(__file__).parent / "data" / "lora-minilm-vader"
+    compress_file(src, tmp_path / "out", density=0.05, scope="role", scale="gram")
+    got = load_file(tmp_path / "out" / "adapter_model.compeft")
+    for role in (".lora_A.", ".lora_B."):
+        ts = [t for n, t in got.items() if role in n]
+        assert sum(t.nnz for t in ts) == round(0.05 * sum(t.numel for t in ts))
+        assert len({t.scale for t in ts if t.nnz}) == 1  # one scale per role (no vectors)
