@@ -575,7 +575,8 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
     if dense is not None:
-        return dense_ternary(rec.shape, rec.dtype, values, dense, out)
+        return dense_ternary(rec.shape, rec.dtype, values, dense, out, nnz=rec.nnz,
+                             limits=budget.limits, name=rec.name)
     return TernaryTensor(rec.shape, values["positions"], values["signs"], values["scale"],
                          rec.dtype, _validated=True)
 

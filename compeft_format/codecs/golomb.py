@@ -153,7 +153,8 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
                 # branch-free truncated binary: a long code is r + u in b bits, whose top b - 1
                 # bits go to the planes and whose low bit goes to the extension part
                 is_long = r >= u
-                c = r + is_long.view(np.uint8) * work(u)
+                # (dtype given: numpy 1.x would type uint8 * scalar by the scalar's value)
+                c = r + np.multiply(is_long.view(np.uint8), u, dtype=work)
                 # np.compress with a bool condition: 4x faster than c[mask] (and than a uint8 one)
                 ext_bits.write(np.compress(is_long, c & 1))
                 v = c >> is_long.view(np.uint8)
