@@ -942,14 +942,33 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
 
 def load_file(path: str | os.PathLike, *, framework: str = "numpy",
               limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
-    """Read and check a whole file; like :func:`loads` on its bytes."""
+    """Read and check a whole file; like :func:`loads` on its bytes.
+
+    The arrays returned are the caller's, as safetensors' ``load_file`` gives them: writeable,
+    and in memory of their own, not views of the file, which is closed on return (it can be
+    replaced, truncated or removed meanwhile). Read-only zero-copy views of a memory-mapped
+    file are what :func:`open_file` gives.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.compeft")
+    >>> save_file({"b": np.zeros(3, np.float32)}, p)
+    >>> b = load_file(p)["b"]; b += 1; os.remove(p); b
+    array([1., 1., 1.], dtype=float32)
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return loads(b"", framework=framework, limits=limits, dense=dense)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    view = memoryview(mm)
-    result = loads(view, framework=framework, limits=limits, dense=dense)
+        buf = bytearray(size)  # private and writeable: dense records are views of it
+        view = memoryview(buf)
+        got = 0
+        while got < size:  # a file cut meanwhile reads short and fails as truncated
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    result = loads(view[:got], framework=framework, limits=limits, dense=dense)
+    for name, value in result.items():
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            result[name] = value.copy()  # a zstd frame decodes to immutable bytes
     return result
 
 
