@@ -177,6 +177,7 @@ class Writer:
             raise EncodeError(f"names must be unique and written in increasing order; "
                               f"{name!r} follows {self._names[-1].decode()!r}", tensor=name)
         if isinstance(value, TernaryTensor):
+            self._check_ndim(name, value.shape)
             kind, body_tail, blocks = self._ternary(name, value, self._level)
             dtype, shape, nnz = value.dtype, value.shape, value.nnz
         else:
@@ -185,6 +186,7 @@ class Writer:
             except EncodeError as exc:
                 raise EncodeError(exc.message, tensor=name) from None
             shape, nnz = storage.shape, 0
+            self._check_ndim(name, shape)
             ctx = BlockContext(name, storage.size, 0, dtype, shape)
             param, payload = _DENSE.encode(storage, ctx)
             stage, stored = maybe_zstd(payload, self._level)
@@ -203,10 +205,7 @@ class Writer:
             else:
                 blocks = [(S.BLOCK_DENSE, S.STAGE_NONE, param, payload, len(payload))]
             cost = record_cost(kind, dtype, numel, nnz, blocks)
-        self._cost += cost
-        if len(shape) > S.DEFAULT_LIMITS.max_ndim:
-            raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
-                              tensor=name)
+        self._cost += cost  # the last check that can reject the tensor is above
         body = (encode_varint(len(bname)) + bname + bytes([S.DTYPE_CODES[dtype], len(shape)])
                 + b"".join(encode_varint(d) for d in shape) + body_tail + bytes([len(blocks)])
                 + b"".join(_descriptor(t, s, p, len(st), d) for t, s, p, st, d in blocks))
@@ -225,6 +224,13 @@ class Writer:
         self._emit(head, S.CHECKSUM.pack(_crc(head)))
         self._pad()
         self._emit(*parts)
+
+    @staticmethod
+    def _check_ndim(name: str, shape: tuple[int, ...]) -> None:
+        """Reject a rank above the default limit, before anything is encoded or charged."""
+        if len(shape) > S.DEFAULT_LIMITS.max_ndim:
+            raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
+                              tensor=name)
 
     def _ternary(self, name: str, t: TernaryTensor, level: int | None
                  ) -> tuple[int, bytes, list]:
