@@ -29,7 +29,7 @@ from ._bits import (
     popcount,
     popcount_total,
 )
-from .base import BlockContext, PositionsCodec, register_codec
+from .base import BlockContext, PositionsCodec
 
 _ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
 _DECODE_CHUNK = 1 << 15  # unary bytes per decoder step (262144 bits, ~10^4..10^5 codes)
@@ -273,7 +273,6 @@ def _sum_remainders(buf: np.ndarray, n: int, m: int, n_long: int) -> int:
     return int(v.sum()) + long_v - u * n_long + ext
 
 
-@register_codec
 class GolombCodec(PositionsCodec):
     """Positions as Golomb-coded gaps; ``Param`` is the Golomb parameter ``M``.
 
