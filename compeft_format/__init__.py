@@ -7,6 +7,7 @@ True
 """
 
 from ._spec import VERSION_MAJOR, VERSION_MINOR, ReadLimits
+from .batch import compress_many
 from .compress import compress, compression_metadata, iter_compress, select_topk
 from .container import (
     BlockInfo,
@@ -42,6 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
+from .merge import MergeError, MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .safetensors_io import (
     SafetensorsError,
@@ -79,6 +81,8 @@ __all__ = [
     "FormatError",
     "LazyTaskVector",
     "LimitExceededError",
+    "MergeError",
+    "MergeSummary",
     "QualityReport",
     "ReadLimits",
     "SafetensorsError",
@@ -98,6 +102,7 @@ __all__ = [
     "apply_task_vector",
     "compress",
     "compress_file",
+    "compress_many",
     "compression_metadata",
     "decompress_file",
     "dumps",
@@ -106,6 +111,8 @@ __all__ = [
     "iter_stream",
     "load_file",
     "loads",
+    "merge_and_compress",
+    "merge_files",
     "open_file",
     "open_safetensors",
     "peft_task_vector",
