@@ -12,7 +12,7 @@ from ._alloc import Prefault, fresh_zeros, writing
 from ._spec import DEFAULT_LIMITS, TERNARY_DTYPES, ReadLimits
 from .errors import EncodeError, LimitExceededError
 
-__all__ = ["TernaryTensor", "dense_output", "dense_values", "dense_zeros"]
+__all__ = ["TernaryTensor", "check_dense_bytes", "dense_output", "dense_values", "dense_zeros"]
 
 _NAME_ALIASES = {
     "f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "bf16": "BF16",
@@ -66,6 +66,25 @@ def dense_values(scale: float, name: str, *, bf16_bits: bool = False) -> np.ndar
     return np.array([value, -value], dtype=np_dtype)
 
 
+def check_dense_bytes(shape: tuple[int, ...], dtype: Any, limits: ReadLimits = DEFAULT_LIMITS,
+                      tensor: str | None = None) -> int:
+    """Return the bytes of a dense output of ``shape`` and ``dtype`` (spec 9.4), checked.
+
+    Raises :class:`LimitExceededError` above ``limits.max_dense_bytes``. Every maker of a
+    dense output calls it before allocating (``dtype``: anything with an ``itemsize``, numpy
+    or torch).
+
+    >>> check_dense_bytes((1024, 1024), np.dtype(np.float16))
+    2097152
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limits.max_dense_bytes:
+        raise LimitExceededError(f"dense output {list(shape)} {dtype} is {nbytes} bytes; limit "
+                                 f"{limits.max_dense_bytes} (raise ReadLimits.max_dense_bytes)",
+                                 tensor=tensor)
+    return nbytes
+
+
 def dense_zeros(shape: tuple[int, ...], dtype: np.dtype, nnz: int | None,
                 limits: ReadLimits = DEFAULT_LIMITS, tensor: str | None = None,
                 ) -> tuple[np.ndarray, Prefault | None]:
@@ -83,11 +102,7 @@ def dense_zeros(shape: tuple[int, ...], dtype: np.dtype, nnz: int | None,
 1125899906842624 bytes; limit 17179869184 (raise ReadLimits.max_dense_bytes)
     """
     numel = math.prod(shape)
-    nbytes = numel * dtype.itemsize
-    if nbytes > limits.max_dense_bytes:
-        raise LimitExceededError(f"dense output {list(shape)} {dtype} is {nbytes} bytes; limit "
-                                 f"{limits.max_dense_bytes} (raise ReadLimits.max_dense_bytes)",
-                                 tensor=tensor)
+    nbytes = check_dense_bytes(shape, dtype, limits, tensor)
     try:
         return fresh_zeros(numel, dtype, nnz=nnz)
     except MemoryError:
