@@ -247,7 +247,6 @@ def dense_divisor(stats: MergeStats) -> Rescale:
     """
     if stats.method != "ties" or all(m is None for m in stats.magnitudes):
         return Rescale()
-    n = stats.n
     if stats.counts is None:  # too many inputs for pattern counts: independent inputs
         p, present = 0.5, [m is not None and m > 0 for m in stats.magnitudes]
     else:

@@ -107,8 +107,10 @@ def test_agreement_is_estimated_from_the_overlaps():
     for corr, lo, hi in ((0.0, 0.45, 0.55), (0.8, 0.75, 1.0)):
         comp = [compress(t, density=0.2)["w"] for t in _experts(rng, corr)]
         r = dense_divisor(TensorMerge("w", (120, 250), "F32", comp).stats())
-        assert r.before is None and r.after == 1.0
-        assert r.zeros is not None and len(set(r.zeros)) == 1
+        assert r.before is None
+        assert r.after == 1.0
+        assert r.zeros is not None
+        assert len(set(r.zeros)) == 1
         assert lo < r.zeros[0] < hi, (corr, r.zeros)
 
 
@@ -155,5 +157,5 @@ def test_more_inputs_than_pattern_tables_use_one_half():
 @pytest.mark.parametrize("zeros", [(0.5,), (0.5, -0.1), (0.5, float("nan"))])
 def test_bad_zeros_are_refused(zeros):
     a = TernaryTensor((4,), [0], [False], 1.0)
-    with pytest.raises(MergeError, match="zeros|finite"):
+    with pytest.raises(MergeError, match=r"zeros|finite"):
         TensorMerge("w", (4,), "F32", [a, a], rescale=Rescale(zeros=zeros)).to_numpy()
