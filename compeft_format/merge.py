@@ -39,6 +39,9 @@ tensor with a :class:`MergeStats`: the inputs' magnitudes, the weights and, for 
 inputs, how many entries carry each sign pattern. It returns a factor for the merged tensor,
 or a :class:`Rescale` that also multiplies each input's magnitude *before* the election and
 the averaging. Rules are data-free: they see the structure of the inputs, not a model.
+``rescale="dense_divisor"`` (:func:`dense_divisor`) is the rule for TIES of compressed experts:
+it divides each entry as TIES of the uncompressed experts would (see
+``bench/results/merge_quality.md``).
 """
 
 from __future__ import annotations
