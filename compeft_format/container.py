@@ -27,7 +27,7 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._io import BufferSource, Source, StreamSource, encode_varint
 from .budget import Budget, positions_cost, record_cost, widening_cost
-from .codecs import ZSTD, BlockContext, get_codec
+from .codecs import ZSTD, BlockContext, get_codec, torch_decode
 from .codecs.dense import DenseCodec
 from .codecs.scale import ScaleCodec
 from .codecs.signs import SignsCodec
@@ -532,12 +532,13 @@ def _check_block_set(rec: _Record) -> None:
 
 
 def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | None = None,
-                   out: np.ndarray | None = None) -> Any:
+                   out: np.ndarray | None = None, device: Any = None) -> Any:
     """Verify a record's data area and decode its blocks (spec 8).
 
     A ternary record gives a :class:`TernaryTensor`; with ``dense`` ("numpy" or "torch") it
     gives its dense array instead, written chunk by chunk straight from the positions and
     signs blocks (see :func:`dense_ternary`). A dense record gives its storage array.
+    With a torch ``device``, the payloads are decoded there (:mod:`.codecs.torch_decode`).
     """
     computed = _crc(data)
     if computed != rec.data_crc:
@@ -566,7 +567,9 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
             payload = memoryview(ZSTD.decode(payload, decoded_size, ctx))
         if codec.role == "positions":  # unpacked bits, then int64 indices and bool signs
             budget.charge(positions_cost(len(payload), ctx.nnz), ctx, rec.end)
-        if dense is not None and codec.role == "positions":
+        if device is not None and codec.role != "scale":
+            values[codec.role] = torch_decode.decode_block(codec, payload, param, ctx, device)
+        elif dense is not None and codec.role == "positions":
             values["positions"] = codec.positions(payload, param, ctx)  # checks the block now
         elif dense is not None and codec.role == "signs":
             values["signs"] = codec.packed(payload, param, ctx)
@@ -574,6 +577,9 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
             values[codec.role] = codec.decode(payload, param, ctx)
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
+    if device is not None:
+        return torch_decode.DeviceTernary(values["positions"], values["signs"], values["scale"],
+                                          rec.dtype, rec.shape)
     if dense is not None:
         return dense_ternary(rec.shape, rec.dtype, values, dense, out)
     return TernaryTensor(rec.shape, values["positions"], values["signs"], values["scale"],
@@ -614,12 +620,18 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
 
 
 def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: str,
-                    dense: bool, out: np.ndarray | None = None) -> Any:
+                    dense: bool, out: np.ndarray | None = None, device: Any = None) -> Any:
     """Decode one record and return it as the caller asked (framework, dense, ``out``).
 
     Torch always gets dense tensors, and like ``dense=True`` they are written straight from
     the blocks, without a :class:`TernaryTensor` in between.
     """
+    if device is not None:  # torch tensors on that device
+        if out is not None:
+            raise ValueError("out= cannot be given with device=")
+        framework = "torch"
+        if not torch_decode.on_device(device):  # the CPU: the numpy decoders, faster there
+            device = None
     mode = "torch" if framework == "torch" else "numpy" if dense else None
     if out is not None and mode != "numpy":
         raise ValueError("out= needs dense=True and framework='numpy'")
@@ -631,6 +643,8 @@ def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: s
         cost = widening_cost(rec.dtype, numel, framework)
         ctx = BlockContext(rec.name, numel, 0, rec.dtype, rec.shape, rec.data_start)
         budget.charge(cost, ctx, rec.end)
+    if device is not None:
+        return torch_decode.dense(_decode_record(rec, data, budget, device=device))
     value = _decode_record(rec, data, budget, mode, out)
     if isinstance(value, TernaryTensor):
         return present(value, framework)
@@ -645,7 +659,8 @@ def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: s
 
 
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
-          file_size: int | None, dense: bool = False) -> Iterator[tuple[str, Any]]:
+          file_size: int | None, dense: bool = False, device: Any = None,
+          ) -> Iterator[tuple[str, Any]]:
     header = _read_file_header(src, limits)
     budget = Budget(limits, file_size)
     seen: list[tuple[str, int]] = []
@@ -673,7 +688,7 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
                 raise ChecksumError("data checksum mismatch", tensor=rec.name,
                                     offset=rec.data_start)
             continue  # spec 10.2: an unknown optional record is skipped
-        yield rec.name, _decode_present(rec, data, budget, framework, dense)
+        yield rec.name, _decode_present(rec, data, budget, framework, dense, device=device)
     src.tensor = None
     index_at = src.pos - 1
     src.capture = bytearray(b"\x00")
@@ -698,13 +713,17 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
 
 
 def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
-          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
+          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+          device: Any = None) -> dict[str, Any]:
     """Decode a whole file from bytes, checking every byte (spec 8).
 
     Values are :class:`TernaryTensor` for ternary records and numpy arrays for dense records
     (BF16/F8 widened to float32); ``framework="torch"`` gives torch tensors in the stored dtype.
     ``dense=True`` gives ternary records as dense numpy arrays too (``TernaryTensor.to_numpy``
     values), decoded straight into the array: the fastest way to dense weights.
+    ``device`` (a torch device, e.g. ``"cuda"``) gives torch tensors on it: the compressed
+    blocks are copied there and decoded with torch operations (on the CPU, the numpy
+    decoders), bit-identical to the CPU decoding.
 
     >>> loads(dumps({"b": np.arange(3, dtype=np.int8)}))["b"]
     array([0, 1, 2], dtype=int8)
@@ -713,7 +732,7 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
     """
     check_framework(framework)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense))
+    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense, device))
 
 
 def _verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:
@@ -860,7 +879,7 @@ class CompeftReader:
         return self._record(name).info()
 
     def get(self, name: str, *, framework: str | None = None, dense: bool = False,
-            out: np.ndarray | None = None) -> Any:
+            out: np.ndarray | None = None, device: Any = None) -> Any:
         """Decode one tensor, reading only its bytes.
 
         ``dense=True`` returns a ternary tensor as its dense numpy array, decoded straight
@@ -868,6 +887,7 @@ class CompeftReader:
         right size and dtype (float32 for BF16), then receives it and is returned.
         The dense array is not counted in ``ReadLimits.max_decoded_bytes`` (its size,
         ``info(name).numel`` elements, is known before decoding).
+        ``device`` (a torch device) gives a torch tensor decoded on it (see :func:`loads`).
         """
         rec = self._record(name)
         fw = framework or self._framework
@@ -876,14 +896,24 @@ class CompeftReader:
             raise UnsupportedFeatureError(f"record kind 0x{rec.kind:02x} has no tensor",
                                           tensor=name)
         data = self._buf[rec.data_start : rec.end]
-        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out)
+        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out,
+                               device)
 
-    def get_raw(self, name: str) -> tuple[np.ndarray, str] | TernaryTensor:
-        """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits)."""
+    def get_raw(self, name: str, *, device: Any = None) -> Any:
+        """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits), a
+        ternary record as a :class:`TernaryTensor`.
+
+        With a torch ``device``: a dense record's tensor, and a ternary record's positions
+        and signs on it, as a :class:`~.codecs.torch_decode.DeviceTernary` (nothing dense).
+        """
         rec = self._record(name)
         data = self._buf[rec.data_start : rec.end]
-        value = _decode_record(rec, data, Budget(self._limits, len(self._buf)))
-        return (value, rec.dtype) if isinstance(value, np.ndarray) else value
+        budget = Budget(self._limits, len(self._buf))
+        if device is not None and torch_decode.on_device(device):
+            return _decode_record(rec, data, budget, device=device)
+        value = _decode_record(rec, data, budget)
+        value = (value, rec.dtype) if isinstance(value, np.ndarray) else value
+        return value if device is None else torch_decode.from_host(value, device)
 
     def __getitem__(self, name: str) -> Any:
         return self.get(name)
@@ -940,15 +970,16 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
 
 
 def load_file(path: str | os.PathLike, *, framework: str = "numpy",
-              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
-    """Read and check a whole file; like :func:`loads` on its bytes."""
+              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+              device: Any = None) -> dict[str, Any]:
+    """Read and check a whole file; like :func:`loads` on its bytes (``device`` too)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
-            return loads(b"", framework=framework, limits=limits, dense=dense)
+            return loads(b"", framework=framework, limits=limits, dense=dense, device=device)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     view = memoryview(mm)
-    result = loads(view, framework=framework, limits=limits, dense=dense)
+    result = loads(view, framework=framework, limits=limits, dense=dense, device=device)
     return result
 
 

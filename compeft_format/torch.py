@@ -33,12 +33,11 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from . import _spec as S
-from . import dtypes as _dt
 from .binding import check_base, read_reference
 from .codecs import torch_decode as _td
 from .container import open_file
 from .errors import ConvertError, MissingDependencyError
-from .tensor import TernaryTensor, dense_values
+from .tensor import dense_values
 
 __all__ = ["Sparse", "add_dense_", "add_ternary_", "apply", "decode", "dtype_name"]
 
@@ -251,22 +250,20 @@ def decode(reader: Any, name: str, device: Any) -> Any:
     """Decode record ``name`` of an open compeft file on ``device``.
 
     A ternary record gives a :class:`Sparse` (nothing dense is built), a dense record its
-    tensor in its stored dtype.
+    tensor in its stored dtype. On a device other than the CPU the compressed blocks are
+    copied there and decoded by :mod:`compeft_format.codecs.torch_decode`.
 
     >>> import compeft_format as cf
     >>> f = cf.open_file(cf.dumps({"w": cf.TernaryTensor((4,), [1, 3], [True, False], 0.5)}))
     >>> decode(f, "w", "cpu")
     Sparse(positions=tensor([1, 3]), negative=tensor([ True, False]), value=0.5)
     """
-    torch = _torch()
-    value = reader.get_raw(name)
-    if isinstance(value, TernaryTensor):
+    _torch()
+    value = reader.get_raw(name, device=device)
+    if isinstance(value, _td.DeviceTernary):
         v = float(dense_values(value.scale, value.dtype)[0])
-        pos = torch.from_numpy(value.indices).to(device)
-        neg = torch.from_numpy(value.signs).to(device)
-        return Sparse(pos, neg, v)
-    arr, dtype = value
-    return _dt.to_torch(arr, dtype).to(device)
+        return Sparse(value.positions, value.negative, v)
+    return value
 
 
 def apply(model: Any, path: str | os.PathLike, *, weight: float = 1.0,
