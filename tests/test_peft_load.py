@@ -84,6 +84,18 @@ def test_from_pretrained_is_decompress_then_load(bert, ids, folders, name, dtype
     assert torch.equal(_out(got, ids), _out(want, ids))
 
 
+@pytest.mark.parametrize("name", ["lora", "ia3-init"])
+def test_through_the_device_decoders(bert, ids, folders, name, monkeypatch):
+    """The torch decoders (forced on the CPU, as on a GPU) give the same adapter."""
+    from compeft_format.codecs import torch_decode
+
+    monkeypatch.setattr(torch_decode, "FORCE_TORCH", True)
+    compressed, restored, base = folders[name]
+    want = peft.PeftModel.from_pretrained(copy.deepcopy(bert), restored)
+    got = cpeft.from_pretrained(copy.deepcopy(bert), compressed, base=base)
+    _same_adapter(got, want)
+
+
 def test_a_second_expert_and_switching(bert, ids, folders):
     """load_adapter adds an expert; set_adapter switches, as with PEFT's own loaders."""
     lora, lora_r, _ = folders["lora"]

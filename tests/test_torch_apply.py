@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 import compeft_format as cf
 from compeft_format import dtypes as _dt
+from compeft_format.codecs import torch_decode as td
 from compeft_format.safetensors_io import open_safetensors, save_safetensors
 from compeft_format.torch import add_dense_, add_ternary_, apply
 
@@ -80,7 +81,10 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
                                               if b.is_floating_point() else b)
 
 
-def test_apply_is_decompress_then_load(case):
+@pytest.mark.parametrize("device_path", [False, True])
+def test_apply_is_decompress_then_load(case, device_path, monkeypatch):
+    """Also through the device decoders (forced on the CPU), as on a GPU."""
+    monkeypatch.setattr(td, "FORCE_TORCH", device_path)
     name, d = case
     model = _base(name, d)
     assert apply(model, d / "ft.compeft") is model
