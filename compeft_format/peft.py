@@ -205,6 +205,10 @@ def _fill(reader: CompeftReader, ref: Reference, targets: dict[str, Any],
     with torch.no_grad():
         for name, target in targets.items():
             rec_dtype = _td.torch_dtype(infos[name].dtype)
+            if name not in adds and _into_numpy(target, rec_dtype, infos[name]):
+                # on the CPU the numpy decoder writes straight into the parameter's memory
+                reader.get(name, dense=True, out=target.numpy())
+                continue
             value = decode(reader, name, target.device)
             if name not in adds:  # the values themselves, converted as load_state_dict does
                 if isinstance(value, Sparse):
@@ -230,6 +234,14 @@ def _fill(reader: CompeftReader, ref: Reference, targets: dict[str, Any],
                 add_dense_(work, value)
             if work is not target:
                 target.copy_(work)
+
+
+def _into_numpy(target: Any, rec_dtype: Any, info: Any) -> bool:
+    """Whether the numpy decoder can write a record straight into ``target``: a contiguous
+    CPU tensor of the record's own dtype, one numpy has (not BF16), not forced to torch."""
+    return (info.kind == "ternary" and target.dtype == rec_dtype
+            and info.dtype in ("F32", "F16", "F64") and target.device.type == "cpu"
+            and target.is_contiguous() and not _td.on_device(target.device))
 
 
 def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,

@@ -93,16 +93,15 @@ def torch_dtype(name: str) -> Any:
 
 
 def host_to_device(buf: np.ndarray | memoryview | bytes, device: Any) -> Any:
-    """Copy host bytes to a uint8 tensor on ``device`` (through pinned memory for CUDA).
+    """Copy host bytes to a uint8 tensor on ``device``.
 
     The result never shares memory with ``buf`` (which may be a read-only memory map).
     """
     torch = _torch()
     arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    host = torch.from_numpy(np.array(arr, dtype=np.uint8))  # a writable copy
     dev = torch.device(device)
-    host = torch.empty(arr.size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-    host.numpy()[:] = arr
-    return host.to(dev, non_blocking=True) if dev.type != "cpu" else host
+    return host if dev.type == "cpu" else host.to(dev)
 
 
 def on_device(device: Any) -> bool:
@@ -289,6 +288,9 @@ def dense_block(payload: memoryview, param: int, ctx: BlockContext, device: Any)
     The block is checked by the numpy codec (sizes, BOOL bytes), then its bytes are copied.
     """
     DenseCodec().decode(payload, param, ctx)  # the checks; a view, no copy
+    dtype = torch_dtype(ctx.dtype)
+    if not len(payload):  # an empty uint8 tensor (stride 0) cannot be viewed as another dtype
+        return _torch().empty(ctx.shape, dtype=dtype, device=device)
     raw = host_to_device(np.frombuffer(payload, dtype=np.uint8), device)
-    return raw.view(torch_dtype(ctx.dtype)).reshape(ctx.shape)
+    return raw.view(dtype).reshape(ctx.shape)
 
