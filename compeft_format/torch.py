@@ -279,7 +279,8 @@ def apply(model: Any, path: str | os.PathLike, *, weight: float = 1.0,
         A compeft file, typically from ``compeft compress FINETUNED --base BASE``.
     weight:
         Scales the task vector. ``-1`` takes an expert back out after ``weight=1``, up to the
-        rounding of the two additions (module doc); ``0.5`` adds half of it.
+        rounding of the two additions (module doc; for a file measured from a checkpoint,
+        with ``verify_base=False``: the model is no longer that base); ``0.5`` adds half.
     verify_base:
         Check, before anything changes, that ``model`` is the recorded base: for a file
         measured from a checkpoint, the same tensor names, shapes, dtypes and sha256 hashes
