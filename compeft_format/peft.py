@@ -245,7 +245,7 @@ def _into_numpy(target: Any, rec_dtype: Any, info: Any) -> bool:
 
 
 def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
-          autocast_adapter_dtype: bool, build: Any) -> Any:
+          autocast_adapter_dtype: bool, build: Any, undo: Any = None) -> Any:
     where = Path(source.path)
     with source._open() as reader:
         ref, infos = _check_record(reader, where, base)
@@ -255,9 +255,14 @@ def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
                 init = stack.enter_context(SafetensorsReader(base_weights(base)))
                 check_base(ref, init, infos, False)
             peft_model = build()
-            _materialise(peft_model, adapter_name)
-            targets = _targets(peft_model, adapter_name, infos, where)
-            _fill(reader, ref, targets, infos, init)
+            try:
+                _materialise(peft_model, adapter_name)
+                targets = _targets(peft_model, adapter_name, infos, where)
+                _fill(reader, ref, targets, infos, init)
+            except BaseException:
+                if undo is not None:  # no adapter left half loaded (on the meta device)
+                    undo()
+                raise
     # as PeftModel.load_adapter does after loading: the adapter dtype rule (fp16/bf16 -> fp32)
     if hasattr(peft_model.base_model, "_cast_adapter_dtype"):
         peft_model.base_model._cast_adapter_dtype(
@@ -344,7 +349,9 @@ def load_adapter(peft_model: Any, path: str | os.PathLike | CompressedAdapter,
 
     Adds another expert to a ``PeftModel`` (made by :func:`from_pretrained` or by PEFT);
     ``peft_model.set_adapter(adapter_name)`` switches to it. An existing ``adapter_name``
-    gets the new weights in place. ``base`` as for :func:`from_pretrained`.
+    gets the new weights in place. ``base`` as for :func:`from_pretrained`. When the expert
+    cannot be loaded (an error is raised), a new ``adapter_name`` is removed again, so the
+    model keeps working with the experts it had.
 
     Returns ``peft_model``.
 
@@ -362,6 +369,11 @@ def load_adapter(peft_model: Any, path: str | os.PathLike | CompressedAdapter,
     """
     _peft()
     source = _source(path)
+    new = adapter_name not in peft_model.peft_config
+
+    def undo() -> None:
+        if new and adapter_name in peft_model.peft_config:
+            peft_model.delete_adapter(adapter_name)
 
     def build() -> Any:
         if adapter_name in peft_model.peft_config:
@@ -376,7 +388,7 @@ def load_adapter(peft_model: Any, path: str | os.PathLike | CompressedAdapter,
             peft_model.set_requires_grad(adapter_name)
         return peft_model
 
-    _load(peft_model, source, adapter_name, base, autocast_adapter_dtype, build)
+    _load(peft_model, source, adapter_name, base, autocast_adapter_dtype, build, undo)
     if not is_trainable:
         peft_model.eval()
     return peft_model

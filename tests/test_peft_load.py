@@ -125,6 +125,26 @@ def test_load_adapter_into_a_peft_model_made_by_peft(bert, folders):
     _same_adapter(got, want, "other")
 
 
+def test_a_failed_load_adapter_leaves_the_model_as_it_was(bert, ids, folders, tmp_path):
+    """An expert whose weights do not fit its config: refused, and not left half loaded."""
+    import json
+    import shutil
+
+    lora, _, _ = folders["lora"]
+    bad = tmp_path / "bad"
+    shutil.copytree(lora, bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["r"] = 4
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    model = cpeft.from_pretrained(copy.deepcopy(bert), lora)
+    before = _out(model, ids)
+    with pytest.raises(cf.CompeftError, match="in the model"):
+        cpeft.load_adapter(model, bad, "bad")
+    assert "bad" not in model.peft_config
+    assert not any(p.is_meta for p in model.parameters())
+    assert torch.equal(_out(model, ids), before)
+
+
 def test_an_expert_held_in_memory(bert, folders):
     lora, lora_r, _ = folders["lora"]
     held = cpeft.CompressedAdapter.read(lora)
