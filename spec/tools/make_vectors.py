@@ -163,7 +163,9 @@ class Valid:
         return {**DEFAULT_OPTIONS, **self.options}
 
     def build(self) -> bytes:
-        return cf.dumps(self.tensors(), metadata=self.metadata, **self.all_options())
+        # the vectors before 1.1 give no version: they are 1.0 files
+        return cf.dumps(self.tensors(), metadata=self.metadata,
+                        **{"version": "1.0", **self.all_options()})
 
 
 def _golomb_m(m: int) -> Callable[[list[dict[str, Any]]], bool]:
