@@ -1,0 +1,96 @@
+"""The parser of the ``compeft`` command: its class, option types and shared option groups.
+
+Every subcommand module adds its parsers with these, so that the same option means the same
+thing (and reads the same in ``--help``) wherever it appears.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+from .. import _spec as S
+from ..compress import SCALES
+
+PROG = "compeft"
+POSITIONS = ("auto", "bitmask", "golomb", "rice")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``compeft compress: error: ...``), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def density(text: str) -> float:
+    """A density in ``(0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value <= 1.0:  # also NaN
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def positive(text: str) -> float:
+    """A finite number above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def scale_rule(text: str) -> str:
+    """One of the scale rules."""
+    if text not in SCALES:
+        raise argparse.ArgumentTypeError(f"unknown scale rule {text!r} (choose from "
+                                         f"{', '.join(SCALES)})")
+    return text
+
+
+def list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """A comma-separated list of ``item`` values, at least one."""
+    def parse(text: str) -> list[Any]:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError("give at least one value")
+        return [item(p) for p in parts]
+
+    return parse
+
+
+def zstd_level(text: str) -> int:
+    """A zstd level in ``[-7, 22]``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -7 <= value <= 22:
+        raise argparse.ArgumentTypeError(f"must be in [-7, 22], got {value}")
+    return value
+
+
+def add_quiet(q: argparse.ArgumentParser) -> None:
+    """``-q/--quiet``."""
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def add_zstd(q: argparse.ArgumentParser, help_level: str) -> None:
+    """``--zstd LEVEL | --no-zstd``; read the choice back with :func:`zstd_choice`."""
+    z = q.add_mutually_exclusive_group()
+    # default None, not the level: argparse sees an option given its default value as absent,
+    # and would let `--zstd 3 --no-zstd` through
+    z.add_argument("--zstd", type=zstd_level, default=None, metavar="LEVEL", help=help_level)
+    z.add_argument("--no-zstd", action="store_true", help="no zstd stage")
+
+
+def zstd_choice(args: argparse.Namespace) -> int | None:
+    """The zstd level that ``--zstd``/``--no-zstd`` ask for (None: no zstd stage)."""
+    return None if args.no_zstd else S.DEFAULT_ZSTD_LEVEL if args.zstd is None else args.zstd
