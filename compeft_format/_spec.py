@@ -82,6 +82,9 @@ TERNARY_DTYPES = ("F32", "F16", "BF16", "F64")  # spec 5.4: dtypes a ternary rec
 # spec 6.4 Scale_Dtype (Param of the scale block)
 SCALE_F32 = 0x00
 
+# spec 5.2 JSON integers: exact in binary64 (I-JSON, RFC 7493)
+JSON_INT_MAX = 2**53 - 1
+
 # spec 5.2.1 reserved metadata keys
 META_PRODUCER = "compeft.producer"
 META_COMPRESSION = "compeft.compression"

@@ -65,6 +65,9 @@ __all__ = [
 
 _SIGNS, _SCALE, _DENSE = SignsCodec(), ScaleCodec(), DenseCodec()
 _MAX_RECORD_HEADER = 1 << 16  # spec 9.2: a record header above 64 KiB is rejected
+# what a ternary record costs beyond its blocks and two copies of its name (header fields,
+# descriptors, checksums, index entry), for the writer's pack-or-record choice (Appendix D)
+_RECORD_OVERHEAD = 32
 
 
 def _crc(*parts: bytes | memoryview) -> int:
@@ -109,6 +112,9 @@ class Writer:
         zstd level tried on every block (kept where smaller); ``None`` disables zstd.
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
+    version:
+        ``"1.1"`` (the default) gathers ternary tensors of at most 2^19 elements into pack
+        records (spec 5.8); ``"1.0"`` writes one record per tensor, for 1.0 readers.
 
     Examples
     --------
@@ -117,7 +123,7 @@ class Writer:
     >>> with Writer(buf) as w:
     ...     w.write("a", TernaryTensor((4,), [1], [True], 0.5))
     >>> len(buf.getvalue())
-    101
+    85
     """
 
     def __init__(self, fileobj: BinaryIO, *, metadata: Mapping[str, Any] | None = None,
@@ -142,6 +148,9 @@ class Writer:
         self._last = b""  # the last tensor name written, in a record or a pack
         self._pack: list[_Member] = []
         self._pack_data = self._pack_table = 0  # bytes of the pending pack's data and table
+        #: name -> bytes the tensor takes in the file, as ``TensorInfo.record_size``: its
+        #: whole record, or for a pack member its data (the pack's header is shared)
+        self.sizes: dict[str, int] = {}
         self._cost = 0  # decode-budget charge of the records written so far (spec 9.3)
         self._closed = False
         meta = encode_metadata(metadata)
@@ -187,9 +196,11 @@ class Writer:
             if len(value.shape) > S.DEFAULT_LIMITS.max_ndim:
                 raise EncodeError(f"{len(value.shape)} dimensions; limit "
                                   f"{S.DEFAULT_LIMITS.max_ndim}", tensor=name)
-            self._add_member(bname, value)
-            self._last = bname
-            return
+            member = self._member(bname, value)
+            if member is not None:
+                self.sizes[name] = self._add_member(member)
+                self._last = bname
+                return
         self._flush_pack()
         self._last = bname
         if isinstance(value, TernaryTensor):
@@ -241,6 +252,7 @@ class Writer:
         self._emit(head, S.CHECKSUM.pack(_crc(head)))
         self._pad()
         self._emit(*parts)
+        self.sizes[name] = self._pos - self._offsets[-1]
 
     def _ternary(self, name: str, t: TernaryTensor, level: int | None
                  ) -> tuple[int, bytes, list]:
@@ -253,8 +265,12 @@ class Writer:
         blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
         return S.KIND_TERNARY, encode_varint(t.nnz), blocks
 
-    def _add_member(self, bname: bytes, t: TernaryTensor) -> None:
-        """Encode a small ternary tensor into the pending pack (spec 5.8)."""
+    def _member(self, bname: bytes, t: TernaryTensor) -> _Member | None:
+        """Encode a small ternary tensor as a pack member (spec 5.8), or None for a record.
+
+        Members have no zstd stage. Positions that zstd shrinks (runs, not scattered
+        nonzeros) can make a record of their own smaller despite its header: then None.
+        """
         ctx = BlockContext(bname.decode(), t.numel, t.nnz, t.dtype, t.shape)
         btype, _stage, param, positions, _d = encode_positions(t, ctx, self._positions, None)()
         signs = _SIGNS.encode(t.signs, ctx)[1]
@@ -264,13 +280,24 @@ class Writer:
                 + bytes([btype]) + encode_varint(param) + encode_varint(len(positions)))
         member = _Member(bname, tail, (positions, signs, scale),
                          positions_cost(len(positions), t.nnz))
-        entry = len(_table([member]))  # an upper bound: front coding only shortens it
+        if self._level is not None and member.size > _RECORD_OVERHEAD:
+            blocks = self._ternary(bname.decode(), t, self._level)[2]
+            as_record = (sum(_align(len(b[3]), self._alignment) for b in blocks)
+                         + 2 * len(bname) + _RECORD_OVERHEAD)
+            if as_record < member.size:
+                return None
+        return member
+
+    def _add_member(self, member: _Member) -> int:
+        """Put a member into the pending pack, writing the pack first if it is full."""
+        entry = len(_table([member], b""))  # an upper bound: front coding only shortens it
         if self._pack and (self._pack_data + member.size > S.PACK_DATA_TARGET
                            or self._pack_table + entry > S.PACK_TABLE_TARGET):
             self._flush_pack()
         self._pack.append(member)
         self._pack_data += member.size
         self._pack_table += entry
+        return member.size
 
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
@@ -376,9 +403,14 @@ def _common_prefix(a: bytes, b: bytes) -> int:
     return i
 
 
-def _table(members: list[_Member]) -> bytes:
-    """The member table of a pack (spec 5.8): names front-coded, then the fixed fields."""
-    out, prev = bytearray(), b""
+def _table(members: list[_Member], prev: bytes | None = None) -> bytes:
+    """The member table of a pack (spec 5.8): names front-coded, then the fixed fields.
+
+    The first name is coded against the record's name, which is the same (``prev``
+    defaults to it): a pack stores each name once, and its first in the index too.
+    """
+    out = bytearray()
+    prev = members[0].name if prev is None else prev
     for m in members:
         shared = _common_prefix(prev, m.name)
         out += encode_varint(shared) + encode_varint(len(m.name) - shared) + m.name[shared:]
@@ -686,7 +718,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: _Record,
         table = memoryview(ZSTD.decode(table, decoded, ctx))
     t = BufferSource(table, base=table_at)
     t.tensor = name
-    members, prev, cursor = [], b"", 0
+    members, prev, cursor = [], name.encode(), 0  # the first name is coded against Name
     for _ in range(count):
         at = t.pos
         shared = t.varint("prefix length")
@@ -706,7 +738,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: _Record,
                                    offset=at) from None
         if "\x00" in mname:
             raise CorruptDataError(f"member name contains NUL: {mname[:40]!r}", offset=at)
-        if not members and raw != name.encode():
+        if not members and raw != prev:
             raise CorruptDataError(f"the first member is named {mname!r}, the pack {name!r}",
                                    tensor=name, offset=at)
         if members and raw <= prev:

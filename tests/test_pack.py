@@ -199,7 +199,7 @@ def dense_record(name: bytes) -> bytes:
     return head + _crc(head) + data
 
 
-ONE = member_entry(b"a")  # 8 F32 elements, position 0 (bitmask 0x01), sign +, scale 1.0
+ONE = member_entry(b"a", 1)  # coded against the pack's name "a"; 8 F32 elements, position 0 (bitmask 0x01), sign +, scale 1.0
 ONE_DATA = b"\x01" + b"\x00" + struct.pack("<f", 1.0)
 
 
@@ -237,9 +237,9 @@ CASES = {
     "table stage": (_bad(stage=2), UnsupportedFeatureError, "unknown stage 0x02"),
     "table too big": (_bad(stage=1, decoded=S.PACK_TABLE_MAX + 1, table=zstd_table),
                       CorruptDataError, "pack table: decoded size"),
-    "first prefix": (_bad(table=member_entry(b"a", 1)), CorruptDataError,
-                     "prefix length 1 exceeds the previous name's 0 bytes"),
-    "first name": (_bad(name=b"b"), CorruptDataError,
+    "first prefix": (_bad(table=member_entry(b"aa", 2)), CorruptDataError,
+                     "prefix length 2 exceeds the previous name's 1 bytes"),
+    "first name": (_bad(name=b"b", table=member_entry(b"a", 0)), CorruptDataError,
                    "the first member is named 'a', the pack 'b'"),
     "member order": (_bad(table=ONE + member_entry(b"a", 1), count=2,
                           data=ONE_DATA * 2), CorruptDataError,
