@@ -793,12 +793,17 @@ def _check_block_set(rec: _Record) -> None:
                                tensor=rec.name, offset=rec.offset)
 
 
-def _check_data_crc(rec: _Record, data: memoryview) -> None:
-    """Data_Checksum of a record (spec 5.3, R-REC-9)."""
+def _check_data_crc(rec: _Record, data: memoryview, tensor: str | None = None) -> None:
+    """Data_Checksum of a record (spec 5.3, R-REC-9); ``tensor``: the pack member asked for."""
     computed = _crc(data)
     if computed != rec.data_crc:
+        where = ""
+        if rec.members:  # one checksum covers them all: say which tensors may be damaged
+            where = (f" (a pack of {len(rec.members)} tensors, {rec.members[0].name!r} to "
+                     f"{rec.members[-1].name!r})")
         raise ChecksumError(f"data checksum mismatch: stored 0x{rec.data_crc:08x}, computed "
-                            f"0x{computed:08x}", tensor=rec.name, offset=rec.data_start)
+                            f"0x{computed:08x}{where}", tensor=tensor or rec.name,
+                            offset=rec.data_start)
 
 
 def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | None = None,
@@ -1148,7 +1153,7 @@ class CompeftReader:
             pack = self._packs[rec.offset]
             if rec.offset not in self._checked:
                 data = self._buf[pack.data_start : pack.end]
-                _check_data_crc(pack, data)
+                _check_data_crc(pack, data, rec.name)
                 used = pack.members[-1].end
                 _check_zero(self._buf[used : pack.end], used, pack.name, "block padding")
                 self._checked.add(rec.offset)

@@ -199,7 +199,8 @@ def dense_record(name: bytes) -> bytes:
     return head + _crc(head) + data
 
 
-ONE = member_entry(b"a", 1)  # coded against the pack's name "a"; 8 F32 elements, position 0 (bitmask 0x01), sign +, scale 1.0
+# coded against the pack's name "a": 8 F32 elements, position 0 (bitmask 0x01), sign +, scale 1
+ONE = member_entry(b"a", 1)
 ONE_DATA = b"\x01" + b"\x00" + struct.pack("<f", 1.0)
 
 
