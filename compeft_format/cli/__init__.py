@@ -12,6 +12,9 @@
     compeft demo [--quiet]
     compeft sweep INPUT [--base BASE] [--densities LIST] [--scales LIST] [--scope ...]
                   [--alpha A] [--exclude GLOB]... [--json] [--plot FILE.png] [--force]
+    compeft merge INPUT... -o OUTPUT [--method ties|sum|mean] [--weights W1,W2,...]
+                  [--sign total|frequency] [--density K] [--base BASE] [--rescale RULE]
+                  [--force] [--quiet]
     compeft tune INPUT [--base BASE] -o OUTPUT --eval 'CMD {checkpoint}' [--densities LIST]
                  [--alphas LIST] [--budget-bits-per-param B] [--scale RULE] [--scope ...]
                  [--timeout S] [--json] [--force]
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 
 from .. import _spec as S
 from ..errors import CompeftError
-from . import convert, demo, inspect, tuning
+from . import convert, demo, inspect, merge, tuning
 from .options import PROG, Parser
 from .output import message
 
@@ -41,7 +44,7 @@ __all__ = ["main"]
 
 #: The modules adding subcommands, in the order ``--help`` lists them; each has
 #: ``add_parsers(subparsers)``, and every parser it adds sets ``run``: ``run(args) -> int``.
-COMMAND_MODULES = (convert, inspect, demo, tuning)
+COMMAND_MODULES = (convert, merge, inspect, demo, tuning)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from .. import _spec as S
-from ..compress import DEFAULT_SCALE, SCALES
+from ..compress import DEFAULT_SCALE, SCALES, SCOPES
 from ..convert import DEFAULT_DENSITY, ConvertError
 from ..tuning import DEFAULT_ALPHAS, DEFAULT_DENSITIES
 from .options import (
@@ -29,8 +29,8 @@ def _add_packing(q: argparse.ArgumentParser) -> None:
     """The options that shape the file, as for compress."""
     q.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial "
                    "adapter) the task vector is measured from, as for compress")
-    q.add_argument("--scope", choices=("global", "tensor"), default="global",
-                   help="top-k over all tensors together, or each on its own")
+    q.add_argument("--scope", choices=SCOPES, default="global",
+                   help="top-k over all tensors together, each on its own, or per LoRA role")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensor names kept dense and lossless (repeatable)")
     q.add_argument("--positions", choices=POSITIONS, default="auto",
