@@ -197,14 +197,17 @@ class Writer:
                 raise EncodeError(f"{len(value.shape)} dimensions; limit "
                                   f"{S.DEFAULT_LIMITS.max_ndim}", tensor=name)
             member = self._member(bname, value)
-            if member is not None:
+            if isinstance(member, _Member):
                 self.sizes[name] = self._add_member(member)
                 self._last = bname
                 return
+            encoded = member  # a record is smaller: its blocks are already encoded
+        else:
+            encoded = None
         self._flush_pack()
         self._last = bname
         if isinstance(value, TernaryTensor):
-            kind, body_tail, blocks = self._ternary(name, value, self._level)
+            kind, body_tail, blocks = encoded or self._ternary(name, value, self._level)
             dtype, shape, nnz = value.dtype, value.shape, value.nnz
         else:
             try:
@@ -265,11 +268,12 @@ class Writer:
         blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
         return S.KIND_TERNARY, encode_varint(t.nnz), blocks
 
-    def _member(self, bname: bytes, t: TernaryTensor) -> _Member | None:
-        """Encode a small ternary tensor as a pack member (spec 5.8), or None for a record.
+    def _member(self, bname: bytes, t: TernaryTensor) -> _Member | tuple[int, bytes, list]:
+        """Encode a small ternary tensor as a pack member (spec 5.8), or as a record.
 
         Members have no zstd stage. Positions that zstd shrinks (runs, not scattered
-        nonzeros) can make a record of their own smaller despite its header: then None.
+        nonzeros) can make a record of their own smaller despite its header: then the
+        record's ``(kind, body tail, blocks)``, as :meth:`_ternary` gives them.
         """
         ctx = BlockContext(bname.decode(), t.numel, t.nnz, t.dtype, t.shape)
         btype, _stage, param, positions, _d = encode_positions(t, ctx, self._positions, None)()
@@ -281,11 +285,11 @@ class Writer:
         member = _Member(bname, tail, (positions, signs, scale),
                          positions_cost(len(positions), t.nnz))
         if self._level is not None and member.size > _RECORD_OVERHEAD:
-            blocks = self._ternary(bname.decode(), t, self._level)[2]
-            as_record = (sum(_align(len(b[3]), self._alignment) for b in blocks)
+            record = self._ternary(bname.decode(), t, self._level)
+            as_record = (sum(_align(len(b[3]), self._alignment) for b in record[2])
                          + 2 * len(bname) + _RECORD_OVERHEAD)
             if as_record < member.size:
-                return None
+                return record
         return member
 
     def _add_member(self, member: _Member) -> int:
