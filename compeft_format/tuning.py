@@ -538,8 +538,8 @@ class TuneResult:
     Attributes
     ----------
     best:
-        The chosen candidate: the best score (within the budget, if any); ties go to the
-        smaller file, then to the earlier candidate.
+        The chosen candidate: the best score (within the budget, if any); ties go to
+        alpha 1, then to the smaller file, then to the earlier candidate.
     candidates:
         Every candidate, in the order tried (density by density, alpha by alpha).
     compressed:
@@ -637,7 +637,9 @@ def _search(
         else:
             cand = Candidate(d, a, scale, scope, size, numel,
                              _check_score(evaluate(payload, cand), cand))
-            key = (cand.score, -size)  # ties: the smaller file, then the earlier one
+            # ties: alpha 1 (the scale rule as it is, no tuning needed), then the smaller
+            # file, then the earlier candidate
+            key = (cand.score, a == 1.0, -size)
             if best_key is None or key > best_key:
                 best_i, best_key, best_payload = len(cands), key, payload
         del payload
@@ -674,7 +676,7 @@ def tune(
     :func:`~compeft_format.compress.compress`; its file size is counted (as in
     :func:`sweep`); if it fits the budget, the task vector is rebuilt and passed to
     ``evaluate``. The chosen setting is the one with the best score (within the budget);
-    ties go to the smaller file, then to the earlier candidate.
+    ties go to alpha 1, then to the smaller file, then to the earlier candidate.
 
     Parameters
     ----------

@@ -31,11 +31,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import _spec as S
 from ..errors import CompeftError
 from . import convert, demo, inspect, tuning
-from .options import PROG, Parser
-from .output import message
+from .options import PROG, Parser, UsageError, version
+from .output import Terminated, message, on_signals
 
 __all__ = ["main"]
 
@@ -46,12 +45,10 @@ COMMAND_MODULES = (convert, inspect, demo, tuning)
 
 def parser() -> argparse.ArgumentParser:
     """The parser of the whole command."""
-    from .. import __version__
-
     p = Parser(prog=PROG, description="Compress fine-tuned experts (PEFT adapters, task "
                "vectors) to sparse ternary compeft files, and back.")
-    p.add_argument("--version", action="version",
-                   version=f"%(prog)s {__version__} (format {S.VERSION_MAJOR}.{S.VERSION_MINOR})")
+    p.add_argument("-V", "--version", action="version", version=version(),
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.add_parsers(sub)
@@ -72,7 +69,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.run(args)
+        with on_signals():
+            return args.run(args)
+    except UsageError as exc:
+        prog = f"{PROG} {args.command}"
+        print(f"{prog}: error: {exc} (see {prog} --help)", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `compeft info ... | head`: the reader left; stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -80,6 +82,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CompeftError, OSError) as exc:
         print(f"{PROG}: error: {message(exc)}", file=sys.stderr)
         return 1
+    except Terminated as exc:  # SIGTERM, SIGHUP: the outputs in progress were removed
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
