@@ -85,6 +85,9 @@ def plan(args: argparse.Namespace, command: str) -> list[Job]:
     if output == STDIO:
         if len(inputs) > 1:
             raise UsageError("several INPUTs cannot all go to stdout; give -o DIR/ or no -o")
+        if inputs[0] != STDIO and os.path.isdir(inputs[0]):
+            raise ConvertError(f"{inputs[0]}: an adapter folder gives a folder, which cannot "
+                               "be written to stdout; give -o")
         return [Job(inputs[0], STDIO)]
     if output is not None and (len(inputs) > 1 or output.endswith(("/", os.sep))):
         if STDIO in inputs:
