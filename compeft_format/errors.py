@@ -24,10 +24,12 @@ __all__ = [
     "BadMagicError",
     "ChecksumError",
     "CompeftError",
+    "ConvertError",
     "CorruptDataError",
     "EncodeError",
     "FormatError",
     "LimitExceededError",
+    "MissingDependencyError",
     "TruncatedError",
     "UnsupportedError",
     "UnsupportedFeatureError",
@@ -105,3 +107,19 @@ class UnsupportedFeatureError(UnsupportedError):
 
 class EncodeError(CompeftError, ValueError):
     """The input cannot be represented: not ternary, not finite, bad option value."""
+
+
+class ConvertError(CompeftError, ValueError):
+    """An input or output of a conversion cannot be used.
+
+    A directory that is not a PEFT adapter, a base that does not match the one the task
+    vector was measured from, an output that exists, a file that needs ``base``...
+    """
+
+
+class MissingDependencyError(CompeftError, ImportError):
+    """An optional dependency (torch, peft) that the function called needs is not installed.
+
+    >>> issubclass(MissingDependencyError, ImportError)
+    True
+    """

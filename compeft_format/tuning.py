@@ -786,27 +786,28 @@ def sweep_file(
     >>> p.file_bytes == s.file_bytes, p.numel == s.numel, p.dense_bytes == s.dense_bytes
     (True, True, True)
     """
-    from . import convert as C
+    from .plan import FileTaskVector, file_metadata, make_plan
     from .safetensors_io import SafetensorsReader
+    from .sources import ADAPTER_WEIGHTS, base_weights, resolve_source
 
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if positions == "rice":
         positions = "golomb"
-    source = C._resolve(src, C.ADAPTER_WEIGHTS, "sweep reads a PEFT adapter's safetensors")
-    base_path = C._base_weights(base) if base is not None else None
+    source = resolve_source(src, ADAPTER_WEIGHTS, "sweep reads a PEFT adapter's safetensors")
+    base_path = base_weights(base) if base is not None else None
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(SafetensorsReader(source.weights))
         base_reader = (stack.enter_context(SafetensorsReader(base_path))
                        if base_path is not None else None)
-        plan = C._plan(source, reader, base_reader, base_path, patterns, False)
-        tv = C._TaskVector(plan.compressible, reader, base_reader, source.peft_type)
+        plan = make_plan(source, reader, base_reader, base_path, patterns, False)
+        tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type)
         kept = set(plan.compressible)
         rest = [n for n in reader if n not in kept]
         passthrough = {n: functools.partial(reader.get, n) for n in rest}
         sizes = {n: (reader.info(n).numel, reader.info(n).nbytes) for n in rest}
 
         def metadata(comp: dict[str, Any]) -> dict[str, Any]:
-            return C._file_metadata(plan, reader, comp, patterns)
+            return file_metadata(plan, reader, comp, patterns)
 
         return _run_sweep(_Source(tv, (), passthrough, sizes), densities=densities,
                           scales=scales, scope=scope, alpha=alpha, metadata=metadata,
@@ -912,7 +913,9 @@ def tune_file(
     if CHECKPOINT_PLACEHOLDER not in command:
         raise EncodeError(f"the evaluation command must contain {CHECKPOINT_PLACEHOLDER}, "
                           "replaced by the candidate checkpoint's path")
-    source = C._resolve(src, C.ADAPTER_WEIGHTS, "tune reads a PEFT adapter's safetensors")
+    from .sources import ADAPTER_WEIGHTS, resolve_source
+
+    source = resolve_source(src, ADAPTER_WEIGHTS, "tune reads a PEFT adapter's safetensors")
     out_path = Path(dst)
     if (out_path.exists() or out_path.is_symlink()) and not force:
         raise C.ConvertError(f"{out_path}: the output exists; use --force (force=True) to "

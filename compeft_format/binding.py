@@ -1,0 +1,128 @@
+"""The base binding of a compeft file: what it was measured from, and the check of a base.
+
+:func:`read_reference` reads the ``task_vector`` and ``compeft.base`` metadata a compress
+wrote (:class:`Reference`); :func:`check_base` refuses a base other than the recorded one
+before anything is added to it (spec 5.2.1: ``compeft.base``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import _spec as S
+from ._progress import Bar
+from .errors import ConvertError, CorruptDataError
+from .plan import META_TASK_VECTOR, REFERENCES, tensor_sha256
+from .safetensors_io import SafetensorsReader
+
+__all__ = ["Reference", "check_base", "read_reference"]
+
+
+@dataclass
+class Reference:
+    """What a compeft file's task vector is measured from, as its metadata records it.
+
+    ``kind``: ``"zero"``, ``"one"`` or ``"checkpoint"``; ``delta``: the names stored as a
+    difference; ``name``: the base's recorded name; ``hashes``: a checkpoint's
+    ``{tensor: "sha256:<hex>"}``; ``peft_type``: an adapter's type. Read with
+    :func:`read_reference`.
+    """
+
+    kind: str
+    delta: set[str]
+    name: str | None
+    hashes: dict[str, str] | None
+    peft_type: str | None
+
+
+def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> Reference:
+    """Parse and check ``task_vector`` (and ``compeft.base``); absent: a task vector from zero.
+
+    ``meta`` is the file metadata, ``records`` the file's tensor names, ``where`` the file
+    (for messages). Raises :class:`~compeft_format.errors.CorruptDataError`.
+
+    >>> read_reference({"task_vector": {"reference": "one", "delta": ["g"],
+    ...                                 "peft_type": "IA3"}}, {"g"}, Path("a.compeft"))
+    Reference(kind='one', delta={'g'}, name=None, hashes=None, peft_type='IA3')
+    """
+    ref = meta.get(META_TASK_VECTOR)
+    base = meta.get(S.META_BASE)  # its types are checked by the reader (spec 5.2.1)
+    base = base if isinstance(base, dict) else {}
+    if ref is None:
+        return Reference("zero", set(), None, None, None)
+
+    def bad(message: str) -> CorruptDataError:
+        return CorruptDataError(f"{where}: metadata {META_TASK_VECTOR!r}: {message}")
+
+    if not isinstance(ref, dict):
+        raise bad("must be an object")
+    kind = ref.get("reference")
+    if kind not in REFERENCES:
+        raise bad(f"reference must be one of {REFERENCES}, got {kind!r}")
+    delta = ref.get("delta", [])
+    if not isinstance(delta, list) or not all(isinstance(n, str) for n in delta):
+        raise bad("delta must be a list of tensor names")
+    unknown = [n for n in delta if n not in records]
+    if unknown:
+        raise bad(f"delta names {len(unknown)} tensors the file does not hold: {unknown[:5]}")
+    hashes = base.get("hashes")
+    if kind == "checkpoint" and not isinstance(hashes, dict):
+        raise CorruptDataError(f"{where}: a task vector measured from a checkpoint needs the "
+                               f"base's hashes in metadata {S.META_BASE!r}")
+    name = base.get("name")
+    peft_type = ref.get("peft_type")
+    return Reference(kind, set(delta), name if isinstance(name, str) else None,
+                      hashes if kind == "checkpoint" else None,
+                      peft_type if isinstance(peft_type, str) else None)
+
+
+def check_base(ref: Reference, base: SafetensorsReader, infos: Mapping[str, Any],
+                bar_enabled: bool) -> None:
+    """Refuse a base other than the recorded one: names, then shapes and dtypes, then bytes.
+
+    ``infos`` maps the compeft file's tensor names to their infos (``shape``, ``dtype``).
+    For a checkpoint reference the base must have the recorded names, shapes, dtypes and
+    sha256 hashes; for a task vector from zero, every record's name with the same shape and
+    a float dtype. Raises :class:`~compeft_format.errors.ConvertError` (a progress bar of the
+    hashing when ``bar_enabled``).
+    """
+    where = base.path
+    label = f" {ref.name!r}" if ref.name else ""
+    if ref.kind == "checkpoint":
+        assert ref.hashes is not None
+        recorded, have = set(ref.hashes), set(base.keys())
+        missing, extra = sorted(recorded - have), sorted(have - recorded)
+        if missing or extra:
+            raise ConvertError(
+                f"{where}: not the base{label} the task vector was measured from: "
+                f"{len(missing)} of its tensors missing {missing[:3]}, {len(extra)} others "
+                f"{extra[:3]}")
+        needed = ref.delta
+    else:  # a task vector from zero added to a base: every record must be in it
+        missing = sorted(n for n in infos if n not in base)
+        if missing:
+            raise ConvertError(f"{where}: the base lacks {len(missing)} tensors of the task "
+                               f"vector: {missing[:5]}")
+        needed = set(infos)
+    for n in sorted(needed):
+        b, t = base.info(n), infos[n]
+        if tuple(b.shape) != tuple(t.shape) or b.dtype != t.dtype:
+            raise ConvertError(f"{where}: {b.dtype}{list(b.shape)} in the base, "
+                               f"{t.dtype}{list(t.shape)} in the task vector", tensor=n)
+        if ref.kind == "zero" and b.dtype not in S.TERNARY_DTYPES:
+            raise ConvertError(f"{where}: cannot add a task vector to a {b.dtype} tensor",
+                               tensor=n)
+    if ref.kind == "checkpoint":
+        assert ref.hashes is not None
+        with Bar(bar_enabled, len(ref.hashes), "check base") as bar:
+            for n in sorted(ref.hashes):
+                got = tensor_sha256(base, n)
+                if got != ref.hashes[n]:
+                    raise ConvertError(f"{where}: the data differs from the base{label} the "
+                                       f"task vector was measured from ({got[:19]}..., "
+                                       f"recorded {str(ref.hashes[n])[:19]}...)", tensor=n)
+                bar.update()
+

@@ -1,0 +1,316 @@
+"""The plan of a compression: what the task vector is measured from, and its values.
+
+:func:`make_plan` decides, for a source (and an optional base), which tensors are compressed
+and what each is measured from (metadata ``task_vector``: ``zero``, ``one`` or
+``checkpoint``; see :mod:`compeft_format.convert`), with the base's ``compeft.base`` record
+(its sha256 hashes). :func:`file_metadata` is the file metadata written from a plan;
+:class:`FileTaskVector` computes the task vector tensor by tensor over memory-mapped inputs.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _spec as S
+from . import dtypes as _dt
+from ._progress import Bar
+from .errors import ConvertError, EncodeError
+from .safetensors_io import SafetensorsReader
+from .sources import ADAPTER_WEIGHTS, Source
+from .taskvec import PEFT_TYPES, peft_task_vector
+
+__all__ = [
+    "CHUNK",
+    "META_SAFETENSORS",
+    "META_TASK_VECTOR",
+    "REFERENCES",
+    "FileTaskVector",
+    "Plan",
+    "file_metadata",
+    "make_plan",
+    "tensor_sha256",
+    "work_dtype",
+]
+
+#: Metadata key holding the source's safetensors ``__metadata__`` (restored on decompress).
+META_SAFETENSORS = "safetensors.metadata"
+#: Metadata key recording what the task vector is measured from (see the module doc).
+META_TASK_VECTOR = "task_vector"
+#: The values of ``task_vector["reference"]``.
+REFERENCES = ("zero", "one", "checkpoint")
+#: Elements per chunk of a tensor being decoded, added or converted.
+CHUNK = 1 << 20
+
+
+def work_dtype(dtype: str) -> np.dtype:
+    """The dtype a task vector of ``dtype`` tensors is computed in: float64 for F64, else
+    float32 (exact for BF16 and F16).
+
+    >>> work_dtype("BF16"), work_dtype("F64")
+    (dtype('float32'), dtype('float64'))
+    """
+    return np.dtype(np.float64 if dtype == "F64" else np.float32)
+
+
+def tensor_sha256(reader: SafetensorsReader, name: str) -> str:
+    """``"sha256:<hex>"`` of tensor ``name``'s raw bytes, read 16 MiB at a time.
+
+    >>> import os, tempfile, numpy as np
+    >>> from compeft_format.safetensors_io import save_safetensors
+    >>> p = os.path.join(tempfile.mkdtemp(), "b.safetensors")
+    >>> save_safetensors({"w": np.zeros(2, np.float32)}, p)
+    >>> with SafetensorsReader(p) as r:
+    ...     tensor_sha256(r, "w")[:19]
+    'sha256:af5570f5a181'
+    """
+    h = hashlib.sha256()
+    raw = reader.raw(name)
+    for start in range(0, len(raw), 1 << 24):
+        h.update(raw[start : start + (1 << 24)])
+    raw.release()
+    reader.release(name)
+    return "sha256:" + h.hexdigest()
+
+
+class FileTaskVector(Mapping):
+    """The task vector of the compressible tensors, computed on access, one tensor at a time.
+
+    ``compress`` and ``quality_report`` read it name by name; each access first drops the
+    pages of the tensors read before from resident memory, so a pass over a model holds
+    about one input tensor. ``.dtypes`` names the original dtypes (BF16 arrives widened).
+    ``base`` gives ``tensor - base``; else ``peft_type`` gives an adapter's task vector
+    (taskvec's rules: LoRA from zero, (IA)^3 from one); else the tensors as they are.
+
+    >>> import os, tempfile, numpy as np
+    >>> from compeft_format.safetensors_io import save_safetensors
+    >>> p = os.path.join(tempfile.mkdtemp(), "a.safetensors")
+    >>> save_safetensors({"ia3_l": np.full(3, 1.5, np.float32)}, p)
+    >>> with SafetensorsReader(p) as r:
+    ...     FileTaskVector(["ia3_l"], r, None, "IA3")["ia3_l"].tolist()
+    [0.5, 0.5, 0.5]
+    """
+
+    def __init__(self, names: list[str], reader: SafetensorsReader,
+                 base: SafetensorsReader | None, peft_type: str | None,
+                 on_fetch: Callable[[str], Any] | None = None) -> None:
+        self._names = names
+        self._reader = reader
+        self._base = base
+        self._peft_type = peft_type
+        self._on_fetch = on_fetch
+        self.dtypes = {n: reader.info(n).dtype for n in names}
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.dtypes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.dtypes:
+            raise KeyError(name)
+        self._reader.release()
+        if self._base is not None:
+            self._base.release()
+        if self._on_fetch is not None:
+            self._on_fetch(name)
+        storage, dtype = self._reader.get(name)
+        if self._base is not None:
+            return self._difference(name, storage, dtype)
+        if self._peft_type is not None:  # taskvec's rules: LoRA from zero, (IA)^3 from one
+            delta = peft_task_vector({name: _dt.to_numpy_values(storage, dtype)},
+                                     self._peft_type)[name]
+            self._reader.release(name)  # a copy: the mapped pages are not needed again
+            return delta
+        if dtype == "BF16":  # compress reads float arrays; BF16 widens exactly
+            return self._widen(name, storage)
+        return storage  # the mapped data itself: no copy
+
+    def slices(self, name: str, size: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, values)``: the flat task vector of ``name``, ``size`` at a time.
+
+        The same values as ``self[name]`` without ever holding the whole tensor (except for
+        an adapter's, which is small).
+        """
+        if name not in self.dtypes:
+            raise KeyError(name)
+        self._reader.release()
+        if self._base is not None:
+            self._base.release()
+        if self._peft_type is not None:
+            whole = self[name].reshape(-1)
+            for start in range(0, whole.size, size):
+                yield start, whole[start : start + size]
+            return
+        storage, dtype = self._reader.get(name)
+        flat = storage.reshape(-1)
+        b_flat = self._base.get(name)[0].reshape(-1) if self._base is not None else None
+        work = work_dtype(dtype)
+        for start in range(0, flat.size, size):
+            values = _dt.to_numpy_values(flat[start : start + size], dtype)
+            if b_flat is not None:
+                values = values.astype(work) - _dt.to_numpy_values(
+                    b_flat[start : start + size], dtype).astype(work, copy=False)
+            yield start, values
+            del values
+            self._reader.release(name)
+            if self._base is not None:
+                self._base.release(name)
+
+    def _widen(self, name: str, storage: np.ndarray) -> np.ndarray:
+        """BF16 bits to float32, chunk by chunk into one array (widening it whole makes two
+        temporaries of the float32 size), dropping the mapped pages as they are read."""
+        flat = storage.reshape(-1)
+        out = np.empty(flat.size, np.float32)
+        for start in range(0, flat.size, CHUNK):
+            out[start : start + CHUNK] = _dt.bf16_bits_to_f32(flat[start : start + CHUNK])
+            self._reader.release(name)
+        return out.reshape(storage.shape)
+
+    def _difference(self, name: str, storage: np.ndarray, dtype: str) -> np.ndarray:
+        """``tensor - base`` in float32 (float64 for F64), chunk by chunk (as taskvec does)."""
+        assert self._base is not None
+        b_storage, _ = self._base.get(name)
+        work = work_dtype(dtype)
+        flat, b_flat = storage.reshape(-1), b_storage.reshape(-1)
+        out = np.empty(flat.size, work)
+        for start in range(0, flat.size, CHUNK):
+            stop = start + CHUNK
+            a = _dt.to_numpy_values(flat[start:stop], dtype).astype(work, copy=False)
+            b = _dt.to_numpy_values(b_flat[start:stop], dtype).astype(work, copy=False)
+            np.subtract(a, b, out=out[start:stop])
+            # the inputs are read once: drop their pages as we go, so that the two mapped
+            # tensors do not stay resident beside the difference
+            self._reader.release(name)
+            self._base.release(name)
+        return out.reshape(storage.shape)
+
+
+@dataclass
+class Plan:
+    """Which tensors are compressed (``compressible``), the ``task_vector`` metadata
+    (``reference``) and the ``compeft.base`` metadata (``base``); see :func:`make_plan`."""
+
+    compressible: list[str]
+    reference: dict[str, Any]  # the task_vector metadata
+    base: dict[str, Any] | None = None  # the compeft.base metadata
+
+
+def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader | None,
+              base_path: Path | None, patterns: tuple[str, ...], bar_enabled: bool) -> Plan:
+    """Decide what the task vector of ``source`` is measured from, and which tensors are
+    compressed (see :mod:`compeft_format.convert`'s module doc for the three references).
+
+    ``base`` (read from ``base_path``) is the base checkpoint or initial adapter, or None;
+    ``patterns`` the fnmatch patterns of names kept dense. A base's sha256 hashes are
+    computed here (a progress bar when ``bar_enabled``). Raises
+    :class:`~compeft_format.errors.ConvertError` for a base that does not fit the source,
+    an adapter type with no known initial value.
+
+    >>> import os, tempfile, numpy as np
+    >>> from compeft_format.safetensors_io import save_safetensors
+    >>> p = os.path.join(tempfile.mkdtemp(), "tv.safetensors")
+    >>> save_safetensors({"w": np.zeros(4, np.float32), "ids": np.arange(2)}, p)
+    >>> with SafetensorsReader(p) as r:
+    ...     make_plan(Source(Path(p), Path(p)), r, None, None, (), False)
+    Plan(compressible=['w'], reference={'reference': 'zero'}, base=None)
+    """
+    names = reader.keys()
+    excluded = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+    def is_float(n: str, r: SafetensorsReader = reader) -> bool:
+        return r.info(n).dtype in S.TERNARY_DTYPES
+
+    if base is None:
+        compressible = [n for n in names if n not in excluded and is_float(n)]
+        if source.peft_type is None:
+            return Plan(compressible, {"reference": "zero"})
+        base_meta = {"name": source.base_model} if source.base_model else None
+        if source.peft_type.upper() not in PEFT_TYPES:
+            raise ConvertError(f"{source.config}: peft_type {source.peft_type!r} has no known "
+                               f"initial value ({'/'.join(PEFT_TYPES)} do); give the initial "
+                               "adapter with --base (base=)")
+        # ask taskvec which tensors start at one: it holds the rules (and rejects what it
+        # cannot measure, such as a DoRA magnitude, before any work is done)
+        from_one = []
+        for n in compressible:
+            probe = peft_task_vector({n: np.zeros(1, np.float32)}, source.peft_type)[n]
+            if probe[0] != 0:
+                from_one.append(n)
+        ref: dict[str, Any] = {"reference": "one" if from_one else "zero",
+                               "peft_type": source.peft_type}
+        if from_one:
+            ref["delta"] = from_one
+        return Plan(compressible, ref, base_meta)
+
+    assert base_path is not None
+    base_names = set(base.keys())
+    if source.is_dir:  # an adapter's initial state must have the very same tensors
+        missing = [n for n in names if n not in base_names]
+        extra = sorted(base_names - set(names))
+        if missing or extra:
+            raise ConvertError(f"{base_path}: the initial adapter does not match "
+                               f"{source.weights}: {len(missing)} tensors missing {missing[:5]}, "
+                               f"{len(extra)} not in the adapter {extra[:5]}")
+    for n in names:
+        if n in base_names:
+            a, b = reader.info(n), base.info(n)
+            if a.shape != b.shape or a.dtype != b.dtype:
+                raise ConvertError(f"{base_path}: {b.dtype}{list(b.shape)} in the base, "
+                                   f"{a.dtype}{list(a.shape)} in {source.weights}",
+                                   tensor=n)
+    compressible = [n for n in names
+                    if n in base_names and n not in excluded and is_float(n)]
+    hashes = {}
+    with Bar(bar_enabled, len(base_names), "hash base") as bar:
+        for n in base:
+            hashes[n] = tensor_sha256(base, n)
+            bar.update()
+    ref: dict[str, Any] = {"reference": "checkpoint", "delta": compressible}
+    if source.peft_type is not None:
+        ref["peft_type"] = source.peft_type
+    name = base_path.parent.name if base_path.name == ADAPTER_WEIGHTS else base_path.name
+    return Plan(compressible, ref, {"name": name, "hashes": hashes})
+
+
+def file_metadata(plan: Plan, reader: SafetensorsReader, comp_meta: dict[str, Any],
+                  patterns: tuple[str, ...],
+                  extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The metadata :func:`~compeft_format.convert.compress_file` writes (``compeft sweep``
+    counts the same bytes): producer, compression options, ``task_vector``, ``compeft.base``,
+    the source's safetensors metadata, then ``extra`` (its keys may not clash with these).
+
+    >>> class R:
+    ...     metadata = {}
+    >>> file_metadata(Plan(["w"], {"reference": "zero"}), R(), {}, ())["task_vector"]
+    {'reference': 'zero', 'exclude': []}
+    """
+    from . import __version__
+
+    metadata: dict[str, Any] = {
+        S.META_PRODUCER: f"compeft_format {__version__}",
+        S.META_COMPRESSION: comp_meta,
+        META_TASK_VECTOR: {**plan.reference, "exclude": list(patterns)},
+    }
+    if plan.base is not None:
+        metadata[S.META_BASE] = plan.base
+    if reader.metadata:
+        metadata[META_SAFETENSORS] = dict(reader.metadata)
+    for key, value in (extra or {}).items():
+        if key in metadata or key in (S.META_BASE, META_SAFETENSORS) or key.startswith(
+                S.META_RESERVED_PREFIX):
+            raise EncodeError(f"extra metadata key {key!r} is written by compress_file itself "
+                              "or reserved")
+        metadata[key] = value
+    return metadata
+
