@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -98,7 +99,7 @@ def test_stdin_and_stdout_hold_the_files_bytes(tmp_path, model):
 
 def test_stdout_refusals(tmp_path, capsys, monkeypatch, model):
     # an adapter folder has no single byte stream
-    code, out, err = run(capsys, "compress", IA3, "-c")
+    code, _out, err = run(capsys, "compress", IA3, "-c")
     assert code == 1
     one_line_error(err, "cannot be written to stdout")
     # several INPUTs to stdout, or - among several INPUTs: usage errors before any work
@@ -154,11 +155,11 @@ def test_default_names_beside_the_input(tmp_path, capsys, model):
 def test_default_names_of_folders(tmp_path, capsys):
     adapter = tmp_path / "ia3"
     shutil.copytree(IA3, adapter)
-    code, out, err = run(capsys, "compress", adapter)
+    code, _, err = run(capsys, "compress", adapter)
     assert code == 0, err
     assert (tmp_path / "ia3.compeft" / "adapter_model.compeft").is_file()
     shutil.move(tmp_path / "ia3.compeft", tmp_path / "copy.compeft")
-    code, out, err = run(capsys, "decompress", tmp_path / "copy.compeft")
+    code, _out, err = run(capsys, "decompress", tmp_path / "copy.compeft")
     assert code == 0, err
     assert sorted(os.listdir(tmp_path / "copy")) == ["adapter_config.json",
                                                     "adapter_model.safetensors"]
@@ -234,7 +235,8 @@ def test_every_subcommand_has_the_common_options(capsys):
         for argv in ([cmd, "-V"], [cmd, "--version"], ["-V"]):
             code, out, _ = run(capsys, *argv)
             assert code == 0, argv
-            assert out.startswith("compeft 0.") and "(format 1." in out, argv
+            assert out.startswith("compeft 0."), argv
+            assert "(format 1." in out, argv
     for cmd in ("compress", "decompress", "sweep", "tune", "demo"):
         out = run(capsys, cmd, "--help")[1]
         assert "-f, --force" in out, cmd
@@ -245,7 +247,8 @@ def test_every_subcommand_has_the_common_options(capsys):
         out = " ".join(run(capsys, cmd, "--help")[1].split())
         assert "INPUT a .safetensors file" in out or "INPUT a .compeft file" in out, cmd
         assert "-o OUTPUT, --output OUTPUT the" in out, cmd
-        assert "-c, --stdout" in out and "-j N, --jobs N" in out, cmd
+        assert "-c, --stdout" in out, cmd
+        assert "-j N, --jobs N" in out, cmd
 
 
 @pytest.mark.parametrize(("argv", "helps"), [
@@ -274,7 +277,8 @@ def test_quiet_verbose_and_json(tmp_path, capsys, model):
     code, out, _ = run(capsys, "decompress", tmp_path / "a.compeft", "-o",
                        tmp_path / "b.safetensors", "-v")
     assert code == 0
-    assert "\n  w    F32   [40,24]\n" in out and "\n  ids  I64   [5]\n" in out
+    assert "\n  w    F32   [40,24]\n" in out
+    assert "\n  ids  I64   [5]\n" in out
     code, out, _ = run(capsys, "compress", model, "-o", tmp_path / "c.compeft", "--json")
     assert code == 0
     d = json.loads(out)
@@ -297,7 +301,8 @@ def test_quiet_verbose_and_json(tmp_path, capsys, model):
     assert docs[1]["error"]
     code, out, _ = run(capsys, "verify", tmp_path / "a.compeft", bad, "-q")
     assert code == 1
-    assert out.startswith(f"{bad}: FAILED") and out.count("\n") == 1  # only the failure
+    assert out.startswith(f"{bad}: FAILED")
+    assert out.count("\n") == 1
     code, out, _ = run(capsys, "verify", tmp_path / "a.compeft", "-v")
     assert out.splitlines()[1:] == ["  b: OK", "  ids: OK", "  w: OK"]
     code, out, _ = run(capsys, "info", tmp_path / "a.compeft", "-v")
@@ -347,3 +352,19 @@ def test_demo_keeps_its_files_with_keep(tmp_path, capsys):
     assert (code, out, err) == (0, "", "")
     code, out, _ = run(capsys, "demo")
     assert "give --keep DIR to keep it" in " ".join(out.split())
+
+
+def test_the_progress_bar_counts_tensors(tmp_path, capsys, monkeypatch):
+    srcs = [_save(tmp_path / "m.safetensors", 0)]
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    code, out, err = run(capsys, "compress", srcs[0], "-o", tmp_path / "a.compeft")
+    assert code == 0
+    assert out.startswith("compressed ")  # stdout holds the summary only
+    # 2 float tensors compressed, read in 5 passes: the bar counts to 2, pass by pass
+    assert "compress (pass 1/5)" in err, err
+    totals = set(re.findall(r"\| *\d+/(\d+) \[", err))
+    assert totals == {"2"}, err
+    code, out, err = run(capsys, "decompress", tmp_path / "a.compeft", "-o",
+                         tmp_path / "a.safetensors")
+    assert code == 0
+    assert set(re.findall(r"\| *\d+/(\d+) \[", err)) == {"3"}  # the integer one too

@@ -26,8 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..convert import ConvertError
-from ..errors import CompeftError
+from ..errors import CompeftError, ConvertError
 from .options import UsageError
 
 STDIO = "-"

@@ -11,8 +11,9 @@ from typing import Any
 
 from .. import _spec as S
 from ..compress import DEFAULT_SCALE, SCALES
-from ..convert import DEFAULT_DENSITY, ConvertError
-from ..errors import CompeftError
+from ..convert import DEFAULT_DENSITY
+from ..errors import CompeftError, ConvertError
+from ..outputs import same_path
 from ..tuning import DEFAULT_ALPHAS, DEFAULT_DENSITIES
 from .convert import compress_text
 from .options import (
@@ -171,18 +172,11 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _same(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
-
 def check_tune_output(args: argparse.Namespace) -> None:
     """Refuse, before any evaluation, an OUTPUT that could not be written at the end."""
     out = Path(args.output)
     for given in (args.input, args.base):
-        if given is not None and _same(out, Path(given)):
+        if given is not None and same_path(out, Path(given)):
             raise ConvertError(f"{out}: the output is an input ({given}); an input is never "
                                "overwritten")
     if (out.exists() or out.is_symlink()) and not args.force:
