@@ -913,13 +913,15 @@ def tune_file(
     if CHECKPOINT_PLACEHOLDER not in command:
         raise EncodeError(f"the evaluation command must contain {CHECKPOINT_PLACEHOLDER}, "
                           "replaced by the candidate checkpoint's path")
-    from .sources import ADAPTER_WEIGHTS, resolve_source
+    from .outputs import Output
+    from .sources import ADAPTER_WEIGHTS, base_weights, resolve_source
 
     source = resolve_source(src, ADAPTER_WEIGHTS, "tune reads a PEFT adapter's safetensors")
-    out_path = Path(dst)
-    if (out_path.exists() or out_path.is_symlink()) and not force:
-        raise C.ConvertError(f"{out_path}: the output exists; use --force (force=True) to "
-                             "replace it")
+    # the output is checked before any evaluation (compress_file checks it again at the end):
+    # an output that cannot be written would lose the whole search
+    base_path = base_weights(base) if base is not None else None
+    Output(dst, is_dir=source.is_dir, force=force,
+           inputs=[source.path, source.weights, *([Path(base), base_path] if base_path else [])])
     opts = {"scale": scale, "scope": scope, "exclude": exclude, "base": base,
             "positions": positions, "zstd_level": zstd_level}
     with tempfile.TemporaryDirectory(prefix="compeft-tune-") as tmp:

@@ -88,6 +88,12 @@ def test_stdin_and_stdout_hold_the_files_bytes(tmp_path, model):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == (tmp_path / "back.safetensors").read_bytes()
     assert proc.stderr.decode().startswith("decompressed <stdin> -> <stdout>")
+    # an error names stdin, not the temporary file behind it; stdout gets nothing
+    proc = _cli("compress", "-", "-c", stdin=b"not a safetensors file")
+    assert proc.returncode == 1
+    assert proc.stdout == b""
+    assert proc.stderr.decode().startswith("compeft: error: <stdin>: "), proc.stderr
+    assert "compeft-stdio" not in proc.stderr.decode()
     # --json with the data on stdout: the document goes to stderr
     proc = _cli("compress", model, "-c", "--json")
     assert proc.stdout == want
@@ -230,6 +236,7 @@ def test_every_subcommand_has_the_common_options(capsys):
     for cmd in COMMANDS:
         code, out, _ = run(capsys, cmd, "--help")
         assert code == 0, cmd
+        # make a subcommand's parser with cli.options.add_command, and give it add_verbose
         assert "-V, --version" in out, cmd
         assert "-v, --verbose" in out, cmd
         for argv in ([cmd, "-V"], [cmd, "--version"], ["-V"]):

@@ -144,17 +144,16 @@ def test_sigterm_and_sighup_remove_the_output_in_progress(tmp_path, model, sig, 
     else:
         src, dst = (IA3 if folder else model), tmp_path / "out.compeft"
     before = sorted(os.listdir(tmp_path))
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, str(ROOT), command, str(src), "-o",
-                             str(dst)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    try:
-        assert proc.stderr.readline() == b"writing\n"
-        assert _hidden(tmp_path), "the temporary output exists while writing"
-        proc.send_signal(getattr(signal, sig))
-        err = proc.stderr.read().decode()
-        code = proc.wait(60)
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", _SLOW, str(ROOT), command, str(src), "-o",
+                           str(dst)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL) as proc:
+        try:
+            assert proc.stderr.readline() == b"writing\n"
+            assert _hidden(tmp_path), "the temporary output exists while writing"
+            proc.send_signal(getattr(signal, sig))
+            err = proc.stderr.read().decode()
+            code = proc.wait(60)
+        finally:
+            proc.kill()
     assert code == 128 + getattr(signal, sig), err
     assert err.splitlines()[-1] == f"compeft: terminated by {sig}", err
     assert sorted(os.listdir(tmp_path)) == before  # no temporary file or folder left
@@ -185,22 +184,20 @@ def test_stale_temporaries_of_killed_runs_are_removed(tmp_path, capsys, model):
 def test_the_temporary_of_a_live_writer_is_kept(tmp_path, capsys, model):
     """A writer still running (its temporary locked) keeps its file, however old."""
     assert main(["compress", str(model), "-o", str(tmp_path / "in.compeft"), "-q"]) == 0
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW, str(ROOT), "decompress",
-                             str(tmp_path / "in.compeft"), "-o",
-                             str(tmp_path / "out.safetensors")],
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    try:
-        assert proc.stderr.readline() == b"writing\n"
-        (live,) = _hidden(tmp_path)
-        old = time.time() - 3600
-        os.utime(tmp_path / live, (old, old))
-        code, _, err = run(capsys, "decompress", tmp_path / "in.compeft", "-o",
-                           tmp_path / "out.safetensors", "-f")
-        assert code == 0, err
-        assert (tmp_path / live).exists()
-    finally:
-        proc.kill()
-        proc.wait()
+    with subprocess.Popen([sys.executable, "-c", _SLOW, str(ROOT), "decompress",
+                           str(tmp_path / "in.compeft"), "-o", str(tmp_path / "out.safetensors")],
+                          stderr=subprocess.PIPE, stdout=subprocess.DEVNULL) as proc:
+        try:
+            assert proc.stderr.readline() == b"writing\n"
+            (live,) = _hidden(tmp_path)
+            old = time.time() - 3600
+            os.utime(tmp_path / live, (old, old))
+            code, _, err = run(capsys, "decompress", tmp_path / "in.compeft", "-o",
+                               tmp_path / "out.safetensors", "-f")
+            assert code == 0, err
+            assert (tmp_path / live).exists()
+        finally:
+            proc.kill()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,3 +278,15 @@ def test_sweep_prints_its_table_when_the_plot_fails(tmp_path, capsys, monkeypatc
     assert "scale  density" in out
     assert out.count("\nl2 ") == 2
     assert not (tmp_path / "p.png").exists()
+
+
+def test_tune_file_checks_its_output_before_any_evaluation(tmp_path, model):
+    from compeft_format.errors import ConvertError
+    from compeft_format.tuning import tune_file
+
+    log = tmp_path / "log"
+    with pytest.raises(ConvertError, match="is not a directory"):
+        tune_file(model, tmp_path / "no" / "out.compeft", _eval_logging(log), alphas=[1.0])
+    with pytest.raises(ConvertError, match="the output is an input"):
+        tune_file(model, model, _eval_logging(log), alphas=[1.0], force=True)
+    assert not log.exists(), "no evaluation ran"

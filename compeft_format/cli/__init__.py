@@ -1,27 +1,23 @@
-"""The ``compeft`` command (also ``python -m compeft_format``).
+"""The ``compeft`` command (also ``python -m compeft_format``): ``compeft --help``, and the
+README's synopsis (checked against this parser by ``tests/test_cli_readme.py``).
 
-::
+Conventions, as users of zstd and gzip expect them (the README says more):
 
-    compeft compress INPUT -o OUTPUT [--base BASE] [--density K] [--alpha A]
-                     [--scope global|tensor] [--scale RULE] [--exclude GLOB]...
-                     [--positions auto|bitmask|golomb|rice] [--zstd LEVEL | --no-zstd]
-                     [--force] [--quiet] [--verbose]
-    compeft decompress INPUT -o OUTPUT [--dtype f32|f16|bf16] [--base BASE] [--force] [--quiet]
-    compeft info FILE [--json]
-    compeft verify FILE...
-    compeft demo [--quiet]
-    compeft sweep INPUT [--base BASE] [--densities LIST] [--scales LIST] [--scope ...]
-                  [--alpha A] [--exclude GLOB]... [--json] [--plot FILE.png] [--force]
-    compeft tune INPUT [--base BASE] -o OUTPUT --eval 'CMD {checkpoint}' [--densities LIST]
-                 [--alphas LIST] [--budget-bits-per-param B] [--scale RULE] [--scope ...]
-                 [--timeout S] [--json] [--force]
+* without ``-o``, outputs are named after their INPUT, beside it (:mod:`.files`); ``-o DIR/``
+  takes several INPUTs (``-j N`` at once); ``-`` is stdin, ``-o -``/``-c`` stdout, byte for
+  byte what the file would hold, the summary then on stderr;
+* ``-f/--force`` replaces an existing output, never an input; outputs are atomic, and
+  SIGTERM/SIGHUP remove them as Ctrl-C does (:func:`.output.on_signals`);
+* every subcommand has ``-V/--version`` and ``-v/--verbose`` (:func:`.options.add_command`,
+  :func:`.options.add_verbose`); ``-q`` silences progress bars and summaries; ``--json``
+  prints one document; options are never abbreviated.
 
 Exit status: 0 on success; 1 on a data error (one line ``compeft: error: ...`` on stderr, no
 traceback: a bad or missing file, a base that does not match, an existing output); 2 on a
-usage error, bad option values included (a density outside ``(0, 1]``...). ``verify`` exits
-1 when any file is not sound. Outputs are written atomically and never over an input; an
-existing output is replaced only with ``--force``. Progress bars go to stderr when it is a
-terminal (``--quiet`` silences them); the summaries go to stdout.
+usage error, one line naming the subcommand's help; 128 + N when signal N stopped it.
+
+A new subcommand module has ``add_parsers(subparsers)`` making its parsers with
+:func:`.options.add_command`, and joins :data:`COMMAND_MODULES`.
 """
 
 from __future__ import annotations

@@ -172,13 +172,14 @@ def _run(args: argparse.Namespace, command: str) -> int:
 
     if len(todo) == 1 and STDIO in (todo[0].src, todo[0].dst):
         job = todo[0]
-        status = 0
+        status, names = 0, {}
         try:
             with staged(job, **suffixes) as real:
+                names = {real.src: STDIN_NAME, real.dst: STDOUT_NAME}
                 summary = work(real.src, real.dst, progress=progress, **options)
                 done(job, summary, summary.file)  # while the temporary output exists
         except (CompeftError, OSError) as exc:
-            report.fail(job, exc)
+            report.fail(job, exc, {k: v for k, v in names.items() if k != STDIO})
             status = 1
         report.close()
         return status

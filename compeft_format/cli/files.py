@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import multiprocessing
 import os
 import shutil
 import sys
@@ -180,7 +181,10 @@ def run_jobs(work: Callable[..., Any], jobs: Sequence[Job], workers: int,
             else:
                 done(j, result)
         return status
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+    # spawned, not forked: a fork copies whatever threads hold (a progress bar's monitor, a
+    # zstd worker), and Python 3.12+ warns about forking a threaded process
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         futures = [pool.submit(work, j.src, j.dst, **options) for j in jobs]
         try:
             for j, fut in zip(jobs, futures, strict=True):

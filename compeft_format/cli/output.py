@@ -90,12 +90,16 @@ class Report:
             print(text(), file=self.stream, flush=True)
             self._printed = True
 
-    def fail(self, job: Any, exc: BaseException) -> None:
-        """One INPUT failed: say so on stderr, and in the JSON document."""
+    def fail(self, job: Any, exc: BaseException, names: dict[str, str] | None = None) -> None:
+        """One INPUT failed: say so on stderr, and in the JSON document; ``names`` maps the
+        temporary files behind stdin and stdout to the names the user knows."""
+        text = message(exc)
+        for path, shown in (names or {}).items():
+            text = text.replace(path, shown)
         sys.stdout.flush()
-        print(f"{PROG}: error: {message(exc)}", file=sys.stderr, flush=True)
+        print(f"{PROG}: error: {text}", file=sys.stderr, flush=True)
         if self.json:
-            self.docs.append({"source": job.src, "output": job.dst, "error": message(exc)})
+            self.docs.append({"source": job.src, "output": job.dst, "error": text})
 
     def close(self) -> None:
         """Print the JSON document (an object for one INPUT, an array for several)."""
