@@ -7,6 +7,7 @@ True
 """
 
 from ._spec import VERSION_MAJOR, VERSION_MINOR, ReadLimits
+from .batch import compress_many
 from .compress import compress, compression_metadata, iter_compress, select_topk
 from .container import (
     BlockInfo,
@@ -98,6 +99,7 @@ __all__ = [
     "apply_task_vector",
     "compress",
     "compress_file",
+    "compress_many",
     "compression_metadata",
     "decompress_file",
     "dumps",

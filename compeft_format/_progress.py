@@ -15,12 +15,12 @@ class Bar:
     ...     bar.update()
     """
 
-    def __init__(self, enabled: bool, total: int, desc: str) -> None:
+    def __init__(self, enabled: bool, total: int, desc: str, *, unit: str = "tensor") -> None:
         self._bar = None
         if enabled and total > 1:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr,
+            self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr,
                              leave=False, dynamic_ncols=True)
 
     def update(self, *_: Any) -> None:

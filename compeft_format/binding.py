@@ -16,7 +16,6 @@ from . import _spec as S
 from ._progress import Bar
 from .errors import ConvertError, CorruptDataError
 from .plan import META_TASK_VECTOR, REFERENCES, tensor_sha256
-from .safetensors_io import SafetensorsReader
 
 __all__ = ["Reference", "check_base", "read_reference"]
 
@@ -72,34 +71,41 @@ def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> R
     if kind == "checkpoint" and not isinstance(hashes, dict):
         raise CorruptDataError(f"{where}: a task vector measured from a checkpoint needs the "
                                f"base's hashes in metadata {S.META_BASE!r}")
+    if kind == "checkpoint":
+        unbound = [n for n in delta if n not in hashes]
+        if unbound:
+            raise CorruptDataError(f"{where}: metadata {S.META_BASE!r}: no hash of "
+                                   f"{len(unbound)} tensors measured from the base: "
+                                   f"{unbound[:5]}")
     name = base.get("name")
     peft_type = ref.get("peft_type")
     return Reference(kind, set(delta), name if isinstance(name, str) else None,
-                      hashes if kind == "checkpoint" else None,
-                      peft_type if isinstance(peft_type, str) else None)
+                     hashes if kind == "checkpoint" else None,
+                     peft_type if isinstance(peft_type, str) else None)
 
 
-def check_base(ref: Reference, base: SafetensorsReader, infos: Mapping[str, Any],
-                bar_enabled: bool) -> None:
+def check_base(ref: Reference, base: Any, infos: Mapping[str, Any],
+               bar_enabled: bool) -> None:
     """Refuse a base other than the recorded one: names, then shapes and dtypes, then bytes.
 
     ``infos`` maps the compeft file's tensor names to their infos (``shape``, ``dtype``).
-    For a checkpoint reference the base must have the recorded names, shapes, dtypes and
-    sha256 hashes; for a task vector from zero, every record's name with the same shape and
-    a float dtype. Raises :class:`~compeft_format.errors.ConvertError` (a progress bar of the
-    hashing when ``bar_enabled``).
+    For a checkpoint reference the base must hold exactly the tensors the task vector was
+    measured from (``delta``), with their shapes, dtypes and recorded sha256 hashes; its
+    other tensors, and recorded ones outside ``delta`` (files before 2026-12 hashed every base
+    tensor), do not matter. For a task vector from zero, the base needs every record's name
+    with the same shape and a float dtype. Raises
+    :class:`~compeft_format.errors.ConvertError` (a progress bar of the hashing when
+    ``bar_enabled``). ``base`` is any reader (:func:`~compeft_format.readers.open_weights`).
     """
     where = base.path
     label = f" {ref.name!r}" if ref.name else ""
     if ref.kind == "checkpoint":
-        assert ref.hashes is not None
-        recorded, have = set(ref.hashes), set(base.keys())
-        missing, extra = sorted(recorded - have), sorted(have - recorded)
-        if missing or extra:
+        missing = sorted(n for n in ref.delta if n not in base)
+        if missing:
             raise ConvertError(
                 f"{where}: not the base{label} the task vector was measured from: "
-                f"{len(missing)} of its tensors missing {missing[:3]}, {len(extra)} others "
-                f"{extra[:3]}")
+                f"{len(missing)} of the {len(ref.delta)} tensors it was measured from missing "
+                f"{missing[:3]}")
         needed = ref.delta
     else:  # a task vector from zero added to a base: every record must be in it
         missing = sorted(n for n in infos if n not in base)
@@ -117,8 +123,8 @@ def check_base(ref: Reference, base: SafetensorsReader, infos: Mapping[str, Any]
                                tensor=n)
     if ref.kind == "checkpoint":
         assert ref.hashes is not None
-        with Bar(bar_enabled, len(ref.hashes), "check base") as bar:
-            for n in sorted(ref.hashes):
+        with Bar(bar_enabled, len(ref.delta), "check base") as bar:
+            for n in sorted(ref.delta):
                 got = tensor_sha256(base, n)
                 if got != ref.hashes[n]:
                     raise ConvertError(f"{where}: the data differs from the base{label} the "

@@ -1,4 +1,4 @@
-"""Converters: safetensors files and PEFT adapter directories to compeft files, and back.
+"""Converters: checkpoints (files, adapters, model folders) to compeft files, and back.
 
 :func:`compress_file` measures a task vector, compresses it with
 :func:`~compeft_format.compress.compress` and writes a compeft file; :func:`decompress_file`
@@ -9,9 +9,20 @@ decompress holds one compressed tensor and a few MiB of output at a time.
 
 Inputs and outputs
 ------------------
-* A ``.safetensors`` file <-> a ``.compeft`` file.
-* A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) <-> a
-  directory holding the copied ``adapter_config.json`` and ``adapter_model.compeft``.
+* A ``.safetensors`` file (or pickled torch weights, ``.bin``...) <-> a ``.compeft`` file.
+  An adapter's weights file with its ``adapter_config.json`` beside it is that adapter.
+* A PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors`` or
+  ``adapter_model.bin``) <-> a directory holding the copied ``adapter_config.json`` and
+  ``adapter_model.compeft``.
+* A Hugging Face model folder (``model.safetensors``, or shards and
+  ``model.safetensors.index.json``; or the pickled ``pytorch_model*.bin``) <-> a folder
+  holding ``model.compeft`` and the folder's other small files (config, tokenizer...); the
+  shards are recorded (metadata ``model_folder``) and written back as they were, as
+  safetensors, so that ``from_pretrained`` loads the result.
+
+Pickled weights are read only with ``torch.load(weights_only=True)``
+(:mod:`compeft_format.readers`): a file whose unpickling would call anything but the
+tensor builders is refused, and never executed.
 
 What the task vector is measured from (metadata key ``task_vector``)
 ---------------------------------------------------------------------
@@ -41,10 +52,11 @@ path holds), :mod:`.plan` (what is measured from what, the lazy task vector),
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -60,6 +72,7 @@ from .errors import CompeftError, ConvertError, EncodeError
 from .outputs import Output, write_fsync
 from .plan import (
     CHUNK,
+    META_MODEL_FOLDER,
     META_SAFETENSORS,
     META_TASK_VECTOR,
     REFERENCES,
@@ -69,8 +82,18 @@ from .plan import (
     make_plan,
 )
 from .quality import QualityReport, _measure, _Sums  # its sums, added up slice by slice
-from .safetensors_io import SafetensorsReader, SafetensorsWriter
-from .sources import ADAPTER_COMPEFT, ADAPTER_CONFIG, ADAPTER_WEIGHTS, base_weights, resolve_source
+from .readers import open_weights
+from .safetensors_io import SafetensorsWriter
+from .sources import (
+    ADAPTER_COMPEFT,
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MODEL_COMPEFT,
+    Source,
+    base_weights,
+    companion_files,
+    resolve_source,
+)
 from .summary import CompressSummary, DecompressSummary
 from .taskvec import _round_sum
 from .tensor import TernaryTensor
@@ -154,17 +177,20 @@ def compress_file(
     Parameters
     ----------
     src:
-        A ``.safetensors`` file, or a PEFT adapter directory (``adapter_config.json`` and
-        ``adapter_model.safetensors``).
+        A ``.safetensors`` or pickled torch weights file, a PEFT adapter directory
+        (``adapter_config.json`` and ``adapter_model.safetensors`` or ``.bin``), or a model
+        folder (``model.safetensors``, shards with their index, ``pytorch_model*.bin``).
     dst:
-        The compeft file to write; for an adapter directory, a directory that will hold the
-        copied ``adapter_config.json`` and ``adapter_model.compeft``.
+        The compeft file to write; for a directory, a directory that will hold
+        ``adapter_model.compeft`` (or ``model.compeft``) and the copied small files.
     density, alpha, scope, scale, exclude:
         As :func:`~compeft_format.compress.compress` (``exclude``: fnmatch patterns of names
         kept dense and lossless).
     base:
-        The base checkpoint (a safetensors file) or initial adapter (a directory or its
-        weights file) the task vector is measured from; its sha256 hashes are recorded.
+        The base checkpoint (a weights file or a model folder) or initial adapter (a
+        directory or its weights file) the task vector is measured from; the sha256 hashes
+        of the tensors measured from it are recorded. Names on one side only are in the
+        summary (``only_in_source``: stored as they are; ``only_in_base``: not used).
     positions:
         ``"auto"``, ``"bitmask"`` or ``"golomb"`` (``"rice"`` is accepted for golomb).
     zstd_level:
@@ -213,14 +239,14 @@ def compress_file(
             and -7 <= zstd_level <= 22):
         raise EncodeError(f"zstd level must be an integer in [-7, 22], got {zstd_level!r}")
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's safetensors")
+    source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's weights")
     base_path = base_weights(base) if base is not None else None
     inputs = [source.path, source.weights] + ([Path(base), base_path] if base_path else [])
     out = Output(dst, is_dir=source.is_dir, force=force, inputs=inputs)
 
     with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(SafetensorsReader(source.weights))
-        base_reader = (stack.enter_context(SafetensorsReader(base_path))
+        reader = stack.enter_context(open_weights(source.weights))
+        base_reader = (stack.enter_context(open_weights(base_path))
                        if base_path is not None else None)
         plan = make_plan(source, reader, base_reader, base_path, patterns, progress)
         # compress reads each tensor three times (global scope; once per tensor scope; one
@@ -263,19 +289,19 @@ def compress_file(
                         del arr
                         reader.release(name)
 
+        inside = _COMPEFT_IN.get(source.folder)  # the file's name in an output directory
         with out:
-            target = out.file(ADAPTER_COMPEFT if source.is_dir else None)
+            target = out.file(inside)
             write_fsync(target, write)
             # the quality of what was written, read back from it one tensor at a time
             with open_file(target) as written:
                 quality = _quality(tv, written, plan.compressible)
             bar.close()
-            if source.config is not None:
-                shutil.copyfile(source.config, out.file(ADAPTER_CONFIG))
+            _copy_companions(source, out)
         reader.release()
         if base_reader is not None:
             base_reader.release()
-        final = out.dst / ADAPTER_COMPEFT if source.is_dir else out.dst
+        final = out.dst / inside if inside else out.dst
         return CompressSummary(
             source=str(source.path), output=str(out.dst), file=str(final),
             tensors=len(names), ternary=len(plan.compressible),
@@ -284,8 +310,24 @@ def compress_file(
             dense_bytes=counts["dense_bytes"], file_bytes=final.stat().st_size,
             reference=plan.reference["reference"], quality=quality,
             base_name=plan.base["name"] if plan.reference["reference"] == "checkpoint"
-            and plan.base else None)
+            and plan.base else None,
+            only_in_source=tuple(plan.only_in_source), only_in_base=tuple(plan.only_in_base))
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+#: The name of the compeft file inside an output directory, by the kind of input folder.
+_COMPEFT_IN = {"adapter": ADAPTER_COMPEFT, "model": MODEL_COMPEFT}
+
+
+def _copy_companions(source: Source, out: Output) -> None:
+    """Copy what travels with the weights: an adapter's config, a model folder's small files
+    (config, generation config, tokenizer...), into the output directory."""
+    if source.folder == "adapter":
+        assert source.config is not None
+        shutil.copyfile(source.config, out.file(ADAPTER_CONFIG))
+    elif source.folder == "model":
+        for p in companion_files(source.path):
+            shutil.copyfile(p, out.file(p.name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -386,15 +428,17 @@ def decompress_file(
     ----------
     src:
         A compeft file, or a directory holding ``adapter_model.compeft`` and
-        ``adapter_config.json``.
+        ``adapter_config.json``, or ``model.compeft`` (a compressed model folder).
     dst:
-        The safetensors file to write; for a directory input, the directory to create.
+        The safetensors file to write; for a directory input, the directory to create (a
+        model folder gets its shards back, with ``model.safetensors.index.json``).
     dtype:
         Convert every float tensor to ``"f32"``, ``"f16"`` or ``"bf16"`` (or ``"F32"``...).
     base:
-        The base checkpoint (safetensors file) or initial adapter (directory). Required for a
-        task vector measured from a checkpoint, and checked against the recorded names,
-        shapes, dtypes and sha256 hashes. For a plain task vector (reference zero, not an
+        The base checkpoint (weights file or model folder) or initial adapter (directory).
+        Required for a task vector measured from a checkpoint: it must hold the tensors the
+        task vector was measured from, with the recorded shapes, dtypes and sha256 hashes
+        (its other tensors do not matter). For a plain task vector (reference zero, not an
         adapter) it gives ``base + task vector`` over every tensor of the base.
     force:
         Replace an existing output (never an input).
@@ -431,7 +475,8 @@ def decompress_file(
         out_dtype = OUTPUT_DTYPES.get(str(dtype).lower(), str(dtype).upper())
         if out_dtype not in OUTPUT_DTYPES.values():
             raise EncodeError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
-    source = resolve_source(src, ADAPTER_COMPEFT, "decompress reads a compressed adapter directory")
+    source = resolve_source(src, ADAPTER_COMPEFT,
+                            "decompress reads a compressed adapter directory")
     base_path = base_weights(base) if base is not None else None
     inputs = [source.path, source.weights] + ([Path(base), base_path] if base_path else [])
     out = Output(dst, is_dir=source.is_dir, force=force, inputs=inputs)
@@ -445,7 +490,7 @@ def decompress_file(
         if ref.kind == "checkpoint" and base_path is None:
             raise ConvertError(
                 f"{source.path}: the task vector is measured from the base{label} "
-                f"({len(ref.hashes or {})} tensors); give it with --base (base=) to write "
+                f"({len(ref.delta)} tensors); give it with --base (base=) to write "
                 "the full tensors")
         if base_path is not None and ref.kind != "checkpoint" and (
                 ref.kind == "one" or ref.peft_type is not None):
@@ -453,12 +498,14 @@ def decompress_file(
                                "it is (from zero or one), which takes no --base")
         base_reader = None
         if base_path is not None:
-            base_reader = stack.enter_context(SafetensorsReader(base_path))
+            base_reader = stack.enter_context(open_weights(base_path))
             check_base(ref, base_reader, infos, progress)
         st_meta = cf.metadata().get(META_SAFETENSORS)
         if not (isinstance(st_meta, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in st_meta.items())):
             st_meta = None
+        if source.is_model and st_meta is None:  # from pickled weights: transformers wants it
+            st_meta = {"format": "pt"}
 
         # What to write. A plain task vector added to a base gives every base tensor, in
         # the base's dtype; otherwise the file's tensors, in their own dtypes, with the base
@@ -479,6 +526,7 @@ def decompress_file(
             return out_dtype if out_dtype is not None and d in S.TERNARY_DTYPES else d
 
         layout = [(n, out_dt(n), shapes[n]) for n in names]
+        files, index = _output_files(source, cf.metadata().get(META_MODEL_FOLDER), layout)
 
         def produce(n: str) -> Iterator[np.ndarray]:
             """The output storage of tensor ``n``, chunk by chunk (a few MiB each)."""
@@ -518,24 +566,75 @@ def decompress_file(
                 if base_reader is not None:  # each base chunk is read once
                     base_reader.release(n)
 
-        def write(f: BinaryIO) -> None:
-            with Bar(progress, len(layout), "decompress") as bar, SafetensorsWriter(
-                    f, layout, metadata=st_meta) as w:
-                for n in w.order:
-                    for chunk in produce(n):
-                        w.write(n, chunk)
-                    if base_reader is not None and n in base_reader:
-                        base_reader.release(n)
-                    bar.update()
+        bar = stack.enter_context(Bar(progress, len(layout), "decompress"))
+
+        def writer(part: list[tuple[str, str, tuple[int, ...]]]) -> Callable[[BinaryIO], None]:
+            def write(f: BinaryIO) -> None:
+                with SafetensorsWriter(f, part, metadata=st_meta) as w:
+                    for n in w.order:
+                        for chunk in produce(n):
+                            w.write(n, chunk)
+                        if base_reader is not None and n in base_reader:
+                            base_reader.release(n)
+                        bar.update()
+            return write
 
         with out:
-            target = out.file(ADAPTER_WEIGHTS if source.is_dir else None)
-            write_fsync(target, write)
-            if source.config is not None:
-                shutil.copyfile(source.config, out.file(ADAPTER_CONFIG))
-        final = out.dst / ADAPTER_WEIGHTS if source.is_dir else out.dst
+            for name, part in files:
+                write_fsync(out.file(name), writer(part))
+            if index is not None:
+                write_fsync(out.file(index[0]), lambda f: f.write(index[1]))
+            bar.close()
+            _copy_companions(source, out)
+        written = [out.dst / name if name else out.dst for name, _ in files]
+        final = out.dst / index[0] if index is not None else written[0]
         return DecompressSummary(
             source=str(source.path), output=str(out.dst), file=str(final), tensors=len(layout),
-            numel=sum(math.prod(s) for _, _, s in layout), file_bytes=final.stat().st_size,
+            numel=sum(math.prod(s) for _, _, s in layout),
+            file_bytes=sum(p.stat().st_size for p in written),
             reference=ref.kind, base=str(base) if base is not None else None, dtype=out_dtype)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+Layout = list[tuple[str, str, tuple[int, ...]]]
+
+
+def _output_files(source: Source, folder: Any, layout: Layout
+                  ) -> tuple[list[tuple[str | None, Layout]], tuple[str, bytes] | None]:
+    """The safetensors files a decompress writes: ``[(name in the output directory, or None
+    for the output file itself; its tensors)]``, and a shards index ``(name, bytes)``.
+
+    A model folder comes back as transformers saves one: ``model.safetensors``, or the
+    original's shards (``pytorch_model-00001-of-00002.bin`` becomes
+    ``model-00001-of-00002.safetensors``) with ``model.safetensors.index.json``.
+    """
+    if source.folder == "adapter":
+        return [(ADAPTER_WEIGHTS, layout)], None
+    if source.folder != "model":
+        return [(None, layout)], None
+    weight_map = folder.get("weight_map") if isinstance(folder, dict) else None
+    if not (isinstance(weight_map, dict) and weight_map and all(
+            isinstance(v, str) and Path(v).name == v and v not in ("", ".", "..")
+            for v in weight_map.values())):
+        return [("model.safetensors", layout)], None
+
+    def renamed(shard: str) -> str:
+        if shard.endswith(".bin"):
+            shard = shard.removesuffix(".bin") + ".safetensors"
+            if shard.startswith("pytorch_model"):
+                shard = "model" + shard.removeprefix("pytorch_model")
+        return shard
+
+    shards = sorted({renamed(v) for v in weight_map.values()})
+    parts: dict[str, Layout] = {s: [] for s in shards}
+    out_map = {}
+    for entry in layout:  # a tensor the original did not map (a base's): the last shard
+        shard = renamed(weight_map[entry[0]]) if entry[0] in weight_map else shards[-1]
+        parts[shard].append(entry)
+        out_map[entry[0]] = shard
+    meta = folder.get("index_metadata")
+    meta = dict(meta) if isinstance(meta, dict) else {}
+    meta["total_size"] = sum(math.prod(s) * S.ITEMSIZE[d] for _, d, s in layout)
+    text = json.dumps({"metadata": meta, "weight_map": out_map}, indent=2, sort_keys=True)
+    return ([(s, parts[s]) for s in shards if parts[s]],
+            ("model.safetensors.index.json", (text + "\n").encode("utf-8")))

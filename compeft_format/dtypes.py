@@ -23,6 +23,7 @@ __all__ = [
     "to_numpy_values",
     "to_storage",
     "to_torch",
+    "torch_dtype_name",
 ]
 
 _NUMPY_BY_NAME: dict[str, np.dtype] = {
@@ -74,6 +75,16 @@ def numpy_dtype_name(dtype: np.dtype) -> str:
         return _NAME_BY_NUMPY[dt]
     except KeyError:
         raise EncodeError(f"numpy dtype {np.dtype(dtype)} has no safetensors equivalent") from None
+
+
+def torch_dtype_name(dtype: Any) -> str | None:
+    """The safetensors name of a torch dtype (``torch.bfloat16`` -> ``"BF16"``), or None.
+
+    >>> import torch
+    >>> torch_dtype_name(torch.bfloat16), torch_dtype_name(torch.complex64)
+    ('BF16', None)
+    """
+    return _TORCH_NAMES.get(str(dtype).removeprefix("torch."))
 
 
 def is_torch_tensor(x: Any) -> bool:

@@ -62,11 +62,15 @@ class CompeftError(Exception):
         super().__init__(where + message)
 
     def __reduce__(self):  # keep the keyword fields when pickled (multiprocessing)
-        return (_rebuild, (type(self), self.message, self.tensor, self.offset))
+        text = self.args[0] if len(self.args) == 1 else None
+        return (_rebuild, (type(self), self.message, self.tensor, self.offset, text))
 
 
-def _rebuild(cls, message, tensor, offset):
-    return cls(message, tensor=tensor, offset=offset)
+def _rebuild(cls, message, tensor, offset, text=None):
+    exc = cls(message, tensor=tensor, offset=offset)
+    if text is not None:  # a text built otherwise (convert.with_path) comes back as it was
+        exc.args = (text,)
+    return exc
 
 
 class FormatError(CompeftError, ValueError):

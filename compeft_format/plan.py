@@ -12,7 +12,7 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,17 @@ from . import dtypes as _dt
 from ._progress import Bar
 from .errors import ConvertError, EncodeError
 from .safetensors_io import SafetensorsReader
-from .sources import ADAPTER_WEIGHTS, Source
+from .sources import (
+    ADAPTER_WEIGHTS,
+    ADAPTER_WEIGHTS_BIN,
+    MODEL_WEIGHTS,
+    Source,
+)
 from .taskvec import PEFT_TYPES, peft_task_vector
 
 __all__ = [
     "CHUNK",
+    "META_MODEL_FOLDER",
     "META_SAFETENSORS",
     "META_TASK_VECTOR",
     "REFERENCES",
@@ -43,8 +49,12 @@ __all__ = [
 META_SAFETENSORS = "safetensors.metadata"
 #: Metadata key recording what the task vector is measured from (see the module doc).
 META_TASK_VECTOR = "task_vector"
+#: Metadata key of a model folder's layout (its shards), restored on decompress.
+META_MODEL_FOLDER = "model_folder"
 #: The values of ``task_vector["reference"]``.
 REFERENCES = ("zero", "one", "checkpoint")
+#: Weights files named for their directory: a base given as one records the directory's name.
+FOLDER_WEIGHTS = (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, *MODEL_WEIGHTS)
 #: Elements per chunk of a tensor being decoded, added or converted.
 CHUNK = 1 << 20
 
@@ -204,6 +214,13 @@ class Plan:
     compressible: list[str]
     reference: dict[str, Any]  # the task_vector metadata
     base: dict[str, Any] | None = None  # the compeft.base metadata
+    #: a model folder's layout (metadata ``model_folder``): its weights file name, and for
+    #: shards the index's ``weight_map`` and ``metadata``
+    folder: dict[str, Any] | None = None
+    #: with a base: the source's tensors the base lacks (stored as they are), and the
+    #: base's tensors the source lacks (not used)
+    only_in_source: list[str] = field(default_factory=list)
+    only_in_base: list[str] = field(default_factory=list)
 
 
 def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader | None,
@@ -222,9 +239,21 @@ def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader
     >>> p = os.path.join(tempfile.mkdtemp(), "tv.safetensors")
     >>> save_safetensors({"w": np.zeros(4, np.float32), "ids": np.arange(2)}, p)
     >>> with SafetensorsReader(p) as r:
-    ...     make_plan(Source(Path(p), Path(p)), r, None, None, (), False)
-    Plan(compressible=['w'], reference={'reference': 'zero'}, base=None)
+    ...     plan = make_plan(Source(Path(p), Path(p)), r, None, None, (), False)
+    >>> plan.compressible, plan.reference, plan.base
+    (['w'], {'reference': 'zero'}, None)
     """
+    plan = _plan(source, reader, base, base_path, patterns, bar_enabled)
+    if source.is_model:
+        plan.folder = {"weights": source.weights.name}
+        if hasattr(reader, "weight_map"):
+            plan.folder["weight_map"] = dict(reader.weight_map)
+            plan.folder["index_metadata"] = dict(reader.index_metadata)
+    return plan
+
+
+def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
+          patterns: tuple[str, ...], bar_enabled: bool) -> Plan:
     names = reader.keys()
     excluded = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
@@ -255,7 +284,7 @@ def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader
 
     assert base_path is not None
     base_names = set(base.keys())
-    if source.is_dir:  # an adapter's initial state must have the very same tensors
+    if source.config is not None:  # an adapter's initial state must have the same tensors
         missing = [n for n in names if n not in base_names]
         extra = sorted(base_names - set(names))
         if missing or extra:
@@ -271,16 +300,20 @@ def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader
                                    tensor=n)
     compressible = [n for n in names
                     if n in base_names and n not in excluded and is_float(n)]
+    # the base binding: the tensors the task vector is measured from, and only those (a
+    # base's other tensors are not needed to restore it)
     hashes = {}
-    with Bar(bar_enabled, len(base_names), "hash base") as bar:
-        for n in base:
+    with Bar(bar_enabled, len(compressible), "hash base") as bar:
+        for n in compressible:
             hashes[n] = tensor_sha256(base, n)
             bar.update()
     ref: dict[str, Any] = {"reference": "checkpoint", "delta": compressible}
     if source.peft_type is not None:
         ref["peft_type"] = source.peft_type
-    name = base_path.parent.name if base_path.name == ADAPTER_WEIGHTS else base_path.name
-    return Plan(compressible, ref, {"name": name, "hashes": hashes})
+    name = base_path.parent.name if base_path.name in FOLDER_WEIGHTS else base_path.name
+    return Plan(compressible, ref, {"name": name, "hashes": hashes},
+                only_in_source=[n for n in names if n not in base_names],
+                only_in_base=sorted(base_names - set(names)))
 
 
 def file_metadata(plan: Plan, reader: SafetensorsReader, comp_meta: dict[str, Any],
@@ -306,8 +339,11 @@ def file_metadata(plan: Plan, reader: SafetensorsReader, comp_meta: dict[str, An
         metadata[S.META_BASE] = plan.base
     if reader.metadata:
         metadata[META_SAFETENSORS] = dict(reader.metadata)
+    if plan.folder is not None:
+        metadata[META_MODEL_FOLDER] = plan.folder
     for key, value in (extra or {}).items():
-        if key in metadata or key in (S.META_BASE, META_SAFETENSORS) or key.startswith(
+        if key in metadata or key in (S.META_BASE, META_SAFETENSORS, META_MODEL_FOLDER) or \
+                key.startswith(
                 S.META_RESERVED_PREFIX):
             raise EncodeError(f"extra metadata key {key!r} is written by compress_file itself "
                               "or reserved")

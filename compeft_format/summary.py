@@ -19,6 +19,13 @@ def _int(n: int) -> str:
     return f"{n:,}"
 
 
+def _names(names: tuple[str, ...], shown: int = 3) -> str:
+    """``2 tensors ['a', 'b']``, the first few names of many."""
+    more = ", ..." if len(names) > shown else ""
+    listed = ", ".join(repr(n) for n in names[:shown])
+    return f"{len(names)} tensor{'s' if len(names) != 1 else ''} [{listed}{more}]"
+
+
 @dataclass(frozen=True)
 class CompressSummary:
     """What :func:`compress_file` did; :meth:`format` is the command's printout.
@@ -47,6 +54,9 @@ class CompressSummary:
         Relative error and cosine of the compressed task vector, per ternary tensor.
     base_name:
         The name recorded for a base checkpoint (its file or directory name), or None.
+    only_in_source, only_in_base:
+        With a base: the tensors the base lacks (stored as they are, not measured from it),
+        and the base's tensors the source lacks (not needed to restore it).
     """
 
     source: str
@@ -64,6 +74,8 @@ class CompressSummary:
     reference: str
     quality: QualityReport = field(repr=False)
     base_name: str | None = None
+    only_in_source: tuple[str, ...] = ()
+    only_in_base: tuple[str, ...] = ()
 
     @property
     def kept_density(self) -> float:
@@ -89,7 +101,8 @@ class CompressSummary:
             "density": self.density, "kept_density": self.kept_density,
             "dense_bytes": self.dense_bytes, "file_bytes": self.file_bytes, "ratio": self.ratio,
             "bits_per_param": self.bits_per_param, "reference": self.reference,
-            "base_name": self.base_name, "quality": self.quality.to_dict(),
+            "base_name": self.base_name, "only_in_source": list(self.only_in_source),
+            "only_in_base": list(self.only_in_base), "quality": self.quality.to_dict(),
         }
 
     def format(self, *, verbose: bool = False) -> str:
@@ -100,6 +113,12 @@ class CompressSummary:
             f"  tensors       {self.tensors} ({self.ternary} ternary, {self.dense} dense)",
             f"  measured from {self.reference}"
             + (f" {self.base_name!r} (sha256 of its tensors recorded)" if self.base_name else ""),
+        ]
+        if self.only_in_source:
+            lines.append(f"  not in base   {_names(self.only_in_source)}: stored as they are")
+        if self.only_in_base:
+            lines.append(f"  only in base  {_names(self.only_in_base)}: not needed to restore")
+        lines += [
             f"  density       {self.kept_density:.4f} ({_int(self.nnz)} of "
             f"{_int(self.compressed_numel)} entries kept; asked {self.density:g})",
             f"  dense size    {_int(self.dense_bytes)} bytes",

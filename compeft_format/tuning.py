@@ -787,7 +787,7 @@ def sweep_file(
     (True, True, True)
     """
     from .plan import FileTaskVector, file_metadata, make_plan
-    from .safetensors_io import SafetensorsReader
+    from .readers import open_weights
     from .sources import ADAPTER_WEIGHTS, base_weights, resolve_source
 
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
@@ -796,8 +796,8 @@ def sweep_file(
     source = resolve_source(src, ADAPTER_WEIGHTS, "sweep reads a PEFT adapter's safetensors")
     base_path = base_weights(base) if base is not None else None
     with contextlib.ExitStack() as stack:
-        reader = stack.enter_context(SafetensorsReader(source.weights))
-        base_reader = (stack.enter_context(SafetensorsReader(base_path))
+        reader = stack.enter_context(open_weights(source.weights))
+        base_reader = (stack.enter_context(open_weights(base_path))
                        if base_path is not None else None)
         plan = make_plan(source, reader, base_reader, base_path, patterns, False)
         tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type)

@@ -206,7 +206,8 @@ def test_base_reconstructs_the_full_checkpoint(tmp_path, checkpoint):
     base_meta, meta = metadata["compeft.base"], metadata["task_vector"]
     assert set(base_meta) == {"name", "hashes"}  # the spec's members only (spec 5.2.1)
     assert base_meta["name"] == "base.safetensors"
-    assert set(base_meta["hashes"]) == set(base)
+    # the base binding: the tensors the task vector is measured from, and only those
+    assert set(base_meta["hashes"]) == set(meta["delta"])
     assert all(h.startswith("sha256:") and len(h) == 71 for h in base_meta["hashes"].values())
     assert meta["reference"] == "checkpoint"
     assert meta["exclude"] == ["layer.1.h16"]
@@ -251,15 +252,13 @@ def test_exact_task_vector_with_base_at_density_one(tmp_path):
         assert torch.equal(out[n], ft[n]), n
 
 
-@pytest.mark.parametrize("change", ["extra", "missing", "shape", "dtype", "data"])
+@pytest.mark.parametrize("change", ["missing", "shape", "dtype", "data"])
 def test_base_that_does_not_match_is_refused(tmp_path, checkpoint, change):
     base_path, ft_path, base, _ = checkpoint
     compress_file(ft_path, tmp_path / "ft.compeft", base=base_path, density=0.2)
     other = dict(base)
-    if change == "extra":
-        other["stranger"] = torch.zeros(1)
-    elif change == "missing":
-        del other["only.in.base"]
+    if change == "missing":  # a tensor the task vector was measured from
+        del other["layer.1.d64"]
     elif change == "shape":
         other["layer.0.w"] = base["layer.0.w"].reshape(32, 48)
     elif change == "dtype":
@@ -268,7 +267,8 @@ def test_base_that_does_not_match_is_refused(tmp_path, checkpoint, change):
         other["layer.1.d64"] = base["layer.1.d64"].clone()
         other["layer.1.d64"][0, 0] += 1
     bad = _save(other, tmp_path / "other.safetensors")
-    match = {"extra": r"1 others \['stranger'\]", "missing": r"1 of its tensors missing",
+    match = {"missing": r"not the base 'base.safetensors'.*: 1 of the 6 tensors it was "
+                        r"measured from missing \['layer.1.d64'\]",
              "shape": r"tensor 'layer.0.w'.*F32\[32, 48\] in the base, F32\[48, 32\]",
              "dtype": r"tensor 'layer.0.w'.*F64\[48, 32\] in the base",
              "data": r"tensor 'layer.1.d64'.*data differs from the base"}[change]
@@ -277,6 +277,27 @@ def test_base_that_does_not_match_is_refused(tmp_path, checkpoint, change):
         decompress_file(tmp_path / "ft.compeft", tmp_path / "out.safetensors", base=bad)
     assert str(bad) in str(info.value)
     assert _listing(tmp_path) == before  # nothing written, no temporary left
+
+
+def test_names_on_one_side(tmp_path, checkpoint):
+    """The names only the base or only the fine-tune has are in the summary; decompress needs
+    exactly the base tensors the task vector was measured from, not the base's others."""
+    base_path, ft_path, base, _ = checkpoint
+    s = compress_file(ft_path, tmp_path / "ft.compeft", base=base_path, density=0.2)
+    assert s.only_in_base == ("only.in.base",)
+    assert s.only_in_source == ("head.w",)
+    text = s.format()
+    assert "only in base  1 tensor ['only.in.base']: not needed to restore" in text
+    assert "not in base   1 tensor ['head.w']: stored as they are" in text
+    assert s.to_dict()["only_in_base"] == ["only.in.base"]
+    want = decompress_file(tmp_path / "ft.compeft", tmp_path / "want.safetensors",
+                           base=base_path)
+    # a base without the tensor the fine-tune lacks, and with one of its own: the same output
+    other = {n: t for n, t in base.items() if n != "only.in.base"}
+    other["stranger"] = torch.zeros(1)
+    bp = _save(other, tmp_path / "other.safetensors")
+    got = decompress_file(tmp_path / "ft.compeft", tmp_path / "got.safetensors", base=bp)
+    assert Path(got.file).read_bytes() == Path(want.file).read_bytes()
 
 
 def test_compress_refuses_a_base_with_other_shapes(tmp_path, checkpoint):
@@ -384,9 +405,12 @@ def test_adapter_directory_errors(tmp_path):
     (d / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     with pytest.raises(ConvertError, match=r"'LOHA' has no known initial value.*--base"):
         compress_file(d, tmp_path / "o")
-    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
-    with pytest.raises(ConvertError, match=r"adapter_model.safetensors is missing \(it has "
-                                           r"adapter_model.bin\)"):
+    (d / "adapter_model.safetensors").unlink()  # adapter_model.bin is read too (test_checkpoints)
+    (d / "adapter_model.bin").write_bytes(b"neither torch nor safetensors")
+    with pytest.raises(SafetensorsError, match=r"adapter_model.bin: not a valid safetensors"):
+        compress_file(d, tmp_path / "o")
+    (d / "adapter_model.bin").unlink()
+    with pytest.raises(ConvertError, match=r"adapter_model.safetensors is missing; compress"):
         compress_file(d, tmp_path / "o")
     with pytest.raises(ConvertError, match=r"adapter_model.compeft is missing"):
         decompress_file(d, tmp_path / "o")
