@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 from typing import Any
 
 from .. import _spec as S
+from ..batch import compress_many
 from ..compress import DEFAULT_SCALE, SCALES
 from ..convert import (
     ADAPTER_COMPEFT,
@@ -18,7 +20,7 @@ from ..convert import (
 )
 from ..errors import CompeftError
 from ..safetensors_io import open_safetensors
-from .files import STDIO, Job, make_folder, plan, refuse_terminal, run_jobs, staged
+from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
     POSITIONS,
     add_command,
@@ -184,9 +186,33 @@ def _run(args: argparse.Namespace, command: str) -> int:
         report.close()
         return status
     make_folder(todo, args)
-    status = run_jobs(work, todo, args.jobs, done, report.fail,
-                      progress=progress, **options)
+    if command == "compress" and len(todo) > 1:
+        status = _compress_many(todo, args, done, report, options)
+    else:
+        status = run_jobs(work, todo, args.jobs, done, report.fail, progress=progress,
+                          **options)
     report.close()
+    return status
+
+
+def _compress_many(todo: list[Job], args: argparse.Namespace, done: Any, report: Report,
+                   options: dict[str, Any]) -> int:
+    """Several INPUTs through :func:`~compeft_format.batch.compress_many`: in this process,
+    or in ``-j N`` worker processes; every INPUT runs, a failure is reported in its place."""
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(pool_of(args.jobs, len(todo))) if args.jobs > 1 else None
+        results = compress_many([j.src for j in todo], [j.dst for j in todo], executor=pool,
+                                return_exceptions=True, progress=show_progress(args),
+                                **options)
+    status = 0
+    for job, result in zip(todo, results, strict=True):
+        if not isinstance(result, BaseException):
+            done(job, result)
+        elif isinstance(result, (CompeftError, OSError)):
+            report.fail(job, result)
+            status = 1
+        else:
+            raise result
     return status
 
 

@@ -161,6 +161,14 @@ def staged(job: Job, *, src_suffix: str, dst_suffix: str) -> Iterator[Job]:
             sys.stdout.buffer.flush()
 
 
+def pool_of(workers: int, jobs: int) -> cf.ProcessPoolExecutor:
+    """``min(workers, jobs)`` worker processes, spawned, not forked: a fork copies whatever
+    threads hold (a progress bar's monitor, a zstd worker), and Python 3.12+ warns about
+    forking a threaded process."""
+    return cf.ProcessPoolExecutor(max_workers=max(1, min(workers, jobs)),
+                                  mp_context=multiprocessing.get_context("spawn"))
+
+
 def run_jobs(work: Callable[..., Any], jobs: Sequence[Job], workers: int,
              done: Callable[[Job, Any], None], failed: Callable[[Job, BaseException], None],
              **options: Any) -> int:
@@ -181,10 +189,7 @@ def run_jobs(work: Callable[..., Any], jobs: Sequence[Job], workers: int,
             else:
                 done(j, result)
         return status
-    # spawned, not forked: a fork copies whatever threads hold (a progress bar's monitor, a
-    # zstd worker), and Python 3.12+ warns about forking a threaded process
-    context = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
+    with pool_of(workers, len(jobs)) as pool:
         futures = [pool.submit(work, j.src, j.dst, **options) for j in jobs]
         try:
             for j, fut in zip(jobs, futures, strict=True):
