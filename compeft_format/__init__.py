@@ -43,6 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
+from .merge import MergeError, MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .safetensors_io import (
     SafetensorsError,
@@ -80,6 +81,8 @@ __all__ = [
     "FormatError",
     "LazyTaskVector",
     "LimitExceededError",
+    "MergeError",
+    "MergeSummary",
     "QualityReport",
     "ReadLimits",
     "SafetensorsError",
@@ -108,6 +111,8 @@ __all__ = [
     "iter_stream",
     "load_file",
     "loads",
+    "merge_and_compress",
+    "merge_files",
     "open_file",
     "open_safetensors",
     "peft_task_vector",

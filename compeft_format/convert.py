@@ -112,6 +112,8 @@ __all__ = [
     "DecompressSummary",
     "Plan",
     "Reference",
+    "add_rounded",
+    "cast_storage",
     "compress_file",
     "decompress_file",
     "with_path",
@@ -375,10 +377,13 @@ def _ternary_chunk(t: TernaryTensor, start: int, stop: int, vals: np.ndarray) ->
     return out
 
 
-def _add(base: np.ndarray, dtype: str, delta: np.ndarray) -> np.ndarray:
+def add_rounded(base: np.ndarray, dtype: str, delta: np.ndarray) -> np.ndarray:
     """``base + delta`` rounded once to ``dtype`` (storage in and out), as apply_task_vector.
 
     (apply_task_vector itself takes BF16 only as torch tensors; this works on raw bits.)
+
+    >>> add_rounded(np.ones(2, np.float16), "F16", np.array([0.5, 1e-4], np.float32))
+    array([1.5, 1. ], dtype=float16)
     """
     a = _dt.to_numpy_values(base, dtype).astype(np.float64)
     b = delta.astype(np.float64)
@@ -389,8 +394,15 @@ def _add(base: np.ndarray, dtype: str, delta: np.ndarray) -> np.ndarray:
     return _round_sum(s, err, dtype)
 
 
-def _cast(storage: np.ndarray, src: str, dst: str | None) -> tuple[np.ndarray, str]:
-    """Convert float storage to dtype ``dst`` (rounded once, to nearest even)."""
+def cast_storage(storage: np.ndarray, src: str, dst: str | None) -> tuple[np.ndarray, str]:
+    """Convert float storage to dtype ``dst`` (rounded once, to nearest even).
+
+    Returns ``(storage, dtype)``; ``dst`` None, the same dtype, or a non-float ``src`` give
+    the input back.
+
+    >>> cast_storage(np.array([1.0, 2.5], np.float32), "F32", "BF16")
+    (array([16256, 16416], dtype=uint16), 'BF16')
+    """
     if dst is None or dst == src or src not in S.TERNARY_DTYPES:
         return storage, src
     vals = _dt.to_numpy_values(storage, src)
@@ -535,7 +547,7 @@ def decompress_file(
                 assert base_reader is not None
                 flat = base_reader.get(n)[0].reshape(-1)
                 for a, z in _chunks(total):
-                    yield _cast(flat[a:z], dt, out_dtype)[0]
+                    yield cast_storage(flat[a:z], dt, out_dtype)[0]
                     base_reader.release(n)
                 return
             rec_dt = infos[n].dtype
@@ -553,7 +565,7 @@ def decompress_file(
                     return dense[a:z]
             if n not in adds:
                 for a, z in _chunks(total):
-                    yield _cast(part(a, z), rec_dt, out_dtype)[0]
+                    yield cast_storage(part(a, z), rec_dt, out_dtype)[0]
                 return
             bflat = base_reader.get(n)[0].reshape(-1) if base_reader is not None else None
             for a, z in _chunks(total):
@@ -561,8 +573,8 @@ def decompress_file(
                 if bflat is not None:
                     b = bflat[a:z]
                 else:  # reference one: (IA)^3 vectors start at one
-                    b = _cast(np.ones(z - a, np.float32), "F32", dt)[0]
-                yield _cast(_add(b, dt, delta), dt, out_dtype)[0]
+                    b = cast_storage(np.ones(z - a, np.float32), "F32", dt)[0]
+                yield cast_storage(add_rounded(b, dt, delta), dt, out_dtype)[0]
                 if base_reader is not None:  # each base chunk is read once
                     base_reader.release(n)
 

@@ -28,7 +28,7 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import CompeftError
-from . import convert, demo, inspect, tuning
+from . import convert, demo, inspect, merge, tuning
 from .options import PROG, Parser, UsageError, version
 from .output import Terminated, message, on_signals
 
@@ -36,7 +36,7 @@ __all__ = ["main"]
 
 #: The modules adding subcommands, in the order ``--help`` lists them; each has
 #: ``add_parsers(subparsers)``, and every parser it adds sets ``run``: ``run(args) -> int``.
-COMMAND_MODULES = (convert, inspect, demo, tuning)
+COMMAND_MODULES = (convert, merge, inspect, demo, tuning)
 
 
 def parser() -> argparse.ArgumentParser:

@@ -55,10 +55,11 @@ def version() -> str:
 
 
 def add_command(sub: argparse._SubParsersAction, name: str, run: Callable[..., int], *,
-                help: str, description: str) -> argparse.ArgumentParser:
-    """A subcommand ``name`` whose ``run(args) -> int`` runs it, with ``-V/--version``."""
+                help: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand ``name`` whose ``run(args) -> int`` runs it, with ``-V/--version``
+    (``kwargs``: more of ``ArgumentParser``'s, such as ``epilog``)."""
     q = sub.add_parser(name, help=help, description=description, strict=True,
-                       allow_abbrev=False)
+                       allow_abbrev=False, **kwargs)
     q.set_defaults(run=run)
     q.add_argument("-V", "--version", action="version", version=version(),
                    help="print the version and exit")
