@@ -61,9 +61,12 @@ sys.path.insert(0, str(ROOT))
 from compeft_format.compress import compress  # noqa: E402
 from compeft_format.taskvec import peft_task_vector, state_dict_task_vector  # noqa: E402
 
-DENSITIES = (0.05, 0.1, 0.2)
+DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
+REFINE_STEPS = 10  # golden-section steps around the best grid point
 GLOBAL_RULES = ("std", "l2", "norm", "proj")
-TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw")
+TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw", "gram")
+#: the rules a run scores (``--rules``; the score(scale) curve and the tuned scale always)
+RULES: tuple[str, ...] = (*GLOBAL_RULES, *TENSOR_RULES)
 
 EVAL_SENTENCES = [
     "I love this movie, it was wonderful.", "The food was terrible and cold.",
@@ -226,7 +229,39 @@ def rule_scales(tv: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray]) ->
         if not empty:
             kw += float(f @ f) / float(m.mean())
     per["proj_kw"] = dict.fromkeys(names, kw / k)
+    per["gram"] = gram_scales(tv, kept, out["proj"])
     out.update(per)
+    return out
+
+
+def gram_scales(tv: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray],
+                proj: float) -> dict[str, float]:
+    """The ``"gram"`` rule, computed here through each matrix's SVD ``t = U diag(sv) V^T``.
+
+    One scale ``sum num / sum den`` over the matrices, with ``num = sum_i sv_i^3
+    (U^T S V)_ii / m`` and ``den = sum_i sv_i^2 ||S v_i||^2 / m`` (``S`` the kept signs,
+    ``m = ||t||^2 / columns``): the least-squares scale under the metric ``t^T t / m`` on
+    the inputs. A vector gets at most its own largest ``|t|``; without a kept matrix entry
+    the scale is ``proj``.
+    """
+    num = den = 0.0
+    for n in sorted(tv):
+        if sum(d > 1 for d in np.shape(tv[n])) <= 1 or not kept[n].size:
+            continue
+        t = np.asarray(tv[n], np.float64).reshape(np.shape(tv[n])[0], -1)
+        sgn = np.zeros(t.size)
+        sgn[kept[n]] = np.sign(t.reshape(-1)[kept[n]])
+        u, sv, vt = np.linalg.svd(t, full_matrices=False)
+        sv_ = sgn.reshape(t.shape) @ vt.T
+        m = float((sv**2).sum()) / t.shape[1]
+        num += float((np.einsum("ij,ij->j", u, sv_) * sv**3).sum()) / m
+        den += float(((sv_**2) * sv**2).sum()) / m
+    s = num / den if den > 0 else proj
+    out = {}
+    for n in sorted(tv):
+        vector = sum(d > 1 for d in np.shape(tv[n])) <= 1
+        top = float(np.abs(np.asarray(tv[n])).max()) if np.size(tv[n]) else 0.0
+        out[n] = min(s, top) if vector else s
     return out
 
 
@@ -234,13 +269,20 @@ class Case:
     """One task vector on one base: rebuilds a model from a selection and per-tensor scales."""
 
     def __init__(self, label: str, scorer: Scorer, tv: Mapping[str, np.ndarray],
-                 to_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> None:
+                 to_state: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]],
+                 target: torch.Tensor) -> None:
         self.label = label
         self.scorer = scorer
         self.tv = tv
         self.to_state = to_state  # rebuilt task vector (name -> tensor) -> weights to load
+        self.target = target  # the true fine-tune's embeddings
+
+    def activate(self) -> None:
+        """Score against this case's fine-tune (the scorer is shared between cases)."""
+        self.scorer.target = self.target
 
     def study(self, densities: tuple[float, ...], grid: int) -> list[dict]:
+        self.activate()
         rows = []
         names = sorted(self.tv)
         dev = self.scorer.device
@@ -252,12 +294,12 @@ class Case:
             sgn = {n: torch.from_numpy(np.where(comp[n].signs, -1.0, 1.0).astype(np.float32))
                    .to(dev) for n in names}
             scales = rule_scales(self.tv, kept)
-            for rule in ("proj_vcap", "proj", "norm", "l2", "std"):  # the library's rules
+            for rule in ("proj_vcap", "gram", "proj", "norm", "l2", "std"):  # the library's
                 lib = compress(self.tv, density=d, scale=rule)
                 mine = scales[rule]
                 for n in names:
                     want = mine[n] if isinstance(mine, dict) else mine
-                    if lib[n].nnz and not math.isclose(lib[n].scale, want, rel_tol=1e-6):
+                    if lib[n].nnz and not math.isclose(lib[n].scale, want, rel_tol=1e-5):
                         raise AssertionError(f"{rule} {n}: library {lib[n].scale}, here {want}")
 
             def score(per_tensor: Mapping[str, float], idx=idx, sgn=sgn) -> float:
@@ -274,12 +316,15 @@ class Case:
             row: dict = {"model": self.label, "density": d, "scales": {}, "scores": {}}
             for r in GLOBAL_RULES:
                 row["scales"][r] = scales[r]
-                row["scores"][r] = glob(scales[r])
+                if r in RULES:
+                    row["scores"][r] = glob(scales[r])
             row["scales"]["max"] = scales["max"]
             for r in TENSOR_RULES:
-                row["scores"][r] = score(scales[r])
+                if r in RULES:
+                    row["scores"][r] = score(scales[r])
+            row["scales"]["gram"] = max(scales["gram"].values())
             # the whole curve score(s): any other global rule can be read off it later
-            lo, hi = 0.4 * scales["l2"], 2.5 * scales["proj"]
+            lo, hi = max(0.4 * scales["l2"], 0.25 * scales["proj"]), 2.0 * scales["proj"]
             curve = [(float(s), glob(float(s))) for s in np.geomspace(lo, hi, grid)]
             best_s, best_v = refine(glob, curve)
             row["curve"] = curve
@@ -299,7 +344,7 @@ def refine(f: Callable[[float], float], curve: list[tuple[float, float]]) -> tup
     g = (math.sqrt(5) - 1) / 2
     c, e = b - g * (b - a), a + g * (b - a)
     fc, fe = f(math.exp(c)), f(math.exp(e))
-    for _ in range(10):
+    for _ in range(REFINE_STEPS):
         if fc >= fe:
             b, e, fe = e, c, fc
             c = b - g * (b - a)
@@ -314,9 +359,10 @@ def refine(f: Callable[[float], float], curve: list[tuple[float, float]]) -> tup
 
 def format_row(row: dict) -> str:
     s = row["scores"]
-    cells = " | ".join(f"{s[r]:.4f}" for r in (*GLOBAL_RULES, *TENSOR_RULES))
+    cells = " | ".join(f"{s[r]:.4f}" for r in RULES)
     t = row["tuned"]
-    ratios = " | ".join(f"{t['scale'] / row['scales'][r]:.2f}" for r in ("l2", "norm", "proj"))
+    ratios = " | ".join(f"{t['scale'] / row['scales'][r]:.2f}"
+                        for r in ("l2", "norm", "proj", "gram"))
     return f"| {row['model']} | {row['density']} | {cells} | {t['score']:.4f} | {ratios} |"
 
 
@@ -339,9 +385,9 @@ def adapter_case(kind: str, scorer: Scorer) -> Case:
         return merge_adapter(kind, scorer.base, adapter, scaling)
 
     full = {n: torch.from_numpy(v).to(dev) for n, v in weights.items()}
-    scorer.target = scorer.embed(merge_adapter(kind, scorer.base, full, scaling))
+    target = scorer.embed(merge_adapter(kind, scorer.base, full, scaling))
     tv = peft_task_vector(weights, kind.upper(), init=init)
-    return Case(kind, scorer, tv, to_state)
+    return Case(kind, scorer, tv, to_state, target)
 
 
 def synthetic_sentences(n: int, seed: int) -> tuple[list[str], list[float]]:
@@ -400,31 +446,61 @@ def full_finetune(scorer: Scorer, steps: int, lr: float) -> dict[str, np.ndarray
     return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
 
 
-def full_case(label: str, scorer: Scorer, steps: int, lr: float) -> Case:
+def cached_finetune(scorer: Scorer, steps: int, lr: float, cache: Path | None) -> dict:
+    """:func:`full_finetune`, loaded from ``cache`` when a run with these settings is there."""
+    from safetensors.numpy import load_file, save_file
+
+    path = cache / f"full-steps{steps}-lr{lr:g}-{scorer.device}.safetensors" if cache else None
+    if path is not None and path.exists():
+        return load_file(str(path))
     ft = full_finetune(scorer, steps, lr)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: np.ascontiguousarray(v) for k, v in ft.items()}, str(path))
+    return ft
+
+
+def full_case(label: str, scorer: Scorer, steps: int, lr: float,
+              cache: Path | None = None) -> Case:
+    ft = cached_finetune(scorer, steps, lr, cache)
     base = {k: v.cpu().numpy() for k, v in scorer.base.items()}
     tv, _ = state_dict_task_vector(ft, base)
-    scorer.target = scorer.embed({n: torch.from_numpy(ft[n]).to(scorer.device) for n in tv})
+    target = scorer.embed({n: torch.from_numpy(ft[n]).to(scorer.device) for n in tv})
 
     def to_state(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: scorer.base[n] + delta[n] for n in delta}
 
-    return Case(label, scorer, tv, to_state)
+    return Case(label, scorer, tv, to_state, target)
 
 
 # ---------------------------------------------------------------------------------------------
 def main() -> None:
+    global RULES, REFINE_STEPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="adapters only, density 0.1")
     ap.add_argument("--steps", type=int, default=300, help="full fine-tune steps")
     ap.add_argument("--lrs", default="5e-5,2e-5", help="full fine-tune learning rates")
-    ap.add_argument("--grid", type=int, default=25, help="points of the score(scale) curve")
+    ap.add_argument("--grid", type=int, default=12, help="points of the score(scale) curve")
+    ap.add_argument("--refine", type=int, default=REFINE_STEPS,
+                    help="golden-section steps around the curve's best point")
+    ap.add_argument("--densities", help="comma-separated densities (default: "
+                    + ",".join(map(str, DENSITIES)) + ")")
+    ap.add_argument("--rules", help="comma-separated rules to score (default: all of "
+                    + ",".join((*GLOBAL_RULES, *TENSOR_RULES)) + ")")
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
+        "COMPEFT_BENCH_CACHE", Path.home() / ".cache" / "compeft-bench")),
+        help="where the full fine-tunes are kept between runs")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--model-dir", help="base model folder (default: the installed wheel's)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_rules.md")
     ap.add_argument("--json", type=Path, help="also write every row, curves included, as JSON")
     ap.add_argument("--only", choices=("lora", "ia3", "full"), action="append")
+    ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON",
+                    help="write the report from the --json files of earlier runs (no scoring)")
     args = ap.parse_args()
+    if args.report_from:
+        report_from(args)
+        return
     if args.device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     else:  # the same fine-tune on every run (the embedding's backward uses atomics otherwise)
@@ -435,28 +511,81 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
     scorer = Scorer(model_dir(args.model_dir), args.device)
+    if args.rules:
+        RULES = tuple(r for r in (*GLOBAL_RULES, *TENSOR_RULES) if r in args.rules.split(","))
+    REFINE_STEPS = args.refine
     densities = (0.1,) if args.quick else DENSITIES
+    if args.densities:
+        densities = tuple(float(d) for d in args.densities.split(","))
     which = args.only or (["lora", "ia3"] if args.quick else ["lora", "ia3", "full"])
     header = (
-        "| model | density | " + " | ".join((*GLOBAL_RULES, *TENSOR_RULES))
-        + " | tuned | tuned/l2 | tuned/norm | tuned/proj |"
+        "| model | density | " + " | ".join(RULES)
+        + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram |"
     )
     print(header)
     rows: list[dict] = []
     base_scores: dict[str, float] = {}
     for kind in which:
         cases = (
-            [full_case(f"full-lr{lr}", scorer, args.steps, float(lr))
+            [full_case(f"full-lr{lr}", scorer, args.steps, float(lr), args.cache)
              for lr in args.lrs.split(",")]
             if kind == "full" else [adapter_case(kind, scorer)]
         )
         for case in cases:
+            case.activate()  # (before this fix every full fine-tune was scored against the
+            # last one built: the cases are built first, and each used to set the target)
             base_scores[case.label] = scorer.score()
             rows += case.study(densities, args.grid)
     seconds = time.perf_counter() - t0
     write_report(args.out, rows, base_scores, header, seconds, args)
     if args.json:
         args.json.write_text(json.dumps({"base_scores": base_scores, "rows": rows}, indent=1))
+
+
+def plot_densities(rows: list[dict], path: Path) -> None:
+    """Score against density, one panel per model: every scored rule and the tuned scale."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["density"])
+        x = [r["density"] for r in mine]
+        ax.plot(x, [r["tuned"]["score"] for r in mine], color="black", lw=2.5, alpha=0.35,
+                label="tuned (best single scale, with data)")
+        for rule in RULES:
+            ax.plot(x, [r["scores"][rule] for r in mine], marker="o", ms=3, label=rule)
+        ax.set_xscale("log")
+        ax.set_xlabel("density")
+        ax.set_title(model, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel("mean cosine with the fine-tune")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_from(args: argparse.Namespace) -> None:
+    """One report from the ``--json`` files of several runs (e.g. one model per run)."""
+    global RULES
+    rows: list[dict] = []
+    base_scores: dict[str, float] = {}
+    seconds = 0.0
+    for path in args.report_from:
+        got = json.loads(path.read_text())
+        rows += got["rows"]
+        base_scores.update(got["base_scores"])
+        seconds += sum(r["seconds"] for r in got["rows"])
+    present = set.intersection(*(set(r["scores"]) for r in rows))
+    RULES = tuple(r for r in (*GLOBAL_RULES, *TENSOR_RULES) if r in present)
+    header = ("| model | density | " + " | ".join(RULES)
+              + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram |")
+    write_report(args.out, rows, base_scores, header, seconds, args)
+    plot_densities(rows, args.out.with_suffix(".png"))
 
 
 def write_report(path: Path, rows: list[dict], base_scores: dict[str, float], header: str,
@@ -485,12 +614,12 @@ def write_report(path: Path, rows: list[dict], base_scores: dict[str, float], he
         "",
         "Gap to tuned (tuned score minus the rule's score; within 0.005 is the goal):",
         "",
-        "| model | density | " + " | ".join((*GLOBAL_RULES, *TENSOR_RULES)) + " |",
-        "|" + "---|" * (2 + len(GLOBAL_RULES) + len(TENSOR_RULES)),
+        "| model | density | " + " | ".join(RULES) + " |",
+        "|" + "---|" * (2 + len(RULES)),
     ]
     for r in rows:
         gaps = " | ".join(
-            f"{r['tuned']['score'] - r['scores'][k]:.4f}" for k in (*GLOBAL_RULES, *TENSOR_RULES)
+            f"{r['tuned']['score'] - r['scores'][k]:.4f}" for k in RULES
         )
         lines.append(f"| {r['model']} | {r['density']} | {gaps} |")
     families: dict[str, list[dict]] = {}
@@ -500,13 +629,13 @@ def write_report(path: Path, rows: list[dict], base_scores: dict[str, float], he
         "",
         "Worst gap to tuned per kind of task vector (over densities and runs):",
         "",
-        "| task vector | " + " | ".join((*GLOBAL_RULES, *TENSOR_RULES)) + " |",
-        "|" + "---|" * (1 + len(GLOBAL_RULES) + len(TENSOR_RULES)),
+        "| task vector | " + " | ".join(RULES) + " |",
+        "|" + "---|" * (1 + len(RULES)),
     ]
     for fam, rs in families.items():
         worst = " | ".join(
             f"{max(r['tuned']['score'] - r['scores'][k] for r in rs):.4f}"
-            for k in (*GLOBAL_RULES, *TENSOR_RULES)
+            for k in RULES
         )
         lines.append(f"| {fam} | {worst} |")
     lines += [

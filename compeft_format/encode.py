@@ -5,10 +5,7 @@ The payloads are built here; :mod:`compeft_format.container` lays them out in re
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 from . import _spec as S
 from .codecs import ZSTD, BlockContext, ZstdStage
@@ -34,24 +31,12 @@ def maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD,
     return S.STAGE_NONE, payload
 
 
-# The zstd stage of a large block runs on one worker thread while the writer's thread encodes
-# the next block: zstd and most numpy loops release the GIL, so the two share the cores. The
-# output is the same bytes (single-threaded zstd, same parameters); zstd's own multi-threaded
-# mode would change them. The worker has its own ZstdStage: zstd compressors are not
-# thread-safe.
-ZSTD_WORKER = ZstdStage()
+# The zstd stage of a large block runs on a thread of its own while the writer's thread
+# encodes the next block: zstd and most numpy loops release the GIL, so the two share the
+# cores. The output is the same bytes (single-threaded zstd, same parameters); zstd's own
+# multi-threaded mode would change them. The thread lives for one block only: no worker
+# outlives a write, so a fork() never copies a thread that holds a lock.
 BACKGROUND_MIN = 1 << 20  # smaller payloads are compressed inline: the hand-off costs more
-_pool: tuple[int, ThreadPoolExecutor] | None = None
-_pool_lock = threading.Lock()
-
-
-def zstd_pool() -> ThreadPoolExecutor:
-    """The worker, created on first use and again in a forked child (whose copy has no thread)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(1, thread_name_prefix="compeft-zstd"))
-        return _pool[1]
 
 
 def zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, bytes]]:
@@ -59,7 +44,13 @@ def zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, byt
     if level is None or len(payload) < BACKGROUND_MIN:
         result = maybe_zstd(payload, level)
         return lambda: result
-    return zstd_pool().submit(maybe_zstd, payload, level, ZSTD_WORKER).result
+    wait = ZSTD.encode_later(payload, level)
+
+    def finish() -> tuple[int, bytes]:
+        frame = wait()
+        return (S.STAGE_ZSTD, frame) if len(frame) < len(payload) else (S.STAGE_NONE, payload)
+
+    return finish
 
 
 Block = tuple[int, int, int, bytes, int]  # block type, stage, param, stored, decoded size

@@ -20,8 +20,43 @@ try:  # POSIX: a lock tells a stale temporary file from one being written (atomi
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["atomic_write", "fsync_dir", "lock", "remove_stale_temps", "through_temp",
-           "writes_through"]
+__all__ = ["atomic_write", "current_umask", "fsync_dir", "lock", "remove_stale_temps",
+           "through_temp", "writes_through"]
+
+
+def _umask_from_proc() -> int | None:
+    """The umask as Linux 4.7+ reports it in ``/proc/self/status``, without changing it."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_by_setting() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Elsewhere the umask can only be read by setting it, which for a moment changes it for every
+# thread (a file another thread creates then gets other permissions): done once, at import
+_IMPORT_UMASK = _umask_from_proc()
+if _IMPORT_UMASK is None:  # pragma: no cover - not Linux
+    _IMPORT_UMASK = _umask_by_setting()
+
+
+def current_umask() -> int:
+    """Return the process umask without changing it (the value at import where unreadable).
+
+    >>> 0 <= current_umask() <= 0o777
+    True
+    """
+    mask = _umask_from_proc()
+    return _IMPORT_UMASK if mask is None else mask
 
 
 def atomic_write(path: str | os.PathLike, write: Any) -> None:
@@ -53,9 +88,8 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": see remove_stale_temps
-        mask = os.umask(0)  # mkstemp makes a private (0600) file; give the usual mode
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
+        # mkstemp makes a private (0600) file; give the usual mode
+        os.chmod(tmp, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

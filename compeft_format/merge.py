@@ -88,6 +88,7 @@ __all__ = [
     "MAX_PATTERN_INPUTS",
     "METHODS",
     "PATTERN_SCALES",
+    "PATTERN_SCOPES",
     "RESCALE_RULES",
     "SIGN_METHODS",
     "MergeError",
@@ -623,6 +624,8 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
 #: The scale rules the sign-pattern compression computes itself (any other goes through
 #: :func:`~compeft_format.compress.iter_compress` on the dense merged tensors).
 PATTERN_SCALES = ("proj_vcap", "proj", "norm", "l2", "std")
+#: The scopes it computes itself (others, such as ``"role"``, go through ``iter_compress``).
+PATTERN_SCOPES = ("global", "tensor")
 
 
 @dataclass
@@ -748,12 +751,13 @@ def _compress_merged(
     tensor (``rescale`` None the first time, then the :class:`Rescale` it gave, so that a
     rule runs once per tensor); it is called twice per tensor, and nothing is kept between
     the calls but the counts of the sign patterns. Unless ``patterns`` (every tensor has a
-    pattern table) and the scale rule is one of :data:`PATTERN_SCALES`, the dense merged
-    tensors go through ``iter_compress`` instead (each merged up to four times).
+    pattern table), the scale rule is one of :data:`PATTERN_SCALES` and the scope one of
+    :data:`PATTERN_SCOPES`, the dense merged tensors go through ``iter_compress`` instead
+    (each merged up to four times).
     """
     compression_metadata(density, alpha, scope, scale)  # checks the options
     names = list(names)
-    if scale not in PATTERN_SCALES or not patterns:
+    if scale not in PATTERN_SCALES or scope not in PATTERN_SCOPES or not patterns:
         merged = _MergedTensors(names, make, dtypes)
         yield from iter_compress(merged, density=density, alpha=alpha, scope=scope,
                                  scale=scale)

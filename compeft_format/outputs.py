@@ -20,7 +20,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ConvertError
-from .fsio import fsync_dir, lock, remove_stale_temps, through_temp, writes_through
+from .fsio import (
+    current_umask,
+    fsync_dir,
+    lock,
+    remove_stale_temps,
+    through_temp,
+    writes_through,
+)
 
 __all__ = ["Output", "same_path", "write_fsync"]
 
@@ -99,9 +106,8 @@ class Output:
             self.tmp = Path(name)
         lock(self._lock)  # "in use": remove_stale_temps leaves it alone
         # mkstemp/mkdtemp make private (0600/0700) entries; an output gets the usual mode
-        mask = os.umask(0)
-        os.umask(mask)
-        self.tmp.chmod((0o777 if self.is_dir else 0o666) & ~mask)
+        # (read without setting it: the umask is process-wide, see fsio.current_umask)
+        self.tmp.chmod((0o777 if self.is_dir else 0o666) & ~current_umask())
         return self
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:

@@ -176,3 +176,35 @@ def test_saved_file_has_the_usual_mode(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_saving_never_changes_the_umask(tmp_path, monkeypatch):
+    """The umask is process-wide: setting it, even for a moment, changes the mode of files
+    other threads create meanwhile. atomic_write reads it without setting it."""
+    from compeft_format import fsio
+
+    calls = []
+    monkeypatch.setattr(os, "umask", lambda *a: calls.append(a) or 0o022)
+    for mask in (0o027, 0o002):
+        monkeypatch.setattr(fsio, "_umask_from_proc", lambda m=mask: m)
+        cf.save_file(NEW, tmp_path / f"{mask:o}.compeft")
+        assert (tmp_path / f"{mask:o}.compeft").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert calls == []
+    # where /proc cannot tell (not Linux), the value read once at import
+    monkeypatch.setattr(fsio, "_umask_from_proc", lambda: None)
+    monkeypatch.setattr(fsio, "_IMPORT_UMASK", 0o077)
+    cf.save_file(NEW, tmp_path / "c.compeft")
+    assert (tmp_path / "c.compeft").stat().st_mode & 0o777 == 0o600
+    assert calls == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="Linux /proc only")
+def test_current_umask_reads_the_real_umask():
+    from compeft_format.fsio import current_umask
+
+    previous = os.umask(0o037)
+    try:
+        assert current_umask() == 0o037
+    finally:
+        os.umask(previous)
+    assert current_umask() == previous

@@ -39,6 +39,7 @@ from compeft_format.codecs import (
     register_codec,
     registered_codecs,
 )
+from compeft_format.codecs.zstd_stage import frame_end
 from compeft_format.dtypes import storage_dtype
 from compeft_format.errors import CorruptDataError, UnsupportedFeatureError
 
@@ -871,6 +872,41 @@ def test_zstd_errors() -> None:
     assert ZSTD.decode(empty, 0, ctx(1)) == b""
     with pytest.raises(ValueError, match="frame declares 5 bytes, block declares 4"):
         ZSTD.decode(hello, 4, None)  # no context: a plain error for direct callers
+
+
+def test_zstd_messages_are_the_specs_whatever_the_library_says(monkeypatch) -> None:
+    """R-ZST-4 is found from the frame's block headers: the library's wording plays no part."""
+    hello = _frame(b"hello" * 30, write_content_size=True)
+
+    class Stub:  # a decompressor that fails with some other wording
+        def decompress(self, *a: Any, **k: Any) -> bytes:
+            raise zstandard.ZstdError("a message of another library version")
+
+    stage = ZstdStage()
+    monkeypatch.setattr(stage, "_decompressor", Stub)
+    for frame, message in [
+        (hello + b"xy", "compressed input contains 2 bytes of unused data, which is disallowed"),
+        (hello[:-1], "decompression error: did not decompress full frame"),
+        (hello, "a message of another library version"),  # R-ZST-5: the library's detail
+    ]:
+        raises_exactly(CorruptDataError, f"{WHERE}zstd stage: {message}", stage.decode, frame,
+                       150, ctx(1))
+
+
+@pytest.mark.parametrize("kw", [{}, {"write_checksum": True}, {"level": 19},
+                                {"write_content_size": False}])
+@pytest.mark.parametrize("data", [b"", b"a", b"\x00" * 300_000, bytes(range(256)) * 2000,
+                                  np.random.default_rng(0).bytes(200_000)])
+def test_frame_end_agrees_with_libzstd(kw: dict, data: bytes) -> None:
+    """frame_end walks raw, RLE and compressed blocks, several of them, and the checksum."""
+    frame = _frame(data, **kw)
+    assert frame_end(frame) == len(frame)
+    dobj = zstandard.ZstdDecompressor().decompressobj()
+    dobj.decompress(frame + b"tail")
+    assert frame_end(frame + b"tail") == len(frame) == len(frame) + 4 - len(dobj.unused_data)
+    for cut in (1, 2, 4):
+        if len(frame) - cut > 6:
+            assert frame_end(frame[:-cut]) > len(frame) - cut
 
 
 def test_zstd_corrupt_content() -> None:

@@ -29,8 +29,8 @@ from compeft_format.tensor import TernaryTensor
 # the module itself (the package may export a function of the same name)
 cmod = importlib.import_module("compeft_format.compress")
 
-SCALES = ("proj_vcap", "proj", "norm", "l2", "std")
-SCOPES = ("global", "tensor")
+SCALES = ("proj_vcap", "gram", "proj", "norm", "l2", "std")
+SCOPES = ("global", "tensor", "role")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +46,9 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
     """name -> (indices, signs, scale as float64) for the compressed names."""
     names = sorted(n for n in tv if n not in exclude)
     groups = [names] if scope == "global" else [[n] for n in names]
+    if scope == "role":
+        roles = [[n for n in names if ".lora_A." in n], [n for n in names if ".lora_B." in n]]
+        groups = [*roles, [n for n in names if n not in roles[0] + roles[1]]]
     out = {}
     for group in groups:
         flats = [_values64(tv[n]).reshape(-1) for n in group]
@@ -57,8 +60,13 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         chosen = chosen[mags[chosen] > 0]  # zeros are never kept
         if not chosen.size:
             s = 0.0
-        elif scale in ("proj", "proj_vcap"):
+        elif scale in ("proj", "proj_vcap") or (
+            scale == "gram" and not _gram_reference(tv, group, flats, chosen)[0]
+        ):
             s = alpha * float(np.sum(flat * flat)) / float(mags[chosen].sum())
+        elif scale == "gram":
+            _, num, den = _gram_reference(tv, group, flats, chosen)
+            s = alpha * num / den
         elif scale == "norm":
             s = alpha * math.sqrt(float(np.sum(flat * flat))) / math.sqrt(chosen.size)
         elif scale == "l2":
@@ -72,11 +80,32 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         for name, f in zip(group, flats, strict=True):
             sel = chosen[(chosen >= off) & (chosen < off + f.size)]
             s_name = s
-            if scale == "proj_vcap" and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
+            capped = scale in ("proj_vcap", "gram")
+            if capped and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
                 s_name = min(s, alpha * float(np.abs(f).max()))  # a vector's own cap
             out[name] = (sel - off, flat[sel] < 0, s_name)
             off += f.size
     return out
+
+
+def _gram_reference(tv, group, flats, chosen):
+    """``(usable, num, den)`` of the "gram" scale, by the dense trace formulas."""
+    num = den = 0.0
+    off = 0
+    for name, f in zip(group, flats, strict=True):
+        shape = np.shape(tv[name])
+        sel = chosen[(chosen >= off) & (chosen < off + f.size)] - off
+        off += f.size
+        if sum(d > 1 for d in shape) <= 1 or not sel.size:
+            continue
+        t = f.reshape(shape[0], -1)
+        signs = np.zeros(f.size)
+        signs[sel] = np.sign(f[sel])
+        s_mat = signs.reshape(t.shape)
+        c = t.T @ t / (float((t * t).sum()) / t.shape[1])
+        num += float(np.trace(s_mat @ c @ t.T))
+        den += float(np.trace(s_mat @ c @ s_mat.T))
+    return num > 0 and den > 0, num, den
 
 
 def assert_matches(out, ref, tv):
@@ -129,6 +158,26 @@ def test_matches_reference_continuous_large(scope, scale):
     }
     out = compress(tv, density=0.07, scope=scope, scale=scale)
     assert_matches(out, reference(tv, 0.07, 1.0, scope, scale), tv)
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_role_scope_selects_lora_a_and_b_apart(scale):
+    # A large (random init), B small (trained from zero): a global selection would take
+    # nearly all of its entries from A; by role, each keeps its own density
+    rng = np.random.default_rng(7)
+    tv = {}
+    for m in ("l0.q", "l0.v", "l1.q"):
+        tv[f"{m}.lora_A.weight"] = rng.uniform(-0.05, 0.05, (8, 96)).astype(np.float32)
+        tv[f"{m}.lora_B.weight"] = (rng.standard_normal((96, 8)) * 0.004).astype(np.float32)
+    tv["head.bias"] = rng.standard_normal(16).astype(np.float32) * 0.01
+    out = compress(tv, density=0.1, scope="role", scale=scale)
+    assert_matches(out, reference(tv, 0.1, 1.0, "role", scale), tv)
+    b_kept = sum(out[n].nnz for n in tv if ".lora_B." in n)
+    assert b_kept == round(0.1 * 3 * 96 * 8)
+    assert sum(compress(tv, density=0.1)[n].nnz for n in tv if ".lora_B." in n) < b_kept / 4
+    streamed = dict(cmod.iter_compress(tv, density=0.1, scope="role", scale=scale))
+    assert list(streamed) == sorted(tv)
+    assert all(streamed[n] == out[n] for n in tv)
 
 
 def test_mixed_dtypes_compare_in_float64():
@@ -413,7 +462,7 @@ def test_lazy_mapping_holds_one_value_at_a_time(scope, scale):
     lazy = LazyTensors(specs)
     out = compress(lazy, density=0.05, scope=scope, scale=scale)
     assert max(lazy.alive_at_fetch) == 0
-    assert max(lazy.fetches.values()) <= (3 if scope == "global" else 1)
+    assert max(lazy.fetches.values()) <= (1 if scope == "tensor" else 3)
     eager = {n: lazy[n] for n in specs}
     assert_matches(out, reference(eager, 0.05, scope=scope, scale=scale), eager)
 
@@ -540,3 +589,19 @@ def test_property_select_topk(seed, n, k, levels):
     if levels:
         a = np.round(a * levels) / levels  # ties
     assert select_topk(a, k) == sorted_topk([a], k)
+
+
+def test_role_scope_through_compress_file(tmp_path):
+    # the tests/data LoRA adapter from zero: each role keeps its own 5%
+    from pathlib import Path
+
+    from compeft_format.container import load_file
+    from compeft_format.convert import compress_file
+
+    src = Path(__file__).parent / "data" / "lora-minilm-vader"
+    compress_file(src, tmp_path / "out", density=0.05, scope="role", scale="gram")
+    got = load_file(tmp_path / "out" / "adapter_model.compeft")
+    for role in (".lora_A.", ".lora_B."):
+        ts = [t for n, t in got.items() if role in n]
+        assert sum(t.nnz for t in ts) == round(0.05 * sum(t.numel for t in ts))
+        assert len({t.scale for t in ts if t.nnz}) == 1  # one scale per role (no vectors)

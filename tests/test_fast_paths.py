@@ -12,7 +12,7 @@ import pytest
 
 import compeft_format as cf
 from compeft_format import _alloc, encode
-from compeft_format.codecs import _bits
+from compeft_format.codecs import ZSTD, _bits
 
 HUGE_ELEMENTS = _alloc._HUGE // 4  # float32 elements per huge page
 
@@ -116,10 +116,16 @@ def test_to_numpy_out_is_zeroed_first() -> None:
 
 def test_encoder_worker_thread_gives_the_same_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
     t = _tensor(200_000, 0.3, seed=5)
-    inline = cf.dumps({"t": t})
+    inline = {p: cf.dumps({"t": t}, positions=p) for p in ("auto", "bitmask", "golomb")}
+    # a stored frame made by the worker below
+    assert cf.inspect(inline["bitmask"]).tensors[0].codecs == "bitmask+zstd,signs,scale"
+    calls = []
+    encode_later = ZSTD.encode_later
+    monkeypatch.setattr(ZSTD, "encode_later", lambda *a: calls.append(1) or encode_later(*a))
     monkeypatch.setattr(encode, "BACKGROUND_MIN", 1)  # every zstd stage on the worker
-    assert cf.dumps({"t": t}) == inline
-    assert cf.dumps({"t": t}, positions="bitmask") == cf.dumps({"t": t}, positions="bitmask")
+    for p, data in inline.items():
+        assert cf.dumps({"t": t}, positions=p) == data, p
+    assert len(calls) == 3  # the worker compressed one candidate in each
 
 
 def test_concat_bits_and_bit_writer_match_bools() -> None:

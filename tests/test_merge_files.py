@@ -388,3 +388,19 @@ def test_rescale_rule_through_files(tmp_path, monkeypatch):
     plain = merge([{"a": cf.load_file(p)["a"]} for p in ins], method="sum")
     np.testing.assert_array_equal(_values(tmp_path / "m.safetensors")["a"],
                                   plain["a"] * np.float32(0.5))
+
+
+def test_rescale_option_on_the_command_line(tmp_path, capsys, monkeypatch):
+    ins = _tv_files(tmp_path, n=2, ids=False)
+    monkeypatch.setitem(M.RESCALE_RULES, "third", lambda stats: 1 / 3)
+    code, out, _ = run(capsys, "merge", *ins, "-o", tmp_path / "m.safetensors",
+                       "--rescale", "third", "--method", "mean", "-q")
+    assert code == 0
+    assert "rescale third" in out
+    plain = merge([cf.load_file(p) for p in ins], method="mean")
+    np.testing.assert_array_equal(_values(tmp_path / "m.safetensors")["a"],
+                                  plain["a"] * np.float32(1 / 3))
+    code, _, err = run(capsys, "merge", *ins, "-o", tmp_path / "n.safetensors",
+                       "--rescale", "fourth")
+    assert code == 2
+    one_line_error(err, "invalid choice: 'fourth'")

@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import _spec as S
 from ..batch import compress_many
-from ..compress import DEFAULT_SCALE, SCALES
+from ..compress import DEFAULT_SCALE, SCALES, SCOPES
 from ..convert import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -74,8 +74,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help=f"fraction of entries kept, in (0, 1] (default {DEFAULT_DENSITY})")
     c.add_argument("--alpha", type=positive, default=1.0, metavar="A",
                    help="multiplier of the scale (default 1)")
-    c.add_argument("--scope", choices=("global", "tensor"), default="global",
-                   help="top-k over all tensors together, or each on its own (default global)")
+    c.add_argument("--scope", choices=SCOPES, default="global",
+                   help="top-k over all tensors together, each on its own, or per LoRA "
+                   "role (A's together, B's together) (default global)")
     c.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE,
                    help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: the most "
                    "faithful rebuilt model measured without data; see the README)")

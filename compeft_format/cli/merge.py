@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import textwrap
 
 from ..merge import METHODS, RESCALE_RULES, SIGN_METHODS, merge_files
 from .options import (
@@ -52,10 +53,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     m = add_command(
         sub, "merge", run_merge,
         help="merge compressed experts (TIES, task arithmetic) from their files",
-        description="Merge two or more compeft files or compressed adapter directories, one "
-        "tensor at a time: ties (TIES-Merging; the compression already trimmed the task "
-        "vectors), sum (task arithmetic) or mean. The semantics are those of "
-        "peft.utils.merge_utils.ties(..., density=1.0) and task_arithmetic.",
+        description=textwrap.fill(
+            "Merge two or more compeft files or compressed adapter directories, one tensor at "
+            "a time: ties (TIES-Merging; the compression already trimmed the task vectors), "
+            "sum (task arithmetic) or mean. The semantics are those of "
+            "peft.utils.merge_utils.ties(..., density=1.0) and task_arithmetic.", 88),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="compeft files or compressed adapter directories (two or more)")

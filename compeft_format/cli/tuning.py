@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _spec as S
-from ..compress import DEFAULT_SCALE, SCALES
+from ..compress import DEFAULT_SCALE, SCALES, SCOPES
 from ..convert import DEFAULT_DENSITY
 from ..errors import CompeftError, ConvertError
 from ..outputs import same_path
@@ -38,8 +38,8 @@ def _add_packing(q: argparse.ArgumentParser) -> None:
     """The options that shape the file, as for compress."""
     q.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial "
                    "adapter) the task vector is measured from, as for compress")
-    q.add_argument("--scope", choices=("global", "tensor"), default="global",
-                   help="top-k over all tensors together, or each on its own")
+    q.add_argument("--scope", choices=SCOPES, default="global",
+                   help="top-k over all tensors together, each on its own, or per LoRA role")
     q.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensor names kept dense and lossless (repeatable)")
     q.add_argument("--positions", choices=POSITIONS, default="auto",

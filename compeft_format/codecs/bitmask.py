@@ -13,7 +13,7 @@ from itertools import pairwise
 import numpy as np
 
 from .._spec import BLOCK_BITMASK
-from ._bits import check_packed
+from ._bits import check_packed, popcount_total
 from .base import BlockContext, PositionsCodec, register_codec
 
 _ENCODE_SPAN = 1 << 20  # elements per encoder step (a multiple of 8: spans are whole bytes)
@@ -67,7 +67,7 @@ class BitmaskCodec(PositionsCodec):
         if param != 0:  # spec 6.1: Param is 0
             raise ctx.error(f"bitmask block: param must be 0, got {param}")
         buf = check_packed(payload, ctx.numel, ctx, "bitmask block")
-        count = int(np.bitwise_count(buf).sum(dtype=np.int64))
+        count = popcount_total(buf)
         if count != ctx.nnz:  # spec 6.1: popcount equals Nnz
             raise ctx.error(f"bitmask block: {count} bits set, nnz is {ctx.nnz}")
         return self._chunks(buf)

@@ -20,7 +20,15 @@ from collections.abc import Iterator
 import numpy as np
 
 from .._spec import BLOCK_GOLOMB
-from ._bits import BitWriter, bit_slice, concat_bits, count_ones, packed_slice
+from ._bits import (
+    BitWriter,
+    bit_slice,
+    concat_bits,
+    count_ones,
+    packed_slice,
+    popcount,
+    popcount_total,
+)
 from .base import BlockContext, PositionsCodec, register_codec
 
 _ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
@@ -177,13 +185,13 @@ def _deposit_table() -> np.ndarray:
     xs = np.arange(256, dtype=np.uint16)[None, :]
     out = np.zeros((256, 256), dtype=np.uint16)
     for i in range(8):
-        rank = np.bitwise_count(masks & ((1 << i) - 1))
+        rank = popcount(masks & ((1 << i) - 1))
         out |= ((masks >> i) & (xs >> rank) & 1) << i
     return out.astype(np.uint8).reshape(-1)
 
 
 _DEPOSIT = _deposit_table()  # 64 KiB
-_POPCOUNT = np.bitwise_count(np.arange(256, dtype=np.uint8)).astype(np.intp)
+_POPCOUNT = popcount(np.arange(256, dtype=np.uint8)).astype(np.intp)
 
 
 def _add_extensions(v: np.ndarray, buf: np.ndarray, ext_at: int, u: int) -> int:
@@ -248,7 +256,7 @@ def _count_long(buf: np.ndarray, n: int, w: int, u: int) -> int:
     at_least = greater | equal
     if n & 7:
         at_least[-1] &= (1 << (n & 7)) - 1
-    return int(np.bitwise_count(at_least).sum(dtype=np.int64))
+    return popcount_total(at_least)
 
 
 def _sum_remainders(buf: np.ndarray, n: int, m: int, n_long: int) -> int:
