@@ -394,7 +394,7 @@ def test_rescale_option_on_the_command_line(tmp_path, capsys, monkeypatch):
     ins = _tv_files(tmp_path, n=2, ids=False)
     monkeypatch.setitem(M.RESCALE_RULES, "third", lambda stats: 1 / 3)
     code, out, _ = run(capsys, "merge", *ins, "-o", tmp_path / "m.safetensors",
-                       "--rescale", "third", "--method", "mean", "-q")
+                       "--rescale", "third", "--method", "mean")  # -q: no summary
     assert code == 0
     assert "rescale third" in out
     plain = merge([cf.load_file(p) for p in ins], method="mean")
