@@ -102,6 +102,9 @@ class ReadLimits:
     max_numel: int = 2**48
     #: bytes one read call may allocate for decoded data; None = max(64 MiB, 64 x file size)
     max_decoded_bytes: int | None = None
+    #: bytes of the dense array one ternary tensor may be decoded to (``dense=True``, torch,
+    #: ``TernaryTensor.to_numpy``/``to_torch``), checked before it is allocated
+    max_dense_bytes: int = 16 * 2**30
 
 
 DEFAULT_LIMITS = ReadLimits()

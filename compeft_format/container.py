@@ -177,6 +177,7 @@ class Writer:
             raise EncodeError(f"names must be unique and written in increasing order; "
                               f"{name!r} follows {self._names[-1].decode()!r}", tensor=name)
         if isinstance(value, TernaryTensor):
+            self._check_ndim(name, value.shape)
             kind, body_tail, blocks = self._ternary(name, value, self._level)
             dtype, shape, nnz = value.dtype, value.shape, value.nnz
         else:
@@ -185,6 +186,7 @@ class Writer:
             except EncodeError as exc:
                 raise EncodeError(exc.message, tensor=name) from None
             shape, nnz = storage.shape, 0
+            self._check_ndim(name, shape)
             ctx = BlockContext(name, storage.size, 0, dtype, shape)
             param, payload = _DENSE.encode(storage, ctx)
             stage, stored = maybe_zstd(payload, self._level)
@@ -203,10 +205,7 @@ class Writer:
             else:
                 blocks = [(S.BLOCK_DENSE, S.STAGE_NONE, param, payload, len(payload))]
             cost = record_cost(kind, dtype, numel, nnz, blocks)
-        self._cost += cost
-        if len(shape) > S.DEFAULT_LIMITS.max_ndim:
-            raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
-                              tensor=name)
+        self._cost += cost  # the last check that can reject the tensor is above
         body = (encode_varint(len(bname)) + bname + bytes([S.DTYPE_CODES[dtype], len(shape)])
                 + b"".join(encode_varint(d) for d in shape) + body_tail + bytes([len(blocks)])
                 + b"".join(_descriptor(t, s, p, len(st), d) for t, s, p, st, d in blocks))
@@ -225,6 +224,13 @@ class Writer:
         self._emit(head, S.CHECKSUM.pack(_crc(head)))
         self._pad()
         self._emit(*parts)
+
+    @staticmethod
+    def _check_ndim(name: str, shape: tuple[int, ...]) -> None:
+        """Reject a rank above the default limit, before anything is encoded or charged."""
+        if len(shape) > S.DEFAULT_LIMITS.max_ndim:
+            raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
+                              tensor=name)
 
     def _ternary(self, name: str, t: TernaryTensor, level: int | None
                  ) -> tuple[int, bytes, list]:
@@ -575,7 +581,8 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
     if dense is not None:
-        return dense_ternary(rec.shape, rec.dtype, values, dense, out)
+        return dense_ternary(rec.shape, rec.dtype, values, dense, out, nnz=rec.nnz,
+                             limits=budget.limits, name=rec.name)
     return TernaryTensor(rec.shape, values["positions"], values["signs"], values["scale"],
                          rec.dtype, _validated=True)
 
@@ -941,14 +948,33 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
 
 def load_file(path: str | os.PathLike, *, framework: str = "numpy",
               limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
-    """Read and check a whole file; like :func:`loads` on its bytes."""
+    """Read and check a whole file; like :func:`loads` on its bytes.
+
+    The arrays returned are the caller's, as safetensors' ``load_file`` gives them: writeable,
+    and in memory of their own, not views of the file, which is closed on return (it can be
+    replaced, truncated or removed meanwhile). Read-only zero-copy views of a memory-mapped
+    file are what :func:`open_file` gives.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.compeft")
+    >>> save_file({"b": np.zeros(3, np.float32)}, p)
+    >>> b = load_file(p)["b"]; b += 1; os.remove(p); b
+    array([1., 1., 1.], dtype=float32)
+    """
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return loads(b"", framework=framework, limits=limits, dense=dense)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    view = memoryview(mm)
-    result = loads(view, framework=framework, limits=limits, dense=dense)
+        buf = bytearray(size)  # private and writeable: dense records are views of it
+        view = memoryview(buf)
+        got = 0
+        while got < size:  # a file cut meanwhile reads short and fails as truncated
+            n = f.readinto(view[got:])
+            if not n:
+                break
+            got += n
+    result = loads(view[:got], framework=framework, limits=limits, dense=dense)
+    for name, value in result.items():
+        if isinstance(value, np.ndarray) and not value.flags.writeable:
+            result[name] = value.copy()  # a zstd frame decodes to immutable bytes
     return result
 
 

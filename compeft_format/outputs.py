@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ConvertError
+from .fsio import current_umask
 
 __all__ = ["Output", "same_path", "write_fsync"]
 
@@ -79,9 +80,8 @@ class Output:
             os.close(fd)
             self.tmp = Path(name)
         # mkstemp/mkdtemp make private (0600/0700) entries; an output gets the usual mode
-        mask = os.umask(0)
-        os.umask(mask)
-        self.tmp.chmod((0o777 if self.is_dir else 0o666) & ~mask)
+        # (read without setting it: the umask is process-wide, see fsio.current_umask)
+        self.tmp.chmod((0o777 if self.is_dir else 0o666) & ~current_umask())
         return self
 
     def __exit__(self, exc_type: Any, *exc: object) -> None:

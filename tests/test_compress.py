@@ -264,7 +264,11 @@ def test_scales_by_hand():
     vec = {"v": np.array([0.5, -0.1]), "m": np.array([[2.0, 1.0], [0.0, 1.0]])}
     out = compress(vec, density=0.4)  # keeps 2.0 and one 1.0; proj = 6.26 / 3
     assert out["m"].scale == pytest.approx(6.26 / 3, rel=1e-6)
-    assert out["v"].nnz == 0 or out["v"].scale == pytest.approx(0.5)
+    assert out["v"].nnz == 0
+    out = compress(vec, density=0.7)  # keeps 2.0, 1.0, 1.0 and 0.5; proj = 6.26 / 4.5
+    assert out["m"].scale == pytest.approx(6.26 / 4.5, rel=1e-6)
+    assert out["v"].nnz == 1
+    assert out["v"].scale == pytest.approx(0.5)  # capped: 0.5 < 6.26 / 4.5
     out = compress(vec, density=0.6)  # keeps 2.0, 1.0, 1.0, 0.5; proj = 6.26 / 4.5
     assert out["m"].scale == pytest.approx(6.26 / 4.5, rel=1e-6)
     assert out["v"].scale == pytest.approx(0.5)

@@ -334,6 +334,23 @@ def test_writer_value_errors() -> None:
     dumps({"d": np.zeros((1,) * 16, np.int8)})
 
 
+def test_a_rejected_write_charges_nothing_to_the_decode_budget() -> None:
+    """A tensor the writer rejects leaves it as it was: the next record is written as if the
+    rejected one had never been offered (its zstd stage kept within the budget, spec 9.3)."""
+    rejected = np.zeros((2,) * 16 + (512,), np.int8)  # 32 MiB of zeros, 17 dimensions
+    after = np.zeros(40 << 20, np.int8)  # zstd: 40 MiB charged, within 64 MiB if alone
+    alone = io.BytesIO()
+    with Writer(alone) as w:
+        w.write("b", after)
+    offered = io.BytesIO()
+    with Writer(offered) as w:
+        with pytest.raises(EncodeError, match="17 dimensions"):
+            w.write("a", rejected)
+        w.write("b", after)
+    assert inspect(alone.getvalue()).tensors[0].codecs == "dense+zstd"
+    assert offered.getvalue() == alone.getvalue()
+
+
 @pytest.mark.parametrize("dtype", ["I8", "U8", "BOOL", "F8_E4M3", "int32", np.int16, "x"])
 def test_a_ternary_tensor_stands_for_a_float_dtype_only(dtype: Any) -> None:
     with pytest.raises(EncodeError) as info:

@@ -380,9 +380,11 @@ def test_limits_table_matches_code() -> None:
     assert names == list(ReadLimits.__dataclass_fields__)
     d = ReadLimits()
     assert (d.max_metadata_size, d.max_metadata_depth, d.max_index_size, d.max_tensors,
-            d.max_ndim, d.max_name_length, d.max_numel, d.max_decoded_bytes) == (
-        16 * 2**20, 64, 256 * 2**20, 1_000_000, 16, 4096, 2**48, None)
-    for n in ("16 777 216", "268 435 456", "1 000 000", "2^48", "max(64 MiB, 64 × file size)"):
+            d.max_ndim, d.max_name_length, d.max_numel, d.max_decoded_bytes,
+            d.max_dense_bytes) == (
+        16 * 2**20, 64, 256 * 2**20, 1_000_000, 16, 4096, 2**48, None, 16 * 2**30)
+    for n in ("16 777 216", "268 435 456", "1 000 000", "2^48", "max(64 MiB, 64 × file size)",
+              "17 179 869 184"):
         assert n in section
     assert (_spec.DECODE_BUDGET_FLOOR, _spec.DECODE_BUDGET_RATIO) == (64 * 2**20, 64)
 
