@@ -27,7 +27,7 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._io import BufferSource, Source, StreamSource, encode_varint
 from .budget import Budget, positions_cost, record_cost, widening_cost
-from .codecs import ZSTD, BlockContext, get_codec
+from .codecs import ZSTD, BlockContext, get_codec, torch_decode
 from .codecs.dense import DenseCodec
 from .codecs.scale import ScaleCodec
 from .codecs.signs import SignsCodec
@@ -46,7 +46,7 @@ from .fsio import atomic_write
 from .info import BlockInfo, FileInfo, TensorInfo
 from .metadata import decode_metadata, encode_metadata
 from .present import check_framework, dense_ternary, present
-from .tensor import TernaryTensor, dense_output
+from .tensor import TernaryTensor, check_dense_bytes, dense_output
 
 __all__ = [
     "BlockInfo",
@@ -815,12 +815,13 @@ def _check_data_crc(rec: _Record, data: memoryview, tensor: str | None = None) -
 
 
 def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | None = None,
-                   out: np.ndarray | None = None) -> Any:
+                   out: np.ndarray | None = None, device: Any = None) -> Any:
     """Verify a record's data area and decode its blocks (spec 8).
 
     A ternary record gives a :class:`TernaryTensor`; with ``dense`` ("numpy" or "torch") it
     gives its dense array instead, written chunk by chunk straight from the positions and
     signs blocks (see :func:`dense_ternary`). A dense record gives its storage array.
+    With a torch ``device``, the payloads are decoded there (:mod:`.codecs.torch_decode`).
     """
     if not rec.in_pack:  # a pack's checksum covers all its members: checked by the caller
         _check_data_crc(rec, data)
@@ -847,7 +848,9 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
             payload = memoryview(ZSTD.decode(payload, decoded_size, ctx))
         if codec.role == "positions":  # unpacked bits, then int64 indices and bool signs
             budget.charge(positions_cost(len(payload), ctx.nnz), ctx, rec.end)
-        if dense is not None and codec.role == "positions":
+        if device is not None and codec.role != "scale":
+            values[codec.role] = torch_decode.decode_block(codec, payload, param, ctx, device)
+        elif dense is not None and codec.role == "positions":
             values["positions"] = codec.positions(payload, param, ctx)  # checks the block now
         elif dense is not None and codec.role == "signs":
             values["signs"] = codec.packed(payload, param, ctx)
@@ -855,6 +858,9 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
             values[codec.role] = codec.decode(payload, param, ctx)
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
+    if device is not None:
+        return torch_decode.DeviceTernary(values["positions"], values["signs"], values["scale"],
+                                          rec.dtype, rec.shape)
     if dense is not None:
         return dense_ternary(rec.shape, rec.dtype, values, dense, out, nnz=rec.nnz,
                              limits=budget.limits, name=rec.name)
@@ -896,12 +902,18 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
 
 
 def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: str,
-                    dense: bool, out: np.ndarray | None = None) -> Any:
+                    dense: bool, out: np.ndarray | None = None, device: Any = None) -> Any:
     """Decode one record and return it as the caller asked (framework, dense, ``out``).
 
     Torch always gets dense tensors, and like ``dense=True`` they are written straight from
     the blocks, without a :class:`TernaryTensor` in between.
     """
+    if device is not None:  # torch tensors on that device
+        if out is not None:
+            raise ValueError("out= cannot be given with device=")
+        framework = "torch"
+        if not torch_decode.on_device(device):  # the CPU: the numpy decoders, faster there
+            device = None
     mode = "torch" if framework == "torch" else "numpy" if dense else None
     if out is not None and mode != "numpy":
         raise ValueError("out= needs dense=True and framework='numpy'")
@@ -913,6 +925,9 @@ def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: s
         cost = widening_cost(rec.dtype, numel, framework)
         ctx = BlockContext(rec.name, numel, 0, rec.dtype, rec.shape, rec.data_start)
         budget.charge(cost, ctx, rec.end)
+    if device is not None:  # spec 9.4: the dense output is bounded before it is allocated
+        check_dense_bytes(rec.shape, _dt.storage_dtype(rec.dtype), budget.limits, rec.name)
+        return torch_decode.dense(_decode_record(rec, data, budget, device=device))
     value = _decode_record(rec, data, budget, mode, out)
     if isinstance(value, TernaryTensor):
         return present(value, framework)
@@ -927,18 +942,20 @@ def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: s
 
 
 def _decode_pack(rec: _Record, data: memoryview, budget: Budget, framework: str,
-                 dense: bool) -> Iterator[tuple[str, Any]]:
+                 dense: bool, device: Any = None) -> Iterator[tuple[str, Any]]:
     """Check a pack's data area, then decode its members in order (spec 5.8)."""
     _check_data_crc(rec, data)
     used = rec.members[-1].end - rec.data_start
     _check_zero(data[used:], rec.data_start + used, rec.name, "block padding")
     for m in rec.members:
         lo = m.data_start - rec.data_start
-        yield m.name, _decode_present(m, data[lo : lo + m.data_size], budget, framework, dense)
+        yield m.name, _decode_present(m, data[lo : lo + m.data_size], budget, framework, dense,
+                                      device=device)
 
 
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
-          file_size: int | None, dense: bool = False) -> Iterator[tuple[str, Any]]:
+          file_size: int | None, dense: bool = False, device: Any = None,
+          ) -> Iterator[tuple[str, Any]]:
     header = _read_file_header(src, limits)
     budget = Budget(limits, file_size)
     seen: list[tuple[str, int]] = []
@@ -969,9 +986,9 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
                                     offset=rec.data_start)
             continue  # spec 10.2: an unknown optional record is skipped
         if kind == S.KIND_PACK:
-            yield from _decode_pack(rec, data, budget, framework, dense)
+            yield from _decode_pack(rec, data, budget, framework, dense, device)
             continue
-        yield rec.name, _decode_present(rec, data, budget, framework, dense)
+        yield rec.name, _decode_present(rec, data, budget, framework, dense, device=device)
     src.tensor = None
     index_at = src.pos - 1
     src.capture = bytearray(b"\x00")
@@ -996,13 +1013,17 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
 
 
 def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
-          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
+          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+          device: Any = None) -> dict[str, Any]:
     """Decode a whole file from bytes, checking every byte (spec 8).
 
     Values are :class:`TernaryTensor` for ternary records and numpy arrays for dense records
     (BF16/F8 widened to float32); ``framework="torch"`` gives torch tensors in the stored dtype.
     ``dense=True`` gives ternary records as dense numpy arrays too (``TernaryTensor.to_numpy``
     values), decoded straight into the array: the fastest way to dense weights.
+    ``device`` (a torch device, e.g. ``"cuda"``) gives torch tensors on it: the compressed
+    blocks are copied there and decoded with torch operations (on the CPU, the numpy
+    decoders), bit-identical to the CPU decoding.
 
     >>> loads(dumps({"b": np.arange(3, dtype=np.int8)}))["b"]
     array([0, 1, 2], dtype=int8)
@@ -1011,7 +1032,7 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
     """
     check_framework(framework)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense))
+    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense, device))
 
 
 def _verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:
@@ -1191,7 +1212,7 @@ class CompeftReader:
         return self._record(name).info()
 
     def get(self, name: str, *, framework: str | None = None, dense: bool = False,
-            out: np.ndarray | None = None) -> Any:
+            out: np.ndarray | None = None, device: Any = None) -> Any:
         """Decode one tensor, reading only its bytes.
 
         ``dense=True`` returns a ternary tensor as its dense numpy array, decoded straight
@@ -1199,6 +1220,7 @@ class CompeftReader:
         right size and dtype (float32 for BF16), then receives it and is returned.
         The dense array is not counted in ``ReadLimits.max_decoded_bytes`` (its size,
         ``info(name).numel`` elements, is known before decoding).
+        ``device`` (a torch device) gives a torch tensor decoded on it (see :func:`loads`).
         """
         rec = self._record(name)
         fw = framework or self._framework
@@ -1207,14 +1229,24 @@ class CompeftReader:
             raise UnsupportedFeatureError(f"record kind 0x{rec.kind:02x} has no tensor",
                                           tensor=name)
         data = self._data(rec)
-        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out)
+        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out,
+                               device)
 
-    def get_raw(self, name: str) -> tuple[np.ndarray, str] | TernaryTensor:
-        """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits)."""
+    def get_raw(self, name: str, *, device: Any = None) -> Any:
+        """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits), a
+        ternary record as a :class:`TernaryTensor`.
+
+        With a torch ``device``: a dense record's tensor, and a ternary record's positions
+        and signs on it, as a :class:`~.codecs.torch_decode.DeviceTernary` (nothing dense).
+        """
         rec = self._record(name)
         data = self._data(rec)
-        value = _decode_record(rec, data, Budget(self._limits, len(self._buf)))
-        return (value, rec.dtype) if isinstance(value, np.ndarray) else value
+        budget = Budget(self._limits, len(self._buf))
+        if device is not None and torch_decode.on_device(device):
+            return _decode_record(rec, data, budget, device=device)
+        value = _decode_record(rec, data, budget)
+        value = (value, rec.dtype) if isinstance(value, np.ndarray) else value
+        return value if device is None else torch_decode.from_host(value, device)
 
     def __getitem__(self, name: str) -> Any:
         return self.get(name)
@@ -1271,8 +1303,9 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
 
 
 def load_file(path: str | os.PathLike, *, framework: str = "numpy",
-              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
-    """Read and check a whole file; like :func:`loads` on its bytes.
+              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+              device: Any = None) -> dict[str, Any]:
+    """Read and check a whole file; like :func:`loads` on its bytes (``device`` too).
 
     The arrays returned are the caller's, as safetensors' ``load_file`` gives them: writeable,
     and in memory of their own, not views of the file, which is closed on return (it can be
@@ -1295,7 +1328,8 @@ def load_file(path: str | os.PathLike, *, framework: str = "numpy",
             if not n:
                 break
             got += n
-    result = loads(view[:got], framework=framework, limits=limits, dense=dense)
+    result = loads(view[:got], framework=framework, limits=limits, dense=dense,
+                   device=device)
     for name, value in result.items():
         if isinstance(value, np.ndarray) and not value.flags.writeable:
             result[name] = value.copy()  # a zstd frame decodes to immutable bytes

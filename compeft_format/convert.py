@@ -69,7 +69,7 @@ import numpy as np
 
 from . import _spec as S
 from . import dtypes as _dt
-from ._progress import Bar
+from ._progress import Bar, PassesBar
 from .binding import Reference, check_base, read_reference
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
@@ -259,7 +259,8 @@ def compress_file(
         # compress reads each tensor three times (global scope; once per tensor scope; one
         # more for the scales that need the sum of the kept magnitudes), the quality once
         passes = (1 if scope == "tensor" else 3 if scale in ("norm", "std") else 4) + 1
-        bar = stack.enter_context(Bar(progress, passes * len(plan.compressible), "compress"))
+        bar = stack.enter_context(PassesBar(progress, len(plan.compressible), passes,
+                                            "compress"))
         tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type, bar.update)
         # one tensor at a time, in the file's (sorted) order: nothing is held once written
         stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)

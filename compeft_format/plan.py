@@ -22,6 +22,7 @@ import numpy as np
 from . import _spec as S
 from . import dtypes as _dt
 from ._progress import Bar
+from .compress import ChunkedValues
 from .errors import ConvertError, EncodeError
 from .safetensors_io import SafetensorsReader
 from .sources import (
@@ -133,8 +134,9 @@ class FileTaskVector(Mapping):
     ``compress`` and ``quality_report`` read it name by name; each access first drops the
     pages of the tensors read before from resident memory, so a pass over a model holds
     about one input tensor. ``.dtypes`` names the original dtypes (BF16 arrives widened).
-    ``base`` gives ``tensor - base``; else ``peft_type`` gives an adapter's task vector
-    (taskvec's rules: LoRA from zero, (IA)^3 from one); else the tensors as they are.
+    ``base`` gives ``tensor - base`` (a :class:`~compeft_format.compress.ChunkedValues`,
+    never held whole); else ``peft_type`` gives an adapter's task vector (taskvec's rules:
+    LoRA from zero, (IA)^3 from one); else the tensors as they are.
 
     >>> import os, tempfile, numpy as np
     >>> from compeft_format.safetensors_io import save_safetensors
@@ -164,7 +166,7 @@ class FileTaskVector(Mapping):
     def __contains__(self, name: object) -> bool:
         return name in self.dtypes
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str) -> np.ndarray | ChunkedValues:
         if name not in self.dtypes:
             raise KeyError(name)
         self._reader.release()
@@ -174,7 +176,7 @@ class FileTaskVector(Mapping):
             self._on_fetch(name)
         storage, dtype = self._reader.get(name)
         if self._base is not None:
-            return self._difference(name, storage, dtype)
+            return self._chunked_difference(name, storage, dtype)
         if self._peft_type is not None:  # taskvec's rules: LoRA from zero, (IA)^3 from one
             delta = peft_task_vector({name: _dt.to_numpy_values(storage, dtype)},
                                      self._peft_type)[name]
@@ -195,7 +197,7 @@ class FileTaskVector(Mapping):
         self._reader.release()
         if self._base is not None:
             self._base.release()
-        if self._peft_type is not None:
+        if self._peft_type is not None and self._base is None:
             whole = self[name].reshape(-1)
             for start in range(0, whole.size, size):
                 yield start, whole[start : start + size]
@@ -225,23 +227,32 @@ class FileTaskVector(Mapping):
             self._reader.release(name)
         return out.reshape(storage.shape)
 
-    def _difference(self, name: str, storage: np.ndarray, dtype: str) -> np.ndarray:
-        """``tensor - base`` in float32 (float64 for F64), chunk by chunk (as taskvec does)."""
+    def _chunked_difference(self, name: str, storage: np.ndarray, dtype: str
+                            ) -> ChunkedValues:
+        """``tensor - base`` as :class:`~compeft_format.compress.ChunkedValues`: made a
+        chunk at a time by compress's threads, never held whole (a model's largest
+        difference, in float32, would be twice its BF16 tensor)."""
         assert self._base is not None
-        b_storage, _ = self._base.get(name)
+        base, reader = self._base, self._reader
+        flat, b_flat = storage.reshape(-1), base.get(name)[0].reshape(-1)
         work = work_dtype(dtype)
-        flat, b_flat = storage.reshape(-1), b_storage.reshape(-1)
-        out = np.empty(flat.size, work)
-        for start in range(0, flat.size, CHUNK):
-            stop = start + CHUNK
-            a = _dt.to_numpy_values(flat[start:stop], dtype).astype(work, copy=False)
-            b = _dt.to_numpy_values(b_flat[start:stop], dtype).astype(work, copy=False)
-            np.subtract(a, b, out=out[start:stop])
-            # the inputs are read once: drop their pages as we go, so that the two mapped
-            # tensors do not stay resident beside the difference
-            self._reader.release(name)
-            self._base.release(name)
-        return out.reshape(storage.shape)
+
+        def values(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+            x = _dt.to_numpy_values(a, dtype).astype(work, copy=False)
+            return np.subtract(x, _dt.to_numpy_values(b, dtype).astype(work, copy=False),
+                               dtype=work)
+
+        def chunk(start: int, stop: int) -> np.ndarray:
+            out = values(flat[start:stop], b_flat[start:stop])
+            if (start // CHUNK) % 8 == 7:  # the inputs are read once a pass: drop the pages
+                reader.release(name)
+                base.release(name)
+            return out
+
+        def take(indices: np.ndarray) -> np.ndarray:
+            return values(flat[indices], b_flat[indices])
+
+        return ChunkedValues(storage.shape, work, chunk, take)
 
 
 @dataclass

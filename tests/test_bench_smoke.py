@@ -113,3 +113,27 @@ def test_overhead_content_measure_and_pack_target(tmp_path: Path) -> None:
         assert abs(m["content"] - want) <= 1  # the float sum may round the other way
         assert m["file"] == path.stat().st_size
         assert (m["ratio"] <= overhead.TARGET) is ok, (version, m["ratio"])
+
+
+def test_compress_against_partition_table(capsys) -> None:
+    """bench_select part 3 (compress vs np.partition, 1 thread and all) runs and says it."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_select
+
+    bench_select.bench_compress(1 << 21, 1, 0.05)
+    out = capsys.readouterr().out
+    assert "| partition |" in out
+    assert "| compress 1 thread |" in out
+    assert "load average" in out
+    assert out.count("<= 0.4:") == 2
+
+
+def test_bench_1b_shapes() -> None:
+    """bench_1b's model has the shapes of Llama 3.2 1B: 1.24B parameters, tied embeddings."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_1b
+
+    layout = bench_1b.shapes(128256, 2048, 8192, 16, 32, 8)
+    assert len(layout) == 146
+    assert sum(math.prod(s) for s in layout.values()) == 1_235_814_400
+    assert layout["model.layers.0.self_attn.k_proj.weight"] == (512, 2048)
