@@ -144,8 +144,8 @@ def test_signs_match_numpy(t, data):
 @given(st_ternary_tensors(), st.sampled_from([None, "F32", "F16", "BF16", "F64"]))
 def test_ternary_dense_matches_to_torch(t, into):
     """The dense tensor on the device equals TernaryTensor.to_torch (then .to(dtype))."""
-    pos = torch.from_numpy(t.indices)
-    neg = torch.from_numpy(t.signs)
+    pos = torch.tensor(t.indices)  # a copy: the tensor's arrays are read-only
+    neg = torch.tensor(t.signs)
     dtype = None if into is None else td.torch_dtype(into)
     got = td.ternary_dense(pos, neg, dense_values(t.scale, t.dtype), t.dtype, t.shape, dtype)
     want = t.to_torch() if dtype is None else t.to_torch().to(dtype)
@@ -229,8 +229,8 @@ def test_load_file_on_a_device_is_the_cpu_decoding(tmp_path_factory, case):
             assert tuple(g.shape) == tuple(w.shape)
             assert _bytes(g) == _bytes(w), n
         if isinstance(tensors[n], TernaryTensor):
-            assert torch.equal(raw[n].positions, torch.from_numpy(tensors[n].indices))
-            assert torch.equal(raw[n].negative, torch.from_numpy(tensors[n].signs))
+            assert torch.equal(raw[n].positions, torch.tensor(tensors[n].indices))
+            assert torch.equal(raw[n].negative, torch.tensor(tensors[n].signs))
 
 
 def test_the_cpu_takes_numpy_unless_forced(tmp_path, forced):

@@ -139,8 +139,9 @@ def from_host(value: Any, device: Any) -> Any:
     ``device``, as the torch decoders give it."""
     torch = _torch()
     if isinstance(value, TernaryTensor):
-        return DeviceTernary(torch.from_numpy(value.indices).to(device),
-                             torch.from_numpy(value.signs).to(device), value.scale,
+        # torch.tensor copies: a TernaryTensor's arrays are read-only (from_numpy would share them)
+        return DeviceTernary(torch.tensor(value.indices).to(device),
+                             torch.tensor(value.signs).to(device), value.scale,
                              value.dtype, value.shape)
     from ..dtypes import to_torch
 
