@@ -9,6 +9,12 @@ Part 1 times ``np.partition(|x|, n - k)`` (the usual exact threshold) against
 ``compeft_format.compress.select_topk(|x|, k)`` on the same standard-normal float32 ``|x|``,
 median of several runs each, and checks that both give the same k-th largest value.
 
+Part 3 (the issue-14 target) times the whole ``compress({"t": x}, density=p)`` of the
+same 10^8 float32 task vector against ``np.partition(|x|, n - k)``: interleaved rounds
+(every method once per round, so all share the same background load), with one thread
+(``COMPEFT_THREADS=1``) and with all usable cores; the ratio compress / partition is the
+figure (target: at most 0.4). The load average before and after is printed.
+
 Part 2 writes several float32 tensors to ``np.memmap`` files, then, in a fresh subprocess,
 runs ``compress(..., scope="global")`` over a lazy mapping that opens each file on access,
 and reports the peak resident memory above the baseline (Linux ``VmHWM``, reset through
@@ -34,7 +40,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from compeft_format.compress import select_topk  # noqa: E402
+from compeft_format.compress import compress, compress_threads, select_topk  # noqa: E402
 
 DENSITIES = (0.01, 0.05, 0.2)
 
@@ -63,6 +69,49 @@ def bench_selection(n: int, runs: int) -> None:
             f"| {d} | {k:,} | {t_part:.3f} | {t_ours:.3f} | {t_part / t_ours:.1f}x "
             f"| {'yes' if same else 'NO'} |"
         )
+    print()
+
+
+def bench_compress(n: int, runs: int, density: float) -> None:
+    """compress() of one float32 tensor against np.partition of its magnitudes."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n, dtype=np.float32)
+    k = round(density * n)
+    mags = np.abs(x)  # np.partition's input, made once (its own copy is in its time)
+    cores = compress_threads()
+    load0 = os.getloadavg()
+    times: dict[str, list[float]] = {"partition": [], "compress 1 thread": [],
+                                     f"compress {cores} threads": []}
+
+    def timed(label: str, fn) -> None:
+        t0 = time.perf_counter()
+        fn()
+        times[label].append(time.perf_counter() - t0)
+
+    def with_threads(threads: int) -> None:
+        os.environ["COMPEFT_THREADS"] = str(threads)
+        try:
+            compress({"t": x}, density=density)
+        finally:
+            del os.environ["COMPEFT_THREADS"]
+
+    for _ in range(runs):  # interleaved: each round sees the same background load
+        timed("partition", lambda: np.partition(mags, n - k))
+        timed("compress 1 thread", lambda: with_threads(1))
+        timed(f"compress {cores} threads", lambda: with_threads(cores))
+    load1 = os.getloadavg()
+    part = statistics.median(times["partition"])
+    print(f"## compress vs np.partition, n = {n:,} float32, density {density}, median of "
+          f"{runs} interleaved rounds\n")
+    print(f"load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after; "
+          f"{os.cpu_count()} CPUs, {cores} usable\n")
+    print("| method | median (s) | best (s) | / np.partition (median) | target |")
+    print("|---|---|---|---|---|")
+    for label, ts in times.items():
+        med = statistics.median(ts)
+        target = "" if label == "partition" else ("<= 0.4: " + (
+            "met" if med / part <= 0.4 else "NOT met"))
+        print(f"| {label} | {med:.3f} | {min(ts):.3f} | {med / part:.2f} | {target} |")
     print()
 
 
@@ -168,7 +217,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, runs in seconds")
     parser.add_argument("--n", type=int, default=None, help="elements (default 10^8)")
     parser.add_argument("--runs", type=int, default=None, help="timed runs per method")
-    parser.add_argument("--density", type=float, default=0.05, help="density of part 2")
+    parser.add_argument("--density", type=float, default=0.05, help="density of parts 2, 3")
+    parser.add_argument("--compress-only", action="store_true",
+                        help="part 3 only: compress vs np.partition")
     args = parser.parse_args()
     n = args.n or (2 * 10**6 if args.quick else 10**8)
     runs = args.runs or (3 if args.quick else 5)
@@ -176,8 +227,11 @@ def main() -> None:
         f"numpy {np.__version__}, Python {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {platform.machine()}\n"
     )
-    bench_selection(n, runs)
-    bench_memory(n, args.density)
+    if not args.compress_only:
+        bench_selection(n, runs)
+    bench_compress(n, runs, args.density)
+    if not args.compress_only:
+        bench_memory(n, args.density)
 
 
 if __name__ == "__main__":

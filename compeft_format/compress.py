@@ -21,8 +21,11 @@ How the exact top-k is found fast (:func:`select_topk`)
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import math
+import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -38,6 +41,7 @@ __all__ = [
     "COMPRESSION_METADATA_KEY",
     "SCALES",
     "SCOPES",
+    "ChunkedValues",
     "TopK",
     "compress",
     "compression_metadata",
@@ -60,6 +64,136 @@ _SAMPLE_SEED = 0x5EED_C0DE  # fixed: same input, same sample, same (deterministi
 _BAND_Z = 6.0  # band half-width in standard errors of the sample quantile
 _BAND_CAP_MIN = 1 << 20  # the band may always hold this many values ...
 _BAND_CAP_DIV = 32  # ... or n / 32 of them (n / 8 bytes of float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# all cores: chunks of a pass in a thread pool (numpy releases the GIL on 1M-element arrays)
+# ---------------------------------------------------------------------------------------------
+#: Environment variable: the threads a compression uses (default: the cores this process may
+#: run on). 1 runs everything in the calling thread.
+THREADS_ENV = "COMPEFT_THREADS"
+_POOL: concurrent.futures.ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+_POOL_LOCK = threading.Lock()
+
+
+def compress_threads() -> int:
+    """The threads a compression uses: ``$COMPEFT_THREADS``, else the usable cores.
+
+    Every pass over the data goes in chunks of 2^20 elements; the chunks of a tensor are
+    worked on by this many threads at once and their results combined in order, so the
+    output is the same for any number of threads.
+
+    >>> compress_threads() >= 1
+    True
+    """
+    env = os.environ.get(THREADS_ENV, "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise EncodeError(f"{THREADS_ENV} must be a positive integer, got {env!r}") from None
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or threads != _POOL_SIZE:
+            if _POOL is not None:
+                _POOL.shutdown(wait=False)
+            _POOL = concurrent.futures.ThreadPoolExecutor(threads, "compeft-compress")
+            _POOL_SIZE = threads
+        return _POOL
+
+
+def _ordered_map(fn: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]:
+    """``map(fn, items)`` over the threads, in order, with a few items in flight at a time
+    (so a consumer that stops early, or holds results, bounds the work and the memory)."""
+    threads = compress_threads()
+    if threads == 1 or len(items) < 2:
+        yield from map(fn, items)
+        return
+    pool = _pool(threads)
+    window = 2 * threads
+    pending: list[concurrent.futures.Future] = []
+    nxt = 0
+    try:
+        while nxt < len(items) or pending:
+            while nxt < len(items) and len(pending) < window:
+                pending.append(pool.submit(fn, items[nxt]))
+                nxt += 1
+            yield pending.pop(0).result()
+    finally:
+        for f in pending:
+            f.cancel()
+        concurrent.futures.wait(pending)
+
+
+_LOCAL = threading.local()
+
+
+def _scratch(size: int, dtype: np.dtype) -> np.ndarray:
+    """A per-thread buffer of at least ``size`` elements (reused: no fresh pages per chunk)."""
+    key = (np.dtype(dtype).str, "scratch")
+    buf = getattr(_LOCAL, "bufs", None)
+    if buf is None:
+        buf = _LOCAL.bufs = {}
+    arr = buf.get(key)
+    if arr is None or arr.size < size:
+        arr = buf[key] = np.empty(max(size, _CHUNK), dtype)
+    return arr[:size]
+
+
+class ChunkedValues:
+    """A tensor's float values made on demand, a slice at a time, never held whole.
+
+    :func:`compress` and :func:`iter_compress` take it wherever they take an array (e.g. a
+    fine-tuned tensor minus its base, computed from two memory-mapped files:
+    :class:`~compeft_format.plan.FileTaskVector` hands these out). ``chunk(start, stop)``
+    returns the flat values ``start:stop`` and ``take(indices)`` those at flat indices, as
+    ``dtype`` (float32 or float64); both may be called from several threads at once.
+
+    >>> x = np.arange(6, dtype=np.float32) - 2
+    >>> v = ChunkedValues((2, 3), np.float32, lambda a, z: x[a:z], lambda i: x[i])
+    >>> compress({"t": v}, density=0.5)["t"].indices.tolist()
+    [0, 4, 5]
+    >>> np.asarray(v).tolist()  # the whole tensor, where an array is needed
+    [[-2.0, -1.0, 0.0], [1.0, 2.0, 3.0]]
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any,
+                 chunk: Callable[[int, int], np.ndarray],
+                 take: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        if self.dtype not in (np.float32, np.float64):
+            raise EncodeError(f"ChunkedValues must be float32 or float64, got {self.dtype}")
+        self.size = math.prod(self.shape)
+        self.chunk = chunk
+        self.take = take
+
+    @property
+    def dtype_name(self) -> str:
+        """``"F32"`` or ``"F64"``."""
+        return "F64" if self.dtype == np.float64 else "F32"
+
+    @property
+    def ndim(self) -> int:
+        """Number of dimensions."""
+        return len(self.shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        """The whole tensor, for code that needs an array (``np.asarray(values)``)."""
+        out = np.empty(self.size, self.dtype)
+        for start in range(0, self.size, _CHUNK):
+            stop = min(self.size, start + _CHUNK)
+            out[start:stop] = self.chunk(start, stop)
+        out = out.reshape(self.shape)
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,7 +266,14 @@ def select_topk(magnitudes: np.ndarray | Sequence[np.ndarray], k: int) -> TopK:
             for start in range(0, a.size, _CHUNK):
                 yield a[start : start + _CHUNK]
 
-    return _select(chunks, n, int(k), sample, work)
+    def band_pass(lo_open: Any, hi: Any, cap: int) -> tuple[int, np.ndarray] | None:
+        band = _Band(lo_open, hi, cap)
+        for a in arrays:
+            if not band.add(lambda start, a=a: a[start : start + _CHUNK], a.size):
+                break
+        return band.result()
+
+    return _select(chunks, n, int(k), sample, work, band_pass)
 
 
 def _sample_of(flat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -147,17 +288,21 @@ def _select(
     k: int,
     sample: np.ndarray,
     work: np.dtype,
+    band_pass: Callable[[Any, Any, int], tuple[int, np.ndarray] | None] | None = None,
 ) -> TopK:
     """Exact top-k threshold of the magnitudes that ``make_chunks()`` yields (each call anew).
 
     ``sample`` holds magnitudes drawn from the same data; it only steers the speed.
+    ``band_pass(lo_open, hi, cap)``, when given, does :func:`_band_pass` over the same
+    magnitudes (on all cores).
     """
     if k <= 0 or n == 0:
         return TopK(math.inf, 0, 0)
     k = min(k, n)
     lo_open, hi = _band_edges(sample, n, k, work)
     cap = max(_BAND_CAP_MIN, n // _BAND_CAP_DIV)
-    found = _band_pass(make_chunks(), lo_open, hi, cap)
+    found = (band_pass(lo_open, hi, cap) if band_pass is not None
+             else _band_pass(make_chunks(), lo_open, hi, cap))
     if found is not None:
         above, band = found
         if above < k <= above + band.size:
@@ -225,6 +370,54 @@ def _band_pass(
             parts.append(got)
     band = np.concatenate(parts) if parts else np.empty(0, dtype=hi.dtype)
     return above, band
+
+
+class _Band:
+    """:func:`_band_pass` fed tensor by tensor, the chunks of each on all cores, in order."""
+
+    def __init__(self, lo_open: Any, hi: Any, cap: int) -> None:
+        self.lo_open, self.hi, self.cap = lo_open, hi, cap
+        self.above = 0
+        self.held = 0
+        self.parts: list[np.ndarray] = []
+        self.overflow = False
+
+    def add(self, magnitudes: Callable[[int], np.ndarray], size: int) -> bool:
+        """Add the chunks ``magnitudes(start)`` of ``size`` elements; False past the cap."""
+        # Non-negative floats order as their bit patterns read as unsigned integers: the
+        # band lo_open < m <= hi is then one subtraction and one unsigned comparison,
+        # (u - first) <= width, where first = bits(lo_open) + 1 (0 when lo_open < 0).
+        ukind = np.dtype(np.uint32 if self.hi.dtype == np.float32 else np.uint64)
+        hi_u = np.asarray(self.hi).view(ukind)[()]
+        first = ukind.type(0) if self.lo_open < 0 else ukind.type(
+            np.asarray(self.lo_open, self.hi.dtype).view(ukind)[()] + ukind.type(1))
+        width = ukind.type(hi_u - first) if hi_u >= first else None
+
+        def one(start: int) -> tuple[int, np.ndarray]:
+            m = magnitudes(start)
+            u = m.view(ukind)
+            above = int(np.count_nonzero(u > hi_u))
+            if width is None:  # an empty band
+                return above, m[:0]
+            d = np.subtract(u, first, out=_scratch(u.size, ukind))
+            return above, m[d <= width]
+
+        for above, got in _ordered_map(one, range(0, size, _CHUNK)):
+            self.above += above
+            if got.size:
+                self.held += got.size
+                if self.held > self.cap:
+                    self.overflow = True
+                    return False
+                self.parts.append(got)
+        return True
+
+    def result(self) -> tuple[int, np.ndarray] | None:
+        """What :func:`_band_pass` returns."""
+        if self.overflow:
+            return None
+        band = np.concatenate(self.parts) if self.parts else np.empty(0, self.hi.dtype)
+        return self.above, band
 
 
 def _radix_select(
@@ -593,7 +786,11 @@ class _Job:
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
-        """Return the flat storage array and storage dtype name; reject non-float data."""
+        """Return the flat storage array and storage dtype name; reject non-float data.
+
+        A :class:`ChunkedValues` stays as it is (its values are read by :meth:`_chunk`)."""
+        if isinstance(value, ChunkedValues):
+            return value, value.dtype_name  # type: ignore[return-value]
         try:
             storage, dname = _dt.to_storage(value)
         except EncodeError as exc:
@@ -607,13 +804,20 @@ class _Job:
         return storage.reshape(-1), dname
 
     @staticmethod
-    def _chunks(flat: np.ndarray, dname: str, work: np.dtype) -> Iterator[tuple[int, np.ndarray]]:
+    def _chunk(flat: np.ndarray, dname: str, work: np.dtype, start: int) -> np.ndarray:
+        """The chunk at ``start``, widened to the work dtype (exact)."""
+        if isinstance(flat, ChunkedValues):
+            c = flat.chunk(start, min(flat.size, start + _CHUNK))
+            return c if c.dtype == work else c.astype(work)
+        c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname)
+        return c if c.dtype == work else c.astype(work)
+
+    @classmethod
+    def _chunks(cls, flat: np.ndarray, dname: str, work: np.dtype
+                ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, values)`` chunks widened to the work dtype (exact)."""
         for start in range(0, flat.size, _CHUNK):
-            c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname)
-            if c.dtype != work:
-                c = c.astype(work)
-            yield start, c
+            yield start, cls._chunk(flat, dname, work, start)
 
     # -- the passes ------------------------------------------------------------------------
     # Per-tensor work lives in helper methods so that every view of a tensor dies when the
@@ -642,7 +846,14 @@ class _Job:
                 if meta.numel:
                     yield from self._tensor_mags(meta.name, fetch, work, buf)
 
-        top = _select(mags, n, k, sample, work)
+        def band_pass(lo_open: Any, hi: Any, cap: int) -> tuple[int, np.ndarray] | None:
+            band = _Band(lo_open, hi, cap)
+            for meta in metas:
+                if meta.numel and not self._band_tensor(meta.name, fetch, work, band):
+                    break
+            return band.result()
+
+        top = _select(mags, n, k, sample, work, band_pass)
         del sample
         yield from self._pass3(metas, fetch, top, stats, work, buf)
 
@@ -675,10 +886,20 @@ class _Job:
         metas.append(meta)
         native = np.dtype(np.float64 if dname == "F64" else np.float32)
         track_max = self.scale in _CAPPED and _is_vector(meta.shape)
-        for start, c in self._chunks(flat, dname, native):
-            if track_max and c.size:
-                meta.absmax = max(meta.absmax, float(np.max(np.abs(c))))
-            if not stats.add(c):
+        starts = range(0, flat.size, _CHUNK)
+
+        def part(start: int) -> tuple[float, tuple[int, float, float, float] | None]:
+            c = self._chunk(flat, dname, native, start)
+            # the largest |value|, without a temporary |c|
+            peak = max(float(c.max()), -float(c.min())) if track_max and c.size else 0.0
+            return peak, stats.part(c)
+
+        for start, (peak, sums) in zip(starts, _ordered_map(part, starts), strict=True):
+            meta.absmax = max(meta.absmax, peak)
+            if sums is not None:
+                stats.merge(sums)
+            else:
+                c = self._chunk(flat, dname, native, start)
                 bad = np.flatnonzero(~np.isfinite(c))
                 if bad.size:
                     raise EncodeError(
@@ -691,8 +912,20 @@ class _Job:
                 )
         if not flat.size:
             return np.empty(0, native)
-        picked = flat[rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))]
+        where = rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))
+        picked = flat.take(where) if isinstance(flat, ChunkedValues) else flat[where]
         return np.abs(_dt.to_numpy_values(picked, dname)).astype(native, copy=False)
+
+    def _band_tensor(self, name: str, fetch: Callable[[str], Any], work: np.dtype,
+                     band: _Band) -> bool:
+        """Add one tensor's magnitudes to ``band`` (chunks on all cores)."""
+        flat, dname = self._read(name, fetch(name))
+
+        def magnitudes(start: int) -> np.ndarray:
+            c = self._chunk(flat, dname, work, start)
+            return np.abs(c, out=_scratch(c.size, work))
+
+        return band.add(magnitudes, flat.size)
 
     def _tensor_mags(
         self, name: str, fetch: Callable[[str], Any], work: np.dtype, buf: np.ndarray
@@ -779,24 +1012,43 @@ class _Job:
         idx_parts: list[np.ndarray] = []
         sign_parts: list[np.ndarray] = []
         kept_sum = 0.0
-        for start, c in self._chunks(flat, dname, work):
-            m = np.abs(c, out=buf[: c.size])
+        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram")
+        find_ties = ties_left > 0
+
+        def one(start: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
+            """A chunk's kept positions, signs, magnitude sum, ties taken, ties seen."""
+            c = self._chunk(flat, dname, work, start)
+            m = np.abs(c, out=_scratch(c.size, work))
             sel = m > t
-            if ties_left:
-                eq = np.flatnonzero(m == t)[:ties_left]
+            took = 0
+            if ties:
+                eq = np.flatnonzero(m == t)[:ties]
                 sel[eq] = True
-                ties_left -= eq.size
+                took = eq.size
             loc = np.flatnonzero(sel)
+            part = float(m[loc].sum(dtype=np.float64)) if want_sum and loc.size else 0.0
+            tied = bool(find_ties and not ties and (m == t).any())
+            return loc, np.signbit(c[loc]), part, took, tied
+
+        # the chunks on all cores; which ties are kept depends on the chunks before, so a
+        # chunk holding one is done again, in order, with the ties still to take
+        starts = range(0, flat.size, _CHUNK)
+        for start, got in zip(starts, _ordered_map(one, starts), strict=True):
+            if ties_left and got[4]:
+                got = one(start, ties_left)
+            loc, signs, part, took, _ = got
+            ties_left -= took
             if loc.size:
                 idx_parts.append(loc + start)
-                sign_parts.append(np.signbit(c[loc]))
-                if self.scale in ("l2", "proj", "proj_vcap", "gram"):
-                    kept_sum += float(m[loc].sum(dtype=np.float64))
+                sign_parts.append(signs)
+                kept_sum += part
         idx = np.concatenate(idx_parts) if idx_parts else np.empty(0, np.int64)
         signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
         if (gram_of is not None and self.scale == "gram" and idx.size
                 and not _is_vector(gram_of.shape)):
-            matrix = _dt.to_numpy_values(flat, dname).reshape(gram_of.shape[0], -1)
+            values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
+                      else _dt.to_numpy_values(flat, dname))
+            matrix = values.reshape(gram_of.shape[0], -1)
             num, den = gram_terms(matrix, idx, signs)
             self._gram_sums[0] += num
             self._gram_sums[1] += den
@@ -921,28 +1173,45 @@ class _Stats:
 
     def add(self, c: np.ndarray) -> bool:
         """Add a chunk; return False if it holds a non-finite value (or overflows)."""
-        if not c.size:
-            return True
-        c64 = c.astype(np.float64)
-        with np.errstate(over="ignore", invalid="ignore"):
-            s2 = float(np.dot(c64, c64))  # float32 squares are exact in float64
-        if not math.isfinite(s2):
+        sums = self.part(c)
+        if sums is None:
             return False
+        self.merge(sums)
+        return True
+
+    def part(self, c: np.ndarray) -> tuple[int, float, float, float] | None:
+        """The sums of one 1-d chunk, ``(count, sum of squares, mean, M2)``, or None if it
+        holds a non-finite value (or overflows). Any thread; :meth:`merge` adds them up."""
+        if not c.size:
+            return 0, 0.0, 0.0, 0.0
+        # float32 squares are exact in float64; einsum widens in small buffers (no float64
+        # copy of the chunk) and, unlike np.dot, never calls a multi-threaded BLAS
+        with np.errstate(over="ignore", invalid="ignore"):
+            s2 = float(np.einsum("i,i->", c, c, dtype=np.float64))
+        if not math.isfinite(s2):
+            return None
         if not self.need_std:
-            self.count += c.size
-            self.sumsq += s2
-            return True
-        nc = c.size
-        mean_c = float(c64.sum()) / nc
+            return c.size, s2, 0.0, 0.0
+        c64 = c.astype(np.float64)
+        mean_c = float(c64.sum()) / c.size
         c64 -= mean_c
-        m2_c = float(np.dot(c64, c64))
+        return c.size, s2, mean_c, float(np.einsum("i,i->", c64, c64))
+
+    def merge(self, sums: tuple[int, float, float, float]) -> None:
+        """Add the sums of a chunk (:meth:`part`), chunks in order."""
+        nc, s2, mean_c, m2_c = sums
+        if not nc:
+            return
+        if not self.need_std:
+            self.count += nc
+            self.sumsq += s2
+            return
         total = self.count + nc
         delta = mean_c - self.mean
         self.mean += delta * nc / total
         self.m2 += m2_c + delta * delta * self.count * nc / total
         self.count = total
         self.sumsq += s2
-        return True
 
     def std(self) -> float:
         """Unbiased standard deviation; 0 for fewer than two elements."""

@@ -11,6 +11,7 @@ from . import _spec as S
 from .codecs import ZSTD, BlockContext, ZstdStage
 from .codecs.bitmask import BitmaskCodec
 from .codecs.golomb import GolombCodec
+from .errors import EncodeError
 from .tensor import TernaryTensor
 
 __all__ = ["BACKGROUND_MIN", "POSITIONS_CHOICES", "Block", "encode_positions", "maybe_zstd",
@@ -54,6 +55,22 @@ def zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, byt
 
 
 Block = tuple[int, int, int, bytes, int]  # block type, stage, param, stored, decoded size
+_HUGE_BITMASK = 1 << 26  # bitmask bytes from which auto first asks whether it can win
+_ZSTD_BLOCK = 1 << 17  # RFC 8878 3.1.1.2.4: a block decodes to at most 128 KiB
+
+
+def _bitmask_cannot_win(g_param: int, g_payload: bytes, ctx: BlockContext) -> bool:
+    """Whether ``auto`` would keep golomb whatever zstd made of the bitmask (spec Appendix D).
+
+    The golomb candidate is stored in at most ``len(g_payload)`` bytes and wins a tie when it
+    is the smaller raw candidate. The bitmask candidate is stored raw (``ceil(N / 8)`` bytes)
+    or as a zstd frame of at least 6 bytes of frame header and 4 bytes (a block header and
+    one byte) per 128 KiB it decodes to.
+    """
+    b_size = _BITMASK.encoded_size(None, ctx)[1]
+    frame_floor = 6 + 4 * -(-b_size // _ZSTD_BLOCK)
+    return b_size > len(g_payload) and frame_floor >= len(g_payload)
+
 
 
 def encode_positions(t: TernaryTensor, ctx: BlockContext, positions: str,
@@ -71,11 +88,27 @@ def encode_positions(t: TernaryTensor, ctx: BlockContext, positions: str,
     else:
         codecs = []
     jobs = []
+    golomb = None  # (param, payload) once built
+    if not codecs and _BITMASK.encoded_size(t.indices, ctx)[1] >= _HUGE_BITMASK:
+        # a huge tensor: is the bitmask (numel / 8 bytes, terabytes for a shape of 2^48) worth
+        # building? Not where it cannot win: same bytes, and it is never allocated
+        golomb = _GOLOMB.encode(t.indices, ctx)
+        if _bitmask_cannot_win(*golomb, ctx):
+            codecs = [_GOLOMB]
     if codecs:
-        param, payload = codecs[0].encode(t.indices, ctx)
+        if golomb is not None:
+            param, payload = golomb
+        else:
+            try:
+                param, payload = codecs[0].encode(t.indices, ctx)
+            except MemoryError:  # positions="bitmask" of a shape like 2^48: 32 TiB
+                raise EncodeError(
+                    f"{codecs[0].name} positions of {t.numel} elements need "
+                    f"{codecs[0].encoded_size(t.indices, ctx)[1]} bytes: more than the system "
+                    "can allocate", tensor=ctx.name) from None
         jobs.append((codecs[0], param, payload, zstd_later(payload, level)))
     elif level is None:  # auto without zstd: only the smaller raw candidate is built
-        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
+        g_param, g_payload = golomb or _GOLOMB.encode(t.indices, ctx)
         if _BITMASK.encoded_size(t.indices, ctx)[1] <= len(g_payload):
             b_param, b_payload = _BITMASK.encode(t.indices, ctx)
             jobs.append((_BITMASK, b_param, b_payload, zstd_later(b_payload, None)))
@@ -84,7 +117,7 @@ def encode_positions(t: TernaryTensor, ctx: BlockContext, positions: str,
     else:
         b_param, b_payload = _BITMASK.encode(t.indices, ctx)
         b_job = (_BITMASK, b_param, b_payload, zstd_later(b_payload, level))
-        g_param, g_payload = _GOLOMB.encode(t.indices, ctx)
+        g_param, g_payload = golomb or _GOLOMB.encode(t.indices, ctx)
         # golomb streams are near-incompressible, zstd's fast path: inline
         g_stage = maybe_zstd(g_payload, level)
         g_job = (_GOLOMB, g_param, g_payload, lambda: g_stage)

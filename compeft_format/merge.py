@@ -39,6 +39,9 @@ tensor with a :class:`MergeStats`: the inputs' magnitudes, the weights and, for 
 inputs, how many entries carry each sign pattern. It returns a factor for the merged tensor,
 or a :class:`Rescale` that also multiplies each input's magnitude *before* the election and
 the averaging. Rules are data-free: they see the structure of the inputs, not a model.
+``rescale="dense_divisor"`` (:func:`dense_divisor`) is the rule for TIES of compressed experts:
+it divides each entry as TIES of the uncompressed experts would (see
+``bench/results/merge_quality.md``).
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ __all__ = [
     "MAX_PATTERN_INPUTS",
     "METHODS",
     "PATTERN_SCALES",
+    "PATTERN_SCOPES",
     "RESCALE_RULES",
     "SIGN_METHODS",
     "MergeError",
@@ -97,6 +101,7 @@ __all__ = [
     "check_names",
     "check_options",
     "combine",
+    "dense_divisor",
     "merge",
     "merge_and_compress",
     "merge_tensor",
@@ -124,14 +129,16 @@ class Rescale:
 
     ``before``: one factor per input, multiplying its magnitude (ternary) or values (dense)
     before the sign election and the averaging (None: all 1). ``after``: a factor multiplying
-    the merged tensor.
+    the merged tensor. ``zeros`` (TIES only): one count per input, added to an entry's
+    divisor where that input is zero (None: all 0, PEFT's divisor; see :func:`dense_divisor`).
 
     >>> Rescale(after=0.5)
-    Rescale(before=None, after=0.5)
+    Rescale(before=None, after=0.5, zeros=None)
     """
 
     before: tuple[float, ...] | None = None
     after: float = 1.0
+    zeros: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -195,18 +202,70 @@ class MergeStats:
         nonzero = (self.digits() != 0).sum(axis=0)
         return np.bincount(nonzero, weights=self.counts, minlength=self.n + 1).astype(np.int64)
 
-    def values(self, before: Sequence[float] | None = None) -> np.ndarray:
-        """The merged value of every pattern (``3**n`` values; ``before`` as in Rescale)."""
+    def values(self, before: Sequence[float] | None = None,
+               zeros: Sequence[float] | None = None) -> np.ndarray:
+        """The merged value of every pattern (``3**n`` values; ``before``, ``zeros`` as in
+        :class:`Rescale`)."""
         if self.counts is None:
             raise MergeError("values needs ternary inputs (counts is None)", tensor=self.name)
         work = _work_dtype(self.dtype)
         mags = _scaled_magnitudes(self.magnitudes, before, work)
-        return _pattern_table(mags, _weights_array(self.weights, work), self.method, self.sign)
+        return _pattern_table(mags, _weights_array(self.weights, work), self.method, self.sign,
+                              zeros)
 
 
 RescaleRule = Callable[[MergeStats], float | Rescale]
 #: Named data-free rescaling rules (``rescale="name"``, ``compeft merge --rescale NAME``).
 RESCALE_RULES: dict[str, RescaleRule] = {}
+
+
+def dense_divisor(stats: MergeStats) -> Rescale:
+    """TIES over compressed inputs, divided as TIES over the uncompressed inputs would be.
+
+    TIES averages each entry over the inputs that agree with its elected sign. Over dense task
+    vectors nearly every input is nonzero everywhere, so the divisor is about ``1 + (n-1)/2``;
+    over sparse ternary ones an entry is mostly kept by one input alone, so it is about 1,
+    and the merge comes out 1.5 to 2 times stronger than the merge of the originals (measured
+    in ``bench/results/merge_quality.md``: TIES of three compressed LoRA experts then keeps
+    less than a third of the gain the originals' TIES keeps). A zero of a ternary input is an
+    entry its compression dropped, with a sign nobody knows: it agrees with the elected sign
+    with some chance ``p``, and then counts in the originals' divisor. So each zero adds ``p``
+    to the divisor: an entry kept with the elected sign by ``c`` inputs and dropped by ``z``
+    divides by ``c + p * z``. ``p`` is estimated from the inputs themselves: the fraction of
+    pairs of kept entries at one position that share a sign (plus one agreeing and one
+    disagreeing pair, so that ``p = 1/2`` without overlaps; independent inputs give 1/2).
+
+    Inputs with no kept entry in the tensor add nothing (nothing is known of them), nor does a
+    dense input (its zeros are real). Identity for ``"sum"`` and ``"mean"`` (their merge of
+    compressed inputs already keeps each input's component along its original: the default
+    scale preserves it) and where no input is ternary.
+
+    >>> a = TernaryTensor((4,), [0, 1], [False, False], 1.0)   # +1 at 0 and 1
+    >>> b = TernaryTensor((4,), [1, 2], [True, False], 1.0)    # -1 at 1, +1 at 2
+    >>> merge_tensor([a, b], rescale=None).tolist()        # PEFT's TIES
+    [1.0, 1.0, 1.0, 0.0]
+    >>> # one overlapping pair, of opposite signs: p = (0 + 1) / (1 + 2) = 1/3; entries 0
+    >>> # and 2 are kept by one input and dropped by the other: divided by 1 + 1/3
+    >>> merge_tensor([a, b], rescale="dense_divisor").tolist()
+    [0.75, 1.0, 0.75, 0.0]
+    """
+    if stats.method != "ties" or all(m is None for m in stats.magnitudes):
+        return Rescale()
+    if stats.counts is None:  # too many inputs for pattern counts: independent inputs
+        p, present = 0.5, [m is not None and m > 0 for m in stats.magnitudes]
+    else:
+        d = stats.digits().astype(np.int64)
+        plus, minus = (d == 1).sum(0), (d == 2).sum(0)
+        c = stats.counts.astype(np.float64)
+        same = float(c @ (plus * (plus - 1) + minus * (minus - 1))) / 2
+        pairs = float(c @ ((plus + minus) * (plus + minus - 1))) / 2
+        p = (same + 1) / (pairs + 2)
+        present = (c @ (d != 0).T > 0).tolist()
+    return Rescale(zeros=tuple(p if ok and m is not None else 0.0
+                               for ok, m in zip(present, stats.magnitudes, strict=True)))
+
+
+RESCALE_RULES["dense_divisor"] = dense_divisor
 
 
 def _resolve_rescale(rescale: str | RescaleRule | None) -> RescaleRule | None:
@@ -228,10 +287,12 @@ def _as_rescale(result: Any, n: int, name: str) -> Rescale:
     else:
         raise MergeError(f"a rescale rule returns a float or a Rescale, got {result!r}",
                          tensor=name)
-    factors = [*list(out.before or ()), out.after]
+    factors = [*list(out.before or ()), out.after, *list(out.zeros or ())]
     if out.before is not None and len(out.before) != n:
         raise MergeError(f"rescale gave {len(out.before)} input factors for {n} inputs",
                          tensor=name)
+    if out.zeros is not None and (len(out.zeros) != n or min(out.zeros) < 0):
+        raise MergeError(f"rescale zeros must be {n} counts >= 0, got {out.zeros}", tensor=name)
     if not all(math.isfinite(float(f)) for f in factors):
         raise MergeError(f"rescale factors must be finite, got {out}", tensor=name)
     return out
@@ -289,11 +350,13 @@ def _seqsum(rows: np.ndarray) -> np.ndarray:
     return acc
 
 
-def combine(stack: np.ndarray, weights: np.ndarray, method: str, sign: str) -> np.ndarray:
+def combine(stack: np.ndarray, weights: np.ndarray, method: str, sign: str,
+            zeros: Sequence[float] | None = None) -> np.ndarray:
     """Merge ``stack`` (``n`` task vectors on axis 0) as PEFT does, in ``stack``'s dtype.
 
     ``weights`` holds ``n`` values of the same dtype. This is the definition every fast path
-    is checked against.
+    is checked against. ``zeros`` (TIES): input ``i`` adds ``zeros[i]`` to the divisor of
+    every entry where it is zero (None: PEFT's divisor, the count of agreeing inputs).
 
     >>> t = np.array([[1.0, -2.0, 0.0], [3.0, 1.0, 0.0]], np.float32)
     >>> combine(t, np.ones(2, np.float32), "ties", "total").tolist()
@@ -314,6 +377,9 @@ def combine(stack: np.ndarray, weights: np.ndarray, method: str, sign: str) -> n
     mask = signs == majority
     mixed = _seqsum(weighted * mask)
     kept = mask.sum(axis=0)
+    if zeros is not None:
+        z = np.array(zeros, dtype=np.float64).astype(work).reshape(w.shape)
+        return mixed / np.maximum(kept + _seqsum((stack == 0) * z), 1)
     return mixed / np.maximum(kept, 1).astype(work)
 
 
@@ -324,12 +390,13 @@ def _digits(n: int) -> np.ndarray:
         (0, 1), np.uint8)
 
 
-def _pattern_table(mags: np.ndarray, weights: np.ndarray, method: str, sign: str) -> np.ndarray:
+def _pattern_table(mags: np.ndarray, weights: np.ndarray, method: str, sign: str,
+                   zeros: Sequence[float] | None = None) -> np.ndarray:
     """The merged value of every sign pattern of ternary inputs with magnitudes ``mags``."""
     d = _digits(mags.size)
     zero = mags.dtype.type(0)
     stack = np.where(d == 1, mags[:, None], np.where(d == 2, -mags[:, None], zero))
-    return combine(stack.astype(mags.dtype, copy=False), weights, method, sign)
+    return combine(stack.astype(mags.dtype, copy=False), weights, method, sign, zeros)
 
 
 def _scaled_magnitudes(mags: Sequence[float | None], before: Sequence[float] | None,
@@ -410,7 +477,7 @@ class TensorMerge:
         if self._table is None:
             r = self.rescale
             mags = _scaled_magnitudes(self._mags, r.before, self.work)
-            table = _pattern_table(mags, self._w, self.method, self.sign)
+            table = _pattern_table(mags, self._w, self.method, self.sign, r.zeros)
             if r.after != 1.0:
                 table = table * self.work.type(r.after)
             self._table = table
@@ -464,7 +531,7 @@ class TensorMerge:
                 self._fill_row(rows[i], v, a, m)
                 if before is not None:
                     rows[i] *= before[i]
-            out = combine(rows, self._w, self.method, self.sign)
+            out = combine(rows, self._w, self.method, self.sign, r.zeros)
             if r.after != 1.0:
                 out *= self.work.type(r.after)
             yield a, out
@@ -623,6 +690,8 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
 #: The scale rules the sign-pattern compression computes itself (any other goes through
 #: :func:`~compeft_format.compress.iter_compress` on the dense merged tensors).
 PATTERN_SCALES = ("proj_vcap", "proj", "norm", "l2", "std")
+#: The scopes it computes itself (others, such as ``"role"``, go through ``iter_compress``).
+PATTERN_SCOPES = ("global", "tensor")
 
 
 @dataclass
@@ -748,12 +817,13 @@ def _compress_merged(
     tensor (``rescale`` None the first time, then the :class:`Rescale` it gave, so that a
     rule runs once per tensor); it is called twice per tensor, and nothing is kept between
     the calls but the counts of the sign patterns. Unless ``patterns`` (every tensor has a
-    pattern table) and the scale rule is one of :data:`PATTERN_SCALES`, the dense merged
-    tensors go through ``iter_compress`` instead (each merged up to four times).
+    pattern table), the scale rule is one of :data:`PATTERN_SCALES` and the scope one of
+    :data:`PATTERN_SCOPES`, the dense merged tensors go through ``iter_compress`` instead
+    (each merged up to four times).
     """
     compression_metadata(density, alpha, scope, scale)  # checks the options
     names = list(names)
-    if scale not in PATTERN_SCALES or not patterns:
+    if scale not in PATTERN_SCALES or scope not in PATTERN_SCOPES or not patterns:
         merged = _MergedTensors(names, make, dtypes)
         yield from iter_compress(merged, density=density, alpha=alpha, scope=scope,
                                  scale=scale)
@@ -960,10 +1030,12 @@ def _check_inputs(sources: Sequence[Source], readers: Sequence[CompeftReader],
                                      f"{key}")
     r0 = refs[0]
     for s, r in zip(sources[1:], refs[1:], strict=True):
-        same = (r.kind, r.peft_type, r.name, r.hashes, sorted(r.delta)) == (
-            r0.kind, r0.peft_type, r0.name, r0.hashes, sorted(r0.delta))
+        # the base binding: hex hashes (files before 1.1) or the compact digest
+        same = (r.kind, r.peft_type, r.name, r.hashes, r.digest, sorted(r.delta)) == (
+            r0.kind, r0.peft_type, r0.name, r0.hashes, r0.digest, sorted(r0.delta))
         if not same:
-            what = ("the recorded base hashes differ" if r.hashes != r0.hashes
+            what = ("the recorded base hashes differ" if (r.hashes, r.digest) != (
+                    r0.hashes, r0.digest)
                     and r.kind == r0.kind == "checkpoint" and r.name == r0.name
                     else "the tensors stored as a difference differ"
                     if sorted(r.delta) != sorted(r0.delta) and r.kind == r0.kind

@@ -10,26 +10,31 @@ from typing import Any
 
 import numpy as np
 
+from . import _spec as S
 from . import dtypes as _dt
-from ._alloc import fresh_zeros, writing
+from ._alloc import writing
 from .codecs._bits import scatter_signed
-from .tensor import TernaryTensor, dense_output, dense_values
+from .tensor import TernaryTensor, dense_output, dense_values, dense_zeros
 
 __all__ = ["check_framework", "dense_ternary", "present"]
 
 
 def dense_ternary(shape: tuple[int, ...], dtype: str, values: dict[str, Any], dense: str,
-                  out: np.ndarray | None) -> np.ndarray:
+                  out: np.ndarray | None, *, nnz: int | None = None,
+                  limits: S.ReadLimits = S.DEFAULT_LIMITS, name: str | None = None,
+                  ) -> np.ndarray:
     """Write a ternary tensor's dense array from its blocks' positions and packed signs.
 
     The positions codec yields chunks of positions; each is written at once with its signs'
     values, so neither the int64 index array nor the bool signs of the whole tensor are
     built. The output is "numpy" values (BF16 as float32, as ``to_numpy``) or "torch"
-    storage (BF16 as raw uint16 bits, as ``to_torch`` stores them).
+    storage (BF16 as raw uint16 bits, as ``to_torch`` stores them). A new array is checked
+    against ``limits.max_dense_bytes`` first (spec 9.2); ``nnz``, the count of nonzeros (None:
+    unknown), tells whether prefaulting its pages pays (:func:`dense_zeros`).
     """
     vals = dense_values(values["scale"], dtype, bf16_bits=dense == "torch")
     if out is None:
-        flat, prefault = fresh_zeros(math.prod(shape), vals.dtype)
+        flat, prefault = dense_zeros(shape, vals.dtype, nnz, limits, name)
     else:
         flat, prefault = dense_output(out, math.prod(shape), vals.dtype), None
     with writing(prefault) as ready:

@@ -9,10 +9,10 @@ import numpy as np
 
 from . import dtypes as _dt
 from ._alloc import Prefault, fresh_zeros, writing
-from ._spec import TERNARY_DTYPES
-from .errors import EncodeError
+from ._spec import DEFAULT_LIMITS, TERNARY_DTYPES, ReadLimits
+from .errors import EncodeError, LimitExceededError
 
-__all__ = ["TernaryTensor", "dense_output", "dense_values"]
+__all__ = ["TernaryTensor", "check_dense_bytes", "dense_output", "dense_values", "dense_zeros"]
 
 _NAME_ALIASES = {
     "f32": "F32", "float32": "F32", "f16": "F16", "float16": "F16", "bf16": "BF16",
@@ -64,6 +64,72 @@ def dense_values(scale: float, name: str, *, bf16_bits: bool = False) -> np.ndar
     np_dtype = np.float32 if name == "BF16" else _dt.storage_dtype(name)
     value = _round_scale(scale, name)
     return np.array([value, -value], dtype=np_dtype)
+
+
+def check_dense_bytes(shape: tuple[int, ...], dtype: Any, limits: ReadLimits = DEFAULT_LIMITS,
+                      tensor: str | None = None) -> int:
+    """Return the bytes of a dense output of ``shape`` and ``dtype`` (spec 9.4), checked.
+
+    Raises :class:`LimitExceededError` above ``limits.max_dense_bytes``. Every maker of a
+    dense output calls it before allocating (``dtype``: anything with an ``itemsize``, numpy
+    or torch).
+
+    >>> check_dense_bytes((1024, 1024), np.dtype(np.float16))
+    2097152
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > limits.max_dense_bytes:
+        raise LimitExceededError(f"dense output {list(shape)} {dtype} is {nbytes} bytes; limit "
+                                 f"{limits.max_dense_bytes} (raise ReadLimits.max_dense_bytes)",
+                                 tensor=tensor)
+    return nbytes
+
+
+def dense_zeros(shape: tuple[int, ...], dtype: np.dtype, nnz: int | None,
+                limits: ReadLimits = DEFAULT_LIMITS, tensor: str | None = None,
+                ) -> tuple[np.ndarray, Prefault | None]:
+    """Return a new flat zero array for the dense form of a ternary tensor, and its prefault.
+
+    Its size is checked against ``limits.max_dense_bytes`` before anything is allocated
+    (spec 9.2: a file of a hundred bytes can declare a shape of petabytes), and an
+    allocation the system refuses is a :class:`LimitExceededError` too, never numpy's
+    ``MemoryError``. ``nnz`` elements will be written (see :func:`_alloc.fresh_zeros`).
+
+    >>> dense_zeros((2**24, 2**24), np.dtype(np.float32), 0)
+    Traceback (most recent call last):
+    ...
+    compeft_format.errors.LimitExceededError: dense output [16777216, 16777216] float32 is \
+1125899906842624 bytes; limit 17179869184 (raise ReadLimits.max_dense_bytes)
+    """
+    numel = math.prod(shape)
+    nbytes = check_dense_bytes(shape, dtype, limits, tensor)
+    try:
+        return fresh_zeros(numel, dtype, nnz=nnz)
+    except MemoryError:
+        raise LimitExceededError(f"dense output {list(shape)} {dtype} is {nbytes} bytes: the "
+                                 "system cannot allocate it", tensor=tensor) from None
+
+
+def _frozen(given: Any, dtype: type, trusted: bool) -> np.ndarray:
+    """Return ``given`` as a flat contiguous read-only array of ``dtype``.
+
+    A new array (converted from a list, another dtype) needs no copy, nor does a view of
+    read-only arrays only (another tensor's); anything someone else could still write to
+    (the caller's own array, torch memory) is copied: changing it later would change a
+    validated tensor. ``trusted`` (arrays the package has just built) skips the copy.
+    """
+    arr = np.ascontiguousarray(given, dtype=dtype)
+    if not (trusted or (arr is not given and arr.base is None)):  # not a new array of ours
+        base = arr if arr is given else arr.base
+        while isinstance(base, np.ndarray) and not base.flags.writeable:
+            base = base.base
+        if base is not None:  # a writeable array, or memory numpy cannot vouch for
+            arr = arr.copy()
+    if arr.base is None:  # ours: frozen at the source, so views of it are known read-only
+        arr.flags.writeable = False
+    arr = arr.reshape(-1)
+    arr.flags.writeable = False
+    return arr
 
 
 def dense_output(out: np.ndarray | None, numel: int, dtype: np.dtype) -> np.ndarray:
@@ -129,12 +195,15 @@ class TernaryTensor:
     ) -> None:
         self.shape: tuple[int, ...] = tuple(int(d) for d in shape)
         self.dtype: str = _dtype_name(dtype)
-        self.indices: np.ndarray = np.ascontiguousarray(indices, dtype=np.int64).reshape(-1)
-        self.signs: np.ndarray = np.ascontiguousarray(signs, dtype=bool).reshape(-1)
+        # the arrays are read-only (copied from a caller who could change them): a tensor
+        # stays as validated (an unsorted index would let the prefault overwrite values)
+        self.indices: np.ndarray = _frozen(indices, np.int64, _validated)
+        self.signs: np.ndarray = _frozen(signs, bool, _validated)
         scale = float(scale)
         if not math.isfinite(scale) or math.copysign(1.0, scale) < 0:
             raise EncodeError(f"scale must be finite and non-negative, got {scale!r}")
-        scale32 = float(np.float32(scale))
+        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned
+            scale32 = float(np.float32(scale))
         if not math.isfinite(scale32):
             raise EncodeError(f"scale {scale!r} overflows float32")
         self.scale: float = scale32
@@ -212,12 +281,14 @@ class TernaryTensor:
         return cls(storage.shape, indices, np.signbit(nz), scale, out_dtype, _validated=True)
 
     # -- conversion ------------------------------------------------------------------------
-    def to_numpy(self, dtype: Any = None, *, out: np.ndarray | None = None) -> np.ndarray:
+    def to_numpy(self, dtype: Any = None, *, out: np.ndarray | None = None,
+                 limits: ReadLimits = DEFAULT_LIMITS) -> np.ndarray:
         """Return the dense array; BF16 comes back as float32 holding bfloat16 values.
 
         ``dtype`` (``"F32"``, ``np.float16``, ...) overrides the stored dtype. ``out``, a
         C-contiguous writeable array of ``numel`` elements of that numpy dtype, receives the
-        values instead of a new array (it is zeroed first) and is returned.
+        values instead of a new array (it is zeroed first) and is returned. A new array
+        above ``limits.max_dense_bytes`` (16 GiB) raises :class:`LimitExceededError`.
 
         >>> TernaryTensor((3,), [2], [True], 0.1, "F16").to_numpy()
         array([ 0. ,  0. , -0.1], dtype=float16)
@@ -225,21 +296,23 @@ class TernaryTensor:
         name = self.dtype if dtype is None else _dtype_name(dtype)
         vals = dense_values(self.scale, name)
         if out is None:
-            flat, prefault = fresh_zeros(self.numel, vals.dtype)
+            flat, prefault = dense_zeros(self.shape, vals.dtype, self.nnz, limits)
         else:
             flat, prefault = dense_output(out, self.numel, vals.dtype), None
         self._scatter(flat, vals, prefault)
         return flat.reshape(self.shape) if out is None else out
 
-    def to_torch(self, dtype: Any = None):
+    def to_torch(self, dtype: Any = None, *, limits: ReadLimits = DEFAULT_LIMITS):
         """Return the dense ``torch.Tensor`` in the stored dtype (BF16 native).
+
+        ``limits.max_dense_bytes`` bounds its size, as for :meth:`to_numpy`.
 
         >>> TernaryTensor((2,), [0], [False], 1.5, "BF16").to_torch()
         tensor([1.5000, 0.0000], dtype=torch.bfloat16)
         """
         name = self.dtype if dtype is None else _dtype_name(dtype)
         vals = dense_values(self.scale, name, bf16_bits=True)
-        flat, prefault = fresh_zeros(self.numel, vals.dtype)
+        flat, prefault = dense_zeros(self.shape, vals.dtype, self.nnz, limits)
         self._scatter(flat, vals, prefault)
         return _dt.to_torch(flat.reshape(self.shape), name)
 

@@ -129,7 +129,11 @@ def replay(test_one_input: Callable[[bytes], None], inputs: list[bytes], *,
             with contextlib.suppress(OSError):
                 ARTIFACTS.mkdir(exist_ok=True)
                 name.write_bytes(data)
-            exc.add_note(f"input saved as {name} ({len(data)} bytes)")
+            note = f"input saved as {name} ({len(data)} bytes)"
+            if hasattr(exc, "add_note"):  # Python 3.11+
+                exc.add_note(note)
+            else:
+                print(note, file=sys.stderr)
             raise
 
     for data in inputs:

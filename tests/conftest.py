@@ -1,4 +1,10 @@
-"""Shared test setup: the import path and the hypothesis profiles.
+"""Shared test setup: the hypothesis profiles, and which package is under test.
+
+The tests import ``compeft_format`` from wherever Python finds it: the checkout when run from
+it (``python -m pytest`` puts the working directory first), the installed wheel when run from
+a tree without the package sources (``.ci/run`` runs the unpacked sdist that way). Nothing
+here puts the source tree on the path, so CI tests what users install; the report header
+names the package that was imported.
 
 Hypothesis profiles are chosen by the ``HYPOTHESIS_PROFILE`` environment variable:
 
@@ -14,15 +20,26 @@ directory, so a failure found locally is replayed first on the next local run.
 from __future__ import annotations
 
 import os
-import sys
+import shutil
+import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # run from a checkout without installing the package
-    sys.path.insert(0, str(ROOT))
+
+# Every temporary file of the suite that is not a tmp_path (the doctests' mkdtemp, the
+# commands' own, those of the subprocesses, which inherit TMPDIR) goes into one folder,
+# removed when the session ends; pytest's tmp_path folders stay where they were.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SUITE_TMP = tempfile.mkdtemp(prefix="compeft-tests-")
+tempfile.tempdir = SUITE_TMP
+os.environ["TMPDIR"] = SUITE_TMP
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(SUITE_TMP, ignore_errors=True)
 
 # numpy-heavy examples have jittery timings on a shared VM: never fail on a deadline
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}
@@ -44,3 +61,9 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+
+
+def pytest_report_header() -> str:
+    import compeft_format
+
+    return f"compeft_format under test: {Path(compeft_format.__file__).parent}"

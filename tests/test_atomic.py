@@ -88,6 +88,7 @@ def _kill_mid_write(path: Path) -> Path:
     tmp = _wait_for_temp(path, 8 << 20)  # 8 MiB of about 100 MiB written
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
+    proc.stdout.close()  # its pipe: no ResourceWarning
     assert proc.returncode == -signal.SIGKILL
     return tmp
 
@@ -194,6 +195,16 @@ def test_saving_never_changes_the_umask(tmp_path, monkeypatch):
     monkeypatch.setattr(fsio, "_IMPORT_UMASK", 0o077)
     cf.save_file(NEW, tmp_path / "c.compeft")
     assert (tmp_path / "c.compeft").stat().st_mode & 0o777 == 0o600
+    # the converters' outputs (files and folders) follow the same rule
+    monkeypatch.setattr(fsio, "_umask_from_proc", lambda: 0o027)
+    from compeft_format.outputs import Output, write_fsync
+
+    with Output(tmp_path / "dir", is_dir=True, force=False, inputs=[]) as out:
+        write_fsync(out.file("a.bin"), lambda f: f.write(b"abc"))
+    with Output(tmp_path / "file", is_dir=False, force=False, inputs=[]) as out:
+        write_fsync(out.file(), lambda f: f.write(b"abc"))
+    assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "file").stat().st_mode & 0o777 == 0o640
     assert calls == []
 
 

@@ -92,22 +92,34 @@ def test_sweep_json_sizes_equal_the_files_compress_writes(tmp_path, capsys, pair
             assert t["rel_error"] == pytest.approx(s.quality[name].rel_error, rel=1e-12)
 
 
-def test_sweep_table_and_plot(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
-    png = tmp_path / "sweep.png"
+def test_sweep_table(capsys):
     code, out, err = run(capsys, "sweep", LORA, "--base", LORA / "init", "--densities",
-                         " 0.1,", "--plot", png)
+                         " 0.1,")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"sweep of {LORA}: 337,920 parameters")
     assert lines[1].split()[:5] == ["scale", "density", "alpha", "nnz", "bytes"]
-    assert [line.split()[0] for line in lines[2:-1]] == list(SCALES)  # all rules by default
-    assert lines[-1] == f"plot: {png}"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # an existing plot is replaced only with --force
+    assert [line.split()[0] for line in lines[2:]] == list(SCALES)  # all rules by default
+
+
+def test_sweep_refuses_to_replace_a_plot_without_force(tmp_path, capsys):
+    png = tmp_path / "sweep.png"
+    png.write_bytes(b"mine")
     code, out, err = run(capsys, "sweep", LORA, "--densities", "0.1", "--plot", png)
     assert code == 1
+    assert out == ""
     one_line_error(err, "exists", "--force")
+    assert png.read_bytes() == b"mine"  # refused before any work, matplotlib or not
+
+
+def test_sweep_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")  # the plot alone needs it
+    png = tmp_path / "sweep.png"
+    code, out, err = run(capsys, "sweep", LORA, "--base", LORA / "init", "--densities",
+                         " 0.1,", "--plot", png)
+    assert code == 0, err
+    assert out.splitlines()[-1] == f"plot: {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     code, _, err = run(capsys, "sweep", LORA, "--densities", "0.1", "--plot", png, "--force")
     assert code == 0, err
 

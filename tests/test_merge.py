@@ -402,6 +402,22 @@ def test_merge_and_compress_dense_fallback(monkeypatch):
         _same_ternary(mixed[name], want[name])
 
 
+@pytest.mark.parametrize(("scope", "scale"), [("role", "proj_vcap"), ("global", "gram"),
+                                               ("tensor", "gram")])
+def test_merge_and_compress_other_scopes_and_scales(scope, scale):
+    """Scopes and scales without pattern arithmetic go through iter_compress: the same."""
+    rng = np.random.default_rng(9)
+    names = {"m.lora_A.weight": (4, 30), "m.lora_B.weight": (30, 4), "bias": (30,)}
+    experts = [{n: TernaryTensor(s, idx, rng.random(idx.size) < 0.5, 0.1 * (i + 1))
+                for n, s in names.items()
+                for idx in [np.flatnonzero(rng.random(int(np.prod(s))) < 0.3)]}
+               for i in range(3)]
+    got = M.merge_and_compress(experts, density=0.2, scope=scope, scale=scale)
+    want = compress(merge(experts), density=0.2, scope=scope, scale=scale)
+    for name in names:
+        _same_ternary(got[name], want[name])
+
+
 def test_merge_and_compress_errors():
     e = {"w": TernaryTensor((4,), [0], [False], 1.0)}
     with pytest.raises(EncodeError, match="density"):

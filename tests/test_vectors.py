@@ -212,7 +212,7 @@ def test_valid_vector_decodes(slug: str, doc: dict[str, Any], data: bytes, path:
 def test_valid_vector_reencodes(slug: str, doc: dict[str, Any], data: bytes, path: Path) -> None:
     """The reference encoder rebuilds a valid vector byte for byte from its JSON."""
     rebuilt = cf.dumps(_tensors_from_json(doc["tensors"]), metadata=doc["metadata"],
-                       **doc["options"])
+                       **{"version": "1.0", **doc["options"]})  # no version given: 1.0
     assert rebuilt == data
 
 
@@ -345,7 +345,8 @@ def test_hexdump_rebuilds_the_example() -> None:
         assert comment.strip()
         data += chunk
     example = cf.dumps({"w": TernaryTensor((2, 8), [0, 3, 14], [False, True, False], 0.5)},
-                       metadata={"compeft.producer": "spec"}, positions="golomb")
+                       metadata={"compeft.producer": "spec"}, positions="golomb",
+                       version="1.0")
     assert data == example == (VECTORS / "valid" / "002-spec-example.compeft").read_bytes()
     # the checksums the comments quote are the real ones
     for _, _, comment in rows:
@@ -380,9 +381,11 @@ def test_limits_table_matches_code() -> None:
     assert names == list(ReadLimits.__dataclass_fields__)
     d = ReadLimits()
     assert (d.max_metadata_size, d.max_metadata_depth, d.max_index_size, d.max_tensors,
-            d.max_ndim, d.max_name_length, d.max_numel, d.max_decoded_bytes) == (
-        16 * 2**20, 64, 256 * 2**20, 1_000_000, 16, 4096, 2**48, None)
-    for n in ("16 777 216", "268 435 456", "1 000 000", "2^48", "max(64 MiB, 64 × file size)"):
+            d.max_ndim, d.max_name_length, d.max_numel, d.max_decoded_bytes,
+            d.max_dense_bytes) == (
+        16 * 2**20, 64, 256 * 2**20, 1_000_000, 16, 4096, 2**48, None, 16 * 2**30)
+    for n in ("16 777 216", "268 435 456", "1 000 000", "2^48", "max(64 MiB, 64 × file size)",
+              "17 179 869 184"):
         assert n in section
     assert (_spec.DECODE_BUDGET_FLOOR, _spec.DECODE_BUDGET_RATIO) == (64 * 2**20, 64)
 
@@ -395,7 +398,7 @@ def test_header_constants_match_code() -> None:
     assert "`43 50 46 45`" in text
     assert bytes.fromhex("43504645") == _spec.TAIL_MAGIC
     assert (_spec.FILE_HEADER_SIZE, _spec.TRAILER_SIZE) == (16, 16)
-    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 0, 3)
+    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------

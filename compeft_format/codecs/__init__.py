@@ -1,7 +1,7 @@
 """Block codecs (spec 6) and the zstd stage (spec 7), one module each.
 
-Importing this package registers every codec; :func:`get_codec` looks one up by the
-``Block_Type`` byte stored in the file.
+:func:`get_codec` finds the codec of a ``Block_Type`` byte stored in a file (the table of
+spec 5.5: fixed by the format, no registration hook).
 """
 
 from .base import (
@@ -9,7 +9,6 @@ from .base import (
     BlockContext,
     PositionsCodec,
     get_codec,
-    register_codec,
     registered_codecs,
 )
 from .bitmask import BitmaskCodec
@@ -31,6 +30,5 @@ __all__ = [
     "SignsCodec",
     "ZstdStage",
     "get_codec",
-    "register_codec",
     "registered_codecs",
 ]

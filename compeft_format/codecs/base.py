@@ -22,7 +22,6 @@ __all__ = [
     "BlockContext",
     "PositionsCodec",
     "get_codec",
-    "register_codec",
     "registered_codecs",
 ]
 
@@ -44,7 +43,7 @@ class BlockContext:
 
 
 class BlockCodec(ABC):
-    """One block type of spec 6. Subclasses register themselves by ``block_type``.
+    """One block type of spec 6, found by its ``block_type`` (:func:`get_codec`).
 
     ``encode`` returns ``(param, payload)``; ``param`` is stored in the block descriptor.
     ``decode`` MUST validate everything it reads and raise a ``FormatError`` subclass,
@@ -96,21 +95,36 @@ class PositionsCodec(BlockCodec):
         return out
 
 
-_REGISTRY: dict[int, BlockCodec] = {}
+_CODECS: dict[int, BlockCodec] = {}
 
 
-def register_codec(cls: type[BlockCodec]) -> type[BlockCodec]:
-    """Class decorator: register ``cls`` under its ``block_type``."""
-    if cls.block_type in _REGISTRY:
-        raise ValueError(f"block type 0x{cls.block_type:02x} registered twice")
-    _REGISTRY[cls.block_type] = cls()
-    return cls
+def _table() -> dict[int, BlockCodec]:
+    """Block type -> codec: one codec for each ``Block_Type`` of spec 5.5.
+
+    The table is fixed: a new block type is a change of the format (spec 5.5 and 6, the
+    container's rules of which blocks a record holds, vectors), not a plug-in, so there is no
+    registration hook. Built on first use: the codec modules import this one.
+    """
+    if not _CODECS:
+        from .bitmask import BitmaskCodec
+        from .dense import DenseCodec
+        from .golomb import GolombCodec
+        from .scale import ScaleCodec
+        from .signs import SignsCodec
+
+        codecs = (BitmaskCodec(), GolombCodec(), SignsCodec(), ScaleCodec(), DenseCodec())
+        _CODECS.update({c.block_type: c for c in codecs})
+    return _CODECS
 
 
 def get_codec(block_type: int, ctx: BlockContext | None = None) -> BlockCodec:
-    """Return the codec for ``block_type``; unknown types raise ``UnsupportedFeatureError``."""
+    """Return the codec for ``block_type``; unknown types raise ``UnsupportedFeatureError``.
+
+    >>> get_codec(0x02).name
+    'golomb'
+    """
     try:
-        return _REGISTRY[block_type]
+        return _table()[block_type]
     except KeyError:
         msg = f"unknown block type 0x{block_type:02x}"
         if ctx is not None:
@@ -119,5 +133,5 @@ def get_codec(block_type: int, ctx: BlockContext | None = None) -> BlockCodec:
 
 
 def registered_codecs() -> dict[int, BlockCodec]:
-    """Return a copy of the registry (block type -> codec instance)."""
-    return dict(_REGISTRY)
+    """Return a copy of the table (block type -> codec instance)."""
+    return dict(_table())

@@ -14,13 +14,12 @@ import numpy as np
 
 from .._spec import BLOCK_BITMASK
 from ._bits import check_packed, popcount_total
-from .base import BlockContext, PositionsCodec, register_codec
+from .base import BlockContext, PositionsCodec
 
 _ENCODE_SPAN = 1 << 20  # elements per encoder step (a multiple of 8: spans are whole bytes)
 _DECODE_SPAN = 1 << 15  # mask bytes per decoder step (262144 elements)
 
 
-@register_codec
 class BitmaskCodec(PositionsCodec):
     """Positions as ``numel`` presence bits.
 

@@ -6,10 +6,9 @@ import numpy as np
 
 from .._spec import BLOCK_DENSE, ITEMSIZE
 from ..dtypes import storage_dtype
-from .base import BlockCodec, BlockContext, register_codec
+from .base import BlockCodec, BlockContext
 
 
-@register_codec
 class DenseCodec(BlockCodec):
     """``numel * itemsize`` bytes in C order, as safetensors stores them.
 

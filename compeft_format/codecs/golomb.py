@@ -29,7 +29,7 @@ from ._bits import (
     popcount,
     popcount_total,
 )
-from .base import BlockContext, PositionsCodec, register_codec
+from .base import BlockContext, PositionsCodec
 
 _ENCODE_CHUNK = 1 << 16  # codes per encoder step: int32 temporaries of 256 KiB stay in L2
 _DECODE_CHUNK = 1 << 15  # unary bytes per decoder step (262144 bits, ~10^4..10^5 codes)
@@ -153,7 +153,8 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
                 # branch-free truncated binary: a long code is r + u in b bits, whose top b - 1
                 # bits go to the planes and whose low bit goes to the extension part
                 is_long = r >= u
-                c = r + is_long.view(np.uint8) * work(u)
+                # (dtype given: numpy 1.x would type uint8 * scalar by the scalar's value)
+                c = r + np.multiply(is_long.view(np.uint8), u, dtype=work)
                 # np.compress with a bool condition: 4x faster than c[mask] (and than a uint8 one)
                 ext_bits.write(np.compress(is_long, c & 1))
                 v = c >> is_long.view(np.uint8)
@@ -272,7 +273,6 @@ def _sum_remainders(buf: np.ndarray, n: int, m: int, n_long: int) -> int:
     return int(v.sum()) + long_v - u * n_long + ext
 
 
-@register_codec
 class GolombCodec(PositionsCodec):
     """Positions as Golomb-coded gaps; ``Param`` is the Golomb parameter ``M``.
 

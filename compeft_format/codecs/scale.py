@@ -7,12 +7,11 @@ import struct
 
 from .._spec import BLOCK_SCALE, SCALE_F32
 from ..errors import UnsupportedFeatureError
-from .base import BlockCodec, BlockContext, register_codec
+from .base import BlockCodec, BlockContext
 
 _F32 = struct.Struct("<f")
 
 
-@register_codec
 class ScaleCodec(BlockCodec):
     """One float32; ``Param`` is the Scale_Dtype, 0 = one F32 for the whole tensor.
 

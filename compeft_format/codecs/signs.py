@@ -6,10 +6,9 @@ import numpy as np
 
 from .._spec import BLOCK_SIGNS
 from ._bits import check_packed, pack_bits, unpack_bits
-from .base import BlockCodec, BlockContext, register_codec
+from .base import BlockCodec, BlockContext
 
 
-@register_codec
 class SignsCodec(BlockCodec):
     """Encode the signs of the nonzeros as a packed bit array.
 
