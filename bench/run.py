@@ -95,8 +95,9 @@ def readme_block(size_rows: list[dict[str, Any]], adapter_rows: list[dict[str, A
                        "vs F32", "vs BF16"], body)]
     if adapter_rows:
         rows = [r for r in adapter_rows if r["reference"] == "init/" and r["scope"] == "global"]
-        lines += ["", "Real adapters (task vector from the saved initial adapter, global "
-                  "top-k, scale `norm`):", "",
+        lines += ["", "Real adapters, files as `compeft compress --base init --density K` writes "
+                  f"them (global top-k, scale `{rows[0]['scale'] if rows else '?'}`, metadata "
+                  "and base binding included):", "",
                   md_table(["adapter", "density", "bytes", "dense bytes", "ratio", "bits/param",
                             "cosine"],
                            [[r["adapter"], f"{r['density']:g}", f"{r['bytes']:,}",

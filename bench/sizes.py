@@ -19,9 +19,8 @@ from bench.common import (
     stc_golomb_bits,
 )
 from compeft_format import dtypes as _dt
-from compeft_format import dumps, quality_report
-from compeft_format.compress import COMPRESSION_METADATA_KEY, compress, compression_metadata
-from compeft_format.taskvec import peft_task_vector
+from compeft_format import dumps
+from compeft_format.compress import DEFAULT_SCALE
 
 DENSITIES = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5)
 #: the densities of the format's size target: auto <= 1.025 x (H(p) + p)
@@ -107,9 +106,15 @@ def adapter_sizes(densities: tuple[float, ...] = ADAPTER_DENSITIES,
                   scopes: tuple[str, ...] = SCOPES) -> list[dict[str, Any]]:
     """Compress the real adapters of tests/data at each density and scope; sizes and quality.
 
-    The task vector is measured from the saved initial adapter (``init/``); for LoRA also from
-    zero, the convention of the ComPEFT reference code (A and B compressed as they are).
+    Every file is written exactly as ``compeft compress`` writes it (:func:`compress_file`,
+    default scale rule and options, metadata and base binding included): the task vector is
+    measured from the saved initial adapter (``--base init``); for LoRA also from zero, the
+    convention of the ComPEFT reference code (A and B compressed as they are).
     """
+    import tempfile
+
+    from compeft_format.convert import compress_file
+
     rows = []
     for label, folder, peft_type in ADAPTERS:
         d = ROOT / folder
@@ -117,25 +122,24 @@ def adapter_sizes(densities: tuple[float, ...] = ADAPTER_DENSITIES,
         if not model.exists():
             continue
         weights = _load(model)
-        init = _load(d / "init" / "adapter_model.safetensors") if (d / "init").exists() else None
-        refs = [("init/", init)] if init is not None else []
-        if peft_type == "LORA" or init is None:
+        refs: list[tuple[str, Path | None]] = [("init/", d / "init")] if (d / "init").exists() \
+            else []
+        if peft_type == "LORA" or not refs:
             refs.append(("zero" if peft_type == "LORA" else "PEFT init", None))
         params = sum(v.size for v in weights.values())
-        for ref, init_w in refs:
-            tv = peft_task_vector(weights, peft_type, init=init_w)
+        for ref, base in refs:
             for scope in scopes:
                 for p in densities:
-                    comp = compress(tv, density=p, scope=scope)
-                    meta = {COMPRESSION_METADATA_KEY: compression_metadata(p, 1.0, scope, "norm")}
-                    data = dumps(comp, metadata=meta)
-                    q = quality_report(tv, comp).overall
+                    with tempfile.TemporaryDirectory() as tmp:
+                        s = compress_file(d, Path(tmp) / "out", density=p, scope=scope,
+                                          base=base)
+                        size = Path(s.file).stat().st_size
+                    q = s.quality.overall
                     rows.append({
                         "adapter": label, "reference": ref, "scope": scope, "density": p,
-                        "params": params, "tensors": len(weights), "bytes": len(data),
-                        "dense bytes": model.stat().st_size,
-                        "ratio": model.stat().st_size / len(data),
-                        "bits/param": 8 * len(data) / params,
+                        "scale": DEFAULT_SCALE, "params": params, "tensors": len(weights),
+                        "bytes": size, "dense bytes": model.stat().st_size,
+                        "ratio": model.stat().st_size / size, "bits/param": 8 * size / params,
                         "kept": q.nnz, "rel_error": q.rel_error, "cosine": q.cosine,
                     })
     return rows
@@ -157,8 +161,9 @@ def adapter_sizes_md(rows: list[dict[str, Any]]) -> str:
                      for a, r in firsts.items())
     return "\n".join([
         f"The adapters of tests/data (all-MiniLM-L6-v2 trained on VADER sentiment; {desc}), "
-        "compressed with `compress(tv, density=..., scope=...)` (scale `norm`, alpha 1) and "
-        "written with `dumps` (default options, compression metadata included). Ratio: the "
+        "written exactly as `compeft compress --density K --scope S [--base init]` writes them "
+        f"(`compress_file`, default scale rule `{DEFAULT_SCALE}`, alpha 1, metadata and base "
+        "binding included). Ratio: the "
         "adapter's `adapter_model.safetensors` as stored over the `.compeft` file. Quality: "
         "`quality_report(task vector, compressed)`, overall relative L2 error and cosine.",
         "", md_table(header, body, "lllrrrrrrr")])

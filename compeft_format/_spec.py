@@ -12,7 +12,8 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # what the reference encoder writes by default (spec 10.1)
+VERSIONS = ((1, 0), (1, 1))  # the versions an encoder can be asked to write
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
@@ -25,6 +26,13 @@ DEFAULT_ALIGNMENT_LOG2 = 3  # 8 bytes: every dtype of spec 5.4 can be viewed in 
 KIND_END = 0x00  # the Index follows
 KIND_TERNARY = 0x01
 KIND_DENSE = 0x02
+KIND_PACK = 0x03  # spec 5.8 (1.1): many small ternary tensors in one record
+
+# spec 5.8 pack records (format 1.1)
+PACK_TABLE_MAX = 1 << 20  # the largest decoded member table (a format limit)
+PACK_MEMBER_MAX_NUMEL = 1 << 19  # the reference encoder packs ternary tensors up to this size
+PACK_DATA_TARGET = 1 << 20  # ... into packs of at most this many data bytes (unless one member)
+PACK_TABLE_TARGET = 1 << 15  # ... and member tables of at most this many bytes
 KIND_OPTIONAL_BIT = 0x80  # spec 10.2: an unknown kind with this bit set is skipped
 
 # spec 5.5 Block_Type
@@ -73,6 +81,9 @@ TERNARY_DTYPES = ("F32", "F16", "BF16", "F64")  # spec 5.4: dtypes a ternary rec
 
 # spec 6.4 Scale_Dtype (Param of the scale block)
 SCALE_F32 = 0x00
+
+# spec 5.2 JSON integers: exact in binary64 (I-JSON, RFC 7493)
+JSON_INT_MAX = 2**53 - 1
 
 # spec 5.2.1 reserved metadata keys
 META_PRODUCER = "compeft.producer"

@@ -7,6 +7,7 @@ before anything is added to it (spec 5.2.1: ``compeft.base``).
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 from . import _spec as S
 from ._progress import Bar
 from .errors import ConvertError, CorruptDataError
-from .plan import META_TASK_VECTOR, REFERENCES, tensor_sha256
+from .plan import META_TASK_VECTOR, REFERENCES, SHORT_DIGEST, base_binding, tensor_sha256
 
 __all__ = ["Reference", "check_base", "read_reference"]
 
@@ -35,6 +36,9 @@ class Reference:
     name: str | None
     hashes: dict[str, str] | None
     peft_type: str | None
+    #: the compact binding (format 1.1): ``compeft.base.sha256`` and the short digests
+    digest: str | None = None
+    digests: bytes | None = None
 
 
 def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> Reference:
@@ -43,9 +47,10 @@ def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> R
     ``meta`` is the file metadata, ``records`` the file's tensor names, ``where`` the file
     (for messages). Raises :class:`~compeft_format.errors.CorruptDataError`.
 
-    >>> read_reference({"task_vector": {"reference": "one", "delta": ["g"],
-    ...                                 "peft_type": "IA3"}}, {"g"}, Path("a.compeft"))
-    Reference(kind='one', delta={'g'}, name=None, hashes=None, peft_type='IA3')
+    >>> r = read_reference({"task_vector": {"reference": "one", "delta": ["g"],
+    ...                                     "peft_type": "IA3"}}, {"g"}, Path("a.compeft"))
+    >>> r.kind, r.delta, r.peft_type
+    ('one', {'g'}, 'IA3')
     """
     ref = meta.get(META_TASK_VECTOR)
     base = meta.get(S.META_BASE)  # its types are checked by the reader (spec 5.2.1)
@@ -61,17 +66,30 @@ def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> R
     kind = ref.get("reference")
     if kind not in REFERENCES:
         raise bad(f"reference must be one of {REFERENCES}, got {kind!r}")
-    delta = ref.get("delta", [])
-    if not isinstance(delta, list) or not all(isinstance(n, str) for n in delta):
-        raise bad("delta must be a list of tensor names")
-    unknown = [n for n in delta if n not in records]
+    field = "delta_all_but" if "delta_all_but" in ref else "delta"
+    listed = ref.get(field, [])
+    if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+        raise bad(f"{field} must be a list of tensor names")
+    unknown = [n for n in listed if n not in records]
     if unknown:
-        raise bad(f"delta names {len(unknown)} tensors the file does not hold: {unknown[:5]}")
-    hashes = base.get("hashes")
-    if kind == "checkpoint" and not isinstance(hashes, dict):
+        raise bad(f"{field} names {len(unknown)} tensors the file does not hold: "
+                  f"{unknown[:5]}")
+    delta = set(records) - set(listed) if field == "delta_all_but" else set(listed)
+    hashes, digest, digests = base.get("hashes"), base.get("sha256"), None
+    if kind == "checkpoint" and isinstance(digest, str):  # the compact binding (1.1)
+        try:
+            digests = base64.b64decode(str(base.get("digests", "")), validate=True)
+        except ValueError:
+            raise CorruptDataError(f"{where}: metadata {S.META_BASE!r}: digests is not "
+                                   "base64") from None
+        if len(digests) != SHORT_DIGEST * len(delta):
+            raise CorruptDataError(f"{where}: metadata {S.META_BASE!r}: {len(digests)} bytes "
+                                   f"of digests for {len(delta)} tensors")
+        hashes = None
+    elif kind == "checkpoint" and not isinstance(hashes, dict):
         raise CorruptDataError(f"{where}: a task vector measured from a checkpoint needs the "
                                f"base's hashes in metadata {S.META_BASE!r}")
-    if kind == "checkpoint":
+    elif kind == "checkpoint":
         unbound = [n for n in delta if n not in hashes]
         if unbound:
             raise CorruptDataError(f"{where}: metadata {S.META_BASE!r}: no hash of "
@@ -79,9 +97,10 @@ def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> R
                                    f"{unbound[:5]}")
     name = base.get("name")
     peft_type = ref.get("peft_type")
-    return Reference(kind, set(delta), name if isinstance(name, str) else None,
+    return Reference(kind, delta, name if isinstance(name, str) else None,
                      hashes if kind == "checkpoint" else None,
-                     peft_type if isinstance(peft_type, str) else None)
+                     peft_type if isinstance(peft_type, str) else None,
+                     digest if digests is not None else None, digests)
 
 
 def check_base(ref: Reference, base: Any, infos: Mapping[str, Any],
@@ -121,7 +140,9 @@ def check_base(ref: Reference, base: Any, infos: Mapping[str, Any],
         if ref.kind == "zero" and b.dtype not in S.TERNARY_DTYPES:
             raise ConvertError(f"{where}: cannot add a task vector to a {b.dtype} tensor",
                                tensor=n)
-    if ref.kind == "checkpoint":
+    if ref.kind == "checkpoint" and ref.digests is not None:
+        _check_digests(ref, base, bar_enabled, where, label)
+    elif ref.kind == "checkpoint":
         assert ref.hashes is not None
         with Bar(bar_enabled, len(ref.delta), "check base") as bar:
             for n in sorted(ref.delta):
@@ -132,3 +153,28 @@ def check_base(ref: Reference, base: Any, infos: Mapping[str, Any],
                                        f"recorded {str(ref.hashes[n])[:19]}...)", tensor=n)
                 bar.update()
 
+
+
+def _check_digests(ref: Reference, base: Any, bar_enabled: bool, where: Any,
+                   label: str) -> None:
+    """The compact binding: one sha256 over the tensors' digests, then which tensor differs."""
+    order = sorted(ref.delta, key=lambda n: n.encode("utf-8"))
+    got = {}
+    with Bar(bar_enabled, len(order), "check base") as bar:
+        for n in order:
+            got[n] = tensor_sha256(base, n)
+            bar.update()
+    mine = base_binding(got)
+    if mine["sha256"] == ref.digest:
+        return
+    assert ref.digests is not None
+    short = base64.b64decode(mine["digests"])
+    for i, n in enumerate(order):
+        part = slice(SHORT_DIGEST * i, SHORT_DIGEST * (i + 1))
+        if short[part] != ref.digests[part]:
+            raise ConvertError(f"{where}: the data differs from the base{label} the task vector "
+                               f"was measured from (digest {short[part].hex()}, recorded "
+                               f"{ref.digests[part].hex()})", tensor=n)
+    raise ConvertError(f"{where}: the data differs from the base{label} the task vector was "
+                       f"measured from ({mine['sha256'][:19]}..., recorded "
+                       f"{str(ref.digest)[:19]}...; no tensor's short digest tells which)")

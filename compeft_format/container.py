@@ -27,7 +27,7 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._io import BufferSource, Source, StreamSource, encode_varint
 from .budget import Budget, positions_cost, record_cost, widening_cost
-from .codecs import ZSTD, BlockContext, get_codec
+from .codecs import ZSTD, BlockContext, get_codec, torch_decode
 from .codecs.dense import DenseCodec
 from .codecs.scale import ScaleCodec
 from .codecs.signs import SignsCodec
@@ -46,7 +46,7 @@ from .fsio import atomic_write
 from .info import BlockInfo, FileInfo, TensorInfo
 from .metadata import decode_metadata, encode_metadata
 from .present import check_framework, dense_ternary, present
-from .tensor import TernaryTensor, dense_output
+from .tensor import TernaryTensor, check_dense_bytes, dense_output
 
 __all__ = [
     "BlockInfo",
@@ -65,6 +65,9 @@ __all__ = [
 
 _SIGNS, _SCALE, _DENSE = SignsCodec(), ScaleCodec(), DenseCodec()
 _MAX_RECORD_HEADER = 1 << 16  # spec 9.2: a record header above 64 KiB is rejected
+# what a ternary record costs beyond its blocks and two copies of its name (header fields,
+# descriptors, checksums, index entry), for the writer's pack-or-record choice (Appendix D)
+_RECORD_OVERHEAD = 32
 
 
 def _crc(*parts: bytes | memoryview) -> int:
@@ -109,6 +112,9 @@ class Writer:
         zstd level tried on every block (kept where smaller); ``None`` disables zstd.
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
+    version:
+        ``"1.1"`` (the default) gathers ternary tensors of at most 2^19 elements into pack
+        records (spec 5.8); ``"1.0"`` writes one record per tensor, for 1.0 readers.
 
     Examples
     --------
@@ -117,12 +123,13 @@ class Writer:
     >>> with Writer(buf) as w:
     ...     w.write("a", TernaryTensor((4,), [1], [True], 0.5))
     >>> len(buf.getvalue())
-    101
+    85
     """
 
     def __init__(self, fileobj: BinaryIO, *, metadata: Mapping[str, Any] | None = None,
                  positions: str = "auto", zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
-                 alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2) -> None:
+                 alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
+                 version: tuple[int, int] | str = (S.VERSION_MAJOR, S.VERSION_MINOR)) -> None:
         if positions not in POSITIONS_CHOICES:
             raise EncodeError(f"positions must be one of {POSITIONS_CHOICES}, got {positions!r}")
         if zstd_level is not None and not (isinstance(zstd_level, int) and -7 <= zstd_level <= 22):
@@ -130,16 +137,24 @@ class Writer:
         log2 = alignment.bit_length() - 1 if isinstance(alignment, int) and alignment > 0 else -1
         if not (S.MIN_ALIGNMENT_LOG2 <= log2 <= S.MAX_ALIGNMENT_LOG2 and alignment == 1 << log2):
             raise EncodeError(f"alignment must be a power of two in [1, 4096], got {alignment!r}")
+        version = _parse_version(version)
         self._f = fileobj
         self._positions = positions
         self._level = zstd_level
         self._alignment = alignment
-        self._names: list[bytes] = []
+        self._packing = version >= (1, 1)  # spec 5.8: small ternary tensors go into packs
+        self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
+        self._last = b""  # the last tensor name written, in a record or a pack
+        self._pack: list[_Member] = []
+        self._pack_data = self._pack_table = 0  # bytes of the pending pack's data and table
+        #: name -> bytes the tensor takes in the file, as ``TensorInfo.record_size``: its
+        #: whole record, or for a pack member its data (the pack's header is shared)
+        self.sizes: dict[str, int] = {}
         self._cost = 0  # decode-budget charge of the records written so far (spec 9.3)
         self._closed = False
         meta = encode_metadata(metadata)
-        header = S.FILE_HEADER.pack(S.MAGIC, S.VERSION_MAJOR, S.VERSION_MINOR, log2, 0, len(meta))
+        header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, 0, len(meta))
         self._pos = 0
         self._emit(header, meta, S.CHECKSUM.pack(_crc(header, meta)))
         self._pad()
@@ -173,12 +188,25 @@ class Writer:
         if not bname or len(bname) > S.DEFAULT_LIMITS.max_name_length or "\x00" in name:
             raise EncodeError(f"names must be 1..{S.DEFAULT_LIMITS.max_name_length} UTF-8 bytes "
                               "without NUL", tensor=name)
-        if self._names and bname <= self._names[-1]:
+        if self._last and bname <= self._last:
             raise EncodeError(f"names must be unique and written in increasing order; "
-                              f"{name!r} follows {self._names[-1].decode()!r}", tensor=name)
+                              f"{name!r} follows {self._last.decode()!r}", tensor=name)
+        if (self._packing and isinstance(value, TernaryTensor)
+                and value.numel <= S.PACK_MEMBER_MAX_NUMEL):
+            self._check_ndim(name, value.shape)
+            member = self._member(bname, value)
+            if isinstance(member, _Member):
+                self.sizes[name] = self._add_member(member)
+                self._last = bname
+                return
+            encoded = member  # a record is smaller: its blocks are already encoded
+        else:
+            encoded = None
+        self._flush_pack()
+        self._last = bname
         if isinstance(value, TernaryTensor):
             self._check_ndim(name, value.shape)
-            kind, body_tail, blocks = self._ternary(name, value, self._level)
+            kind, body_tail, blocks = encoded or self._ternary(name, value, self._level)
             dtype, shape, nnz = value.dtype, value.shape, value.nnz
         else:
             try:
@@ -224,6 +252,7 @@ class Writer:
         self._emit(head, S.CHECKSUM.pack(_crc(head)))
         self._pad()
         self._emit(*parts)
+        self.sizes[name] = self._pos - self._offsets[-1]
 
     @staticmethod
     def _check_ndim(name: str, shape: tuple[int, ...]) -> None:
@@ -243,10 +272,90 @@ class Writer:
         blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
         return S.KIND_TERNARY, encode_varint(t.nnz), blocks
 
+    def _member(self, bname: bytes, t: TernaryTensor) -> _Member | tuple[int, bytes, list]:
+        """Encode a small ternary tensor as a pack member (spec 5.8), or as a record.
+
+        Members have no zstd stage. Positions that zstd shrinks (runs, not scattered
+        nonzeros) can make a record of their own smaller despite its header: then the
+        record's ``(kind, body tail, blocks)``, as :meth:`_ternary` gives them.
+        """
+        ctx = BlockContext(bname.decode(), t.numel, t.nnz, t.dtype, t.shape)
+        btype, _stage, param, positions, _d = encode_positions(t, ctx, self._positions, None)()
+        signs = _SIGNS.encode(t.signs, ctx)[1]
+        scale = _SCALE.encode(t.scale, ctx)[1]
+        tail = (bytes([S.DTYPE_CODES[t.dtype], len(t.shape)])
+                + b"".join(encode_varint(d) for d in t.shape) + encode_varint(t.nnz)
+                + bytes([btype]) + encode_varint(param) + encode_varint(len(positions)))
+        member = _Member(bname, tail, (positions, signs, scale),
+                         positions_cost(len(positions), t.nnz))
+        if self._level is not None and member.size > _RECORD_OVERHEAD:
+            record = self._ternary(bname.decode(), t, self._level)
+            as_record = (sum(_align(len(b[3]), self._alignment) for b in record[2])
+                         + 2 * len(bname) + _RECORD_OVERHEAD)
+            if as_record < member.size:
+                return record
+        return member
+
+    def _add_member(self, member: _Member) -> int:
+        """Put a member into the pending pack, writing the pack first if it is full."""
+        entry = len(_table([member], b""))  # an upper bound: front coding only shortens it
+        if self._pack and (self._pack_data + member.size > S.PACK_DATA_TARGET
+                           or self._pack_table + entry > S.PACK_TABLE_TARGET):
+            self._flush_pack()
+        self._pack.append(member)
+        self._pack_data += member.size
+        self._pack_table += entry
+        return member.size
+
+    def flush(self) -> None:
+        """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
+
+        A 1.1 writer gathers small ternary tensors into a pack (spec 5.8) and writes it when
+        it is full, when a tensor that is not packed comes, or at :meth:`close`; at most
+        about 1 MiB waits. The file stays valid: the next tensors start a new pack.
+        """
+        if self._closed:
+            raise ValueError("writer is closed")
+        self._flush_pack()
+        with contextlib.suppress(AttributeError, OSError):
+            self._f.flush()
+
+    def _flush_pack(self) -> None:
+        """Write the pending pack as one record (spec 5.8)."""
+        if not self._pack:
+            return
+        members, self._pack = self._pack, []
+        self._pack_data = self._pack_table = 0
+        table = _table(members)
+        stage, stored = maybe_zstd(table, self._level)
+        data = b"".join(part for m in members for part in m.parts)
+        end = self._pos + len(data) + 64  # about where the data area ends (spec 9.3)
+        cost = sum(m.cost for m in members)
+        table_cost = len(table) if stage == S.STAGE_ZSTD else 0
+        if (stage == S.STAGE_ZSTD and self._cost + cost + table_cost
+                > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * end)):
+            stage, stored, table_cost = S.STAGE_NONE, table, 0
+        self._cost += cost + table_cost
+        first = members[0].name
+        body = (encode_varint(len(first)) + first + encode_varint(len(members)) + bytes([stage])
+                + encode_varint(len(stored))
+                + (encode_varint(len(table)) if stage == S.STAGE_ZSTD else b"") + stored)
+        pad = bytes(_align(len(data), self._alignment) - len(data))
+        if len(body) + 8 > _MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
+            raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
+        head = (bytes([S.KIND_PACK]) + encode_varint(len(body) + 8)
+                + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(_crc(data, pad)))
+        self._names.append(first)
+        self._offsets.append(self._pos)
+        self._emit(head, S.CHECKSUM.pack(_crc(head)))
+        self._pad()
+        self._emit(data, pad)
+
     def close(self) -> None:
         """Write the index and the trailer (spec 5.6, 5.7). Idempotent."""
         if self._closed:
             return
+        self._flush_pack()
         self._closed = True
         index_offset = self._pos
         index = bytearray([S.KIND_END]) + encode_varint(len(self._names))
@@ -264,7 +373,8 @@ class Writer:
 
 def dumps(tensors: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
           positions: str = "auto", zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
-          alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2) -> bytes:
+          alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
+          version: tuple[int, int] | str = (S.VERSION_MAJOR, S.VERSION_MINOR)) -> bytes:
     """Return the bytes of a compeft file holding ``tensors`` (written in sorted name order).
 
     Values are :class:`TernaryTensor` (ternary records) or numpy arrays / torch tensors
@@ -276,10 +386,59 @@ def dumps(tensors: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = No
     """
     buf = io.BytesIO()
     with Writer(buf, metadata=metadata, positions=positions, zstd_level=zstd_level,
-                alignment=alignment) as w:
+                alignment=alignment, version=version) as w:
         for name in _sorted_names(tensors):
             w.write(name, tensors[name])
     return buf.getvalue()
+
+
+def _parse_version(version: tuple[int, int] | str) -> tuple[int, int]:
+    if isinstance(version, str):
+        major, _, minor = version.partition(".")
+        version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (-1, -1)
+    version = tuple(version)
+    if version not in S.VERSIONS:
+        raise EncodeError(f"version must be one of {[f'{a}.{b}' for a, b in S.VERSIONS]}, "
+                          f"got {version!r}")
+    return version
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _table(members: list[_Member], prev: bytes | None = None) -> bytes:
+    """The member table of a pack (spec 5.8): names front-coded, then the fixed fields.
+
+    The first name is coded against the record's name, which is the same (``prev``
+    defaults to it): a pack stores each name once, and its first in the index too.
+    """
+    out = bytearray()
+    prev = members[0].name if prev is None else prev
+    for m in members:
+        shared = _common_prefix(prev, m.name)
+        out += encode_varint(shared) + encode_varint(len(m.name) - shared) + m.name[shared:]
+        out += m.tail
+        prev = m.name
+    return bytes(out)
+
+
+@dataclass
+class _Member:
+    """A tensor waiting in a pack: its name, its member-table fields after the name, its data."""
+
+    name: bytes
+    tail: bytes
+    parts: tuple[bytes, bytes, bytes]  # positions, signs, scale
+    cost: int  # decode-budget charge (spec 9.3)
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts)
 
 
 def _sorted_names(tensors: Mapping[str, Any]) -> list[str]:
@@ -295,7 +454,8 @@ def _sorted_names(tensors: Mapping[str, Any]) -> list[str]:
 def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, *,
               metadata: Mapping[str, Any] | None = None, positions: str = "auto",
               zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
-              alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2) -> None:
+              alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
+              version: tuple[int, int] | str = (S.VERSION_MAJOR, S.VERSION_MINOR)) -> None:
     """Write ``tensors`` to ``path`` atomically (temporary file, then rename).
 
     >>> import tempfile, os
@@ -308,7 +468,7 @@ def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, *,
 
     def write(f: BinaryIO) -> None:
         with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level,
-                    alignment=alignment) as w:
+                    alignment=alignment, version=version) as w:
             for name in names:
                 w.write(name, tensors[name])
 
@@ -326,6 +486,13 @@ class _Header:
     alignment: int
     metadata: dict[str, Any]
     end: int  # offset of the first record (aligned)
+
+    @property
+    def kinds(self) -> tuple[int, ...]:
+        """The record kinds of this file's version (spec 5.3: packs from 1.1)."""
+        if self.version[1] >= 1:
+            return (S.KIND_TERNARY, S.KIND_DENSE, S.KIND_PACK)
+        return (S.KIND_TERNARY, S.KIND_DENSE)
 
 
 def _read_file_header(src: Source, limits: S.ReadLimits) -> _Header:
@@ -389,6 +556,9 @@ class _Record:
     header_end: int
     data_start: int
     data_size: int
+    alignment: int = 1
+    members: tuple[_Record, ...] = ()  # a pack's tensors (spec 5.8), data_start absolute
+    in_pack: bool = False  # a member of a pack: no checksum, no alignment of its own
 
     @property
     def end(self) -> int:
@@ -403,10 +573,10 @@ class _Record:
                                    decoded, cursor))
             cursor += stored + (-stored % self.alignment)
         kind = "ternary" if self.kind == S.KIND_TERNARY else "dense"
+        # a pack member's share of the file is its data (the pack's header is shared)
+        size = self.data_size if self.in_pack else self.end - self.offset
         return TensorInfo(self.name, kind, self.dtype, self.shape, self.nnz, tuple(infos),
-                          self.offset, self.end - self.offset)
-
-    alignment: int = 1
+                          self.offset, size)
 
 
 def _codec_name(btype: int) -> str:
@@ -457,38 +627,14 @@ def _read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment:
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
     name = _read_name(b, limits, "tensor")
     b.tensor = name
+    if kind == S.KIND_PACK:
+        return _read_pack(b, name, limits, _Record(
+            kind, name, "", (), None, [], data_crc, offset, header_end, data_start, data_size,
+            alignment), data_size_at)
     if kind not in (S.KIND_TERNARY, S.KIND_DENSE):
         return _Record(kind, name, "", (), None, [], data_crc, offset, header_end, data_start,
                        data_size, alignment)
-    code = b.u8("dtype")
-    if code not in S.DTYPES:
-        raise CorruptDataError(f"unknown dtype code 0x{code:02x}", tensor=name, offset=b.pos - 1)
-    dtype = S.DTYPES[code][0]
-    if kind == S.KIND_TERNARY and dtype not in S.TERNARY_DTYPES:
-        raise CorruptDataError(f"a ternary record cannot stand for {dtype}", tensor=name,
-                               offset=b.pos - 1)
-    ndim = b.u8("ndim")
-    if ndim > limits.max_ndim:
-        raise LimitExceededError(f"{ndim} dimensions; limit {limits.max_ndim}", tensor=name,
-                                 offset=b.pos - 1)
-    dims_at = b.pos
-    shape = tuple(b.varint("dimension") for _ in range(ndim))
-    numel = math.prod(shape)
-    if numel > limits.max_numel:
-        raise LimitExceededError(f"shape {list(shape)} has {numel} elements; limit "
-                                 f"{limits.max_numel}", tensor=name, offset=dims_at)
-    # an empty shape like (0, 2**62) has 0 elements, but no array library can make it
-    extent = math.prod(d for d in shape if d)
-    if extent > limits.max_numel:
-        raise LimitExceededError(f"shape {list(shape)}: its nonzero dimensions multiply to "
-                                 f"{extent}; limit {limits.max_numel}", tensor=name,
-                                 offset=dims_at)
-    nnz = None
-    if kind == S.KIND_TERNARY:
-        nnz_at = b.pos
-        nnz = b.varint("nnz")
-        if nnz > numel:
-            raise CorruptDataError(f"nnz {nnz} exceeds numel {numel}", tensor=name, offset=nnz_at)
+    dtype, shape, nnz = _read_tensor_fields(b, kind, name, limits)
     count = b.u8("block count")
     blocks = []
     for _ in range(count):
@@ -518,6 +664,124 @@ def _read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment:
     return rec
 
 
+def _read_tensor_fields(b: BufferSource, kind: int, name: str, limits: S.ReadLimits,
+                        ) -> tuple[str, tuple[int, ...], int | None]:
+    """Dtype, Ndim, Dims and (ternary) Nnz of a record body or a pack member (spec 5.4)."""
+    code = b.u8("dtype")
+    if code not in S.DTYPES:
+        raise CorruptDataError(f"unknown dtype code 0x{code:02x}", tensor=name, offset=b.pos - 1)
+    dtype = S.DTYPES[code][0]
+    if kind == S.KIND_TERNARY and dtype not in S.TERNARY_DTYPES:
+        raise CorruptDataError(f"a ternary record cannot stand for {dtype}", tensor=name,
+                               offset=b.pos - 1)
+    ndim = b.u8("ndim")
+    if ndim > limits.max_ndim:
+        raise LimitExceededError(f"{ndim} dimensions; limit {limits.max_ndim}", tensor=name,
+                                 offset=b.pos - 1)
+    dims_at = b.pos
+    shape = tuple(b.varint("dimension") for _ in range(ndim))
+    numel = math.prod(shape)
+    if numel > limits.max_numel:
+        raise LimitExceededError(f"shape {list(shape)} has {numel} elements; limit "
+                                 f"{limits.max_numel}", tensor=name, offset=dims_at)
+    # an empty shape like (0, 2**62) has 0 elements, but no array library can make it
+    extent = math.prod(d for d in shape if d)
+    if extent > limits.max_numel:
+        raise LimitExceededError(f"shape {list(shape)}: its nonzero dimensions multiply to "
+                                 f"{extent}; limit {limits.max_numel}", tensor=name,
+                                 offset=dims_at)
+    nnz = None
+    if kind == S.KIND_TERNARY:
+        nnz_at = b.pos
+        nnz = b.varint("nnz")
+        if nnz > numel:
+            raise CorruptDataError(f"nnz {nnz} exceeds numel {numel}", tensor=name, offset=nnz_at)
+    return dtype, shape, nnz
+
+
+def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: _Record,
+               data_size_at: int) -> _Record:
+    """The rest of a pack record's body: its member table (spec 5.8)."""
+    at = b.pos
+    count = b.varint("member count")
+    if count < 1:
+        raise CorruptDataError("a pack holds at least one member", tensor=name, offset=at)
+    stage_at = b.pos
+    stage = b.u8("table stage")
+    stored = b.varint("table stored size")
+    if stage not in (S.STAGE_NONE, S.STAGE_ZSTD):
+        raise UnsupportedFeatureError(f"unknown stage 0x{stage:02x}", tensor=name,
+                                      offset=stage_at)
+    decoded = b.varint("table decoded size") if stage == S.STAGE_ZSTD else stored
+    if decoded > S.PACK_TABLE_MAX:
+        raise CorruptDataError(f"pack table: decoded size {decoded} exceeds "
+                               f"{S.PACK_TABLE_MAX}", tensor=name, offset=stage_at + 1)
+    table_at = b.pos
+    table = b.read(stored, "pack table")
+    if not b.at_end():
+        raise CorruptDataError(f"{b.remaining} unexpected bytes at the end of the record header",
+                               tensor=name, offset=b.pos)
+    if stage == S.STAGE_ZSTD:
+        ctx = BlockContext(name, 0, 0, "F32", (), table_at)
+        table = memoryview(ZSTD.decode(table, decoded, ctx))
+    t = BufferSource(table, base=table_at)
+    t.tensor = name
+    members, prev, cursor = [], name.encode(), 0  # the first name is coded against Name
+    for _ in range(count):
+        at = t.pos
+        shared = t.varint("prefix length")
+        if shared > len(prev):
+            raise CorruptDataError(f"pack member prefix length {shared} exceeds the previous "
+                                   f"name's {len(prev)} bytes", tensor=name, offset=at)
+        suffix_at = t.pos
+        n = t.varint("suffix length")
+        if not 1 <= shared + n <= limits.max_name_length:
+            raise LimitExceededError(f"member name length {shared + n} outside [1, "
+                                     f"{limits.max_name_length}]", tensor=name, offset=suffix_at)
+        raw = prev[:shared] + bytes(t.read(n, "member name"))
+        try:
+            mname = raw.decode("utf-8", "strict")
+        except UnicodeDecodeError:
+            raise CorruptDataError(f"member name is not valid UTF-8: {raw[:40]!r}",
+                                   offset=at) from None
+        if "\x00" in mname:
+            raise CorruptDataError(f"member name contains NUL: {mname[:40]!r}", offset=at)
+        if not members and raw != prev:
+            raise CorruptDataError(f"the first member is named {mname!r}, the pack {name!r}",
+                                   tensor=name, offset=at)
+        if members and raw <= prev:
+            raise CorruptDataError(f"pack member names must increase; {mname!r} follows "
+                                   f"{prev.decode()!r}", tensor=mname, offset=at)
+        t.tensor = mname
+        dtype, shape, nnz = _read_tensor_fields(t, S.KIND_TERNARY, mname, limits)
+        assert nnz is not None
+        ptype_at = t.pos
+        ptype = t.u8("positions type")
+        if ptype not in (S.BLOCK_BITMASK, S.BLOCK_GOLOMB):
+            raise CorruptDataError(f"pack member positions type 0x{ptype:02x} is not bitmask "
+                                   "or golomb", tensor=mname, offset=ptype_at)
+        param = t.varint("positions param")
+        psize = t.varint("positions size")
+        ssize = -(-nnz // 8)
+        blocks = [(ptype, S.STAGE_NONE, param, psize, psize),
+                  (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize),
+                  (S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4)]
+        size = psize + ssize + 4
+        members.append(_Record(S.KIND_TERNARY, mname, dtype, shape, nnz, blocks, 0, rec.offset,
+                               rec.header_end, rec.data_start + cursor, size, in_pack=True))
+        cursor += size
+        prev = raw
+    if not t.at_end():
+        raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
+                               tensor=name, offset=t.pos)
+    if rec.data_size != _align(cursor, rec.alignment):
+        raise CorruptDataError(f"data size {rec.data_size} does not match the pack's members "
+                               f"({_align(cursor, rec.alignment)})", tensor=name,
+                               offset=data_size_at)
+    rec.members = tuple(members)
+    return rec
+
+
 _ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 
@@ -537,18 +801,30 @@ def _check_block_set(rec: _Record) -> None:
                                tensor=rec.name, offset=rec.offset)
 
 
+def _check_data_crc(rec: _Record, data: memoryview, tensor: str | None = None) -> None:
+    """Data_Checksum of a record (spec 5.3, R-REC-9); ``tensor``: the pack member asked for."""
+    computed = _crc(data)
+    if computed != rec.data_crc:
+        where = ""
+        if rec.members:  # one checksum covers them all: say which tensors may be damaged
+            where = (f" (a pack of {len(rec.members)} tensors, {rec.members[0].name!r} to "
+                     f"{rec.members[-1].name!r})")
+        raise ChecksumError(f"data checksum mismatch: stored 0x{rec.data_crc:08x}, computed "
+                            f"0x{computed:08x}{where}", tensor=tensor or rec.name,
+                            offset=rec.data_start)
+
+
 def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | None = None,
-                   out: np.ndarray | None = None) -> Any:
+                   out: np.ndarray | None = None, device: Any = None) -> Any:
     """Verify a record's data area and decode its blocks (spec 8).
 
     A ternary record gives a :class:`TernaryTensor`; with ``dense`` ("numpy" or "torch") it
     gives its dense array instead, written chunk by chunk straight from the positions and
     signs blocks (see :func:`dense_ternary`). A dense record gives its storage array.
+    With a torch ``device``, the payloads are decoded there (:mod:`.codecs.torch_decode`).
     """
-    computed = _crc(data)
-    if computed != rec.data_crc:
-        raise ChecksumError(f"data checksum mismatch: stored 0x{rec.data_crc:08x}, computed "
-                            f"0x{computed:08x}", tensor=rec.name, offset=rec.data_start)
+    if not rec.in_pack:  # a pack's checksum covers all its members: checked by the caller
+        _check_data_crc(rec, data)
     numel = math.prod(rec.shape)
     values: dict[str, Any] = {}
     cursor = 0
@@ -572,7 +848,9 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
             payload = memoryview(ZSTD.decode(payload, decoded_size, ctx))
         if codec.role == "positions":  # unpacked bits, then int64 indices and bool signs
             budget.charge(positions_cost(len(payload), ctx.nnz), ctx, rec.end)
-        if dense is not None and codec.role == "positions":
+        if device is not None and codec.role != "scale":
+            values[codec.role] = torch_decode.decode_block(codec, payload, param, ctx, device)
+        elif dense is not None and codec.role == "positions":
             values["positions"] = codec.positions(payload, param, ctx)  # checks the block now
         elif dense is not None and codec.role == "signs":
             values["signs"] = codec.packed(payload, param, ctx)
@@ -580,6 +858,9 @@ def _decode_record(rec: _Record, data: memoryview, budget: Budget, dense: str | 
             values[codec.role] = codec.decode(payload, param, ctx)
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
+    if device is not None:
+        return torch_decode.DeviceTernary(values["positions"], values["signs"], values["scale"],
+                                          rec.dtype, rec.shape)
     if dense is not None:
         return dense_ternary(rec.shape, rec.dtype, values, dense, out, nnz=rec.nnz,
                              limits=budget.limits, name=rec.name)
@@ -621,12 +902,18 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
 
 
 def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: str,
-                    dense: bool, out: np.ndarray | None = None) -> Any:
+                    dense: bool, out: np.ndarray | None = None, device: Any = None) -> Any:
     """Decode one record and return it as the caller asked (framework, dense, ``out``).
 
     Torch always gets dense tensors, and like ``dense=True`` they are written straight from
     the blocks, without a :class:`TernaryTensor` in between.
     """
+    if device is not None:  # torch tensors on that device
+        if out is not None:
+            raise ValueError("out= cannot be given with device=")
+        framework = "torch"
+        if not torch_decode.on_device(device):  # the CPU: the numpy decoders, faster there
+            device = None
     mode = "torch" if framework == "torch" else "numpy" if dense else None
     if out is not None and mode != "numpy":
         raise ValueError("out= needs dense=True and framework='numpy'")
@@ -638,6 +925,9 @@ def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: s
         cost = widening_cost(rec.dtype, numel, framework)
         ctx = BlockContext(rec.name, numel, 0, rec.dtype, rec.shape, rec.data_start)
         budget.charge(cost, ctx, rec.end)
+    if device is not None:  # spec 9.4: the dense output is bounded before it is allocated
+        check_dense_bytes(rec.shape, _dt.storage_dtype(rec.dtype), budget.limits, rec.name)
+        return torch_decode.dense(_decode_record(rec, data, budget, device=device))
     value = _decode_record(rec, data, budget, mode, out)
     if isinstance(value, TernaryTensor):
         return present(value, framework)
@@ -651,36 +941,54 @@ def _decode_present(rec: _Record, data: memoryview, budget: Budget, framework: s
     return value
 
 
+def _decode_pack(rec: _Record, data: memoryview, budget: Budget, framework: str,
+                 dense: bool, device: Any = None) -> Iterator[tuple[str, Any]]:
+    """Check a pack's data area, then decode its members in order (spec 5.8)."""
+    _check_data_crc(rec, data)
+    used = rec.members[-1].end - rec.data_start
+    _check_zero(data[used:], rec.data_start + used, rec.name, "block padding")
+    for m in rec.members:
+        lo = m.data_start - rec.data_start
+        yield m.name, _decode_present(m, data[lo : lo + m.data_size], budget, framework, dense,
+                                      device=device)
+
+
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
-          file_size: int | None, dense: bool = False) -> Iterator[tuple[str, Any]]:
+          file_size: int | None, dense: bool = False, device: Any = None,
+          ) -> Iterator[tuple[str, Any]]:
     header = _read_file_header(src, limits)
     budget = Budget(limits, file_size)
     seen: list[tuple[str, int]] = []
+    last = ""  # the last tensor name: a record's, or a pack's last member's
     while True:
         src.tensor = None
         at = src.pos
         kind = src.u8("record kind")
         if kind == S.KIND_END:
             break
-        if kind not in (S.KIND_TERNARY, S.KIND_DENSE) and not kind & S.KIND_OPTIONAL_BIT:
+        if kind not in header.kinds and not kind & S.KIND_OPTIONAL_BIT:
             raise UnsupportedFeatureError(f"unknown required record kind 0x{kind:02x}", offset=at)
         if len(seen) >= limits.max_tensors:
             raise LimitExceededError(f"more than {limits.max_tensors} records", offset=at)
         rec = _read_record_header(src, kind, limits, header.alignment)
         src.tensor = rec.name
-        if seen and rec.name.encode() <= seen[-1][0].encode():  # spec 5.3
+        if last and rec.name.encode() <= last.encode():  # spec 5.3
             raise CorruptDataError(f"record names must increase; {rec.name!r} follows "
-                                   f"{seen[-1][0]!r}", tensor=rec.name, offset=at)
+                                   f"{last!r}", tensor=rec.name, offset=at)
         seen.append((rec.name, at))
+        last = rec.members[-1].name if rec.members else rec.name
         _check_zero(src.read(rec.data_start - rec.header_end, "record padding"), rec.header_end,
                     rec.name, "record padding")
         data = src.read(rec.data_size, "record data")
-        if kind not in (S.KIND_TERNARY, S.KIND_DENSE):
+        if kind not in header.kinds:
             if _crc(data) != rec.data_crc:
                 raise ChecksumError("data checksum mismatch", tensor=rec.name,
                                     offset=rec.data_start)
             continue  # spec 10.2: an unknown optional record is skipped
-        yield rec.name, _decode_present(rec, data, budget, framework, dense)
+        if kind == S.KIND_PACK:
+            yield from _decode_pack(rec, data, budget, framework, dense, device)
+            continue
+        yield rec.name, _decode_present(rec, data, budget, framework, dense, device=device)
     src.tensor = None
     index_at = src.pos - 1
     src.capture = bytearray(b"\x00")
@@ -705,13 +1013,17 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
 
 
 def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
-          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
+          limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+          device: Any = None) -> dict[str, Any]:
     """Decode a whole file from bytes, checking every byte (spec 8).
 
     Values are :class:`TernaryTensor` for ternary records and numpy arrays for dense records
     (BF16/F8 widened to float32); ``framework="torch"`` gives torch tensors in the stored dtype.
     ``dense=True`` gives ternary records as dense numpy arrays too (``TernaryTensor.to_numpy``
     values), decoded straight into the array: the fastest way to dense weights.
+    ``device`` (a torch device, e.g. ``"cuda"``) gives torch tensors on it: the compressed
+    blocks are copied there and decoded with torch operations (on the CPU, the numpy
+    decoders), bit-identical to the CPU decoding.
 
     >>> loads(dumps({"b": np.arange(3, dtype=np.int8)}))["b"]
     array([0, 1, 2], dtype=int8)
@@ -720,7 +1032,7 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
     """
     check_framework(framework)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
-    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense))
+    return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense, device))
 
 
 def _verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:
@@ -796,10 +1108,27 @@ class CompeftReader:
         if not entries and index_at != first:
             raise CorruptDataError(f"{index_at - first} bytes between the header and an empty "
                                    "index", offset=first)
+        self._members: dict[str, _Record] = {}  # pack members by name (spec 5.8)
+        self._packs: dict[int, _Record] = {}  # packs by offset
+        self._checked: set[int] = set()  # packs whose data area was verified
+        self._closed = False
         ends = [off for _, off in entries[1:]] + [index_at]
-        for (name, off), end in zip(entries, ends, strict=False):
+        for i, ((name, off), end) in enumerate(zip(entries, ends, strict=False)):
             kind = data[off]
-            if kind not in (S.KIND_TERNARY, S.KIND_DENSE) and kind & S.KIND_OPTIONAL_BIT:
+            if kind == S.KIND_PACK and kind in self._header.kinds:
+                # the member tables are read now: they hold the names of the tensors
+                pack = self._read_at(name, off, end)
+                after = entries[i + 1][0] if i + 1 < len(entries) else None
+                last = pack.members[-1].name
+                if after is not None and last.encode() >= after.encode():
+                    raise CorruptDataError(f"pack member {last!r} is not below the next record "
+                                           f"{after!r}", tensor=name, offset=off)
+                self._packs[off] = pack
+                for m in pack.members:
+                    self._entries[m.name] = (off, end)
+                    self._members[m.name] = m
+                continue
+            if kind not in self._header.kinds and kind & S.KIND_OPTIONAL_BIT:
                 # spec 10.2: an unknown optional record is skipped, as loads does. Its header
                 # checksum covers the kind byte: checked first, one flipped bit 7 cannot turn
                 # a tensor into a record that is silently left out
@@ -809,7 +1138,6 @@ class CompeftReader:
                 _read_record_header(src, kind, limits, self._header.alignment)
                 continue
             self._entries[name] = (off, end)
-        self._closed = False
 
     # -- mapping-like API --
     def keys(self) -> list[str]:
@@ -845,10 +1173,27 @@ class CompeftReader:
             off, end = self._entries[name]
         except KeyError:
             raise KeyError(name) from None
+        if name in self._members:
+            return self._members[name]
+        return self._read_at(name, off, end)
+
+    def _data(self, rec: _Record) -> memoryview:
+        """The data area of a record, or of a pack member once its pack is verified."""
+        if rec.in_pack:
+            pack = self._packs[rec.offset]
+            if rec.offset not in self._checked:
+                data = self._buf[pack.data_start : pack.end]
+                _check_data_crc(pack, data, rec.name)
+                used = pack.members[-1].end
+                _check_zero(self._buf[used : pack.end], used, pack.name, "block padding")
+                self._checked.add(rec.offset)
+        return self._buf[rec.data_start : rec.end]
+
+    def _read_at(self, name: str, off: int, end: int) -> _Record:
         src = BufferSource(self._buf[off:end], base=off)
         src.tensor = name
         kind = src.u8("record kind")
-        if kind not in (S.KIND_TERNARY, S.KIND_DENSE) and not kind & S.KIND_OPTIONAL_BIT:
+        if kind not in self._header.kinds and not kind & S.KIND_OPTIONAL_BIT:
             raise UnsupportedFeatureError(f"unknown required record kind 0x{kind:02x}",
                                           tensor=name, offset=off)
         rec = _read_record_header(src, kind, self._limits, self._header.alignment)
@@ -867,7 +1212,7 @@ class CompeftReader:
         return self._record(name).info()
 
     def get(self, name: str, *, framework: str | None = None, dense: bool = False,
-            out: np.ndarray | None = None) -> Any:
+            out: np.ndarray | None = None, device: Any = None) -> Any:
         """Decode one tensor, reading only its bytes.
 
         ``dense=True`` returns a ternary tensor as its dense numpy array, decoded straight
@@ -875,6 +1220,7 @@ class CompeftReader:
         right size and dtype (float32 for BF16), then receives it and is returned.
         The dense array is not counted in ``ReadLimits.max_decoded_bytes`` (its size,
         ``info(name).numel`` elements, is known before decoding).
+        ``device`` (a torch device) gives a torch tensor decoded on it (see :func:`loads`).
         """
         rec = self._record(name)
         fw = framework or self._framework
@@ -882,15 +1228,25 @@ class CompeftReader:
         if rec.kind not in (S.KIND_TERNARY, S.KIND_DENSE):
             raise UnsupportedFeatureError(f"record kind 0x{rec.kind:02x} has no tensor",
                                           tensor=name)
-        data = self._buf[rec.data_start : rec.end]
-        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out)
+        data = self._data(rec)
+        return _decode_present(rec, data, Budget(self._limits, len(self._buf)), fw, dense, out,
+                               device)
 
-    def get_raw(self, name: str) -> tuple[np.ndarray, str] | TernaryTensor:
-        """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits)."""
+    def get_raw(self, name: str, *, device: Any = None) -> Any:
+        """Return a dense record as ``(storage_array, dtype)`` (BF16 as raw uint16 bits), a
+        ternary record as a :class:`TernaryTensor`.
+
+        With a torch ``device``: a dense record's tensor, and a ternary record's positions
+        and signs on it, as a :class:`~.codecs.torch_decode.DeviceTernary` (nothing dense).
+        """
         rec = self._record(name)
-        data = self._buf[rec.data_start : rec.end]
-        value = _decode_record(rec, data, Budget(self._limits, len(self._buf)))
-        return (value, rec.dtype) if isinstance(value, np.ndarray) else value
+        data = self._data(rec)
+        budget = Budget(self._limits, len(self._buf))
+        if device is not None and torch_decode.on_device(device):
+            return _decode_record(rec, data, budget, device=device)
+        value = _decode_record(rec, data, budget)
+        value = (value, rec.dtype) if isinstance(value, np.ndarray) else value
+        return value if device is None else torch_decode.from_host(value, device)
 
     def __getitem__(self, name: str) -> Any:
         return self.get(name)
@@ -947,8 +1303,9 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
 
 
 def load_file(path: str | os.PathLike, *, framework: str = "numpy",
-              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False) -> dict[str, Any]:
-    """Read and check a whole file; like :func:`loads` on its bytes.
+              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
+              device: Any = None) -> dict[str, Any]:
+    """Read and check a whole file; like :func:`loads` on its bytes (``device`` too).
 
     The arrays returned are the caller's, as safetensors' ``load_file`` gives them: writeable,
     and in memory of their own, not views of the file, which is closed on return (it can be
@@ -971,7 +1328,8 @@ def load_file(path: str | os.PathLike, *, framework: str = "numpy",
             if not n:
                 break
             got += n
-    result = loads(view[:got], framework=framework, limits=limits, dense=dense)
+    result = loads(view[:got], framework=framework, limits=limits, dense=dense,
+                   device=device)
     for name, value in result.items():
         if isinstance(value, np.ndarray) and not value.flags.writeable:
             result[name] = value.copy()  # a zstd frame decodes to immutable bytes

@@ -27,6 +27,8 @@ tensor builders is refused, and never executed.
 What the task vector is measured from (metadata key ``task_vector``)
 ---------------------------------------------------------------------
 ``{"reference": ..., "delta": [names], "peft_type": ..., "exclude": [patterns]}`` with
+(``"delta_all_but": [names]`` instead of ``"delta"`` when shorter: every tensor of the file
+but those; files before 2026-12 always list ``"delta"``)
 
 * ``"zero"``: the tensors are stored as they are: a LoRA adapter (``B`` starts at zero; as in
   the ComPEFT paper, ``A`` is taken as is too), or a file that already is a task vector.
@@ -38,9 +40,12 @@ What the task vector is measured from (metadata key ``task_vector``)
 ``"peft_type"`` names an adapter's type. Tensors not in ``"delta"`` are stored as they are:
 non-float tensors, the ``exclude`` patterns (dense records, lossless), and tensors the base
 does not have. The spec's own key ``compeft.base`` (spec 5.2.1) names the base: for a
-checkpoint, ``{"name": its file or directory name, "hashes": {tensor: "sha256:<hex>"}}`` over
-*every* base tensor's raw bytes, so that :func:`decompress_file` refuses a base with other
-names, shapes, dtypes or contents; for an adapter, ``{"name": base_model_name_or_path}``.
+checkpoint, ``{"name": its file or directory name, "sha256": ..., "digests": ...}`` (see
+:func:`~compeft_format.plan.base_binding`: one sha256 over the sha256 of every tensor the
+task vector is measured from, and 2 bytes of each of those, so that :func:`decompress_file`
+refuses a base with other names, shapes, dtypes or contents and names the tensor that
+differs; files before 2026-12 hold ``"hashes": {tensor: "sha256:<hex>"}``, still checked);
+for an adapter, ``{"name": base_model_name_or_path}``.
 (``task_vector`` is not a ``compeft.`` key: the spec reserves those.)
 
 The parts live in their own modules, public for other converters: :mod:`.sources` (what a
@@ -64,7 +69,7 @@ import numpy as np
 
 from . import _spec as S
 from . import dtypes as _dt
-from ._progress import Bar
+from ._progress import Bar, PassesBar
 from .binding import Reference, check_base, read_reference
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
@@ -254,7 +259,8 @@ def compress_file(
         # compress reads each tensor three times (global scope; once per tensor scope; one
         # more for the scales that need the sum of the kept magnitudes), the quality once
         passes = (1 if scope == "tensor" else 3 if scale in ("norm", "std") else 4) + 1
-        bar = stack.enter_context(Bar(progress, passes * len(plan.compressible), "compress"))
+        bar = stack.enter_context(PassesBar(progress, len(plan.compressible), passes,
+                                            "compress"))
         tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type, bar.update)
         # one tensor at a time, in the file's (sorted) order: nothing is held once written
         stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)

@@ -1030,10 +1030,12 @@ def _check_inputs(sources: Sequence[Source], readers: Sequence[CompeftReader],
                                      f"{key}")
     r0 = refs[0]
     for s, r in zip(sources[1:], refs[1:], strict=True):
-        same = (r.kind, r.peft_type, r.name, r.hashes, sorted(r.delta)) == (
-            r0.kind, r0.peft_type, r0.name, r0.hashes, sorted(r0.delta))
+        # the base binding: hex hashes (files before 1.1) or the compact digest
+        same = (r.kind, r.peft_type, r.name, r.hashes, r.digest, sorted(r.delta)) == (
+            r0.kind, r0.peft_type, r0.name, r0.hashes, r0.digest, sorted(r0.delta))
         if not same:
-            what = ("the recorded base hashes differ" if r.hashes != r0.hashes
+            what = ("the recorded base hashes differ" if (r.hashes, r.digest) != (
+                    r0.hashes, r0.digest)
                     and r.kind == r0.kind == "checkpoint" and r.name == r0.name
                     else "the tensors stored as a difference differ"
                     if sorted(r.delta) != sorted(r0.delta) and r.kind == r0.kind

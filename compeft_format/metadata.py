@@ -36,6 +36,40 @@ def _too_deep(obj: Any, limit: int) -> bool:
     return False
 
 
+def _lone_surrogate(obj: Any) -> str | None:
+    """The first string (key or value) holding a lone surrogate, as its escape, or None.
+
+    Strict UTF-8 cannot carry one; only a ``\\udXXX`` escape can (spec 5.2, R-META-13).
+    """
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.keys())
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, str):
+            for ch in value:
+                if 0xD800 <= ord(ch) <= 0xDFFF:
+                    return f"\\u{ord(ch):04x}"
+    return None
+
+
+def _big_integer(obj: Any) -> int | None:
+    """The first integer outside +-(2**53 - 1), or None (spec 5.2, R-META-12)."""
+    stack = [obj]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > S.JSON_INT_MAX:
+            return value
+    return None
+
+
 def _check_reserved(meta: Mapping[str, Any], error: type[Exception]) -> None:
     """Enforce the types of the reserved keys (spec 5.2.1)."""
     def bad(key: str, want: str) -> Exception:
@@ -66,6 +100,10 @@ def encode_metadata(metadata: Mapping[str, Any] | None) -> bytes:
     _check_reserved(metadata, EncodeError)
     if _too_deep(dict(metadata), S.DEFAULT_LIMITS.max_metadata_depth):
         raise EncodeError(f"metadata nests deeper than {S.DEFAULT_LIMITS.max_metadata_depth}")
+    big = _big_integer(dict(metadata))
+    if big is not None:  # spec 5.2: integers are exact in binary64 (I-JSON, RFC 7493)
+        raise EncodeError(f"metadata integer {str(big)[:40]} is outside +-(2**53 - 1); store "
+                          "it as a string")
     try:
         text = json.dumps(dict(metadata), sort_keys=True, separators=(",", ":"),
                           ensure_ascii=False, allow_nan=False)
@@ -93,6 +131,13 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _exact_int(text: str) -> int:
+    value = int(text)
+    if abs(value) > S.JSON_INT_MAX:  # spec 5.2: every JSON parser reads it exactly
+        raise ValueError(f"integer {text[:40]} is outside +-(2**53 - 1)")
+    return value
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400 would sneak infinity past the NaN/Infinity rule
@@ -107,12 +152,16 @@ def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict
     try:
         text = bytes(data).decode("utf-8", "strict")
         meta = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
-                          parse_float=_finite_float)
+                          parse_float=_finite_float, parse_int=_exact_int)
     except RecursionError:
         raise LimitExceededError(f"metadata nests deeper than {limits.max_metadata_depth}",
                                  offset=offset) from None
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptDataError(f"metadata is not valid JSON: {exc}", offset=offset) from None
+    lone = _lone_surrogate(meta)
+    if lone is not None:  # spec 5.2: strings are Unicode text, as in UTF-8 (R-META-13)
+        raise CorruptDataError(f"metadata is not valid JSON: lone surrogate {lone}",
+                               offset=offset)
     if not isinstance(meta, dict):
         raise CorruptDataError(f"metadata must be a JSON object, got {type(meta).__name__}",
                                offset=offset)

@@ -1,7 +1,11 @@
 """Atomic outputs of the converters: a temporary beside the output, fsynced, then renamed.
 
 An output is never left half-written, never replaces an input, and replaces an existing
-output only when forced.
+output only when forced. Nothing but a regular file or a folder is ever renamed over: a
+character device or a FIFO is written through (``-o /dev/null``, as zstd does), anything
+else refused. The temporary of a writer killed outright (SIGKILL, power loss) is removed by
+the next successful write of the same output, as :func:`~compeft_format.fsio.atomic_write`
+does: each writer holds a lock on its temporary while it lives.
 """
 
 from __future__ import annotations
@@ -10,12 +14,20 @@ import contextlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ConvertError
-from .fsio import current_umask
+from .fsio import (
+    current_umask,
+    fsync_dir,
+    lock,
+    remove_stale_temps,
+    through_temp,
+    writes_through,
+)
 
 __all__ = ["Output", "same_path", "write_fsync"]
 
@@ -56,13 +68,19 @@ class Output:
             if same_path(self.dst, p):
                 raise ConvertError(f"{self.dst}: the output is an input ({p}); "
                                    "an input is never overwritten")
-        self._check_free()
+        self.through = self._check_free()
         parent = self.dst.parent
         if not parent.is_dir():
             raise ConvertError(f"{self.dst}: cannot write there: {parent} is not a directory")
         self.tmp: Path | None = None
+        self._lock: int | None = None
+        self._through: contextlib.ExitStack | None = None
+        self._started = 0.0
 
-    def _check_free(self) -> None:
+    def _check_free(self) -> bool:
+        """Whether the output is written through (a device, a FIFO); refuse what is taken."""
+        if writes_through(self.dst, folder=self.is_dir):
+            return True
         if self.dst.exists() or self.dst.is_symlink():
             if not self.force:
                 raise ConvertError(f"{self.dst}: the output exists; use --force (force=True) "
@@ -70,15 +88,23 @@ class Output:
             if self.dst.is_dir() != self.is_dir:
                 want = "directory" if self.is_dir else "file"
                 raise ConvertError(f"{self.dst}: exists and is not a {want}; not replaced")
+        return False
 
     def __enter__(self) -> Output:
+        self._started = time.time()
+        if self.through:  # a private temporary, copied into the device at the end
+            self._through = contextlib.ExitStack()
+            self.tmp = self._through.enter_context(through_temp(self.dst))
+            return self
         prefix = f".{self.dst.name}."
         if self.is_dir:
             self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.dst.parent))
+            self._lock = os.open(self.tmp, os.O_RDONLY)
         else:
-            fd, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.dst.parent)
-            os.close(fd)
+            self._lock, name = tempfile.mkstemp(prefix=prefix, suffix=".tmp",
+                                                dir=self.dst.parent)
             self.tmp = Path(name)
+        lock(self._lock)  # "in use": remove_stale_temps leaves it alone
         # mkstemp/mkdtemp make private (0600/0700) entries; an output gets the usual mode
         # (read without setting it: the umask is process-wide, see fsio.current_umask)
         self.tmp.chmod((0o777 if self.is_dir else 0o666) & ~current_umask())
@@ -90,7 +116,17 @@ class Output:
         else:
             self._discard()
 
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def _discard(self) -> None:
+        if self._through is not None:
+            with contextlib.suppress(OSError):
+                self._through.__exit__(ConvertError, None, None)  # removes, copies nothing
+            self._through = self.tmp = None
+            return
         if self.tmp is None:
             return
         with contextlib.suppress(OSError):
@@ -98,10 +134,18 @@ class Output:
                 shutil.rmtree(self.tmp)
             else:
                 self.tmp.unlink()
+        self._unlock()
         self.tmp = None
 
     def _commit(self) -> None:
         assert self.tmp is not None
+        if self._through is not None:
+            through, self._through = self._through, None
+            try:
+                through.close()  # copies into the device, removes the temporary
+            finally:
+                self.tmp = None
+            return
         try:
             self._check_free()  # again: it may have appeared meanwhile
             if not self.is_dir:
@@ -117,7 +161,10 @@ class Output:
         except BaseException:
             self._discard()
             raise
+        self._unlock()  # after the rename: the name it locked is gone
         self.tmp = None
+        fsync_dir(self.dst.parent)
+        remove_stale_temps(self.dst, self._started)
 
     def file(self, name: str | None = None) -> Path:
         """The temporary path to write: the file itself, or ``name`` in the directory."""

@@ -9,6 +9,7 @@ and what each is measured from (metadata ``task_vector``: ``zero``, ``one`` or
 
 from __future__ import annotations
 
+import base64
 import fnmatch
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
@@ -40,6 +41,8 @@ __all__ = [
     "REFERENCES",
     "FileTaskVector",
     "Plan",
+    "base_binding",
+    "delta_field",
     "file_metadata",
     "make_plan",
     "tensor_sha256",
@@ -58,6 +61,41 @@ REFERENCES = ("zero", "one", "checkpoint")
 FOLDER_WEIGHTS = (ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, *MODEL_WEIGHTS)
 #: Elements per chunk of a tensor being decoded, added or converted.
 CHUNK = 1 << 20
+
+
+def delta_field(delta: list[str], names: list[str]) -> dict[str, list[str]]:
+    """The ``task_vector`` member naming the tensors stored as a difference: ``delta`` (the
+    names), or ``delta_all_but`` (the file's other tensors) when that is shorter, as it is
+    when every compressed tensor is a difference (names are most of small files' metadata).
+
+    >>> delta_field(["a", "b"], ["a", "b", "c"])
+    {'delta_all_but': ['c']}
+    """
+    chosen = set(delta)
+    others = [n for n in names if n not in chosen]
+    return {"delta_all_but": others} if len(others) < len(delta) else {"delta": list(delta)}
+
+
+def base_binding(digests: Mapping[str, str]) -> dict[str, str]:
+    """The compact base binding (spec 5.2.1, format 1.1) of ``{tensor: "sha256:<hex>"}``.
+
+    ``sha256``: the sha256 of the tensors' 32-byte sha256 digests, concatenated in increasing
+    UTF-8 order of their names: one digest binds the whole base. ``digests``: base64 of the
+    first 2 bytes of each tensor's digest, in the same order, so that a check can name the
+    tensor that differs. About 3 bytes a tensor instead of 75 plus its name.
+
+    >>> b = base_binding({"w": "sha256:" + "ab" * 32})
+    >>> b["digests"], b["sha256"][:15]
+    ('q6s=', 'sha256:9a2db2e2')
+    """
+    order = sorted(digests, key=lambda n: n.encode("utf-8"))
+    raw = [bytes.fromhex(digests[n].removeprefix("sha256:")) for n in order]
+    return {"sha256": "sha256:" + hashlib.sha256(b"".join(raw)).hexdigest(),
+            "digests": base64.b64encode(b"".join(d[:SHORT_DIGEST] for d in raw)).decode()}
+
+
+#: bytes of each tensor's digest kept in ``compeft.base.digests``
+SHORT_DIGEST = 2
 
 
 def work_dtype(dtype: str) -> np.dtype:
@@ -290,7 +328,7 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
         ref: dict[str, Any] = {"reference": "one" if from_one else "zero",
                                "peft_type": source.peft_type}
         if from_one:
-            ref["delta"] = from_one
+            ref.update(delta_field(from_one, names))
         return Plan(compressible, ref, base_meta)
 
     assert base_path is not None
@@ -313,16 +351,16 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
                     if n in base_names and n not in excluded and is_float(n)]
     # the base binding: the tensors the task vector is measured from, and only those (a
     # base's other tensors are not needed to restore it)
-    hashes = {}
+    digests = {}
     with Bar(bar_enabled, len(compressible), "hash base") as bar:
         for n in compressible:
-            hashes[n] = tensor_sha256(base, n)
+            digests[n] = tensor_sha256(base, n)
             bar.update()
-    ref: dict[str, Any] = {"reference": "checkpoint", "delta": compressible}
+    ref: dict[str, Any] = {"reference": "checkpoint", **delta_field(compressible, names)}
     if source.peft_type is not None:
         ref["peft_type"] = source.peft_type
     name = base_path.parent.name if base_path.name in FOLDER_WEIGHTS else base_path.name
-    return Plan(compressible, ref, {"name": name, "hashes": hashes},
+    return Plan(compressible, ref, {"name": name, **base_binding(digests)},
                 only_in_source=[n for n in names if n not in base_names],
                 only_in_base=sorted(base_names - set(names)))
 

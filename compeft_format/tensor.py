@@ -202,7 +202,8 @@ class TernaryTensor:
         scale = float(scale)
         if not math.isfinite(scale) or math.copysign(1.0, scale) < 0:
             raise EncodeError(f"scale must be finite and non-negative, got {scale!r}")
-        scale32 = float(np.float32(scale))
+        with np.errstate(over="ignore"):  # an overflow is refused just below, not warned
+            scale32 = float(np.float32(scale))
         if not math.isfinite(scale32):
             raise EncodeError(f"scale {scale!r} overflows float32")
         self.scale: float = scale32

@@ -129,7 +129,8 @@ def count_file_bytes(
     Returns
     -------
     (int, dict)
-        The file's bytes, and name -> bytes of its record (header, blocks and padding).
+        The file's bytes, and name -> bytes of its record (header, blocks and padding), or
+        for a tensor in a pack (format 1.1) its data (``TensorInfo.record_size``).
 
     Examples
     --------
@@ -137,17 +138,14 @@ def count_file_bytes(
     >>> t = TernaryTensor((4,), [1], [True], 0.5)
     >>> size, records = count_file_bytes([("a", t, None)])
     >>> size == len(dumps({"a": t})), records
-    (True, {'a': 56})
+    (True, {'a': 6})
     """
     sink = _CountingSink()
-    sizes: dict[str, int] = {}
     with Writer(sink, metadata=metadata, positions=positions,  # type: ignore[arg-type]
                 zstd_level=zstd_level) as w:
         for name, value, dtype in items:
-            before = sink.count
             w.write(name, value, dtype=dtype)
-            sizes[name] = sink.count - before
-    return sink.count, sizes
+    return sink.count, w.sizes
 
 
 def _dense_bytes(value: Any) -> tuple[int, int]:
@@ -238,7 +236,7 @@ class SweepResult:
         >>> tv = {"w": np.linspace(-1, 1, 1000)}
         >>> print(sweep(tv, densities=[0.1], scales=["l2"]).format_table())
         scale  density  alpha  nnz  bytes  bits/param  ratio  rel_error    cosine
-        l2      0.1000  1.000  100    229      1.8320   34.9   0.853961  0.520337
+        l2      0.1000  1.000  100    245      1.9600   32.7   0.853961  0.520337
         """
         header = ("scale", "density", "alpha", "nnz", "bytes", "bits/param", "ratio",
                   "rel_error", "cosine")
@@ -538,8 +536,8 @@ class TuneResult:
     Attributes
     ----------
     best:
-        The chosen candidate: the best score (within the budget, if any); ties go to the
-        smaller file, then to the earlier candidate.
+        The chosen candidate: the best score (within the budget, if any); ties go to
+        alpha 1, then to the smaller file, then to the earlier candidate.
     candidates:
         Every candidate, in the order tried (density by density, alpha by alpha).
     compressed:
@@ -637,7 +635,9 @@ def _search(
         else:
             cand = Candidate(d, a, scale, scope, size, numel,
                              _check_score(evaluate(payload, cand), cand))
-            key = (cand.score, -size)  # ties: the smaller file, then the earlier one
+            # ties: alpha 1 (the scale rule as it is, no tuning needed), then the smaller
+            # file, then the earlier candidate
+            key = (cand.score, a == 1.0, -size)
             if best_key is None or key > best_key:
                 best_i, best_key, best_payload = len(cands), key, payload
         del payload
@@ -674,7 +674,7 @@ def tune(
     :func:`~compeft_format.compress.compress`; its file size is counted (as in
     :func:`sweep`); if it fits the budget, the task vector is rebuilt and passed to
     ``evaluate``. The chosen setting is the one with the best score (within the budget);
-    ties go to the smaller file, then to the earlier candidate.
+    ties go to alpha 1, then to the smaller file, then to the earlier candidate.
 
     Parameters
     ----------
@@ -911,13 +911,15 @@ def tune_file(
     if CHECKPOINT_PLACEHOLDER not in command:
         raise EncodeError(f"the evaluation command must contain {CHECKPOINT_PLACEHOLDER}, "
                           "replaced by the candidate checkpoint's path")
-    from .sources import ADAPTER_WEIGHTS, resolve_source
+    from .outputs import Output
+    from .sources import ADAPTER_WEIGHTS, base_weights, resolve_source
 
     source = resolve_source(src, ADAPTER_WEIGHTS, "tune reads a PEFT adapter's safetensors")
-    out_path = Path(dst)
-    if (out_path.exists() or out_path.is_symlink()) and not force:
-        raise C.ConvertError(f"{out_path}: the output exists; use --force (force=True) to "
-                             "replace it")
+    # the output is checked before any evaluation (compress_file checks it again at the end):
+    # an output that cannot be written would lose the whole search
+    base_path = base_weights(base) if base is not None else None
+    Output(dst, is_dir=source.is_dir, force=force,
+           inputs=[source.path, source.weights, *([Path(base), base_path] if base_path else [])])
     opts = {"scale": scale, "scope": scope, "exclude": exclude, "base": base,
             "positions": positions, "zstd_level": zstd_level}
     with tempfile.TemporaryDirectory(prefix="compeft-tune-") as tmp:

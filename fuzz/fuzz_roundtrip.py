@@ -97,7 +97,7 @@ def _json(p: _harness.DataProvider, depth: int) -> Any:
     if kind == 1:
         return p.bool()
     if kind == 2:
-        return p.int_in_range(-(2**63), 2**64)
+        return p.int_in_range(-(2**53 - 1), 2**53 - 1)  # spec 5.2 (R-META-12)
     if kind == 3:
         value = p.float32()
         return value if np.isfinite(value) else 0.5  # JSON has no NaN/Infinity (spec 5.2)

@@ -33,34 +33,46 @@ def _ternary(numel: int, nnz: int, rng: np.random.Generator, shape=None, dtype="
     return TernaryTensor(shape or (numel,), idx, signs, scale, dtype)
 
 
+def dumps10(*args: object, **kwargs: object) -> bytes:
+    """``cf.dumps`` of a 1.0 file (the seeds made before format 1.1)."""
+    return cf.dumps(*args, version="1.0", **kwargs)  # type: ignore[arg-type]
+
+
 def _generated() -> dict[str, bytes]:
     """Small valid (and a few crafted) files that cover every structure of the format."""
     rng = np.random.default_rng(0)
     out: dict[str, bytes] = {}
     sparse = _ternary(600, 9, rng, (20, 30))
     dense_ish = _ternary(256, 128, rng, (16, 16), "BF16")
-    out["empty"] = cf.dumps({})
-    out["metadata-only"] = cf.dumps({}, metadata={
+    out["empty"] = dumps10({})
+    out["metadata-only"] = dumps10({}, metadata={
         "compeft.producer": "make_corpus", "compeft.base": {"name": "m", "hashes": {"a": "b"}},
         "compeft.compression": {"k": 0.1}, "list": [1, 2.5, None, True, "é"]})
-    out["golomb"] = cf.dumps({"w": sparse}, positions="golomb", zstd_level=None)
-    out["bitmask"] = cf.dumps({"w": dense_ish}, positions="bitmask", zstd_level=None)
-    out["auto-zstd"] = cf.dumps({"a": sparse, "b": dense_ish, "c": _ternary(4000, 40, rng)})
-    out["zero-d-and-empty"] = cf.dumps({
+    out["golomb"] = dumps10({"w": sparse}, positions="golomb", zstd_level=None)
+    out["bitmask"] = dumps10({"w": dense_ish}, positions="bitmask", zstd_level=None)
+    out["auto-zstd"] = dumps10({"a": sparse, "b": dense_ish, "c": _ternary(4000, 40, rng)})
+    out["zero-d-and-empty"] = dumps10({
         "scalar": TernaryTensor((), [0], [True], 1.5, "F64"),
         "empty": TernaryTensor.zeros((0, 7), "F16"), "zeros": TernaryTensor.zeros((3, 1, 2))})
-    out["dense-mixed"] = cf.dumps({
+    out["dense-mixed"] = dumps10({
         "b": np.array([True, False, True]), "f": np.linspace(-1, 1, 7, dtype=np.float32),
         "i": np.arange(-5, 5, dtype=np.int64).reshape(2, 5), "u": np.zeros(300, np.uint8)})
-    out["align1"] = cf.dumps({"x": sparse, "y": np.arange(5, dtype=np.int16)}, alignment=1)
-    out["align64"] = cf.dumps({"x": sparse, "y": np.arange(5, dtype=np.int16)}, alignment=64)
+    out["align1"] = dumps10({"x": sparse, "y": np.arange(5, dtype=np.int16)}, alignment=1)
+    out["align64"] = dumps10({"x": sparse, "y": np.arange(5, dtype=np.int16)}, alignment=64)
     # zstd on every block type: long runs make each payload compressible
     runs = TernaryTensor((4096,), np.arange(0, 4096, 2), np.zeros(2048, bool), 0.5)
-    out["zstd-bitmask-signs"] = cf.dumps({"r": runs}, positions="bitmask")
-    out["zstd-golomb"] = cf.dumps({"r": TernaryTensor((8192,), np.arange(0, 8192, 16),
+    out["zstd-bitmask-signs"] = dumps10({"r": runs}, positions="bitmask")
+    out["zstd-golomb"] = dumps10({"r": TernaryTensor((8192,), np.arange(0, 8192, 16),
                                                       np.ones(512, bool), 0.25)},
                                   positions="golomb")
-    out["zstd-dense"] = cf.dumps({"d": np.zeros(1000, np.float32)})
+    out["zstd-dense"] = dumps10({"d": np.zeros(1000, np.float32)})
+    # format 1.1: pack records (a pack, a dense record that closes it, a second pack)
+    out["pack-lora"] = cf.dumps({
+        f"layers.{i}.{m}.lora_{ab}": _ternary(96, 5, rng, (8, 12) if ab == "A" else (12, 8))
+        for i in range(3) for m in ("q", "v") for ab in ("A", "B")}, version="1.1")
+    out["pack-and-records"] = cf.dumps({"a": sparse, "b": np.arange(3, dtype=np.int8),
+                                        "c": dense_ish, "d": _ternary(40, 4, rng, None, "F64")},
+                                       version="1.1")
     # crafted: what the writer never emits but a reader must handle
     scale = C.block(C.SCALE, payload=np.float32(0.5).tobytes())
     ternary = C.record(b"t", shape=(8,), nnz=1, blocks=[

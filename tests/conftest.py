@@ -20,12 +20,26 @@ directory, so a failure found locally is replayed first on the next local run.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from hypothesis import HealthCheck, settings
 from hypothesis.database import DirectoryBasedExampleDatabase
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Every temporary file of the suite that is not a tmp_path (the doctests' mkdtemp, the
+# commands' own, those of the subprocesses, which inherit TMPDIR) goes into one folder,
+# removed when the session ends; pytest's tmp_path folders stay where they were.
+os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
+SUITE_TMP = tempfile.mkdtemp(prefix="compeft-tests-")
+tempfile.tempdir = SUITE_TMP
+os.environ["TMPDIR"] = SUITE_TMP
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    shutil.rmtree(SUITE_TMP, ignore_errors=True)
 
 # numpy-heavy examples have jittery timings on a shared VM: never fail on a deadline
 _COMMON = {"deadline": None, "suppress_health_check": [HealthCheck.too_slow]}

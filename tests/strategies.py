@@ -164,8 +164,8 @@ def st_metadata() -> st.SearchStrategy[dict[str, Any] | None]:
     """
     keys = st.text(st.characters(blacklist_categories=("Cs",)), max_size=8).filter(
         lambda k: not k.startswith(S.META_RESERVED_PREFIX))
-    scalars = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8)
-               | st.floats(allow_nan=False, allow_infinity=False))
+    scalars = (st.none() | st.booleans() | st.integers(-(2**53 - 1), 2**53 - 1)  # spec 5.2
+               | st.text(max_size=8) | st.floats(allow_nan=False, allow_infinity=False))
     values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=3)
                           | st.dictionaries(keys, inner, max_size=3), max_leaves=8)
     objects = st.dictionaries(keys, values, max_size=4)

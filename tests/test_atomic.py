@@ -88,6 +88,7 @@ def _kill_mid_write(path: Path) -> Path:
     tmp = _wait_for_temp(path, 8 << 20)  # 8 MiB of about 100 MiB written
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
+    proc.stdout.close()  # its pipe: no ResourceWarning
     assert proc.returncode == -signal.SIGKILL
     return tmp
 

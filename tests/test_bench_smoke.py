@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,6 +86,33 @@ def test_interleaved_timing_and_tables() -> None:
     assert len(t["a"].runs) == 3
     assert t["a"].best <= t["a"].median
     assert md_table(["x", "y"], [[1, 2]]) == "| x | y |\n| --- | ---: |\n| 1 | 2 |"
+
+
+def test_overhead_content_measure_and_pack_target(tmp_path: Path) -> None:
+    """bench/overhead.py: the content measure by its formula; a packed LLM-like file is
+    within 1.05x of it, its 1.0 file is not (issue 13's size target, on a small case)."""
+    import zstandard
+
+    from bench import overhead
+    from compeft_format import TernaryTensor, save_file
+
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, shape in overhead._llama(8, ("q", "v"), 8):
+        numel = shape[0] * shape[1]
+        idx = np.sort(rng.choice(numel, numel // 100, replace=False))
+        tensors[name] = TernaryTensor(shape, idx, rng.random(idx.size) < 0.5, 0.1)
+    names = sorted(tensors, key=str.encode)
+    bound = sum(t.numel * entropy_bound(t.density) for t in tensors.values())
+    z = len(zstandard.ZstdCompressor(level=3).compress("\n".join(names).encode()))
+    for version, ok in (("1.1", True), ("1.0", False)):
+        path = tmp_path / f"{version}.compeft"
+        save_file(tensors, path, version=version)
+        m = overhead.content_measure(path)
+        want = math.ceil(bound / 8) + 4 * len(tensors) + z
+        assert abs(m["content"] - want) <= 1  # the float sum may round the other way
+        assert m["file"] == path.stat().st_size
+        assert (m["ratio"] <= overhead.TARGET) is ok, (version, m["ratio"])
 
 
 def test_compress_against_partition_table(capsys) -> None:

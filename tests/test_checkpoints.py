@@ -283,7 +283,7 @@ def test_command_line_model_folders(tmp_path, llm, capsys):
 
     base, ft = llm
     assert main(["compress", str(ft), "-o", str(tmp_path / "c"), "--base", str(base),
-                 "--density", "0.3", "-q"]) == 0
+                 "--density", "0.3"]) == 0  # no -q: it silences the summary too
     assert "measured from checkpoint 'base'" in capsys.readouterr().out
     assert main(["decompress", str(tmp_path / "c"), "-o", str(tmp_path / "out"),
                  "--base", str(base), "-q"]) == 0

@@ -59,7 +59,7 @@ def test_options_reach_the_file(tmp_path, capsys, model):
     code, out, err = run(capsys, "compress", model, "-o", tmp_path / "a.compeft",
                          "--positions", "rice", "--no-zstd", "--scope", "tensor",
                          "--scale", "l2", "--alpha", "0.5", "--exclude", "e", "--exclude", "x*",
-                         "-q", "-v")
+                         "-v")
     assert code == 0, err
     assert "(overall)" in out  # -v: the per-tensor quality table
     info = inspect(tmp_path / "a.compeft")
@@ -193,7 +193,7 @@ def test_bad_density_is_a_usage_error(tmp_path, capsys, model, density):
 
 
 @pytest.mark.parametrize("argv", [
-    [], ["frobnicate"], ["compress"], ["compress", "x.safetensors"],
+    [], ["frobnicate"], ["compress"], ["compress", "x.safetensors", "y.safetensors", "-o", "-"],
     ["compress", "x", "-o", "y", "--scope", "layer"], ["compress", "x", "-o", "y", "--alpha", "0"],
     ["compress", "x", "-o", "y", "--zstd", "3", "--no-zstd"],
     ["compress", "x", "-o", "y", "--zstd", "30"], ["decompress", "x", "-o", "y", "--dtype", "f64"],

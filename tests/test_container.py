@@ -101,7 +101,9 @@ def test_dumps_of_an_empty_mapping() -> None:
     index = b"\x00\x00"  # Record_Kind 0x00 (the index), Tensor_Count 0
     expected = (header + crc(header) + b"\x00" * 4  # pad 20 -> 24
                 + index + struct.pack("<Q", 24) + crc(index) + b"CPFE")
-    assert dumps({}) == expected
+    assert dumps({}, version="1.0") == expected
+    assert dumps({}) == expected[:9] + b"\x01" + expected[10:16] + crc(  # 1.1: the minor byte
+        expected[:9] + b"\x01" + expected[10:16]) + expected[20:]
     assert len(expected) == 42
     assert loads(expected) == {}
     assert list(iter_stream(io.BytesIO(expected))) == []
@@ -113,14 +115,14 @@ def test_dumps_of_an_empty_mapping() -> None:
 
 def test_header_fields_byte_by_byte() -> None:
     buf = io.BytesIO()
-    with Writer(buf) as w:
+    with Writer(buf, version="1.0") as w:  # the 1.0 record layout (1.1 packs: test_pack.py)
         w.write("a", TernaryTensor((4,), [1], [True], 0.5))
     data = buf.getvalue()
 
     header = MAGIC + bytes([1, 0, 3, 0]) + b"\x00\x00\x00\x00"
     assert data[:16] == header
     assert data[8] == S.VERSION_MAJOR
-    assert data[9] == S.VERSION_MINOR
+    assert data[9] == 0
     assert data[16:20] == crc(header)
     assert data[20:24] == b"\x00" * 4
     body = (b"\x01a"  # Name_Length, Name
@@ -164,7 +166,7 @@ def test_alignment_log2_field_and_header_padding(alignment: int) -> None:
 @pytest.mark.parametrize("zstd_level", [None, 3])
 def test_alignment_is_honoured(alignment: int, zstd_level: int | None) -> None:
     data = dumps(mixed_tensors(), alignment=alignment, zstd_level=zstd_level,
-                 metadata={"m": 1})
+                 metadata={"m": 1}, version="1.0")  # one record per tensor
     info = inspect(data)
     index_at = struct.unpack("<Q", data[-16:-8])[0]
     ends = [t.offset for t in info.tensors[1:]] + [index_at]
@@ -438,11 +440,13 @@ def test_iter_stream_without_seek(chunk: int | None) -> None:
         assert_same(value, expected[name])
 
 
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
 @pytest.mark.parametrize("buffering", [0, -1])
-def test_iter_stream_over_a_pipe_yields_tensor_by_tensor(buffering: int) -> None:
+def test_iter_stream_over_a_pipe_yields_tensor_by_tensor(buffering: int, version: str) -> None:
     """The first tensor arrives while the writer is still blocked before the second.
 
-    ``buffering=0`` reads the raw pipe, whose reads return what is there so far.
+    ``buffering=0`` reads the raw pipe, whose reads return what is there so far. In 1.1 a
+    small tensor waits in a pack until ``flush()`` (or a full pack) writes it.
     """
     tensors = mixed_tensors()
     names = sorted(tensors, key=str.encode)
@@ -461,8 +465,10 @@ def test_iter_stream_over_a_pipe_yields_tensor_by_tensor(buffering: int) -> None
 
     def produce() -> None:
         try:
-            with os.fdopen(w, "wb") as f, Writer(Flushing(f)) as writer:  # type: ignore[arg-type]
+            with (os.fdopen(w, "wb") as f,
+                  Writer(Flushing(f), version=version) as writer):  # type: ignore[arg-type]
                 writer.write(names[0], tensors[names[0]])
+                writer.flush()
                 if not first_seen.wait(timeout=20):
                     raise TimeoutError("the reader did not yield the first tensor on its own")
                 for name in names[1:]:
@@ -508,7 +514,7 @@ def test_open_file_reads_only_the_record_it_needs() -> None:
     (an unknown optional record is not listed, spec 10.2).
     """
     tensors = mixed_tensors()
-    data = dumps(tensors)
+    data = dumps(tensors, version="1.0")  # one record per tensor (packs: test_pack.py)
     infos = {t.name: t for t in inspect(data).tensors}
     expected = loads(data)
     for keep, kept in infos.items():
@@ -525,16 +531,18 @@ def test_open_file_reads_only_the_record_it_needs() -> None:
                 f.get(other)
 
 
-def test_info_offsets_locate_every_block() -> None:
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_info_offsets_locate_every_block(version: str) -> None:
     """Each block, read at its ``inspect()`` offset and decoded alone, gives the tensor back."""
     tensors = mixed_tensors()
-    data = dumps(tensors)
+    data = dumps(tensors, version=version)
     loaded = loads(data)
     with open_file(data) as f:
         for name in f:
             info = f.info(name)
-            assert data[info.offset] == (S.KIND_TERNARY if info.kind == "ternary"
-                                         else S.KIND_DENSE)
+            kinds = ((S.KIND_TERNARY, S.KIND_PACK) if info.kind == "ternary" and version == "1.1"
+                     else (S.KIND_TERNARY,) if info.kind == "ternary" else (S.KIND_DENSE,))
+            assert data[info.offset] in kinds
             ctx = BlockContext(name, info.numel, info.nnz or 0, info.dtype, info.shape)
             parts = {}
             for b in info.blocks:
@@ -561,7 +569,7 @@ def test_inspect_agrees_with_loads() -> None:
     loaded = loads(data)
     info = inspect(data)
     assert (info.version, info.alignment, info.metadata, info.file_size) == (
-        (1, 0), 16, {"k": [1]}, len(data))
+        (1, 1), 16, {"k": [1]}, len(data))
     assert [t.name for t in info.tensors] == list(loaded)
     for t in info.tensors:
         value = loaded[t.name]
@@ -592,7 +600,7 @@ def test_reader_api() -> None:
     data = dumps(tensors)
     loaded = loads(data)
     f = open_file(data)
-    assert (f.version, f.alignment) == ((1, 0), 8)
+    assert (f.version, f.alignment) == ((1, 1), 8)
     assert "golomb" in f
     assert "nope" not in f
     assert list(f) == f.keys() == list(loaded)

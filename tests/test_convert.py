@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import doctest
 import json
 import os
@@ -29,8 +30,8 @@ from compeft_format import (
     open_file,
 )
 from compeft_format.compress import compress
-from compeft_format.plan import FileTaskVector
-from compeft_format.safetensors_io import open_safetensors, save_safetensors
+from compeft_format.plan import FileTaskVector, base_binding, tensor_sha256
+from compeft_format.safetensors_io import SafetensorsReader, open_safetensors, save_safetensors
 from compeft_format.taskvec import apply_task_vector, peft_task_vector
 
 DATA = Path(__file__).parent / "data"
@@ -204,15 +205,19 @@ def test_base_reconstructs_the_full_checkpoint(tmp_path, checkpoint):
     assert s.base_name == "base.safetensors"
     metadata = open_file(tmp_path / "ft.compeft").metadata()
     base_meta, meta = metadata["compeft.base"], metadata["task_vector"]
-    assert set(base_meta) == {"name", "hashes"}  # the spec's members only (spec 5.2.1)
+    # the compact base binding (spec 5.2.1, 1.1): one digest, 2 bytes a tensor
+    assert set(base_meta) == {"name", "sha256", "digests"}
     assert base_meta["name"] == "base.safetensors"
+    names = set(open_file(tmp_path / "ft.compeft").keys())
+    delta = names - set(meta["delta_all_but"])  # shorter than listing the delta
+    assert sorted(delta) == sorted(["layer.0.w", "layer.0.b16", "layer.1.d64", "scalar",
+                                    "empty"])
     # the base binding: the tensors the task vector is measured from, and only those
-    assert set(base_meta["hashes"]) == set(meta["delta"])
-    assert all(h.startswith("sha256:") and len(h) == 71 for h in base_meta["hashes"].values())
+    hashes = {n: tensor_sha256(SafetensorsReader(base_path), n) for n in delta}
+    assert base_meta == {"name": "base.safetensors", **base_binding(hashes)}
+    assert len(base64.b64decode(base_meta["digests"])) == 2 * len(delta)
     assert meta["reference"] == "checkpoint"
     assert meta["exclude"] == ["layer.1.h16"]
-    assert sorted(meta["delta"]) == sorted(["layer.0.w", "layer.0.b16", "layer.1.d64",
-                                            "scalar", "empty"])
 
     # the task vector alone is not the model: --base is required, and named
     with pytest.raises(ConvertError, match=r"measured from the base 'base.safetensors'.*--base"):
@@ -223,8 +228,7 @@ def test_base_reconstructs_the_full_checkpoint(tmp_path, checkpoint):
     assert d.base == str(base_path)
     out = safetensors.torch.load_file(tmp_path / "out.safetensors")
     assert set(out) == set(ft)  # the fine-tuned file's tensors, not the base's extras
-    delta = {n: t for n, t in load_file(tmp_path / "ft.compeft").items()
-             if n in meta["delta"]}
+    delta = {n: t for n, t in load_file(tmp_path / "ft.compeft").items() if n in delta}
     want = apply_task_vector({n: base[n] for n in delta}, delta)  # torch in, torch out
     for name, t in ft.items():
         assert out[name].dtype == t.dtype, name
@@ -339,7 +343,7 @@ def test_ia3_directory_round_trip_adds_one(tmp_path):
     meta = inspect(tmp_path / "c" / "adapter_model.compeft").metadata
     assert meta["compeft.base"] == {"name": "sentence-transformers/all-MiniLM-L6-v2"}
     assert meta["task_vector"]["peft_type"] == "IA3"
-    assert len(meta["task_vector"]["delta"]) == 24
+    assert meta["task_vector"]["delta_all_but"] == []  # all 24 start at one
     decompress_file(tmp_path / "c", tmp_path / "r")
     assert _listing(tmp_path / "r") == ["adapter_config.json", "adapter_model.safetensors"]
     orig = safetensors.torch.load_file(IA3 / "adapter_model.safetensors")
@@ -479,7 +483,10 @@ def test_corrupt_compeft_is_refused_and_leaves_nothing(tmp_path, model):
     data = bytearray((tmp_path / "m.compeft").read_bytes())
     data[rec.blocks[0].offset] ^= 0xFF
     (tmp_path / "m.compeft").write_bytes(bytes(data))
-    with pytest.raises(FormatError, match=rf"m.compeft: .*tensor '{rec.name}'.*checksum"):
+    # a pack (format 1.1) has one checksum: the error names the tensors it covers
+    first = next(t.name for t in info.tensors if t.offset == rec.offset)
+    with pytest.raises(FormatError, match=rf"m.compeft: tensor .*checksum mismatch.*"
+                                          rf"\(a pack of \d+ tensors, '{first}' to"):
         decompress_file(tmp_path / "m.compeft", tmp_path / "o.safetensors")
     assert _listing(tmp_path) == ["m.compeft", "model.safetensors"]
 

@@ -102,7 +102,8 @@ def test_dense_into_out_and_errors(tmp_path) -> None:
         with pytest.raises(ValueError, match="C-contiguous"):
             f.get("t", dense=True, out=np.empty(10000, np.float32)[::2])
     assert np.array_equal(cf.load_file(path, dense=True)["t"], t.to_numpy())
-    streamed = dict(cf.iter_stream(open(path, "rb"), dense=True))  # noqa: SIM115
+    with open(path, "rb") as f:
+        streamed = dict(cf.iter_stream(f, dense=True))
     assert np.array_equal(streamed["t"], t.to_numpy())
 
 

@@ -84,23 +84,28 @@ READERS: dict[str, Callable[..., Any]] = {
 }
 
 
+def dumps10(*args: Any, **kwargs: Any) -> bytes:
+    """``dumps`` of a 1.0 file: one record per tensor, the layout these sweeps rebuild."""
+    return dumps(*args, version="1.0", **kwargs)
+
+
 def small_files() -> dict[str, bytes]:
     """Small files that together hold every block type, both record kinds, zstd and metadata."""
     alt = np.arange(0, 1200, 2)  # 600 positions: 150 bytes of bitmask, 75 of signs: zstd
     return {
-        "empty": dumps({}),
-        "bitmask": dumps({"b": TernaryTensor((2, 8), [0, 5, 9, 15], [1, 0, 0, 1], 0.5, "F16")},
+        "empty": dumps10({}),
+        "bitmask": dumps10({"b": TernaryTensor((2, 8), [0, 5, 9, 15], [1, 0, 0, 1], 0.5, "F16")},
                          positions="bitmask", zstd_level=None, alignment=1),
-        "golomb": dumps({"g": TernaryTensor((40,), [3, 17, 39], [0, 1, 0], 2.0, "BF16"),
+        "golomb": dumps10({"g": TernaryTensor((40,), [3, 17, 39], [0, 1, 0], 2.0, "BF16"),
                          "z": TernaryTensor((), [], [], 0.0, "F64")},
                         positions="golomb", zstd_level=None, alignment=2),
-        "dense": dumps({"d.bool": np.array([True, False, True]),
+        "dense": dumps10({"d.bool": np.array([True, False, True]),
                         "d.bf16": torch.tensor([1.5], dtype=torch.bfloat16),
                         "d.i16": np.array([[-1, 2]], np.int16)}, zstd_level=None, alignment=1),
-        "zstd": dumps({"p": TernaryTensor((1200,), alt, np.zeros(600, bool), 1.0),
+        "zstd": dumps10({"p": TernaryTensor((1200,), alt, np.zeros(600, bool), 1.0),
                        "q": np.zeros(80, np.uint8)}, positions="bitmask", zstd_level=3,
                       alignment=1),
-        "metadata": dumps({"m": TernaryTensor((3,), [2], [1], 1.0)},
+        "metadata": dumps10({"m": TernaryTensor((3,), [2], [1], 1.0)},
                           metadata={"compeft.producer": "t", "k": [1, "é"]}, alignment=8),
     }
 
@@ -463,7 +468,7 @@ def test_lying_metadata_size_within_raised_limits_reads_only_what_is_there() -> 
 
 def test_errors_name_the_tensor_and_offset_of_the_broken_block() -> None:
     """A corrupt block deep in a file: every reader names its tensor and its absolute offset."""
-    data = dumps({"a": T_A, "b.c": T_B}, zstd_level=None, alignment=16)
+    data = dumps10({"a": T_A, "b.c": T_B}, zstd_level=None, alignment=16)
     info = {t.name: t for t in inspect(data).tensors}
     signs = info["b.c"].blocks[1]
     bad = bytearray(data)

@@ -103,8 +103,7 @@ def test_checkpoint_reference_needs_its_base(experts, tmp_path, capsys):
     assert code == 1
     one_line_error(err, "measured from the base", "--base")
     assert not (tmp_path / "m").exists()
-    code, out, _ = run(capsys, "merge", *ins, "-o", tmp_path / "m", "--base", LORA / "init",
-                       "-q")
+    code, out, _ = run(capsys, "merge", *ins, "-o", tmp_path / "m", "--base", LORA / "init")
     assert code == 0
     assert "merged 3 inputs" in out
     merged = merge([_decoded(p) for p in ins])
@@ -151,7 +150,7 @@ def test_compeft_out_recompresses_and_keeps_the_binding(experts, tmp_path):
 
 def test_compeft_out_density_option(experts, tmp_path, capsys):
     code, out, _ = run(capsys, "merge", *experts["lora"][:2], "-o", tmp_path / "m.compeft",
-                       "--density", "0.03", "--method", "sum", "-q")
+                       "--density", "0.03", "--method", "sum")  # no -q: it silences the summary
     assert code == 0
     assert "density 0.03" in out
     got = cf.load_file(tmp_path / "m.compeft")
@@ -395,7 +394,7 @@ def test_rescale_option_on_the_command_line(tmp_path, capsys, monkeypatch):
     ins = _tv_files(tmp_path, n=2, ids=False)
     monkeypatch.setitem(M.RESCALE_RULES, "third", lambda stats: 1 / 3)
     code, out, _ = run(capsys, "merge", *ins, "-o", tmp_path / "m.safetensors",
-                       "--rescale", "third", "--method", "mean", "-q")
+                       "--rescale", "third", "--method", "mean")  # -q: no summary
     assert code == 0
     assert "rescale third" in out
     plain = merge([cf.load_file(p) for p in ins], method="mean")

@@ -201,3 +201,21 @@ def test_fork_after_a_background_compression_does_not_hang() -> None:
         print("child", os.waitstatus_to_exitcode(status))
     """, timeout=120)
     assert out == "child 0\n"
+
+
+def test_compress_many_on_a_thread_pool_gives_the_files_of_a_sequential_run(
+        tmp_path: Path) -> None:
+    """The serving-side pattern of the issue: compress_many over a ThreadPoolExecutor."""
+    from compeft_format.batch import compress_many
+
+    data = Path(__file__).parent / "data"
+    sources = [data / d / "adapter_model.safetensors"
+               for d in ("lora-minilm-vader", "ia3-minilm-vader")] * 2
+    outs = [tmp_path / f"seq{i}.compeft" for i in range(4)]
+    for src, out in zip(sources, outs, strict=True):
+        cf.compress_file(src, out, density=0.1)
+    threaded = [tmp_path / f"thr{i}.compeft" for i in range(4)]
+    with cf_futures.ThreadPoolExecutor(4) as pool:
+        compress_many(sources, threaded, executor=pool, density=0.1)
+    for a, b in zip(outs, threaded, strict=True):
+        assert a.read_bytes() == b.read_bytes()

@@ -8,6 +8,7 @@ through torch, and every payload a numpy codec rejects must be rejected with the
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from strategies import st_dense_arrays, st_ternary_tensors
 
+import compeft_format as cf
 from compeft_format import TernaryTensor
 from compeft_format import _spec as S
 from compeft_format.codecs import (
@@ -142,8 +144,8 @@ def test_signs_match_numpy(t, data):
 @given(st_ternary_tensors(), st.sampled_from([None, "F32", "F16", "BF16", "F64"]))
 def test_ternary_dense_matches_to_torch(t, into):
     """The dense tensor on the device equals TernaryTensor.to_torch (then .to(dtype))."""
-    pos = torch.from_numpy(t.indices)
-    neg = torch.from_numpy(t.signs)
+    pos = torch.tensor(t.indices)  # a copy: the tensor's arrays are read-only
+    neg = torch.tensor(t.signs)
     dtype = None if into is None else td.torch_dtype(into)
     got = td.ternary_dense(pos, neg, dense_values(t.scale, t.dtype), t.dtype, t.shape, dtype)
     want = t.to_torch() if dtype is None else t.to_torch().to(dtype)
@@ -192,3 +194,69 @@ def test_host_to_device_copies():
     t[0] = 9
     assert bytes(buf) == b"\x01\x02\x03"
     assert t.tolist() == [9, 2, 3]
+
+
+# ---------------------------------------------------------------------------------------------
+# the reader's device path: load_file / get / get_raw with device=, forced through torch
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture
+def forced(monkeypatch):
+    """Decode "cpu" with the torch decoders, as a GPU would."""
+    monkeypatch.setattr(td, "FORCE_TORCH", True)
+
+
+def _tensor_dicts():
+    from strategies import st_options, st_tensor_dicts
+
+    return st.tuples(st_tensor_dicts(max_size=4), st_options())
+
+
+@given(_tensor_dicts())
+def test_load_file_on_a_device_is_the_cpu_decoding(tmp_path_factory, case):
+    tensors, options = case
+    path = tmp_path_factory.mktemp("dev") / "t.compeft"
+    cf.save_file(tensors, path, **options)
+    want = cf.load_file(path, framework="torch")
+    with mock.patch.object(td, "FORCE_TORCH", True):
+        got = cf.load_file(path, framework="torch", device="cpu")
+        with cf.open_file(path) as f:
+            one = {n: f.get(n, device="cpu") for n in f}
+            raw = {n: f.get_raw(n, device="cpu") for n in f}
+    assert list(got) == list(want)
+    for n, w in want.items():
+        for g in (got[n], one[n], td.dense(raw[n])):
+            assert g.dtype == w.dtype
+            assert tuple(g.shape) == tuple(w.shape)
+            assert _bytes(g) == _bytes(w), n
+        if isinstance(tensors[n], TernaryTensor):
+            assert torch.equal(raw[n].positions, torch.tensor(tensors[n].indices))
+            assert torch.equal(raw[n].negative, torch.tensor(tensors[n].signs))
+
+
+def test_the_cpu_takes_numpy_unless_forced(tmp_path, forced):
+    t = TernaryTensor((5,), [1, 4], [False, True], 0.5, "BF16")
+    cf.save_file({"t": t}, tmp_path / "t.compeft")
+    with cf.open_file(tmp_path / "t.compeft") as f, mock.patch.object(
+            td, "positions", side_effect=AssertionError("torch path")):
+        with pytest.raises(AssertionError, match="torch path"):
+            f.get("t", device="cpu")
+        td.FORCE_TORCH = False
+        assert f.get("t", device="cpu").tolist() == [0.0, 0.5, 0.0, 0.0, -0.5]
+
+
+def test_a_damaged_record_fails_on_the_device_as_on_the_cpu(forced):
+    """The device path checks the record's checksum before it copies anything."""
+    idx = np.arange(0, 4000, 7)
+    t = TernaryTensor((4000,), idx, np.zeros(idx.size, bool), 1.0)
+    data = bytearray(cf.dumps({"t": t}, positions="golomb", zstd_level=None))
+    with cf.open_file(bytes(data)) as f:
+        block = f.info("t").blocks[0]
+    data[block.offset + block.stored_size - 1] ^= 0x40
+    errors = []
+    for forced_torch in (False, True):
+        td.FORCE_TORCH = forced_torch
+        with pytest.raises(cf.CompeftError) as exc:
+            cf.loads(bytes(data), framework="torch", device="cpu")
+        errors.append((type(exc.value).__name__, str(exc.value)))
+    assert errors[0] == errors[1]
+    assert errors[0][0] == "ChecksumError"

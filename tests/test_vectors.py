@@ -212,7 +212,7 @@ def test_valid_vector_decodes(slug: str, doc: dict[str, Any], data: bytes, path:
 def test_valid_vector_reencodes(slug: str, doc: dict[str, Any], data: bytes, path: Path) -> None:
     """The reference encoder rebuilds a valid vector byte for byte from its JSON."""
     rebuilt = cf.dumps(_tensors_from_json(doc["tensors"]), metadata=doc["metadata"],
-                       **doc["options"])
+                       **{"version": "1.0", **doc["options"]})  # no version given: 1.0
     assert rebuilt == data
 
 
@@ -345,7 +345,8 @@ def test_hexdump_rebuilds_the_example() -> None:
         assert comment.strip()
         data += chunk
     example = cf.dumps({"w": TernaryTensor((2, 8), [0, 3, 14], [False, True, False], 0.5)},
-                       metadata={"compeft.producer": "spec"}, positions="golomb")
+                       metadata={"compeft.producer": "spec"}, positions="golomb",
+                       version="1.0")
     assert data == example == (VECTORS / "valid" / "002-spec-example.compeft").read_bytes()
     # the checksums the comments quote are the real ones
     for _, _, comment in rows:
@@ -397,7 +398,7 @@ def test_header_constants_match_code() -> None:
     assert "`43 50 46 45`" in text
     assert bytes.fromhex("43504645") == _spec.TAIL_MAGIC
     assert (_spec.FILE_HEADER_SIZE, _spec.TRAILER_SIZE) == (16, 16)
-    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 0, 3)
+    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 1, 3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,30 +1,23 @@
-"""The ``compeft`` command (also ``python -m compeft_format``).
+"""The ``compeft`` command (also ``python -m compeft_format``): ``compeft --help``, and the
+README's synopsis (checked against this parser by ``tests/test_cli_readme.py``).
 
-::
+Conventions, as users of zstd and gzip expect them (the README says more):
 
-    compeft compress INPUT -o OUTPUT [--base BASE] [--density K] [--alpha A]
-                     [--scope global|tensor] [--scale RULE] [--exclude GLOB]...
-                     [--positions auto|bitmask|golomb|rice] [--zstd LEVEL | --no-zstd]
-                     [--force] [--quiet] [--verbose]
-    compeft decompress INPUT -o OUTPUT [--dtype f32|f16|bf16] [--base BASE] [--force] [--quiet]
-    compeft info FILE [--json]
-    compeft verify FILE...
-    compeft demo [--quiet]
-    compeft sweep INPUT [--base BASE] [--densities LIST] [--scales LIST] [--scope ...]
-                  [--alpha A] [--exclude GLOB]... [--json] [--plot FILE.png] [--force]
-    compeft merge INPUT... -o OUTPUT [--method ties|sum|mean] [--weights W1,W2,...]
-                  [--sign total|frequency] [--density K] [--base BASE] [--rescale RULE]
-                  [--force] [--quiet]
-    compeft tune INPUT [--base BASE] -o OUTPUT --eval 'CMD {checkpoint}' [--densities LIST]
-                 [--alphas LIST] [--budget-bits-per-param B] [--scale RULE] [--scope ...]
-                 [--timeout S] [--json] [--force]
+* without ``-o``, outputs are named after their INPUT, beside it (:mod:`.files`); ``-o DIR/``
+  takes several INPUTs (``-j N`` at once); ``-`` is stdin, ``-o -``/``-c`` stdout, byte for
+  byte what the file would hold, the summary then on stderr;
+* ``-f/--force`` replaces an existing output, never an input; outputs are atomic, and
+  SIGTERM/SIGHUP remove them as Ctrl-C does (:func:`.output.on_signals`);
+* every subcommand has ``-V/--version`` and ``-v/--verbose`` (:func:`.options.add_command`,
+  :func:`.options.add_verbose`); ``-q`` silences progress bars and summaries; ``--json``
+  prints one document; options are never abbreviated.
 
 Exit status: 0 on success; 1 on a data error (one line ``compeft: error: ...`` on stderr, no
 traceback: a bad or missing file, a base that does not match, an existing output); 2 on a
-usage error, bad option values included (a density outside ``(0, 1]``...). ``verify`` exits
-1 when any file is not sound. Outputs are written atomically and never over an input; an
-existing output is replaced only with ``--force``. Progress bars go to stderr when it is a
-terminal (``--quiet`` silences them); the summaries go to stdout.
+usage error, one line naming the subcommand's help; 128 + N when signal N stopped it.
+
+A new subcommand module has ``add_parsers(subparsers)`` making its parsers with
+:func:`.options.add_command`, and joins :data:`COMMAND_MODULES`.
 """
 
 from __future__ import annotations
@@ -34,11 +27,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .. import _spec as S
 from ..errors import CompeftError
 from . import convert, demo, inspect, merge, tuning
-from .options import PROG, Parser
-from .output import message
+from .options import PROG, Parser, UsageError, version
+from .output import Terminated, message, on_signals
 
 __all__ = ["main"]
 
@@ -49,12 +41,10 @@ COMMAND_MODULES = (convert, merge, inspect, demo, tuning)
 
 def parser() -> argparse.ArgumentParser:
     """The parser of the whole command."""
-    from .. import __version__
-
     p = Parser(prog=PROG, description="Compress fine-tuned experts (PEFT adapters, task "
                "vectors) to sparse ternary compeft files, and back.")
-    p.add_argument("--version", action="version",
-                   version=f"%(prog)s {__version__} (format {S.VERSION_MAJOR}.{S.VERSION_MINOR})")
+    p.add_argument("-V", "--version", action="version", version=version(),
+                   help="print the version and exit")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for module in COMMAND_MODULES:
         module.add_parsers(sub)
@@ -75,7 +65,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.run(args)
+        with on_signals():
+            return args.run(args)
+    except UsageError as exc:
+        prog = f"{PROG} {args.command}"
+        print(f"{prog}: error: {exc} (see {prog} --help)", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `compeft info ... | head`: the reader left; stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
@@ -83,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CompeftError, OSError) as exc:
         print(f"{PROG}: error: {message(exc)}", file=sys.stderr)
         return 1
+    except Terminated as exc:  # SIGTERM, SIGHUP: the outputs in progress were removed
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+from typing import Any
 
 from .. import _spec as S
+from ..batch import compress_many
 from ..compress import DEFAULT_SCALE, SCALES, SCOPES
 from ..convert import (
     ADAPTER_COMPEFT,
@@ -14,21 +18,56 @@ from ..convert import (
     compress_file,
     decompress_file,
 )
-from .options import POSITIONS, add_quiet, add_zstd, density, positive, zstd_choice
-from .output import show_progress
+from ..errors import CompeftError
+from ..safetensors_io import open_safetensors
+from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
+from .options import (
+    POSITIONS,
+    add_command,
+    add_force,
+    add_json,
+    add_quiet,
+    add_verbose,
+    add_zstd,
+    density,
+    jobs,
+    positive,
+    zstd_choice,
+)
+from .output import Report, show_progress
+
+STDIN_NAME, STDOUT_NAME = "<stdin>", "<stdout>"
+
+_NAMING = ("Without -o, each OUTPUT is named after its INPUT, beside it: {rule}. An existing "
+           "OUTPUT is replaced only with -f. INPUT - reads stdin and -o - (or -c) writes "
+           "stdout, byte for byte the file's bytes, the summary going to stderr.")
+
+
+def _add_io(q: argparse.ArgumentParser, what_in: str, what_out: str) -> None:
+    q.add_argument("inputs", nargs="+", metavar="INPUT", help=what_in)
+    q.add_argument("-o", "--output", metavar="OUTPUT", help=what_out)
+    q.add_argument("-c", "--stdout", action="store_true",
+                   help="write to stdout (as -o -); the summary goes to stderr")
+    q.add_argument("-j", "--jobs", type=jobs, default=1, metavar="N",
+                   help="with several INPUTs, work on N at once in worker processes "
+                   "(0: one per CPU; default 1)")
+    add_force(q, "replace an existing OUTPUT (never an INPUT)")
+    add_quiet(q)
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``compress`` and ``decompress`` to the subcommands ``sub``."""
-    c = sub.add_parser(
-        "compress", help="safetensors file or PEFT adapter directory -> compeft",
+    c = add_command(
+        sub, "compress", run_compress,
+        help="safetensors file or PEFT adapter folder -> compeft",
         description="Keep the top-k entries of a task vector by magnitude, their signs and one "
         "scale (ComPEFT), and write them as a compeft file. INPUT is a .safetensors file or a "
-        "PEFT adapter directory; for a directory, OUTPUT is a directory holding "
-        f"{ADAPTER_CONFIG} and {ADAPTER_COMPEFT}.")
-    c.set_defaults(run=run_compress)
-    c.add_argument("input", metavar="INPUT")
-    c.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+        "PEFT adapter folder; for a folder, OUTPUT is a folder holding "
+        f"{ADAPTER_CONFIG} and {ADAPTER_COMPEFT}. "
+        + _NAMING.format(rule="x.safetensors gives x.compeft, a folder NAME gives NAME.compeft"))
+    _add_io(c, "a .safetensors file, a PEFT adapter folder, or - (stdin); several are "
+            "compressed one by one", "the compeft file (a folder for an adapter folder), "
+            "- for stdout, or DIR/ (a trailing /) to write every OUTPUT into DIR")
     c.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial adapter) "
                    "the task vector is measured from; needed again to decompress")
     c.add_argument("--density", type=density, default=DEFAULT_DENSITY, metavar="K",
@@ -47,38 +86,142 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="how nonzero positions are coded (default auto: the smaller; "
                    "rice = golomb)")
     add_zstd(c, f"zstd level tried on every block (default {S.DEFAULT_ZSTD_LEVEL})")
-    c.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
-    c.add_argument("-v", "--verbose", action="store_true",
-                   help="also print the quality of every tensor")
-    add_quiet(c)
+    add_verbose(c, "also print the quality of every tensor")
+    add_json(c, "print the summary as one JSON document (an array for several INPUTs)")
 
-    d = sub.add_parser(
-        "decompress", help="compeft -> safetensors (or a PEFT adapter directory)",
+    d = add_command(
+        sub, "decompress", run_decompress,
+        help="compeft -> safetensors (or a PEFT adapter folder)",
         description="Write a compeft file back as safetensors with the original names, shapes "
-        "and dtypes; a compressed adapter directory comes back as a PEFT adapter directory.")
-    d.set_defaults(run=run_decompress)
-    d.add_argument("input", metavar="INPUT")
-    d.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+        "and dtypes; a compressed adapter folder comes back as a PEFT adapter folder. "
+        + _NAMING.format(rule="x.compeft gives x.safetensors, a folder NAME.compeft gives NAME"))
+    _add_io(d, "a .compeft file, a compressed adapter folder, or - (stdin); several are "
+            "decompressed one by one", "the .safetensors file (a folder for an adapter "
+            "folder), - for stdout, or DIR/ (a trailing /) to write every OUTPUT into DIR")
     d.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="convert float tensors")
     d.add_argument("--base", metavar="BASE", help="add the task vector to this base "
                    "checkpoint (or initial adapter) and write the full tensors")
-    d.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
-    add_quiet(d)
+    add_verbose(d, "also list every tensor written (name, dtype, shape)")
+    add_json(d, "print the summary as one JSON document (an array for several INPUTs)")
+
+
+def _shown(summary: Any, job: Job) -> Any:
+    """The summary naming stdin and stdout as such, not the temporary files behind them."""
+    changes: dict[str, str] = {}
+    if job.src == STDIO:
+        changes["source"] = STDIN_NAME
+    if job.dst == STDIO:
+        changes["output"] = changes["file"] = STDOUT_NAME
+    return dataclasses.replace(summary, **changes) if changes else summary
+
+
+def rel_error_note(rel_error: float) -> str | None:
+    """A line explaining a relative error above 1, which surprises everyone; else None."""
+    if not rel_error > 1:
+        return None
+    return ("                (above 1 is expected: the kept entries are scaled up to stand in "
+            "for the\n                dropped ones, which rebuilds the model better than the "
+            "smallest error\n                would; see the README, 'Choosing density and "
+            "scale')")
+
+
+def compress_text(summary: Any, verbose: bool = False) -> str:
+    """The compress summary, with the note on a relative error above 1 below its figure."""
+    text = summary.format(verbose=verbose)
+    note = rel_error_note(summary.quality.overall.rel_error)
+    if note is not None:
+        lines = text.split("\n")
+        at = next((i + 1 for i, line in enumerate(lines) if "rel. error" in line), len(lines))
+        text = "\n".join([*lines[:at], note, *lines[at:]])
+    return text
+
+
+def _decompress_text(summary: Any, args: argparse.Namespace, file: str) -> str:
+    text = summary.format()
+    if args.verbose:
+        with open_safetensors(file) as r:
+            names = r.keys()
+            rows = [(n, r.info(n).dtype, "[" + ",".join(map(str, r.info(n).shape)) + "]")
+                    for n in names]
+        width = max((len(n) for n, _, _ in rows), default=0)
+        text += "\n\n" + "\n".join(f"  {n.ljust(width)}  {dt:<4}  {shape}"
+                                   for n, dt, shape in rows)
+    return text
+
+
+def _run(args: argparse.Namespace, command: str) -> int:
+    todo = plan(args, command)
+    refuse_terminal(todo)
+    to_stdout = todo[0].dst == STDIO
+    report = Report(args, data_on_stdout=to_stdout)
+    if command == "compress":
+        work: Any = compress_file
+        describe = lambda s, args, _file: compress_text(s, args.verbose)  # noqa: E731
+        suffixes = {"src_suffix": ".safetensors", "dst_suffix": ".compeft"}
+        options: dict[str, Any] = {
+            "density": args.density, "alpha": args.alpha, "scope": args.scope,
+            "scale": args.scale, "exclude": args.exclude, "base": args.base,
+            "positions": args.positions, "zstd_level": zstd_choice(args)}
+    else:
+        work, describe = decompress_file, _decompress_text
+        suffixes = {"src_suffix": ".compeft", "dst_suffix": ".safetensors"}
+        options = {"dtype": args.dtype, "base": args.base}
+    options["force"] = args.force
+    progress = show_progress(args) and (args.jobs == 1 or len(todo) == 1)
+
+    def done(job: Job, summary: Any, file: str | None = None) -> None:
+        report.add(_shown(summary, job).to_dict(),
+                   lambda: describe(_shown(summary, job), args, file or summary.file))
+
+    if len(todo) == 1 and STDIO in (todo[0].src, todo[0].dst):
+        job = todo[0]
+        status, names = 0, {}
+        try:
+            with staged(job, **suffixes) as real:
+                names = {real.src: STDIN_NAME, real.dst: STDOUT_NAME}
+                summary = work(real.src, real.dst, progress=progress, **options)
+                done(job, summary, summary.file)  # while the temporary output exists
+        except (CompeftError, OSError) as exc:
+            report.fail(job, exc, {k: v for k, v in names.items() if k != STDIO})
+            status = 1
+        report.close()
+        return status
+    make_folder(todo, args)
+    if command == "compress" and len(todo) > 1:
+        status = _compress_many(todo, args, done, report, options)
+    else:
+        status = run_jobs(work, todo, args.jobs, done, report.fail, progress=progress,
+                          **options)
+    report.close()
+    return status
+
+
+def _compress_many(todo: list[Job], args: argparse.Namespace, done: Any, report: Report,
+                   options: dict[str, Any]) -> int:
+    """Several INPUTs through :func:`~compeft_format.batch.compress_many`: in this process,
+    or in ``-j N`` worker processes; every INPUT runs, a failure is reported in its place."""
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(pool_of(args.jobs, len(todo))) if args.jobs > 1 else None
+        results = compress_many([j.src for j in todo], [j.dst for j in todo], executor=pool,
+                                return_exceptions=True, progress=show_progress(args),
+                                **options)
+    status = 0
+    for job, result in zip(todo, results, strict=True):
+        if not isinstance(result, BaseException):
+            done(job, result)
+        elif isinstance(result, (CompeftError, OSError)):
+            report.fail(job, result)
+            status = 1
+        else:
+            raise result
+    return status
 
 
 def run_compress(args: argparse.Namespace) -> int:
     """``compeft compress``."""
-    summary = compress_file(
-        args.input, args.output, density=args.density, alpha=args.alpha, scope=args.scope,
-        scale=args.scale, exclude=args.exclude, base=args.base, positions=args.positions,
-        zstd_level=zstd_choice(args), force=args.force, progress=show_progress(args))
-    print(summary.format(verbose=args.verbose))
-    return 0
+    return _run(args, "compress")
 
 
 def run_decompress(args: argparse.Namespace) -> int:
     """``compeft decompress``."""
-    summary = decompress_file(args.input, args.output, dtype=args.dtype, base=args.base,
-                              force=args.force, progress=show_progress(args))
-    print(summary.format())
-    return 0
+    return _run(args, "decompress")

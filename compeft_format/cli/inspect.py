@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
 
 from .. import _spec as S
 from ..container import inspect, iter_stream
 from ..convert import META_TASK_VECTOR, with_path
 from ..errors import CompeftError
+from .convert import STDIN_NAME
+from .files import STDIO
+from .options import PROG, add_command, add_json, add_quiet, add_verbose
 from .output import compeft_path, message
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``info`` and ``verify`` to the subcommands ``sub``."""
-    i = sub.add_parser("info", help="per-tensor layout, sizes and ratio of a compeft file",
-                       description="Shape, dtype, density, codecs, bytes and bits per "
-                       "parameter of every tensor, and the totals; reads no tensor data.")
-    i.set_defaults(run=run_info)
-    i.add_argument("file", metavar="FILE")
-    i.add_argument("--json", action="store_true", help="print JSON")
+    i = add_command(sub, "info", run_info,
+                    help="per-tensor layout, sizes and ratio of a compeft file",
+                    description="Shape, dtype, density, codecs, bytes and bits per parameter "
+                    "of every tensor, and the totals; reads no tensor data.")
+    i.add_argument("files", nargs="+", metavar="FILE", help="a .compeft file, a compressed "
+                   "adapter folder, or - (stdin); several are shown one after another")
+    add_json(i, "print JSON (an array for several FILEs)")
+    add_verbose(i, "also print the file's metadata (JSON)")
 
-    v = sub.add_parser("verify", help="check every checksum and decode everything",
-                       description="Check every byte of each file; one line per file. Exit "
-                       "status 0 when all are sound, 1 otherwise.")
-    v.set_defaults(run=run_verify)
-    v.add_argument("files", nargs="+", metavar="FILE")
+    v = add_command(sub, "verify", run_verify,
+                    help="check every checksum and decode everything",
+                    description="Check every byte of each file; one line per file. Exit "
+                    "status 0 when all are sound, 1 otherwise.")
+    v.add_argument("files", nargs="+", metavar="FILE", help="a .compeft file, a compressed "
+                   "adapter folder, or - (stdin, read as a stream)")
+    add_json(v, "print one JSON document (an array for several FILEs)")
+    add_quiet(v, "print only the files that are not sound")
+    add_verbose(v, "also print every tensor checked")
 
 
 def _shape(shape: Sequence[int]) -> str:
@@ -35,17 +49,49 @@ def _shape(shape: Sequence[int]) -> str:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    """``compeft info``."""
-    path = compeft_path(args.file)
-    try:
-        info = inspect(path)
-    except CompeftError as exc:
-        raise with_path(exc, path) from None
-    if args.json:
-        d = info.to_dict()
-        d["file"] = str(path)
-        print(json.dumps(d, indent=2, sort_keys=True))
-        return 0
+    """``compeft info``: exit 1 when any file cannot be read."""
+    status, docs, first = 0, [], True
+    for name in args.files:
+        try:
+            with _stdin_spooled(name) as spooled:
+                path = compeft_path(spooled)
+                try:
+                    info = inspect(path)
+                except CompeftError as exc:
+                    raise with_path(exc, STDIN_NAME if name == STDIO else path) from None
+        except (CompeftError, OSError) as exc:
+            print(f"{PROG}: error: {message(exc)}", file=sys.stderr, flush=True)
+            status = 1
+            continue
+        shown = STDIN_NAME if name == STDIO else str(path)
+        if args.json:
+            d = info.to_dict()
+            d["file"] = shown
+            docs.append(d)
+            continue
+        if not first:
+            print()
+        first = False
+        _print_info(info, shown, args.verbose)
+    if args.json and docs:
+        print(json.dumps(docs[0] if len(args.files) == 1 else docs, indent=2, sort_keys=True))
+    return status
+
+
+@contextlib.contextmanager
+def _stdin_spooled(name: str) -> Iterator[str]:
+    """``name``, or for ``-`` a temporary copy of stdin (info needs to seek)."""
+    if name != STDIO:
+        yield name
+        return
+    with tempfile.TemporaryDirectory(prefix="compeft-stdin-") as tmp:
+        path = os.path.join(tmp, "stdin.compeft")
+        with open(path, "wb") as f:
+            shutil.copyfileobj(sys.stdin.buffer, f, 1 << 20)
+        yield path
+
+
+def _print_info(info: Any, shown: str, verbose: bool) -> None:
     rows = [("tensor", "shape", "dtype", "kind", "density", "codecs", "bytes", "bits/param")]
     for t in info.tensors:
         rows.append((t.name, _shape(t.shape), t.dtype, t.kind,
@@ -60,7 +106,7 @@ def run_info(args: argparse.Namespace) -> int:
     comp = meta.get(S.META_COMPRESSION, {})
     base = meta.get(S.META_BASE, {})
     tv = meta.get(META_TASK_VECTOR, {})
-    print(f"{path}: compeft {info.version[0]}.{info.version[1]}, {len(info.tensors)} tensors, "
+    print(f"{shown}: compeft {info.version[0]}.{info.version[1]}, {len(info.tensors)} tensors, "
           f"{info.file_size:,} bytes; dense {info.dense_size:,} bytes; ratio {info.ratio:.1f}x")
     if isinstance(comp, dict) and comp:
         print("compression: " + ", ".join(f"{k} {comp[k]}" for k in
@@ -77,19 +123,43 @@ def run_info(args: argparse.Namespace) -> int:
     for r in rows:
         print("  ".join(c.rjust(w) if k in right else c.ljust(w)
                         for k, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip())
-    return 0
+    if verbose:
+        print("metadata:")
+        print(json.dumps(meta, indent=2, sort_keys=True))
 
 
 def run_verify(args: argparse.Namespace) -> int:
     """``compeft verify``: exit 1 when any file is not sound."""
-    status = 0
+    status, docs = 0, []
     for name in args.files:
-        path = compeft_path(name)
+        shown = STDIN_NAME if name == STDIO else str(compeft_path(name))
+        tensors: list[str] = []
+        size = 0
         try:
-            with open(path, "rb") as f:
-                count = sum(1 for _ in iter_stream(f))
-            print(f"{path}: OK ({count} tensors, {os.path.getsize(path):,} bytes)")
+            with contextlib.ExitStack() as stack:
+                if name == STDIO:
+                    f: BinaryIO = sys.stdin.buffer
+                else:
+                    f = stack.enter_context(open(compeft_path(name), "rb"))
+                for tensor, _ in iter_stream(f):
+                    tensors.append(tensor)
+                size = f.tell() if f.seekable() else -1
         except (CompeftError, OSError) as exc:
             status = 1
-            print(f"{path}: FAILED: {message(exc)}")
+            docs.append({"file": shown, "ok": False, "error": message(exc),
+                         "tensors_checked": len(tensors)})
+            if not args.json:
+                print(f"{shown}: FAILED: {message(exc)}", flush=True)
+            continue
+        docs.append({"file": shown, "ok": True, "tensors": len(tensors),
+                     **({"bytes": size} if size >= 0 else {})})
+        if args.json or args.quiet:
+            continue
+        where = f", {size:,} bytes" if size >= 0 else ""
+        print(f"{shown}: OK ({len(tensors)} tensors{where})")
+        if args.verbose:
+            for tensor in tensors:
+                print(f"  {tensor}: OK")
+    if args.json:
+        print(json.dumps(docs[0] if len(args.files) == 1 else docs, indent=2))
     return status

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import textwrap
 
 from ..merge import METHODS, RESCALE_RULES, SIGN_METHODS, merge_files
-from .options import add_quiet, density, list_of
+from .options import (
+    UsageError,
+    add_command,
+    add_force,
+    add_json,
+    add_quiet,
+    add_verbose,
+    density,
+    list_of,
+)
 from .output import show_progress
 
 EPILOG = """\
@@ -40,18 +50,20 @@ def weight(text: str) -> float:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     """Add ``merge`` to the subcommands ``sub``."""
-    m = sub.add_parser(
-        "merge", help="merge compressed experts (TIES, task arithmetic) from their files",
+    m = add_command(
+        sub, "merge", run_merge,
+        help="merge compressed experts (TIES, task arithmetic) from their files",
         description=textwrap.fill(
             "Merge two or more compeft files or compressed adapter directories, one tensor at "
             "a time: ties (TIES-Merging; the compression already trimmed the task vectors), "
             "sum (task arithmetic) or mean. The semantics are those of "
             "peft.utils.merge_utils.ties(..., density=1.0) and task_arithmetic.", 88),
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    m.set_defaults(run=run_merge, parser=m)
     m.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="compeft files or compressed adapter directories (two or more)")
-    m.add_argument("-o", "--output", required=True, metavar="OUTPUT")
+    m.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                   help="the merged expert: .compeft, .safetensors, or an adapter folder "
+                   "(see below)")
     m.add_argument("--method", choices=METHODS, default="ties",
                    help="ties: elect a sign per entry, average the inputs that agree; sum: "
                    "weighted sum; mean: sum / n (default ties)")
@@ -69,29 +81,27 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a data-free rescaling rule of the merged tensors"
                    + (f" ({', '.join(sorted(RESCALE_RULES))})" if RESCALE_RULES else
                       " (none is registered)"))
-    m.add_argument("--force", action="store_true", help="replace an existing OUTPUT")
+    add_force(m, "replace an existing OUTPUT (never an INPUT)")
     add_quiet(m)
-
-
-def _usage(args: argparse.Namespace, message: str) -> int:
-    """A usage error found after parsing: the parser's one line, exit status 2."""
-    try:
-        args.parser.error(message)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    return 2  # pragma: no cover  (error always exits)
+    add_verbose(m, "also list the inputs merged")
+    add_json(m, "print the summary as one JSON document")
 
 
 def run_merge(args: argparse.Namespace) -> int:
     """``compeft merge``."""
     if len(args.inputs) < 2:
-        return _usage(args, f"give two or more inputs to merge, got {len(args.inputs)}")
+        raise UsageError(f"give two or more inputs to merge, got {len(args.inputs)}")
     if args.weights is not None and len(args.weights) != len(args.inputs):
-        return _usage(args, f"--weights has {len(args.weights)} values for "
-                      f"{len(args.inputs)} inputs")
+        raise UsageError(f"--weights has {len(args.weights)} values for "
+                         f"{len(args.inputs)} inputs")
     summary = merge_files(args.inputs, args.output, method=args.method, weights=args.weights,
                           sign=args.sign, density=args.density, base=args.base,
                           rescale=args.rescale, force=args.force,
                           progress=show_progress(args))
-    print(summary.format())
+    if args.json:
+        print(json.dumps(summary.to_dict(), indent=2))
+    elif not args.quiet:
+        print(summary.format())
+        if args.verbose:
+            print("  inputs        " + "\n                ".join(summary.inputs))
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from collections.abc import Callable
 from typing import Any, NoReturn
 
@@ -18,11 +19,51 @@ PROG = "compeft"
 POSITIONS = ("auto", "bitmask", "golomb", "rice")
 
 
+class UsageError(Exception):
+    """A command line that cannot be run as given (exit status 2), found after parsing."""
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``compeft compress: error: ...``), exit 2."""
+    """argparse, with the conventions of the whole command.
+
+    A usage error is one line naming the (sub)command's help (``compeft compress: error: ...
+    (see compeft compress --help)``), exit 2; options are never abbreviated (``--dens`` is an
+    error, not ``--density``); a subcommand rejects the arguments it does not know itself, so
+    that its own help is named.
+    """
+
+    def __init__(self, *args: Any, strict: bool = False, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self._strict = strict
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = super().parse_known_args(args, namespace)
+        if self._strict and extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def version() -> str:
+    """What ``--version`` prints."""
+    from .. import __version__
+
+    return f"{PROG} {__version__} (format {S.VERSION_MAJOR}.{S.VERSION_MINOR})"
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, run: Callable[..., int], *,
+                help: str, description: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand ``name`` whose ``run(args) -> int`` runs it, with ``-V/--version``
+    (``kwargs``: more of ``ArgumentParser``'s, such as ``epilog``)."""
+    q = sub.add_parser(name, help=help, description=description, strict=True,
+                       allow_abbrev=False, **kwargs)
+    q.set_defaults(run=run)
+    q.add_argument("-V", "--version", action="version", version=version(),
+                   help="print the version and exit")
+    return q
 
 
 def density(text: str) -> float:
@@ -77,9 +118,35 @@ def zstd_level(text: str) -> int:
     return value
 
 
-def add_quiet(q: argparse.ArgumentParser) -> None:
+def add_quiet(q: argparse.ArgumentParser, what: str = "no progress bars, no summary") -> None:
     """``-q/--quiet``."""
-    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.add_argument("-q", "--quiet", action="store_true", help=what)
+
+
+def add_verbose(q: argparse.ArgumentParser, what: str) -> None:
+    """``-v/--verbose``."""
+    q.add_argument("-v", "--verbose", action="store_true", help=what)
+
+
+def add_force(q: argparse.ArgumentParser, what: str = "replace an existing OUTPUT") -> None:
+    """``-f/--force``."""
+    q.add_argument("-f", "--force", action="store_true", help=what)
+
+
+def add_json(q: argparse.ArgumentParser, what: str) -> None:
+    """``--json``."""
+    q.add_argument("--json", action="store_true", help=what)
+
+
+def jobs(text: str) -> int:
+    """A number of worker processes, at least 1; 0 means one per CPU."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, got {value}")
+    return value or (os.cpu_count() or 1)
 
 
 def add_zstd(q: argparse.ArgumentParser, help_level: str) -> None:

@@ -32,17 +32,19 @@ torch is imported when a function here is first called (it is an optional depend
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._spec import BLOCK_BITMASK, BLOCK_GOLOMB
 from ..errors import CorruptDataError
+from ..tensor import TernaryTensor, dense_values
 from ._bits import check_packed
-from .base import BlockContext, get_codec
+from .base import BlockCodec, BlockContext, get_codec
 from .dense import DenseCodec
 
-__all__ = ["TORCH_DTYPES", "dense_block", "host_to_device", "positions", "signs",
+__all__ = ["FORCE_TORCH", "TORCH_DTYPES", "DeviceTernary", "decode_block", "dense",
+           "dense_block", "from_host", "host_to_device", "on_device", "positions", "signs",
            "ternary_dense", "torch_dtype"]
 
 #: The torch dtype (attribute of the ``torch`` module) of each safetensors dtype name.
@@ -53,6 +55,21 @@ TORCH_DTYPES = {
     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
 }
 _INT64_SAFE = 1 << 62  # golomb arithmetic below this bound never wraps in int64
+
+#: Decode with torch on the CPU too. A CPU device otherwise takes the numpy decoders, which
+#: are faster there; the tests set this to run the device path in CI, where there is no GPU.
+FORCE_TORCH = False
+
+
+class DeviceTernary(NamedTuple):
+    """A ternary record decoded on a device: positions (int64) and signs (bool, True =
+    negative) there, the scale and the record's dtype and shape on the host."""
+
+    positions: Any
+    negative: Any
+    scale: float
+    dtype: str
+    shape: tuple[int, ...]
 
 
 def _torch() -> Any:
@@ -76,16 +93,59 @@ def torch_dtype(name: str) -> Any:
 
 
 def host_to_device(buf: np.ndarray | memoryview | bytes, device: Any) -> Any:
-    """Copy host bytes to a uint8 tensor on ``device`` (through pinned memory for CUDA).
+    """Copy host bytes to a uint8 tensor on ``device``.
 
     The result never shares memory with ``buf`` (which may be a read-only memory map).
     """
     torch = _torch()
     arr = np.frombuffer(buf, dtype=np.uint8) if not isinstance(buf, np.ndarray) else buf
+    host = torch.from_numpy(np.array(arr, dtype=np.uint8))  # a writable copy
     dev = torch.device(device)
-    host = torch.empty(arr.size, dtype=torch.uint8, pin_memory=dev.type == "cuda")
-    host.numpy()[:] = arr
-    return host.to(dev, non_blocking=True) if dev.type != "cpu" else host
+    return host if dev.type == "cpu" else host.to(dev)
+
+
+def on_device(device: Any) -> bool:
+    """Whether ``device`` decodes with torch: any device but the CPU (unless forced).
+
+    >>> on_device("cpu")
+    False
+    """
+    return FORCE_TORCH or _torch().device(device).type != "cpu"
+
+
+def decode_block(codec: BlockCodec, payload: memoryview, param: int, ctx: BlockContext,
+                 device: Any) -> Any:
+    """Decode a positions, signs or dense block (the payload, on the host) on ``device``."""
+    if codec.role == "positions":
+        return positions(codec.block_type, payload, param, ctx, device)
+    if codec.role == "signs":
+        return signs(payload, param, ctx, device)
+    if codec.role == "dense":
+        return dense_block(payload, param, ctx, device)
+    raise ctx.error(f"a {codec.name} block is decoded on the host")
+
+
+def dense(value: Any) -> Any:
+    """The dense tensor of a record decoded on a device (a :class:`DeviceTernary` or already
+    a tensor), in the record's dtype."""
+    if not isinstance(value, DeviceTernary):
+        return value
+    return ternary_dense(value.positions, value.negative, dense_values(value.scale, value.dtype),
+                         value.dtype, value.shape)
+
+
+def from_host(value: Any, device: Any) -> Any:
+    """What a numpy decoder gave (a :class:`TernaryTensor` or ``(storage, dtype)``), on
+    ``device``, as the torch decoders give it."""
+    torch = _torch()
+    if isinstance(value, TernaryTensor):
+        # torch.tensor copies: a TernaryTensor's arrays are read-only (from_numpy would share them)
+        return DeviceTernary(torch.tensor(value.indices).to(device),
+                             torch.tensor(value.signs).to(device), value.scale,
+                             value.dtype, value.shape)
+    from ..dtypes import to_torch
+
+    return to_torch(*value).to(device)
 
 
 def _unpack(t: Any, count: int | None = None) -> Any:
@@ -229,6 +289,9 @@ def dense_block(payload: memoryview, param: int, ctx: BlockContext, device: Any)
     The block is checked by the numpy codec (sizes, BOOL bytes), then its bytes are copied.
     """
     DenseCodec().decode(payload, param, ctx)  # the checks; a view, no copy
+    dtype = torch_dtype(ctx.dtype)
+    if not len(payload):  # an empty uint8 tensor (stride 0) cannot be viewed as another dtype
+        return _torch().empty(ctx.shape, dtype=dtype, device=device)
     raw = host_to_device(np.frombuffer(payload, dtype=np.uint8), device)
-    return raw.view(torch_dtype(ctx.dtype)).reshape(ctx.shape)
+    return raw.view(dtype).reshape(ctx.shape)
 

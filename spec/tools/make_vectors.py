@@ -163,7 +163,9 @@ class Valid:
         return {**DEFAULT_OPTIONS, **self.options}
 
     def build(self) -> bytes:
-        return cf.dumps(self.tensors(), metadata=self.metadata, **self.all_options())
+        # the vectors before 1.1 give no version: they are 1.0 files
+        return cf.dumps(self.tensors(), metadata=self.metadata,
+                        **{"version": "1.0", **self.all_options()})
 
 
 def _golomb_m(m: int) -> Callable[[list[dict[str, Any]]], bool]:
@@ -174,6 +176,32 @@ def _golomb_m(m: int) -> Callable[[list[dict[str, Any]]], bool]:
 def _t(shape: tuple[int, ...], idx: list[int], signs: list[int], scale: float,
        dtype: str = "F32") -> TernaryTensor:
     return TernaryTensor(shape, idx, signs, scale, dtype)
+
+
+V11 = {"version": "1.1"}
+
+
+def _pack_tensors() -> dict[str, Any]:
+    return {
+        "layers.0.q.lora_A": _t((4, 12), [3, 17, 30, 41], [0, 1, 1, 0], 0.5),
+        "layers.0.q.lora_B": _t((12, 4), [0, 9, 47], [1, 0, 1], 0.375, "BF16"),
+        "layers.0.v.lora_A": _t((2, 10), sorted([*range(0, 20, 2), 1, 3, 5]),
+                                [i % 2 for i in range(13)], 1.25, "F16"),
+        "layers.0.v.lora_B": _t((10, 2), [19], [1], 3.0, "F64"),
+        "layers.1.scalar": _t((), [0], [1], 0.75),
+        "layers.1.zero": TernaryTensor.zeros((3, 3)),
+    }
+
+
+def _lora_like() -> dict[str, Any]:
+    out = {}
+    for i in range(6):
+        for m in ("q", "v"):
+            for ab, shape in (("A", (2, 6)), ("B", (6, 2))):
+                k = 2 * i + (m == "v")
+                out[f"base_model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight"] = _t(
+                    shape, [k % 12], [k % 2], 0.5)
+    return out
 
 
 EXAMPLE = Valid(
@@ -294,6 +322,21 @@ VALID: list[Valid] = [
                    "scalar": np.array(2.5, np.float64)}),
     Valid("022-rank-16", "A ternary tensor of 16 dimensions (the default max_ndim).",
           lambda: {"r": _t((1,) * 15 + (3,), [2], [1], 1.0)}),
+    # -- format 1.1 (spec 5.8): pack records
+    Valid("023-pack", "Version 1.1: six small ternary tensors in one pack record (front-coded "
+          "names; F32, BF16, F16 and F64; golomb and bitmask positions; rank 0; no nonzero).",
+          _pack_tensors, metadata={"compeft.producer": "spec"}, options=V11),
+    Valid("024-pack-and-records", "Version 1.1: a pack, a dense record (which closes it), a "
+          "second pack, a ternary record of 2^19 + 1 elements (too big to pack), a third pack.",
+          lambda: {"a.w": _t((3, 4), [1, 6], [0, 1], 0.5), "b.norm": np.array([1.5, -2.0],
+                                                                             np.float32),
+                   "c.w": _t((5,), [4], [1], 0.25), "c.x": _t((2, 2), [0, 3], [1, 0], 1.0),
+                   "d.big": _t((2**19 + 1,), [0, 99, 2**19], [0, 1, 0], 0.125),
+                   "e.w": _t((6,), [2, 3], [1, 1], 2.0)}, options=V11),
+    Valid("025-pack-zstd-table", "Version 1.1: 24 LoRA-like members whose member table goes "
+          "through the zstd stage.", _lora_like, options=V11),
+    Valid("026-pack-alignment-1", "Version 1.1: the tensors of 023-pack with alignment 1 and "
+          "no zstd.", _pack_tensors, options={**V11, "alignment": 1, "zstd_level": None}),
 ]
 
 
@@ -453,6 +496,68 @@ def _empty_zstd(f: File) -> None:
                 with_zstd(b)
 
 
+# -- format 1.1 pack records (spec 5.8), built field by field
+
+PACK = 0x03
+
+
+def member_entry(name: bytes, prefix: int, *, dtype: int = 0x01, shape: tuple[int, ...] = (8,),
+                 nnz: int = 1, ptype: int = BITMASK, param: int = 0, psize: int = 1) -> bytes:
+    """One entry of a member table: ``name`` coded against a previous name sharing ``prefix``."""
+    return (varint(prefix) + varint(len(name) - prefix) + name[prefix:]
+            + bytes([dtype, len(shape)]) + b"".join(varint(d) for d in shape) + varint(nnz)
+            + bytes([ptype]) + varint(param) + varint(psize))
+
+
+#: the member 'a': 8 F32 elements, position 0 (bitmask 0x01), sign +, scale 1.0
+ONE = member_entry(b"a", 1)
+ONE_DATA = b"\x01" + b"\x00" + struct.pack("<f", 1.0)
+
+
+def pack_file(table: bytes = ONE, data: bytes = ONE_DATA, *, name: bytes = b"a",
+              count: int = 1, stage: int = 0, decoded: int | None = None, minor: int = 1,
+              log2: int = 3, data_size: int | None = None, data_crc: int | None = None,
+              after: list[tuple[bytes, bytes]] = ()) -> bytes:
+    """A 1.x file holding one pack, then the records ``after`` as ``(name, record bytes)``.
+
+    The data area is ``data`` padded with zeros to the alignment; ``data_size`` and
+    ``data_crc`` override the true values.
+    """
+    a = 1 << log2
+    header = b"\x89CPFT\r\n\x1a" + bytes([1, minor, log2, 0]) + bytes(4)
+    out = header + struct.pack("<I", crc32(header))
+    out += bytes(-len(out) % a)
+    padded = data + bytes(-len(data) % a)
+    body = (varint(len(name)) + name + varint(count) + bytes([stage]) + varint(len(table))
+            + (varint(decoded) if decoded is not None else b"") + table)
+    size = len(padded) if data_size is None else data_size
+    head = (bytes([PACK]) + varint(len(body) + 8) + varint(size) + body
+            + struct.pack("<I", crc32(padded) if data_crc is None else data_crc))
+    entries = [(name, len(out))]
+    out += head + struct.pack("<I", crc32(head))
+    out += bytes(-len(out) % a) + padded
+    for rname, record in after:
+        entries.append((rname, len(out)))
+        out += record
+    index = b"\x00" + varint(len(entries)) + b"".join(
+        varint(len(n)) + n + varint(o) for n, o in entries)
+    return out + index + struct.pack("<QI", len(out), crc32(index)) + b"CPFE"
+
+
+def dense_u8_record(name: bytes, value: int = 7) -> bytes:
+    """A dense U8 record of one element, alignment 8."""
+    body = varint(len(name)) + name + b"\x09\x01\x01" + b"\x01\x05\x00\x00\x01"
+    data = bytes([value]) + bytes(7)
+    head = b"\x02" + varint(len(body) + 8) + varint(len(data)) + body
+    head += struct.pack("<I", crc32(data))
+    head += struct.pack("<I", crc32(head))
+    return head + bytes(-(len(head)) % 8) + data
+
+
+def _pack_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: pack_file(**kw)
+
+
 ACCEPTED: list[Accepted] = [
     Accepted("001-minor-version", "Version_Minor 7: a 1.0 decoder reads any minor version.",
              _model("002-spec-example", _minor), lambda: valid_bytes("002-spec-example")),
@@ -482,6 +587,18 @@ ACCEPTED: list[Accepted] = [
     Accepted("008-zstd-empty-blocks", "Empty blocks (0 bytes) through the zstd stage: each is "
              "one frame that declares 0 bytes.",
              _model("004-empty-tensors", _empty_zstd), lambda: valid_bytes("004-empty-tensors")),
+    # -- format 1.1
+    Accepted("009-pack-first-name-spelled-out", "Version 1.1: a pack whose first member's "
+             "name is written whole (Prefix_Length 0) instead of coded against the pack's name.",
+             _pack_bytes(table=member_entry(b"a", 0)),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)}, version="1.1")),
+    Accepted("010-pack-zstd-table-larger", "Version 1.1: a small member table through the "
+             "zstd stage (with a content checksum), larger than the raw table.",
+             _pack_bytes(table=zstd_frame(ONE, checksum=True), stage=ZSTD, decoded=len(ONE)),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)}, version="1.1")),
+    Accepted("011-pack-minor-9", "Version 1.9 with a pack: packs are known from minor 1 on.",
+             _pack_bytes(minor=9),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)}, version="1.1")),
 ]
 
 
@@ -1029,7 +1146,61 @@ INVALID: list[Invalid] = [
             "to 0x81) without fixing its Header_Checksum: an optional kind, but a broken "
             "header, which random access also checks before dropping the record.", "R-REC-4",
             mutate(TWO, _flip_kind)),
+    # -- format 1.1: metadata rules pinned (spec 5.2)
+    Invalid("126-metadata-integer-2-53", "The integer 2**53, one above the largest exact in "
+            "binary64.", "R-META-12", _meta(b'{"n":9007199254740992}')),
+    Invalid("127-metadata-integer-401-digits", "A negative integer of 401 digits.", "R-META-12",
+            _meta(b'{"n":-' + b"9" * 401 + b"}")),
+    Invalid("128-metadata-lone-high-surrogate", "A string value with the escape \\ud800 "
+            "alone.", "R-META-13", _meta(b'{"s":"x\\ud800y"}')),
+    Invalid("129-metadata-lone-low-surrogate-key", "A key that is the escape \\udc00 alone.",
+            "R-META-13", _meta(b'{"\\udc00":1}')),
+    Invalid("130-metadata-duplicate-after-unescaping", "The keys 'a' and '\\u0061': equal "
+            "once the escape is decoded.", "R-META-3", _meta(b'{"a":1,"\\u0061":2}')),
+    # -- format 1.1: pack records (spec 5.8)
+    Invalid("131-pack-in-1-0-file", "A pack record in a file whose Version_Minor is 0.",
+            "R-REC-1", _pack_bytes(minor=0)),
+    Invalid("132-pack-no-member", "Member_Count 0 and an empty table.", "R-PACK-1",
+            _pack_bytes(table=b"", count=0, data=b"")),
+    Invalid("133-pack-table-stage-2", "Table_Stage 2.", "R-BLK-1", _pack_bytes(stage=2)),
+    Invalid("134-pack-table-too-big", "Table_Decoded_Size 1048577.", "R-PACK-2",
+            _pack_bytes(table=zstd_frame(ONE), stage=ZSTD, decoded=2**20 + 1)),
+    Invalid("135-pack-table-tail", "One byte after the last table entry.", "R-PACK-3",
+            _pack_bytes(table=ONE + b"\x00")),
+    Invalid("136-pack-prefix-too-long", "The first member shares 2 bytes with the 1-byte name "
+            "of the pack.", "R-PACK-4", _pack_bytes(table=member_entry(b"aa", 2))),
+    Invalid("137-pack-first-name", "The pack is named 'b', its first member 'a'.", "R-PACK-5",
+            _pack_bytes(name=b"b", table=member_entry(b"a", 0))),
+    Invalid("138-pack-positions-type", "Positions_Type 0x03 (signs).", "R-PACK-6",
+            _pack_bytes(table=member_entry(b"a", 1, ptype=SIGNS))),
+    Invalid("139-pack-member-order", "Two members named 'a'.", "R-PACK-7",
+            _pack_bytes(table=ONE + member_entry(b"a", 1), count=2, data=ONE_DATA * 2)),
+    Invalid("140-pack-data-size", "Data_Size 16 for 6 bytes of members (8 with padding).",
+            "R-PACK-8", _pack_bytes(data_size=16, data=ONE_DATA + bytes(10))),
+    Invalid("141-pack-next-record-before-last-member", "Members 'a' and 'az', then a record "
+            "'ab': below the pack's last member.", "R-REC-7",
+            _pack_bytes(table=ONE + member_entry(b"az", 1), count=2, data=ONE_DATA * 2,
+                        after=[(b"ab", dense_u8_record(b"ab"))]), random="R-PACK-9"),
+    Invalid("142-pack-data-checksum", "Data_Checksum 0.", "R-REC-9", _pack_bytes(data_crc=0)),
+    Invalid("143-pack-padding", "A nonzero byte in the padding after the last member (the "
+            "checksum covers it).", "R-BLK-4", lambda: _pack_padding()),
+    Invalid("144-pack-member-bitmask-bits", "A member's bitmask has 2 bits set, its Nnz is 1.",
+            "R-BMP-4", _pack_bytes(data=b"\x03" + ONE_DATA[1:])),
+    Invalid("145-pack-member-name-nul", "A second member named 'a' + NUL.", "R-NAME-3",
+            _pack_bytes(table=ONE + member_entry(b"a\x00", 1), count=2, data=ONE_DATA * 2)),
+    Invalid("146-pack-table-frame-size", "The zstd table frame declares 1 byte less than "
+            "Table_Decoded_Size.", "R-ZST-3",
+            _pack_bytes(table=zstd_frame(ONE), stage=ZSTD, decoded=len(ONE) + 1)),
+    Invalid("147-pack-member-scale-negative", "A member's scale is -1.0.", "R-SCL-3",
+            _pack_bytes(data=ONE_DATA[:2] + struct.pack("<f", -1.0))),
 ]
+
+
+def _pack_padding() -> bytes:
+    """A pack whose data area has a nonzero padding byte, every checksum right."""
+    data = bytearray(ONE_DATA + bytes(2))
+    data[7] = 1
+    return pack_file(data=bytes(data))
 
 
 # ---------------------------------------------------------------------------------------------

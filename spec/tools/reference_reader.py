@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.0 decoder, written from spec/FORMAT.md alone.
+"""An independent compeft 1.1 decoder (and so 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -43,6 +43,9 @@ DTYPES = {
 ROLES = {0x01: "positions", 0x02: "positions", 0x03: "signs", 0x04: "scale", 0x05: "dense"}
 OPTIONAL = 0x80
 MAX_HEADER_LENGTH = 65536  # §5.3
+PACK = 0x03  # §5.8, from Version_Minor 1
+MAX_PACK_TABLE = 1_048_576  # §5.8
+JSON_INT_MAX = 2**53 - 1  # §5.2
 VARINT_MAX = 2**63 - 1  # §2.3
 
 
@@ -147,6 +150,12 @@ class Header:
     alignment: int
     metadata: dict[str, Any]
     first: int  #: P: where the first record (or the index) starts
+    minor: int = 0
+
+    @property
+    def kinds(self) -> tuple[int, ...]:
+        """§5.3: the required kinds this file may hold."""
+        return (0x01, 0x02, PACK) if self.minor >= 1 else (0x01, 0x02)
 
 
 def _depth(value: Any) -> int:
@@ -155,6 +164,17 @@ def _depth(value: Any) -> int:
     if isinstance(value, list):
         return 1 + max((_depth(v) for v in value), default=0)
     return 0
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """§5.2: a string holding a code point D800 to DFFF (only an unpaired escape makes one)."""
+    if isinstance(value, str):
+        return any(0xD800 <= ord(ch) <= 0xDFFF for ch in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def parse_metadata(raw: bytes, limits: Limits) -> dict[str, Any]:
@@ -181,13 +201,20 @@ def parse_metadata(raw: bytes, limits: Limits) -> dict[str, Any]:
             raise SpecError("R-META-4", token)
         return value
 
+    def integer(token: str) -> int:
+        if len(token.lstrip("-")) > 16 or abs(int(token)) > JSON_INT_MAX:
+            raise SpecError("R-META-12", token[:40])
+        return int(token)
+
     try:
         meta = json.loads(text, object_pairs_hook=pairs, parse_constant=constant,
-                          parse_float=number)
+                          parse_float=number, parse_int=integer)
     except RecursionError:
         raise SpecError("R-META-6", "nesting") from None
-    except ValueError as exc:  # JSONDecodeError, and integers too long to convert
+    except ValueError as exc:  # JSONDecodeError
         raise SpecError("R-META-2", str(exc)) from None
+    if _has_lone_surrogate(meta):
+        raise SpecError("R-META-13", "lone surrogate")
     if not isinstance(meta, dict):
         raise SpecError("R-META-5", type(meta).__name__)
     if _depth(meta) > limits.max_metadata_depth:
@@ -215,7 +242,7 @@ def read_header(data: bytes, limits: Limits) -> Header:
     if len(data) < 16 and not MAGIC.startswith(data[:8]):
         raise SpecError("R-HDR-1", "short and not a prefix of the magic")
     c = Cursor(data)
-    magic, major, _minor, log2, flags, msize = struct.unpack("<8sBBBBI", c.take(16, "header"))
+    magic, major, minor, log2, flags, msize = struct.unpack("<8sBBBBI", c.take(16, "header"))
     if magic != MAGIC:
         raise SpecError("R-HDR-1", repr(magic))
     if major != 1:
@@ -233,7 +260,7 @@ def read_header(data: bytes, limits: Limits) -> Header:
     a = 1 << log2
     first = align(c.pos, a)
     check_zero(c.take(first - c.pos, "header padding"), "R-HDR-7")
-    return Header(a, meta, first)
+    return Header(a, meta, first, minor)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,10 +288,28 @@ class RecordHeader:
     data_crc: int
     header_end: int
     data_size: int
+    members: list[Member] | None = None  # §5.8: a pack's members
 
     @property
     def known(self) -> bool:
-        return self.kind in (0x01, 0x02)
+        return self.kind in (0x01, 0x02, PACK)
+
+
+@dataclass
+class Member:
+    """One entry of a pack's member table (§5.8)."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nnz: int
+    positions_type: int
+    param: int
+    positions_size: int
+
+    @property
+    def size(self) -> int:
+        return self.positions_size + (self.nnz + 7) // 8 + 4
 
 
 def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHeader:
@@ -284,26 +329,16 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
     name = read_name(b, limits)
+    if kind == PACK:
+        members = read_pack_body(b, name, limits)
+        used = sum(m.size for m in members)
+        if data_size != align(used, a):
+            raise SpecError("R-PACK-8", f"Data_Size {data_size}")
+        return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size,
+                            members)
     if kind not in (0x01, 0x02):  # an optional kind: the rest of the body is not ours
         return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size)
-    code = b.u8("Dtype")
-    if code not in DTYPES:
-        raise SpecError("R-BODY-1", f"dtype {code}")
-    dtype, _, ternary_ok = DTYPES[code]
-    if kind == 0x01 and not ternary_ok:
-        raise SpecError("R-BODY-2", dtype)
-    ndim = b.u8("Ndim")
-    if ndim > limits.max_ndim:
-        raise SpecError("R-BODY-3", f"Ndim {ndim}")
-    shape = [b.varint("Dim") for _ in range(ndim)]
-    numel = math.prod(shape)
-    if numel > limits.max_numel:
-        raise SpecError("R-BODY-4", f"numel {numel}")
-    nnz = None
-    if kind == 0x01:
-        nnz = b.varint("Nnz")
-        if nnz > numel:
-            raise SpecError("R-BODY-5", f"Nnz {nnz}")
+    dtype, shape, nnz = read_tensor_fields(b, kind == 0x01, limits)
     descs = []
     for _ in range(b.u8("Block_Count")):
         btype, stage = b.u8("Block_Type"), b.u8("Stage")
@@ -326,6 +361,110 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     if roles != (["positions", "signs", "scale"] if kind == 0x01 else ["dense"]):
         raise SpecError("R-BLK-3", f"blocks {roles}")
     return RecordHeader(kind, name, dtype, shape, nnz, descs, data_crc, header_end, data_size)
+
+
+def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
+                       ) -> tuple[str, list[int], int | None]:
+    """§5.4.2, §5.4.3: Dtype, Ndim, Dim, and Nnz for a ternary tensor."""
+    code = b.u8("Dtype")
+    if code not in DTYPES:
+        raise SpecError("R-BODY-1", f"dtype {code}")
+    dtype, _, ternary_ok = DTYPES[code]
+    if ternary and not ternary_ok:
+        raise SpecError("R-BODY-2", dtype)
+    ndim = b.u8("Ndim")
+    if ndim > limits.max_ndim:
+        raise SpecError("R-BODY-3", f"Ndim {ndim}")
+    shape = [b.varint("Dim") for _ in range(ndim)]
+    numel = math.prod(shape)
+    if numel > limits.max_numel:
+        raise SpecError("R-BODY-4", f"numel {numel}")
+    nnz = None
+    if ternary:
+        nnz = b.varint("Nnz")
+        if nnz > numel:
+            raise SpecError("R-BODY-5", f"Nnz {nnz}")
+    return dtype, shape, nnz
+
+
+def read_pack_body(b: Cursor, name: str, limits: Limits) -> list[Member]:
+    """§8.1 step 8a: the rest of a pack's body and its member table (§5.8)."""
+    count = b.varint("Member_Count")
+    if count < 1:
+        raise SpecError("R-PACK-1", "no member")
+    stage = b.u8("Table_Stage")
+    stored_size = b.varint("Table_Stored_Size")
+    if stage not in (0, 1):
+        raise SpecError("R-BLK-1", f"Table_Stage {stage}")
+    decoded = b.varint("Table_Decoded_Size") if stage == 1 else stored_size
+    if decoded > MAX_PACK_TABLE:
+        raise SpecError("R-PACK-2", f"Table_Decoded_Size {decoded}")
+    table = b.take(stored_size, "Table")
+    if b.left():
+        raise SpecError("R-REC-5", f"{b.left()} bytes left in the body")
+    if stage == 1:
+        table = undo_zstd(table, decoded)
+    t = Cursor(table)
+    prev = name.encode()
+    members = []
+    for i in range(count):
+        prefix = t.varint("Prefix_Length")
+        if prefix > len(prev):
+            raise SpecError("R-PACK-4", f"Prefix_Length {prefix}")
+        suffix = t.varint("Suffix_Length")
+        if not 1 <= prefix + suffix <= limits.max_name_length:
+            raise SpecError("R-NAME-1", f"name length {prefix + suffix}")
+        raw = prev[:prefix] + t.take(suffix, "Suffix")
+        try:
+            mname = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise SpecError("R-NAME-2", repr(raw)) from None
+        if "\x00" in mname:
+            raise SpecError("R-NAME-3", repr(mname))
+        if i == 0 and raw != name.encode():
+            raise SpecError("R-PACK-5", f"{mname!r} is not {name!r}")
+        if i > 0 and raw <= prev:
+            raise SpecError("R-PACK-7", f"{mname!r} after {prev!r}")
+        dtype, shape, nnz = read_tensor_fields(t, True, limits)
+        ptype = t.u8("Positions_Type")
+        if ptype not in (0x01, 0x02):
+            raise SpecError("R-PACK-6", f"Positions_Type {ptype}")
+        param, psize = t.varint("Param"), t.varint("Positions_Size")
+        assert nnz is not None
+        members.append(Member(mname, dtype, shape, nnz, ptype, param, psize))
+        prev = raw
+    if t.left():
+        raise SpecError("R-PACK-3", f"{t.left()} bytes after the entries")
+    return members
+
+
+def decode_pack(h: RecordHeader, data: bytes, budget: Budget) -> list[dict[str, Any]]:
+    """§8.1 step 13 for a pack: its checksum, its padding, then each member's payloads."""
+    if crc32(data) != h.data_crc:
+        raise SpecError("R-REC-9", "data checksum")
+    assert h.members is not None
+    used = sum(m.size for m in h.members)
+    check_zero(data[used:], "R-BLK-4")
+    out, at = [], 0
+    for m in h.members:
+        numel = math.prod(m.shape)
+        itemsize = next(size for name, size, _ in DTYPES.values() if name == m.dtype)
+        mh = RecordHeader(0x01, m.name, m.dtype, m.shape, m.nnz, [], 0, 0, 0)
+        ssize = (m.nnz + 7) // 8
+        parts = [(m.positions_type, m.param, m.positions_size), (0x03, 0, ssize), (0x04, 0, 4)]
+        values: dict[str, Any] = {}
+        for btype, param, size in parts:
+            payload = data[at : at + size]
+            at += size
+            if btype != 0x04 and ROLES[btype] == "positions":
+                budget.charge(8 * len(payload) + 9 * m.nnz)
+            values[ROLES[btype]] = decode_block(btype, param, payload, mh, numel, m.nnz,
+                                                itemsize)
+        scale_bits, scale = values["scale"]
+        out.append({"name": m.name, "kind": "ternary", "shape": m.shape, "dtype": m.dtype,
+                    "nnz": m.nnz, "indices": values["positions"], "signs": values["signs"],
+                    "scale": scale, "scale_bits": f"0x{scale_bits:08x}"})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,26 +661,31 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     budget = Budget(limits, len(data))
     c = Cursor(data, header.first)
     seen: list[tuple[str, int]] = []
+    last: str | None = None  # the last tensor name: a record's or a pack's last member's
     tensors = []
     while True:
         at = c.pos
         kind = c.u8("Record_Kind")
         if kind == 0x00:
             break
-        if kind not in (0x01, 0x02) and not kind & OPTIONAL:
+        if kind not in header.kinds and not kind & OPTIONAL:
             raise SpecError("R-REC-1", f"Record_Kind {kind}")
         if len(seen) >= limits.max_tensors:
             raise SpecError("R-REC-2", "too many records")
         h = read_record_header(c, kind, limits, a)
-        if seen and h.name.encode() <= seen[-1][0].encode():
-            raise SpecError("R-REC-7", f"{h.name!r} after {seen[-1][0]!r}")
+        if last is not None and h.name.encode() <= last.encode():
+            raise SpecError("R-REC-7", f"{h.name!r} after {last!r}")
         seen.append((h.name, at))
+        last = h.members[-1].name if h.members else h.name
         data_start = align(h.header_end, a)
         check_zero(c.take(data_start - h.header_end, "record padding"), "R-REC-8")
         area = c.take(h.data_size, "data area")
-        if not h.known:
+        if kind not in header.kinds:
             if crc32(area) != h.data_crc:
                 raise SpecError("R-REC-10", "data checksum of an optional record")
+            continue
+        if kind == PACK:
+            tensors.extend(decode_pack(h, area, budget))
             continue
         tensors.append(decode_data(h, area, a, budget))
     index_at = c.pos - 1
@@ -600,8 +744,15 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
         raise SpecError("R-IDX-9", "bytes before an empty index")
     ends = [off for _, off in entries[1:]] + [index_at]
     spans = []
-    for (name, off), end in zip(entries, ends, strict=False):
-        if data[off] not in (0x01, 0x02) and data[off] & OPTIONAL:
+    for i, ((name, off), end) in enumerate(zip(entries, ends, strict=False)):
+        if data[off] == PACK and PACK in header.kinds:
+            # step 6: a pack's header and member table are read when the file is opened
+            h = _record_in_span(data, name, off, end, limits, a)
+            if i + 1 < len(entries) and h.members[-1].name.encode() >= entries[i + 1][0].encode():
+                raise SpecError("R-PACK-9", f"{h.members[-1].name!r}")
+            spans.append((name, off, end))
+            continue
+        if data[off] not in header.kinds and data[off] & OPTIONAL:
             # step 6: the header of a dropped optional record is checked (its checksum covers
             # the kind byte), its data area is not read
             c = Cursor(data, off + 1, end)
@@ -610,20 +761,30 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
         spans.append((name, off, end))
     tensors = []
     for name, off, end in spans:
-        c = Cursor(data, off, end)
-        kind = c.u8("Record_Kind")
-        if kind not in (0x01, 0x02):
-            raise SpecError("R-REC-1", f"Record_Kind {kind}")
-        h = read_record_header(c, kind, limits, a)
-        if h.name != name:
-            raise SpecError("R-IDX-10", f"{h.name!r} is not {name!r}")
-        data_start = align(h.header_end, a)
-        if data_start + h.data_size != end:
-            raise SpecError("R-IDX-11", "record does not end at the next one")
-        check_zero(data[h.header_end : data_start], "R-REC-8")
-        area = data[data_start:end]
-        tensors.append(decode_data(h, area, a, Budget(limits, size)))
+        h = _record_in_span(data, name, off, end, limits, a, header.kinds)
+        area = data[align(h.header_end, a) : end]
+        if h.kind == PACK:  # each member with a budget of its own (§8.2 step 9)
+            tensors.extend(decode_pack(h, area, Budget(limits, size)))
+        else:
+            tensors.append(decode_data(h, area, a, Budget(limits, size)))
     return {"metadata": header.metadata, "tensors": tensors}
+
+
+def _record_in_span(data: bytes, name: str, off: int, end: int, limits: Limits, a: int,
+                    kinds: tuple[int, ...] = (0x01, 0x02, PACK)) -> RecordHeader:
+    """§8.2 steps 7 and 8: the record header of an entry, within its span."""
+    c = Cursor(data, off, end)
+    kind = c.u8("Record_Kind")
+    if kind not in kinds:
+        raise SpecError("R-REC-1", f"Record_Kind {kind}")
+    h = read_record_header(c, kind, limits, a)
+    if h.name != name:
+        raise SpecError("R-IDX-10", f"{h.name!r} is not {name!r}")
+    data_start = align(h.header_end, a)
+    if data_start + h.data_size != end:
+        raise SpecError("R-IDX-11", "record does not end at the next one")
+    check_zero(data[h.header_end : data_start], "R-REC-8")
+    return h
 
 
 def main(argv: list[str]) -> int:

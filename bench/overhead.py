@@ -1,0 +1,166 @@
+"""File size over content measure for many-small-tensor adapters (issue 13's size target).
+
+The *content measure* of a file is what its tensors need, whatever the container:
+
+* per ternary tensor, the iid bound ``numel * (H(p) + p)`` bits (``p = nnz / numel``) plus
+  4 bytes of scale;
+* per dense tensor, its raw bytes;
+* all names, joined by ``\\n`` in file order, through zstd at level 3 (the writer's default).
+
+Files are written exactly as the ``compeft compress`` command writes them
+(:func:`compeft_format.convert.compress_file`, default options, ``--base`` the adapter's
+initial state), so metadata, base binding, index and trailer are all counted.
+
+Run: ``python -m bench.overhead`` (a table), ``python -m bench.overhead FILE...`` (measure
+files), ``--json`` for JSON. The target is ``file / content <= 1.05`` at densities 0.01, 0.05
+and 0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zstandard
+
+from bench.common import ROOT, entropy_bound, md_table
+from compeft_format import open_file
+from compeft_format.convert import compress_file
+
+DENSITIES = (0.01, 0.05, 0.1)
+TARGET = 1.05
+
+#: name, PEFT type, [(tensor name, shape)] generator arguments (see :func:`_llm_names`)
+OWN = (
+    ("LoRA r=8 MiniLM (tests/data)", ROOT / "tests/data/lora-minilm-vader"),
+    ("(IA)^3 MiniLM (tests/data)", ROOT / "tests/data/ia3-minilm-vader"),
+)
+
+
+def _llama(layers: int, modules: tuple[str, ...], r: int, width: int = 4096,
+           ) -> list[tuple[str, tuple[int, int]]]:
+    out = []
+    for i in range(layers):
+        for m in modules:
+            stem = f"base_model.model.model.layers.{i}.self_attn.{m}_proj"
+            out += [(f"{stem}.lora_A.weight", (r, width)), (f"{stem}.lora_B.weight", (width, r))]
+    return out
+
+
+def _t5(layers: int, r: int, width: int) -> list[tuple[str, tuple[int, int]]]:
+    """q and v of every attention of an encoder-decoder (T5 naming): 12 x layers tensors."""
+    out = []
+    for side, attns in (("encoder", ("0.SelfAttention",)),
+                        ("decoder", ("0.SelfAttention", "1.EncDecAttention"))):
+        for i in range(layers):
+            for a in attns:
+                for m in ("q", "v"):
+                    stem = f"base_model.model.{side}.block.{i}.layer.{a}.{m}"
+                    out += [(f"{stem}.lora_A.weight", (r, width)),
+                            (f"{stem}.lora_B.weight", (width, r))]
+    return out
+
+
+GENERATED = (
+    ("LLM LoRA r=8 q,v 32 layers 4096", lambda: _llama(32, ("q", "v"), 8)),
+    ("LLM LoRA r=16 q,k,v,o 32 layers 4096", lambda: _llama(32, ("q", "k", "v", "o"), 16)),
+    ("LLM LoRA r=64 q,v 32 layers 4096", lambda: _llama(32, ("q", "v"), 64)),
+    ("enc-dec LoRA r=16 q,v 24 layers 1024", lambda: _t5(24, 16, 1024)),
+)
+
+
+def content_measure(path: str | Path) -> dict[str, Any]:
+    """The content measure of a compeft file (see the module doc) and its parts."""
+    bound_bits, scales, dense, names = 0.0, 0, 0, []
+    with open_file(path) as f:
+        for name in f:
+            info = f.info(name)
+            names.append(name)
+            if info.kind == "ternary":
+                p = info.nnz / info.numel if info.numel else 0.0
+                bound_bits += info.numel * entropy_bound(p)
+                scales += 4
+            else:
+                dense += info.dense_size
+    names_z = len(zstandard.ZstdCompressor(level=3).compress("\n".join(names).encode()))
+    total = math.ceil(bound_bits / 8) + scales + dense + names_z
+    size = Path(path).stat().st_size
+    return {"tensors": len(names), "bound_bytes": math.ceil(bound_bits / 8), "scale_bytes": scales,
+            "dense_bytes": dense, "names_zstd": names_z, "content": total, "file": size,
+            "ratio": size / total}
+
+
+def write_adapter(folder: Path, shapes: list[tuple[str, tuple[int, int]]], seed: int) -> Path:
+    """A PEFT LoRA adapter folder with an ``init/`` (A random, B zero), trained-like values."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(seed)
+    init, trained = {}, {}
+    for name, shape in shapes:
+        a = name.endswith("lora_A.weight")
+        init[name] = (rng.standard_normal(shape, np.float32) * 0.02 if a
+                      else np.zeros(shape, np.float32))
+        # heavy-tailed updates, as trained adapters have
+        trained[name] = init[name] + rng.standard_t(3, shape).astype(np.float32) * 1e-3
+    config = {"peft_type": "LORA", "r": shapes[0][1][0], "lora_alpha": 16,
+              "target_modules": sorted({n.split(".")[-3] for n, _ in shapes})}
+    for sub, weights in (("", trained), ("init", init)):
+        d = folder / sub
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(weights, str(d / "adapter_model.safetensors"))
+        (d / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def measure_all(densities: tuple[float, ...] = DENSITIES, generated: bool = True,
+                ) -> list[dict[str, Any]]:
+    """Compress every adapter at every density as ``compeft compress --base init`` does."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = list(OWN)
+        if generated:
+            for i, (label, shapes) in enumerate(GENERATED):
+                adapters.append((label, write_adapter(Path(tmp) / f"gen{i}", shapes(), 100 + i)))
+        for label, folder in adapters:
+            for p in densities:
+                out = Path(tmp) / f"out-{len(rows)}"
+                compress_file(folder, out, density=p, base=folder / "init")
+                row = content_measure(out / "adapter_model.compeft")
+                rows.append({"adapter": label, "density": p, **row})
+    return rows
+
+
+def table_md(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of :func:`measure_all` rows."""
+    header = ["adapter", "tensors", "density", "content bytes", "of which names", "file bytes",
+              "file / content"]
+    body = [[r["adapter"], str(r["tensors"]), f"{r['density']:g}", f"{r['content']:,}",
+             f"{r['names_zstd']:,}", f"{r['file']:,}", f"{r['ratio']:.3f}"] for r in rows]
+    return md_table(header, body, "lrrrrrr")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the table (or measure the files given)."""
+    ap = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
+    ap.add_argument("files", nargs="*", help="measure these compeft files instead")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--own-only", action="store_true", help="skip the generated adapters")
+    args = ap.parse_args(argv)
+    if args.files:
+        rows = [{"adapter": f, "density": float("nan"), **content_measure(f)} for f in args.files]
+    else:
+        rows = measure_all(generated=not args.own_only)
+    print(json.dumps(rows, indent=1) if args.json else table_md(rows))
+    worst = max(r["ratio"] for r in rows)
+    print(f"\nworst file / content: {worst:.3f} (target <= {TARGET})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

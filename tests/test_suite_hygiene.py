@@ -1,0 +1,27 @@
+"""The suite itself: every warning is an error, and temporary files go where they are
+removed (``conftest.SUITE_TMP``, pytest's ``tmp_path``), never left in the system's folder."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import pytest
+from conftest import SUITE_TMP
+
+
+def test_a_warning_fails_the_suite():
+    with pytest.raises(RuntimeWarning, match="made up"):
+        warnings.warn("made up", RuntimeWarning, stacklevel=1)
+
+
+def test_temporary_files_go_to_the_suite_folder():
+    assert Path(tempfile.gettempdir()) == Path(SUITE_TMP)
+    with tempfile.TemporaryDirectory() as d:
+        assert Path(d).parent == Path(SUITE_TMP)
+    out = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
+                         capture_output=True, text=True, check=True, timeout=60).stdout
+    assert Path(out.strip()) == Path(SUITE_TMP)  # subprocesses too (TMPDIR)
