@@ -14,17 +14,20 @@ from .codecs.golomb import GolombCodec
 from .errors import EncodeError
 from .tensor import TernaryTensor
 
-__all__ = ["BACKGROUND_MIN", "POSITIONS_CHOICES", "Block", "encode_positions", "maybe_zstd",
-           "zstd_later"]
+__all__ = ["BACKGROUND_MIN", "POSITIONS_CHOICES", "ZSTD_MIN", "Block", "encode_positions",
+           "maybe_zstd", "zstd_later"]
 
 POSITIONS_CHOICES = ("auto", "bitmask", "golomb")
 _BITMASK, _GOLOMB = BitmaskCodec(), GolombCodec()
 
 
+ZSTD_MIN = 64  # smaller payloads are stored raw: a zstd frame would rarely win, never by much
+
+
 def maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD,
                ) -> tuple[int, bytes]:
     """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7)."""
-    if level is None or len(payload) < 64:
+    if level is None or len(payload) < ZSTD_MIN:
         return S.STAGE_NONE, payload
     frame = stage.encode(payload, level)
     if len(frame) < len(payload):
@@ -42,7 +45,8 @@ BACKGROUND_MIN = 1 << 20  # smaller payloads are compressed inline: the hand-off
 
 def zstd_later(payload: bytes, level: int | None) -> Callable[[], tuple[int, bytes]]:
     """Start :func:`maybe_zstd` of ``payload``; return a function that waits for its result."""
-    if level is None or len(payload) < BACKGROUND_MIN:
+    # below ZSTD_MIN too: maybe_zstd stores those raw, and the worker must write the same bytes
+    if level is None or len(payload) < max(BACKGROUND_MIN, ZSTD_MIN):
         result = maybe_zstd(payload, level)
         return lambda: result
     wait = ZSTD.encode_later(payload, level)

@@ -162,3 +162,16 @@ def test_a_failed_decode_stops_the_prefault(small_outputs: pytest.MonkeyPatch) -
     with pytest.raises(cf.CorruptDataError, match="positions run to"):
         GolombCodec().decode(memoryview(payload), m, short)
     assert not [th for th in threading.enumerate() if th.name == "compeft-prefault"]
+
+
+def test_worker_stores_small_payloads_raw_as_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A block under encode.ZSTD_MIN is stored raw whichever thread compresses it: with every
+    zstd stage on the worker (BACKGROUND_MIN = 1) a 19-byte bitmask that zstd would shrink
+    was stored as a frame, inline it is raw (found by test_chunk_boundaries_change_nothing)."""
+    t = cf.TernaryTensor((152,), [0, 151], [False, True], 0.5)
+    payload = bytes(19)
+    assert len(ZSTD.encode(payload, 1)) < len(payload) < encode.ZSTD_MIN  # zstd would win
+    inline = cf.dumps({"t": t}, positions="bitmask", zstd_level=1, alignment=1)
+    assert cf.inspect(inline).tensors[0].codecs == "bitmask,signs,scale"
+    monkeypatch.setattr(encode, "BACKGROUND_MIN", 1)
+    assert cf.dumps({"t": t}, positions="bitmask", zstd_level=1, alignment=1) == inline
