@@ -21,7 +21,7 @@ import os
 import pickle
 import re
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import numpy as np
 
 from . import dtypes as _dt
 from .errors import ConvertError
-from .safetensors_io import SafetensorsReader, TensorEntry
+from .safetensors_io import SafetensorsReader, TensorEntry, WeightsReader
 
 __all__ = ["ShardedReader", "TorchReader", "UnsafePickleError", "open_weights"]
 
@@ -46,7 +46,7 @@ def _one_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-class TorchReader:
+class TorchReader(WeightsReader):
     """A pickled torch state dict, loaded with ``torch.load(weights_only=True)``.
 
     Tensors are viewed as numpy storage (BF16 and F8 as their raw bits) on access; with a
@@ -65,6 +65,7 @@ class TorchReader:
         self.path = os.fspath(path)
         self._tensors: dict[str, Any] = {}
         self._entries: dict[str, TensorEntry] = {}
+        self._names = self._entries  # WeightsReader's names
         self.metadata: dict[str, str] = {}
         try:
             import torch
@@ -116,19 +117,6 @@ class TorchReader:
             self._entries[name] = TensorEntry(name, dname, shape, 0,
                                               t.numel() * t.element_size())
 
-    def keys(self) -> list[str]:
-        """Tensor names, sorted."""
-        return sorted(self._entries)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
     def info(self, name: str) -> TensorEntry:
         """The tensor's entry (``offset`` is 0: a pickle has no fixed layout)."""
         return self._entries[name]
@@ -156,12 +144,6 @@ class TorchReader:
         """Drop the tensors."""
         self._tensors.clear()
 
-    def __enter__(self) -> TorchReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     def __repr__(self) -> str:
         return f"TorchReader({self.path!r}, {len(self)} tensors)"
 
@@ -169,9 +151,9 @@ class TorchReader:
 def read_index(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]:
     """``(weight_map, metadata)`` of a Hugging Face ``*.index.json``, checked.
 
-    >>> import os, tempfile, json
+    >>> import os, pathlib, tempfile, json
     >>> p = os.path.join(tempfile.mkdtemp(), "model.safetensors.index.json")
-    >>> _ = open(p, "w").write(json.dumps({"metadata": {"total_size": 8},
+    >>> _ = pathlib.Path(p).write_text(json.dumps({"metadata": {"total_size": 8},
     ...                                    "weight_map": {"w": "model-1.safetensors"}}))
     >>> read_index(p)
     ({'w': 'model-1.safetensors'}, {'total_size': 8})
@@ -192,20 +174,20 @@ def read_index(path: str | os.PathLike) -> tuple[dict[str, str], dict[str, Any]]
     return dict(wm), dict(meta) if isinstance(meta, dict) else {}
 
 
-class ShardedReader:
+class ShardedReader(WeightsReader):
     """The shards of one checkpoint as one reader, by the ``weight_map`` of its index.
 
     Every shard must hold exactly the tensors the index maps to it. ``metadata`` is the
     first shard's (``{"format": "pt"}`` for a transformers checkpoint); ``index_metadata``
     the index's own (``total_size``...).
 
-    >>> import os, tempfile, json, numpy as np
+    >>> import os, pathlib, tempfile, json, numpy as np
     >>> from compeft_format.safetensors_io import save_safetensors
     >>> d = tempfile.mkdtemp()
     >>> save_safetensors({"a": np.ones(2, np.float32)}, os.path.join(d, "m-1.safetensors"))
     >>> save_safetensors({"b": np.zeros(3, np.float32)}, os.path.join(d, "m-2.safetensors"))
     >>> idx = os.path.join(d, "model.safetensors.index.json")
-    >>> _ = open(idx, "w").write(json.dumps({"weight_map": {"a": "m-1.safetensors",
+    >>> _ = pathlib.Path(idx).write_text(json.dumps({"weight_map": {"a": "m-1.safetensors",
     ...                                                     "b": "m-2.safetensors"}}))
     >>> with ShardedReader(idx) as r:
     ...     r.keys(), r.shard_of("b"), r.values("b").shape
@@ -215,6 +197,7 @@ class ShardedReader:
     def __init__(self, index: str | os.PathLike) -> None:
         self.path = os.fspath(index)
         self.weight_map, self.index_metadata = read_index(index)
+        self._names = self.weight_map  # WeightsReader's names
         folder = Path(index).parent
         self.shards: list[str] = sorted(set(self.weight_map.values()))
         self._readers: dict[str, Any] = {}
@@ -241,19 +224,6 @@ class ShardedReader:
 
     def _reader(self, name: str) -> Any:
         return self._readers[self.weight_map[name]]
-
-    def keys(self) -> list[str]:
-        """Tensor names, sorted."""
-        return sorted(self.weight_map)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self.weight_map)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self.weight_map
 
     def info(self, name: str) -> TensorEntry:
         """The tensor's entry in its shard."""
@@ -283,12 +253,6 @@ class ShardedReader:
         """Close every shard."""
         for r in self._readers.values():
             r.close()
-
-    def __enter__(self) -> ShardedReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"ShardedReader({self.path!r}, {len(self.shards)} shards, {len(self)} tensors)"

@@ -33,7 +33,7 @@ import os
 import struct
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 
@@ -46,6 +46,7 @@ __all__ = [
     "SafetensorsReader",
     "SafetensorsWriter",
     "TensorEntry",
+    "WeightsReader",
     "open_safetensors",
     "save_safetensors",
 ]
@@ -194,7 +195,44 @@ def parse_header(prefix: bytes | memoryview, file_size: int, where: str = "<byte
     return metadata, entries
 
 
-class SafetensorsReader:
+_R = TypeVar("_R", bound="WeightsReader")
+
+
+class WeightsReader:
+    """What every reader of a weights file shares: its names as a sorted, sized container,
+    and closing as a context manager.
+
+    A subclass sets ``_names`` (a mapping whose keys are its tensor names) and defines
+    ``close``; :class:`SafetensorsReader` and the readers of :mod:`compeft_format.readers`
+    (pickled weights, sharded folders) are the ones.
+    """
+
+    _names: Mapping[str, Any]
+
+    def keys(self) -> list[str]:
+        """Tensor names, sorted (Python string order)."""
+        return sorted(self._names)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: _R) -> _R:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SafetensorsReader(WeightsReader):
     """A validated, memory-mapped safetensors file; one tensor at a time, no copies.
 
     Use :func:`open_safetensors` (or the class itself) as a context manager. Arrays already
@@ -236,22 +274,9 @@ class SafetensorsReader:
             # which is never empty here
             self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self._size = size
-        self._entries = {e.name: e for e in entries}
+        self._entries = self._names = {e.name: e for e in entries}
 
-    # -- mapping-like access -------------------------------------------------------------
-    def keys(self) -> list[str]:
-        """Tensor names, sorted (Python string order)."""
-        return sorted(self._entries)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._entries
-
+    # -- mapping-like access (names: WeightsReader) --------------------------------------
     def entries(self) -> list[TensorEntry]:
         """Every tensor's entry, in data (file offset) order."""
         return sorted(self._entries.values(), key=lambda e: e.offset)
@@ -314,12 +339,6 @@ class SafetensorsReader:
         if mm is not None:
             with contextlib.suppress(BufferError):
                 mm.close()
-
-    def __enter__(self) -> SafetensorsReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return f"SafetensorsReader({self.path!r}, {len(self)} tensors)"
