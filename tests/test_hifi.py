@@ -205,3 +205,21 @@ def test_doctests():
     result = doctest.testmod(hifi, optionflags=doctest.ELLIPSIS)
     assert result.attempted >= 8
     assert result.failed == 0
+
+
+def test_value_readers_refuse_a_hifi_file(tmp_path):
+    # decompress, apply, merge and PEFT loading read the binding first: none of them may
+    # take the integer codes for values
+    from compeft_format import decompress_file
+    from compeft_format.torch import apply
+
+    path = tmp_path / "e.compeft"
+    save_hifi({"weight": np.full((2, 2), 0.5, np.float32)}, path, step=0.25)
+    with pytest.raises(HifiError, match=r"hi-fi file.*load_hifi"):
+        decompress_file(path, tmp_path / "out.safetensors")
+    assert not (tmp_path / "out.safetensors").exists()
+    model = torch.nn.Linear(2, 2, bias=False)
+    before = model.weight.detach().clone()
+    with pytest.raises(HifiError, match="hi-fi file"):
+        apply(model, path)
+    assert torch.equal(model.weight, before)
