@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -62,6 +62,7 @@ __all__ = [
     "hifi_steps",
     "load_hifi",
     "lora_weights",
+    "probe_weights",
     "save_hifi",
 ]
 
@@ -104,7 +105,7 @@ def _sum_squares(arr: np.ndarray, name: str) -> float:
 def hifi_steps(tv: Mapping[str, Any], *, rel_step: float = DEFAULT_REL_STEP,
                step: float | None = None,
                weights: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Each tensor's quantisation step: ``step / weights[name]``.
+    """Each tensor's quantisation step: ``step / weights[name]``, to 6 significant digits.
 
     Parameters
     ----------
@@ -143,7 +144,9 @@ def hifi_steps(tv: Mapping[str, Any], *, rel_step: float = DEFAULT_REL_STEP,
         w = 1.0 if weights is None else weights.get(name, 1.0)
         if not (isinstance(w, (int, float)) and 0 < w < math.inf):
             raise EncodeError(f"weight must be a positive finite number, got {w!r}", tensor=name)
-        out[name] = float(step) / float(w)
+        # 6 significant digits: the step is a design choice, and a short one costs ~10 bytes
+        # a tensor less in the metadata (0.014 bits per parameter on 4,500-entry tensors)
+        out[name] = float(f"{float(step) / float(w):.6g}")
     return out
 
 
@@ -236,6 +239,59 @@ def load_hifi(path: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
                                 f"{getattr(codes, 'dtype', type(codes).__name__)}", tensor=name)
             out[name] = (codes.astype(np.float64) * s).astype(np.float32)
         return out
+
+
+def probe_weights(tv: Mapping[str, Any], distortion: Callable[[dict[str, np.ndarray]], float],
+                  *, group: Callable[[str], str] | None = None, rel_step: float = 0.5,
+                  weights: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Weights for :func:`hifi_steps` from the measured effect of each group's quantisation.
+
+    For each group of tensors (``group(name)``; default one group per tensor), the task
+    vector is rebuilt with only that group quantised (at ``rel_step`` and ``weights``) and
+    ``distortion`` scores it: for instance ``1 -`` the mean cosine of the model's outputs
+    with the fine-tune's on a few calibration inputs (not the ones you evaluate on). The
+    distortion of a group grows as its step squared, so the steps that minimise the total
+    for a given size make a group's weight ``sqrt(d_g / n_g)`` (``n_g`` its entries) times
+    the given ``weights``. A group whose noise is not measurable (``d_g <= 0``) gets the
+    per-entry sensitivity of the least sensitive measured group. Costs one call of
+    ``distortion`` per group. Weights are scaled to a geometric mean of 1 over the entries.
+
+    >>> import numpy as np
+    >>> tv = {"a": np.linspace(-1, 1, 50), "b": np.linspace(-1, 1, 50)}
+    >>> def d(t):  # squared errors, those of a weigh 100 times more
+    ...     return float(100 * ((t["a"] - tv["a"]) ** 2).sum() + ((t["b"] - tv["b"]) ** 2).sum())
+    >>> w = probe_weights(tv, d)
+    >>> round(w["a"] / w["b"], 6)  # errors in a cost 100 times more: a step 10 times finer
+    10.0
+    """
+    names = sorted(tv, key=lambda n: n.encode())
+    key = group or (lambda n: n)
+    steps = hifi_steps(tv, rel_step=rel_step, weights=weights)
+    values = {n: _values(tv[n], n) for n in names}
+    members: dict[str, list[str]] = {}
+    for n in names:
+        members.setdefault(key(n), []).append(n)
+    per_entry: dict[str, float] = {}
+    for g, ns in members.items():
+        rebuilt = dict(values)
+        for n in ns:
+            rebuilt[n] = (hifi_codes(values[n], steps[n], name=n) * steps[n]).astype(
+                values[n].dtype)
+        d = float(distortion(rebuilt))
+        if not math.isfinite(d):
+            raise EncodeError(f"distortion of group {g!r} is {d!r}")
+        size = sum(values[n].size for n in ns)
+        per_entry[g] = d / size if size else 0.0
+    measured = [v for v in per_entry.values() if v > 0]
+    if not measured:
+        raise EncodeError("no group's quantisation changed the distortion; use a larger "
+                          f"rel_step than {rel_step!r}")
+    least = min(measured)
+    raw = {n: math.sqrt(max(per_entry[key(n)], 0) or least)
+           * (1.0 if weights is None else weights.get(n, 1.0)) for n in names}
+    total = sum(values[n].size for n in names)
+    gm = math.exp(sum(values[n].size * math.log(raw[n]) for n in names) / total)
+    return {n: raw[n] / gm for n in names}
 
 
 def lora_weights(adapter: Mapping[str, Any], *, floor: float = 1e-3) -> dict[str, float]:

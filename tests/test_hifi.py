@@ -20,6 +20,7 @@ from compeft_format.hifi import (
     hifi_steps,
     load_hifi,
     lora_weights,
+    probe_weights,
     save_hifi,
 )
 
@@ -39,7 +40,7 @@ def test_round_trip_codes_exact(tmp_path):
     steps = save_hifi(tv, path, rel_step=0.3)
     rms = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in tv.values())
                     / sum(v.size for v in tv.values()))
-    assert steps == pytest.approx(dict.fromkeys(tv, 0.3 * rms), rel=1e-12)
+    assert steps == pytest.approx(dict.fromkeys(tv, 0.3 * rms), rel=1e-6)
     stored = load_file(path)  # a plain reader: the integer codes
     back = load_hifi(path)
     for name, v in tv.items():
@@ -223,3 +224,34 @@ def test_value_readers_refuse_a_hifi_file(tmp_path):
     with pytest.raises(HifiError, match="hi-fi file"):
         apply(model, path)
     assert torch.equal(model.weight, before)
+
+
+def test_probe_weights_follow_sensitivity():
+    rng = np.random.default_rng(4)
+    tv = {f"m{i}.{f}": rng.normal(0, 0.01, (8, 24)) for i in range(3) for f in "AB"}
+    tv["m3.A"] = rng.normal(0, 0.01, (8, 24))  # a group the distortion ignores
+    cost = {"m0": 1.0, "m1": 16.0, "m2": 4.0, "m3": 0.0}
+    calls = []
+
+    def distortion(t):
+        calls.append(1)
+        return sum(cost[n.split(".")[0]] * float(((t[n] - tv[n]) ** 2).sum()) for n in t)
+
+    w = probe_weights(tv, distortion, group=lambda n: n.split(".")[0], rel_step=0.5)
+    assert len(calls) == 4  # one call per group
+    # a group's weight follows the square root of its per-entry distortion
+    per = {}
+    steps = hifi_steps(tv, rel_step=0.5)
+    for g in cost:
+        ns = [n for n in tv if n.startswith(g + ".")]
+        err = sum(float(((hifi_codes(tv[n], steps[n]) * steps[n] - tv[n]) ** 2).sum()) for n in ns)
+        per[g] = cost[g] * err / sum(tv[n].size for n in ns)
+    for g in ("m1", "m2"):
+        assert w[f"{g}.A"] / w["m0.A"] == pytest.approx(math.sqrt(per[g] / per["m0"]))
+    assert w["m0.A"] == w["m0.B"]
+    # the unmeasurable group is weighed as the least sensitive measured one
+    assert w["m3.A"] == pytest.approx(w["m0.A"])
+    sizes = np.array([tv[n].size for n in tv])
+    assert np.exp((sizes * np.log([w[n] for n in tv])).sum() / sizes.sum()) == pytest.approx(1)
+    with pytest.raises(EncodeError, match="no group"):
+        probe_weights(tv, lambda t: 0.0)
