@@ -16,12 +16,12 @@ import peft
 import pytest
 import torch
 import transformers
+from cli_helpers import one_line_error, run
 
 import compeft_format as cf
 from compeft_format import peft_init
 from compeft_format.errors import ConvertError
 from compeft_format.safetensors_io import open_safetensors
-from cli_helpers import one_line_error, run
 
 SEED = 3407  # not the first candidate: the search must replay, then regenerate it
 
