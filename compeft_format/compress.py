@@ -457,12 +457,12 @@ class _Candidates:
 
     Built before pass 1 from the sample's band edges, so the statistics pass also counts the
     magnitudes above the band and collects those in it (:class:`_Band`): one pass fewer. With
-    ``positions`` it also keeps the flat position and value of every entry whose magnitude is
-    above ``lo_open`` (the kept ones, and the band: about ``k`` plus a fraction of a percent
-    of ``n``) while the chunk is in cache, so that once the threshold is known the output is
-    gathered from these alone, not from another pass over the data. Past ``limit`` of them
-    it stops keeping positions (they would cost more memory than the output itself), and
-    the output takes a pass of its own.
+    ``positions`` it also keeps the flat position, magnitude and sign of every entry whose
+    magnitude is above ``lo_open`` (the kept ones, and the band: about ``k`` plus a fraction
+    of a percent of ``n``; 13 bytes each for float32) while the chunk is in cache, so that
+    once the threshold is known the output is gathered from these alone, not from another
+    pass over the data. Past ``limit`` of them it stops keeping positions (they would cost
+    more memory than the output itself), and the output takes a pass of its own.
     """
 
     def __init__(self, lo_open: Any, hi: Any, cap: int, positions: bool, limit: int) -> None:
@@ -472,15 +472,17 @@ class _Candidates:
         self.positions = positions
         self.limit = limit
         self.count = 0
-        self.parts: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        #: name -> the chunks' (flat positions, magnitudes, sign bits), in position order
+        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
 
-    def chunk(self, c: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, int,
-                                            np.ndarray]:
-        """``(positions, values, count above hi, band)`` of one chunk of values ``c`` (any
-        thread); positions and values are None once they are no longer kept."""
+    def chunk(self, c: np.ndarray, start: int) -> tuple[tuple[np.ndarray, ...] | None, int,
+                                                        np.ndarray]:
+        """``((positions, magnitudes, sign bits), count above hi, band)`` of the chunk of
+        values ``c`` at flat position ``start`` (any thread); the first is None once
+        positions are no longer kept."""
         if not self.positions:
             m = np.abs(c, out=_scratch(c.size, c.dtype))
-            return (None, None, *self.band.chunk(m))
+            return (None, *self.band.chunk(m))
         if self.lo_open < 0:  # the band reaches down to zero: every entry
             pos = np.arange(c.size)
         else:  # |c| > lo_open, as two comparisons (cheaper than |c| and one)
@@ -488,22 +490,24 @@ class _Candidates:
             mask |= np.less(c, self.neg_lo, out=_scratch(c.size, np.bool_, "mask"))
             pos = np.flatnonzero(mask)
         vals = c.take(pos)
-        return (pos, vals, *self.band.chunk(np.abs(vals)))
+        m = np.abs(vals)
+        pos += start
+        return ((pos, m, np.signbit(vals)), *self.band.chunk(m))
 
-    def merge(self, name: str, start: int,
-              got: tuple[np.ndarray | None, np.ndarray | None, int, np.ndarray]) -> None:
+    def merge(self, name: str,
+              got: tuple[tuple[np.ndarray, ...] | None, int, np.ndarray]) -> None:
         """Add a chunk's :meth:`chunk` (chunks in order)."""
-        pos, vals, above, band = got
+        cand, above, band = got
         self.band.merge((above, band))
-        if not self.positions or pos is None:
+        if not self.positions or cand is None:
             return
-        self.count += pos.size
+        self.count += cand[0].size
         if self.count > self.limit:
             self.positions = False
             self.parts.clear()
             return
-        if pos.size:
-            self.parts.setdefault(name, []).append((start, pos, vals))
+        if cand[0].size:
+            self.parts.setdefault(name, []).append(cand)
 
     def hold(self, top: TopK) -> bool:
         """True if the kept positions hold every entry that ``top`` keeps."""
@@ -1022,12 +1026,12 @@ class _Job:
             if sums is None:  # not finite: reported in order below
                 return 0.0, None, None
             cw = c if native == work else c.astype(work)
-            got = found.chunk(cw) if found is not None else None
+            got = found.chunk(cw, start) if found is not None else None
             peak = 0.0
             if track_max and c.size:
-                if got is not None and got[1] is not None and got[1].size:
+                if got is not None and got[0] is not None and got[0][1].size:
                     # the largest |value| is among the candidates whenever there are any
-                    peak = float(np.abs(got[1]).max())
+                    peak = float(got[0][1].max())
                 else:  # without a temporary |c|
                     peak = max(float(c.max()), -float(c.min()))
             return peak, sums, got
@@ -1037,7 +1041,7 @@ class _Job:
             if sums is not None:
                 stats.merge(sums)
                 if found is not None:
-                    found.merge(name, start, got)
+                    found.merge(name, got)
             else:
                 c = self._chunk(flat, dname, native, start)
                 bad = np.flatnonzero(~np.isfinite(c))
@@ -1173,40 +1177,54 @@ class _Job:
 
     @staticmethod
     def _pick(
-        parts: list[tuple[int, np.ndarray, np.ndarray]], t: Any, ties_left: int, want_sum: bool
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: Any, ties_left: int,
+        want_sum: bool,
     ) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """:meth:`_gather` of one tensor from its candidates ``(start, positions, values)``."""
-        idx_parts: list[np.ndarray] = []
-        sign_parts: list[np.ndarray] = []
-        kept_sum = 0.0
+        """:meth:`_gather` of one tensor from its candidates ``(positions, magnitudes, sign
+        bits)``, chunk by chunk on all cores: which to keep (the ties in order), then each
+        chunk's kept entries straight into their slice of the output."""
         find_ties = ties_left > 0
 
-        def one(i: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
-            _, pos, vals = parts[i]
-            m = np.abs(vals)
+        def mark(i: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+            """A chunk's mask of the candidates above ``t``, its count, and where ``t`` is."""
+            m = parts[i][1]
             sel = m > t
-            took = 0
-            if ties:
-                eq = np.flatnonzero(m == t)[:ties]
-                sel[eq] = True
-                took = eq.size
-            loc = np.flatnonzero(sel)
-            part = float(m.take(loc).sum(dtype=np.float64)) if want_sum and loc.size else 0.0
-            tied = bool(find_ties and not ties and (m == t).any())
-            return pos.take(loc), np.signbit(vals.take(loc)), part, took, tied
+            eq = None
+            if find_ties:
+                at = m == t
+                eq = np.flatnonzero(at) if at.any() else None
+            return sel, int(np.count_nonzero(sel)), eq
 
         items = range(len(parts))
-        for i, got in zip(items, _ordered_map(one, items), strict=True):
-            if ties_left and got[4]:
-                got = one(i, ties_left)
-            loc, signs, part, took, _ = got
-            ties_left -= took
-            if loc.size:
-                idx_parts.append(loc + parts[i][0])
-                sign_parts.append(signs)
-                kept_sum += part
-        idx = np.concatenate(idx_parts) if idx_parts else np.empty(0, np.int64)
-        signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
+        sels: list[np.ndarray] = []
+        ends = [0]
+        for sel, count, eq in _ordered_map(mark, items):
+            if ties_left and eq is not None:  # first come, first kept
+                took = eq[:ties_left]
+                sel[took] = True
+                ties_left -= took.size
+                count += took.size
+            sels.append(sel)
+            ends.append(ends[-1] + count)
+        idx = np.empty(ends[-1], np.int64)
+        signs = np.empty(ends[-1], bool)
+
+        def fill(i: int) -> float:
+            """Write a chunk's kept positions and signs; return the sum of their magnitudes,
+            summed as _gather sums them (the kept magnitudes in position order)."""
+            a, b = ends[i], ends[i + 1]
+            if b == a:
+                return 0.0
+            pos, m, neg = parts[i]
+            loc = np.flatnonzero(sels[i])
+            # mode "wrap": the indices are valid, and "raise" buffers a take with out=
+            np.take(pos, loc, out=idx[a:b], mode="wrap")
+            np.take(neg, loc, out=signs[a:b], mode="wrap")
+            return float(m.take(loc).sum(dtype=np.float64)) if want_sum else 0.0
+
+        kept_sum = 0.0
+        for part in _ordered_map(fill, items):
+            kept_sum += part
         return idx, signs, ties_left, kept_sum
 
     def _gather(
