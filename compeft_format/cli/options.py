@@ -66,26 +66,28 @@ def add_command(sub: argparse._SubParsersAction, name: str, run: Callable[..., i
     return q
 
 
+def _number(text: str, kind: Callable[[str], Any], ok: Callable[[Any], bool],
+            rule: str) -> Any:
+    """``text`` read as ``kind`` (int or float), refused unless ``ok``; ``rule`` says why."""
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"not {noun}: {text!r}") from None
+    if not ok(value):  # a NaN fails every comparison, so it is refused here too
+        raise argparse.ArgumentTypeError(f"{rule}, got {text if kind is float else value}")
+    return value
+
+
 def density(text: str) -> float:
     """A density in ``(0, 1]``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value <= 1.0:  # also NaN
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+    return _number(text, float, lambda v: 0.0 < v <= 1.0, "must be in (0, 1]")
 
 
 def positive(text: str) -> float:
     """A finite number above zero."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0,
+                   "must be a finite number > 0")
 
 
 def scale_rule(text: str) -> str:
@@ -109,13 +111,7 @@ def list_of(item: Callable[[str], Any]) -> Callable[[str], list[Any]]:
 
 def zstd_level(text: str) -> int:
     """A zstd level in ``[-7, 22]``."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not -7 <= value <= 22:
-        raise argparse.ArgumentTypeError(f"must be in [-7, 22], got {value}")
-    return value
+    return _number(text, int, lambda v: -7 <= v <= 22, "must be in [-7, 22]")
 
 
 def add_quiet(q: argparse.ArgumentParser, what: str = "no progress bars, no summary") -> None:
@@ -140,12 +136,7 @@ def add_json(q: argparse.ArgumentParser, what: str) -> None:
 
 def jobs(text: str) -> int:
     """A number of worker processes, at least 1; 0 means one per CPU."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (one per CPU) or more, got {value}")
+    value = _number(text, int, lambda v: v >= 0, "must be 0 (one per CPU) or more")
     return value or (os.cpu_count() or 1)
 
 
