@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compeft_format.compress import compress
+from compeft_format.hifi import hifi_codes, load_hifi, lora_weights, save_hifi
 from compeft_format.tensor import TernaryTensor
 from compeft_format.tuning import count_file_bytes
 
@@ -47,8 +48,12 @@ class Built:
 
     recon: dict[str, np.ndarray]
     items: list[tuple[str, object, str | None]]
+    nbytes: int | None = None  # the size of a file written and read back (``hifi``)
+    entropy_bits: float | None = None  # the codes' order-0 entropy per parameter (``hifi``)
 
     def file_bytes(self) -> int:
+        if self.nbytes is not None:
+            return self.nbytes
         items = sorted(self.items, key=lambda it: it[0].encode())
         return count_file_bytes(items)[0]
 
@@ -214,6 +219,26 @@ def _ls_pass(tv, density: float) -> Built:
     return Built(recon, items)
 
 
+def hifi(tv, rel_step: float, weights: Mapping[str, float] | None = None) -> Built:
+    """The task vector through :func:`compeft_format.hifi.save_hifi` into a real file and
+    back through :func:`~compeft_format.hifi.load_hifi`: size and values are the file's."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "expert.compeft")
+        steps = save_hifi(tv, path, rel_step=rel_step, weights=weights)
+        back = load_hifi(path)
+        nbytes = os.path.getsize(path)
+    bits = 0.0
+    for name, s in steps.items():
+        _, counts = np.unique(hifi_codes(tv[name], s, name=name), return_counts=True)
+        p = counts / counts.sum()
+        bits -= float(counts @ np.log2(p))
+    recon = {n: v.astype(np.float64).reshape(-1) for n, v in back.items()}
+    return Built(recon, [], nbytes=nbytes, entropy_bits=bits / numel(tv))
+
+
 def numel(tv: Mapping[str, np.ndarray]) -> int:
     return sum(int(np.size(v)) for v in tv.values())
 
@@ -222,7 +247,10 @@ def numel(tv: Mapping[str, np.ndarray]) -> int:
 # the experiment
 # ---------------------------------------------------------------------------------------------
 #: (structure, label, function of the task vector) for every point measured
-def settings(quick: bool) -> list[tuple[str, str, object]]:
+def settings(quick: bool, lora: Mapping[str, np.ndarray] | None = None
+             ) -> list[tuple[str, str, object]]:
+    """Every point: ``lora`` (the trained adapter, when the task vector is one) adds the
+    hi-fi points with :func:`~compeft_format.hifi.lora_weights`."""
     dens = (0.02, 0.05, 0.1, 0.2) if not quick else (0.05, 0.2)
     out: list[tuple[str, str, object]] = []
     for d in (0.01, *dens, 0.5, 1.0):
@@ -239,6 +267,14 @@ def settings(quick: bool) -> list[tuple[str, str, object]]:
     for d in (0.5, 1.0):
         out.append(("residual_levels4", f"d={d:g}+{d:g}",
                     lambda tv, d=d: residual(tv, (d, d), n_levels=4)))
+    rel = (0.2, 0.3) if quick else (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1, 1.5, 2, 3, 5)
+    for r in rel:
+        out.append(("hifi", f"step {r:g} rms", lambda tv, r=r: hifi(tv, r)))
+    if lora is not None:
+        w = lora_weights(lora)
+        for r in rel:
+            out.append(("hifi_lora", f"step {r:g} rms, lora_weights",
+                        lambda tv, r=r: hifi(tv, r, w)))
     return out
 
 
@@ -258,6 +294,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer densities")
     ap.add_argument("--only", action="append", help="lora, ia3 or full-lrX (repeatable)")
+    ap.add_argument("--structures", help="comma-separated structures to measure (default all)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machine: 1)")
+    ap.add_argument("--steps", type=int, default=300, help="training steps of a full fine-tune")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "COMPEFT_BENCH_CACHE", Path.home() / ".cache" / "compeft-bench")))
     ap.add_argument("--json", type=Path, required=True, help="where the points go")
@@ -273,21 +312,32 @@ def main() -> None:
         if args.plot:
             plot(points, args.plot, peer=(4.1, 0.99999))
         return
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     scorer = sr.Scorer(sr.model_dir(None), "cpu")
     points = []
     for which in args.only or ["lora"]:
+        lora = None
         if which in ("lora", "ia3"):
             case = sr.adapter_case(which, scorer)
+            if which == "lora":
+                from safetensors.numpy import load_file
+
+                lora = load_file(str(sr.ROOT / "tests" / "data" / "lora-minilm-vader"
+                                     / "adapter_model.safetensors"))
         else:
-            case = sr.full_case(which, scorer, 300, float(which.split("lr")[1]), args.cache)
+            case = sr.full_case(which, scorer, args.steps, float(which.split("lr")[1]),
+                                args.cache)
+            case.label = f"{which}-steps{args.steps}"
         case.activate()
         base = scorer.score()
         n = numel(case.tv)
-        for structure, label, fn in settings(args.quick):
+        wanted = set(args.structures.split(",")) if args.structures else None
+        for structure, label, fn in settings(args.quick, lora):
+            if wanted is not None and structure not in wanted:
+                continue
             t0 = time.perf_counter()
             built = fn(case.tv)
             delta = {name: torch.from_numpy(np.asarray(v, np.float32).reshape(
@@ -297,9 +347,12 @@ def main() -> None:
             p = {"model": case.label, "structure": structure, "setting": label,
                  "bits_per_param": 8 * size / n, "file_bytes": size, "score": score,
                  "base": base, "seconds": time.perf_counter() - t0}
+            if built.entropy_bits is not None:
+                p["entropy_bits"] = built.entropy_bits
             points.append(p)
             print(json.dumps(p), flush=True)
             args.json.write_text(json.dumps(points, indent=1))
+        del case
 
 
 def table(points: list[dict]) -> str:

@@ -43,6 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
+from .hifi import HifiError, load_hifi, lora_weights, save_hifi
 from .merge import MergeError, MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .safetensors_io import (
@@ -79,6 +80,7 @@ __all__ = [
     "EncodeError",
     "FileInfo",
     "FormatError",
+    "HifiError",
     "LazyTaskVector",
     "LimitExceededError",
     "MergeError",
@@ -110,7 +112,9 @@ __all__ = [
     "iter_compress",
     "iter_stream",
     "load_file",
+    "load_hifi",
     "loads",
+    "lora_weights",
     "merge_and_compress",
     "merge_files",
     "open_file",
@@ -118,6 +122,7 @@ __all__ = [
     "peft_task_vector",
     "quality_report",
     "save_file",
+    "save_hifi",
     "save_safetensors",
     "select_topk",
     "state_dict_task_vector",

@@ -1,7 +1,8 @@
 """The base binding of a compeft file: what it was measured from, and the check of a base.
 
 :func:`read_reference` reads the ``task_vector`` and ``compeft.base`` metadata a compress
-wrote (:class:`Reference`); :func:`check_base` refuses a base other than the recorded one
+wrote (:class:`Reference`), and refuses a hi-fi file (:mod:`compeft_format.hifi`: its records
+are codes, not values); :func:`check_base` refuses a base other than the recorded one
 before anything is added to it (spec 5.2.1: ``compeft.base``).
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from . import _spec as S
 from ._progress import Bar
 from .errors import ConvertError, CorruptDataError
+from .hifi import HIFI_KEY, HifiError
 from .plan import META_TASK_VECTOR, REFERENCES, SHORT_DIGEST, base_binding, tensor_sha256
 
 __all__ = ["Reference", "check_base", "read_reference"]
@@ -52,6 +54,9 @@ def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> R
     >>> r.kind, r.delta, r.peft_type
     ('one', {'g'}, 'IA3')
     """
+    if HIFI_KEY in meta:  # its records are integer codes: never apply or convert them as values
+        raise HifiError(f"{where}: a hi-fi file (metadata {HIFI_KEY!r}): its tensors are "
+                        "integer codes; decode it with compeft_format.load_hifi")
     ref = meta.get(META_TASK_VECTOR)
     base = meta.get(S.META_BASE)  # its types are checked by the reader (spec 5.2.1)
     base = base if isinstance(base, dict) else {}
