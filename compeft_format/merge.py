@@ -54,6 +54,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -88,6 +89,7 @@ from .sources import (
 from .tensor import TernaryTensor, dense_values
 
 __all__ = [
+    "EXPECTED_SAMPLES",
     "MAX_PATTERN_INPUTS",
     "METHODS",
     "PATTERN_SCALES",
@@ -102,6 +104,7 @@ __all__ = [
     "check_options",
     "combine",
     "dense_divisor",
+    "expected_ties",
     "merge",
     "merge_and_compress",
     "merge_tensor",
@@ -131,14 +134,18 @@ class Rescale:
     before the sign election and the averaging (None: all 1). ``after``: a factor multiplying
     the merged tensor. ``zeros`` (TIES only): one count per input, added to an entry's
     divisor where that input is zero (None: all 0, PEFT's divisor; see :func:`dense_divisor`).
+    ``table`` (ternary inputs with pattern counts only): the merged value of every sign
+    pattern (``3**n`` values, indexed as :attr:`MergeStats.counts`), in place of the merge's
+    arithmetic; ``after`` still multiplies it (see :func:`expected_ties`).
 
     >>> Rescale(after=0.5)
-    Rescale(before=None, after=0.5, zeros=None)
+    Rescale(before=None, after=0.5, zeros=None, table=None)
     """
 
     before: tuple[float, ...] | None = None
     after: float = 1.0
     zeros: tuple[float, ...] | None = None
+    table: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -268,6 +275,177 @@ def dense_divisor(stats: MergeStats) -> Rescale:
 RESCALE_RULES["dense_divisor"] = dense_divisor
 
 
+#: Samples per input and sign pattern in :func:`expected_ties`'s expectations (equal-
+#: probability atoms of each input's distribution; the tables move by well under 1% between
+#: 1024 and 8192).
+EXPECTED_SAMPLES = 1024
+
+
+def _normal_atoms(density: float, k: int) -> tuple[float, np.ndarray, np.ndarray]:
+    """``(a, kept, dropped)`` for a standard normal ``z`` of which the fraction ``density`` of
+    largest ``|z|`` is kept: the threshold ``a`` and ``k`` equal-probability atoms (midpoint
+    quantiles) of ``|z|`` given ``|z| > a`` and given ``|z| < a``."""
+    nd = NormalDist()
+    u = (np.arange(k) + 0.5) / k
+    a = nd.inv_cdf(1.0 - density / 2)
+    kept = np.array([nd.inv_cdf(1.0 - x * density / 2) for x in u.tolist()])
+    dropped = np.array([nd.inv_cdf(0.5 + x * (1.0 - density) / 2) for x in u.tolist()])
+    return a, kept, dropped
+
+
+def _expected_rescales(stats: Mapping[str, MergeStats]) -> dict[str, Rescale]:
+    """:func:`expected_ties` for every tensor of a merge at once (its ``prepare``)."""
+    out: dict[str, Rescale] = {}
+    model = {name: st for name, st in stats.items() if st.method == "ties"
+             and st.counts is not None and all(m is not None for m in st.magnitudes)}
+    for name, st in stats.items():
+        if name not in model:
+            out[name] = dense_divisor(st)
+    if not model:
+        return out
+    n = next(iter(model.values())).n
+    # each input's kept fraction of each tensor, from the pattern counts
+    nnz = {name: np.array([st.counts @ (st.digits()[i] != 0) for i in range(n)], np.int64)
+           for name, st in model.items()}
+    # the threshold of each input's compression scope (tensors sharing its scale): the
+    # proj rule's scale is sum(t^2) / sum(|kept t|) over the scope; with t ~ N(0, sigma_T^2)
+    # in tensor T, kept where |t| > tau (a_T = tau / sigma_T, from the kept fraction), that
+    # is tau * sum(N_T / a_T^2) / sum(N_T * 2 phi(a_T) / a_T): solved for tau
+    atoms: dict[tuple[str, int], tuple[float, np.ndarray, np.ndarray]] = {}
+    groups: dict[tuple[int, float], list[str]] = {}
+    for name, st in model.items():
+        for i in range(n):
+            d = int(nnz[name][i]) / st.numel if st.numel else 0.0
+            if d > 0:
+                d = min(d, 1.0 - 0.5 / st.numel)  # all kept: as if half an entry was dropped
+                atoms[name, i] = _normal_atoms(d, EXPECTED_SAMPLES)
+                groups.setdefault((i, float(st.magnitudes[i])), []).append(name)
+    phi = NormalDist().pdf
+    sigma: dict[tuple[str, int], float] = {}
+    for (i, scale), names in groups.items():
+        num = sum(model[t].numel * 2 * phi(atoms[t, i][0]) / atoms[t, i][0] for t in names)
+        den = sum(model[t].numel / atoms[t, i][0] ** 2 for t in names)
+        tau = scale * num / den
+        for t in names:
+            sigma[t, i] = tau / atoms[t, i][0]
+    rng = np.random.default_rng(0)  # fixed: the same pairing of atoms every time
+    perms = [(rng.permutation(EXPECTED_SAMPLES), rng.permutation(EXPECTED_SAMPLES),
+              np.where(rng.permutation(EXPECTED_SAMPLES) % 2 == 0, 1.0, -1.0))
+             for _ in range(n)]
+    digits = _digits(n).astype(np.int64)
+    mirror = (np.where(digits == 0, 0, 3 - digits) * 3 ** np.arange(n)[:, None]).sum(0)
+    sums: dict[tuple[float, ...], list[np.ndarray]] = {}
+    shares: dict[str, np.ndarray] = {}
+    for name, st in model.items():
+        assert st.counts is not None
+        seen = np.flatnonzero(st.counts)
+        pats = np.union1d(seen, mirror[seen])
+        d = digits[:, pats]  # (n, patterns)
+        rows = np.zeros((n, pats.size, EXPECTED_SAMPLES))
+        for i in range(n):
+            if (name, i) not in atoms:
+                continue  # nothing kept: nothing known of this input here, it counts as zero
+            _, kept, dropped = atoms[name, i]
+            pk, pd, ps = perms[i]
+            k, z = kept[pk] * sigma[name, i], dropped[pd] * ps * sigma[name, i]
+            rows[i] = np.where((d[i] == 1)[:, None], k, np.where((d[i] == 2)[:, None], -k, z))
+        parts = _ties_parts(rows, np.array(st.weights), st.sign)  # (n, patterns, samples)
+        m = parts.sum(0)
+        c = st.counts[pats].astype(np.float64)
+        # each input's share of the expected merge, odd in the signs as the expectation is
+        share = np.zeros((n, 3**n))
+        share[:, pats] = parts.mean(2)
+        share = (share - share[:, mirror]) / 2
+        share[:, 0] = 0.0  # nothing kept anywhere: zero (keeps the merge sparse)
+        shares[name] = share
+        means = np.where(d != 0, rows.mean(2), 0.0)  # E[t_i | pattern]: 0 where dropped
+        key = tuple(float(x) for x in st.magnitudes)
+        acc = sums.setdefault(key, [np.zeros(n), np.zeros((n, n))])
+        acc[0] += (rows * m).mean(2) @ c  # E <TIES(t), t_i>
+        acc[1] += (means * c) @ share[:, pats].T  # <share_j, E[t_i | pattern]>
+    for name, st in model.items():
+        want, gram = sums[tuple(float(x) for x in st.magnitudes)]
+        factors = _projection_factors(want, gram)
+        out[name] = Rescale(table=tuple((factors @ shares[name]).tolist()))
+    return out
+
+
+def _ties_parts(rows: np.ndarray, weights: np.ndarray, sign: str) -> np.ndarray:
+    """Each input's part of TIES over ``rows`` (inputs on axis 0): ``w_i t_i`` where it agrees
+    with the elected sign, over the count that agrees (the parts sum to :func:`combine`)."""
+    signs = np.sign(rows)
+    elected = (rows if sign == "total" else signs).sum(0)
+    mask = signs == np.where(elected >= 0, 1.0, -1.0)
+    return rows * weights.reshape((-1,) + (1,) * (rows.ndim - 1)) * mask / np.maximum(
+        mask.sum(0), 1)
+
+
+def _projection_factors(want: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """Factors ``f`` with ``sum_j f_j gram[i, j] = want[i]`` for every input ``i`` (each
+    input's projection kept); one common factor where that has no positive solution."""
+    live = np.diag(gram) > 0
+    f = np.ones(want.size)
+    if live.any():
+        try:
+            sol = np.linalg.solve(gram[np.ix_(live, live)], want[live])
+        except np.linalg.LinAlgError:
+            sol = None
+        if sol is None or not np.all(np.isfinite(sol)) or np.any(sol <= 0):
+            total = gram[np.ix_(live, live)].sum()
+            sol = np.full(int(live.sum()), want[live].sum() / total if total > 0 else 1.0)
+        f[live] = sol
+    return f
+
+
+def expected_ties(stats: MergeStats) -> Rescale:
+    """TIES of the originals, as expected from their compressions, kept at its projections.
+
+    A ternary input is what its compression kept of a task vector ``t_i``: the sign of every
+    entry with ``|t_i| > tau_i``, and a scale; every other entry (``|t_i| < tau_i``, sign
+    unknown) reads 0. What TIES of the original ``t_i`` gives at an entry depends on values
+    the compression dropped, so this rule takes its expectation given what was kept: each
+    input's entries are modelled as normal, ``N(0, sigma_iT^2)`` in tensor ``T`` (task vector
+    entries are close to it, and it is all a kept fraction and a scale can pin down), with
+    ``tau_i / sigma_iT`` set by the fraction of ``T`` the input keeps and ``tau_i`` by its
+    scale (the ``proj`` rule's ``sum t^2 / sum |kept t|`` over the scale's scope: the tensors
+    sharing the input's scale), inputs independent. For every sign pattern ``P`` (which
+    inputs keep an entry, and with what sign) the merged value is ``E[TIES(t) | P]``, an
+    average over equal-probability atoms of each input's conditional distribution, with the
+    merge's weights and sign election. That is the merge the originals' TIES is closest to
+    (least squares); like each compression's own kept entries it is shrunk toward zero, and
+    the compressor's ``proj`` rule undoes that by keeping each expert's projection on its
+    original. The merged tensors are scaled the same way: by one factor per scope, such that
+    ``sum_i <merge, t_i>`` is its expectation ``sum_i E<TIES(t), t_i>`` over the originals.
+    Sparse in, sparse out: an entry no input keeps stays 0.
+
+    Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
+    fitted constant. Through :func:`merge`, :func:`merge_files` and
+    :func:`merge_and_compress` the scopes span tensors (``expected_ties.prepare`` sees every
+    tensor first); called on one tensor it is that tensor's own scope. Where the model does
+    not apply it is :func:`dense_divisor`: a dense input, more than
+    :data:`MAX_PATTERN_INPUTS` inputs; the identity for ``"sum"`` and ``"mean"``. Measured on
+    three compressed LoRA experts in ``bench/results/merge_quality.md``.
+
+    >>> rng = np.random.default_rng(0)
+    >>> experts = [{"w": rng.standard_normal(4000).astype(np.float32)} for _ in range(3)]
+    >>> from compeft_format.compress import compress
+    >>> comp = [compress(t, density=0.2) for t in experts]
+    >>> def share(m):  # how strongly each expert comes through: <m, t_i> / ||t_i||^2
+    ...     return [round(float(m["w"] @ t["w"] / (t["w"] @ t["w"])), 1) for t in experts]
+    >>> share(merge(experts))                       # TIES of the originals
+    [0.5, 0.5, 0.5]
+    >>> share(merge(comp))                          # PEFT's TIES of the compressions
+    [0.8, 1.0, 0.7]
+    >>> share(merge(comp, rescale="expected_ties"))
+    [0.5, 0.5, 0.5]
+    """
+    return _expected_rescales({stats.name: stats})[stats.name]
+
+
+expected_ties.prepare = _expected_rescales  # type: ignore[attr-defined]
+RESCALE_RULES["expected_ties"] = expected_ties
+
+
 def _resolve_rescale(rescale: str | RescaleRule | None) -> RescaleRule | None:
     if rescale is None or callable(rescale):
         return rescale
@@ -293,9 +471,34 @@ def _as_rescale(result: Any, n: int, name: str) -> Rescale:
                          tensor=name)
     if out.zeros is not None and (len(out.zeros) != n or min(out.zeros) < 0):
         raise MergeError(f"rescale zeros must be {n} counts >= 0, got {out.zeros}", tensor=name)
+    if out.table is not None:
+        if len(out.table) != 3**n:
+            raise MergeError(f"rescale table must hold 3**{n} = {3**n} pattern values, got "
+                             f"{len(out.table)}", tensor=name)
+        if not all(math.isfinite(float(v)) for v in out.table):
+            raise MergeError("rescale table values must be finite", tensor=name)
     if not all(math.isfinite(float(f)) for f in factors):
         raise MergeError(f"rescale factors must be finite, got {out}", tensor=name)
     return out
+
+
+def _prepared(rescale: str | RescaleRule | None, names: Sequence[str],
+              build: Callable[[str], TensorMerge]) -> dict[str, Rescale]:
+    """The answers of a rule with a ``prepare`` (statistics spanning tensors), per tensor.
+
+    ``build(name)`` makes a tensor's :class:`TensorMerge`; the rule sees every tensor's
+    :class:`MergeStats` at once (one pass over each tensor's codes). Empty for other rules.
+    """
+    rule = _resolve_rescale(rescale)
+    prepare = getattr(rule, "prepare", None)
+    if prepare is None:
+        return {}
+    stats = {}
+    for name in names:
+        tm = build(name)
+        stats[name] = tm.stats()
+    answers = prepare(stats)
+    return {name: _as_rescale(answers[name], stats[name].n, name) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,8 +679,11 @@ class TensorMerge:
         """The merged value of every sign pattern, rescaling included (pattern path only)."""
         if self._table is None:
             r = self.rescale
-            mags = _scaled_magnitudes(self._mags, r.before, self.work)
-            table = _pattern_table(mags, self._w, self.method, self.sign, r.zeros)
+            if r.table is not None:
+                table = np.array(r.table, dtype=np.float64).astype(self.work)
+            else:
+                mags = _scaled_magnitudes(self._mags, r.before, self.work)
+                table = _pattern_table(mags, self._w, self.method, self.sign, r.zeros)
             if r.after != 1.0:
                 table = table * self.work.type(r.after)
             self._table = table
@@ -521,6 +727,9 @@ class TensorMerge:
                 yield a, table.take(codes)
             return
         r = self.rescale
+        if r.table is not None:
+            raise MergeError("a rescale table needs ternary inputs merged by sign patterns "
+                             f"(at most {MAX_PATTERN_INPUTS}, none dense)", tensor=self.name)
         before = (None if r.before is None
                   else _weights_array(r.before, self.work))
         stack = np.empty((len(self.values), min(size, max(self.numel, 1))), self.work)
@@ -681,6 +890,9 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
         jobs.append(TensorMerge(name, described[0][0], described[0][1],
                                 [v for _, _, v in described], method=method, weights=ws,
                                 sign=sign, rescale=rescale))
+    by_name = {job.name: job for job in jobs}
+    for name, r in _prepared(rescale, list(by_name), by_name.__getitem__).items():
+        by_name[name]._rescale = r
     return {job.name: job.to_numpy() for job in jobs}
 
 
@@ -898,8 +1110,10 @@ def merge_and_compress(task_vectors: Sequence[Mapping[str, Any]], *, density: fl
     def make(name: str, fixed: Rescale | None) -> TensorMerge:
         d = described[name]
         return TensorMerge(name, d[0][0], d[0][1], [v for _, _, v in d], method=method,
-                           weights=ws, sign=sign, rescale=fixed or rescale)
+                           weights=ws, sign=sign, rescale=fixed or prepared.get(name, rescale))
 
+    prepared: dict[str, Rescale] = {}  # empty while the rule's prepare looks at the tensors
+    prepared = _prepared(rescale, list(described), lambda n: make(n, None))
     names = sorted(described)
     dtypes = {n: d[0][1] for n, d in described.items()}
     patterns = all(len(d) <= MAX_PATTERN_INPUTS and all(isinstance(v, TernaryTensor)
@@ -1267,8 +1481,12 @@ def merge_files(
                 values.append(v if isinstance(v, TernaryTensor) else v[0].reshape(-1))
             info = infos[name]
             tm = TensorMerge(name, tuple(info.shape), info.dtype, values, method=method,
-                             weights=ws, sign=sign, rescale=fixed or rule)
+                             weights=ws, sign=sign, rescale=fixed or prepared.get(name, rule))
             return tm
+
+        # a rule whose statistics span tensors sees them all first (one pass over the codes)
+        prepared: dict[str, Rescale] = {}  # empty while the rule's prepare runs
+        prepared = _prepared(rule, sorted(merged), lambda n: make(n, None))
 
         st_meta = [r.metadata().get(META_SAFETENSORS) for r in readers]
         st_meta = st_meta[0] if all(m == st_meta[0] for m in st_meta) else None

@@ -1,4 +1,6 @@
-"""The merge-aware TIES divisor (``rescale="dense_divisor"``) and the ``zeros`` counts behind it.
+"""The merge-aware TIES rules for compressed experts: ``rescale="dense_divisor"`` (and the
+``zeros`` counts behind it) and ``rescale="expected_ties"`` (and the pattern ``table`` and the
+``prepare`` step behind it).
 
 The rule claims: TIES over compressed experts, with each dropped entry counted in the divisor
 with the chance ``p`` that its (unknown) sign agrees, passes each expert through as strongly
@@ -14,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import compeft_format as cf
 from compeft_format import TernaryTensor
 from compeft_format.compress import compress
 from compeft_format.merge import (
@@ -23,7 +26,10 @@ from compeft_format.merge import (
     TensorMerge,
     combine,
     dense_divisor,
+    expected_ties,
     merge,
+    merge_and_compress,
+    merge_files,
 )
 
 
@@ -159,3 +165,136 @@ def test_bad_zeros_are_refused(zeros):
     a = TernaryTensor((4,), [0], [False], 1.0)
     with pytest.raises(MergeError, match=r"zeros|finite"):
         TensorMerge("w", (4,), "F32", [a, a], rescale=Rescale(zeros=zeros)).to_numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# expected_ties: E[TIES of the originals | what the compressions kept], at its projections
+# ---------------------------------------------------------------------------------------------
+def _projections(merged: dict[str, np.ndarray], experts: list[dict[str, np.ndarray]]
+                 ) -> float:
+    """sum_i <merged, t_i>: what the rule keeps equal to the originals' TIES."""
+    return float(sum((merged["w"].astype(np.float64) * t["w"]).sum() for t in experts))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.1, 0.05])
+def test_expected_ties_keeps_the_originals_ties_projections(density):
+    # unequal experts (scales 1, 0.8, 1.2), entries normal as the model assumes
+    experts = _experts(np.random.default_rng(1), corr=0.0)
+    ties = merge(experts, method="ties", rescale=None)
+    comp = [compress(t, density=density) for t in experts]
+    got = merge(comp, method="ties", rescale="expected_ties")
+    # the defining property: sum_i <merge, t_i> is that of TIES over the originals
+    assert _projections(got, experts) / _projections(ties, experts) == pytest.approx(1, abs=0.02)
+    # and so does each expert's own: it comes through as strongly as there
+    np.testing.assert_allclose(_share(got, experts) / _share(ties, experts), 1.0, atol=0.1)
+    plain = merge(comp, method="ties", rescale=None)
+    assert _projections(plain, experts) / _projections(ties, experts) > 1.3
+    if density == 0.2:  # the divisor alone misses it: entries dropped by all count nothing
+        divisor = merge(comp, method="ties", rescale="dense_divisor")
+        assert _projections(divisor, experts) / _projections(ties, experts) < 0.97
+
+
+def test_expected_ties_with_frequency_signs_and_weights():
+    experts = _experts(np.random.default_rng(4), corr=0.0)
+    comp = [compress(t, density=0.1) for t in experts]
+    for kw in ({"sign": "frequency"}, {"weights": [1.0, 0.5, 2.0]}):
+        want = merge(experts, method="ties", rescale=None, **kw)
+        got = merge(comp, method="ties", rescale="expected_ties", **kw)
+        assert _projections(got, experts) / _projections(want, experts) == pytest.approx(
+            1, abs=0.03)
+        np.testing.assert_allclose(_share(got, experts) / _share(want, experts), 1, atol=0.15)
+
+
+def test_expected_ties_table_is_odd_sparse_and_deterministic():
+    comp = [compress(t, density=0.2)["w"] for t in _experts(np.random.default_rng(5), 0.0)]
+    stats = TensorMerge("w", (120, 250), "F32", comp).stats()
+    r = expected_ties(stats)
+    assert r.zeros is None
+    assert r.before is None
+    assert r.after == 1.0
+    table = np.array(r.table)
+    d = stats.digits().astype(np.int64)
+    mirror = (np.where(d == 0, 0, 3 - d) * 3 ** np.arange(3)[:, None]).sum(0)
+    np.testing.assert_array_equal(table, -table[mirror])  # flipping every sign flips it
+    assert table[0] == 0.0  # an entry no input keeps stays zero
+    seen = stats.counts > 0
+    assert np.all(table[seen & (np.arange(27) != 0)] != 0)
+    assert expected_ties(stats) == r
+    # one input alone: a kept entry's expected value, with the sign it was kept with
+    for i in range(3):
+        assert table[3**i] > 0
+        assert table[2 * 3**i] < 0
+    merged = merge([{"w": c} for c in comp], rescale="expected_ties")["w"]
+    kept = np.zeros(120 * 250, bool)
+    for c in comp:
+        kept[c.indices] = True
+    assert np.all(merged.reshape(-1)[~kept] == 0)
+
+
+def test_expected_ties_scope_spans_tensors_through_prepare():
+    # two tensors of one expert, compressed in one global scope: one threshold, so the
+    # tensor with the larger entries keeps more of them; each tensor's sigma is inferred
+    # from its kept fraction and the shared scale
+    rng = np.random.default_rng(6)
+    experts = [{"a": (rng.standard_normal((60, 100)) * s).astype(np.float32),
+                "b": (rng.standard_normal((40, 100)) * 2 * s).astype(np.float32)}
+               for s in (1.0, 0.7, 1.3)]
+    comp = [compress(t, density=0.1) for t in experts]
+    stats = {n: TensorMerge(n, comp[0][n].shape, "F32", [c[n] for c in comp]).stats()
+             for n in ("a", "b")}
+    prepared = expected_ties.prepare(stats)
+    got = merge(comp, rescale="expected_ties")
+    for n in ("a", "b"):
+        alone = TensorMerge(n, comp[0][n].shape, "F32", [c[n] for c in comp],
+                            rescale=prepared[n]).to_numpy()
+        np.testing.assert_array_equal(got[n], alone)
+    assert expected_ties(stats["a"]) != prepared["a"]  # alone, a tensor is its own scope
+    flat = [{"w": np.concatenate([t["a"].ravel(), t["b"].ravel()])} for t in experts]
+    merged = {"w": np.concatenate([got["a"].ravel(), got["b"].ravel()])}
+    assert _projections(merged, flat) / _projections(merge(flat, rescale=None), flat) \
+        == pytest.approx(1, abs=0.03)
+    # merge_and_compress prepares too: its kept entries are those of the prepared merge
+    again = merge_and_compress(comp, density=0.05, rescale="expected_ties")
+    kept = np.concatenate([again[k].to_numpy().ravel() for k in ("a", "b")]) != 0
+    both = np.concatenate([got[k].ravel() for k in ("a", "b")])
+    assert np.abs(both[kept]).min() >= np.abs(both[~kept]).max()
+
+
+def test_expected_ties_through_files(tmp_path):
+    rng = np.random.default_rng(7)
+    experts = [{"a": (rng.standard_normal((30, 40)) * s).astype(np.float32),
+                "b": (rng.standard_normal((20, 40)) * 3 * s).astype(np.float32)}
+               for s in (1.0, 0.6)]
+    paths = []
+    for i, t in enumerate(experts):
+        paths.append(tmp_path / f"e{i}.compeft")
+        cf.save_file(compress(t, density=0.2), paths[-1])
+    s = merge_files(paths, tmp_path / "m.safetensors", rescale="expected_ties")
+    assert s.rescale == "expected_ties"
+    want = merge([cf.load_file(p) for p in paths], rescale="expected_ties")
+    got = cf.open_safetensors(tmp_path / "m.safetensors")
+    for n in ("a", "b"):
+        np.testing.assert_array_equal(got.values(n), want[n])
+
+
+def test_expected_ties_falls_back_where_the_model_does_not_apply():
+    a = TernaryTensor((4,), [0, 1], [False, True], 1.0)
+    b = TernaryTensor((4,), [1, 2], [False, False], 0.5)
+    for method in ("sum", "mean"):
+        st = TensorMerge("w", (4,), "F32", [a, b], method=method).stats()
+        assert expected_ties(st) == Rescale()
+    st = TensorMerge("w", (4,), "F32", [a, np.zeros(4, np.float32)]).stats()
+    assert expected_ties(st) == dense_divisor(st)
+    rows = [np.array([1.0, 0, -1, 0, 0, 1], np.float32)] * (MAX_PATTERN_INPUTS + 1)
+    tm = TensorMerge("w", (6,), "F32", [ternary(v) for v in rows], rescale="expected_ties")
+    assert tm.rescale == dense_divisor(tm.stats())
+
+
+@pytest.mark.parametrize("table", [(1.0,) * 8, (1.0,) * 8 + (float("nan"),)])
+def test_bad_tables_are_refused(table):
+    a = TernaryTensor((4,), [0], [False], 1.0)
+    with pytest.raises(MergeError, match=r"table"):
+        TensorMerge("w", (4,), "F32", [a, a], rescale=Rescale(table=table)).to_numpy()
+    with pytest.raises(MergeError, match=r"table"):  # no pattern table for dense inputs
+        TensorMerge("w", (4,), "F32", [np.ones(4, np.float32)] * 2,
+                    rescale=Rescale(table=(0.0,) * 9)).to_numpy()
