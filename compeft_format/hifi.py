@@ -160,7 +160,7 @@ def hifi_codes(values: Any, step: float, *, name: str = "tensor") -> np.ndarray:
     """
     arr = _values(values, name)
     flat = arr.reshape(-1)
-    codes = np.empty(flat.size, np.int64)
+    codes = np.empty(flat.size, np.int32)  # codes above int32 are refused below
     for lo in range(0, flat.size, _CHUNK):
         part = flat[lo : lo + _CHUNK].astype(np.float64)
         if not np.isfinite(part).all():
