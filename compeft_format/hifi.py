@@ -237,7 +237,7 @@ def load_hifi(path: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
             if not (isinstance(codes, np.ndarray) and codes.dtype.kind == "i"):
                 raise HifiError("hi-fi records are dense integer codes, got "
                                 f"{getattr(codes, 'dtype', type(codes).__name__)}", tensor=name)
-            out[name] = (codes.astype(np.float64) * s).astype(np.float32)
+            out[name] = np.asarray(codes.astype(np.float64) * s, np.float32)  # 0-d too
         return out
 
 
