@@ -13,7 +13,10 @@ Part 3 (the issue-14 target) times the whole ``compress({"t": x}, density=p)`` o
 same 10^8 float32 task vector against ``np.partition(|x|, n - k)``: interleaved rounds
 (every method once per round, so all share the same background load), with one thread
 (``COMPEFT_THREADS=1``) and with all usable cores; the ratio compress / partition is the
-figure (target: at most 0.4). The load average before and after is printed.
+figure (target: at most 0.4). The partition is timed as ``np.partition`` (which copies its
+input to fresh memory) and as the same copy into memory touched before plus an in-place
+partition; the target is judged against the latter (see :func:`bench_compress`). The load
+average before and after is printed.
 
 Part 2 writes several float32 tensors to ``np.memmap`` files, then, in a fresh subprocess,
 runs ``compress(..., scope="global")`` over a lazy mapping that opens each file on access,
@@ -73,14 +76,26 @@ def bench_selection(n: int, runs: int) -> None:
 
 
 def bench_compress(n: int, runs: int, density: float) -> None:
-    """compress() of one float32 tensor against np.partition of its magnitudes."""
+    """compress() of one float32 tensor against np.partition of its magnitudes.
+
+    ``np.partition`` returns a new array: each call copies its 4n-byte input to fresh memory
+    first. On a virtual machine fresh memory can cost far more than the copy itself (the
+    host backs the pages on first touch, again after the guest hands freed memory back), and
+    that cost swings from run to run, so the partition is timed twice: as ``np.partition``
+    (fresh memory, what a caller gets) and as the same copy into a buffer touched before,
+    then ``ndarray.partition`` in place (the same work without fresh pages). compress's own
+    fresh memory is its output and candidates (about 14 bytes per kept entry), included.
+    The stricter ratio, against the warm partition, is the one the target is judged on.
+    """
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n, dtype=np.float32)
     k = round(density * n)
     mags = np.abs(x)  # np.partition's input, made once (its own copy is in its time)
+    warm = mags.copy()  # the warm partition's buffer, touched once here
     cores = compress_threads()
     load0 = os.getloadavg()
-    times: dict[str, list[float]] = {"partition": [], "compress 1 thread": [],
+    fresh, inplace = "np.partition (fresh copy)", "partition (warm copy)"
+    times: dict[str, list[float]] = {fresh: [], inplace: [], "compress 1 thread": [],
                                      f"compress {cores} threads": []}
 
     def timed(label: str, fn) -> None:
@@ -95,23 +110,31 @@ def bench_compress(n: int, runs: int, density: float) -> None:
         finally:
             del os.environ["COMPEFT_THREADS"]
 
+    def partition_warm() -> None:
+        np.copyto(warm, mags)
+        warm.partition(n - k)
+
+    with_threads(cores)  # warm-up: thread pool, per-thread buffers
     for _ in range(runs):  # interleaved: each round sees the same background load
-        timed("partition", lambda: np.partition(mags, n - k))
+        timed(fresh, lambda: np.partition(mags, n - k))
+        timed(inplace, partition_warm)
         timed("compress 1 thread", lambda: with_threads(1))
         timed(f"compress {cores} threads", lambda: with_threads(cores))
     load1 = os.getloadavg()
-    part = statistics.median(times["partition"])
+    part = {label: statistics.median(times[label]) for label in (fresh, inplace)}
     print(f"## compress vs np.partition, n = {n:,} float32, density {density}, median of "
           f"{runs} interleaved rounds\n")
     print(f"load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after; "
           f"{os.cpu_count()} CPUs, {cores} usable\n")
-    print("| method | median (s) | best (s) | / np.partition (median) | target |")
-    print("|---|---|---|---|---|")
+    print("| method | median (s) | best (s) | / np.partition | / partition (warm copy) "
+          "| target (warm) |")
+    print("|---|---|---|---|---|---|")
     for label, ts in times.items():
         med = statistics.median(ts)
-        target = "" if label == "partition" else ("<= 0.4: " + (
-            "met" if med / part <= 0.4 else "NOT met"))
-        print(f"| {label} | {med:.3f} | {min(ts):.3f} | {med / part:.2f} | {target} |")
+        target = "" if "partition" in label else ("<= 0.4: " + (
+            "met" if med / part[inplace] <= 0.4 else "NOT met"))
+        print(f"| {label} | {med:.3f} | {min(ts):.3f} | {med / part[fresh]:.2f} "
+              f"| {med / part[inplace]:.2f} | {target} |")
     print()
 
 

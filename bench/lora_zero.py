@@ -18,8 +18,11 @@ representations, each as the records of a real file (sizes counted by the packag
 * ``zero_refit``: from zero, ``A`` compressed first, then ``B`` refitted to the compressed
   ``A`` by least squares (``B* = B A pinv(A_hat)``, the best ``B`` for the product) and
   compressed;
-* ``seed``: the initial adapter recovered: :func:`recover_lora_init` regenerates PEFT's
-  initialisation for candidate seeds and keeps one that explains ``A`` (then as ``init``).
+* ``seed`` (``--files``): the initial adapter regenerated from its seed, as the package does
+  it (``compress_file(base="peft-init")``: :mod:`compeft_format.peft_init` finds the seed,
+  PEFT regenerates the initial state, the file records the recipe, decompress regenerates
+  it), against ``init`` and ``zero`` made the same way: real files through
+  ``compress_file``/``decompress_file``, sizes of the files on disk (metadata included).
 
 Each function returns ``(adapter_hat, items)``: the rebuilt adapter (PEFT names -> float32
 arrays) and the file's records.
@@ -134,6 +137,123 @@ REPS = {
 }
 
 
+def file_rows(folder, init_dir, densities, score, base_model=None, label=""):
+    """``zero``, ``init`` and ``seed`` as real files of the adapter ``folder``: compressed
+    by ``compress_file`` (no base; the saved initial adapter ``init_dir``; ``"peft-init"``),
+    decompressed by ``decompress_file``, scored by ``score(adapter) -> (score, kept)``.
+    Yields one dict a file; ``same_as_init``: the seed's decompressed adapter equals the
+    initial adapter's bit for bit."""
+    import tempfile
+    import time
+    from pathlib import Path
+
+    from safetensors.numpy import load_file
+
+    import compeft_format as cf
+
+    n = sum(v.size for v in load_file(str(Path(folder) / "adapter_model.safetensors")).values())
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in densities:
+            got, sizes = {}, {}
+            for rep, base in (("zero", None), ("init", init_dir), ("seed", "peft-init")):
+                out, back = Path(tmp) / f"{rep}-{d}", Path(tmp) / f"{rep}-{d}-r"
+                t0 = time.perf_counter()
+                s = cf.compress_file(folder, out, density=d, base=base, base_model=base_model)
+                seconds = time.perf_counter() - t0
+                cf.decompress_file(out, back, base=None if rep == "seed" else base,
+                                   base_model=base_model)
+                got[rep] = load_file(str(back / "adapter_model.safetensors"))
+                sc, kept = score(got[rep])
+                row = {"adapter": label, "density": d, "rep": rep, "file_bytes": s.file_bytes,
+                       "bits_per_param": 8 * s.file_bytes / n, "score": sc, "kept": kept,
+                       "compress_seconds": seconds, "note": s.note}
+                if rep == "seed":
+                    row["same_as_init"] = sorted(got["seed"]) == sorted(got["init"]) and all(
+                        np.array_equal(got["seed"][k], got["init"][k]) for k in got["init"])
+                yield row
+                sizes[rep] = s.file_bytes
+            # from zero at the seed file's size (its files are smaller at equal density):
+            # the density scaled by the size ratio, twice (the size is nearly linear in it)
+            dz, bz = d, sizes["zero"]
+            for _ in range(2):
+                dz = min(1.0, dz * sizes["seed"] / bz)
+                out, back = Path(tmp) / f"zeq-{d}", Path(tmp) / f"zeq-{d}-r"
+                bz = cf.compress_file(folder, out, density=dz, force=True).file_bytes
+            cf.decompress_file(out, back, force=True)
+            sc, kept = score(load_file(str(back / "adapter_model.safetensors")))
+            yield {"adapter": label, "density": d, "rep": "zero_eqsize", "zero_density": dz,
+                   "file_bytes": bz, "bits_per_param": 8 * bz / n, "score": sc, "kept": kept}
+
+
+def main_files(args) -> None:
+    """``--files``: zero / init / seed as real files, on the experts and tests/data's LoRA."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root))
+    from bench.experts import CACHE, Experts, model_dir
+    from bench.scale_rules import Scorer, merge_adapter
+
+    densities = [float(x) for x in args.densities.split(",")]
+    out = []
+
+    def emit(row):
+        out.append(row)
+        print(json.dumps(row), flush=True)
+        args.json.write_text(json.dumps(out, indent=1))
+
+    which = args.tasks.split(",") if args.tasks else ["sentiment", "frequency", "syllables",
+                                                      "tests-data"]
+    experts = [t for t in which if t != "tests-data"]
+    if experts:
+        ex = Experts.load()
+        base = ex.base_scores()
+        for task in experts:
+            full = ex.scores(ex.adapters[task], (task,))[task]
+
+            def score(adapter, task=task, full=full):
+                s = ex.scores(adapter, (task,))[task]
+                return s, (s - base[task]) / (full - base[task])
+
+            for row in file_rows(CACHE / task, CACHE / "init", densities, score,
+                                 label=f"expert {task}"):
+                emit(row)
+    if "tests-data" in which:
+        folder = root / "tests" / "data" / "lora-minilm-vader"
+        mdir = model_dir(None)  # the same model as the config's hub name, from the wheel
+        scorer = Scorer(mdir, "cpu")
+        cfg = json.loads((folder / "adapter_config.json").read_text())
+        scaling = cfg["lora_alpha"] / cfg["r"]
+
+        def merged(adapter):
+            t = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in adapter.items()}
+            return merge_adapter("lora", scorer.base, t, scaling)
+
+        full = load_file_np(folder / "adapter_model.safetensors")
+        scorer.target = scorer.embed(merged(full))
+        b = scorer.score({})
+
+        def score_t(adapter):
+            s = scorer.score(merged(adapter))
+            return s, (s - b) / (1 - b)
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        for row in file_rows(folder, folder / "init", densities, score_t, base_model=mdir,
+                             label="tests/data LoRA"):
+            emit(row)
+
+
+def load_file_np(path):
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
+
+
 def main() -> None:
     """Score every representation on each expert's own task; print JSON lines."""
     import argparse
@@ -153,8 +273,14 @@ def main() -> None:
     ap.add_argument("--densities", default="0.05,0.1,0.2")
     ap.add_argument("--tasks", help="comma-separated tasks (default: every expert)")
     ap.add_argument("--json", type=Path, required=True)
+    ap.add_argument("--files", action="store_true", help="zero / init / seed (peft-init) as "
+                    "real files through compress_file, on the experts and tests/data's LoRA "
+                    "(--tasks may name tests-data)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.files:
+        main_files(args)
+        return
     ex = Experts.load()
     base = ex.base_scores()
     out = []

@@ -17,6 +17,13 @@ How the exact top-k is found fast (:func:`select_topk`)
 4. If the sample was unlucky (threshold outside the band, or a band too large because of
    massive ties), an exact radix select over the float bit patterns (16 bits per pass,
    bounded memory) takes over. The result never depends on the sample, only the speed does.
+
+:func:`compress` draws the sample first, so that step 2 happens in the pass that adds up the
+statistics (the scale's sums, finiteness), chunk by chunk while each chunk is in cache, on
+all cores. It also keeps the position and value of every entry above ``lo`` (the kept ones
+and the band), so once the threshold is known the output is picked from those: the task
+vector is read once in full (plus the sparse sample) instead of three times.
+:func:`iter_compress`, which holds one output tensor at a time, collects only the band.
 """
 
 from __future__ import annotations
@@ -137,9 +144,10 @@ def _ordered_map(fn: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any
 _LOCAL = threading.local()
 
 
-def _scratch(size: int, dtype: np.dtype) -> np.ndarray:
-    """A per-thread buffer of at least ``size`` elements (reused: no fresh pages per chunk)."""
-    key = (np.dtype(dtype).str, "scratch")
+def _scratch(size: int, dtype: np.dtype, slot: str = "scratch") -> np.ndarray:
+    """A per-thread buffer of at least ``size`` elements (reused: no fresh pages per chunk);
+    ``slot`` names a second buffer of the same dtype."""
+    key = (np.dtype(dtype).str, slot)
     buf = getattr(_LOCAL, "bufs", None)
     if buf is None:
         buf = _LOCAL.bufs = {}
@@ -301,23 +309,38 @@ def _select(
         return TopK(math.inf, 0, 0)
     k = min(k, n)
     lo_open, hi = _band_edges(sample, n, k, work)
-    cap = max(_BAND_CAP_MIN, n // _BAND_CAP_DIV)
+    cap = _band_cap(n)
     found = (band_pass(lo_open, hi, cap) if band_pass is not None
              else _band_pass(make_chunks(), lo_open, hi, cap))
-    if found is not None:
-        above, band = found
-        if above < k <= above + band.size:
-            pos = band.size - (k - above)  # the k-th largest overall sits here in the band
-            band.partition(pos)
-            t = band[pos]
-            greater = above + int(np.count_nonzero(band[pos + 1 :] > t))
-            return _topk(t, greater, k)
-        if above < k and lo_open == 0:
-            # The band held every nonzero below hi and still fell short: fewer than k
-            # nonzeros exist, so the threshold is 0 and all nonzeros are kept.
-            return TopK(0.0, above + band.size, 0)
-    t, greater = _radix_select(make_chunks, k, work)
-    return _topk(t, greater, k)
+    top = _from_band(found, k, lo_open)
+    if top is None:
+        t, greater = _radix_select(make_chunks, k, work)
+        top = _topk(t, greater, k)
+    return top
+
+
+def _band_cap(n: int) -> int:
+    """How many magnitudes a band may hold before the exact radix select takes over."""
+    return max(_BAND_CAP_MIN, n // _BAND_CAP_DIV)
+
+
+def _from_band(found: tuple[int, np.ndarray] | None, k: int, lo_open: Any) -> TopK | None:
+    """The exact top-k (``1 <= k <= n``) from a band pass's ``(above, band)``; None when the
+    threshold is not in the band (an unlucky sample) or the band went over its cap."""
+    if found is None:
+        return None
+    above, band = found
+    if above < k <= above + band.size:
+        pos = band.size - (k - above)  # the k-th largest overall sits here in the band
+        band.partition(pos)
+        t = band[pos]
+        greater = above + int(np.count_nonzero(band[pos + 1 :] > t))
+        return _topk(t, greater, k)
+    if above < k and lo_open == 0:
+        # The band held every nonzero below hi and still fell short: fewer than k
+        # nonzeros exist, so the threshold is 0 and all nonzeros are kept.
+        return TopK(0.0, above + band.size, 0)
+    return None
 
 
 def _topk(t: Any, greater: int, k: int) -> TopK:
@@ -374,7 +397,8 @@ def _band_pass(
 
 
 class _Band:
-    """:func:`_band_pass` fed tensor by tensor, the chunks of each on all cores, in order."""
+    """:func:`_band_pass` fed chunk by chunk: :meth:`chunk` on any thread, :meth:`merge` of
+    the chunks' results in order."""
 
     def __init__(self, lo_open: Any, hi: Any, cap: int) -> None:
         self.lo_open, self.hi, self.cap = lo_open, hi, cap
@@ -382,35 +406,43 @@ class _Band:
         self.held = 0
         self.parts: list[np.ndarray] = []
         self.overflow = False
-
-    def add(self, magnitudes: Callable[[int], np.ndarray], size: int) -> bool:
-        """Add the chunks ``magnitudes(start)`` of ``size`` elements; False past the cap."""
         # Non-negative floats order as their bit patterns read as unsigned integers: the
         # band lo_open < m <= hi is then one subtraction and one unsigned comparison,
         # (u - first) <= width, where first = bits(lo_open) + 1 (0 when lo_open < 0).
-        ukind = np.dtype(np.uint32 if self.hi.dtype == np.float32 else np.uint64)
-        hi_u = np.asarray(self.hi).view(ukind)[()]
-        first = ukind.type(0) if self.lo_open < 0 else ukind.type(
-            np.asarray(self.lo_open, self.hi.dtype).view(ukind)[()] + ukind.type(1))
-        width = ukind.type(hi_u - first) if hi_u >= first else None
+        ukind = self.ukind = np.dtype(np.uint32 if hi.dtype == np.float32 else np.uint64)
+        self.hi_u = hi_u = np.asarray(hi).view(ukind)[()]
+        first = self.first = ukind.type(0) if lo_open < 0 else ukind.type(
+            np.asarray(lo_open, hi.dtype).view(ukind)[()] + ukind.type(1))
+        self.width = ukind.type(hi_u - first) if hi_u >= first else None
 
-        def one(start: int) -> tuple[int, np.ndarray]:
-            m = magnitudes(start)
-            u = m.view(ukind)
-            above = int(np.count_nonzero(u > hi_u))
-            if width is None:  # an empty band
-                return above, m[:0]
-            d = np.subtract(u, first, out=_scratch(u.size, ukind))
-            return above, m[d <= width]
+    def chunk(self, m: np.ndarray) -> tuple[int, np.ndarray]:
+        """``(count above hi, the magnitudes in the band)`` of the magnitudes ``m``."""
+        u = m.view(self.ukind)
+        above = int(np.count_nonzero(u > self.hi_u))
+        if self.width is None:  # an empty band
+            return above, m[:0]
+        d = np.subtract(u, self.first, out=_scratch(u.size, self.ukind))
+        return above, m[d <= self.width]
 
-        for above, got in _ordered_map(one, range(0, size, _CHUNK)):
-            self.above += above
-            if got.size:
-                self.held += got.size
-                if self.held > self.cap:
-                    self.overflow = True
-                    return False
-                self.parts.append(got)
+    def merge(self, got: tuple[int, np.ndarray]) -> bool:
+        """Add a chunk's :meth:`chunk` (chunks in order); False once past the cap."""
+        above, band = got
+        self.above += above
+        if band.size and not self.overflow:
+            self.held += band.size
+            if self.held > self.cap:
+                self.overflow = True
+                self.parts.clear()
+            else:
+                self.parts.append(band)
+        return not self.overflow
+
+    def add(self, magnitudes: Callable[[int], np.ndarray], size: int) -> bool:
+        """Add the chunks ``magnitudes(start)`` of ``size`` elements; False past the cap."""
+        for got in _ordered_map(lambda start: self.chunk(magnitudes(start)),
+                                range(0, size, _CHUNK)):
+            if not self.merge(got):
+                return False
         return True
 
     def result(self) -> tuple[int, np.ndarray] | None:
@@ -419,6 +451,72 @@ class _Band:
             return None
         band = np.concatenate(self.parts) if self.parts else np.empty(0, self.hi.dtype)
         return self.above, band
+
+
+class _Candidates:
+    """The band of pass 1, and with ``positions`` every entry that may be kept.
+
+    Built before pass 1 from the sample's band edges, so the statistics pass also counts the
+    magnitudes above the band and collects those in it (:class:`_Band`): one pass fewer. With
+    ``positions`` it also keeps the flat position, magnitude and sign of every entry whose
+    magnitude is above ``lo_open`` (the kept ones, and the band: about ``k`` plus a fraction
+    of a percent of ``n``; 13 bytes each for float32) while the chunk is in cache, so that
+    once the threshold is known the output is gathered from these alone, not from another
+    pass over the data. Past ``limit`` of them it stops keeping positions (they would cost
+    more memory than the output itself), and the output takes a pass of its own.
+    """
+
+    def __init__(self, lo_open: Any, hi: Any, cap: int, positions: bool, limit: int) -> None:
+        self.band = _Band(lo_open, hi, cap)
+        self.lo_open = lo_open
+        self.neg_lo = -lo_open
+        self.positions = positions
+        self.limit = limit
+        self.count = 0
+        #: name -> the chunks' (flat positions, magnitudes, sign bits), in position order
+        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+    def chunk(self, c: np.ndarray, start: int) -> tuple[tuple[np.ndarray, ...] | None, int,
+                                                        np.ndarray]:
+        """``((positions, magnitudes, sign bits), count above hi, band)`` of the chunk of
+        values ``c`` at flat position ``start`` (any thread); the first is None once
+        positions are no longer kept."""
+        if not self.positions:
+            m = np.abs(c, out=_scratch(c.size, c.dtype))
+            return (None, *self.band.chunk(m))
+        if self.lo_open < 0:  # the band reaches down to zero: every entry
+            pos = np.arange(c.size)
+        else:  # |c| > lo_open, as two comparisons (cheaper than |c| and one)
+            mask = np.greater(c, self.lo_open, out=_scratch(c.size, np.bool_))
+            mask |= np.less(c, self.neg_lo, out=_scratch(c.size, np.bool_, "mask"))
+            pos = np.flatnonzero(mask)
+        vals = c.take(pos)
+        m = np.abs(vals)
+        pos += start
+        return ((pos, m, np.signbit(vals)), *self.band.chunk(m))
+
+    def merge(self, name: str,
+              got: tuple[tuple[np.ndarray, ...] | None, int, np.ndarray]) -> None:
+        """Add a chunk's :meth:`chunk` (chunks in order)."""
+        cand, above, band = got
+        self.band.merge((above, band))
+        if not self.positions or cand is None:
+            return
+        self.count += cand[0].size
+        if self.count > self.limit:
+            self.positions = False
+            self.parts.clear()
+            return
+        if cand[0].size:
+            self.parts.setdefault(name, []).append(cand)
+
+    def hold(self, top: TopK) -> bool:
+        """True if the kept positions hold every entry that ``top`` keeps."""
+        if not self.positions:
+            return False
+        t = top.threshold
+        return (top.kept == 0 or self.lo_open < 0 or t > self.lo_open
+                or (t == self.lo_open and top.n_ties == 0))
 
 
 def _radix_select(
@@ -585,7 +683,8 @@ def compress(
         Mapping name -> numpy array or torch tensor (float16, bfloat16, float32, float64):
         the task vector (fine-tuned minus base; see :mod:`compeft_format.taskvec`). It may be
         lazy: values are fetched one at a time, ``tensors[name]``, up to three times each
-        for ``scope="global"`` (statistics and sample; exact count; output) and once each
+        for ``scope="global"`` (sample; statistics and selection; the matrices again for
+        ``"gram"``, or the output where the sample was unlucky) and once each
         for ``scope="tensor"``; none is kept between fetches, and the model is never
         concatenated. If ``tensors`` has a ``dtypes`` mapping attribute (as
         :class:`~compeft_format.taskvec.TaskVector` has), it names the original dtype of
@@ -698,7 +797,9 @@ def iter_compress(
     :func:`compress` returns them all at once: for a model larger than memory, write each
     tensor as it comes (``compeft_format.convert`` does). A scale other than ``"norm"`` and
     ``"std"`` needs the sum of every kept magnitude before the first tensor can be built:
-    one more pass over the data (four reads of each tensor instead of three).
+    one more pass over the data. Each tensor is read in full twice (statistics with the
+    threshold's band; output) or three times (that sum), plus a sparse sample, where
+    :func:`compress` reads it once.
 
     The options are checked at the call; the work starts with the first ``next()``.
 
@@ -780,7 +881,7 @@ class _Meta:
 
 
 class _Job:
-    """The three passes of one compression over one scope."""
+    """The passes of one compression over one scope (sample, statistics, output)."""
 
     def __init__(
         self,
@@ -845,16 +946,29 @@ class _Job:
     def iter_run(
         self, names: list[str], fetch: Callable[[str], Any]
     ) -> Iterator[tuple[str, TernaryTensor]]:
-        """:meth:`run`, yielding each tensor as soon as it is built (in ``names`` order)."""
+        """:meth:`run`, yielding each tensor as soon as it is built (in ``names`` order).
+
+        The sample comes first (it only steers the speed), so that pass 1 finds the band
+        while it adds up the statistics; :func:`compress` also keeps the candidates' positions
+        then (:class:`_Candidates`), and builds the output from them.
+        """
         metas: list[_Meta] = []
-        stats = _Stats(need_std=self.scale == "std")
         rng = np.random.default_rng(_SAMPLE_SEED)
-        samples = [self._pass1_tensor(name, fetch, stats, rng, metas) for name in names]
-        n = stats.count
+        samples = [self._sample_tensor(name, fetch, rng, metas) for name in names]
+        n = sum(meta.numel for meta in metas)
         work = np.dtype(np.float64 if any(s.dtype == np.float64 for s in samples) else np.float32)
         sample = np.concatenate([np.empty(0, work)] + [s.astype(work) for s in samples])
         del samples
-        k = max(1, round(self.density * n)) if n else 0
+        k = min(n, max(1, round(self.density * n))) if n else 0
+        stats = _Stats(need_std=self.scale == "std")
+        found = None
+        if n:
+            lo_open, hi = _band_edges(sample, n, k, work)
+            cap = _band_cap(n)
+            found = _Candidates(lo_open, hi, cap, positions=not self.stream, limit=k + cap)
+        del sample
+        for meta in metas:
+            self._pass1_tensor(meta, fetch, stats, work, found)
         buf = np.empty(min(_CHUNK, max(n, 1)), dtype=work)
 
         def mags() -> Iterator[np.ndarray]:
@@ -862,16 +976,17 @@ class _Job:
                 if meta.numel:
                     yield from self._tensor_mags(meta.name, fetch, work, buf)
 
-        def band_pass(lo_open: Any, hi: Any, cap: int) -> tuple[int, np.ndarray] | None:
-            band = _Band(lo_open, hi, cap)
-            for meta in metas:
-                if meta.numel and not self._band_tensor(meta.name, fetch, work, band):
-                    break
-            return band.result()
-
-        top = _select(mags, n, k, sample, work, band_pass)
-        del sample
-        yield from self._pass3(metas, fetch, top, stats, work, buf)
+        if found is None:
+            top = TopK(math.inf, 0, 0)
+        else:
+            top = _from_band(found.band.result(), k, found.lo_open)
+            if top is None:  # an unlucky sample: exact, at the cost of more passes
+                t, greater = _radix_select(mags, k, work)
+                top = _topk(t, greater, k)
+        if found is not None and found.hold(top):
+            yield from self._from_candidates(metas, fetch, top, stats, work, found)
+        else:
+            yield from self._pass3(metas, fetch, top, stats, work, buf)
 
     def run_one(self, name: str, tensors: Mapping[str, Any]) -> dict[str, TernaryTensor]:
         """Compress one tensor on its own; it is fetched once and held for the passes."""
@@ -884,36 +999,65 @@ class _Job:
         value = tensors[name]
         yield from self.iter_run([name], lambda _name: value)
 
-    def _pass1_tensor(
-        self,
-        name: str,
-        fetch: Callable[[str], Any],
-        stats: _Stats,
-        rng: np.random.Generator,
+    def _sample_tensor(
+        self, name: str, fetch: Callable[[str], Any], rng: np.random.Generator,
         metas: list[_Meta],
     ) -> np.ndarray:
-        """Record shape and dtype, check finiteness, add to the statistics; return a sample."""
+        """Record shape and dtype; return a sample of the magnitudes (one in 256, at random
+        positions with replacement) in the tensor's native float dtype."""
         value = fetch(name)
         flat, dname = self._read(name, value)
         out_dtype = self.declared.get(name, dname)
         if out_dtype not in TERNARY_DTYPES:
             out_dtype = dname
-        meta = _Meta(name, _shape_of(value), out_dtype, int(flat.size))
-        metas.append(meta)
+        metas.append(_Meta(name, _shape_of(value), out_dtype, int(flat.size)))
+        native = np.dtype(np.float64 if dname == "F64" else np.float32)
+        if not flat.size:
+            return np.empty(0, native)
+        where = rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))
+        picked = flat.take(where) if isinstance(flat, ChunkedValues) else flat[where]
+        # a non-finite value here only makes the band useless; pass 1 rejects it by name
+        with np.errstate(invalid="ignore"):
+            return np.abs(_dt.to_numpy_values(picked, dname)).astype(native, copy=False)
+
+    def _pass1_tensor(
+        self,
+        meta: _Meta,
+        fetch: Callable[[str], Any],
+        stats: _Stats,
+        work: np.dtype,
+        found: _Candidates | None,
+    ) -> None:
+        """Check finiteness, add to the statistics and to ``found`` (the band and the
+        candidates), chunk by chunk on all cores, while each chunk is in cache."""
+        name = meta.name
+        flat, dname = self._read(name, fetch(name))
         native = np.dtype(np.float64 if dname == "F64" else np.float32)
         track_max = self.scale in _CAPPED and _is_vector(meta.shape)
         starts = range(0, flat.size, _CHUNK)
 
-        def part(start: int) -> tuple[float, tuple[int, float, float, float] | None]:
+        def part(start: int) -> tuple[float, Any, Any]:
             c = self._chunk(flat, dname, native, start)
-            # the largest |value|, without a temporary |c|
-            peak = max(float(c.max()), -float(c.min())) if track_max and c.size else 0.0
-            return peak, stats.part(c)
+            sums = stats.part(c)
+            if sums is None:  # not finite: reported in order below
+                return 0.0, None, None
+            cw = c if native == work else c.astype(work)
+            got = found.chunk(cw, start) if found is not None else None
+            peak = 0.0
+            if track_max and c.size:
+                if got is not None and got[0] is not None and got[0][1].size:
+                    # the largest |value| is among the candidates whenever there are any
+                    peak = float(got[0][1].max())
+                else:  # without a temporary |c|
+                    peak = max(float(c.max()), -float(c.min()))
+            return peak, sums, got
 
-        for start, (peak, sums) in zip(starts, _ordered_map(part, starts), strict=True):
+        for start, (peak, sums, got) in zip(starts, _ordered_map(part, starts), strict=True):
             meta.absmax = max(meta.absmax, peak)
             if sums is not None:
                 stats.merge(sums)
+                if found is not None:
+                    found.merge(name, got)
             else:
                 c = self._chunk(flat, dname, native, start)
                 bad = np.flatnonzero(~np.isfinite(c))
@@ -926,22 +1070,6 @@ class _Job:
                 raise EncodeError(
                     "sum of squares overflows float64 (values near 1e154 or above)", tensor=name
                 )
-        if not flat.size:
-            return np.empty(0, native)
-        where = rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))
-        picked = flat.take(where) if isinstance(flat, ChunkedValues) else flat[where]
-        return np.abs(_dt.to_numpy_values(picked, dname)).astype(native, copy=False)
-
-    def _band_tensor(self, name: str, fetch: Callable[[str], Any], work: np.dtype,
-                     band: _Band) -> bool:
-        """Add one tensor's magnitudes to ``band`` (chunks on all cores)."""
-        flat, dname = self._read(name, fetch(name))
-
-        def magnitudes(start: int) -> np.ndarray:
-            c = self._chunk(flat, dname, work, start)
-            return np.abs(c, out=_scratch(c.size, work))
-
-        return band.add(magnitudes, flat.size)
 
     def _tensor_mags(
         self, name: str, fetch: Callable[[str], Any], work: np.dtype, buf: np.ndarray
@@ -1008,6 +1136,112 @@ class _Job:
                 self.progress(meta.name)
             yield meta.name, out
             del out
+
+    def _from_candidates(
+        self,
+        metas: list[_Meta],
+        fetch: Callable[[str], Any],
+        top: TopK,
+        stats: _Stats,
+        work: np.dtype,
+        found: _Candidates,
+    ) -> Iterator[tuple[str, TernaryTensor]]:
+        """:meth:`_pass3` from the candidates of pass 1 instead of another pass over the data.
+
+        Each chunk's kept entries are picked from its candidates, which are in position order
+        and hold every entry equal to the threshold: the same positions, signs and kept
+        magnitude sums (chunk by chunk, in the same order) as :meth:`_gather`, so the same
+        output bytes. ``"gram"`` reads each matrix once more for its :func:`gram_terms`.
+        """
+        t = work.type(top.threshold)
+        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram")
+        kept_sum = 0.0
+        gram = self._gram_sums = [0.0, 0.0]
+        held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        ties_left = top.n_ties
+        for meta in metas:
+            parts = found.parts.pop(meta.name, [])
+            if not top.kept or not meta.numel:
+                continue
+            idx, signs, ties_left, part_sum = self._pick(parts, t, ties_left, want_sum)
+            del parts
+            kept_sum += part_sum
+            if self.scale == "gram" and idx.size and not _is_vector(meta.shape):
+                flat, dname = self._read(meta.name, fetch(meta.name))
+                values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
+                          else _dt.to_numpy_values(flat, dname))
+                num, den = gram_terms(values.reshape(meta.shape[0], -1), idx, signs)
+                del flat, values
+                gram[0] += num
+                gram[1] += den
+            held[meta.name] = (idx, signs)
+        value = self._scale_value(top.kept, kept_sum, stats, metas, (gram[0], gram[1]))
+        for meta in metas:
+            part = held.pop(meta.name, None)
+            if value == 0.0 or part is None:
+                out = TernaryTensor.zeros(meta.shape, meta.dtype)
+            else:
+                out = TernaryTensor(
+                    meta.shape, part[0], part[1], self._tensor_scale(value, meta), meta.dtype,
+                    _validated=True,
+                )
+            del part
+            if self.progress is not None:
+                self.progress(meta.name)
+            yield meta.name, out
+            del out
+
+    @staticmethod
+    def _pick(
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: Any, ties_left: int,
+        want_sum: bool,
+    ) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """:meth:`_gather` of one tensor from its candidates ``(positions, magnitudes, sign
+        bits)``, chunk by chunk on all cores: which to keep (the ties in order), then each
+        chunk's kept entries straight into their slice of the output."""
+        find_ties = ties_left > 0
+
+        def mark(i: int) -> tuple[np.ndarray, int, np.ndarray | None]:
+            """A chunk's mask of the candidates above ``t``, its count, and where ``t`` is."""
+            m = parts[i][1]
+            sel = m > t
+            eq = None
+            if find_ties:
+                at = m == t
+                eq = np.flatnonzero(at) if at.any() else None
+            return sel, int(np.count_nonzero(sel)), eq
+
+        items = range(len(parts))
+        sels: list[np.ndarray] = []
+        ends = [0]
+        for sel, count, eq in _ordered_map(mark, items):
+            if ties_left and eq is not None:  # first come, first kept
+                took = eq[:ties_left]
+                sel[took] = True
+                ties_left -= took.size
+                count += took.size
+            sels.append(sel)
+            ends.append(ends[-1] + count)
+        idx = np.empty(ends[-1], np.int64)
+        signs = np.empty(ends[-1], bool)
+
+        def fill(i: int) -> float:
+            """Write a chunk's kept positions and signs; return the sum of their magnitudes,
+            summed as _gather sums them (the kept magnitudes in position order)."""
+            a, b = ends[i], ends[i + 1]
+            if b == a:
+                return 0.0
+            pos, m, neg = parts[i]
+            loc = np.flatnonzero(sels[i])
+            # mode "wrap": the indices are valid, and "raise" buffers a take with out=
+            np.take(pos, loc, out=idx[a:b], mode="wrap")
+            np.take(neg, loc, out=signs[a:b], mode="wrap")
+            return float(m.take(loc).sum(dtype=np.float64)) if want_sum else 0.0
+
+        kept_sum = 0.0
+        for part in _ordered_map(fill, items):
+            kept_sum += part
+        return idx, signs, ties_left, kept_sum
 
     def _gather(
         self,

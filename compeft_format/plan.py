@@ -273,12 +273,16 @@ class Plan:
 
 
 def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader | None,
-              base_path: Path | None, patterns: tuple[str, ...], bar_enabled: bool) -> Plan:
+              base_path: Path | None, patterns: tuple[str, ...], bar_enabled: bool,
+              partial_init: bool = False) -> Plan:
     """Decide what the task vector of ``source`` is measured from, and which tensors are
     compressed (see :mod:`compeft_format.convert`'s module doc for the three references).
 
     ``base`` (read from ``base_path``) is the base checkpoint or initial adapter, or None;
-    ``patterns`` the fnmatch patterns of names kept dense. A base's sha256 hashes are
+    ``patterns`` the fnmatch patterns of names kept dense; ``partial_init``: the base is an
+    adapter's initial state that holds only some of its tensors (PEFT's regenerated
+    ``lora_*`` ones: :mod:`compeft_format.peft_init`), the others stored as they are. A
+    base's sha256 hashes are
     computed here (a progress bar when ``bar_enabled``). Raises
     :class:`~compeft_format.errors.ConvertError` for a base that does not fit the source,
     an adapter type with no known initial value.
@@ -292,7 +296,7 @@ def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader
     >>> plan.compressible, plan.reference, plan.base
     (['w'], {'reference': 'zero'}, None)
     """
-    plan = _plan(source, reader, base, base_path, patterns, bar_enabled)
+    plan = _plan(source, reader, base, base_path, patterns, bar_enabled, partial_init)
     if source.is_model:
         plan.folder = {"weights": source.weights.name}
         if hasattr(reader, "weight_map"):
@@ -302,7 +306,7 @@ def make_plan(source: Source, reader: SafetensorsReader, base: SafetensorsReader
 
 
 def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
-          patterns: tuple[str, ...], bar_enabled: bool) -> Plan:
+          patterns: tuple[str, ...], bar_enabled: bool, partial_init: bool = False) -> Plan:
     names = reader.keys()
     excluded = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
 
@@ -334,7 +338,7 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
     assert base_path is not None
     base_names = set(base.keys())
     if source.config is not None:  # an adapter's initial state must have the same tensors
-        missing = [n for n in names if n not in base_names]
+        missing = [] if partial_init else [n for n in names if n not in base_names]
         extra = sorted(base_names - set(names))
         if missing or extra:
             raise ConvertError(f"{base_path}: the initial adapter does not match "

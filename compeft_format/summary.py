@@ -76,6 +76,7 @@ class CompressSummary:
     base_name: str | None = None
     only_in_source: tuple[str, ...] = ()
     only_in_base: tuple[str, ...] = ()
+    note: str | None = None
 
     @property
     def kept_density(self) -> float:
@@ -102,7 +103,8 @@ class CompressSummary:
             "dense_bytes": self.dense_bytes, "file_bytes": self.file_bytes, "ratio": self.ratio,
             "bits_per_param": self.bits_per_param, "reference": self.reference,
             "base_name": self.base_name, "only_in_source": list(self.only_in_source),
-            "only_in_base": list(self.only_in_base), "quality": self.quality.to_dict(),
+            "only_in_base": list(self.only_in_base), "note": self.note,
+            "quality": self.quality.to_dict(),
         }
 
     def format(self, *, verbose: bool = False) -> str:
@@ -114,6 +116,8 @@ class CompressSummary:
             f"  measured from {self.reference}"
             + (f" {self.base_name!r} (sha256 of its tensors recorded)" if self.base_name else ""),
         ]
+        if self.note:
+            lines.append(f"  note          {self.note}")
         if self.only_in_source:
             lines.append(f"  not in base   {_names(self.only_in_source)}: stored as they are")
         if self.only_in_base:

@@ -612,6 +612,51 @@ def test_band_over_the_cap_falls_back(monkeypatch):
     assert len(calls) == 3
 
 
+@pytest.mark.parametrize(
+    "edges",
+    [
+        lambda s, n, k, w: (w.type(100.0), w.type(np.inf)),  # band above the threshold
+        lambda s, n, k, w: (w.type(-1), w.type(1e-6)),  # band below it (everything a candidate)
+        lambda s, n, k, w: (w.type(0.5), w.type(0.5000001)),  # thin band beside it
+        lambda s, n, k, w: (w.type(0.0), w.type(0.05)),  # band below: every nonzero a candidate
+    ],
+)
+@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram"])
+def test_unlucky_sample_in_compress_is_still_exact(monkeypatch, edges, scale):
+    # compress finds the band in its statistics pass and keeps the candidates' positions;
+    # a band that misses the threshold must still give the exact selection, by compress
+    # (from the candidates where they hold every kept entry, else from a pass of its own)
+    # and iter_compress alike
+    radix = cmod._radix_select
+    calls = []
+    monkeypatch.setattr(cmod, "_band_edges", edges)
+    monkeypatch.setattr(cmod, "_radix_select", lambda *a: calls.append(1) or radix(*a))
+    rng = np.random.default_rng(12)
+    tv = {"m": np.round(rng.standard_normal((300, 200)), 1).astype(np.float32),
+          "v": rng.standard_normal(5000).astype(np.float64)}
+    tv["v"][::9] = 0.0
+    for d in (0.001, 0.137, 0.6, 1.0):
+        out = compress(tv, density=d, scale=scale)
+        assert_matches(out, reference(tv, d, scale=scale), tv)
+        streamed = dict(cmod.iter_compress(tv, density=d, scale=scale))
+        assert streamed == out
+    assert calls
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_compress_reads_a_tensor_once_after_its_sample(scale):
+    # the statistics pass also finds the threshold's band and the kept entries' positions:
+    # a lazy tensor is fetched for its sample, then once in full ("gram" reads a matrix
+    # once more for its Gram terms; these are vectors); iter_compress reads it for output
+    specs = {f"layer{i}": (30_000 + 1000 * i, i) for i in range(3)}
+    lazy = LazyTensors(specs)
+    out = compress(lazy, density=0.05, scale=scale)
+    assert max(lazy.fetches.values()) == 2
+    lazy2 = LazyTensors(specs)
+    assert dict(cmod.iter_compress(lazy2, density=0.05, scale=scale)) == out
+    assert min(lazy2.fetches.values()) >= 3
+
+
 def test_fewer_nonzeros_than_k_through_the_band():
     rng = np.random.default_rng(9)
     x = np.zeros(1_000_000, np.float32)

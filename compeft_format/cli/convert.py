@@ -69,7 +69,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "compressed one by one", "the compeft file (a folder for an adapter folder), "
             "- for stdout, or DIR/ (a trailing /) to write every OUTPUT into DIR")
     c.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial adapter) "
-                   "the task vector is measured from; needed again to decompress")
+                   "the task vector is measured from; needed again to decompress. For a LoRA "
+                   "adapter, peft-init (or peft-init:SEED) measures it from its initial state "
+                   "as PEFT's default init made it, regenerated from the seed (found when not "
+                   "given; needs torch, transformers, peft and the base model's config, "
+                   "offline); decompress then regenerates it itself")
+    c.add_argument("--base-model", metavar="DIR", help="with --base peft-init: the base "
+                   "model's folder (its config.json), when the adapter's "
+                   "base_model_name_or_path is neither local nor in the Hugging Face cache")
     c.add_argument("--density", type=density, default=DEFAULT_DENSITY, metavar="K",
                    help=f"fraction of entries kept, in (0, 1] (default {DEFAULT_DENSITY})")
     c.add_argument("--alpha", type=positive, default=1.0, metavar="A",
@@ -100,7 +107,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
             "folder), - for stdout, or DIR/ (a trailing /) to write every OUTPUT into DIR")
     d.add_argument("--dtype", choices=sorted(OUTPUT_DTYPES), help="convert float tensors")
     d.add_argument("--base", metavar="BASE", help="add the task vector to this base "
-                   "checkpoint (or initial adapter) and write the full tensors")
+                   "checkpoint (or initial adapter) and write the full tensors (not needed "
+                   "for an adapter compressed with --base peft-init: regenerated)")
+    d.add_argument("--base-model", metavar="DIR", help="for an adapter compressed with "
+                   "--base peft-init: the base model's folder, when the adapter's "
+                   "base_model_name_or_path is neither local nor in the Hugging Face cache")
     add_verbose(d, "also list every tensor written (name, dtype, shape)")
     add_json(d, "print the summary as one JSON document (an array for several INPUTs)")
 
@@ -161,11 +172,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
         options: dict[str, Any] = {
             "density": args.density, "alpha": args.alpha, "scope": args.scope,
             "scale": args.scale, "exclude": args.exclude, "base": args.base,
-            "positions": args.positions, "zstd_level": zstd_choice(args)}
+            "base_model": args.base_model, "positions": args.positions,
+            "zstd_level": zstd_choice(args)}
     else:
         work, describe = decompress_file, _decompress_text
         suffixes = {"src_suffix": ".compeft", "dst_suffix": ".safetensors"}
-        options = {"dtype": args.dtype, "base": args.base}
+        options = {"dtype": args.dtype, "base": args.base, "base_model": args.base_model}
     options["force"] = args.force
     progress = show_progress(args) and (args.jobs == 1 or len(todo) == 1)
 

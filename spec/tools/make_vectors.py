@@ -237,6 +237,37 @@ def _dense_dtypes() -> dict[str, Any]:
     }
 
 
+def _peft_init_tensors() -> dict[str, Any]:
+    a = "base_model.model.layer.0.query.lora_A.weight"
+    return {a: TernaryTensor((2, 8), [1, 6, 12], [False, True, False], 0.25),
+            a.replace("lora_A", "lora_B"): TernaryTensor((8, 2), [3, 10], [True, False],
+                                                         0.125)}
+
+
+def _peft_init_metadata() -> dict[str, Any]:
+    """The metadata ``compress_file(base="peft-init")`` writes, for a made-up initial state
+    (A: the numbers 0 to 15 / 16 as float32 bytes, B: zeros) and seed 3407."""
+    import hashlib
+
+    from compeft_format.plan import base_binding
+
+    names = sorted(_peft_init_tensors())
+    init = {names[0]: struct.pack("<16f", *(i / 16 for i in range(16))),
+            names[1]: bytes(64)}
+    digests = {n: "sha256:" + hashlib.sha256(b).hexdigest() for n, b in init.items()}
+    return {
+        "compeft.producer": "compeft_format 0.1.0",
+        "compeft.compression": {"alpha": 1.0, "density": 0.2, "method": "compeft",
+                                "scale": "proj_vcap", "scope": "global"},
+        "task_vector": {"reference": "checkpoint", "delta_all_but": [], "peft_type": "LORA",
+                        "exclude": []},
+        "compeft.base": {"name": "peft-init:3407", **base_binding(digests),
+                         "peft_init": {"seed": 3407, "init_lora_weights": True,
+                                       "peft": "0.21.2", "torch": "2.13.0+cpu",
+                                       "transformers": "5.25.0"}},
+    }
+
+
 VALID: list[Valid] = [
     Valid("001-empty-file", "No tensors and no metadata: header, index and trailer only.",
           dict),
@@ -337,6 +368,12 @@ VALID: list[Valid] = [
           "through the zstd stage.", _lora_like, options=V11),
     Valid("026-pack-alignment-1", "Version 1.1: the tensors of 023-pack with alignment 1 and "
           "no zstd.", _pack_tensors, options={**V11, "alignment": 1, "zstd_level": None}),
+    # -- document revision 1.1.1
+    Valid("027-base-peft-init", "Version 1.1 (revision 1.1.1): a LoRA adapter measured from "
+          "its initial state as PEFT's default init made it from a seed: compeft.base holds "
+          "the compact binding of that state and the recipe (compeft.base.peft_init, 5.2.1), "
+          "which changes nothing in decoding.", _peft_init_tensors,
+          metadata=_peft_init_metadata(), options=V11),
 ]
 
 
