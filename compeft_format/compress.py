@@ -684,7 +684,7 @@ def compress(
         the task vector (fine-tuned minus base; see :mod:`compeft_format.taskvec`). It may be
         lazy: values are fetched one at a time, ``tensors[name]``, up to three times each
         for ``scope="global"`` (sample; statistics and selection; the matrices again for
-        ``"gram"``, or the output where the sample was unlucky) and once each
+        ``"gram"`` and ``"kron"``, or the output where the sample was unlucky) and once each
         for ``scope="tensor"``; none is kept between fetches, and the model is never
         concatenated. If ``tensors`` has a ``dtypes`` mapping attribute (as
         :class:`~compeft_format.taskvec.TaskVector` has), it names the original dtype of
@@ -1151,10 +1151,11 @@ class _Job:
         Each chunk's kept entries are picked from its candidates, which are in position order
         and hold every entry equal to the threshold: the same positions, signs and kept
         magnitude sums (chunk by chunk, in the same order) as :meth:`_gather`, so the same
-        output bytes. ``"gram"`` reads each matrix once more for its :func:`gram_terms`.
+        output bytes. ``"gram"`` (``"kron"``) reads each matrix once more for its
+        :func:`gram_terms` (:func:`kron_terms`).
         """
         t = work.type(top.threshold)
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram")
+        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
         kept_sum = 0.0
         gram = self._gram_sums = [0.0, 0.0]
         held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -1166,11 +1167,12 @@ class _Job:
             idx, signs, ties_left, part_sum = self._pick(parts, t, ties_left, want_sum)
             del parts
             kept_sum += part_sum
-            if self.scale == "gram" and idx.size and not _is_vector(meta.shape):
+            if self.scale in _METRIC_TERMS and idx.size and not _is_vector(meta.shape):
                 flat, dname = self._read(meta.name, fetch(meta.name))
                 values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
                           else _dt.to_numpy_values(flat, dname))
-                num, den = gram_terms(values.reshape(meta.shape[0], -1), idx, signs)
+                num, den = _METRIC_TERMS[self.scale](values.reshape(meta.shape[0], -1),
+                                                     idx, signs)
                 del flat, values
                 gram[0] += num
                 gram[1] += den

@@ -621,7 +621,7 @@ def test_band_over_the_cap_falls_back(monkeypatch):
         lambda s, n, k, w: (w.type(0.0), w.type(0.05)),  # band below: every nonzero a candidate
     ],
 )
-@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram"])
+@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram", "kron"])
 def test_unlucky_sample_in_compress_is_still_exact(monkeypatch, edges, scale):
     # compress finds the band in its statistics pass and keeps the candidates' positions;
     # a band that misses the threshold must still give the exact selection, by compress
