@@ -38,10 +38,16 @@ Rescaling (a plug-in point)
 tensor with a :class:`MergeStats`: the inputs' magnitudes, the weights and, for ternary
 inputs, how many entries carry each sign pattern. It returns a factor for the merged tensor,
 or a :class:`Rescale` that also multiplies each input's magnitude *before* the election and
-the averaging. Rules are data-free: they see the structure of the inputs, not a model.
-``rescale="dense_divisor"`` (:func:`dense_divisor`) is the rule for TIES of compressed experts:
-it divides each entry as TIES of the uncompressed experts would (see
-``bench/results/merge_quality.md``).
+the averaging, or the merged value of every sign pattern outright. Rules are data-free: they
+see the structure of the inputs, not a model. A rule whose statistics span tensors (as a
+compression's global scope does) also has a ``prepare`` attribute: given every tensor's
+:class:`MergeStats` before anything is merged, it returns each tensor's answer.
+
+For TIES of compressed experts use ``rescale="expected_ties"`` (:func:`expected_ties`): every
+entry gets the expected TIES of the original experts given what their compressions kept,
+scaled to keep each expert's projection. ``rescale="dense_divisor"`` (:func:`dense_divisor`)
+is the simpler earlier rule. Both are measured in ``bench/results/merge_quality.md``; neither
+is the default, which stays PEFT's definition.
 """
 
 from __future__ import annotations
@@ -76,6 +82,7 @@ from .container import CompeftReader, Writer, open_file
 from .convert import DEFAULT_DENSITY, add_rounded, cast_storage, with_path
 from .errors import CompeftError, EncodeError
 from .outputs import Output, write_fsync
+from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 from .sources import (
@@ -414,9 +421,15 @@ def expected_ties(stats: MergeStats) -> Rescale:
     merge's weights and sign election. That is the merge the originals' TIES is closest to
     (least squares); like each compression's own kept entries it is shrunk toward zero, and
     the compressor's ``proj`` rule undoes that by keeping each expert's projection on its
-    original. The merged tensors are scaled the same way: by one factor per scope, such that
-    ``sum_i <merge, t_i>`` is its expectation ``sum_i E<TIES(t), t_i>`` over the originals.
-    Sparse in, sparse out: an entry no input keeps stays 0.
+    original. The merge is scaled the same way: each input's part of the expectation (what
+    it adds where it agrees with the elected sign) gets one factor per scope, solved so that
+    the merge's projection on every input, ``<merge, t_i>``, is its expectation
+    ``E<TIES(t), t_i>`` over the originals (one common factor if that has no positive
+    solution). Sparse in, sparse out: an entry no input keeps stays 0.
+
+    It assumes the inputs' scales follow the ``proj`` rule (the default ``proj_vcap``, and
+    ``proj``); under another rule their thresholds, and so the merge's magnitude, are off
+    by that rule's ratio to ``proj``.
 
     Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
     fitted constant. Through :func:`merge`, :func:`merge_files` and
@@ -1453,6 +1466,13 @@ def merge_files(
         base_reader = None
         if form != "compeft":
             label = f" {ref.name!r}" if ref.name else ""
+            recipe = recorded_recipe(readers[0].metadata())
+            if ref.kind == "checkpoint" and base_path is None and recipe is not None:
+                # PEFT's initial adapter, regenerated from the seed (checked just below)
+                config = sources[0].config or sources[0].weights.parent / "adapter_config.json"
+                base_path, _ = regenerated_file(recipe, config,
+                                                {n: i.dtype for n, i in infos.items()}, stack,
+                                                where=sources[0].weights)
             if ref.kind == "checkpoint" and base_path is None:
                 raise MergeError(f"{sources[0].path}: the inputs are measured from the "
                                  f"base{label}; give it with --base (base=) to write the "

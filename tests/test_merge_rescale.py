@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cli_helpers import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -260,7 +261,7 @@ def test_expected_ties_scope_spans_tensors_through_prepare():
     assert np.abs(both[kept]).min() >= np.abs(both[~kept]).max()
 
 
-def test_expected_ties_through_files(tmp_path):
+def test_expected_ties_through_files_and_the_command_line(tmp_path, capsys):
     rng = np.random.default_rng(7)
     experts = [{"a": (rng.standard_normal((30, 40)) * s).astype(np.float32),
                 "b": (rng.standard_normal((20, 40)) * 3 * s).astype(np.float32)}
@@ -271,10 +272,26 @@ def test_expected_ties_through_files(tmp_path):
         cf.save_file(compress(t, density=0.2), paths[-1])
     s = merge_files(paths, tmp_path / "m.safetensors", rescale="expected_ties")
     assert s.rescale == "expected_ties"
-    want = merge([cf.load_file(p) for p in paths], rescale="expected_ties")
-    got = cf.open_safetensors(tmp_path / "m.safetensors")
+    loaded = [cf.load_file(p) for p in paths]
+    want = merge(loaded, rescale="expected_ties")
+    assert not np.array_equal(want["a"], merge(loaded, rescale="dense_divisor")["a"])
+    with cf.open_safetensors(tmp_path / "m.safetensors") as got:
+        for n in ("a", "b"):
+            np.testing.assert_array_equal(got.values(n), want[n])
+    # compressed again: the scope-wide rule runs before the selection, as in memory
+    merge_files(paths, tmp_path / "m.compeft", rescale="expected_ties", density=0.1)
+    again = merge_and_compress(loaded, density=0.1, rescale="expected_ties")
+    back = cf.load_file(tmp_path / "m.compeft")
     for n in ("a", "b"):
-        np.testing.assert_array_equal(got.values(n), want[n])
+        np.testing.assert_array_equal(back[n].indices, again[n].indices)
+        np.testing.assert_array_equal(back[n].signs, again[n].signs)
+    # and on the command line
+    code, out, _ = run(capsys, "merge", *paths, "-o", tmp_path / "c.safetensors",
+                       "--rescale", "expected_ties")
+    assert code == 0
+    assert "rescale expected_ties" in out
+    with cf.open_safetensors(tmp_path / "c.safetensors") as got:
+        np.testing.assert_array_equal(got.values("b"), want["b"])
 
 
 def test_expected_ties_falls_back_where_the_model_does_not_apply():

@@ -25,6 +25,7 @@ examples:
   compeft merge sentiment.compeft topic.compeft -o merged.compeft
   compeft merge a/ b/ c/ -o merged_adapter --method ties --weights 1,0.5,0.5
   compeft merge a.compeft b.compeft -o model.safetensors --base base.safetensors
+  compeft merge a/ b/ c/ -o merged_adapter --rescale expected_ties --base init/
 
 OUTPUT: *.compeft compresses the merged task vector again (ternary; --density defaults to
 the largest input density, as recorded in the inputs), keeping the inputs' base binding;
@@ -34,6 +35,14 @@ vector; any other name, for compressed adapter directories, is a PEFT adapter di
 Inputs compressed against a base (compeft compress --base) need it again for a dense
 output. LoRA A and B matrices are merged each on its own (as the ComPEFT paper and PEFT's
 ties do), which is not the merge of the products B A: see the README.
+
+--rescale: without it ties is exactly PEFT's ties(..., density=1.0), which over compressed
+(sparse) experts is nearly a sum, each expert about twice as strong as in the TIES of the
+originals. For TIES of compressed experts use --rescale expected_ties: each entry gets the
+expected TIES of the original experts given what their compressions kept (data-free; the
+inputs compressed with the default proj rules), scaled to keep each expert's projection.
+dense_divisor is the simpler earlier rule (zeros counted in the divisor with the chance they
+agree). Both are the identity for sum and mean.
 """
 
 
@@ -78,7 +87,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="the base checkpoint (or initial adapter) the inputs were compressed "
                    "against, for a dense OUTPUT: base plus merged task vector")
     m.add_argument("--rescale", choices=sorted(RESCALE_RULES) or None, metavar="RULE",
-                   help="a data-free rescaling rule of the merged tensors"
+                   help="a data-free rule for TIES of compressed inputs (see below)"
                    + (f" ({', '.join(sorted(RESCALE_RULES))})" if RESCALE_RULES else
                       " (none is registered)"))
     add_force(m, "replace an existing OUTPUT (never an INPUT)")
