@@ -476,7 +476,8 @@ def _peft_init_base(source: Source, reader: Any, seed: int | None,
            f"found after {match.tried} of {len(DEFAULT_SEEDS)} candidates in "
            f"{match.seconds:.1f} s; cosine {match.cosine:.2f}")
     note = (f"initial adapter regenerated: PEFT's default LoRA init from seed {match.seed} "
-            f"({how} with the trained A)")
+            f"({how} with the trained A); decompressing it needs torch, transformers, peft "
+            "and the base model's config (cached, or --base-model)")
     return path, make_recipe(match.seed), note
 
 
