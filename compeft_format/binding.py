@@ -56,7 +56,8 @@ def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> R
     """
     if HIFI_KEY in meta:  # its records are integer codes: never apply or convert them as values
         raise HifiError(f"{where}: a hi-fi file (metadata {HIFI_KEY!r}): its tensors are "
-                        "integer codes; decode it with compeft_format.load_hifi")
+                        "integer codes; decompress it (compeft decompress) or decode it with "
+                        "compeft_format.load_hifi")
     ref = meta.get(META_TASK_VECTOR)
     base = meta.get(S.META_BASE)  # its types are checked by the reader (spec 5.2.1)
     base = base if isinstance(base, dict) else {}

@@ -200,3 +200,16 @@ def test_info_ratio_against_the_original(tmp_path, capsys, pair):
     code, out, _ = run(capsys, "info", tmp_path / "t.compeft")
     assert "hi-fi" not in out
     assert "dense " in out
+
+
+def test_merge_refuses_hifi_files(tmp_path, capsys, pair):
+    # merging adds the tensors as ternary values: the codes must never be taken for those
+    base, ft = pair
+    code, _, err = run(capsys, "compress", ft, "--base", base, "--hifi",
+                       "-o", tmp_path / "a.compeft")
+    assert code == 0, err
+    code, _, err = run(capsys, "merge", tmp_path / "a.compeft", tmp_path / "a.compeft",
+                       "-o", tmp_path / "m.compeft")
+    assert code == 1
+    one_line_error(err, "hi-fi")
+    assert not (tmp_path / "m.compeft").exists()
