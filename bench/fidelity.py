@@ -20,12 +20,27 @@ cannot yet *decode as one tensor* are written as the records it would need today
   signs, a dense ``F16`` record for their magnitudes), the rest of the kept entries ternary.
 * ``residual``: a second ternary pass on what the first one left (two ternary records per
   tensor, summed on decoding).
+* ``hifi``: every entry kept, ``rint(x / step)`` as integer codes, entropy-coded
+  (:mod:`compeft_format.hifi`: a real file written by ``save_hifi`` and decoded by
+  ``load_hifi``; size = the file's). Swept over the step, in root-mean-squares of the task
+  vector (``rel_step``). ``hifi_lora``: the same with ``lora_weights`` (each LoRA factor's
+  step divided by its partner's norm: the merged-weight error); ``hifi_probe``: with
+  ``probe_weights`` measured on 40 *calibration* sentences (synthetic, seed 123; never the
+  evaluation sentences), one group per LoRA module or per tensor: uses data, as a tuned
+  scale does.
 
 Every multi-part structure scales its parts so that the rebuilt vector keeps the projection
 on the task vector (``<t, t_hat> = ||t||^2``, as ``proj`` does for one scale): the parts get
 their least-squares magnitudes, then one common factor. Run from the repository root::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/fidelity.py --quick
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/fidelity.py --quick --json /tmp/f.json
+    # the committed results: the tests/data LoRA, and the project's full fine-tune (100
+    # AdamW steps at lr 1e-4, as bench/scale_rules.py trains it; cached in --cache)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/fidelity.py --only lora --json lora.json
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/fidelity.py --only full-lr0.0001 --steps 100 \
+        --json full.json
+    .venv/bin/python bench/fidelity.py --report-from lora.json full.json \
+        --out bench/results/fidelity.md --plot bench/results/fidelity.png
 """
 
 from __future__ import annotations
@@ -37,7 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from compeft_format.compress import compress
-from compeft_format.hifi import hifi_codes, load_hifi, lora_weights, save_hifi
+from compeft_format.hifi import hifi_codes, load_hifi, lora_weights, probe_weights, save_hifi
 from compeft_format.tensor import TernaryTensor
 from compeft_format.tuning import count_file_bytes
 
@@ -239,6 +254,45 @@ def hifi(tv, rel_step: float, weights: Mapping[str, float] | None = None) -> Bui
     return Built(recon, [], nbytes=nbytes, entropy_bits=bits / numel(tv))
 
 
+def calibration_probe(scorer, case, lora: Mapping[str, np.ndarray] | None,
+                      n: int = 40, seed: int = 123, rel_step: float = 0.5):
+    """A function of the task vector giving :func:`~compeft_format.hifi.probe_weights`'s
+    weights (computed once): distortion = 1 - the mean cosine of the rebuilt model's
+    embeddings with the fine-tune's on ``n`` synthetic calibration sentences
+    (``scale_rules.synthetic_sentences``, ``seed``), never the evaluation sentences; groups:
+    a LoRA module's two factors together, every other tensor alone; each group quantised at
+    ``rel_step`` (its noise must move the score above float32's resolution, ~1e-7)."""
+    import copy
+
+    import torch
+
+    from bench import scale_rules as sr
+
+    texts, _ = sr.synthetic_sentences(n, seed)
+    cal = copy.copy(scorer)  # same model and tokenizer, other inputs and target
+    enc = scorer.tokenizer(texts, padding=True, return_tensors="pt")
+    cal.enc = {k: v.to(scorer.device) for k, v in enc.items()}
+    cal.mask = cal.enc["attention_mask"].unsqueeze(-1).float()
+    shapes = {name: np.shape(v) for name, v in case.tv.items()}
+
+    def state(tv):
+        return case.to_state({name: torch.from_numpy(np.asarray(v, np.float32).reshape(
+            shapes[name])).to(scorer.device) for name, v in tv.items()})
+
+    cal.target = cal.embed(state(case.tv))
+    cache: dict[str, dict[str, float]] = {}
+
+    def weights(tv) -> dict[str, float]:
+        if "w" not in cache:
+            base = lora_weights(lora) if lora is not None else None
+            cache["w"] = probe_weights(tv, lambda rebuilt: 1 - cal.score(state(rebuilt)),
+                                       group=lambda name: name.split(".lora_")[0],
+                                       rel_step=rel_step, weights=base)
+        return cache["w"]
+
+    return weights
+
+
 def numel(tv: Mapping[str, np.ndarray]) -> int:
     return sum(int(np.size(v)) for v in tv.values())
 
@@ -247,10 +301,12 @@ def numel(tv: Mapping[str, np.ndarray]) -> int:
 # the experiment
 # ---------------------------------------------------------------------------------------------
 #: (structure, label, function of the task vector) for every point measured
-def settings(quick: bool, lora: Mapping[str, np.ndarray] | None = None
-             ) -> list[tuple[str, str, object]]:
+def settings(quick: bool, lora: Mapping[str, np.ndarray] | None = None,
+             probe: object = None) -> list[tuple[str, str, object]]:
     """Every point: ``lora`` (the trained adapter, when the task vector is one) adds the
-    hi-fi points with :func:`~compeft_format.hifi.lora_weights`."""
+    hi-fi points with :func:`~compeft_format.hifi.lora_weights`; ``probe`` (a function of
+    the task vector giving :func:`~compeft_format.hifi.probe_weights`'s weights from
+    calibration data) those with measured weights."""
     dens = (0.02, 0.05, 0.1, 0.2) if not quick else (0.05, 0.2)
     out: list[tuple[str, str, object]] = []
     for d in (0.01, *dens, 0.5, 1.0):
@@ -267,7 +323,7 @@ def settings(quick: bool, lora: Mapping[str, np.ndarray] | None = None
     for d in (0.5, 1.0):
         out.append(("residual_levels4", f"d={d:g}+{d:g}",
                     lambda tv, d=d: residual(tv, (d, d), n_levels=4)))
-    rel = (0.2, 0.3) if quick else (0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.6, 1, 1.5, 2, 3, 5)
+    rel = (0.2, 0.3) if quick else (0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.6, 1, 1.5, 2, 3, 5)
     for r in rel:
         out.append(("hifi", f"step {r:g} rms", lambda tv, r=r: hifi(tv, r)))
     if lora is not None:
@@ -275,6 +331,10 @@ def settings(quick: bool, lora: Mapping[str, np.ndarray] | None = None
         for r in rel:
             out.append(("hifi_lora", f"step {r:g} rms, lora_weights",
                         lambda tv, r=r: hifi(tv, r, w)))
+    if probe is not None:
+        for r in rel:
+            out.append(("hifi_probe", f"step {r:g} rms, probe_weights (calibration data)",
+                        lambda tv, r=r: hifi(tv, r, probe(tv))))
     return out
 
 
@@ -295,20 +355,24 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer densities")
     ap.add_argument("--only", action="append", help="lora, ia3 or full-lrX (repeatable)")
     ap.add_argument("--structures", help="comma-separated structures to measure (default all)")
+    ap.add_argument("--probe-step", type=float, default=0.5,
+                    help="rel_step at which hifi_probe measures each group (default 0.5)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (shared machine: 1)")
     ap.add_argument("--steps", type=int, default=300, help="training steps of a full fine-tune")
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get(
         "COMPEFT_BENCH_CACHE", Path.home() / ".cache" / "compeft-bench")))
-    ap.add_argument("--json", type=Path, required=True, help="where the points go")
+    ap.add_argument("--json", type=Path, help="where the points go (required to measure)")
     ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON",
                     help="only write the table (--out) and plot (--plot) of earlier runs")
     ap.add_argument("--out", type=Path, help="markdown table of the points")
     ap.add_argument("--plot", type=Path, help="PNG of quality against size")
     args = ap.parse_args()
+    if not args.report_from and args.json is None:
+        ap.error("--json is required to measure (or --report-from to report)")
     if args.report_from:
         points = [p for path in args.report_from for p in json.loads(path.read_text())]
         if args.out:
-            args.out.write_text(table(points))
+            args.out.write_text(crossings(points) + "\n" + table(points))
         if args.plot:
             plot(points, args.plot, peer=(4.1, 0.99999))
         return
@@ -335,7 +399,8 @@ def main() -> None:
         base = scorer.score()
         n = numel(case.tv)
         wanted = set(args.structures.split(",")) if args.structures else None
-        for structure, label, fn in settings(args.quick, lora):
+        probe = calibration_probe(scorer, case, lora, rel_step=args.probe_step)
+        for structure, label, fn in settings(args.quick, lora, probe):
             if wanted is not None and structure not in wanted:
                 continue
             t0 = time.perf_counter()
@@ -356,13 +421,33 @@ def main() -> None:
 
 
 def table(points: list[dict]) -> str:
-    """Markdown: one row per point, by model, structure and size."""
-    lines = ["| model | structure | setting | bits/param | file bytes | score | 1 - score |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown: one row per point, by model, structure and size (``entropy``: the hi-fi
+    codes' order-0 entropy per parameter, what an ideal entropy coder would need)."""
+    lines = ["| model | structure | setting | bits/param | entropy | file bytes | score | "
+             "1 - score |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: (p["model"], p["structure"], p["bits_per_param"])):
+        ent = f"{p['entropy_bits']:.3f}" if "entropy_bits" in p else ""
         lines.append(f"| {p['model']} | {p['structure']} | {p['setting']} | "
-                     f"{p['bits_per_param']:.3f} | {p['file_bytes']:,} | {p['score']:.5f} | "
-                     f"{1 - p['score']:.2e} |")
+                     f"{p['bits_per_param']:.3f} | {ent} | {p['file_bytes']:,} | "
+                     f"{p['score']:.7f} | {1 - p['score']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def crossings(points: list[dict], goal: float = 0.9999, budget: float = 4.1) -> str:
+    """Markdown: per model and structure, the smallest file reaching ``goal`` and the best
+    score under ``budget`` bits per parameter (measured points only, no interpolation)."""
+    lines = [f"| model | structure | fewest bits/param with score >= {goal} | "
+             f"best score under {budget} bits |", "|---|---|---|---|"]
+    for key in dict.fromkeys((p["model"], p["structure"]) for p in points):
+        mine = [p for p in points if (p["model"], p["structure"]) == key]
+        hit = min((p for p in mine if p["score"] >= goal), default=None,
+                  key=lambda p: p["bits_per_param"])
+        under = max((p for p in mine if p["bits_per_param"] < budget), default=None,
+                    key=lambda p: p["score"])
+        a = f"{hit['bits_per_param']:.3f} ({hit['setting']}: {hit['score']:.7f})" if hit else "none"
+        b = (f"{under['score']:.7f} ({under['setting']}, {under['bits_per_param']:.3f} bits)"
+             if under else "none")
+        lines.append(f"| {key[0]} | {key[1]} | {a} | {b} |")
     return "\n".join(lines) + "\n"
 
 
@@ -374,15 +459,21 @@ def plot(points: list[dict], path, peer: tuple[float, float] | None = None) -> N
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(p["model"] for p in points))
+    # one colour per structure on every panel; the hi-fi curves dashed and thicker
+    others = [st for st in dict.fromkeys(p["structure"] for p in points) if st != "single"]
+    palette = plt.get_cmap("tab20").colors
+    colors = {st: palette[(2 * i) % 20 + (2 * i) // 20] for i, st in enumerate(others)}
+    colors["single"] = "black"
     fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.6), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         mine = [p for p in points if p["model"] == model]
         for structure in dict.fromkeys(p["structure"] for p in mine):
             pts = sorted((p for p in mine if p["structure"] == structure),
                          key=lambda p: p["bits_per_param"])
+            hi = structure.startswith("hifi")
             ax.plot([p["bits_per_param"] for p in pts], [1 - p["score"] for p in pts],
-                    marker="o", ms=4, lw=2.2 if structure == "single" else 1.2,
-                    label=structure, color="black" if structure == "single" else None)
+                    marker="o", ms=4, lw=2.2 if structure == "single" or hi else 1.2,
+                    ls="--" if hi else "-", label=structure, color=colors[structure])
         if peer is not None and model.startswith("full"):
             ax.scatter([peer[0]], [1 - peer[1]], marker="*", s=120, color="red",
                        label="peer 4-bit + outliers (third-party model)")
@@ -394,8 +485,8 @@ def plot(points: list[dict], path, peer: tuple[float, float] | None = None) -> N
         ax.set_title(f"{model} (untouched base: 1 - {mine[0]['base']:.3f})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("bench/fidelity.py: one scale (black) and richer structures\n"
-                 "dotted line: cosine 0.9999", fontsize=9)
+    fig.suptitle("bench/fidelity.py: one scale (black), richer structures, and hi-fi "
+                 "(dashed: every entry, entropy-coded)\ndotted line: cosine 0.9999", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

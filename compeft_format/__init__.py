@@ -43,7 +43,7 @@ from .errors import (
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
-from .hifi import HifiError, load_hifi, lora_weights, save_hifi
+from .hifi import HifiError, load_hifi, lora_weights, probe_weights, save_hifi
 from .merge import MergeError, MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .safetensors_io import (
@@ -120,6 +120,7 @@ __all__ = [
     "open_file",
     "open_safetensors",
     "peft_task_vector",
+    "probe_weights",
     "quality_report",
     "save_file",
     "save_hifi",

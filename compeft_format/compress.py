@@ -54,6 +54,7 @@ __all__ = [
     "compression_metadata",
     "gram_terms",
     "iter_compress",
+    "kron_terms",
     "role_groups",
     "select_topk",
 ]
@@ -61,7 +62,7 @@ __all__ = [
 #: File metadata key under which :func:`compression_metadata` is stored.
 COMPRESSION_METADATA_KEY = META_COMPRESSION  # "compeft.compression"
 SCOPES = ("global", "tensor", "role")
-SCALES = ("proj_vcap", "gram", "proj", "norm", "l2", "std")
+SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
 #: The default scale rule (see :func:`compress` for the evidence).
 DEFAULT_SCALE = "proj_vcap"
 
@@ -608,6 +609,21 @@ def compress(
     * ``"proj_vcap"`` (default): ``"proj"``, except that a vector-shaped tensor (at most one
       dimension above 1: a bias, a norm gain, an (IA)^3 vector) gets at most
       ``alpha * max|t|`` over its own entries: one scale per tensor, one selection.
+    * ``"kron"``: least squares under a Kronecker-factored metric made of each matrix's own
+      two Gram matrices: ``alpha * sum num_i / sum den_i`` over the matrices (:func:`kron_terms`:
+      ``num_i = tr(G_i S_i A_i t_i^T)``, ``den_i = tr(G_i S_i A_i S_i^T)`` with ``G_i = (t_i
+      t_i^T)^(1/2)`` on the outputs and ``A_i = (t_i^T t_i)^(1/2)`` on the inputs, each scaled
+      to a mean eigenvalue of 1); vectors capped and the no-matrix case as in ``"gram"``. A
+      fine-tune's update is a sum of (output gradient x input) outer products, so its two
+      Gram matrices say which inputs the data used and which output directions the loss was
+      sensitive to (the two factors K-FAC uses for the Fisher); the error that counts is the
+      one those directions see. On a rank-one matrix it is ``"proj"``. Where the kept entries
+      hold little of a near-full-rank update (an AdamW full fine-tune at density 0.01) it
+      goes above ``"proj"`` (1.25x), on a low-rank dense update below it (0.7x), as the tuned
+      scale does (``bench/results/scale_rules.md``). Costs about ``4 * rows * columns *
+      min(rows, columns)`` multiply-adds and one ``min(rows, columns)``-square symmetric
+      eigendecomposition per matrix, in float64: cheap for adapters (``min`` is the rank),
+      seconds for a 22M-parameter model, hours on a few cores for a 7B full fine-tune.
     * ``"gram"``: the least-squares scale under the metric of the fine-tune's own input
       directions: ``alpha * sum num_i / sum den_i`` over the matrices ``t_i`` of the scope
       (:func:`gram_terms`: with ``S_i`` the kept signs and ``C_i = t_i^T t_i`` scaled to a
@@ -668,7 +684,7 @@ def compress(
         the task vector (fine-tuned minus base; see :mod:`compeft_format.taskvec`). It may be
         lazy: values are fetched one at a time, ``tensors[name]``, up to three times each
         for ``scope="global"`` (sample; statistics and selection; the matrices again for
-        ``"gram"``, or the output where the sample was unlucky) and once each
+        ``"gram"`` and ``"kron"``, or the output where the sample was unlucky) and once each
         for ``scope="tensor"``; none is kept between fetches, and the model is never
         concatenated. If ``tensors`` has a ``dtypes`` mapping attribute (as
         :class:`~compeft_format.taskvec.TaskVector` has), it names the original dtype of
@@ -685,8 +701,8 @@ def compress(
         entries mean different things; for anything but LoRA it is ``"global"``).
         :func:`iter_compress` holds a role's output tensors until they are yielded.
     scale:
-        ``"proj_vcap"`` (default), ``"gram"``, ``"proj"``, ``"norm"``, ``"l2"`` or ``"std"``,
-        see above.
+        ``"proj_vcap"`` (default), ``"kron"``, ``"gram"``, ``"proj"``, ``"norm"``, ``"l2"`` or
+        ``"std"``, see above.
     exclude:
         ``fnmatch`` patterns (case-sensitive) of names kept dense and lossless: their value
         is returned untouched and takes no part in the selection or the scale. Non-float
@@ -883,7 +899,7 @@ class _Job:
         #: set by iter_compress: hold one output tensor at a time, at the cost of one more
         #: pass for the scales that need the sum of the kept magnitudes (see _pass3)
         self.stream = False
-        self._gram_sums = [0.0, 0.0]  # scale="gram": summed gram_terms of the matrices
+        self._gram_sums = [0.0, 0.0]  # "gram", "kron": summed metric terms of the matrices
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
@@ -1084,7 +1100,7 @@ class _Job:
         """
         t = work.type(top.threshold)
         kept_sum = 0.0  # float64 sum of the kept magnitudes
-        gram = self._gram_sums = [0.0, 0.0]  # "gram": summed terms over the matrices
+        gram = self._gram_sums = [0.0, 0.0]  # "gram", "kron": summed terms, the matrices
         held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if top.kept and self.scale not in ("norm", "std"):
             ties_left = top.n_ties
@@ -1135,10 +1151,11 @@ class _Job:
         Each chunk's kept entries are picked from its candidates, which are in position order
         and hold every entry equal to the threshold: the same positions, signs and kept
         magnitude sums (chunk by chunk, in the same order) as :meth:`_gather`, so the same
-        output bytes. ``"gram"`` reads each matrix once more for its :func:`gram_terms`.
+        output bytes. ``"gram"`` (``"kron"``) reads each matrix once more for its
+        :func:`gram_terms` (:func:`kron_terms`).
         """
         t = work.type(top.threshold)
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram")
+        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
         kept_sum = 0.0
         gram = self._gram_sums = [0.0, 0.0]
         held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -1150,11 +1167,12 @@ class _Job:
             idx, signs, ties_left, part_sum = self._pick(parts, t, ties_left, want_sum)
             del parts
             kept_sum += part_sum
-            if self.scale == "gram" and idx.size and not _is_vector(meta.shape):
+            if self.scale in _METRIC_TERMS and idx.size and not _is_vector(meta.shape):
                 flat, dname = self._read(meta.name, fetch(meta.name))
                 values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
                           else _dt.to_numpy_values(flat, dname))
-                num, den = gram_terms(values.reshape(meta.shape[0], -1), idx, signs)
+                num, den = _METRIC_TERMS[self.scale](values.reshape(meta.shape[0], -1),
+                                                     idx, signs)
                 del flat, values
                 gram[0] += num
                 gram[1] += den
@@ -1239,14 +1257,15 @@ class _Job:
     ) -> tuple[np.ndarray, np.ndarray, int, float]:
         """Kept flat indices and signs of one tensor; ties are taken first come, first kept.
 
-        With ``gram_of`` (its meta) and ``scale="gram"``, a matrix's :func:`gram_terms` are
-        added to ``self._gram_sums`` from the same read.
+        With ``gram_of`` (its meta) and ``scale="gram"`` or ``"kron"``, a matrix's
+        :func:`gram_terms` or :func:`kron_terms` are added to ``self._gram_sums`` from the
+        same read.
         """
         flat, dname = self._read(name, fetch(name))
         idx_parts: list[np.ndarray] = []
         sign_parts: list[np.ndarray] = []
         kept_sum = 0.0
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram")
+        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
         find_ties = ties_left > 0
 
         def one(start: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
@@ -1278,12 +1297,12 @@ class _Job:
                 kept_sum += part
         idx = np.concatenate(idx_parts) if idx_parts else np.empty(0, np.int64)
         signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
-        if (gram_of is not None and self.scale == "gram" and idx.size
+        if (gram_of is not None and self.scale in _METRIC_TERMS and idx.size
                 and not _is_vector(gram_of.shape)):
             values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
                       else _dt.to_numpy_values(flat, dname))
             matrix = values.reshape(gram_of.shape[0], -1)
-            num, den = gram_terms(matrix, idx, signs)
+            num, den = _METRIC_TERMS[self.scale](matrix, idx, signs)
             self._gram_sums[0] += num
             self._gram_sums[1] += den
         return idx, signs, ties_left, kept_sum
@@ -1303,14 +1322,15 @@ class _Job:
                      gram: tuple[float, float] = (0.0, 0.0)) -> float:
         """The scope's scale, float32-exact; 0.0 when nothing is kept or the scale is 0.
 
-        ``gram``: the summed ``(numerator, denominator)`` of :func:`gram_terms` over the
-        scope's matrices (``"gram"`` only; without a kept matrix entry it is ``"proj"``).
+        ``gram``: the summed ``(numerator, denominator)`` of :func:`gram_terms` (``"gram"``)
+        or :func:`kron_terms` (``"kron"``) over the scope's matrices; without a kept matrix
+        entry the scale is ``"proj"``'s.
         """
         if kept == 0:
             return 0.0
-        if self.scale == "gram" and gram[0] > 0.0 and gram[1] > 0.0:
+        if self.scale in _METRIC_TERMS and gram[0] > 0.0 and gram[1] > 0.0:
             raw = self.alpha * (gram[0] / gram[1])
-        elif self.scale in ("proj", "proj_vcap", "gram"):
+        elif self.scale in ("proj", "proj_vcap", "gram", "kron"):
             # kept magnitudes are nonzero, so kept_sum > 0; an overflow to inf is caught below
             raw = self.alpha * (stats.sumsq / kept_sum)
         elif self.scale == "norm":
@@ -1334,7 +1354,7 @@ class _Job:
         return value
 
 
-_CAPPED = ("proj_vcap", "gram")  # the scales that cap a vector at its own largest |t|
+_CAPPED = ("proj_vcap", "kron", "gram")  # the scales that cap a vector at its own largest |t|
 
 
 def gram_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
@@ -1377,6 +1397,61 @@ def gram_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float
         den = float(np.einsum("ij,ij->", smat, smat @ gram))
     norm = total / cols  # the mean eigenvalue of t^T t
     return num / norm, den / norm
+
+
+def kron_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
+    """The numerator and denominator of the ``"kron"`` scale of one matrix.
+
+    ``t`` is the matrix (rows = outputs, columns = inputs; a tensor of more dimensions is
+    read as ``(shape[0], -1)``), ``idx`` the kept flat indices and ``signs`` their sign bits
+    (True = negative). With ``S`` the kept signs as a matrix, ``t = U diag(sv) V^T`` and the
+    two square-root Gram matrices ``G = (t t^T)^(1/2) = U diag(sv) U^T`` (outputs) and
+    ``A = (t^T t)^(1/2) = V diag(sv) V^T`` (inputs), each scaled to a mean eigenvalue of 1,
+    it returns ``(tr(G S A t^T), tr(G S A S^T))``: the scale ``num / den`` minimises
+    ``||G^(1/2) (s S - t) A^(1/2)||``, the error weighed on both sides by the directions the
+    fine-tune itself moved (a Kronecker-factored metric, as K-FAC approximates the Fisher).
+    The numerator is ``<S, t t^T t>`` (no decomposition); the denominator needs the
+    eigenvectors of the smaller Gram matrix. Exact in float64 up to singular values below
+    ``1e-7`` of the largest (they weigh ``sv`` in the metric and are dropped). About
+    ``4 * rows * columns * min(rows, columns)`` multiply-adds plus one symmetric
+    eigendecomposition of ``min(rows, columns)`` squared.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.array([[3.0, 0.1], [0.2, -1.0]])
+    >>> num, den = kron_terms(t, np.array([0, 3]), np.array([False, True]))
+    >>> round(num / den, 4)  # l2 gives 2.0, proj 10.1 / 4 = 2.525, gram 2.798
+    2.8043
+    """
+    if not idx.size:
+        return 0.0, 0.0
+    t = np.asarray(t, np.float64)
+    smat = np.zeros(t.shape)
+    smat.reshape(-1)[np.asarray(idx, np.int64)] = np.where(signs, -1.0, 1.0)
+    if t.shape[0] > t.shape[1]:  # both terms are the same for the transposes: work on the
+        t, smat = t.T, smat.T  # wide side, so the Gram matrix below is the small one
+    rows, cols = t.shape
+    w, u = np.linalg.eigh(t @ t.T)  # t t^T = U diag(sv^2) U^T
+    sv = np.sqrt(np.clip(w, 0.0, None))
+    keep = sv > 1e-7 * sv.max() if sv.size and sv.max() > 0.0 else np.zeros(sv.size, bool)
+    if not keep.any():
+        return 0.0, 0.0
+    sv, u = sv[keep], u[:, keep]
+    v = (t.T @ u) / sv  # right singular vectors, columns x r
+    m = u.T @ (smat @ v)  # U^T S V, r x r
+    total = float(sv.sum())
+    norm = (total / rows) * (total / cols)  # the two mean eigenvalues
+    num = float(np.einsum("i,ii->", sv**3, m))  # tr(G S A t^T) = sum sv_i^3 m_ii
+    den = float(np.einsum("i,ij,j,ij->", sv, m, sv, m))  # sum sv_i sv_j m_ij^2
+    return num / norm, den / norm
+
+
+#: the scales computed from per-matrix metric terms: name -> (matrix, idx, signs) -> (num, den)
+_METRIC_TERMS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, float]]] = {
+    "gram": gram_terms,
+    "kron": kron_terms,
+}
 
 
 def _is_vector(shape: tuple[int, ...]) -> bool:

@@ -160,7 +160,7 @@ def hifi_codes(values: Any, step: float, *, name: str = "tensor") -> np.ndarray:
     """
     arr = _values(values, name)
     flat = arr.reshape(-1)
-    codes = np.empty(flat.size, np.int64)
+    codes = np.empty(flat.size, np.int32)  # codes above int32 are refused below
     for lo in range(0, flat.size, _CHUNK):
         part = flat[lo : lo + _CHUNK].astype(np.float64)
         if not np.isfinite(part).all():
@@ -237,7 +237,7 @@ def load_hifi(path: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
             if not (isinstance(codes, np.ndarray) and codes.dtype.kind == "i"):
                 raise HifiError("hi-fi records are dense integer codes, got "
                                 f"{getattr(codes, 'dtype', type(codes).__name__)}", tensor=name)
-            out[name] = (codes.astype(np.float64) * s).astype(np.float32)
+            out[name] = np.asarray(codes.astype(np.float64) * s, np.float32)  # 0-d too
         return out
 
 

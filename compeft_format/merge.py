@@ -82,6 +82,7 @@ from .container import CompeftReader, Writer, open_file
 from .convert import DEFAULT_DENSITY, add_rounded, cast_storage, with_path
 from .errors import CompeftError, EncodeError
 from .outputs import Output, write_fsync
+from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
 from .sources import (
@@ -1465,6 +1466,13 @@ def merge_files(
         base_reader = None
         if form != "compeft":
             label = f" {ref.name!r}" if ref.name else ""
+            recipe = recorded_recipe(readers[0].metadata())
+            if ref.kind == "checkpoint" and base_path is None and recipe is not None:
+                # PEFT's initial adapter, regenerated from the seed (checked just below)
+                config = sources[0].config or sources[0].weights.parent / "adapter_config.json"
+                base_path, _ = regenerated_file(recipe, config,
+                                                {n: i.dtype for n, i in infos.items()}, stack,
+                                                where=sources[0].weights)
             if ref.kind == "checkpoint" and base_path is None:
                 raise MergeError(f"{sources[0].path}: the inputs are measured from the "
                                  f"base{label}; give it with --base (base=) to write the "

@@ -14,7 +14,10 @@ values are written into it (a zero fill and one scatter of the nonzeros for a Lo
 What the file stores is undone on the way, as ``decompress`` does: an (IA)^3 vector gets its
 one back, and an adapter compressed against its saved initial state (``compress --base
 INIT``) needs ``base=INIT`` and gets it added, rounded once in the stored dtype (the initial
-adapter's names, shapes, dtypes and sha256 hashes are checked first).
+adapter's names, shapes, dtypes and sha256 hashes are checked first); one compressed from
+PEFT's initial state regenerated from its seed (``compress --base peft-init``, the default
+for a LoRA adapter where the seed is found) gets that state regenerated on the model's own
+config and checked against the file's binding (:mod:`compeft_format.peft_init`).
 
 Many experts: :class:`CompressedAdapter` holds a compressed folder in host memory; pass it
 instead of a path (the README has a serving recipe).
@@ -40,6 +43,7 @@ from .binding import Reference, check_base, read_reference
 from .codecs import torch_decode as _td
 from .container import CompeftReader, open_file
 from .errors import ConvertError, MissingDependencyError
+from .peft_init import recorded_recipe, regenerated_file
 from .safetensors_io import SafetensorsReader
 from .sources import ADAPTER_COMPEFT, ADAPTER_CONFIG, base_weights
 from .torch import Sparse, add_dense_, add_ternary_, decode, dtype_name
@@ -92,6 +96,16 @@ class CompressedAdapter:
             yield reader
 
 
+def _config_dict(config: Any) -> dict[str, Any]:
+    """A PEFT config as adapter_config.json holds it (sets as sorted lists, enums as str)."""
+    out = {}
+    for k, v in config.to_dict().items():
+        if isinstance(v, (set, frozenset)):
+            v = sorted(v)
+        out[k] = v.value if hasattr(v, "value") and isinstance(v, str) else v
+    return out
+
+
 def _config(folder: Path) -> Any:
     peft = _peft()
     config_file, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_COMPEFT
@@ -130,7 +144,8 @@ def _check_record(reader: CompeftReader, where: Path,
     """Read what the file was measured from; check ``base`` against it (before any change)."""
     infos = {n: reader.info(n) for n in reader}
     ref = read_reference(reader.metadata(), set(infos), where)
-    if ref.kind == "checkpoint" and base is None:
+    if ref.kind == "checkpoint" and base is None and \
+            recorded_recipe(reader.metadata()) is None:
         raise ConvertError(f"{where}: the adapter is stored as a difference from its initial "
                            f"state ({len(ref.hashes or {})} tensors); give it with base= (the "
                            "initial adapter folder or its safetensors file)")
@@ -251,9 +266,23 @@ def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
         ref, infos = _check_record(reader, where, base)
         init = None
         with contextlib.ExitStack() as stack:
+            recipe = recorded_recipe(reader.metadata())
+            regenerated = None
+            if ref.kind == "checkpoint" and base is None and recipe is not None:
+                # PEFT's initial adapter, regenerated from the seed on this model's config
+                base, regenerated = regenerated_file(
+                    recipe, _config_dict(source.config), {n: i.dtype for n, i in infos.items()},
+                    stack, base_model=getattr(peft_model, "config", None), where=where)
             if base is not None:
                 init = stack.enter_context(SafetensorsReader(base_weights(base)))
-                check_base(ref, init, infos, False)
+                try:
+                    check_base(ref, init, infos, False)
+                except ConvertError as exc:
+                    if regenerated is None:
+                        raise
+                    raise ConvertError(f"{where}: {regenerated} is not the initial adapter "
+                                       f"the file was compressed from ({recipe}): {exc}; give "
+                                       "that initial adapter with base=") from None
             peft_model = build()
             try:
                 _materialise(peft_model, adapter_name)

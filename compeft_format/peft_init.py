@@ -33,6 +33,7 @@ version may not).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -57,7 +58,9 @@ __all__ = [
     "find_seed",
     "parse_peft_init",
     "recipe",
+    "recorded_recipe",
     "regenerate_init",
+    "regenerated_file",
     "write_init",
 ]
 
@@ -204,10 +207,11 @@ def _model_class(config: Mapping[str, Any], where: object) -> Any:
     return transformers.AutoModel
 
 
-def _skeleton(config: Mapping[str, Any], where: object,
-              base_model: str | os.PathLike | None) -> Any:
+def _skeleton(config: Mapping[str, Any], where: object, base_model: Any) -> Any:
     """The base model built from its config only: uninitialised CPU storage, no weights."""
     torch, transformers, _ = _stack()
+    if isinstance(base_model, transformers.PretrainedConfig):  # a loaded model's own config
+        return _build(torch, _model_class(config, where), base_model, where)
     name = os.fspath(base_model) if base_model is not None else \
         config.get("base_model_name_or_path")
     if not name:
@@ -223,46 +227,58 @@ def _skeleton(config: Mapping[str, Any], where: object,
             revision = config.get("revision") if base_model is None else None
             bcfg = transformers.AutoConfig.from_pretrained(
                 name, local_files_only=True, revision=revision or None)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except OSError:
         raise ConvertError(f"{where}: the base model's config {name!r} is neither a local "
-                           "folder nor in the Hugging Face cache (nothing is downloaded): "
-                           f"{first} Give the base model's folder with --base-model "
-                           "(base_model=)") from None
-    cls = _model_class(config, where)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # third-party notes on building a model: not ours
-        with torch.device("meta"):  # no storage, no draws
-            model = (cls.from_config(bcfg) if cls.__name__.startswith("AutoModel")
-                     else cls._from_config(bcfg))
-        # storage the LoRA layers can be moved next to; never written, so the OS does not
-        # commit its pages
-        return model.to_empty(device="cpu")
+                           "folder nor in the Hugging Face cache (nothing is downloaded); "
+                           "give its folder with --base-model (base_model=)") from None
+    except ValueError as exc:
+        raise ConvertError(f"{where}: the base model's config {name!r}: {exc}") from None
+    return _build(torch, _model_class(config, where), bcfg, where)
+
+
+def _build(torch: Any, cls: Any, bcfg: Any, where: object) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # third-party notes on building a model: not ours
+            with torch.device("meta"):  # no storage, no draws
+                model = (cls.from_config(bcfg) if cls.__name__.startswith("AutoModel")
+                         else cls._from_config(bcfg))
+            # storage the LoRA layers can be moved next to; never written, so the OS does not
+            # commit its pages
+            return model.to_empty(device="cpu")
+    except (RuntimeError, ValueError, TypeError, KeyError, MemoryError) as exc:
+        raise ConvertError(f"{where}: could not build the base model's skeleton "
+                           f"({cls.__name__}): {type(exc).__name__}: {exc}") from None
 
 
 def _regenerate(cfg_dir: Path, config: Mapping[str, Any], seed: int,
-                base_model: str | os.PathLike | None) -> dict[str, Any]:
+                base_model: Any) -> dict[str, Any]:
     """PEFT's initial ``lora_*`` tensors (torch, in creation order) for ``seed``."""
     torch, _, peft = _stack()
     model = _skeleton(config, cfg_dir, base_model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        peft_config = peft.PeftConfig.from_pretrained(str(cfg_dir))
-        peft_config.inference_mode = True
-        with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
-            torch.manual_seed(seed)
-            pm = peft.get_peft_model(model, peft_config)
-        state = peft.get_peft_model_state_dict(pm)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_config = peft.PeftConfig.from_pretrained(str(cfg_dir))
+            peft_config.inference_mode = True
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left alone
+                torch.manual_seed(seed)
+                pm = peft.get_peft_model(model, peft_config)
+            state = peft.get_peft_model_state_dict(pm)
+    except (RuntimeError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ConvertError(f"{cfg_dir}: PEFT could not make the adapter on the base model's "
+                           f"skeleton: {type(exc).__name__}: {exc}") from None
     # modules_to_save copies are the base's weights (not made here): only LoRA's own tensors
     return {n: t.detach() for n, t in state.items() if ".lora_" in n}
 
 
 def regenerate_init(config: str | os.PathLike, seed: int, *,
-                    base_model: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+                    base_model: Any = None) -> dict[str, np.ndarray]:
     """The initial LoRA tensors PEFT makes for ``config`` after ``torch.manual_seed(seed)``.
 
     ``config`` is an adapter folder or its ``adapter_config.json``; ``base_model`` a local
-    folder (or ``config.json``) of the base model, by default the config's
+    folder (or ``config.json``) of the base model, or its ``transformers.PretrainedConfig``
+    (a loaded model's ``.config``), by default the config's
     ``base_model_name_or_path`` (a folder, or a hub name found in the Hugging Face cache).
     Returns ``{saved name: float32 array}`` for every ``lora_*`` tensor the adapter saves.
     Raises :class:`~compeft_format.errors.ConvertError` (an init other than PEFT's default,
@@ -327,7 +343,7 @@ def _replay_first(torch: Any, seed: int, rank: int, fan_in: int, fan_out: int,
 
 def find_seed(config: str | os.PathLike, trained: Mapping[str, np.ndarray], *,
               candidates: Iterable[int] = DEFAULT_SEEDS,
-              base_model: str | os.PathLike | None = None) -> SeedMatch:
+              base_model: Any = None) -> SeedMatch:
     """The seed whose PEFT initialisation the trained adapter ``trained`` started from.
 
     ``config`` is the adapter's folder or ``adapter_config.json``; ``trained`` its tensors
@@ -438,3 +454,43 @@ def write_init(init: Mapping[str, np.ndarray], dtypes: Mapping[str, str],
         else:
             raise ConvertError(f"{path}: tensor {n!r} is {dt} in the adapter: not a float")
     save_safetensors(out, path)
+
+
+def recorded_recipe(metadata: Mapping[str, Any]) -> Any:
+    """The ``compeft.base.peft_init`` recipe of a file's metadata, or None.
+
+    >>> recorded_recipe({"compeft.base": {"peft_init": {"seed": 3}}})
+    {'seed': 3}
+    """
+    base = metadata.get("compeft.base")
+    return base.get(META_PEFT_INIT) if isinstance(base, dict) else None
+
+
+def regenerated_file(recipe: Any, config: str | os.PathLike | Mapping[str, Any],
+                     dtypes: Mapping[str, str], stack: contextlib.ExitStack, *,
+                     base_model: Any = None, where: object = "") -> tuple[Path, str]:
+    """The initial adapter a ``compeft.base.peft_init`` ``recipe`` names, regenerated into a
+    temporary safetensors file that ``stack`` removes: ``(its path, a description)``.
+
+    ``config``: the adapter's folder or ``adapter_config.json``, or the config as a dict;
+    ``dtypes``: the file's dtype of each tensor (the regenerated ones are cast to them).
+    Raises :class:`~compeft_format.errors.ConvertError` for a malformed recipe. The caller
+    checks the result against the file's base binding.
+    """
+    import tempfile
+
+    seed = recipe.get("seed") if isinstance(recipe, dict) else None
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0) or \
+            recipe.get("init_lora_weights") is not True:
+        raise ConvertError(f"{where}: metadata compeft.base.{META_PEFT_INIT} must hold a seed "
+                           f"(an integer >= 0) and init_lora_weights true, got {recipe!r}")
+    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compeft-peft-init-")))
+    if isinstance(config, Mapping):
+        (tmp / "adapter_config.json").write_text(json.dumps(dict(config)), encoding="utf-8")
+        config = tmp
+    init = regenerate_init(config, seed, base_model=base_model)
+    path = tmp / "adapter_model.safetensors"
+    write_init(init, {n: dtypes[n] for n in init if n in dtypes}, path)
+    torch, _, peft = _stack()
+    return path, (f"{PEFT_INIT}:{seed} (regenerated by peft {peft.__version__}, torch "
+                  f"{torch.__version__})")

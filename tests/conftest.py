@@ -36,6 +36,12 @@ os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", tempfile.gettempdir())
 SUITE_TMP = tempfile.mkdtemp(prefix="compeft-tests-")
 tempfile.tempdir = SUITE_TMP
 os.environ["TMPDIR"] = SUITE_TMP
+# The user's Hugging Face cache is not read: compressing a LoRA adapter regenerates its
+# initial state when its base model's config is found there (compeft_format.peft_init), and
+# the test adapters must be compressed the same way on every machine. Set before anything
+# imports huggingface_hub, which reads these once.
+os.environ["HF_HUB_CACHE"] = os.path.join(SUITE_TMP, "hf-cache")
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 def pytest_sessionfinish(session, exitstatus) -> None:

@@ -138,3 +138,23 @@ def test_bench_1b_shapes() -> None:
     assert len(layout) == 146
     assert sum(math.prod(s) for s in layout.values()) == 1_235_814_400
     assert layout["model.layers.0.self_attn.k_proj.weight"] == (512, 2048)
+
+
+def test_fidelity_hifi_point_and_crossings() -> None:
+    from bench import fidelity
+
+    rng = np.random.default_rng(0)
+    tv = {"a.lora_A.w": rng.normal(0, 0.02, (4, 64)).astype(np.float32),
+          "a.lora_B.w": rng.normal(0, 0.01, (64, 4)).astype(np.float32)}
+    built = fidelity.hifi(tv, 0.25)
+    n = fidelity.numel(tv)
+    # the recon is the file's: within half a step of the task vector; the size is the file's
+    rms = math.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in tv.values()) / n)
+    for name, v in tv.items():
+        assert np.abs(built.recon[name] - v.reshape(-1)).max() <= 0.125 * rms * (1 + 1e-5)
+    assert 3.5 < built.entropy_bits < 4.5
+    assert built.file_bytes() > built.entropy_bits * n / 8
+    points = [{"model": "m", "structure": "s", "setting": str(b), "bits_per_param": b,
+               "score": sc} for b, sc in ((3.0, 0.9998), (3.9, 0.99991), (4.5, 0.99995))]
+    row = fidelity.crossings(points).splitlines()[2]
+    assert row == "| m | s | 3.900 (3.9: 0.9999100) | 0.9999100 (3.9, 3.900 bits) |"

@@ -29,7 +29,7 @@ from compeft_format.tensor import TernaryTensor
 # the module itself (the package may export a function of the same name)
 cmod = importlib.import_module("compeft_format.compress")
 
-SCALES = ("proj_vcap", "gram", "proj", "norm", "l2", "std")
+SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
 SCOPES = ("global", "tensor", "role")
 
 
@@ -61,11 +61,11 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         if not chosen.size:
             s = 0.0
         elif scale in ("proj", "proj_vcap") or (
-            scale == "gram" and not _gram_reference(tv, group, flats, chosen)[0]
+            scale in ("gram", "kron") and not _gram_reference(tv, group, flats, chosen, scale)[0]
         ):
             s = alpha * float(np.sum(flat * flat)) / float(mags[chosen].sum())
-        elif scale == "gram":
-            _, num, den = _gram_reference(tv, group, flats, chosen)
+        elif scale in ("gram", "kron"):
+            _, num, den = _gram_reference(tv, group, flats, chosen, scale)
             s = alpha * num / den
         elif scale == "norm":
             s = alpha * math.sqrt(float(np.sum(flat * flat))) / math.sqrt(chosen.size)
@@ -80,7 +80,7 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         for name, f in zip(group, flats, strict=True):
             sel = chosen[(chosen >= off) & (chosen < off + f.size)]
             s_name = s
-            capped = scale in ("proj_vcap", "gram")
+            capped = scale in ("proj_vcap", "gram", "kron")
             if capped and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
                 s_name = min(s, alpha * float(np.abs(f).max()))  # a vector's own cap
             out[name] = (sel - off, flat[sel] < 0, s_name)
@@ -88,8 +88,13 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
     return out
 
 
-def _gram_reference(tv, group, flats, chosen):
-    """``(usable, num, den)`` of the "gram" scale, by the dense trace formulas."""
+def _gram_reference(tv, group, flats, chosen, scale="gram"):
+    """``(usable, num, den)`` of the "gram" or "kron" scale, by the dense trace formulas.
+
+    "gram": input metric ``C = t^T t`` (mean eigenvalue 1). "kron": output metric
+    ``G = (t t^T)^(1/2)`` and input metric ``A = (t^T t)^(1/2)`` (each mean eigenvalue 1),
+    here through numpy's SVD (the library goes through an eigendecomposition instead).
+    """
     num = den = 0.0
     off = 0
     for name, f in zip(group, flats, strict=True):
@@ -102,9 +107,14 @@ def _gram_reference(tv, group, flats, chosen):
         signs = np.zeros(f.size)
         signs[sel] = np.sign(f[sel])
         s_mat = signs.reshape(t.shape)
-        c = t.T @ t / (float((t * t).sum()) / t.shape[1])
-        num += float(np.trace(s_mat @ c @ t.T))
-        den += float(np.trace(s_mat @ c @ s_mat.T))
+        if scale == "gram":
+            g, c = np.eye(t.shape[0]), t.T @ t / (float((t * t).sum()) / t.shape[1])
+        else:
+            u, sv, vt = np.linalg.svd(t, full_matrices=False)
+            g = u @ np.diag(sv) @ u.T / (sv.sum() / t.shape[0])
+            c = vt.T @ np.diag(sv) @ vt / (sv.sum() / t.shape[1])
+        num += float(np.trace(g @ s_mat @ c @ t.T))
+        den += float(np.trace(g @ s_mat @ c @ s_mat.T))
     return num > 0 and den > 0, num, den
 
 
@@ -273,6 +283,73 @@ def test_scales_by_hand():
     assert out["m"].scale == pytest.approx(6.26 / 4.5, rel=1e-6)
     assert out["v"].scale == pytest.approx(0.5)
     assert compress(vec, density=0.6, scale="proj")["v"].scale == pytest.approx(6.26 / 4.5)
+
+
+@pytest.mark.parametrize("shape", [(7, 19), (19, 7), (12, 12), (1, 9)])
+def test_kron_terms_match_the_svd_formulas(shape):
+    """kron_terms (eigendecomposition of the smaller Gram) = the trace formulas via SVD."""
+    rng = np.random.default_rng(sum(shape))
+    t = rng.standard_normal(shape) * rng.lognormal(0, 1, shape[1])  # uneven columns
+    idx = np.sort(rng.choice(t.size, max(1, t.size // 5), replace=False))
+    signs = t.reshape(-1)[idx] < 0
+    num, den = cmod.kron_terms(t, idx, signs)
+    u, sv, vt = np.linalg.svd(t, full_matrices=False)
+    g = u @ np.diag(sv) @ u.T / (sv.sum() / shape[0])
+    a = vt.T @ np.diag(sv) @ vt / (sv.sum() / shape[1])
+    s_mat = np.zeros(t.size)
+    s_mat[idx] = np.where(signs, -1.0, 1.0)
+    s_mat = s_mat.reshape(shape)
+    assert num == pytest.approx(float(np.trace(g @ s_mat @ a @ t.T)), rel=1e-9)
+    assert den == pytest.approx(float(np.trace(g @ s_mat @ a @ s_mat.T)), rel=1e-9)
+    # the numerator needs no decomposition: <S, t t^T t> over the two mean eigenvalues
+    assert num == pytest.approx(float((s_mat * (t @ t.T @ t)).sum())
+                                / (sv.sum() ** 2 / t.size), rel=1e-9)
+
+
+def test_kron_terms_rank_deficient_and_empty():
+    rng = np.random.default_rng(3)
+    low = rng.standard_normal((9, 2)) @ rng.standard_normal((2, 6))  # rank 2
+    idx = np.array([0, 7, 20, 33])
+    num, den = cmod.kron_terms(low, idx, low.reshape(-1)[idx] < 0)
+    u, sv, vt = np.linalg.svd(low, full_matrices=False)
+    sv, u, vt = sv[:2], u[:, :2], vt[:2]  # the exact rank: the rest is rounding noise
+    m = u.T @ (np.zeros(54) + np.isin(np.arange(54), idx) * np.sign(low.reshape(-1))
+               ).reshape(9, 6) @ vt.T
+    norm = (sv.sum() / 9) * (sv.sum() / 6)
+    assert num == pytest.approx(float((sv**3 * np.diag(m)).sum()) / norm, rel=1e-7)
+    assert den == pytest.approx(float((np.outer(sv, sv) * m**2).sum()) / norm, rel=1e-7)
+    assert cmod.kron_terms(np.zeros((3, 4)), np.array([1]), np.array([False])) == (0.0, 0.0)
+    assert cmod.kron_terms(low, np.array([], np.int64), np.array([], bool)) == (0.0, 0.0)
+
+
+def test_kron_is_proj_on_a_rank_one_matrix_and_gram_is_not():
+    """A rank-one update has one output and one input direction: both metrics are those
+    directions, so "kron" puts back exactly the projection on t, as "proj" does."""
+    rng = np.random.default_rng(11)
+    t = np.outer(rng.standard_normal(8), rng.standard_normal(5))
+    for density in (0.1, 0.3, 0.6):
+        kron = compress({"w": t}, density=density, scale="kron")["w"].scale
+        proj = compress({"w": t}, density=density, scale="proj")["w"].scale
+        gram = compress({"w": t}, density=density, scale="gram")["w"].scale
+        assert kron == pytest.approx(proj, rel=1e-6)
+        assert gram != pytest.approx(proj, rel=1e-3)
+
+
+def test_kron_without_a_kept_matrix_entry_is_proj_vcap():
+    tv = {"v": np.array([0.5, -0.1, 0.05]), "b": np.array([[0.01, -0.02], [0.0, 0.01]])}
+    for density in (0.2, 0.4):  # only entries of the vector are kept
+        got = compress(tv, density=density, scale="kron")
+        want = compress(tv, density=density, scale="proj_vcap")
+        assert {n: (got[n].nnz, got[n].scale) for n in tv} == {
+            n: (want[n].nnz, want[n].scale) for n in tv}
+
+
+def test_compress_doctests():
+    import doctest
+
+    result = doctest.testmod(cmod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted
+    assert not result.failed
 
 
 def test_std_statistics_are_accurate_with_a_large_mean():
@@ -544,7 +621,7 @@ def test_band_over_the_cap_falls_back(monkeypatch):
         lambda s, n, k, w: (w.type(0.0), w.type(0.05)),  # band below: every nonzero a candidate
     ],
 )
-@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram"])
+@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram", "kron"])
 def test_unlucky_sample_in_compress_is_still_exact(monkeypatch, edges, scale):
     # compress finds the band in its statistics pass and keeps the candidates' positions;
     # a band that misses the threshold must still give the exact selection, by compress

@@ -150,6 +150,17 @@ def test_lora_weights_pair_factors():
     assert np.exp((sizes * np.log([w[n] for n in pos])).sum() / sizes.sum()) == pytest.approx(1)
 
 
+def test_scalar_and_empty_tensors(tmp_path):
+    tv = {"s": np.array(0.3, np.float32), "e": np.zeros((0, 3), np.float32)}
+    steps = save_hifi(tv, tmp_path / "e.compeft", step=0.1)
+    back = load_hifi(tmp_path / "e.compeft")
+    assert steps == {"e": 0.1, "s": 0.1}
+    assert isinstance(back["s"], np.ndarray)
+    assert back["s"].shape == ()
+    assert back["s"] == np.float32(0.3)
+    assert back["e"].shape == (0, 3)
+
+
 def test_zero_task_vector(tmp_path):
     path = tmp_path / "e.compeft"
     assert save_hifi({"z": np.zeros((2, 3), np.float32)}, path) == {"z": 0.0}

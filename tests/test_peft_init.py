@@ -220,3 +220,55 @@ def test_cli_round_trip(adapter, tmp_path, capsys) -> None:
                        "peft-init:1")
     assert code == 1
     one_line_error(err, "seed 1 is not the one")
+
+
+def test_default_for_a_lora_folder_is_the_regenerated_init(adapter, tmp_path) -> None:
+    """No base: the seed is searched; where it cannot be, from zero with a note; base="zero"
+    asks for from zero."""
+    trained, _init = adapter
+    s = cf.compress_file(trained, tmp_path / "d", density=0.2)
+    ref = cf.compress_file(trained, tmp_path / "s", density=0.2, base="peft-init")
+    assert s.base_name == f"peft-init:{SEED}"
+    assert s.file_bytes == ref.file_bytes
+    z = cf.compress_file(trained, tmp_path / "z", density=0.2, base="zero")
+    assert z.reference == "zero"
+    assert z.note is None
+    # not regenerable here (its base model's config is nowhere local): from zero, said so
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / "adapter_model.safetensors").write_bytes(
+        (trained / "adapter_model.safetensors").read_bytes())
+    cfg = json.loads((trained / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(
+        json.dumps({**cfg, "base_model_name_or_path": "compeft-tests/no-such-model"}))
+    f = cf.compress_file(folder, tmp_path / "f", density=0.2)
+    assert f.reference == "zero"
+    assert f.note.startswith("from zero, the initial adapter not regenerated: the base "
+                             "model's config 'compeft-tests/no-such-model'")
+    assert "\n" not in f.note
+    assert "note          from zero" in f.format()
+    with cf.open_file(tmp_path / "f" / "adapter_model.compeft") as a, \
+            cf.open_file(tmp_path / "z" / "adapter_model.compeft") as b:
+        assert all(a.get(n) == b.get(n) for n in a)
+
+
+def test_peft_loading_and_merging_regenerate_the_init(adapter, tmp_path) -> None:
+    """compeft_format.peft and merge_files take a file compressed from the seed without a base,
+    and give what the saved initial adapter given as base gives."""
+    from compeft_format import peft as cpeft
+
+    trained, init = adapter
+    cf.compress_file(trained, tmp_path / "seed", density=0.2)
+    cf.compress_file(trained, tmp_path / "init", density=0.2, base=init)
+    config = transformers.BertConfig.from_pretrained(
+        json.loads((trained / "adapter_config.json").read_text())["base_model_name_or_path"])
+    got, want = (peft.get_peft_model_state_dict(cpeft.from_pretrained(
+        transformers.BertModel(config), tmp_path / name, base=b))
+        for name, b in (("seed", None), ("init", init)))
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    cf.merge_files([tmp_path / "seed", tmp_path / "seed"], tmp_path / "m1")
+    cf.merge_files([tmp_path / "init", tmp_path / "init"], tmp_path / "m2", base=init)
+    a, b = (_values(tmp_path / m / "adapter_model.safetensors") for m in ("m1", "m2"))
+    assert sorted(a) == sorted(b)
+    assert all(np.array_equal(a[n], b[n]) for n in b)

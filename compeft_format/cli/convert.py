@@ -73,7 +73,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "adapter, peft-init (or peft-init:SEED) measures it from its initial state "
                    "as PEFT's default init made it, regenerated from the seed (found when not "
                    "given; needs torch, transformers, peft and the base model's config, "
-                   "offline); decompress then regenerates it itself")
+                   "offline); decompress then regenerates it itself. Default for a LoRA "
+                   "adapter: peft-init where that can be done, else zero (the summary says "
+                   "why); --base zero: from zero without trying")
     c.add_argument("--base-model", metavar="DIR", help="with --base peft-init: the base "
                    "model's folder (its config.json), when the adapter's "
                    "base_model_name_or_path is neither local nor in the Hugging Face cache")
