@@ -393,10 +393,11 @@ def _peft_init_base(source: Source, reader: Any, seed: int | None,
     path = tmp / ADAPTER_WEIGHTS
     write_init(match.init, {n: reader.info(n).dtype for n in match.init if n in reader}, path)
     how = (f"given; cosine {match.cosine:.2f}" if seed is not None else
-           f"found among {match.tried} seeds in {match.seconds:.1f} s; cosine "
-           f"{match.cosine:.2f}")
+           f"found after {match.tried} of {len(DEFAULT_SEEDS)} candidates in "
+           f"{match.seconds:.1f} s; cosine {match.cosine:.2f}")
     note = (f"initial adapter regenerated: PEFT's default LoRA init from seed {match.seed} "
-            f"({how} with the trained A)")
+            f"({how} with the trained A); decompressing it needs torch, transformers, peft "
+            "and the base model's config (cached, or --base-model)")
     return path, make_recipe(match.seed), note
 
 

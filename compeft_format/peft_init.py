@@ -77,6 +77,9 @@ DEFAULT_SEEDS: tuple[int, ...] = (
 #: A candidate's cosine with the trained ``A``, in standard deviations of a wrong seed's
 #: (``cosine * sqrt(numel)``), needed on the first module and then over every ``A``.
 Z_FIRST, Z_ALL = 6.0, 8.0
+#: A first-module match this far above chance ends the search (a wrong seed gets there with
+#: a probability under 1e-80).
+Z_SURE = 20.0
 #: Without the one-module replay (a PEFT whose draws it does not reproduce), only this many
 #: candidates are tried, each by a full regeneration.
 SLOW_CANDIDATES = 32
@@ -307,7 +310,8 @@ class SeedMatch:
 
     ``cosine_first``: of the first module's ``A`` (trained and regenerated); ``cosine``: of
     all ``A`` matrices together; ``z``: ``cosine * sqrt(numel of all A)``, in standard
-    deviations of a wrong seed's. ``tried``: candidates tried; ``seconds``: the whole
+    deviations of a wrong seed's. ``tried``: candidates tried (the search stops at a sure
+    match); ``seconds``: the whole
     search; ``per_candidate``: seconds per candidate of the one-module replay (None when
     every candidate needed a full regeneration). ``init``: the regenerated initial tensors.
     """
@@ -350,7 +354,8 @@ def find_seed(config: str | os.PathLike, trained: Mapping[str, np.ndarray], *,
     (saved names -> arrays; at least its ``lora_A`` ones). Each of ``candidates`` (default
     :data:`DEFAULT_SEEDS`) is scored by the cosine of its first module's ``A`` with the
     trained one (a replay of PEFT's draws for that module, checked first against a real
-    regeneration); the best is regenerated in full and must explain every ``A`` (cosine
+    regeneration), in order, stopping at one ``Z_SURE`` standard deviations above chance;
+    the best is regenerated in full and must explain every ``A`` (cosine
     ``Z_ALL`` standard deviations above chance). Raises
     :class:`~compeft_format.errors.ConvertError` when no candidate does. Example: see
     ``tests/test_peft_init.py``.
@@ -385,8 +390,10 @@ def find_seed(config: str | os.PathLike, trained: Mapping[str, np.ndarray], *,
                 dot, aa, bb = _cos(target, _replay_first(torch, s, rank, fan_in, fan_out,
                                                          bias).numpy())
                 scores.append(dot / math.sqrt(aa * bb) if aa and bb else 0.0)
-            per = (time.perf_counter() - t1) / len(seeds)
-            tried = seeds
+                if scores[-1] * math.sqrt(target.size) >= Z_SURE:
+                    break  # no wrong seed comes near: the rest need not be drawn
+            tried = seeds[:len(scores)]
+            per = (time.perf_counter() - t1) / len(tried)
         else:  # a PEFT that draws otherwise: full regenerations, fewer candidates
             tried = seeds[:SLOW_CANDIDATES]
             scores = []

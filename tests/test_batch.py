@@ -68,8 +68,9 @@ def test_dask_local_cluster(tmp_path, sources):
     """A real dask.distributed cluster (worker processes): the same bytes as compress_file."""
     distributed = pytest.importorskip("distributed")
     ref = _reference(sources, tmp_path, density=0.2)
+    # dashboard on any free port: with None the scheduler still binds 8787, which may be taken
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address=":0") as cluster, \
             distributed.Client(cluster) as client:
         pids = set(client.run(os.getpid).values())
         assert os.getpid() not in pids
