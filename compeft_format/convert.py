@@ -61,6 +61,7 @@ path holds), :mod:`.plan` (what is measured from what, the lazy task vector),
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -79,6 +80,7 @@ from .binding import Reference, check_base, read_reference
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
 from .errors import CompeftError, ConvertError, EncodeError, MissingDependencyError
+from .hifi import HIFI_KEY, hifi_codes, hifi_decode, hifi_layout, hifi_steps, lora_weights
 from .outputs import Output, write_fsync
 from .peft_init import DEFAULT_SEEDS, META_PEFT_INIT, PEFT_INIT, find_seed, parse_peft_init
 from .plan import (
@@ -180,6 +182,7 @@ def compress_file(
     force: bool = False,
     progress: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
+    hifi: float | None = None,
 ) -> CompressSummary:
     """Compress a safetensors file or a PEFT adapter directory to compeft.
 
@@ -228,6 +231,14 @@ def compress_file(
         More file metadata (e.g. ``{"tuning": ...}``, the search that ``compeft tune``
         records); keys that this function writes itself, or that start with ``compeft.``,
         are refused.
+    hifi:
+        Write a hi-fi file instead (:mod:`compeft_format.hifi`): every entry of the task
+        vector as an integer code ``rint(x / step)``, the step ``hifi`` times the root mean
+        square of the task vector (``hifi.DEFAULT_REL_STEP`` is a good start), divided for a
+        LoRA adapter's factors by :func:`~compeft_format.hifi.lora_weights`. ``density``,
+        ``alpha``, ``scope`` and ``scale`` must keep their defaults; pass
+        ``zstd_level=hifi.HIFI_ZSTD_LEVEL`` (1), the level that suits codes. Decompress
+        gives each entry back within half its step.
 
     Returns
     -------
@@ -255,6 +266,8 @@ def compress_file(
     (1, 1, 410, 0.65)
     """
     comp_meta = compression_metadata(density, alpha, scope, scale)  # checks them first
+    if hifi is not None:
+        comp_meta = _hifi_compression(hifi, comp_meta)
     positions = "golomb" if positions == "rice" else positions
     if positions not in POSITIONS_CHOICES:
         raise EncodeError(f"positions must be one of {POSITIONS_CHOICES} or 'rice', "
@@ -295,19 +308,31 @@ def compress_file(
             plan.base = {**plan.base, "name": f"{PEFT_INIT}:{recipe['seed']}",
                          META_PEFT_INIT: recipe}
         # compress reads each tensor three times (global scope; once per tensor scope; one
-        # more for the scales that need the sum of the kept magnitudes), the quality once
-        passes = (1 if scope == "tensor" else 3 if scale in ("norm", "std") else 4) + 1
+        # more for the scales that need the sum of the kept magnitudes), the quality once;
+        # hi-fi: once for the step, once for the codes and their quality
+        passes = 2 if hifi is not None else \
+            (1 if scope == "tensor" else 3 if scale in ("norm", "std") else 4) + 1
         bar = stack.enter_context(PassesBar(progress, len(plan.compressible), passes,
                                             "compress"))
         tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type, bar.update)
         # one tensor at a time, in the file's (sorted) order: nothing is held once written
-        stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
+        if hifi is not None:
+            hifi_out = _HifiStream(tv, hifi, source, reader)
+            stream: Iterator[tuple[str, Any]] = iter(hifi_out)
+        else:
+            stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
 
         metadata = file_metadata(plan, reader, comp_meta, patterns, extra_metadata)
         counts = {"nnz": 0, "cnumel": 0, "numel": 0, "dense_bytes": 0}
         # the file's record order; a name that is not UTF-8 is refused by the Writer
         names = sorted(reader.keys(), key=lambda n: n.encode("utf-8", "surrogatepass"))
         compressible = set(plan.compressible)
+        if hifi is not None:
+            if HIFI_KEY in metadata:
+                raise EncodeError(f"extra metadata key {HIFI_KEY!r} is written by a hi-fi "
+                                  "compress itself")
+            metadata[HIFI_KEY] = hifi_out.metadata(names, {n: reader.info(n).dtype
+                                                           for n in names})
 
         def write(f: BinaryIO) -> None:
             with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level) as w:
@@ -324,8 +349,8 @@ def compress_file(
                         reader.release()
                         if base_reader is not None:
                             base_reader.release()
-                        counts["nnz"] += t.nnz
-                        counts["cnumel"] += t.numel
+                        counts["nnz"] += int(np.count_nonzero(t)) if hifi else t.nnz
+                        counts["cnumel"] += t.size if hifi else t.numel
                         w.write(name, t)
                         del t
                     else:
@@ -339,8 +364,11 @@ def compress_file(
             target = out.file(inside)
             write_fsync(target, write)
             # the quality of what was written, read back from it one tensor at a time
-            with open_file(target) as written:
-                quality = _quality(tv, written, plan.compressible)
+            if hifi is not None:
+                quality = hifi_out.quality()
+            else:
+                with open_file(target) as written:
+                    quality = _quality(tv, written, plan.compressible)
             bar.close()
             _copy_companions(source, out)
         reader.release()
@@ -357,8 +385,60 @@ def compress_file(
             base_name=plan.base["name"] if plan.reference["reference"] == "checkpoint"
             and plan.base else None,
             only_in_source=tuple(plan.only_in_source), only_in_base=tuple(plan.only_in_base),
-            note=note)
+            note=note, hifi_step=hifi)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _hifi_compression(rel_step: Any, checked: Mapping[str, Any]) -> dict[str, Any]:
+    """``compeft.compression`` of a hi-fi file; refuses the ternary options changed."""
+    defaults = compression_metadata(DEFAULT_DENSITY, 1.0, "global", DEFAULT_SCALE)
+    changed = [k for k in ("density", "alpha", "scope", "scale") if checked[k] != defaults[k]]
+    if changed:
+        raise EncodeError(f"hifi keeps every entry at a step: {', '.join(changed)} "
+                          "do not apply")
+    if not (isinstance(rel_step, (int, float)) and not isinstance(rel_step, bool)
+            and 0 < rel_step < math.inf):
+        raise EncodeError(f"hifi step must be a positive finite number, got {rel_step!r}")
+    return {"method": "hifi", "rel_step": float(rel_step)}
+
+
+class _HifiStream:
+    """The hi-fi codes of a task vector, tensor by tensor, with their quality.
+
+    The steps come from one pass over ``tv`` (:func:`~compeft_format.hifi.hifi_steps`; a
+    LoRA adapter's factors weighed by :func:`~compeft_format.hifi.lora_weights` of its
+    trained factors); iterating yields ``(name, codes)`` in ``tv``'s order, measuring each
+    decoded tensor against the exact one as it goes.
+    """
+
+    def __init__(self, tv: FileTaskVector, rel_step: float, source: Source, reader: Any):
+        weights = None
+        if str(source.peft_type).upper() == "LORA":
+            factors = {n: _dt.to_numpy_values(*reader.get(n)) for n in tv if ".lora_" in n}
+            weights = lora_weights(factors)
+        self.tv = tv
+        self.steps = hifi_steps(tv, rel_step=rel_step, weights=weights)
+        self._per: list[Any] = []
+        self._total = _Sums()
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
+        for name in self.tv:
+            values = np.asarray(self.tv[name])
+            codes = hifi_codes(values, self.steps[name], name=name)
+            sums = _measure(name, values, hifi_decode(codes, self.steps[name]))[1]
+            self._per.append(sums.quality(name, "hifi"))
+            self._total.add(sums)
+            del values
+            yield name, codes
+
+    def metadata(self, names: list[str], dtypes: Mapping[str, str]) -> dict[str, Any]:
+        """The :data:`~compeft_format.hifi.HIFI_KEY` value for records ``names`` (in order):
+        a step for each hi-fi record, null for those stored as they are, and the dtypes."""
+        return {"version": 1, "steps": [self.steps.get(n) for n in names],
+                "dtypes": [dtypes[n] for n in names]}
+
+    def quality(self) -> QualityReport:
+        return QualityReport(tuple(self._per), self._total.quality("(overall)", "all"))
 
 
 #: ``base`` that measures a LoRA adapter from zero, as the paper does (no regeneration tried).
@@ -589,7 +669,14 @@ def decompress_file(
         with _naming(source.weights):
             cf = stack.enter_context(open_file(source.weights))
             infos = {n: cf.info(n) for n in cf}
-        ref = read_reference(cf.metadata(), set(infos), source.weights)
+        meta = cf.metadata()
+        hifi: dict[str, tuple[float | None, str | None]] = {}
+        if HIFI_KEY in meta:  # integer codes: decoded with their steps, in their dtypes
+            hifi = hifi_layout(meta, cf.keys(), infos, str(source.weights))
+            infos = {n: i if hifi[n][0] is None else dataclasses.replace(
+                i, dtype=hifi[n][1] or "F32") for n, i in infos.items()}
+            meta = {k: v for k, v in meta.items() if k != HIFI_KEY}
+        ref = read_reference(meta, set(infos), source.weights)
         label = f" {ref.name!r}" if ref.name else ""
         recorded = cf.metadata().get(S.META_BASE)
         recorded = recorded.get(META_PEFT_INIT) if isinstance(recorded, dict) else None
@@ -662,7 +749,13 @@ def decompress_file(
             rec_dt = infos[n].dtype
             with _naming(source.weights):
                 value = cf.get_raw(n)
-            if isinstance(value, TernaryTensor):
+            step = hifi[n][0] if n in hifi else None
+            if step is not None:
+                codes, rec_dt = value[0].reshape(-1), "F32"
+
+                def part(a: int, z: int) -> np.ndarray:
+                    return hifi_decode(codes[a:z], step)
+            elif isinstance(value, TernaryTensor):
                 vals = _signed_values(value, rec_dt)
 
                 def part(a: int, z: int) -> np.ndarray:
@@ -674,7 +767,7 @@ def decompress_file(
                     return dense[a:z]
             if n not in adds:
                 for a, z in _chunks(total):
-                    yield cast_storage(part(a, z), rec_dt, out_dtype)[0]
+                    yield cast_storage(part(a, z), rec_dt, out_dt(n))[0]
                 return
             bflat = base_reader.get(n)[0].reshape(-1) if base_reader is not None else None
             for a, z in _chunks(total):

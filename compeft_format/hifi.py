@@ -14,7 +14,10 @@ back nearly exactly, this module stores the whole task vector as integer codes i
   quantisation is about 0.25 bit above the rate-distortion bound). The file is written at
   zstd level 1: on such codes level 3 finds short useless matches and costs 7 to 20 % more;
 * the steps are in the file's metadata, under the key ``compeft_format.hifi``:
-  ``{"version": 1, "steps": [s_0, s_1, ...]}``, one step per record in record (name) order.
+  ``{"version": 1, "steps": [s_0, s_1, ...]}``, one step per record in record (name) order;
+  ``null`` for a record stored as it is (a non-float tensor, an excluded one). A file that
+  ``compeft compress --hifi`` writes also has ``"dtypes"``: each record's original dtype,
+  which ``compeft decompress`` writes back (spec, appendix "Hi-fi files").
 
 Nothing here is new to the format: the records are dense records of spec 6.5 and the key is
 an ordinary metadata key (``compeft.`` keys are the reserved ones, spec 5.2.1), so any
@@ -49,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _spec as S
 from .container import Writer, open_file
 from .errors import CompeftError, EncodeError
 from .fsio import atomic_write
@@ -59,6 +63,9 @@ __all__ = [
     "HIFI_ZSTD_LEVEL",
     "HifiError",
     "hifi_codes",
+    "hifi_decode",
+    "hifi_layout",
+    "hifi_original_bytes",
     "hifi_steps",
     "load_hifi",
     "lora_weights",
@@ -74,6 +81,7 @@ DEFAULT_REL_STEP = 0.2
 #: entropy; level 3 finds short matches in them that cost more than they save
 HIFI_ZSTD_LEVEL = 1
 _VERSION = 1
+_CODE_DTYPES = ("I8", "I16", "I32")
 _CHUNK = 1 << 20  # elements per pass over a tensor: temporaries stay small
 
 
@@ -214,30 +222,96 @@ def _records(tv: Mapping[str, Any], steps: Mapping[str, float]) -> Iterator[tupl
         yield name, hifi_codes(tv[name], s, name=name)
 
 
+def hifi_decode(codes: np.ndarray, step: float) -> np.ndarray:
+    """``code * step`` in float32 (computed in float64, rounded once): the decode rule.
+
+    >>> x = hifi_decode(np.array([1, -3, 30], np.int8), 0.25)
+    >>> x.dtype, x.tolist()
+    (dtype('float32'), [0.25, -0.75, 7.5])
+    """
+    return np.asarray(np.asarray(codes).astype(np.float64) * step, np.float32)
+
+
+def hifi_layout(meta: Mapping[str, Any], names: list[str], infos: Mapping[str, Any] | None = None,
+                where: str = "file") -> dict[str, tuple[float | None, str | None]]:
+    """Parse and check a file's :data:`HIFI_KEY`: name -> ``(step, original dtype)``.
+
+    ``names`` are the file's records in record order; ``infos`` (name -> an object with a
+    ``dtype``, as ``Reader.info`` gives) checks that a record with a step holds integer
+    codes. A step of None is a record stored as it is; the dtype is None when the file does
+    not record it. Raises :class:`HifiError`.
+
+    >>> hifi_layout({HIFI_KEY: {"version": 1, "steps": [0.5, None], "dtypes": ["BF16", "I64"]}},
+    ...             ["a", "b"])
+    {'a': (0.5, 'BF16'), 'b': (None, 'I64')}
+    """
+    hifi = meta.get(HIFI_KEY)
+    if not isinstance(hifi, dict) or hifi.get("version") != _VERSION:
+        raise HifiError(f"{where}: not a hi-fi file: metadata key {HIFI_KEY!r} is "
+                        f"{hifi!r}, not a version {_VERSION} object")
+    steps = hifi.get("steps")
+    if (not isinstance(steps, list) or len(steps) != len(names)
+            or not all(s is None or (isinstance(s, (int, float)) and not isinstance(s, bool)
+                                     and 0 <= s < math.inf) for s in steps)):
+        raise HifiError(f"{where}: {HIFI_KEY} steps: need {len(names)} finite numbers >= 0 "
+                        "or null (one per record)")
+    dtypes = hifi.get("dtypes", [None] * len(names))
+    if (not isinstance(dtypes, list) or len(dtypes) != len(names)
+            or not all(d is None or d in S.ITEMSIZE for d in dtypes)):
+        raise HifiError(f"{where}: {HIFI_KEY} dtypes: need {len(names)} dtype names or null "
+                        "(one per record)")
+    for name, s, d in zip(names, steps, dtypes, strict=True):
+        if s is None:
+            continue
+        if d is not None and d not in S.TERNARY_DTYPES:
+            raise HifiError(f"{where}: a record with a step must come from a float tensor, "
+                            f"got dtype {d}", tensor=name)
+        got = infos[name].dtype if infos is not None else None
+        if got is not None and got not in _CODE_DTYPES:
+            raise HifiError(f"{where}: hi-fi records with a step are integer codes "
+                            f"({'/'.join(_CODE_DTYPES)}), got {got}", tensor=name)
+    return {n: (None if s is None else float(s), d)
+            for n, s, d in zip(names, steps, dtypes, strict=True)}
+
+
+def hifi_original_bytes(meta: Mapping[str, Any], tensors: Any) -> int | None:
+    """Bytes the tensors of a hi-fi file took in their original dtypes (float32 where the
+    file does not record them), or None for a file that is not a valid hi-fi file.
+
+    ``tensors``: the file's records in order, objects with ``name``, ``dtype``, ``numel`` and
+    ``dense_size`` (``inspect(path).tensors``). ``compeft info`` reports the ratio against
+    this: the codes' own dense size (1 byte an entry for I8) says nothing of the original.
+    """
+    records = list(tensors)
+    try:
+        layout = hifi_layout(meta, [t.name for t in records], {t.name: t for t in records})
+    except HifiError:
+        return None
+    return sum(t.dense_size if layout[t.name][0] is None
+               else t.numel * S.ITEMSIZE[layout[t.name][1] or "F32"] for t in records)
+
+
 def load_hifi(path: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
     """Decode a hi-fi file (a path or its bytes) to name -> float32 array.
 
-    Raises :class:`HifiError` for a file without the :data:`HIFI_KEY` metadata or whose
-    steps do not match its records (count, integer dtypes).
+    A record without a step (stored as it is) comes back as the reader decodes it. Raises
+    :class:`HifiError` for a file without the :data:`HIFI_KEY` metadata or whose steps do
+    not match its records (count, integer dtypes).
     """
     with open_file(path) as reader:
-        hifi = reader.metadata().get(HIFI_KEY)
-        if not isinstance(hifi, dict) or hifi.get("version") != _VERSION:
-            raise HifiError(f"not a hi-fi file: metadata key {HIFI_KEY!r} is "
-                            f"{hifi!r}, not a version {_VERSION} object")
-        steps = hifi.get("steps")
         names = reader.keys()
-        if (not isinstance(steps, list) or len(steps) != len(names)
-                or not all(isinstance(s, (int, float)) and 0 <= s < math.inf for s in steps)):
-            raise HifiError(f"{HIFI_KEY} steps: need {len(names)} finite numbers >= 0 "
-                            "(one per record)")
+        layout = hifi_layout(reader.metadata(), names,
+                             where=os.fspath(path) if not isinstance(path, bytes) else "file")
         out = {}
-        for name, s in zip(names, steps, strict=True):
+        for name, (s, _) in layout.items():
             codes = reader.get(name)
+            if s is None:
+                out[name] = codes
+                continue
             if not (isinstance(codes, np.ndarray) and codes.dtype.kind == "i"):
                 raise HifiError("hi-fi records are dense integer codes, got "
                                 f"{getattr(codes, 'dtype', type(codes).__name__)}", tensor=name)
-            out[name] = np.asarray(codes.astype(np.float64) * s, np.float32)  # 0-d too
+            out[name] = hifi_decode(codes, s)  # 0-d too
         return out
 
 

@@ -57,6 +57,9 @@ class CompressSummary:
     only_in_source, only_in_base:
         With a base: the tensors the base lacks (stored as they are, not measured from it),
         and the base's tensors the source lacks (not needed to restore it).
+    hifi_step:
+        For a hi-fi file (``compress_file(hifi=...)``): its step in root mean squares of the
+        task vector; ``ternary`` then counts the tensors stored as codes.
     """
 
     source: str
@@ -77,6 +80,7 @@ class CompressSummary:
     only_in_source: tuple[str, ...] = ()
     only_in_base: tuple[str, ...] = ()
     note: str | None = None
+    hifi_step: float | None = None
 
     @property
     def kept_density(self) -> float:
@@ -104,15 +108,19 @@ class CompressSummary:
             "bits_per_param": self.bits_per_param, "reference": self.reference,
             "base_name": self.base_name, "only_in_source": list(self.only_in_source),
             "only_in_base": list(self.only_in_base), "note": self.note,
+            "hifi_step": self.hifi_step,
             "quality": self.quality.to_dict(),
         }
 
     def format(self, *, verbose: bool = False) -> str:
         """Return the summary as text; ``verbose`` adds the per-tensor quality table."""
         q = self.quality.overall
+        hifi = self.hifi_step is not None
         lines = [
-            f"compressed {self.source} -> {self.output}",
-            f"  tensors       {self.tensors} ({self.ternary} ternary, {self.dense} dense)",
+            f"compressed {self.source} -> {self.output}"
+            + (" (hi-fi: integer codes of every entry)" if hifi else ""),
+            f"  tensors       {self.tensors} ({self.ternary} {'hi-fi' if hifi else 'ternary'}, "
+            f"{self.dense} dense)",
             f"  measured from {self.reference}"
             + (f" {self.base_name!r} (sha256 of its tensors recorded)" if self.base_name else ""),
         ]
@@ -122,15 +130,18 @@ class CompressSummary:
             lines.append(f"  not in base   {_names(self.only_in_source)}: stored as they are")
         if self.only_in_base:
             lines.append(f"  only in base  {_names(self.only_in_base)}: not needed to restore")
-        lines += [
+        lines.append(
+            f"  step          {self.hifi_step:g} x rms of the task vector (each entry within "
+            "half a step)" if hifi else
             f"  density       {self.kept_density:.4f} ({_int(self.nnz)} of "
-            f"{_int(self.compressed_numel)} entries kept; asked {self.density:g})",
+            f"{_int(self.compressed_numel)} entries kept; asked {self.density:g})")
+        lines += [
             f"  dense size    {_int(self.dense_bytes)} bytes",
             f"  compressed    {_int(self.file_bytes)} bytes",
             f"  ratio         {self.ratio:.1f}x",
             f"  bits/param    {self.bits_per_param:.3f}",
-            f"  quality       rel. error {q.rel_error:.4f}, cosine {q.cosine:.4f} "
-            "(compressed task vector against the exact one)",
+            f"  quality       rel. error {q.rel_error:.{6 if hifi else 4}f}, cosine "
+            f"{q.cosine:.{8 if hifi else 4}f} (compressed task vector against the exact one)",
         ]
         if verbose and self.quality.tensors:
             lines += ["", self.quality.format_table()]

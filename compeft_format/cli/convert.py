@@ -19,10 +19,12 @@ from ..convert import (
     decompress_file,
 )
 from ..errors import CompeftError
+from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
 from ..safetensors_io import open_safetensors
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
     POSITIONS,
+    UsageError,
     add_command,
     add_force,
     add_json,
@@ -79,21 +81,30 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--base-model", metavar="DIR", help="with --base peft-init: the base "
                    "model's folder (its config.json), when the adapter's "
                    "base_model_name_or_path is neither local nor in the Hugging Face cache")
-    c.add_argument("--density", type=density, default=DEFAULT_DENSITY, metavar="K",
+    # the ternary options default to None, filled in by _run: --hifi refuses them given
+    c.add_argument("--density", type=density, default=None, metavar="K",
                    help=f"fraction of entries kept, in (0, 1] (default {DEFAULT_DENSITY})")
-    c.add_argument("--alpha", type=positive, default=1.0, metavar="A",
+    c.add_argument("--alpha", type=positive, default=None, metavar="A",
                    help="multiplier of the scale (default 1)")
-    c.add_argument("--scope", choices=SCOPES, default="global",
+    c.add_argument("--scope", choices=SCOPES, default=None,
                    help="top-k over all tensors together, each on its own, or per LoRA "
                    "role (A's together, B's together) (default global)")
-    c.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE,
+    c.add_argument("--scale", choices=SCALES, default=None,
                    help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: the most "
                    "faithful rebuilt model measured without data; see the README)")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensor names kept dense and lossless (repeatable)")
-    c.add_argument("--positions", choices=POSITIONS, default="auto",
+    c.add_argument("--positions", choices=POSITIONS, default=None,
                    help="how nonzero positions are coded (default auto: the smaller; "
                    "rice = golomb)")
+    c.add_argument("--hifi", type=positive, nargs="?", const=DEFAULT_REL_STEP, default=None,
+                   metavar="REL_STEP", help="write a high-fidelity file instead: every entry "
+                   "as an integer code rint(x / step), the step REL_STEP times the root mean "
+                   f"square of the task vector (default {DEFAULT_REL_STEP}; for a LoRA "
+                   "adapter, each factor's step divided by its partner's norm), zstd level "
+                   f"{HIFI_ZSTD_LEVEL} unless --zstd is given; decompress gives every entry "
+                   "back within half a step. Takes no ternary option (--density, --alpha, "
+                   "--scope, --scale, --positions)")
     add_zstd(c, f"zstd level tried on every block (default {S.DEFAULT_ZSTD_LEVEL})")
     add_verbose(c, "also print the quality of every tensor")
     add_json(c, "print the summary as one JSON document (an array for several INPUTs)")
@@ -162,6 +173,21 @@ def _decompress_text(summary: Any, args: argparse.Namespace, file: str) -> str:
     return text
 
 
+#: compress's ternary options and their defaults (None in the parser: see _ternary_options)
+_TERNARY = {"density": DEFAULT_DENSITY, "alpha": 1.0, "scope": "global",
+            "scale": DEFAULT_SCALE, "positions": "auto"}
+
+
+def _ternary_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ternary options with their defaults filled in; with ``--hifi``, a usage error
+    naming those given (they have no meaning for integer codes of every entry)."""
+    given = [k for k in _TERNARY if getattr(args, k) is not None]
+    if args.hifi is not None and given:
+        raise UsageError("--hifi keeps every entry at a step; it takes no "
+                         + ", ".join("--" + k for k in given))
+    return {k: d if getattr(args, k) is None else getattr(args, k) for k, d in _TERNARY.items()}
+
+
 def _run(args: argparse.Namespace, command: str) -> int:
     todo = plan(args, command)
     refuse_terminal(todo)
@@ -172,10 +198,12 @@ def _run(args: argparse.Namespace, command: str) -> int:
         describe = lambda s, args, _file: compress_text(s, args.verbose)  # noqa: E731
         suffixes = {"src_suffix": ".safetensors", "dst_suffix": ".compeft"}
         options: dict[str, Any] = {
-            "density": args.density, "alpha": args.alpha, "scope": args.scope,
-            "scale": args.scale, "exclude": args.exclude, "base": args.base,
-            "base_model": args.base_model, "positions": args.positions,
-            "zstd_level": zstd_choice(args)}
+            **_ternary_options(args), "exclude": args.exclude, "base": args.base,
+            "base_model": args.base_model, "zstd_level": zstd_choice(args)}
+        if args.hifi is not None:
+            options["hifi"] = args.hifi
+            if args.zstd is None and not args.no_zstd:
+                options["zstd_level"] = HIFI_ZSTD_LEVEL
     else:
         work, describe = decompress_file, _decompress_text
         suffixes = {"src_suffix": ".compeft", "dst_suffix": ".safetensors"}

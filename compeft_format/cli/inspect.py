@@ -16,6 +16,7 @@ from .. import _spec as S
 from ..container import inspect, iter_stream
 from ..convert import META_TASK_VECTOR, with_path
 from ..errors import CompeftError
+from ..hifi import HIFI_KEY, hifi_original_bytes
 from .convert import STDIN_NAME
 from .files import STDIO
 from .options import PROG, add_command, add_json, add_quiet, add_verbose
@@ -67,6 +68,11 @@ def run_info(args: argparse.Namespace) -> int:
         if args.json:
             d = info.to_dict()
             d["file"] = shown
+            original = (hifi_original_bytes(info.metadata, info.tensors)
+                        if HIFI_KEY in info.metadata else None)
+            if original is not None:  # ratio against the original dtypes, not the codes'
+                d["hifi"] = {"original_bytes": original,
+                             "ratio": original / info.file_size if info.file_size else 0.0}
             docs.append(d)
             continue
         if not first:
@@ -106,8 +112,17 @@ def _print_info(info: Any, shown: str, verbose: bool) -> None:
     comp = meta.get(S.META_COMPRESSION, {})
     base = meta.get(S.META_BASE, {})
     tv = meta.get(META_TASK_VECTOR, {})
+    original = hifi_original_bytes(meta, info.tensors) if HIFI_KEY in meta else None
+    if original is None:
+        sizes = f"dense {info.dense_size:,} bytes; ratio {info.ratio:.1f}x"
+    else:  # the I8 codes' dense size is 1 byte an entry: the ratio is against the original
+        sizes = (f"original {original:,} bytes; ratio {original / info.file_size:.1f}x" if
+                 info.file_size else f"original {original:,} bytes")
     print(f"{shown}: compeft {info.version[0]}.{info.version[1]}, {len(info.tensors)} tensors, "
-          f"{info.file_size:,} bytes; dense {info.dense_size:,} bytes; ratio {info.ratio:.1f}x")
+          f"{info.file_size:,} bytes; {sizes}")
+    if original is not None:
+        print(f"hi-fi file: integer codes of every entry, decoded as code * step (steps in "
+              f"metadata {HIFI_KEY!r}; compeft decompress decodes it)")
     if isinstance(comp, dict) and comp:
         print("compression: " + ", ".join(f"{k} {comp[k]}" for k in
                                           ("method", "density", "scope", "scale", "alpha")
