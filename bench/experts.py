@@ -116,8 +116,10 @@ def _cmudict() -> dict[str, int]:
     return out
 
 
-def load_task(name: str) -> Task:
-    """The labelled words of one task, in a fixed order (sorted, then seeded shuffle)."""
+def load_task(name: str, limit: int | None = N_TEST + N_TRAIN_MAX) -> Task:
+    """The labelled words of one task, in a fixed order (sorted, then seeded shuffle): the
+    first ``limit`` (None: all; the words after the first N_TEST + N_TRAIN_MAX are never
+    used in training)."""
     if name == "sentiment":
         path = _package_file("vaderSentiment", "vader_lexicon.txt")
         pairs = []
@@ -145,7 +147,7 @@ def load_task(name: str) -> Task:
         raise ValueError(f"unknown task {name!r}")
     pairs = sorted(dict(pairs).items())
     random.Random(f"{SEED}-{name}").shuffle(pairs)
-    pairs = pairs[: N_TEST + N_TRAIN_MAX]
+    pairs = pairs[:limit]
     return Task(name, kind, n_out, [w for w, _ in pairs], [y for _, y in pairs], src)
 
 
