@@ -433,9 +433,14 @@ class _HifiStream:
 
     def metadata(self, names: list[str], dtypes: Mapping[str, str]) -> dict[str, Any]:
         """The :data:`~compeft_format.hifi.HIFI_KEY` value for records ``names`` (in order):
-        a step for each hi-fi record, null for those stored as they are, and the dtypes."""
-        return {"version": 1, "steps": [self.steps.get(n) for n in names],
-                "dtypes": [dtypes[n] for n in names]}
+        a step for each hi-fi record, null for those stored as they are, and the original
+        dtypes of the hi-fi records (null for the others, which keep theirs), left out when
+        all are F32, the default (74 LoRA tensors: 0.012 bits a parameter)."""
+        value: dict[str, Any] = {"version": 1, "steps": [self.steps.get(n) for n in names]}
+        coded = [dtypes[n] if n in self.steps else None for n in names]
+        if any(d not in (None, "F32") for d in coded):
+            value["dtypes"] = coded
+        return value
 
     def quality(self) -> QualityReport:
         return QualityReport(tuple(self._per), self._total.quality("(overall)", "all"))

@@ -241,9 +241,9 @@ def hifi_layout(meta: Mapping[str, Any], names: list[str], infos: Mapping[str, A
     codes. A step of None is a record stored as it is; the dtype is None when the file does
     not record it. Raises :class:`HifiError`.
 
-    >>> hifi_layout({HIFI_KEY: {"version": 1, "steps": [0.5, None], "dtypes": ["BF16", "I64"]}},
+    >>> hifi_layout({HIFI_KEY: {"version": 1, "steps": [0.5, None], "dtypes": ["BF16", None]}},
     ...             ["a", "b"])
-    {'a': (0.5, 'BF16'), 'b': (None, 'I64')}
+    {'a': (0.5, 'BF16'), 'b': (None, None)}
     """
     hifi = meta.get(HIFI_KEY)
     if not isinstance(hifi, dict) or hifi.get("version") != _VERSION:

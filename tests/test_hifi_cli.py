@@ -70,7 +70,7 @@ def test_round_trip_with_base(tmp_path, capsys, pair):
     with open_file(tmp_path / "ft.compeft") as r:
         meta = r.metadata()
         assert {r.info(n).dtype for n in ("w", "b", "e")} <= {"I8", "I16"}
-    assert meta[HIFI_KEY]["dtypes"] == ["F16", "BF16", "I64", "F32"]  # b, e, ids, w
+    assert meta[HIFI_KEY]["dtypes"] == ["F16", "BF16", None, "F32"]  # b, e, ids, w
     assert meta["compeft.compression"] == {"method": "hifi", "rel_step": DEFAULT_REL_STEP}
     assert meta["task_vector"]["reference"] == "checkpoint"
     assert "compeft.base" in meta  # bound to its base as a ternary file is
@@ -121,6 +121,8 @@ def test_adapter_folder(tmp_path, capsys):
     assert "measured from zero" in out
     assert (out_dir / "adapter_config.json").is_file()
     steps = _steps(out_dir / "adapter_model.compeft")
+    with open_file(out_dir / "adapter_model.compeft") as r:
+        assert "dtypes" not in r.metadata()[HIFI_KEY]  # all F32: the default, not written
     a = next(n for n in steps if ".lora_A." in n)
     # lora_weights: each factor's step divided by its partner's norm, so A's and B's differ
     assert steps[a] != steps[a.replace(".lora_A.", ".lora_B.")]
