@@ -46,8 +46,10 @@ from .tensor import TernaryTensor
 
 __all__ = [
     "COMPRESSION_METADATA_KEY",
+    "METRIC_SCALES",
     "SCALES",
     "SCOPES",
+    "SWEEP_SCALES",
     "ChunkedValues",
     "TopK",
     "compress",
@@ -63,6 +65,12 @@ __all__ = [
 COMPRESSION_METADATA_KEY = META_COMPRESSION  # "compeft.compression"
 SCOPES = ("global", "tensor", "role")
 SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
+#: The rules that weigh each matrix by its own Gram matrices: one more pass costing about
+#: rows x cols x min(rows, cols) multiply-adds a matrix (seconds for an adapter, hours for a
+#: 7B full fine-tune), so sweeps leave them out unless asked.
+METRIC_SCALES = ("kron", "gram")
+#: The rules a sweep tries by default: every rule without a Gram-matrix pass.
+SWEEP_SCALES = tuple(s for s in SCALES if s not in METRIC_SCALES)
 #: The default scale rule (see :func:`compress` for the evidence).
 DEFAULT_SCALE = "proj_vcap"
 

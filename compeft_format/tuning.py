@@ -51,6 +51,7 @@ from .compress import (
     COMPRESSION_METADATA_KEY,
     DEFAULT_SCALE,
     SCALES,
+    SWEEP_SCALES,
     compress,
     compression_metadata,
 )
@@ -427,7 +428,7 @@ def sweep(
     tensors: Mapping[str, Any],
     *,
     densities: Iterable[float] = DEFAULT_DENSITIES,
-    scales: Iterable[str] = SCALES,
+    scales: Iterable[str] = SWEEP_SCALES,
     scope: str = "global",
     alpha: float = 1.0,
     exclude: str | Iterable[str] = (),
@@ -448,7 +449,9 @@ def sweep(
         The task vector, as :func:`~compeft_format.compress.compress` takes it (it may be
         lazy; each setting reads it again).
     densities, scales:
-        The settings: every density with every scale rule.
+        The settings: every density with every scale rule (by default every rule but the
+        Gram-matrix ones, :data:`~compeft_format.compress.METRIC_SCALES`, which cost a pass
+        of about rows x cols x min(rows, cols) a matrix: ask for them by name).
     scope, alpha, exclude:
         As :func:`~compeft_format.compress.compress`. Excluded tensors are written dense and
         count in the sizes; the quality covers the compressed tensors.
@@ -754,7 +757,7 @@ def sweep_file(
     *,
     base: str | os.PathLike | None = None,
     densities: Iterable[float] = DEFAULT_DENSITIES,
-    scales: Iterable[str] = SCALES,
+    scales: Iterable[str] = SWEEP_SCALES,
     scope: str = "global",
     alpha: float = 1.0,
     exclude: str | Iterable[str] = (),

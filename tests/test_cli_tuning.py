@@ -15,7 +15,7 @@ import safetensors.numpy
 from cli_helpers import one_line_error, run
 
 from compeft_format import inspect
-from compeft_format.compress import SCALES
+from compeft_format.compress import METRIC_SCALES, SCALES, SWEEP_SCALES
 from compeft_format.convert import compress_file, decompress_file
 
 DATA = Path(__file__).parent / "data"
@@ -99,7 +99,16 @@ def test_sweep_table(capsys):
     lines = out.splitlines()
     assert lines[0].startswith(f"sweep of {LORA}: 337,920 parameters")
     assert lines[1].split()[:5] == ["scale", "density", "alpha", "nnz", "bytes"]
-    assert [line.split()[0] for line in lines[2:]] == list(SCALES)  # all rules by default
+    # every rule but the Gram-matrix ones (a pass of rows x cols x min(rows, cols) a matrix)
+    assert [line.split()[0] for line in lines[2:]] == list(SWEEP_SCALES)
+    assert set(SWEEP_SCALES) | set(METRIC_SCALES) == set(SCALES)
+
+
+def test_sweep_runs_the_gram_matrix_rules_when_named(capsys):
+    code, out, err = run(capsys, "sweep", LORA, "--base", LORA / "init", "--densities", "0.1",
+                         "--scales", ",".join(METRIC_SCALES))
+    assert code == 0, err
+    assert [line.split()[0] for line in out.splitlines()[2:]] == list(METRIC_SCALES)
 
 
 def test_sweep_refuses_to_replace_a_plot_without_force(tmp_path, capsys):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _spec as S
-from ..compress import DEFAULT_SCALE, SCALES, SCOPES
+from ..compress import DEFAULT_SCALE, METRIC_SCALES, SCALES, SCOPES, SWEEP_SCALES
 from ..convert import DEFAULT_DENSITY
 from ..errors import CompeftError, ConvertError
 from ..outputs import same_path
@@ -61,8 +61,10 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--densities", type=list_of(density), default=list(DEFAULT_DENSITIES),
                    metavar="LIST", help="comma-separated densities (default "
                    f"{','.join(f'{d:g}' for d in DEFAULT_DENSITIES)})")
-    w.add_argument("--scales", type=list_of(scale_rule), default=list(SCALES),
-                   metavar="LIST", help=f"comma-separated scale rules (default {','.join(SCALES)})")
+    w.add_argument("--scales", type=list_of(scale_rule), default=list(SWEEP_SCALES),
+                   metavar="LIST", help="comma-separated scale rules (default "
+                   f"{','.join(SWEEP_SCALES)}; {' and '.join(METRIC_SCALES)} cost a pass of "
+                   "rows x cols x min(rows, cols) a matrix: name them to try them)")
     w.add_argument("--alpha", type=positive, default=1.0, metavar="A",
                    help="multiplier of every scale (default 1)")
     _add_packing(w)
