@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import compeft_format as cf  # noqa: E402
 from bench.bench_memory import baseline, generate, measure  # noqa: E402
-from compeft_format.merge import merge_files  # noqa: E402
+from compeft_format.merge_io import merge_files  # noqa: E402
 
 MB = 1e6
 N_EXPERTS = 4

@@ -44,7 +44,8 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .hifi import HifiError, load_hifi, lora_weights, probe_weights, save_hifi
-from .merge import MergeError, MergeSummary, merge_and_compress, merge_files
+from .merge import MergeError
+from .merge_io import MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .safetensors_io import (
     SafetensorsError,

@@ -1,8 +1,9 @@
 """Merging task vectors: task arithmetic and TIES, straight from sparse ternary tensors.
 
 :func:`merge` combines task vectors held in memory (dicts of :class:`TernaryTensor`, numpy
-arrays or torch tensors); :func:`merge_files` does the same from compeft files or compressed
-adapter directories, one tensor at a time.
+arrays or torch tensors). :mod:`compeft_format.merge_io` does the same from compeft files or
+compressed adapter directories, one tensor at a time (``merge_files``), and compresses a
+merge again (``merge_and_compress``).
 
 Semantics (per tensor, on the decoded task vectors ``t_1 .. t_n`` with weights ``w_i``)
 ------------------------------------------------------------------------------------
@@ -52,69 +53,40 @@ is the default, which stays PEFT's definition.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from statistics import NormalDist
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
-from . import _spec as S
 from . import dtypes as _dt
-from ._progress import Bar
 from ._spec import TERNARY_DTYPES
-from .binding import Reference, check_base, read_reference
-from .compress import (
-    DEFAULT_SCALE,
-    SCALES,
-    SCOPES,
-    TopK,
-    compression_metadata,
-    iter_compress,
-)
-from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, add_rounded, cast_storage, with_path
 from .errors import CompeftError, EncodeError
-from .outputs import Output, write_fsync
-from .peft_init import recorded_recipe, regenerated_file
-from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
-from .safetensors_io import SafetensorsReader, SafetensorsWriter
-from .sources import (
-    ADAPTER_COMPEFT,
-    ADAPTER_CONFIG,
-    ADAPTER_WEIGHTS,
-    Source,
-    base_weights,
-    resolve_source,
-)
 from .tensor import TernaryTensor, dense_values
 
 __all__ = [
     "EXPECTED_SAMPLES",
     "MAX_PATTERN_INPUTS",
     "METHODS",
-    "PATTERN_SCALES",
-    "PATTERN_SCOPES",
     "RESCALE_RULES",
     "SIGN_METHODS",
     "MergeError",
     "MergeStats",
     "Rescale",
     "TensorMerge",
+    "check_fit",
     "check_names",
     "check_options",
     "combine",
     "dense_divisor",
+    "describe_value",
     "expected_ties",
     "merge",
-    "merge_and_compress",
     "merge_tensor",
+    "prepared_rescales",
+    "resolve_rescale",
 ]
 
 METHODS = ("ties", "sum", "mean")
@@ -432,8 +404,8 @@ def expected_ties(stats: MergeStats) -> Rescale:
     by that rule's ratio to ``proj``.
 
     Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
-    fitted constant. Through :func:`merge`, :func:`merge_files` and
-    :func:`merge_and_compress` the scopes span tensors (``expected_ties.prepare`` sees every
+    fitted constant. Through :func:`merge`, ``merge_files`` and ``merge_and_compress``
+    (:mod:`compeft_format.merge_io`) the scopes span tensors (``expected_ties.prepare`` sees every
     tensor first); called on one tensor it is that tensor's own scope. Where the model does
     not apply it is :func:`dense_divisor`: a dense input, more than
     :data:`MAX_PATTERN_INPUTS` inputs; the identity for ``"sum"`` and ``"mean"``. Measured on
@@ -459,7 +431,7 @@ expected_ties.prepare = _expected_rescales  # type: ignore[attr-defined]
 RESCALE_RULES["expected_ties"] = expected_ties
 
 
-def _resolve_rescale(rescale: str | RescaleRule | None) -> RescaleRule | None:
+def resolve_rescale(rescale: str | RescaleRule | None) -> RescaleRule | None:
     if rescale is None or callable(rescale):
         return rescale
     try:
@@ -495,14 +467,14 @@ def _as_rescale(result: Any, n: int, name: str) -> Rescale:
     return out
 
 
-def _prepared(rescale: str | RescaleRule | None, names: Sequence[str],
+def prepared_rescales(rescale: str | RescaleRule | None, names: Sequence[str],
               build: Callable[[str], TensorMerge]) -> dict[str, Rescale]:
     """The answers of a rule with a ``prepare`` (statistics spanning tensors), per tensor.
 
     ``build(name)`` makes a tensor's :class:`TensorMerge`; the rule sees every tensor's
     :class:`MergeStats` at once (one pass over each tensor's codes). Empty for other rules.
     """
-    rule = _resolve_rescale(rescale)
+    rule = resolve_rescale(rescale)
     prepare = getattr(rule, "prepare", None)
     if prepare is None:
         return {}
@@ -663,7 +635,7 @@ class TensorMerge:
         if isinstance(rescale, Rescale):  # a rule's answer, given again: it need not rerun
             self._rescale = _as_rescale(rescale, len(values), name)
             rescale = None
-        self._rule = _resolve_rescale(rescale)
+        self._rule = resolve_rescale(rescale)
         self._table: np.ndarray | None = None
         self._stats: MergeStats | None = None
 
@@ -779,7 +751,7 @@ class TensorMerge:
 # ---------------------------------------------------------------------------------------------
 # in memory
 # ---------------------------------------------------------------------------------------------
-def _describe(value: Any, name: str, where: int) -> tuple[tuple[int, ...], str,
+def describe_value(value: Any, name: str, where: int) -> tuple[tuple[int, ...], str,
                                                           TernaryTensor | np.ndarray]:
     """``(shape, dtype, value)``: a TernaryTensor as it is, arrays as flat storage."""
     if isinstance(value, TernaryTensor):
@@ -810,14 +782,14 @@ def merge_tensor(values: Sequence[Any], *, method: str = "ties",
     """
     if not isinstance(values, Sequence) or isinstance(values, (str, bytes)):
         raise MergeError("values must be a sequence of tensors")
-    described = [_describe(v, name, i) for i, v in enumerate(values)]
-    _check_fit(name, [(s, d) for s, d, _ in described])
+    described = [describe_value(v, name, i) for i, v in enumerate(values)]
+    check_fit(name, [(s, d) for s, d, _ in described])
     shape, dtype = described[0][0], described[0][1]
     return TensorMerge(name, shape, dtype, [v for _, _, v in described], method=method,
                        weights=weights, sign=sign, rescale=rescale).to_numpy()
 
 
-def _check_fit(name: str, described: Sequence[tuple[tuple[int, ...], str]]) -> None:
+def check_fit(name: str, described: Sequence[tuple[tuple[int, ...], str]]) -> None:
     if not described:
         raise MergeError("nothing to merge: no inputs", tensor=name)
     shape, dtype = described[0]
@@ -898,733 +870,12 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
     check_names([list(tv.keys()) for tv in task_vectors])
     jobs = []
     for name in task_vectors[0]:  # every mismatch is found before any work is done
-        described = [_describe(tv[name], name, i) for i, tv in enumerate(task_vectors)]
-        _check_fit(name, [(s, d) for s, d, _ in described])
+        described = [describe_value(tv[name], name, i) for i, tv in enumerate(task_vectors)]
+        check_fit(name, [(s, d) for s, d, _ in described])
         jobs.append(TensorMerge(name, described[0][0], described[0][1],
                                 [v for _, _, v in described], method=method, weights=ws,
                                 sign=sign, rescale=rescale))
     by_name = {job.name: job for job in jobs}
-    for name, r in _prepared(rescale, list(by_name), by_name.__getitem__).items():
+    for name, r in prepared_rescales(rescale, list(by_name), by_name.__getitem__).items():
         by_name[name]._rescale = r
     return {job.name: job.to_numpy() for job in jobs}
-
-
-# ---------------------------------------------------------------------------------------------
-# compressing a merge again (ternary output)
-# ---------------------------------------------------------------------------------------------
-#: The scale rules the sign-pattern compression computes itself (any other goes through
-#: :func:`~compeft_format.compress.iter_compress` on the dense merged tensors).
-PATTERN_SCALES = ("proj_vcap", "proj", "norm", "l2", "std")
-#: The scopes it computes itself (others, such as ``"role"``, go through ``iter_compress``).
-PATTERN_SCOPES = ("global", "tensor")
-
-
-@dataclass
-class _Counted:
-    """One merged tensor as distinct values and how many entries hold each."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    numel: int
-    values: np.ndarray  # float64: the merged value of each pattern that occurs
-    counts: np.ndarray  # int64: entries per value
-    rescale: Rescale
-
-
-def _counted(tm: TensorMerge) -> _Counted:
-    stats = tm.stats()
-    assert stats.counts is not None
-    seen = np.flatnonzero(stats.counts)
-    values = tm.table()[seen].astype(np.float64)
-    return _Counted(tm.name, tm.shape, tm.dtype, tm.numel, values, stats.counts[seen],
-                    tm.rescale)
-
-
-def _select_counted(items: Sequence[_Counted], k: int) -> TopK:
-    """The exact top-k of the entries' magnitudes, as compress's select_topk gives it."""
-    n = sum(c.numel for c in items)
-    if k <= 0 or n == 0:
-        return TopK(math.inf, 0, 0)
-    k = min(k, n)
-    mags = np.abs(np.concatenate([c.values for c in items]))
-    counts = np.concatenate([c.counts for c in items])
-    distinct, where = np.unique(mags, return_inverse=True)
-    per = np.bincount(where.reshape(-1), weights=counts, minlength=distinct.size)
-    per = np.rint(per).astype(np.int64)  # exact: counts are below 2^53
-    from_top = np.cumsum(per[::-1])  # entries with magnitude >= distinct[::-1][i]
-    i = int(np.searchsorted(from_top, k))
-    t = float(distinct[::-1][i])
-    greater = int(from_top[i] - per[::-1][i])
-    if t == 0.0:  # zeros are never kept
-        return TopK(0.0, greater, 0)
-    return TopK(t, greater, k - greater)
-
-
-def _pattern_scale(items: Sequence[_Counted], top: TopK, scale: str, alpha: float) -> float:
-    """The scope's scale from the counted values, by compress's rules (float32-exact)."""
-    if top.kept == 0:
-        return 0.0
-    values = np.concatenate([c.values for c in items])
-    counts = np.concatenate([c.counts for c in items]).astype(np.float64)
-    n = sum(c.numel for c in items)
-    mags = np.abs(values)
-    sumsq = float(np.dot(counts, values * values))
-    kept_sum = float(np.dot(counts[mags > top.threshold], mags[mags > top.threshold]))
-    kept_sum += top.n_ties * top.threshold
-    if scale in ("proj", "proj_vcap"):
-        raw = alpha * (sumsq / kept_sum)
-    elif scale == "norm":
-        raw = alpha * math.sqrt(sumsq) / math.sqrt(top.kept)
-    elif scale == "l2":
-        raw = alpha * kept_sum / top.kept
-    else:  # std: unbiased, over every entry (zeros included)
-        mean = float(np.dot(counts, values)) / n
-        m2 = float(np.dot(counts, (values - mean) ** 2))
-        raw = alpha * (math.sqrt(max(m2, 0.0) / (n - 1)) if n > 1 else 0.0)
-    where = items[0].name if len(items) == 1 else None
-    scope = "" if where else f"global scope ({len(items)} tensors): "
-    with np.errstate(over="ignore"):
-        value = float(np.float32(raw))
-    if not math.isfinite(value):
-        raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
-    for c in items:  # the decoder rounds the scale to each tensor's dtype
-        if c.numel and not math.isfinite(float(dense_values(value, c.dtype)[0])):
-            raise EncodeError(f"{scope}scale {value!r} overflows the tensor's dtype {c.dtype}",
-                              tensor=c.name)
-    return value
-
-
-def _is_vector(shape: tuple[int, ...]) -> bool:
-    return sum(d > 1 for d in shape) <= 1
-
-
-def _gather(tm: TensorMerge, top: TopK, ties_left: int, scale: float
-            ) -> tuple[TernaryTensor, int]:
-    """The kept entries of one merged tensor (ties first come, first kept), from its codes."""
-    table = tm.table().astype(np.float64)
-    t = top.threshold
-    keep = np.abs(table) > t
-    tie = np.abs(table) == t
-    negative = np.signbit(table)
-    idx_parts, sign_parts = [], []
-    for a, codes in tm.codes():
-        sel = keep.take(codes)
-        if ties_left:
-            eq = np.flatnonzero(tie.take(codes))[:ties_left]
-            sel[eq] = True
-            ties_left -= eq.size
-        loc = np.flatnonzero(sel)
-        if loc.size:
-            idx_parts.append(loc + a)
-            sign_parts.append(negative.take(codes[loc]))
-    idx = np.concatenate(idx_parts) if idx_parts else np.empty(0, np.int64)
-    signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
-    return TernaryTensor(tm.shape, idx, signs, scale, tm.dtype, _validated=True), ties_left
-
-
-def _compress_merged(
-    names: Sequence[str],
-    make: Callable[[str, Rescale | None], TensorMerge],
-    dtypes: Mapping[str, str],
-    patterns: bool,
-    *,
-    density: float,
-    alpha: float = 1.0,
-    scope: str = "global",
-    scale: str = DEFAULT_SCALE,
-) -> Iterator[tuple[str, TernaryTensor]]:
-    """Compress merged tensors again, yielding ``(name, TernaryTensor)`` in ``names`` order.
-
-    The result is :func:`~compeft_format.compress.iter_compress` of the dense merged tensors
-    (the same kept entries and signs; the scale equal up to the rounding of float64 sums);
-    ``names`` must be sorted. ``make(name, rescale)`` builds the :class:`TensorMerge` of a
-    tensor (``rescale`` None the first time, then the :class:`Rescale` it gave, so that a
-    rule runs once per tensor); it is called twice per tensor, and nothing is kept between
-    the calls but the counts of the sign patterns. Unless ``patterns`` (every tensor has a
-    pattern table), the scale rule is one of :data:`PATTERN_SCALES` and the scope one of
-    :data:`PATTERN_SCOPES`, the dense merged tensors go through ``iter_compress`` instead
-    (each merged up to four times).
-    """
-    compression_metadata(density, alpha, scope, scale)  # checks the options
-    names = list(names)
-    if scale not in PATTERN_SCALES or scope not in PATTERN_SCOPES or not patterns:
-        merged = _MergedTensors(names, make, dtypes)
-        yield from iter_compress(merged, density=density, alpha=alpha, scope=scope,
-                                 scale=scale)
-        return
-    scopes = [names] if scope == "global" else [[n] for n in names]
-    for group in scopes:
-        items = [_counted(make(n, None)) for n in group]
-        n_total = sum(c.numel for c in items)
-        k = max(1, round(density * n_total)) if n_total else 0
-        top = _select_counted(items, k)
-        value = _pattern_scale(items, top, scale, alpha)
-        ties_left = top.n_ties
-        for c in items:
-            if value == 0.0 or not c.numel or top.kept == 0:
-                yield c.name, TernaryTensor.zeros(c.shape, c.dtype)
-                continue
-            own = value
-            if scale == "proj_vcap" and _is_vector(c.shape):
-                absmax = float(np.abs(c.values).max(initial=0.0))
-                own = min(value, float(np.float32(alpha * absmax)))
-            out, ties_left = _gather(make(c.name, c.rescale), top, ties_left, own)
-            yield c.name, out
-
-
-class _MergedTensors(Mapping):
-    """The dense merged tensors, computed on access (for iter_compress)."""
-
-    def __init__(self, names: list[str], make: Callable[[str, Rescale | None], TensorMerge],
-                 dtypes: Mapping[str, str]) -> None:
-        self._names = names
-        self._make = make
-        self._rescales: dict[str, Rescale] = {}
-        self.dtypes = dict(dtypes)  # the tensors' own dtypes (BF16 arrives as float32)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.dtypes:
-            raise KeyError(name)
-        tm = self._make(name, self._rescales.get(name))
-        self._rescales[name] = tm.rescale
-        return tm.to_numpy()
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-
-def merge_and_compress(task_vectors: Sequence[Mapping[str, Any]], *, density: float,
-                       method: str = "ties", weights: Sequence[float] | None = None,
-                       sign: str = "total", rescale: str | RescaleRule | None = None,
-                       alpha: float = 1.0, scope: str = "global",
-                       scale: str = DEFAULT_SCALE) -> dict[str, TernaryTensor]:
-    """Merge task vectors (as :func:`merge`) and compress the result (as
-    :func:`~compeft_format.compress.compress` with ``density``, ``alpha``, ``scope``,
-    ``scale``), without building the dense merged tensors when the inputs are ternary.
-
-    >>> e1 = {"w": TernaryTensor((8,), [0, 1, 2], [False, False, True], 1.0)}
-    >>> e2 = {"w": TernaryTensor((8,), [1, 2, 5], [False, False, False], 0.5)}
-    >>> out = merge_and_compress([e1, e2], density=0.25)
-    >>> out["w"].indices.tolist(), out["w"].signs.tolist()
-    ([0, 2], [False, True])
-    """
-    ws = check_options(len(task_vectors), method, weights, sign)
-    check_names([list(tv.keys()) for tv in task_vectors])
-    described = {}
-    for name in task_vectors[0]:
-        d = [_describe(tv[name], name, i) for i, tv in enumerate(task_vectors)]
-        _check_fit(name, [(s, dt) for s, dt, _ in d])
-        described[name] = d
-
-    def make(name: str, fixed: Rescale | None) -> TensorMerge:
-        d = described[name]
-        return TensorMerge(name, d[0][0], d[0][1], [v for _, _, v in d], method=method,
-                           weights=ws, sign=sign, rescale=fixed or prepared.get(name, rescale))
-
-    prepared: dict[str, Rescale] = {}  # empty while the rule's prepare looks at the tensors
-    prepared = _prepared(rescale, list(described), lambda n: make(n, None))
-    names = sorted(described)
-    dtypes = {n: d[0][1] for n, d in described.items()}
-    patterns = all(len(d) <= MAX_PATTERN_INPUTS and all(isinstance(v, TernaryTensor)
-                                                        for _, _, v in d)
-                   for d in described.values())
-    out = dict(_compress_merged(names, make, dtypes, patterns, density=density, alpha=alpha,
-                                scope=scope, scale=scale))
-    return {name: out[name] for name in task_vectors[0]}
-
-
-# ---------------------------------------------------------------------------------------------
-# files
-# ---------------------------------------------------------------------------------------------
-#: Keys of ``adapter_config.json`` that adapters merged together must share (first mismatch
-#: named): what the tensors mean depends on them.
-ADAPTER_KEYS = ("peft_type", "base_model_name_or_path", "target_modules", "r", "lora_alpha",
-                "use_rslora", "use_dora", "fan_in_fan_out", "feedforward_modules",
-                "modules_to_save")
-#: File metadata key recording a merge (method, sign, weights, inputs, rescale).
-META_MERGE = "merge"
-OUTPUT_FORMS = ("compeft", "safetensors", "adapter")
-
-
-@dataclass(frozen=True)
-class MergeSummary:
-    """What :func:`merge_files` did; :meth:`format` is the command's printout (example:
-    :func:`merge_files`).
-
-    ``form`` is ``"compeft"`` (compressed again), ``"safetensors"`` or ``"adapter"`` (a PEFT
-    adapter directory); ``merged``/``copied`` count the task-vector tensors merged and the
-    tensors copied unchanged (equal in every input); ``density``, ``nnz`` describe a
-    compeft output (None otherwise).
-    """
-
-    inputs: tuple[str, ...]
-    output: str
-    file: str
-    form: str
-    method: str
-    sign: str
-    weights: tuple[float, ...]
-    tensors: int
-    merged: int
-    copied: int
-    numel: int
-    file_bytes: int
-    reference: str
-    base: str | None = None
-    density: float | None = None
-    nnz: int | None = None
-    rescale: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-safe dict."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
-
-    def format(self) -> str:
-        """Return the summary as text."""
-        how = self.method + (f" (sign {self.sign})" if self.method == "ties" else "")
-        lines = [
-            f"merged {len(self.inputs)} inputs -> {self.output}",
-            f"  method        {how}, weights {', '.join(f'{w:g}' for w in self.weights)}"
-            + (f", rescale {self.rescale}" if self.rescale else ""),
-            f"  tensors       {self.tensors} ({self.merged} merged, {self.copied} copied)",
-            f"  measured from {self.reference}"
-            + (f"; {self.base} added" if self.base else ""),
-        ]
-        if self.form == "compeft":
-            lines.append(f"  compressed    density {self.density:g} ({self.nnz:,} of "
-                         f"{self.numel:,} entries kept)")
-        else:
-            lines.append(f"  written       {self.form} ({self.numel:,} parameters)")
-        lines.append(f"  size          {self.file_bytes:,} bytes")
-        return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """Name the file in a CompeftError raised inside."""
-    try:
-        yield
-    except CompeftError as exc:
-        raise with_path(exc, path) from None
-
-
-def _output_form(output: Path, adapters: bool) -> str:
-    suffix = output.suffix.lower()
-    if suffix == ".compeft":
-        return "compeft"
-    if suffix == ".safetensors":
-        return "safetensors"
-    if adapters:
-        return "adapter"
-    raise MergeError(f"{output}: the output must end in .compeft (compressed again) or "
-                     ".safetensors (dense); a PEFT adapter directory is written only for "
-                     "adapter inputs")
-
-
-def _config_of(source: Source) -> dict[str, Any]:
-    assert source.config is not None
-    cfg = json.loads(source.config.read_text(encoding="utf-8"))  # resolve_source checked it
-    out = {}
-    for key in ADAPTER_KEYS:
-        value = cfg.get(key)
-        out[key] = sorted(value) if isinstance(value, list) else value
-    return out
-
-
-def _describe_reference(ref: Reference) -> str:
-    kind = {"zero": "zero", "one": "one", "checkpoint": "a checkpoint"}[ref.kind]
-    name = f" {ref.name!r}" if ref.name else ""
-    peft = f" (PEFT {ref.peft_type})" if ref.peft_type else ""
-    return f"{kind}{name}{peft}"
-
-
-def _check_inputs(sources: Sequence[Source], readers: Sequence[CompeftReader],
-                  refs: Sequence[Reference]) -> None:
-    """Raise :class:`MergeError` naming the first way the inputs do not fit together."""
-    first = sources[0]
-    if first.is_dir:
-        want = _config_of(first)
-        for s in sources[1:]:
-            got = _config_of(s)
-            for key in ADAPTER_KEYS:
-                if got[key] != want[key]:
-                    raise MergeError(f"{s.config}: {key} is {got[key]!r}, {want[key]!r} in "
-                                     f"{first.config}; adapters merge only with the same "
-                                     f"{key}")
-    r0 = refs[0]
-    for s, r in zip(sources[1:], refs[1:], strict=True):
-        # the base binding: hex hashes (files before 1.1) or the compact digest
-        same = (r.kind, r.peft_type, r.name, r.hashes, r.digest, sorted(r.delta)) == (
-            r0.kind, r0.peft_type, r0.name, r0.hashes, r0.digest, sorted(r0.delta))
-        if not same:
-            what = ("the recorded base hashes differ" if (r.hashes, r.digest) != (
-                    r0.hashes, r0.digest)
-                    and r.kind == r0.kind == "checkpoint" and r.name == r0.name
-                    else "the tensors stored as a difference differ"
-                    if sorted(r.delta) != sorted(r0.delta) and r.kind == r0.kind
-                    else f"measured from {_describe_reference(r)}, {first.weights} from "
-                    f"{_describe_reference(r0)}")
-            raise MergeError(f"{s.weights}: not measured from the same reference as "
-                             f"{first.weights}: {what}")
-    labels = [str(s.weights) for s in sources]
-    check_names([r.keys() for r in readers], labels)
-    for name in readers[0]:
-        i0 = readers[0].info(name)
-        for s, r in zip(sources[1:], readers[1:], strict=True):
-            info = r.info(name)
-            if tuple(info.shape) != tuple(i0.shape):
-                raise MergeError(f"{s.weights}: shape {list(info.shape)}, "
-                                 f"{list(i0.shape)} in {first.weights}", tensor=name)
-            if info.dtype != i0.dtype:
-                raise MergeError(f"{s.weights}: dtype {info.dtype}, {i0.dtype} in "
-                                 f"{first.weights}", tensor=name)
-            if info.kind != i0.kind:
-                raise MergeError(f"{s.weights}: a {info.kind} record, {i0.kind} in "
-                                 f"{first.weights} (compress the inputs with the same "
-                                 "--exclude)", tensor=name)
-
-
-def _same_everywhere(name: str, readers: Sequence[CompeftReader],
-                     sources: Sequence[Source]) -> None:
-    """A tensor copied unchanged (not a task vector) must be equal in every input."""
-    first = readers[0].get_raw(name)
-    for s, r in zip(sources[1:], readers[1:], strict=True):
-        other = r.get_raw(name)
-        if isinstance(first, TernaryTensor) or isinstance(other, TernaryTensor):
-            same = first == other
-        else:
-            same = other[1] == first[1] and other[0].tobytes() == first[0].tobytes()
-        if not same:
-            raise MergeError(f"{s.weights}: differs from {sources[0].weights}, and it is not "
-                             "a task vector (stored as it is), so it cannot be merged",
-                             tensor=name)
-
-
-def _copied(reader: CompeftReader, name: str) -> tuple[np.ndarray, str]:
-    """The storage of a tensor copied unchanged."""
-    value = reader.get_raw(name)
-    if isinstance(value, TernaryTensor):  # not a task vector, yet stored ternary
-        return _to_storage(value.to_numpy(_work_name(value.dtype)), value.dtype), value.dtype
-    return value
-
-
-def _work_name(dtype: str) -> str:
-    return "F64" if dtype == "F64" else "F32"
-
-
-def _default_compression(readers: Sequence[CompeftReader]) -> tuple[float, str, str]:
-    """``(density, scope, scale)``: the largest input density; scope and scale where all agree.
-
-    An input's density is the one recorded in its metadata, else the fraction of its
-    ternary entries that are nonzero.
-    """
-    densities, scopes, scales = [], set(), set()
-    for r in readers:
-        meta = r.metadata().get(S.META_COMPRESSION)
-        meta = meta if isinstance(meta, dict) else {}
-        d = meta.get("density")
-        if isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d <= 1:
-            densities.append(float(d))
-        else:
-            nnz = numel = 0
-            for name in r:
-                info = r.info(name)
-                if info.nnz is not None:
-                    nnz, numel = nnz + info.nnz, numel + info.numel
-            densities.append(nnz / numel if nnz else DEFAULT_DENSITY)
-        scopes.add(meta.get("scope"))
-        scales.add(meta.get("scale"))
-    scope = scopes.pop() if len(scopes) == 1 and None not in scopes else "global"
-    scale = scales.pop() if len(scales) == 1 and None not in scales else DEFAULT_SCALE
-    scope = scope if scope in SCOPES else "global"
-    scale = scale if scale in SCALES else DEFAULT_SCALE
-    return max(densities), scope, scale
-
-
-def _to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
-    """Merged values (float32/float64) as ``dtype``'s storage, rounded once."""
-    src = "F64" if values.dtype == np.float64 else "F32"
-    return cast_storage(values, src, dtype)[0]
-
-
-def merge_files(
-    inputs: Sequence[str | os.PathLike],
-    output: str | os.PathLike,
-    *,
-    method: str = "ties",
-    weights: Sequence[float] | None = None,
-    sign: str = "total",
-    density: float | None = None,
-    base: str | os.PathLike | None = None,
-    rescale: str | RescaleRule | None = None,
-    scope: str | None = None,
-    scale: str | None = None,
-    force: bool = False,
-    progress: bool = False,
-) -> MergeSummary:
-    """Merge compressed experts straight from their files, one tensor at a time.
-
-    Parameters
-    ----------
-    inputs:
-        Two or more compeft files, or compressed adapter directories as
-        :func:`~compeft_format.compress_file` writes them. They must fit together: the same
-        tensor names, shapes, dtypes and record kinds, measured from the same reference (the
-        same recorded base, or the same PEFT type), and for adapters the same
-        ``adapter_config.json`` keys :data:`ADAPTER_KEYS` (PEFT type, base model, target
-        modules, rank, alpha...). The first mismatch is named before anything is written.
-    output:
-        ``*.compeft``: the merged task vector compressed again (ternary, at ``density``),
-        keeping the inputs' base binding. ``*.safetensors``: the dense merged task vector,
-        or with ``base`` base plus merged task vector. Any other name, for adapter inputs:
-        a PEFT adapter directory (``adapter_config.json`` copied from the first input and
-        ``adapter_model.safetensors``) that ``PeftModel.from_pretrained`` loads: a LoRA's
-        weights are the merged task vector (measured from zero), an (IA)^3's have the one
-        added back, and adapters compressed from their initial state need it as ``base``.
-    method, weights, sign, rescale:
-        As :func:`merge`.
-    density:
-        The density of a compeft output (default: the largest input density, as recorded in
-        the inputs' metadata).
-    base:
-        The base the inputs were compressed against (``compeft compress --base``), for a
-        dense output: checked against the recorded hashes, and added to the merged task
-        vector. For task vectors from zero (not adapters), a base to add them to.
-    scope, scale:
-        Of a compeft output (default: the inputs' own, where they all agree; else
-        ``"global"`` and the default scale rule). ``alpha`` is 1.
-    force:
-        Replace an existing output (never an input).
-    progress:
-        Progress bars on stderr.
-
-    Returns
-    -------
-    MergeSummary
-
-    Raises
-    ------
-    MergeError
-        Inputs that do not fit together, or a bad option.
-    CompeftError
-        A corrupt input, a base that does not match, an output that exists
-        (:class:`~compeft_format.errors.ConvertError`); nothing is written then.
-    OSError
-        A file that cannot be read or written.
-
-    Examples
-    --------
-    >>> import os, tempfile
-    >>> from compeft_format import save_file, load_file
-    >>> d = tempfile.mkdtemp()
-    >>> for i, signs in enumerate([[False, True], [False, False]]):
-    ...     save_file({"w": TernaryTensor((2, 2), [0, 3], signs, 0.5 * (i + 1))},
-    ...               os.path.join(d, f"e{i}.compeft"))
-    >>> s = merge_files([os.path.join(d, "e0.compeft"), os.path.join(d, "e1.compeft")],
-    ...                 os.path.join(d, "merged.safetensors"))
-    >>> from compeft_format import open_safetensors
-    >>> open_safetensors(s.file).values("w").tolist()
-    [[0.75, 0.0], [0.0, 1.0]]
-    """
-    ws = check_options(len(inputs), method, weights, sign)
-    if len(inputs) < 2:
-        raise MergeError(f"merge needs two or more inputs, got {len(inputs)}")
-    rule = _resolve_rescale(rescale)
-    if density is not None:
-        compression_metadata(density, 1.0, "global", DEFAULT_SCALE)  # checks it
-    sources = [resolve_source(p, ADAPTER_COMPEFT, "merge reads compressed adapter "
-                              "directories, as compeft compress writes them") for p in inputs]
-    for s in sources[1:]:
-        if s.is_dir != sources[0].is_dir:
-            kind = "an adapter directory" if s.is_dir else "a file"
-            raise MergeError(f"{s.path}: {kind}, while {sources[0].path} is not; merge "
-                             "inputs of one form")
-    dst = Path(output)
-    form = _output_form(dst, sources[0].is_dir)
-    if base is not None and form == "compeft":
-        raise MergeError(f"{dst}: a compeft output keeps the inputs' base binding and takes "
-                         "no --base (base=); give it when decompressing")
-    base_path = base_weights(base) if base is not None else None
-    paths = [p for s in sources for p in (s.path, s.weights)]
-    out = Output(dst, is_dir=form == "adapter", force=force,
-                 inputs=paths + ([Path(base), base_path] if base_path else []))
-
-    with contextlib.ExitStack() as stack:
-        readers = []
-        for s in sources:
-            with _naming(s.weights):
-                readers.append(stack.enter_context(open_file(s.weights)))
-        refs = [read_reference(r.metadata(), set(r.keys()), s.weights)
-                for s, r in zip(sources, readers, strict=True)]
-        _check_inputs(sources, readers, refs)
-        ref = refs[0]
-        infos = {n: readers[0].info(n) for n in readers[0]}
-        base_reader = None
-        if form != "compeft":
-            label = f" {ref.name!r}" if ref.name else ""
-            recipe = recorded_recipe(readers[0].metadata())
-            if ref.kind == "checkpoint" and base_path is None and recipe is not None:
-                # PEFT's initial adapter, regenerated from the seed (checked just below)
-                config = sources[0].config or sources[0].weights.parent / "adapter_config.json"
-                base_path, _ = regenerated_file(recipe, config,
-                                                {n: i.dtype for n, i in infos.items()}, stack,
-                                                where=sources[0].weights)
-            if ref.kind == "checkpoint" and base_path is None:
-                raise MergeError(f"{sources[0].path}: the inputs are measured from the "
-                                 f"base{label}; give it with --base (base=) to write the "
-                                 "merged tensors, or write a .compeft")
-            if base_path is not None and ref.kind != "checkpoint" and (
-                    ref.kind == "one" or ref.peft_type is not None):
-                raise MergeError(f"{sources[0].path}: PEFT {ref.peft_type} adapters stored "
-                                 "as they are (from zero or one) take no --base")
-            if base_path is not None:
-                base_reader = stack.enter_context(SafetensorsReader(base_path))
-                check_base(ref, base_reader, infos, progress)
-        # the task vectors: what is measured from a reference (every float tensor when that
-        # is zero or one); the rest is stored as it is and must be the same everywhere
-        merged = {n for n, i in infos.items() if (n in ref.delta if ref.kind == "checkpoint"
-                                                  else i.dtype in TERNARY_DTYPES)}
-        for name in infos:  # copied tensors must agree: checked before anything is written
-            if name not in merged:
-                _same_everywhere(name, readers, sources)
-        n_in = len(readers)
-
-        def make(name: str, fixed: Rescale | None) -> TensorMerge:
-            values = []
-            for s, r in zip(sources, readers, strict=True):
-                with _naming(s.weights):
-                    v = r.get_raw(name)
-                values.append(v if isinstance(v, TernaryTensor) else v[0].reshape(-1))
-            info = infos[name]
-            tm = TensorMerge(name, tuple(info.shape), info.dtype, values, method=method,
-                             weights=ws, sign=sign, rescale=fixed or prepared.get(name, rule))
-            return tm
-
-        # a rule whose statistics span tensors sees them all first (one pass over the codes)
-        prepared: dict[str, Rescale] = {}  # empty while the rule's prepare runs
-        prepared = _prepared(rule, sorted(merged), lambda n: make(n, None))
-
-        st_meta = [r.metadata().get(META_SAFETENSORS) for r in readers]
-        st_meta = st_meta[0] if all(m == st_meta[0] for m in st_meta) else None
-        if not (isinstance(st_meta, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                  for k, v in st_meta.items())):
-            st_meta = None
-        counts = {"numel": 0, "nnz": 0}
-        order = sorted(infos, key=lambda n: n.encode("utf-8", "surrogatepass"))
-
-        if form == "compeft":
-            d0, scope0, scale0 = _default_compression(readers)
-            density = d0 if density is None else density
-            scope = scope0 if scope is None else scope
-            scale = scale0 if scale is None else scale
-            comp_meta = compression_metadata(density, 1.0, scope, scale)
-            ternary = [n for n in order if n in merged and infos[n].kind == "ternary"]
-            patterns = n_in <= MAX_PATTERN_INPUTS
-            stream = _compress_merged(ternary, make, {n: infos[n].dtype for n in ternary},
-                                      patterns, density=density, scope=scope, scale=scale)
-            from . import __version__
-
-            metadata: dict[str, Any] = {
-                S.META_PRODUCER: f"compeft_format {__version__}",
-                S.META_COMPRESSION: comp_meta,
-                META_MERGE: {"method": method, "sign": sign, "weights": list(ws),
-                             "inputs": [str(s.path) for s in sources],
-                             "rescale": rescale if isinstance(rescale, str) else None},
-            }
-            for key in (META_TASK_VECTOR, S.META_BASE):
-                if key in readers[0].metadata():
-                    metadata[key] = readers[0].metadata()[key]
-            if st_meta is not None:
-                metadata[META_SAFETENSORS] = st_meta
-            ternary_set = set(ternary)
-
-            def write(f: BinaryIO) -> None:
-                with Bar(progress, len(order), "merge") as bar, Writer(f, metadata=metadata) as w:
-                    for name in order:
-                        info = infos[name]
-                        counts["numel"] += info.numel
-                        if name in ternary_set:
-                            got, t = next(stream)
-                            assert got == name, (got, name)  # both walk the sorted names
-                            counts["nnz"] += t.nnz
-                            w.write(name, t)
-                        elif name in merged:
-                            w.write(name, _to_storage(make(name, None).to_numpy(),
-                                                      info.dtype), dtype=info.dtype)
-                        else:
-                            arr, dtype = _copied(readers[0], name)
-                            w.write(name, arr, dtype=dtype)
-                        bar.update()
-            target_name = None
-        else:
-            density = None
-            if base_reader is not None and ref.kind == "zero":
-                names = base_reader.keys()
-                adds = set(infos)
-                dtypes = {n: base_reader.info(n).dtype for n in names}
-                shapes = {n: tuple(base_reader.info(n).shape) for n in names}
-            else:
-                names = list(infos)
-                adds = set(ref.delta) if base_reader is not None or ref.kind == "one" else set()
-                dtypes = {n: infos[n].dtype for n in names}
-                shapes = {n: tuple(infos[n].shape) for n in names}
-            layout = [(n, dtypes[n], shapes[n]) for n in names]
-
-            def produce(name: str) -> Iterator[np.ndarray]:
-                dtype = dtypes[name]
-                if name not in infos:  # a base tensor the task vectors do not change
-                    assert base_reader is not None
-                    flat = base_reader.get(name)[0].reshape(-1)
-                    for a in range(0, flat.size, CHUNK):
-                        yield flat[a : a + CHUNK]
-                        base_reader.release(name)
-                    return
-                if name not in merged:
-                    yield _copied(readers[0], name)[0]
-                    return
-                tm = make(name, None)
-                bflat = (base_reader.get(name)[0].reshape(-1)
-                         if base_reader is not None and name in adds else None)
-                for a, vals in tm.chunks(CHUNK):
-                    if name not in adds:
-                        yield _to_storage(vals, dtype)
-                        continue
-                    if bflat is not None:
-                        b = bflat[a : a + vals.size]
-                    else:  # reference one: (IA)^3 vectors start at one
-                        b = cast_storage(np.ones(vals.size, np.float32), "F32", dtype)[0]
-                    yield add_rounded(b, dtype, vals)
-                    if base_reader is not None:
-                        base_reader.release(name)
-
-            def write(f: BinaryIO) -> None:
-                with Bar(progress, len(layout), "merge") as bar, SafetensorsWriter(
-                        f, layout, metadata=st_meta) as w:
-                    for name in w.order:
-                        counts["numel"] += math.prod(shapes[name])
-                        for chunk in produce(name):
-                            w.write(name, chunk)
-                        bar.update()
-            target_name = ADAPTER_WEIGHTS if form == "adapter" else None
-
-        with out:
-            target = out.file(target_name)
-            write_fsync(target, write)
-            if form == "adapter":
-                assert sources[0].config is not None
-                shutil.copyfile(sources[0].config, out.file(ADAPTER_CONFIG))
-        final = out.dst / ADAPTER_WEIGHTS if form == "adapter" else out.dst
-        return MergeSummary(
-            inputs=tuple(str(s.path) for s in sources), output=str(out.dst), file=str(final),
-            form=form, method=method, sign=sign, weights=ws, tensors=len(order),
-            merged=len(merged), copied=len(order) - len(merged), numel=counts["numel"],
-            file_bytes=final.stat().st_size, reference=_describe_reference(ref),
-            base=str(base) if base is not None else None, density=density,
-            nnz=counts["nnz"] if form == "compeft" else None,
-            rescale=rescale if isinstance(rescale, str) else
-            (getattr(rescale, "__name__", "custom") if rescale is not None else None))
-    raise AssertionError("unreachable")  # pragma: no cover

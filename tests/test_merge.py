@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from peft.utils import merge_utils
 
 import compeft_format.merge as M
+import compeft_format.merge_io as MIO
 from compeft_format import EncodeError, TernaryTensor, compress
 from compeft_format.merge import MergeError, MergeStats, Rescale, merge, merge_tensor
 
@@ -323,6 +324,14 @@ def test_doctests():
     assert result.failed == 0
 
 
+def test_merge_io_doctests():
+    from compeft_format import merge_io
+
+    result = doctest.testmod(merge_io, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 2
+    assert result.failed == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # compressing the merge again
 # ---------------------------------------------------------------------------------------------
@@ -361,13 +370,13 @@ def test_merge_and_compress_equals_compress_of_the_merge(experts, data):
     weights = data.draw(st.lists(DYADIC_WEIGHTS, min_size=len(experts), max_size=len(experts)))
     density = data.draw(st.sampled_from([0.01, 0.1, 0.3, 1.0]))
     scope = data.draw(st.sampled_from(["global", "tensor"]))
-    scale = data.draw(st.sampled_from(M.PATTERN_SCALES))
+    scale = data.draw(st.sampled_from(MIO.PATTERN_SCALES))
     merged = merge(experts, method=method, weights=weights, sign=sign)
     from compeft_format.taskvec import TaskVector
 
     declared = TaskVector(merged, dtypes={n: t.dtype for n, t in experts[0].items()})
     want = compress(declared, density=density, scope=scope, scale=scale)
-    got = M.merge_and_compress(experts, density=density, method=method, weights=weights,
+    got = MIO.merge_and_compress(experts, density=density, method=method, weights=weights,
                                sign=sign, scope=scope, scale=scale)
     assert list(got) == list(experts[0])
     for name in got:
@@ -386,17 +395,18 @@ def test_merge_and_compress_dense_fallback(monkeypatch):
         calls.append(stats.name)
         return 0.5
 
-    fast = M.merge_and_compress(experts, density=0.1, rescale=rule)
+    fast = MIO.merge_and_compress(experts, density=0.1, rescale=rule)
     assert sorted(calls) == ["v", "w"]  # once per tensor, though each is read twice
     with monkeypatch.context() as mp:
-        mp.setattr(M, "MAX_PATTERN_INPUTS", 0)
+        for module in (M, MIO):  # both decide on the pattern path
+            mp.setattr(module, "MAX_PATTERN_INPUTS", 0)
         calls.clear()
-        slow = M.merge_and_compress(experts, density=0.1, rescale=rule)
+        slow = MIO.merge_and_compress(experts, density=0.1, rescale=rule)
         assert sorted(calls) == ["v", "w"]
     for name in fast:
         _same_ternary(fast[name], slow[name])
     dense = {name: np.asarray(t.to_numpy()) for name, t in experts[0].items()}
-    mixed = M.merge_and_compress([experts[1], dense], density=0.1, scale="norm")
+    mixed = MIO.merge_and_compress([experts[1], dense], density=0.1, scale="norm")
     want = compress(merge([experts[1], dense]), density=0.1, scale="norm")
     for name in mixed:
         _same_ternary(mixed[name], want[name])
@@ -412,7 +422,7 @@ def test_merge_and_compress_other_scopes_and_scales(scope, scale):
                 for n, s in names.items()
                 for idx in [np.flatnonzero(rng.random(int(np.prod(s))) < 0.3)]}
                for i in range(3)]
-    got = M.merge_and_compress(experts, density=0.2, scope=scope, scale=scale)
+    got = MIO.merge_and_compress(experts, density=0.2, scope=scope, scale=scale)
     want = compress(merge(experts), density=0.2, scope=scope, scale=scale)
     for name in names:
         _same_ternary(got[name], want[name])
@@ -421,9 +431,9 @@ def test_merge_and_compress_other_scopes_and_scales(scope, scale):
 def test_merge_and_compress_errors():
     e = {"w": TernaryTensor((4,), [0], [False], 1.0)}
     with pytest.raises(EncodeError, match="density"):
-        M.merge_and_compress([e, e], density=0.0)
+        MIO.merge_and_compress([e, e], density=0.0)
     with pytest.raises(EncodeError, match="scope"):
-        M.merge_and_compress([e, e], density=0.5, scope="model")
+        MIO.merge_and_compress([e, e], density=0.5, scope="model")
     huge = {"w": TernaryTensor((4,), [0], [False], 60000.0, "F16")}
     with pytest.raises(EncodeError, match="overflows the tensor's dtype F16"):
-        M.merge_and_compress([huge, huge], density=0.5, method="sum", scale="norm")
+        MIO.merge_and_compress([huge, huge], density=0.5, method="sum", scale="norm")

@@ -29,9 +29,8 @@ from compeft_format.merge import (
     dense_divisor,
     expected_ties,
     merge,
-    merge_and_compress,
-    merge_files,
 )
+from compeft_format.merge_io import merge_and_compress, merge_files
 
 
 def naive_ties(stack: np.ndarray, zeros: list[float]) -> np.ndarray:

@@ -7,7 +7,8 @@ import json
 import math
 import textwrap
 
-from ..merge import METHODS, RESCALE_RULES, SIGN_METHODS, merge_files
+from ..merge import METHODS, RESCALE_RULES, SIGN_METHODS
+from ..merge_io import merge_files
 from .options import (
     UsageError,
     add_command,
