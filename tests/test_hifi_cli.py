@@ -215,3 +215,14 @@ def test_merge_refuses_hifi_files(tmp_path, capsys, pair):
     assert code == 1
     one_line_error(err, "hi-fi")
     assert not (tmp_path / "m.compeft").exists()
+
+
+def test_several_inputs_to_a_folder(tmp_path, capsys, pair):
+    # several INPUTs go through batch.compress_many: --hifi must reach every one
+    base, ft = pair
+    code, _, err = run(capsys, "compress", base, ft, "--hifi", "0.3", "-o", f"{tmp_path}/out/")
+    assert code == 0, err
+    for name in ("base", "ft"):
+        with open_file(tmp_path / "out" / f"{name}.compeft") as r:
+            assert r.metadata()["compeft.compression"]["rel_step"] == 0.3
+            assert r.info("w").dtype == "I8"
