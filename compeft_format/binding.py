@@ -20,7 +20,7 @@ from .errors import ConvertError, CorruptDataError
 from .hifi import HIFI_KEY, HifiError
 from .plan import META_TASK_VECTOR, REFERENCES, SHORT_DIGEST, base_binding, tensor_sha256
 
-__all__ = ["Reference", "check_base", "read_reference"]
+__all__ = ["Reference", "check_base", "check_regenerated_base", "read_reference"]
 
 
 @dataclass
@@ -159,6 +159,26 @@ def check_base(ref: Reference, base: Any, infos: Mapping[str, Any],
                                        f"recorded {str(ref.hashes[n])[:19]}...)", tensor=n)
                 bar.update()
 
+
+
+def check_regenerated_base(ref: Reference, base: Any, infos: Mapping[str, Any],
+                           bar_enabled: bool, *, regenerated: str | None, recipe: str,
+                           where: str, give: str) -> None:
+    """:func:`check_base`, for a base that may be an initial adapter regenerated from the
+    file's recorded recipe (``regenerated``: its label, None for a base the user gave).
+
+    A regenerated initial adapter that differs from the recorded one (another torch or PEFT
+    draws differently) is refused naming the recipe (``recipe``: seed and versions) and how
+    to give the real one instead (``give``: ``"--base"``, ``"base="``).
+    """
+    try:
+        check_base(ref, base, infos, bar_enabled)
+    except ConvertError as exc:
+        if regenerated is None:
+            raise
+        raise ConvertError(f"{where}: {regenerated} is not the initial adapter the file was "
+                           f"compressed from ({recipe}): {exc}; give that initial adapter "
+                           f"with {give}") from None
 
 
 def _check_digests(ref: Reference, base: Any, bar_enabled: bool, where: Any,

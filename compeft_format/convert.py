@@ -76,7 +76,7 @@ import numpy as np
 from . import _spec as S
 from . import dtypes as _dt
 from ._progress import Bar, PassesBar
-from .binding import Reference, check_base, read_reference
+from .binding import Reference, check_regenerated_base, read_reference
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
 from .errors import CompeftError, ConvertError, EncodeError, MissingDependencyError
@@ -705,14 +705,10 @@ def decompress_file(
         base_reader = None
         if base_path is not None:
             base_reader = stack.enter_context(open_weights(base_path))
-            try:
-                check_base(ref, base_reader, infos, progress)
-            except ConvertError as exc:
-                if regenerated is None:
-                    raise
-                raise ConvertError(f"{source.path}: {regenerated} is not the initial adapter the "
-                                   f"file was compressed from ({_versions(recorded)}): {exc}; "
-                                   "give that initial adapter with --base") from None
+            check_regenerated_base(ref, base_reader, infos, progress, regenerated=regenerated,
+                                   recipe=_versions(recorded) if regenerated else "",
+                                   where=str(source.path),
+                                   give="--base")
         st_meta = cf.metadata().get(META_SAFETENSORS)
         if not (isinstance(st_meta, dict) and all(
                 isinstance(k, str) and isinstance(v, str) for k, v in st_meta.items())):

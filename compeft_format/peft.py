@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes as _dt
-from .binding import Reference, check_base, read_reference
+from .binding import Reference, check_regenerated_base, read_reference
 from .codecs import torch_decode as _td
 from .container import CompeftReader, open_file
 from .errors import ConvertError, MissingDependencyError
@@ -275,14 +275,8 @@ def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
                     stack, base_model=getattr(peft_model, "config", None), where=where)
             if base is not None:
                 init = stack.enter_context(SafetensorsReader(base_weights(base)))
-                try:
-                    check_base(ref, init, infos, False)
-                except ConvertError as exc:
-                    if regenerated is None:
-                        raise
-                    raise ConvertError(f"{where}: {regenerated} is not the initial adapter "
-                                       f"the file was compressed from ({recipe}): {exc}; give "
-                                       "that initial adapter with base=") from None
+                check_regenerated_base(ref, init, infos, False, regenerated=regenerated,
+                                       recipe=str(recipe), where=str(where), give="base=")
             peft_model = build()
             try:
                 _materialise(peft_model, adapter_name)
