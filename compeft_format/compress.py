@@ -54,6 +54,7 @@ __all__ = [
     "TopK",
     "compress",
     "compression_metadata",
+    "float32_scale",
     "gram_terms",
     "iter_compress",
     "kron_terms",
@@ -1351,19 +1352,7 @@ class _Job:
             raw = self.alpha * kept_sum / kept
         else:
             raw = self.alpha * stats.std()
-        where = metas[0].name if len(metas) == 1 else None
-        scope = "" if where else f"global scope ({len(metas)} tensors): "
-        with np.errstate(over="ignore"):
-            value = float(np.float32(raw))
-        if not math.isfinite(value):
-            raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
-        for meta in metas:  # the decoder rounds the scale to each tensor's dtype
-            if meta.numel and not math.isfinite(_decoded_scale(value, meta.dtype)):
-                raise EncodeError(
-                    f"{scope}scale {value!r} overflows the tensor's dtype {meta.dtype}",
-                    tensor=meta.name,
-                )
-        return value
+        return float32_scale(raw, [(m.name, m.dtype, m.numel) for m in metas])
 
 
 _CAPPED = ("proj_vcap", "kron", "gram")  # the scales that cap a vector at its own largest |t|
@@ -1464,6 +1453,27 @@ _METRIC_TERMS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[fl
     "gram": gram_terms,
     "kron": kron_terms,
 }
+
+
+def float32_scale(raw: float, tensors: Sequence[tuple[str, str, int]]) -> float:
+    """The scale ``raw`` as stored (float32), refused where it overflows float32 or the
+    dtype of any of ``tensors`` (``(name, dtype, numel)``, the tensors sharing it), since the
+    decoder rounds the scale to each tensor's dtype.
+
+    >>> float32_scale(0.1, [("w", "F32", 4)])
+    0.10000000149011612
+    """
+    where = tensors[0][0] if len(tensors) == 1 else None
+    scope = "" if where else f"global scope ({len(tensors)} tensors): "
+    with np.errstate(over="ignore"):
+        value = float(np.float32(raw))
+    if not math.isfinite(value):
+        raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
+    for name, dtype, numel in tensors:
+        if numel and not math.isfinite(_decoded_scale(value, dtype)):
+            raise EncodeError(f"{scope}scale {value!r} overflows the tensor's dtype {dtype}",
+                              tensor=name)
+    return value
 
 
 def _is_vector(shape: tuple[int, ...]) -> bool:

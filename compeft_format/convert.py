@@ -517,8 +517,8 @@ def with_path(exc: CompeftError, path: str | os.PathLike) -> CompeftError:
 
 
 @contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """Name the file in a CompeftError raised inside."""
+def naming(path: Path) -> Iterator[None]:
+    """Name the file in a CompeftError raised inside (:func:`with_path`)."""
     try:
         yield
     except CompeftError as exc:
@@ -671,7 +671,7 @@ def decompress_file(
     out = Output(dst, is_dir=source.is_dir, force=force, inputs=inputs)
 
     with contextlib.ExitStack() as stack:
-        with _naming(source.weights):
+        with naming(source.weights):
             cf = stack.enter_context(open_file(source.weights))
             infos = {n: cf.info(n) for n in cf}
         meta = cf.metadata()
@@ -748,7 +748,7 @@ def decompress_file(
                     base_reader.release(n)
                 return
             rec_dt = infos[n].dtype
-            with _naming(source.weights):
+            with naming(source.weights):
                 value = cf.get_raw(n)
             step = hifi[n][0] if n in hifi else None
             if step is not None:

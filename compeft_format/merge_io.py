@@ -32,11 +32,11 @@ from .compress import (
     SCOPES,
     TopK,
     compression_metadata,
+    float32_scale,
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, add_rounded, cast_storage, with_path
-from .errors import CompeftError, EncodeError
+from .convert import DEFAULT_DENSITY, add_rounded, cast_storage, naming
 from .merge import (
     MAX_PATTERN_INPUTS,
     MergeError,
@@ -62,7 +62,7 @@ from .sources import (
     base_weights,
     resolve_source,
 )
-from .tensor import TernaryTensor, dense_values
+from .tensor import TernaryTensor
 
 __all__ = [
     "ADAPTER_KEYS",
@@ -148,17 +148,7 @@ def _pattern_scale(items: Sequence[_Counted], top: TopK, scale: str, alpha: floa
         mean = float(np.dot(counts, values)) / n
         m2 = float(np.dot(counts, (values - mean) ** 2))
         raw = alpha * (math.sqrt(max(m2, 0.0) / (n - 1)) if n > 1 else 0.0)
-    where = items[0].name if len(items) == 1 else None
-    scope = "" if where else f"global scope ({len(items)} tensors): "
-    with np.errstate(over="ignore"):
-        value = float(np.float32(raw))
-    if not math.isfinite(value):
-        raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
-    for c in items:  # the decoder rounds the scale to each tensor's dtype
-        if c.numel and not math.isfinite(float(dense_values(value, c.dtype)[0])):
-            raise EncodeError(f"{scope}scale {value!r} overflows the tensor's dtype {c.dtype}",
-                              tensor=c.name)
-    return value
+    return float32_scale(raw, [(c.name, c.dtype, c.numel) for c in items])
 
 
 def _is_vector(shape: tuple[int, ...]) -> bool:
@@ -367,15 +357,6 @@ class MergeSummary:
             lines.append(f"  written       {self.form} ({self.numel:,} parameters)")
         lines.append(f"  size          {self.file_bytes:,} bytes")
         return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _naming(path: Path) -> Iterator[None]:
-    """Name the file in a CompeftError raised inside."""
-    try:
-        yield
-    except CompeftError as exc:
-        raise with_path(exc, path) from None
 
 
 def _output_form(output: Path, adapters: bool) -> str:
@@ -622,7 +603,7 @@ def merge_files(
     with contextlib.ExitStack() as stack:
         readers = []
         for s in sources:
-            with _naming(s.weights):
+            with naming(s.weights):
                 readers.append(stack.enter_context(open_file(s.weights)))
         refs = [read_reference(r.metadata(), set(r.keys()), s.weights)
                 for s, r in zip(sources, readers, strict=True)]
@@ -662,7 +643,7 @@ def merge_files(
         def make(name: str, fixed: Rescale | None) -> TensorMerge:
             values = []
             for s, r in zip(sources, readers, strict=True):
-                with _naming(s.weights):
+                with naming(s.weights):
                     v = r.get_raw(name)
                 values.append(v if isinstance(v, TernaryTensor) else v[0].reshape(-1))
             info = infos[name]
