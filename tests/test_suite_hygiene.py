@@ -47,3 +47,12 @@ def test_every_modules_examples_run(name, monkeypatch):
     monkeypatch.chdir(Path(__file__).parent.parent)
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert not result.failed, name
+
+
+def test_one_version_everywhere():
+    import re
+
+    import compeft_format
+
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.findall(r'^version = "([^"]+)"', pyproject, re.M) == [compeft_format.__version__]
