@@ -45,6 +45,8 @@ def test_every_modules_examples_run(name, monkeypatch):
     import importlib
 
     monkeypatch.chdir(Path(__file__).parent.parent)
+    if name == "compeft_format._kernels_numba":  # the optional 'fast' extra's code
+        pytest.importorskip("numba")
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
     assert not result.failed, name
 
