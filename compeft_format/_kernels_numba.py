@@ -37,6 +37,8 @@ _CAND_SIGS = [types.UniTuple(_I64, 3)(_ro(f), _ro(u), u, u, f, _I64, _rw(_I64), 
                                         _rw(types.boolean), _rw(f)) for f, u in _PAIRS]
 _BAND_SIGS = [types.UniTuple(_I64, 2)(_ro(f), _ro(u), u, u, u, f, _rw(f)) for f, u in _PAIRS]
 _COUNT_SIGS = [types.UniTuple(_I64, 2)(_ro(f), f) for f, _ in _PAIRS]
+_GATHER_SIGS = [types.Tuple((_I64, _I64, types.boolean))(
+    _ro(f), _ro(u), u, u, f, _I64, _rw(_I64), _rw(types.boolean), _rw(f)) for f, u in _PAIRS]
 _FILL_SIGS = [_I64(_ro(_I64), _ro(f), _ro(types.boolean), f, _I64, _rw(_I64),
                    _rw(types.boolean), _rw(f)) for f, _ in _PAIRS]
 
@@ -128,8 +130,46 @@ def fill_kept(pos, m, neg, t, ties, idx, signs, kept):  # pragma: no cover
     return j
 
 
+def gather(c, u, absmask, visit, t, ties, loc, neg, kept):  # pragma: no cover
+    """The kept entries of a chunk at threshold ``t`` (``|c| > t``, and the first ``ties``
+    with ``|c| == t``), in order: chunk positions into ``loc``, sign bits into ``neg``,
+    magnitudes into ``kept``. ``visit`` is the pattern of the smallest magnitude to look at
+    (``t``'s, or the next one up where ties do not matter). Returns ``(count, ties taken,
+    whether a magnitude equal to t was seen)``."""
+    n = c.shape[0]
+    full = n - n % 64
+    j = 0
+    took = 0
+    seen = False
+    for base in range(0, full + 64, 64):
+        stop = min(base + 64, n)
+        m = np.uint64(0)
+        if stop - base == 64:
+            for b in range(64):
+                m |= np.uint64((u[base + b] & absmask) >= visit) << np.uint64(b)
+        else:
+            for b in range(stop - base):
+                m |= np.uint64((u[base + b] & absmask) >= visit) << np.uint64(b)
+        while m:
+            i = base + np.int64(trailing_zeros(m))
+            m &= m - np.uint64(1)
+            a = abs(c[i])
+            take = a > t
+            if a == t:
+                seen = True
+                if took < ties:
+                    took += 1
+                    take = True
+            if take:
+                loc[j] = i
+                neg[j] = (u[i] & absmask) != u[i]
+                kept[j] = a
+                j += 1
+    return j, took, seen
+
+
 def build(cache: bool) -> SimpleNamespace:
-    """The four kernels compiled (or, with ``cache``, loaded from numba's on-disk cache).
+    """The kernels compiled (or, with ``cache``, loaded from numba's on-disk cache).
 
     Raises RuntimeError where ``cache`` is set and numba finds no writable cache directory.
     """
@@ -141,4 +181,5 @@ def build(cache: bool) -> SimpleNamespace:
         band_only=jit(_BAND_SIGS, band_only),
         count_at=jit(_COUNT_SIGS, count_at),
         fill_kept=jit(_FILL_SIGS, fill_kept),
+        gather=jit(_GATHER_SIGS, gather),
     )

@@ -880,9 +880,15 @@ class _Job:
         want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
         find_ties = ties_left > 0
 
+        kern = self.kernels
+
         def one(start: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
             """A chunk's kept positions, signs, magnitude sum, ties taken, ties seen."""
             c = self._chunk(flat, dname, work, start)
+            if kern is not None and kern.fits(c) and t > 0:  # one compiled loop, same result
+                loc, neg, kept, took, seen = kern.gather(c, t, ties, find_ties)
+                part = float(kept.sum(dtype=np.float64)) if want_sum and loc.size else 0.0
+                return loc, neg, part, took, bool(find_ties and not ties and seen)
             m = np.abs(c, out=_sel.scratch(c.size, work))
             sel = m > t
             took = 0

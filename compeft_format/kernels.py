@@ -13,9 +13,9 @@ path runs.
 Which path runs is set by ``$COMPEFT_KERNELS``:
 
 * ``auto`` (default): the compiled kernels once numba is loaded in this process; numba is
-  imported (about 0.7 s, plus loading the compiled code from its on-disk cache) only for a
-  pass over at least :data:`AUTO_MIN` elements, where it pays for itself. Call :func:`load`
-  to load it up front (e.g. before a batch of small tensors).
+  imported (about 1.2 s of CPU with loading the compiled code from its on-disk cache) only
+  for a pass over at least :data:`AUTO_MIN` (2^30) elements, where it pays for itself.
+  Call :func:`load` to load it up front (e.g. before a batch of smaller compressions).
 * ``numba``: the compiled kernels for any size.
 * ``numpy``: never.
 
@@ -51,9 +51,10 @@ __all__ = ["AUTO_MIN", "KERNELS_ENV", "Kernels", "for_size", "load", "mode", "st
 #: Environment variable: ``auto`` (default), ``numba`` or ``numpy`` (see the module doc).
 KERNELS_ENV = "COMPEFT_KERNELS"
 #: In ``auto`` mode, the smallest pass (elements) for which numba is loaded, if it is not yet:
-#: importing numba and loading the cached kernels costs about 0.8-1 s of CPU, the kernels save
-#: about 3 ns per element (``bench/bench_select.py``), so from here the first call gains.
-AUTO_MIN = 1 << 28
+#: importing numba and loading the cached kernels costs about 1.2 s of CPU once, the kernels
+#: save about 1.6 ns of CPU per element and pass (``bench/bench_select.py``), so from here
+#: the first call gains.
+AUTO_MIN = 1 << 30
 MODES = ("auto", "numba", "numpy")
 
 log = logging.getLogger(__name__)
@@ -204,6 +205,27 @@ class Kernels:
         band = scratch(c.size, c.dtype, "k-band")
         above, nband = self._mod.band_only(c, u, absmask, first, visit, hi, band)
         return above, band[:nband].copy()
+
+    def gather(self, c: np.ndarray, t: Any, ties: int, find_ties: bool
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, bool]:
+        """The kept entries of the chunk ``c`` at threshold ``t > 0`` (``|c| > t`` and the
+        first ``ties`` with ``|c| == t``), in order: ``(chunk positions, sign bits,
+        magnitudes, ties taken, whether |c| == t was seen)``; ``find_ties`` says whether
+        that last answer is wanted. The magnitudes are a per-thread buffer (sum them before
+        the next call on the thread)."""
+        from .selection import scratch
+
+        u = c.view(np.uint32 if c.dtype == np.float32 else np.uint64)
+        absmask = u.dtype.type(np.iinfo(u.dtype).max >> 1)
+        t = c.dtype.type(t)
+        visit = np.asarray(t).view(u.dtype)[()]
+        if not (ties or find_ties):  # |c| == t does not matter: look above t only
+            visit = u.dtype.type(visit + u.dtype.type(1))
+        loc = scratch(c.size, np.int64, "k-pos")
+        neg = scratch(c.size, np.bool_, "k-neg")
+        kept = scratch(c.size, c.dtype, "k-kept")
+        got, took, seen = self._mod.gather(c, u, absmask, visit, t, ties, loc, neg, kept)
+        return loc[:got].copy(), neg[:got].copy(), kept[:got], int(took), bool(seen)
 
     def count_at(self, m: np.ndarray, t: Any) -> tuple[int, int]:
         """``(count of m > t, count of m == t)``."""

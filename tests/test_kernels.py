@@ -150,6 +150,21 @@ def test_kernels_match_the_numpy_chunk_code(size, dtype, lo_hi):
         assert np.array_equal(idx, pos[keep])
         assert np.array_equal(signs, neg[keep])
         assert kept.tobytes() == mag[keep].tobytes()
+    # iter_compress's output pass: the kept entries of a chunk at a threshold t > 0
+    mags = np.abs(c)
+    nonzero = np.sort(mags[mags > 0])
+    if nonzero.size:
+        t = nonzero[nonzero.size // 2]
+        equal = int((mags == t).sum())
+        for ties, find_ties in ((0, False), (0, True), (equal // 2, True), (equal, True)):
+            keep = (mags > t) | ((mags == t) & (np.cumsum(mags == t) <= ties))
+            loc, neg, kept, took, seen = kern.gather(c, t, ties, find_ties)
+            assert np.array_equal(loc, np.flatnonzero(keep))
+            assert np.array_equal(neg, np.signbit(c[keep]))
+            assert kept.tobytes() == mags[keep].tobytes()
+            assert took == ties
+            if find_ties or ties:
+                assert seen == (equal > 0)
 
 
 def test_chunks_the_kernels_do_not_take_go_the_numpy_way():
