@@ -12,11 +12,15 @@ median of several runs each, and checks that both give the same k-th largest val
 Part 3 (the issue-14 target) times the whole ``compress({"t": x}, density=p)`` of the
 same 10^8 float32 task vector against ``np.partition(|x|, n - k)``: interleaved rounds
 (every method once per round, so all share the same background load), with one thread
-(``COMPEFT_THREADS=1``) and with all usable cores; the ratio compress / partition is the
-figure (target: at most 0.4). The partition is timed as ``np.partition`` (which copies its
-input to fresh memory) and as the same copy into memory touched before plus an in-place
-partition; the target is judged against the latter (see :func:`bench_compress`). The load
-average before and after is printed.
+(``COMPEFT_THREADS=1``) and with all usable cores, on the numpy path and (numba installed)
+on the compiled kernels (``COMPEFT_KERNELS=numpy|numba``); the ratio compress / partition
+is the figure (target: at most 0.4). The partition is timed as ``np.partition`` (which
+copies its input to fresh memory: the issue's measure) and as the same copy into memory
+touched before plus an in-place partition (the stricter ratio; see
+:func:`bench_compress`); both verdicts are printed, with the load average before and after.
+Then the CPU nanoseconds per element of each step, one thread, on both paths
+(:func:`bench_phases`), and the compiled kernels' one-time load cost in a fresh process
+(``--jit-cost``: also their compile cost with an empty cache).
 
 Part 2 writes several float32 tensors to ``np.memmap`` files, then, in a fresh subprocess,
 runs ``compress(..., scope="global")`` over a lazy mapping that opens each file on access,
