@@ -44,8 +44,9 @@ expected TIES of the original experts given what their compressions kept (data-f
 inputs compressed with the default proj rules), the least-squares table that keeps each
 expert's projection. dense_divisor is the simpler earlier rule (zeros counted in the
 divisor with the chance they agree). Which rule at which density, measured on the project's
-experts (bench/results/merge_quality.md): expected_ties at densities 0.1 and up,
-dense_divisor below 0.1. Both are the identity for sum and mean.
+experts (bench/results/merge_quality.md): expected_ties at density 0.2 (at 0.1 the two are
+level), dense_divisor at 0.05 and with --sign frequency. Both are the identity for sum and
+mean.
 """
 
 
