@@ -6,17 +6,8 @@ paper: ``alpha * sigma(tau) * sign(topk(tau))``). The selection is exact (the sa
 a full sort with the documented tie rule) and streams over the tensors: the model is never
 concatenated, and a tensor is read a few times, one at a time, in chunks.
 
-How the exact top-k is found fast (:func:`select_topk`)
-------------------------------------------------------
-1. A random sample of the magnitudes (fixed seed, one element in 256) estimates the
-   threshold; a band ``(lo, hi]`` around it is wide enough that the true threshold falls
-   inside with overwhelming probability (a few standard errors of the sample quantile).
-2. One streaming pass counts the magnitudes above ``hi`` and collects those inside the band
-   (typically well under 1% of the elements).
-3. ``np.partition`` of the small band gives the exact k-th largest magnitude.
-4. If the sample was unlucky (threshold outside the band, or a band too large because of
-   massive ties), an exact radix select over the float bit patterns (16 bits per pass,
-   bounded memory) takes over. The result never depends on the sample, only the speed does.
+The exact top-k selection and its chunk kernels live in :mod:`compeft_format.selection`,
+the scale rules in :mod:`compeft_format.scales`; this module runs the passes over a scope.
 
 :func:`compress` draws the sample first, so that step 2 happens in the pass that adds up the
 statistics (the scale's sums, finiteness), chunk by chunk while each chunk is in cache, on
@@ -28,31 +19,51 @@ vector is read once in full (plus the sparse sample) instead of three times.
 
 from __future__ import annotations
 
-import concurrent.futures
 import fnmatch
 import math
-import os
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 
 from . import dtypes as _dt
+from . import kernels as _kernels
+from . import selection as _sel
 from ._spec import META_COMPRESSION, TERNARY_DTYPES
 from .errors import EncodeError
+from .scales import (
+    CAPPED,
+    DEFAULT_SCALE,
+    METRIC_SCALES,
+    METRIC_TERMS,
+    SCALES,
+    SWEEP_SCALES,
+    Stats,
+    float32_scale,
+    gram_terms,
+    is_vector,
+    kron_terms,
+    scale_value,
+)
+from .selection import CHUNK, THREADS_ENV, TopK, compress_threads, select_topk
 from .tensor import TernaryTensor
 
 __all__ = [
     "COMPRESSION_METADATA_KEY",
+    "DEFAULT_SCALE",
     "METRIC_SCALES",
     "SCALES",
     "SCOPES",
     "SWEEP_SCALES",
+    "THREADS_ENV",
     "ChunkedValues",
     "TopK",
+    "check_alpha",
+    "check_choice",
+    "check_density",
     "compress",
+    "compress_threads",
     "compression_metadata",
     "float32_scale",
     "gram_terms",
@@ -65,105 +76,6 @@ __all__ = [
 #: File metadata key under which :func:`compression_metadata` is stored.
 COMPRESSION_METADATA_KEY = META_COMPRESSION  # "compeft.compression"
 SCOPES = ("global", "tensor", "role")
-SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
-#: The rules that weigh each matrix by its own Gram matrices: one more pass costing about
-#: rows x cols x min(rows, cols) multiply-adds a matrix (seconds for an adapter, hours for a
-#: 7B full fine-tune), so sweeps leave them out unless asked.
-METRIC_SCALES = ("kron", "gram")
-#: The rules a sweep tries by default: every rule without a Gram-matrix pass.
-SWEEP_SCALES = tuple(s for s in SCALES if s not in METRIC_SCALES)
-#: The default scale rule (see :func:`compress` for the evidence).
-DEFAULT_SCALE = "proj_vcap"
-
-_CHUNK = 1 << 20  # elements per chunk: cache-friendly, bounds every temporary to a few MiB
-_SAMPLE_EVERY = 256  # one sampled magnitude per 256 elements (with replacement)
-_SAMPLE_SEED = 0x5EED_C0DE  # fixed: same input, same sample, same (deterministic) run time
-_BAND_Z = 6.0  # band half-width in standard errors of the sample quantile
-_BAND_CAP_MIN = 1 << 20  # the band may always hold this many values ...
-_BAND_CAP_DIV = 32  # ... or n / 32 of them (n / 8 bytes of float32)
-
-
-# ---------------------------------------------------------------------------------------------
-# all cores: chunks of a pass in a thread pool (numpy releases the GIL on 1M-element arrays)
-# ---------------------------------------------------------------------------------------------
-#: Environment variable: the threads a compression uses (default: the cores this process may
-#: run on). 1 runs everything in the calling thread.
-THREADS_ENV = "COMPEFT_THREADS"
-_POOL: concurrent.futures.ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-_POOL_LOCK = threading.Lock()
-
-
-def compress_threads() -> int:
-    """The threads a compression uses: ``$COMPEFT_THREADS``, else the usable cores.
-
-    Every pass over the data goes in chunks of 2^20 elements; the chunks of a tensor are
-    worked on by this many threads at once and their results combined in order, so the
-    output is the same for any number of threads.
-
-    >>> compress_threads() >= 1
-    True
-    """
-    env = os.environ.get(THREADS_ENV, "").strip()
-    if env:
-        try:
-            return max(1, int(env))
-        except ValueError:
-            raise EncodeError(f"{THREADS_ENV} must be a positive integer, got {env!r}") from None
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-def _pool(threads: int) -> concurrent.futures.ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or threads != _POOL_SIZE:
-            if _POOL is not None:
-                _POOL.shutdown(wait=False)
-            _POOL = concurrent.futures.ThreadPoolExecutor(threads, "compeft-compress")
-            _POOL_SIZE = threads
-        return _POOL
-
-
-def _ordered_map(fn: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]:
-    """``map(fn, items)`` over the threads, in order, with a few items in flight at a time
-    (so a consumer that stops early, or holds results, bounds the work and the memory)."""
-    threads = compress_threads()
-    if threads == 1 or len(items) < 2:
-        yield from map(fn, items)
-        return
-    pool = _pool(threads)
-    window = 2 * threads
-    pending: list[concurrent.futures.Future] = []
-    nxt = 0
-    try:
-        while nxt < len(items) or pending:
-            while nxt < len(items) and len(pending) < window:
-                pending.append(pool.submit(fn, items[nxt]))
-                nxt += 1
-            yield pending.pop(0).result()
-    finally:
-        for f in pending:
-            f.cancel()
-        concurrent.futures.wait(pending)
-
-
-_LOCAL = threading.local()
-
-
-def _scratch(size: int, dtype: np.dtype, slot: str = "scratch") -> np.ndarray:
-    """A per-thread buffer of at least ``size`` elements (reused: no fresh pages per chunk);
-    ``slot`` names a second buffer of the same dtype."""
-    key = (np.dtype(dtype).str, slot)
-    buf = getattr(_LOCAL, "bufs", None)
-    if buf is None:
-        buf = _LOCAL.bufs = {}
-    arr = buf.get(key)
-    if arr is None or arr.size < size:
-        arr = buf[key] = np.empty(max(size, _CHUNK), dtype)
-    return arr[:size]
 
 
 class ChunkedValues:
@@ -207,362 +119,12 @@ class ChunkedValues:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         """The whole tensor, for code that needs an array (``np.asarray(values)``)."""
         out = np.empty(self.size, self.dtype)
-        for start in range(0, self.size, _CHUNK):
-            stop = min(self.size, start + _CHUNK)
+        for start in range(0, self.size, CHUNK):
+            stop = min(self.size, start + CHUNK)
             out[start:stop] = self.chunk(start, stop)
         out = out.reshape(self.shape)
         return out if dtype is None else out.astype(dtype, copy=False)
 
-
-# ---------------------------------------------------------------------------------------------
-# exact top-k threshold
-# ---------------------------------------------------------------------------------------------
-class TopK(NamedTuple):
-    """The exact top-k of a set of magnitudes, as a threshold plus a tie quota.
-
-    The kept entries are every magnitude ``> threshold`` (``n_greater`` of them) plus the
-    first ``n_ties`` entries equal to ``threshold`` in scope order. ``threshold == 0`` means
-    fewer than k nonzeros exist: all nonzeros are kept and zeros never are (``n_ties == 0``).
-    """
-
-    threshold: float
-    n_greater: int
-    n_ties: int
-
-    @property
-    def kept(self) -> int:
-        """Number of kept entries, ``n_greater + n_ties``."""
-        return self.n_greater + self.n_ties
-
-
-def select_topk(magnitudes: np.ndarray | Sequence[np.ndarray], k: int) -> TopK:
-    """Return the exact top-k threshold over one or more arrays of magnitudes.
-
-    The result is the same as a full descending sort: the k-th largest magnitude, how many
-    are strictly larger, and how many entries equal to it complete the k (taken in array
-    order, then flat index order). Zeros are never selected, so fewer than ``k`` entries are
-    kept when fewer than ``k`` are nonzero. On 10^8 float32 magnitudes it takes about the
-    CPU time of numpy 2.4's (SIMD) ``np.partition`` of a copy, on one core, and spreads over
-    the cores (``bench/bench_select.py``); contiguous float32/float64 input is not copied.
-
-    Parameters
-    ----------
-    magnitudes:
-        A non-negative, finite float array (any shape; e.g. ``np.abs(x)``) or a sequence of
-        them. Mixed float32
-        and float64 arrays are compared in float64; float16 is widened to float32.
-    k:
-        How many entries to keep; ``0 <= k``. Values above the element count keep everything
-        nonzero.
-
-    Returns
-    -------
-    TopK
-        ``(threshold, n_greater, n_ties)``.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> select_topk(np.array([0.5, 2.0, 1.0, 1.0, 0.0]), 3)
-    TopK(threshold=1.0, n_greater=1, n_ties=2)
-    >>> select_topk([np.array([3.0, 0.0]), np.array([0.0])], 2)
-    TopK(threshold=0.0, n_greater=1, n_ties=0)
-    """
-    arrays = [magnitudes] if isinstance(magnitudes, np.ndarray) else list(magnitudes)
-    arrays = [np.asarray(a).reshape(-1) for a in arrays]
-    for a in arrays:
-        if a.dtype.kind != "f":
-            raise EncodeError(f"select_topk needs float magnitudes, got {a.dtype}")
-    work = np.dtype(np.float64 if any(a.dtype == np.float64 for a in arrays) else np.float32)
-    arrays = [a if a.dtype == work else a.astype(work) for a in arrays]
-    n = sum(a.size for a in arrays)
-    rng = np.random.default_rng(_SAMPLE_SEED)
-    sample = np.concatenate([np.empty(0, work)] + [_sample_of(a, rng) for a in arrays if a.size])
-
-    def chunks() -> Iterator[np.ndarray]:
-        for a in arrays:
-            for start in range(0, a.size, _CHUNK):
-                yield a[start : start + _CHUNK]
-
-    def band_pass(lo_open: Any, hi: Any, cap: int) -> tuple[int, np.ndarray] | None:
-        band = _Band(lo_open, hi, cap)
-        for a in arrays:
-            if not band.add(lambda start, a=a: a[start : start + _CHUNK], a.size):
-                break
-        return band.result()
-
-    return _select(chunks, n, int(k), sample, work, band_pass)
-
-
-def _sample_of(flat: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Return ``ceil(n / 256)`` values of ``flat`` at random positions (with replacement)."""
-    count = -(-flat.size // _SAMPLE_EVERY)
-    return flat[rng.integers(0, flat.size, size=count)]
-
-
-def _select(
-    make_chunks: Callable[[], Iterable[np.ndarray]],
-    n: int,
-    k: int,
-    sample: np.ndarray,
-    work: np.dtype,
-    band_pass: Callable[[Any, Any, int], tuple[int, np.ndarray] | None] | None = None,
-) -> TopK:
-    """Exact top-k threshold of the magnitudes that ``make_chunks()`` yields (each call anew).
-
-    ``sample`` holds magnitudes drawn from the same data; it only steers the speed.
-    ``band_pass(lo_open, hi, cap)``, when given, does :func:`_band_pass` over the same
-    magnitudes (on all cores).
-    """
-    if k <= 0 or n == 0:
-        return TopK(math.inf, 0, 0)
-    k = min(k, n)
-    lo_open, hi = _band_edges(sample, n, k, work)
-    cap = _band_cap(n)
-    found = (band_pass(lo_open, hi, cap) if band_pass is not None
-             else _band_pass(make_chunks(), lo_open, hi, cap))
-    top = _from_band(found, k, lo_open)
-    if top is None:
-        t, greater = _radix_select(make_chunks, k, work)
-        top = _topk(t, greater, k)
-    return top
-
-
-def _band_cap(n: int) -> int:
-    """How many magnitudes a band may hold before the exact radix select takes over."""
-    return max(_BAND_CAP_MIN, n // _BAND_CAP_DIV)
-
-
-def _from_band(found: tuple[int, np.ndarray] | None, k: int, lo_open: Any) -> TopK | None:
-    """The exact top-k (``1 <= k <= n``) from a band pass's ``(above, band)``; None when the
-    threshold is not in the band (an unlucky sample) or the band went over its cap."""
-    if found is None:
-        return None
-    above, band = found
-    if above < k <= above + band.size:
-        pos = band.size - (k - above)  # the k-th largest overall sits here in the band
-        band.partition(pos)
-        t = band[pos]
-        greater = above + int(np.count_nonzero(band[pos + 1 :] > t))
-        return _topk(t, greater, k)
-    if above < k and lo_open == 0:
-        # The band held every nonzero below hi and still fell short: fewer than k
-        # nonzeros exist, so the threshold is 0 and all nonzeros are kept.
-        return TopK(0.0, above + band.size, 0)
-    return None
-
-
-def _topk(t: Any, greater: int, k: int) -> TopK:
-    t = float(t)
-    if t == 0.0:  # zeros are never kept
-        return TopK(0.0, greater, 0)
-    return TopK(t, greater, k - greater)
-
-
-def _band_edges(sample: np.ndarray, n: int, k: int, work: np.dtype) -> tuple[Any, Any]:
-    """Return ``(lo_open, hi)``: the band ``lo_open < m <= hi`` that likely holds the threshold.
-
-    ``lo_open`` is -1 when the band reaches down to include zeros, 0 when it starts just above
-    zero, else just below a sampled magnitude; ``hi`` is +inf when the band reaches the top.
-    """
-    s = sample.size
-    if s == 0:
-        return work.type(-1), work.type(np.inf)
-    sample.sort()
-    q = (n - k) / n  # fraction of the elements below the threshold's rank
-    centre = q * s
-    half = _BAND_Z * math.sqrt(s * q * (1.0 - q)) + 4.0
-    j_lo = math.floor(centre - half)
-    j_hi = math.ceil(centre + half)
-    if j_lo < 0:
-        lo_open = work.type(-1)
-    else:
-        lo = sample[j_lo]
-        # include lo itself: a heavily tied value often sits right at the quantile
-        lo_open = work.type(0) if lo == 0 else np.nextafter(lo, work.type(0))
-    hi = sample[j_hi] if j_hi < s else work.type(np.inf)
-    return lo_open, hi
-
-
-def _band_pass(
-    chunks: Iterable[np.ndarray], lo_open: Any, hi: Any, cap: int
-) -> tuple[int, np.ndarray] | None:
-    """Count magnitudes ``> hi`` and collect those in ``(lo_open, hi]``; None past ``cap``."""
-    above = 0
-    parts: list[np.ndarray] = []
-    held = 0
-    for c in chunks:
-        above += int(np.count_nonzero(c > hi))
-        mask = c > lo_open
-        mask &= c <= hi
-        got = c[mask]
-        if got.size:
-            held += got.size
-            if held > cap:
-                return None
-            parts.append(got)
-    band = np.concatenate(parts) if parts else np.empty(0, dtype=hi.dtype)
-    return above, band
-
-
-class _Band:
-    """:func:`_band_pass` fed chunk by chunk: :meth:`chunk` on any thread, :meth:`merge` of
-    the chunks' results in order."""
-
-    def __init__(self, lo_open: Any, hi: Any, cap: int) -> None:
-        self.lo_open, self.hi, self.cap = lo_open, hi, cap
-        self.above = 0
-        self.held = 0
-        self.parts: list[np.ndarray] = []
-        self.overflow = False
-        # Non-negative floats order as their bit patterns read as unsigned integers: the
-        # band lo_open < m <= hi is then one subtraction and one unsigned comparison,
-        # (u - first) <= width, where first = bits(lo_open) + 1 (0 when lo_open < 0).
-        ukind = self.ukind = np.dtype(np.uint32 if hi.dtype == np.float32 else np.uint64)
-        self.hi_u = hi_u = np.asarray(hi).view(ukind)[()]
-        first = self.first = ukind.type(0) if lo_open < 0 else ukind.type(
-            np.asarray(lo_open, hi.dtype).view(ukind)[()] + ukind.type(1))
-        self.width = ukind.type(hi_u - first) if hi_u >= first else None
-
-    def chunk(self, m: np.ndarray) -> tuple[int, np.ndarray]:
-        """``(count above hi, the magnitudes in the band)`` of the magnitudes ``m``."""
-        u = m.view(self.ukind)
-        above = int(np.count_nonzero(u > self.hi_u))
-        if self.width is None:  # an empty band
-            return above, m[:0]
-        d = np.subtract(u, self.first, out=_scratch(u.size, self.ukind))
-        return above, m[d <= self.width]
-
-    def merge(self, got: tuple[int, np.ndarray]) -> bool:
-        """Add a chunk's :meth:`chunk` (chunks in order); False once past the cap."""
-        above, band = got
-        self.above += above
-        if band.size and not self.overflow:
-            self.held += band.size
-            if self.held > self.cap:
-                self.overflow = True
-                self.parts.clear()
-            else:
-                self.parts.append(band)
-        return not self.overflow
-
-    def add(self, magnitudes: Callable[[int], np.ndarray], size: int) -> bool:
-        """Add the chunks ``magnitudes(start)`` of ``size`` elements; False past the cap."""
-        for got in _ordered_map(lambda start: self.chunk(magnitudes(start)),
-                                range(0, size, _CHUNK)):
-            if not self.merge(got):
-                return False
-        return True
-
-    def result(self) -> tuple[int, np.ndarray] | None:
-        """What :func:`_band_pass` returns."""
-        if self.overflow:
-            return None
-        band = np.concatenate(self.parts) if self.parts else np.empty(0, self.hi.dtype)
-        return self.above, band
-
-
-class _Candidates:
-    """The band of pass 1, and with ``positions`` every entry that may be kept.
-
-    Built before pass 1 from the sample's band edges, so the statistics pass also counts the
-    magnitudes above the band and collects those in it (:class:`_Band`): one pass fewer. With
-    ``positions`` it also keeps the flat position, magnitude and sign of every entry whose
-    magnitude is above ``lo_open`` (the kept ones, and the band: about ``k`` plus a fraction
-    of a percent of ``n``; 13 bytes each for float32) while the chunk is in cache, so that
-    once the threshold is known the output is gathered from these alone, not from another
-    pass over the data. Past ``limit`` of them it stops keeping positions (they would cost
-    more memory than the output itself), and the output takes a pass of its own.
-    """
-
-    def __init__(self, lo_open: Any, hi: Any, cap: int, positions: bool, limit: int) -> None:
-        self.band = _Band(lo_open, hi, cap)
-        self.lo_open = lo_open
-        self.neg_lo = -lo_open
-        self.positions = positions
-        self.limit = limit
-        self.count = 0
-        #: name -> the chunks' (flat positions, magnitudes, sign bits), in position order
-        self.parts: dict[str, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
-
-    def chunk(self, c: np.ndarray, start: int) -> tuple[tuple[np.ndarray, ...] | None, int,
-                                                        np.ndarray]:
-        """``((positions, magnitudes, sign bits), count above hi, band)`` of the chunk of
-        values ``c`` at flat position ``start`` (any thread); the first is None once
-        positions are no longer kept."""
-        if not self.positions:
-            m = np.abs(c, out=_scratch(c.size, c.dtype))
-            return (None, *self.band.chunk(m))
-        if self.lo_open < 0:  # the band reaches down to zero: every entry
-            pos = np.arange(c.size)
-        else:  # |c| > lo_open, as two comparisons (cheaper than |c| and one)
-            mask = np.greater(c, self.lo_open, out=_scratch(c.size, np.bool_))
-            mask |= np.less(c, self.neg_lo, out=_scratch(c.size, np.bool_, "mask"))
-            pos = np.flatnonzero(mask)
-        vals = c.take(pos)
-        m = np.abs(vals)
-        pos += start
-        return ((pos, m, np.signbit(vals)), *self.band.chunk(m))
-
-    def merge(self, name: str,
-              got: tuple[tuple[np.ndarray, ...] | None, int, np.ndarray]) -> None:
-        """Add a chunk's :meth:`chunk` (chunks in order)."""
-        cand, above, band = got
-        self.band.merge((above, band))
-        if not self.positions or cand is None:
-            return
-        self.count += cand[0].size
-        if self.count > self.limit:
-            self.positions = False
-            self.parts.clear()
-            return
-        if cand[0].size:
-            self.parts.setdefault(name, []).append(cand)
-
-    def hold(self, top: TopK) -> bool:
-        """True if the kept positions hold every entry that ``top`` keeps."""
-        if not self.positions:
-            return False
-        t = top.threshold
-        return (top.kept == 0 or self.lo_open < 0 or t > self.lo_open
-                or (t == self.lo_open and top.n_ties == 0))
-
-
-def _radix_select(
-    make_chunks: Callable[[], Iterable[np.ndarray]], k: int, work: np.dtype
-) -> tuple[Any, int]:
-    """Exact k-th largest by its bit pattern, 16 bits a pass; returns ``(value, n_greater)``.
-
-    Non-negative IEEE floats order like their bit patterns read as unsigned integers, so a
-    histogram of the top 16 bits finds the bucket of the k-th largest, the next pass the next
-    16 bits inside that bucket, and so on. Memory is one 65536-bin histogram.
-    """
-    ukind = np.dtype(np.uint32 if work == np.float32 else np.uint64)
-    bits = ukind.itemsize * 8
-    no_sign = ukind.type((1 << (bits - 1)) - 1)
-    prefix = 0
-    prefix_bits = 0
-    greater = 0
-    rank = k  # we want the rank-th largest among the entries matching the prefix
-    while prefix_bits < bits:
-        shift = ukind.type(bits - prefix_bits - 16)
-        hist = np.zeros(1 << 16, dtype=np.int64)
-        for c in make_chunks():
-            u = c.view(ukind) & no_sign  # -0.0 counts as 0
-            if prefix_bits:
-                u = u[(u >> ukind.type(bits - prefix_bits)) == ukind.type(prefix)]
-            digits = ((u >> shift) & ukind.type(0xFFFF)).astype(np.intp)
-            hist += np.bincount(digits, minlength=1 << 16)
-        from_top = np.cumsum(hist[::-1])  # from_top[i]: entries with digit >= 65535 - i
-        i = int(np.searchsorted(from_top, rank))
-        digit = 0xFFFF - i
-        above_digit = int(from_top[i] - hist[digit])
-        greater += above_digit
-        rank -= above_digit
-        prefix = (prefix << 16) | digit
-        prefix_bits += 16
-    value = np.array([prefix], dtype=ukind).view(work)[0]
-    return value, greater
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,10 +143,10 @@ def compression_metadata(density: float, alpha: float, scope: str, scale: str) -
     """
     return {
         "method": "compeft",
-        "density": _check_density(density),
-        "alpha": _check_alpha(alpha),
-        "scope": _check_choice("scope", scope, SCOPES),
-        "scale": _check_choice("scale", scale, SCALES),
+        "density": check_density(density),
+        "alpha": check_alpha(alpha),
+        "scope": check_choice("scope", scope, SCOPES),
+        "scale": check_choice("scale", scale, SCALES),
     }
 
 
@@ -864,10 +426,10 @@ def _setup(
     stream: bool = False,
 ) -> tuple[list[str], set[str], list[str], _Job]:
     """Check the options; return the names, the excluded ones, the sorted rest and the job."""
-    density = _check_density(density)
-    alpha = _check_alpha(alpha)
-    scope = _check_choice("scope", scope, SCOPES)
-    scale = _check_choice("scale", scale, SCALES)
+    density = check_density(density)
+    alpha = check_alpha(alpha)
+    scope = check_choice("scope", scope, SCOPES)
+    scale = check_choice("scale", scale, SCALES)
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     for p in patterns:
         if not isinstance(p, str):
@@ -913,6 +475,8 @@ class _Job:
         #: pass for the scales that need the sum of the kept magnitudes (see _pass3)
         self.stream = False
         self._gram_sums = [0.0, 0.0]  # "gram", "kron": summed metric terms of the matrices
+        #: the compiled kernels for this scope's size, or None (numpy); same output either way
+        self.kernels: _kernels.Kernels | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
@@ -937,16 +501,16 @@ class _Job:
     def _chunk(flat: np.ndarray, dname: str, work: np.dtype, start: int) -> np.ndarray:
         """The chunk at ``start``, widened to the work dtype (exact)."""
         if isinstance(flat, ChunkedValues):
-            c = flat.chunk(start, min(flat.size, start + _CHUNK))
+            c = flat.chunk(start, min(flat.size, start + CHUNK))
             return c if c.dtype == work else c.astype(work)
-        c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname)
+        c = _dt.to_numpy_values(flat[start : start + CHUNK], dname)
         return c if c.dtype == work else c.astype(work)
 
     @classmethod
     def _chunks(cls, flat: np.ndarray, dname: str, work: np.dtype
                 ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, values)`` chunks widened to the work dtype (exact)."""
-        for start in range(0, flat.size, _CHUNK):
+        for start in range(0, flat.size, CHUNK):
             yield start, cls._chunk(flat, dname, work, start)
 
     # -- the passes ------------------------------------------------------------------------
@@ -963,26 +527,28 @@ class _Job:
 
         The sample comes first (it only steers the speed), so that pass 1 finds the band
         while it adds up the statistics; :func:`compress` also keeps the candidates' positions
-        then (:class:`_Candidates`), and builds the output from them.
+        then (:class:`~compeft_format.selection.Candidates`), and builds the output from them.
         """
         metas: list[_Meta] = []
-        rng = np.random.default_rng(_SAMPLE_SEED)
+        rng = np.random.default_rng(_sel.SAMPLE_SEED)
         samples = [self._sample_tensor(name, fetch, rng, metas) for name in names]
         n = sum(meta.numel for meta in metas)
         work = np.dtype(np.float64 if any(s.dtype == np.float64 for s in samples) else np.float32)
         sample = np.concatenate([np.empty(0, work)] + [s.astype(work) for s in samples])
         del samples
         k = min(n, max(1, round(self.density * n))) if n else 0
-        stats = _Stats(need_std=self.scale == "std")
+        stats = Stats(need_std=self.scale == "std")
         found = None
         if n:
-            lo_open, hi = _band_edges(sample, n, k, work)
-            cap = _band_cap(n)
-            found = _Candidates(lo_open, hi, cap, positions=not self.stream, limit=k + cap)
+            lo_open, hi = _sel.band_edges(sample, n, k, work)
+            cap = _sel.band_cap(n)
+            self.kernels = _kernels.for_size(n)
+            found = _sel.Candidates(lo_open, hi, cap, positions=not self.stream, limit=k + cap,
+                                    kernels=self.kernels)
         del sample
         for meta in metas:
             self._pass1_tensor(meta, fetch, stats, work, found)
-        buf = np.empty(min(_CHUNK, max(n, 1)), dtype=work)
+        buf = np.empty(min(CHUNK, max(n, 1)), dtype=work)
 
         def mags() -> Iterator[np.ndarray]:
             for meta in metas:
@@ -992,10 +558,10 @@ class _Job:
         if found is None:
             top = TopK(math.inf, 0, 0)
         else:
-            top = _from_band(found.band.result(), k, found.lo_open)
+            top = _sel.from_band(found.band.result(), k, found.lo_open)
             if top is None:  # an unlucky sample: exact, at the cost of more passes
-                t, greater = _radix_select(mags, k, work)
-                top = _topk(t, greater, k)
+                t, greater = _sel.radix_select(mags, k, work)
+                top = _sel.topk_of(t, greater, k)
         if found is not None and found.hold(top):
             yield from self._from_candidates(metas, fetch, top, stats, work, found)
         else:
@@ -1027,7 +593,7 @@ class _Job:
         native = np.dtype(np.float64 if dname == "F64" else np.float32)
         if not flat.size:
             return np.empty(0, native)
-        where = rng.integers(0, flat.size, size=-(-flat.size // _SAMPLE_EVERY))
+        where = rng.integers(0, flat.size, size=-(-flat.size // _sel.SAMPLE_EVERY))
         picked = flat.take(where) if isinstance(flat, ChunkedValues) else flat[where]
         # a non-finite value here only makes the band useless; pass 1 rejects it by name
         with np.errstate(invalid="ignore"):
@@ -1037,17 +603,17 @@ class _Job:
         self,
         meta: _Meta,
         fetch: Callable[[str], Any],
-        stats: _Stats,
+        stats: Stats,
         work: np.dtype,
-        found: _Candidates | None,
+        found: _sel.Candidates | None,
     ) -> None:
         """Check finiteness, add to the statistics and to ``found`` (the band and the
         candidates), chunk by chunk on all cores, while each chunk is in cache."""
         name = meta.name
         flat, dname = self._read(name, fetch(name))
         native = np.dtype(np.float64 if dname == "F64" else np.float32)
-        track_max = self.scale in _CAPPED and _is_vector(meta.shape)
-        starts = range(0, flat.size, _CHUNK)
+        track_max = self.scale in CAPPED and is_vector(meta.shape)
+        starts = range(0, flat.size, CHUNK)
 
         def part(start: int) -> tuple[float, Any, Any]:
             c = self._chunk(flat, dname, native, start)
@@ -1065,7 +631,7 @@ class _Job:
                     peak = max(float(c.max()), -float(c.min()))
             return peak, sums, got
 
-        for start, (peak, sums, got) in zip(starts, _ordered_map(part, starts), strict=True):
+        for start, (peak, sums, got) in zip(starts, _sel.ordered_map(part, starts), strict=True):
             meta.absmax = max(meta.absmax, peak)
             if sums is not None:
                 stats.merge(sums)
@@ -1097,7 +663,7 @@ class _Job:
         metas: list[_Meta],
         fetch: Callable[[str], Any],
         top: TopK,
-        stats: _Stats,
+        stats: Stats,
         work: np.dtype,
         buf: np.ndarray,
     ) -> Iterator[tuple[str, TernaryTensor]]:
@@ -1155,9 +721,9 @@ class _Job:
         metas: list[_Meta],
         fetch: Callable[[str], Any],
         top: TopK,
-        stats: _Stats,
+        stats: Stats,
         work: np.dtype,
-        found: _Candidates,
+        found: _sel.Candidates,
     ) -> Iterator[tuple[str, TernaryTensor]]:
         """:meth:`_pass3` from the candidates of pass 1 instead of another pass over the data.
 
@@ -1180,11 +746,11 @@ class _Job:
             idx, signs, ties_left, part_sum = self._pick(parts, t, ties_left, want_sum)
             del parts
             kept_sum += part_sum
-            if self.scale in _METRIC_TERMS and idx.size and not _is_vector(meta.shape):
+            if self.scale in METRIC_TERMS and idx.size and not is_vector(meta.shape):
                 flat, dname = self._read(meta.name, fetch(meta.name))
                 values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
                           else _dt.to_numpy_values(flat, dname))
-                num, den = _METRIC_TERMS[self.scale](values.reshape(meta.shape[0], -1),
+                num, den = METRIC_TERMS[self.scale](values.reshape(meta.shape[0], -1),
                                                      idx, signs)
                 del flat, values
                 gram[0] += num
@@ -1206,14 +772,15 @@ class _Job:
             yield meta.name, out
             del out
 
-    @staticmethod
     def _pick(
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: Any, ties_left: int,
+        self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: Any, ties_left: int,
         want_sum: bool,
     ) -> tuple[np.ndarray, np.ndarray, int, float]:
         """:meth:`_gather` of one tensor from its candidates ``(positions, magnitudes, sign
         bits)``, chunk by chunk on all cores: which to keep (the ties in order), then each
         chunk's kept entries straight into their slice of the output."""
+        if self.kernels is not None:
+            return self._pick_compiled(self.kernels, parts, t, ties_left, want_sum)
         find_ties = ties_left > 0
 
         def mark(i: int) -> tuple[np.ndarray, int, np.ndarray | None]:
@@ -1229,7 +796,7 @@ class _Job:
         items = range(len(parts))
         sels: list[np.ndarray] = []
         ends = [0]
-        for sel, count, eq in _ordered_map(mark, items):
+        for sel, count, eq in _sel.ordered_map(mark, items):
             if ties_left and eq is not None:  # first come, first kept
                 took = eq[:ties_left]
                 sel[took] = True
@@ -1254,7 +821,39 @@ class _Job:
             return float(m.take(loc).sum(dtype=np.float64)) if want_sum else 0.0
 
         kept_sum = 0.0
-        for part in _ordered_map(fill, items):
+        for part in _sel.ordered_map(fill, items):
+            kept_sum += part
+        return idx, signs, ties_left, kept_sum
+
+    @staticmethod
+    def _pick_compiled(
+        kern: _kernels.Kernels, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        t: Any, ties_left: int, want_sum: bool,
+    ) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """:meth:`_pick` with the compiled kernels: each chunk's counts above and at ``t``,
+        the ties handed out in order, then each chunk's kept entries into their slice; the
+        kept magnitudes are summed by numpy, as :meth:`_pick` sums them."""
+        items = range(len(parts))
+        ties: list[int] = []
+        ends = [0]
+        for greater, equal in _sel.ordered_map(lambda i: kern.count_at(parts[i][1], t), items):
+            took = min(equal, ties_left)  # first come, first kept
+            ties_left -= took
+            ties.append(took)
+            ends.append(ends[-1] + greater + took)
+        idx = np.empty(ends[-1], np.int64)
+        signs = np.empty(ends[-1], bool)
+
+        def fill(i: int) -> float:
+            a, b = ends[i], ends[i + 1]
+            if b == a:
+                return 0.0
+            pos, m, neg = parts[i]
+            kept = kern.fill_kept(pos, m, neg, t, ties[i], idx[a:b], signs[a:b])
+            return float(kept.sum(dtype=np.float64)) if want_sum else 0.0
+
+        kept_sum = 0.0
+        for part in _sel.ordered_map(fill, items):
             kept_sum += part
         return idx, signs, ties_left, kept_sum
 
@@ -1281,10 +880,16 @@ class _Job:
         want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
         find_ties = ties_left > 0
 
+        kern = self.kernels
+
         def one(start: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
             """A chunk's kept positions, signs, magnitude sum, ties taken, ties seen."""
             c = self._chunk(flat, dname, work, start)
-            m = np.abs(c, out=_scratch(c.size, work))
+            if kern is not None and kern.fits(c) and t > 0:  # one compiled loop, same result
+                loc, neg, kept, took, seen = kern.gather(c, t, ties, find_ties)
+                part = float(kept.sum(dtype=np.float64)) if want_sum and loc.size else 0.0
+                return loc, neg, part, took, bool(find_ties and not ties and seen)
+            m = np.abs(c, out=_sel.scratch(c.size, work))
             sel = m > t
             took = 0
             if ties:
@@ -1298,8 +903,8 @@ class _Job:
 
         # the chunks on all cores; which ties are kept depends on the chunks before, so a
         # chunk holding one is done again, in order, with the ties still to take
-        starts = range(0, flat.size, _CHUNK)
-        for start, got in zip(starts, _ordered_map(one, starts), strict=True):
+        starts = range(0, flat.size, CHUNK)
+        for start, got in zip(starts, _sel.ordered_map(one, starts), strict=True):
             if ties_left and got[4]:
                 got = one(start, ties_left)
             loc, signs, part, took, _ = got
@@ -1310,12 +915,12 @@ class _Job:
                 kept_sum += part
         idx = np.concatenate(idx_parts) if idx_parts else np.empty(0, np.int64)
         signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
-        if (gram_of is not None and self.scale in _METRIC_TERMS and idx.size
-                and not _is_vector(gram_of.shape)):
+        if (gram_of is not None and self.scale in METRIC_TERMS and idx.size
+                and not is_vector(gram_of.shape)):
             values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
                       else _dt.to_numpy_values(flat, dname))
             matrix = values.reshape(gram_of.shape[0], -1)
-            num, den = _METRIC_TERMS[self.scale](matrix, idx, signs)
+            num, den = METRIC_TERMS[self.scale](matrix, idx, signs)
             self._gram_sums[0] += num
             self._gram_sums[1] += den
         return idx, signs, ties_left, kept_sum
@@ -1327,234 +932,32 @@ class _Job:
         overflow checks of that scale cover it; rounding to float32 is monotonic, so the min
         of the rounded values is the rounded min.
         """
-        if self.scale not in _CAPPED or not _is_vector(meta.shape):
+        if self.scale not in CAPPED or not is_vector(meta.shape):
             return value
         return min(value, float(np.float32(self.alpha * meta.absmax)))
 
-    def _scale_value(self, kept: int, kept_sum: float, stats: _Stats, metas: list[_Meta],
+    def _scale_value(self, kept: int, kept_sum: float, stats: Stats, metas: list[_Meta],
                      gram: tuple[float, float] = (0.0, 0.0)) -> float:
-        """The scope's scale, float32-exact; 0.0 when nothing is kept or the scale is 0.
+        """The scope's scale (:func:`~compeft_format.scales.scale_value`)."""
+        return scale_value(self.scale, self.alpha, kept, kept_sum, stats,
+                           [(m.name, m.dtype, m.numel) for m in metas], gram)
 
-        ``gram``: the summed ``(numerator, denominator)`` of :func:`gram_terms` (``"gram"``)
-        or :func:`kron_terms` (``"kron"``) over the scope's matrices; without a kept matrix
-        entry the scale is ``"proj"``'s.
-        """
-        if kept == 0:
-            return 0.0
-        if self.scale in _METRIC_TERMS and gram[0] > 0.0 and gram[1] > 0.0:
-            raw = self.alpha * (gram[0] / gram[1])
-        elif self.scale in ("proj", "proj_vcap", "gram", "kron"):
-            # kept magnitudes are nonzero, so kept_sum > 0; an overflow to inf is caught below
-            raw = self.alpha * (stats.sumsq / kept_sum)
-        elif self.scale == "norm":
-            raw = self.alpha * math.sqrt(stats.sumsq) / math.sqrt(kept)
-        elif self.scale == "l2":
-            raw = self.alpha * kept_sum / kept
-        else:
-            raw = self.alpha * stats.std()
-        return float32_scale(raw, [(m.name, m.dtype, m.numel) for m in metas])
-
-
-_CAPPED = ("proj_vcap", "kron", "gram")  # the scales that cap a vector at its own largest |t|
-
-
-def gram_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
-    """The numerator and denominator of the ``"gram"`` scale of one matrix.
-
-    ``t`` is the matrix (rows = outputs, columns = inputs; a tensor of more dimensions is
-    read as ``(shape[0], -1)``), ``idx`` the kept flat indices and ``signs`` their sign bits
-    (True = negative). With ``S`` the kept signs as a matrix and ``C = t^T t / (||t||^2 /
-    columns)`` (the Gram matrix of the fine-tune's own input directions, scaled to a mean
-    eigenvalue of 1) it returns ``(tr(S C t^T), tr(S C S^T))``: the scale ``num / den``
-    minimises ``||(s S - t) C^(1/2)||``, the error seen by inputs distributed like the ones
-    that made the update. Exact, in float64, through the Gram matrix of the smaller side:
-    ``3 * rows * columns * min(rows, columns)`` multiply-adds.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> t = np.array([[3.0, 0.1], [0.2, -1.0]])
-    >>> num, den = gram_terms(t, np.array([0, 3]), np.array([False, True]))
-    >>> round(num / den, 4)  # l2 gives 2.0, proj 10.1 / 4 = 2.525
-    2.798
-    """
-    rows, cols = t.shape
-    if not idx.size:
-        return 0.0, 0.0
-    t = np.asarray(t, np.float64)
-    total = float(np.einsum("ij,ij->", t, t))
-    if total == 0.0:
-        return 0.0, 0.0
-    smat = np.zeros((rows, cols))
-    smat.reshape(-1)[np.asarray(idx, np.int64)] = np.where(signs, -1.0, 1.0)
-    if rows <= cols:  # through the rows x rows Gram matrix t t^T
-        gram = t @ t.T
-        st = smat @ t.T  # S t^T
-        num = float(np.einsum("ij,ji->", st, gram))  # tr(S t^T t t^T)
-        den = float(np.einsum("ij,ij->", st, st))  # ||S t^T||^2 = tr(S t^T t S^T)
-    else:  # through the columns x columns Gram matrix t^T t
-        gram = t.T @ t
-        num = float(np.einsum("ij,ij->", smat, t @ gram))  # tr(S C t^T), C symmetric
-        den = float(np.einsum("ij,ij->", smat, smat @ gram))
-    norm = total / cols  # the mean eigenvalue of t^T t
-    return num / norm, den / norm
-
-
-def kron_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
-    """The numerator and denominator of the ``"kron"`` scale of one matrix.
-
-    ``t`` is the matrix (rows = outputs, columns = inputs; a tensor of more dimensions is
-    read as ``(shape[0], -1)``), ``idx`` the kept flat indices and ``signs`` their sign bits
-    (True = negative). With ``S`` the kept signs as a matrix, ``t = U diag(sv) V^T`` and the
-    two square-root Gram matrices ``G = (t t^T)^(1/2) = U diag(sv) U^T`` (outputs) and
-    ``A = (t^T t)^(1/2) = V diag(sv) V^T`` (inputs), each scaled to a mean eigenvalue of 1,
-    it returns ``(tr(G S A t^T), tr(G S A S^T))``: the scale ``num / den`` minimises
-    ``||G^(1/2) (s S - t) A^(1/2)||``, the error weighed on both sides by the directions the
-    fine-tune itself moved (a Kronecker-factored metric, as K-FAC approximates the Fisher).
-    The numerator is ``<S, t t^T t>`` (no decomposition); the denominator needs the
-    eigenvectors of the smaller Gram matrix. Exact in float64 up to singular values below
-    ``1e-7`` of the largest (they weigh ``sv`` in the metric and are dropped). About
-    ``4 * rows * columns * min(rows, columns)`` multiply-adds plus one symmetric
-    eigendecomposition of ``min(rows, columns)`` squared.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> t = np.array([[3.0, 0.1], [0.2, -1.0]])
-    >>> num, den = kron_terms(t, np.array([0, 3]), np.array([False, True]))
-    >>> round(num / den, 4)  # l2 gives 2.0, proj 10.1 / 4 = 2.525, gram 2.798
-    2.8043
-    """
-    if not idx.size:
-        return 0.0, 0.0
-    t = np.asarray(t, np.float64)
-    smat = np.zeros(t.shape)
-    smat.reshape(-1)[np.asarray(idx, np.int64)] = np.where(signs, -1.0, 1.0)
-    if t.shape[0] > t.shape[1]:  # both terms are the same for the transposes: work on the
-        t, smat = t.T, smat.T  # wide side, so the Gram matrix below is the small one
-    rows, cols = t.shape
-    w, u = np.linalg.eigh(t @ t.T)  # t t^T = U diag(sv^2) U^T
-    sv = np.sqrt(np.clip(w, 0.0, None))
-    keep = sv > 1e-7 * sv.max() if sv.size and sv.max() > 0.0 else np.zeros(sv.size, bool)
-    if not keep.any():
-        return 0.0, 0.0
-    sv, u = sv[keep], u[:, keep]
-    v = (t.T @ u) / sv  # right singular vectors, columns x r
-    m = u.T @ (smat @ v)  # U^T S V, r x r
-    total = float(sv.sum())
-    norm = (total / rows) * (total / cols)  # the two mean eigenvalues
-    num = float(np.einsum("i,ii->", sv**3, m))  # tr(G S A t^T) = sum sv_i^3 m_ii
-    den = float(np.einsum("i,ij,j,ij->", sv, m, sv, m))  # sum sv_i sv_j m_ij^2
-    return num / norm, den / norm
-
-
-#: the scales computed from per-matrix metric terms: name -> (matrix, idx, signs) -> (num, den)
-_METRIC_TERMS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, float]]] = {
-    "gram": gram_terms,
-    "kron": kron_terms,
-}
-
-
-def float32_scale(raw: float, tensors: Sequence[tuple[str, str, int]]) -> float:
-    """The scale ``raw`` as stored (float32), refused where it overflows float32 or the
-    dtype of any of ``tensors`` (``(name, dtype, numel)``, the tensors sharing it), since the
-    decoder rounds the scale to each tensor's dtype.
-
-    >>> float32_scale(0.1, [("w", "F32", 4)])
-    0.10000000149011612
-    """
-    where = tensors[0][0] if len(tensors) == 1 else None
-    scope = "" if where else f"global scope ({len(tensors)} tensors): "
-    with np.errstate(over="ignore"):
-        value = float(np.float32(raw))
-    if not math.isfinite(value):
-        raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
-    for name, dtype, numel in tensors:
-        if numel and not math.isfinite(_decoded_scale(value, dtype)):
-            raise EncodeError(f"{scope}scale {value!r} overflows the tensor's dtype {dtype}",
-                              tensor=name)
-    return value
-
-
-def _is_vector(shape: tuple[int, ...]) -> bool:
-    """True for a vector-shaped tensor: at most one dimension above 1 (bias, gain, gate)."""
-    return sum(d > 1 for d in shape) <= 1
-
-
-def _decoded_scale(scale: float, dtype: str) -> float:
-    """The magnitude a decoder writes for ``scale`` in dtype ``dtype``."""
-    with np.errstate(over="ignore"):
-        one = TernaryTensor((1,), [0], [False], scale, dtype, _validated=True).to_numpy()
-    return float(one[0])
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:
     return tuple(int(d) for d in (value.shape if hasattr(value, "shape") else np.shape(value)))
 
 
-class _Stats:
-    """Float64 streaming count, sum of squares and (optionally) mean/M2 (Chan et al.)."""
-
-    def __init__(self, need_std: bool) -> None:
-        self.need_std = need_std
-        self.count = 0
-        self.sumsq = 0.0
-        self.mean = 0.0
-        self.m2 = 0.0
-
-    def add(self, c: np.ndarray) -> bool:
-        """Add a chunk; return False if it holds a non-finite value (or overflows)."""
-        sums = self.part(c)
-        if sums is None:
-            return False
-        self.merge(sums)
-        return True
-
-    def part(self, c: np.ndarray) -> tuple[int, float, float, float] | None:
-        """The sums of one 1-d chunk, ``(count, sum of squares, mean, M2)``, or None if it
-        holds a non-finite value (or overflows). Any thread; :meth:`merge` adds them up."""
-        if not c.size:
-            return 0, 0.0, 0.0, 0.0
-        # float32 squares are exact in float64; einsum widens in small buffers (no float64
-        # copy of the chunk) and, unlike np.dot, never calls a multi-threaded BLAS
-        with np.errstate(over="ignore", invalid="ignore"):
-            s2 = float(np.einsum("i,i->", c, c, dtype=np.float64))
-        if not math.isfinite(s2):
-            return None
-        if not self.need_std:
-            return c.size, s2, 0.0, 0.0
-        c64 = c.astype(np.float64)
-        mean_c = float(c64.sum()) / c.size
-        c64 -= mean_c
-        return c.size, s2, mean_c, float(np.einsum("i,i->", c64, c64))
-
-    def merge(self, sums: tuple[int, float, float, float]) -> None:
-        """Add the sums of a chunk (:meth:`part`), chunks in order."""
-        nc, s2, mean_c, m2_c = sums
-        if not nc:
-            return
-        if not self.need_std:
-            self.count += nc
-            self.sumsq += s2
-            return
-        total = self.count + nc
-        delta = mean_c - self.mean
-        self.mean += delta * nc / total
-        self.m2 += m2_c + delta * delta * self.count * nc / total
-        self.count = total
-        self.sumsq += s2
-
-    def std(self) -> float:
-        """Unbiased standard deviation; 0 for fewer than two elements."""
-        if self.count < 2:
-            return 0.0
-        return math.sqrt(max(self.m2, 0.0) / (self.count - 1))
-
 
 # ---------------------------------------------------------------------------------------------
 # option checks
 # ---------------------------------------------------------------------------------------------
-def _check_density(density: Any) -> float:
+def check_density(density: Any) -> float:
+    """``density`` as a float in (0, 1], or :class:`EncodeError`.
+
+    >>> check_density(0.1)
+    0.1
+    """
     if isinstance(density, bool) or not isinstance(density, (int, float, np.integer, np.floating)):
         raise EncodeError(f"density must be a number in (0, 1], got {density!r}")
     d = float(density)
@@ -1563,7 +966,12 @@ def _check_density(density: Any) -> float:
     return d
 
 
-def _check_alpha(alpha: Any) -> float:
+def check_alpha(alpha: Any) -> float:
+    """``alpha`` as a finite float > 0, or :class:`EncodeError`.
+
+    >>> check_alpha(2)
+    2.0
+    """
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float, np.integer, np.floating)):
         raise EncodeError(f"alpha must be a finite number > 0, got {alpha!r}")
     a = float(alpha)
@@ -1572,7 +980,12 @@ def _check_alpha(alpha: Any) -> float:
     return a
 
 
-def _check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
+def check_choice(what: str, value: Any, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``, else :class:`EncodeError` naming ``what``.
+
+    >>> check_choice("scope", "global", ("global", "tensor"))
+    'global'
+    """
     if value not in choices:
         raise EncodeError(f"{what} must be one of {choices}, got {value!r}")
     return value

@@ -408,11 +408,11 @@ def _run_sweep(src: _Source, *, densities: Iterable[float], scales: Iterable[str
                scope: str, alpha: float, metadata: Any, positions: str,
                zstd_level: int | None, progress: Callable[[SweepPoint], Any] | None
                ) -> SweepResult:
-    from .compress import _check_alpha, _check_choice, _check_density
+    from .compress import check_alpha, check_choice, check_density
 
-    ds = _check_list("densities", densities, _check_density)
-    ss = _check_list("scales", scales, lambda s: _check_choice("scale", s, SCALES))
-    alpha = _check_alpha(alpha)
+    ds = _check_list("densities", densities, check_density)
+    ss = _check_list("scales", scales, lambda s: check_choice("scale", s, SCALES))
+    alpha = check_alpha(alpha)
     points = []
     for scale in ss:
         for d in ds:
@@ -590,10 +590,10 @@ class TuneResult:
 
 def _grid(densities: Iterable[float], alphas: Iterable[float],
           budget: float | None) -> tuple[list[float], list[float], float | None]:
-    from .compress import _check_alpha, _check_density
+    from .compress import check_alpha, check_density
 
-    ds = _check_list("densities", densities, _check_density)
-    alist = _check_list("alphas", alphas, _check_alpha)
+    ds = _check_list("densities", densities, check_density)
+    alist = _check_list("alphas", alphas, check_alpha)
     if budget is not None:
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not (
                 math.isfinite(budget) and budget > 0):
@@ -726,9 +726,9 @@ def tune(
     (1.3, [1.0, 1.3, 1.6])
     """
     ds, alist, budget = _grid(densities, alphas, budget_bits_per_param)
-    from .compress import _check_choice
+    from .compress import check_choice
 
-    scale = _check_choice("scale", scale, SCALES)
+    scale = check_choice("scale", scale, SCALES)
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     src = _Source(tensors, patterns)
 

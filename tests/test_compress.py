@@ -28,6 +28,7 @@ from compeft_format.tensor import TernaryTensor
 
 # the module itself (the package may export a function of the same name)
 cmod = importlib.import_module("compeft_format.compress")
+selmod = importlib.import_module("compeft_format.selection")
 
 SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
 SCOPES = ("global", "tensor", "role")
@@ -344,10 +345,12 @@ def test_kron_without_a_kept_matrix_entry_is_proj_vcap():
             n: (want[n].nnz, want[n].scale) for n in tv}
 
 
-def test_compress_doctests():
+@pytest.mark.parametrize("module", ["compress", "scales", "selection"])
+def test_compress_doctests(module):
     import doctest
 
-    result = doctest.testmod(cmod, optionflags=doctest.ELLIPSIS)
+    mod = importlib.import_module(f"compeft_format.{module}")
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
     assert result.attempted
     assert not result.failed
 
@@ -585,9 +588,9 @@ def test_select_topk_matches_sort(dtype):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_unlucky_sample_falls_back_to_exact_radix(monkeypatch, edges, dtype):
     calls = []
-    radix = cmod._radix_select
-    monkeypatch.setattr(cmod, "_band_edges", edges)
-    monkeypatch.setattr(cmod, "_radix_select", lambda *a: calls.append(1) or radix(*a))
+    radix = selmod.radix_select
+    monkeypatch.setattr(selmod, "band_edges", edges)
+    monkeypatch.setattr(selmod, "radix_select", lambda *a: calls.append(1) or radix(*a))
     rng = np.random.default_rng(8)
     a = np.abs(rng.standard_normal(100_000)).astype(dtype)
     a[::7] = a[3]  # a tied value
@@ -598,10 +601,10 @@ def test_unlucky_sample_falls_back_to_exact_radix(monkeypatch, edges, dtype):
 
 def test_band_over_the_cap_falls_back(monkeypatch):
     calls = []
-    radix = cmod._radix_select
-    monkeypatch.setattr(cmod, "_radix_select", lambda *a: calls.append(1) or radix(*a))
-    monkeypatch.setattr(cmod, "_BAND_CAP_MIN", 10)
-    monkeypatch.setattr(cmod, "_BAND_CAP_DIV", 10**9)
+    radix = selmod.radix_select
+    monkeypatch.setattr(selmod, "radix_select", lambda *a: calls.append(1) or radix(*a))
+    monkeypatch.setattr(selmod, "BAND_CAP_MIN", 10)
+    monkeypatch.setattr(selmod, "BAND_CAP_DIV", 10**9)
     x = np.full(50_000, 0.25, np.float32)  # every magnitude tied
     x[::3] = 0
     x[5] = 1.0
@@ -627,10 +630,10 @@ def test_unlucky_sample_in_compress_is_still_exact(monkeypatch, edges, scale):
     # a band that misses the threshold must still give the exact selection, by compress
     # (from the candidates where they hold every kept entry, else from a pass of its own)
     # and iter_compress alike
-    radix = cmod._radix_select
+    radix = selmod.radix_select
     calls = []
-    monkeypatch.setattr(cmod, "_band_edges", edges)
-    monkeypatch.setattr(cmod, "_radix_select", lambda *a: calls.append(1) or radix(*a))
+    monkeypatch.setattr(selmod, "band_edges", edges)
+    monkeypatch.setattr(selmod, "radix_select", lambda *a: calls.append(1) or radix(*a))
     rng = np.random.default_rng(12)
     tv = {"m": np.round(rng.standard_normal((300, 200)), 1).astype(np.float32),
           "v": rng.standard_normal(5000).astype(np.float64)}

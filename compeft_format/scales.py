@@ -1,0 +1,272 @@
+"""The scale rules of :func:`~compeft_format.compress.compress`: one magnitude for every kept entry.
+
+Each rule maps what the statistics pass and the selection learned about a scope (its sum of
+squares, the kept count and the sum of the kept magnitudes, per-matrix metric terms) to one
+float32 scale; :func:`~compeft_format.compress.compress`'s docstring gives the formulas and
+the evidence behind the default. A vector-shaped tensor is capped at its own largest change
+by the :data:`CAPPED` rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from .errors import EncodeError
+from .tensor import TernaryTensor
+
+__all__ = [
+    "CAPPED",
+    "DEFAULT_SCALE",
+    "METRIC_SCALES",
+    "METRIC_TERMS",
+    "SCALES",
+    "SWEEP_SCALES",
+    "Stats",
+    "decoded_scale",
+    "float32_scale",
+    "gram_terms",
+    "is_vector",
+    "kron_terms",
+    "scale_value",
+]
+
+SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
+#: The rules that weigh each matrix by its own Gram matrices: one more pass costing about
+#: rows x cols x min(rows, cols) multiply-adds a matrix (seconds for an adapter, hours for a
+#: 7B full fine-tune), so sweeps leave them out unless asked.
+METRIC_SCALES = ("kron", "gram")
+#: The rules a sweep tries by default: every rule without a Gram-matrix pass.
+SWEEP_SCALES = tuple(s for s in SCALES if s not in METRIC_SCALES)
+#: The default scale rule (see :func:`compress` for the evidence).
+DEFAULT_SCALE = "proj_vcap"
+
+
+def scale_value(scale: str, alpha: float, kept: int, kept_sum: float, stats: Stats,
+                tensors: Sequence[tuple[str, str, int]],
+                metric: tuple[float, float] = (0.0, 0.0)) -> float:
+    """The scale of a scope under rule ``scale``, float32-exact; 0.0 when nothing is kept.
+
+    ``kept`` and ``kept_sum``: the kept count and the float64 sum of their magnitudes;
+    ``stats``: the scope's :class:`Stats`; ``tensors``: ``(name, dtype, numel)`` of the
+    scope's tensors (for :func:`float32_scale`'s checks); ``metric``: the summed
+    ``(numerator, denominator)`` of :data:`METRIC_TERMS` over the scope's matrices
+    (``"gram"``, ``"kron"``); without a kept matrix entry those rules give ``"proj"``'s.
+
+    >>> s = Stats(need_std=False)
+    >>> s.add(np.array([0.1, -0.4, 0.0, 0.3]))
+    True
+    >>> round(scale_value("proj", 1.0, 2, 0.7, s, [("w", "F64", 4)]), 6)  # 0.26 / 0.7
+    0.371429
+    """
+    if kept == 0:
+        return 0.0
+    if scale in METRIC_TERMS and metric[0] > 0.0 and metric[1] > 0.0:
+        raw = alpha * (metric[0] / metric[1])
+    elif scale in ("proj", "proj_vcap", "gram", "kron"):
+        # kept magnitudes are nonzero, so kept_sum > 0; an overflow to inf is caught below
+        raw = alpha * (stats.sumsq / kept_sum)
+    elif scale == "norm":
+        raw = alpha * math.sqrt(stats.sumsq) / math.sqrt(kept)
+    elif scale == "l2":
+        raw = alpha * kept_sum / kept
+    else:
+        raw = alpha * stats.std()
+    return float32_scale(raw, tensors)
+
+
+CAPPED = ("proj_vcap", "kron", "gram")  # the scales that cap a vector at its own largest |t|
+
+
+def gram_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
+    """The numerator and denominator of the ``"gram"`` scale of one matrix.
+
+    ``t`` is the matrix (rows = outputs, columns = inputs; a tensor of more dimensions is
+    read as ``(shape[0], -1)``), ``idx`` the kept flat indices and ``signs`` their sign bits
+    (True = negative). With ``S`` the kept signs as a matrix and ``C = t^T t / (||t||^2 /
+    columns)`` (the Gram matrix of the fine-tune's own input directions, scaled to a mean
+    eigenvalue of 1) it returns ``(tr(S C t^T), tr(S C S^T))``: the scale ``num / den``
+    minimises ``||(s S - t) C^(1/2)||``, the error seen by inputs distributed like the ones
+    that made the update. Exact, in float64, through the Gram matrix of the smaller side:
+    ``3 * rows * columns * min(rows, columns)`` multiply-adds.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.array([[3.0, 0.1], [0.2, -1.0]])
+    >>> num, den = gram_terms(t, np.array([0, 3]), np.array([False, True]))
+    >>> round(num / den, 4)  # l2 gives 2.0, proj 10.1 / 4 = 2.525
+    2.798
+    """
+    rows, cols = t.shape
+    if not idx.size:
+        return 0.0, 0.0
+    t = np.asarray(t, np.float64)
+    total = float(np.einsum("ij,ij->", t, t))
+    if total == 0.0:
+        return 0.0, 0.0
+    smat = np.zeros((rows, cols))
+    smat.reshape(-1)[np.asarray(idx, np.int64)] = np.where(signs, -1.0, 1.0)
+    if rows <= cols:  # through the rows x rows Gram matrix t t^T
+        gram = t @ t.T
+        st = smat @ t.T  # S t^T
+        num = float(np.einsum("ij,ji->", st, gram))  # tr(S t^T t t^T)
+        den = float(np.einsum("ij,ij->", st, st))  # ||S t^T||^2 = tr(S t^T t S^T)
+    else:  # through the columns x columns Gram matrix t^T t
+        gram = t.T @ t
+        num = float(np.einsum("ij,ij->", smat, t @ gram))  # tr(S C t^T), C symmetric
+        den = float(np.einsum("ij,ij->", smat, smat @ gram))
+    norm = total / cols  # the mean eigenvalue of t^T t
+    return num / norm, den / norm
+
+
+def kron_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tuple[float, float]:
+    """The numerator and denominator of the ``"kron"`` scale of one matrix.
+
+    ``t`` is the matrix (rows = outputs, columns = inputs; a tensor of more dimensions is
+    read as ``(shape[0], -1)``), ``idx`` the kept flat indices and ``signs`` their sign bits
+    (True = negative). With ``S`` the kept signs as a matrix, ``t = U diag(sv) V^T`` and the
+    two square-root Gram matrices ``G = (t t^T)^(1/2) = U diag(sv) U^T`` (outputs) and
+    ``A = (t^T t)^(1/2) = V diag(sv) V^T`` (inputs), each scaled to a mean eigenvalue of 1,
+    it returns ``(tr(G S A t^T), tr(G S A S^T))``: the scale ``num / den`` minimises
+    ``||G^(1/2) (s S - t) A^(1/2)||``, the error weighed on both sides by the directions the
+    fine-tune itself moved (a Kronecker-factored metric, as K-FAC approximates the Fisher).
+    The numerator is ``<S, t t^T t>`` (no decomposition); the denominator needs the
+    eigenvectors of the smaller Gram matrix. Exact in float64 up to singular values below
+    ``1e-7`` of the largest (they weigh ``sv`` in the metric and are dropped). About
+    ``4 * rows * columns * min(rows, columns)`` multiply-adds plus one symmetric
+    eigendecomposition of ``min(rows, columns)`` squared.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = np.array([[3.0, 0.1], [0.2, -1.0]])
+    >>> num, den = kron_terms(t, np.array([0, 3]), np.array([False, True]))
+    >>> round(num / den, 4)  # l2 gives 2.0, proj 10.1 / 4 = 2.525, gram 2.798
+    2.8043
+    """
+    if not idx.size:
+        return 0.0, 0.0
+    t = np.asarray(t, np.float64)
+    smat = np.zeros(t.shape)
+    smat.reshape(-1)[np.asarray(idx, np.int64)] = np.where(signs, -1.0, 1.0)
+    if t.shape[0] > t.shape[1]:  # both terms are the same for the transposes: work on the
+        t, smat = t.T, smat.T  # wide side, so the Gram matrix below is the small one
+    rows, cols = t.shape
+    w, u = np.linalg.eigh(t @ t.T)  # t t^T = U diag(sv^2) U^T
+    sv = np.sqrt(np.clip(w, 0.0, None))
+    keep = sv > 1e-7 * sv.max() if sv.size and sv.max() > 0.0 else np.zeros(sv.size, bool)
+    if not keep.any():
+        return 0.0, 0.0
+    sv, u = sv[keep], u[:, keep]
+    v = (t.T @ u) / sv  # right singular vectors, columns x r
+    m = u.T @ (smat @ v)  # U^T S V, r x r
+    total = float(sv.sum())
+    norm = (total / rows) * (total / cols)  # the two mean eigenvalues
+    num = float(np.einsum("i,ii->", sv**3, m))  # tr(G S A t^T) = sum sv_i^3 m_ii
+    den = float(np.einsum("i,ij,j,ij->", sv, m, sv, m))  # sum sv_i sv_j m_ij^2
+    return num / norm, den / norm
+
+
+#: the scales computed from per-matrix metric terms: name -> (matrix, idx, signs) -> (num, den)
+METRIC_TERMS: dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, float]]] = {
+    "gram": gram_terms,
+    "kron": kron_terms,
+}
+
+
+def float32_scale(raw: float, tensors: Sequence[tuple[str, str, int]]) -> float:
+    """The scale ``raw`` as stored (float32), refused where it overflows float32 or the
+    dtype of any of ``tensors`` (``(name, dtype, numel)``, the tensors sharing it), since the
+    decoder rounds the scale to each tensor's dtype.
+
+    >>> float32_scale(0.1, [("w", "F32", 4)])
+    0.10000000149011612
+    """
+    where = tensors[0][0] if len(tensors) == 1 else None
+    scope = "" if where else f"global scope ({len(tensors)} tensors): "
+    with np.errstate(over="ignore"):
+        value = float(np.float32(raw))
+    if not math.isfinite(value):
+        raise EncodeError(f"{scope}scale {raw!r} overflows float32", tensor=where)
+    for name, dtype, numel in tensors:
+        if numel and not math.isfinite(decoded_scale(value, dtype)):
+            raise EncodeError(f"{scope}scale {value!r} overflows the tensor's dtype {dtype}",
+                              tensor=name)
+    return value
+
+
+def is_vector(shape: tuple[int, ...]) -> bool:
+    """True for a vector-shaped tensor: at most one dimension above 1 (bias, gain, gate)."""
+    return sum(d > 1 for d in shape) <= 1
+
+
+def decoded_scale(scale: float, dtype: str) -> float:
+    """The magnitude a decoder writes for ``scale`` in dtype ``dtype``."""
+    with np.errstate(over="ignore"):
+        one = TernaryTensor((1,), [0], [False], scale, dtype, _validated=True).to_numpy()
+    return float(one[0])
+
+
+
+
+class Stats:
+    """Float64 streaming count, sum of squares and (optionally) mean/M2 (Chan et al.)."""
+
+    def __init__(self, need_std: bool) -> None:
+        self.need_std = need_std
+        self.count = 0
+        self.sumsq = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    def add(self, c: np.ndarray) -> bool:
+        """Add a chunk; return False if it holds a non-finite value (or overflows)."""
+        sums = self.part(c)
+        if sums is None:
+            return False
+        self.merge(sums)
+        return True
+
+    def part(self, c: np.ndarray) -> tuple[int, float, float, float] | None:
+        """The sums of one 1-d chunk, ``(count, sum of squares, mean, M2)``, or None if it
+        holds a non-finite value (or overflows). Any thread; :meth:`merge` adds them up."""
+        if not c.size:
+            return 0, 0.0, 0.0, 0.0
+        # float32 squares are exact in float64; einsum widens in small buffers (no float64
+        # copy of the chunk) and, unlike np.dot, never calls a multi-threaded BLAS
+        with np.errstate(over="ignore", invalid="ignore"):
+            s2 = float(np.einsum("i,i->", c, c, dtype=np.float64))
+        if not math.isfinite(s2):
+            return None
+        if not self.need_std:
+            return c.size, s2, 0.0, 0.0
+        c64 = c.astype(np.float64)
+        mean_c = float(c64.sum()) / c.size
+        c64 -= mean_c
+        return c.size, s2, mean_c, float(np.einsum("i,i->", c64, c64))
+
+    def merge(self, sums: tuple[int, float, float, float]) -> None:
+        """Add the sums of a chunk (:meth:`part`), chunks in order."""
+        nc, s2, mean_c, m2_c = sums
+        if not nc:
+            return
+        if not self.need_std:
+            self.count += nc
+            self.sumsq += s2
+            return
+        total = self.count + nc
+        delta = mean_c - self.mean
+        self.mean += delta * nc / total
+        self.m2 += m2_c + delta * delta * self.count * nc / total
+        self.count = total
+        self.sumsq += s2
+
+    def std(self) -> float:
+        """Unbiased standard deviation; 0 for fewer than two elements."""
+        if self.count < 2:
+            return 0.0
+        return math.sqrt(max(self.m2, 0.0) / (self.count - 1))
+
