@@ -328,7 +328,7 @@ def compress_file(
             done = dict(iter_compress(tv, density=density, alpha=alpha, scope=scope,
                                       scale=DEFAULT_SCALE))
             comp_meta[LORA_SCALE_KEY] = _lora_rescale(done, source, reader, base_reader,
-                                                      plan.compressible, scope, alpha)
+                                                      plan.compressible, scale, scope, alpha)
             stream = iter(done.items())
         else:
             stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
@@ -475,7 +475,8 @@ def _check_lora_source(src: Any, scale: str) -> None:
 
 
 def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
-                  measured: Iterable[str], scope: str, alpha: float) -> dict[str, Any]:
+                  measured: Iterable[str], rule: str, scope: str, alpha: float
+                  ) -> dict[str, Any]:
     """Fit the LoRA factors' scales of ``done`` in place (:func:`lora_scale.rescale`) against
     the adapter's factors, from the base where the task vector was measured from it (else
     zero), PEFT's scaling weighing the modules; return the record's :data:`LORA_SCALE_KEY`."""
@@ -485,7 +486,7 @@ def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader
     config = json.loads(Path(source.config).read_text()) if source.config else {}
     fitted = rescale(done, {n: reader.get(n) for n in names},
                      {n: base_reader.get(n) for n in names if n in from_base},
-                     scope=scope, alpha=alpha,
+                     rule=rule, scope=scope, alpha=alpha,
                      scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0]))
     before = {n: done[n].scale for n in names}
     done.update(fitted)

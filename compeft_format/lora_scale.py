@@ -42,14 +42,15 @@ __all__ = [
     "best_pair_scales",
     "best_scale",
     "lora_pairs",
+    "output_metric",
     "pair_polynomials",
     "peft_scaling",
     "product_quartic",
     "rescale",
 ]
 
-#: The product-fitted scale rules: ``"lora_product"`` fits the products in the Frobenius norm.
-LORA_SCALES = ("lora_product",)
+#: The product-fitted scale rules (see :func:`rescale`).
+LORA_SCALES = ("lora_product", "lora_product_out")
 
 Factors = list[tuple[np.ndarray, np.ndarray]]  # sum of X @ Y, X (out x r), Y (r x in)
 
@@ -101,22 +102,55 @@ def peft_scaling(config: Mapping[str, Any], a_name: str, rank: int) -> float:
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-def _ip(f: Factors, g: Factors) -> float:
-    """``<sum X Y, sum U V>`` (Frobenius) of two sums of factor products."""
+Metric = tuple[np.ndarray, np.ndarray] | None  # (basis Q, weights w): G = Q diag(w) Q^T
+
+
+def output_metric(a: np.ndarray, b: np.ndarray) -> Metric:
+    """The output-side metric of ``"lora_product_out"``: ``G = P P^T`` for the module's
+    product ``P = B A``, scaled to a mean eigenvalue of 1 over the outputs, as ``(Q, w)`` with
+    ``G = Q diag(w) Q^T`` (``Q`` the left singular vectors of ``P``, ``w`` its squared
+    singular values scaled); None where ``P = 0``. Through QR of the factors and a
+    ``rank x rank`` SVD.
+
+    >>> q, w = output_metric(np.array([[1.0, 0.0]]), np.array([[2.0], [0.0]]))
+    >>> np.abs(q[:, 0]).tolist(), w.tolist()  # P = [[2, 0], [0, 0]]: all on output 0
+    ([1.0, 0.0], [2.0])
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    qb, rb = np.linalg.qr(b)
+    ra = np.linalg.qr(a.T, mode="r")  # A^T = Q_A R_A: P = Q_B (R_B R_A^T) Q_A^T
+    u, sv, _ = np.linalg.svd(rb @ ra.T)
+    w = sv**2
+    if not w.sum() > 0.0:
+        return None
+    return qb @ u, w / (w.sum() / b.shape[0])
+
+
+def _ip(f: Factors, g: Factors, metric: Metric = None) -> float:
+    """``<sum X Y, sum U V>`` of two sums of factor products: ``tr(G X Y V^T U^T)``, ``G``
+    the output metric (None: the identity, the Frobenius inner product)."""
     total = 0.0
     for x, y in f:
         for u, v in g:
-            total += float(np.einsum("ij,ij->", x.T @ u, y @ v.T))
+            if metric is None:
+                left = x.T @ u
+            else:
+                q, w = metric
+                left = (x.T @ q) @ (w[:, None] * (q.T @ u))
+            total += float(np.einsum("ij,ij->", left, y @ v.T))
     return total
 
 
 def product_quartic(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarray,
-                    sb: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+                    sb: np.ndarray, a: np.ndarray, b: np.ndarray,
+                    metric: Metric = None) -> np.ndarray:
     """The coefficients ``q[0..4]`` of ``||(B0 + s S_B)(A0 + s S_A) - B A||^2 = sum q_k s^k``.
 
     ``a0``, ``b0``: the reference factors (None for zero); ``sa``, ``sb``: the kept signs
     (-1, 0, +1) as matrices of the factors' shapes (``A``: rank x in, ``B``: out x rank);
-    ``a``, ``b``: the adapter's factors. In float64; ``O((out + in) rank^2)``.
+    ``a``, ``b``: the adapter's factors; ``metric``: an output metric ``G``
+    (:func:`output_metric`; the norm is then ``tr(G E E^T)``), None for Frobenius. In
+    float64; ``O((out + in) rank^2)``.
 
     >>> a, b = np.array([[1.0, 2.0]]), np.array([[3.0]])
     >>> q = product_quartic(None, None, np.array([[0.0, 1.0]]), np.array([[1.0]]), a, b)
@@ -134,8 +168,12 @@ def product_quartic(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarray
         if a0 is not None:
             c0.append((b0, np.asarray(a0, np.float64)))
     c2: Factors = [(sb, sa)]
-    return np.array([_ip(c0, c0), 2 * _ip(c0, c1), _ip(c1, c1) + 2 * _ip(c0, c2),
-                     2 * _ip(c1, c2), _ip(c2, c2)])
+
+    def ip(f: Factors, g: Factors) -> float:
+        return _ip(f, g, metric)
+
+    return np.array([ip(c0, c0), 2 * ip(c0, c1), ip(c1, c1) + 2 * ip(c0, c2),
+                     2 * ip(c1, c2), ip(c2, c2)])
 
 
 def best_scale(q: Sequence[float]) -> float | None:
@@ -164,7 +202,7 @@ def best_scale(q: Sequence[float]) -> float | None:
 
 
 def pair_polynomials(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarray,
-                     sb: np.ndarray, a: np.ndarray, b: np.ndarray
+                     sb: np.ndarray, a: np.ndarray, b: np.ndarray, metric: Metric = None
                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(n00, n01, n11)``: polynomials in ``s_A`` (coefficients, lowest first) with
     ``||(B0 + s_B S_B)(A0 + s_A S_A) - B A||^2 = n00 + 2 s_B n01 + s_B^2 n11``.
@@ -185,9 +223,13 @@ def pair_polynomials(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarra
     if a0 is not None:
         f0.append((sb, np.asarray(a0, np.float64)))
     f1: Factors = [(sb, sa)]
-    n00 = np.array([_ip(e0, e0), 2 * _ip(e0, e1), _ip(e1, e1)])
-    n01 = np.array([_ip(e0, f0), _ip(e0, f1) + _ip(e1, f0), _ip(e1, f1)])
-    n11 = np.array([_ip(f0, f0), 2 * _ip(f0, f1), _ip(f1, f1)])
+
+    def ip(f: Factors, g: Factors) -> float:
+        return _ip(f, g, metric)
+
+    n00 = np.array([ip(e0, e0), 2 * ip(e0, e1), ip(e1, e1)])
+    n01 = np.array([ip(e0, f0), ip(e0, f1) + ip(e1, f0), ip(e1, f1)])
+    n11 = np.array([ip(f0, f0), 2 * ip(f0, f1), ip(f1, f1)])
     return n00, n01, n11
 
 
@@ -257,6 +299,7 @@ def rescale(
     adapter: Mapping[str, Any],
     reference: Mapping[str, Any] | None = None,
     *,
+    rule: str = "lora_product",
     scope: str = "global",
     alpha: float = 1.0,
     scaling: Mapping[str, float] | Callable[[str], float] | None = None,
@@ -276,6 +319,12 @@ def rescale(
     reference:
         What the task vector was measured from (the initial adapter: ``A0``, ``B0``); None
         (or a missing name) for zero.
+    rule:
+        One of :data:`LORA_SCALES`: ``"lora_product"`` fits the products in the Frobenius
+        norm; ``"lora_product_out"`` measures each module's error ``E`` by ``tr(G E E^T)``
+        with ``G = P P^T`` (:func:`output_metric`), the output directions the adapter's own
+        product ``P = B A`` moves: the directions the loss gradient used, where the dropped
+        entries' effect lines up with the kept ones'.
     scope:
         compress's scope: ``"global"`` (one scale for every factor), ``"role"`` (one for the A
         factors, one for the B factors) or ``"tensor"`` (both per module).
@@ -305,6 +354,8 @@ def rescale(
     >>> out["m.lora_A.weight"].scale == out["m.lora_B.weight"].scale
     True
     """
+    if rule not in LORA_SCALES:
+        raise EncodeError(f"LoRA scale rule must be one of {LORA_SCALES}, got {rule!r}")
     if scope not in ("global", "role", "tensor"):
         raise EncodeError(f"scope must be 'global', 'role' or 'tensor', got {scope!r}")
     ternary = {n: t for n, t in compressed.items() if isinstance(t, TernaryTensor)}
@@ -326,7 +377,11 @@ def rescale(
         if a.shape != sa.shape or b.shape != sb.shape or a.shape[0] != b.shape[1]:
             raise EncodeError(f"LoRA factors {a_name!r} {a.shape} and {b_name!r} {b.shape} "
                               "do not match their compressed tensors or each other")
-        got = (product_quartic if scope == "global" else pair_polynomials)(a0, b0, sa, sb, a, b)
+        metric = output_metric(a, b) if rule == "lora_product_out" else None
+        if rule == "lora_product_out" and metric is None:
+            continue  # B A = 0: nothing this metric sees (a module the training never moved)
+        fit = product_quartic if scope == "global" else pair_polynomials
+        got = fit(a0, b0, sa, sb, a, b, metric)
         terms.append((a_name, b_name, weight(a_name), got))
 
     scales: dict[str, float] = {}

@@ -27,8 +27,9 @@ def _adapter(rng, modules=3, r=4, out=24, inp=20, init=True):
     return ad, (ref if init else None)
 
 
-def _dense_error(comp, ad, ref, scales, weights=None):
-    """sum_m w_m ||(B0 + s_B S_B)(A0 + s_A S_A) - B A||^2, with full dense products."""
+def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False):
+    """sum_m w_m ||(B0 + s_B S_B)(A0 + s_A S_A) - B A||^2, with full dense products; with
+    ``out_metric`` the norm is tr(G E E^T), G = P P^T scaled to a mean eigenvalue of 1."""
     total = 0.0
     for a, b in ls.lora_pairs(comp):
         ra = comp[a].to_numpy().astype(np.float64) / comp[a].scale * scales[a]
@@ -37,7 +38,16 @@ def _dense_error(comp, ad, ref, scales, weights=None):
         b0 = ref[b].astype(np.float64) if ref else 0.0
         got = (b0 + rb) @ (a0 + ra)
         want = ad[b].astype(np.float64) @ ad[a].astype(np.float64)
-        total += (1.0 if weights is None else weights[a] ** 2) * float(((got - want) ** 2).sum())
+        e = got - want
+        if out_metric:
+            g = want @ want.T
+            if not np.trace(g) > 0:
+                continue
+            g /= np.trace(g) / g.shape[0]
+            sq = float(np.trace(g @ e @ e.T))
+        else:
+            sq = float((e**2).sum())
+        total += (1.0 if weights is None else weights[a] ** 2) * sq
     return total
 
 
@@ -93,18 +103,20 @@ def test_quartic_is_the_dense_error(seed, with_b0):
 @pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize(("init", "density"), [(True, 0.03), (True, 0.1), (True, 0.4),
                                                (False, 0.1), (False, 0.4)])
-def test_global_scale_is_the_brute_force_minimum(seed, density, init):
+@pytest.mark.parametrize("rule", ls.LORA_SCALES)
+def test_global_scale_is_the_brute_force_minimum(seed, density, init, rule):
     rng = np.random.default_rng(seed)
     ad, ref = _adapter(rng, init=init)
     comp = compress(_tv(ad, ref), density=density)
-    out = ls.rescale(comp, ad, ref)
+    out = ls.rescale(comp, ad, ref, rule=rule)
+    metric = rule == "lora_product_out"
     pairs = ls.lora_pairs(comp)
     names = [n for p in pairs for n in p]
     assert sum(comp[b].nnz for _, b in pairs)  # both factors have kept entries
     assert sum(comp[a].nnz for a, _ in pairs)
 
     def err(s):
-        return _dense_error(comp, ad, ref, dict.fromkeys(names, s))
+        return _dense_error(comp, ad, ref, dict.fromkeys(names, s), out_metric=metric)
 
     s = out[pairs[0][0]].scale
     assert all(out[n].scale == s for n in names)  # one scale for the scope
@@ -115,7 +127,7 @@ def test_global_scale_is_the_brute_force_minimum(seed, density, init):
     for n in names:  # the selection and the signs are compress's
         np.testing.assert_array_equal(out[n].indices, comp[n].indices)
         np.testing.assert_array_equal(out[n].signs, comp[n].signs)
-    if not init:  # from zero only s^2 counts: s^2 = <B A, S_B S_A> / ||S_B S_A||^2
+    if not init and not metric:  # from zero: s^2 = <B A, S_B S_A> / ||S_B S_A||^2
         num = den = 0.0
         for a, b in pairs:
             ss = (comp[b].to_numpy() / comp[b].scale) @ (comp[a].to_numpy() / comp[a].scale)
@@ -219,6 +231,17 @@ def test_mismatched_factors_are_refused():
         ls.rescale(comp, bad, ref)
     with pytest.raises(EncodeError, match="scope"):
         ls.rescale(comp, ad, ref, scope="module")
+    with pytest.raises(EncodeError, match="rule"):
+        ls.rescale(comp, ad, ref, rule="proj")
+
+
+def test_output_metric_is_p_pt():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(3, 11)), rng.normal(size=(9, 3))
+    q, w = ls.output_metric(a, b)
+    g = (b @ a) @ (b @ a).T
+    np.testing.assert_allclose((q * w) @ q.T, g / (np.trace(g) / 9), atol=1e-12)
+    assert ls.output_metric(a, np.zeros((9, 3))) is None
 
 
 def test_lora_pairs_names():
