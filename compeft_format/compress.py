@@ -15,6 +15,8 @@ all cores. It also keeps the position and value of every entry above ``lo`` (the
 and the band), so once the threshold is known the output is picked from those: the task
 vector is read once in full (plus the sparse sample) instead of three times.
 :func:`iter_compress`, which holds one output tensor at a time, collects only the band.
+Where numba is installed, the per-chunk loops run compiled (:mod:`compeft_format.kernels`,
+``$COMPEFT_KERNELS``), with the same output bytes.
 """
 
 from __future__ import annotations

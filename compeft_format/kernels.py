@@ -125,7 +125,12 @@ def load(compile_without_cache: bool = True) -> Kernels | None:
         except Exception as exc:
             _say(f"numba compile failed: {exc!r}", final=True)
             return None
-        _kernels = Kernels(funcs)
+        try:
+            kernels = Kernels(funcs)  # runs the sum of squares' check
+        except Exception as exc:
+            _say(f"numba kernels failed their check: {exc!r}", final=True)
+            return None
+        _kernels = kernels
         if not _kernels.sums_like_einsum:
             log.debug("compeft_format.kernels: the sum of squares stays in numpy's einsum "
                       "(the compiled sum does not round as this numpy's einsum does)")

@@ -269,6 +269,22 @@ def test_a_compile_error_falls_back(monkeypatch, fresh):
     assert_same(got, compress(tv, density=0.1))
 
 
+def test_kernels_that_fail_at_run_time_fall_back(monkeypatch, fresh):
+    from types import SimpleNamespace
+
+    from compeft_format import _kernels_numba
+
+    def crashing(c):
+        raise ZeroDivisionError("made up")
+
+    monkeypatch.setattr(_kernels_numba, "build", lambda cache: SimpleNamespace(sumsq=crashing))
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    assert kernels.load() is None
+    assert kernels.status().startswith("numpy (numba kernels failed their check")
+    x = np.random.default_rng(2).standard_normal(50_000)
+    assert compress({"x": x}, density=0.1)["x"].nnz == 5000
+
+
 def test_no_writable_cache_directory(monkeypatch, fresh):
     # numba raises RuntimeError ("cannot cache function ...: no locator available") when
     # neither $NUMBA_CACHE_DIR, the package's __pycache__ nor the user's cache is writable:
