@@ -34,6 +34,7 @@ from .errors import EncodeError
 from .scales import (
     CAPPED,
     DEFAULT_SCALE,
+    KEPT_SUM_SCALES,
     METRIC_SCALES,
     METRIC_TERMS,
     SCALES,
@@ -729,7 +730,7 @@ class _Job:
         :func:`gram_terms` (:func:`kron_terms`).
         """
         t = work.type(top.threshold)
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
+        want_sum = self.scale in KEPT_SUM_SCALES
         kept_sum = 0.0
         gram = self._gram_sums = [0.0, 0.0]
         held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -839,7 +840,7 @@ class _Job:
         idx_parts: list[np.ndarray] = []
         sign_parts: list[np.ndarray] = []
         kept_sum = 0.0
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
+        want_sum = self.scale in KEPT_SUM_SCALES
         find_ties = ties_left > 0
 
         def one(start: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
