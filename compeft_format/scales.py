@@ -216,8 +216,8 @@ def kron_sketch_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tupl
     fine-tune (all-MiniLM-L6-v2, AdamW, near full rank, 384-wide) the scope's scale is within
     2.5% at densities 0.01 to 0.2. On synthetic updates whose singular values fall off as a
     slow power law (``tests/test_compress.py``) one matrix's scale is within 5% at 90 to 200
-    wide, and within 10% at 1024 wide: the wider the matrix against the rank, the more the
-    tail's shape matters, and it is known only by two moments.
+    wide, but up to 10.5% off at 1024 wide: the wider the matrix against the rank, the more
+    the tail's shape matters, and it is known only by two moments.
 
     Examples
     --------
