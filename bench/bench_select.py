@@ -12,11 +12,15 @@ median of several runs each, and checks that both give the same k-th largest val
 Part 3 (the issue-14 target) times the whole ``compress({"t": x}, density=p)`` of the
 same 10^8 float32 task vector against ``np.partition(|x|, n - k)``: interleaved rounds
 (every method once per round, so all share the same background load), with one thread
-(``COMPEFT_THREADS=1``) and with all usable cores; the ratio compress / partition is the
-figure (target: at most 0.4). The partition is timed as ``np.partition`` (which copies its
-input to fresh memory) and as the same copy into memory touched before plus an in-place
-partition; the target is judged against the latter (see :func:`bench_compress`). The load
-average before and after is printed.
+(``COMPEFT_THREADS=1``) and with all usable cores, on the numpy path and (numba installed)
+on the compiled kernels (``COMPEFT_KERNELS=numpy|numba``); the ratio compress / partition
+is the figure (target: at most 0.4). The partition is timed as ``np.partition`` (which
+copies its input to fresh memory: the issue's measure) and as the same copy into memory
+touched before plus an in-place partition (the stricter ratio; see
+:func:`bench_compress`); both verdicts are printed, with the load average before and after.
+Then the CPU nanoseconds per element of each step, one thread, on both paths
+(:func:`bench_phases`), and the compiled kernels' one-time load cost in a fresh process
+(``--jit-cost``: also their compile cost with an empty cache).
 
 Part 2 writes several float32 tensors to ``np.memmap`` files, then, in a fresh subprocess,
 runs ``compress(..., scope="global")`` over a lazy mapping that opens each file on access,
@@ -43,6 +47,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compeft_format import kernels  # noqa: E402
 from compeft_format.compress import compress, compress_threads, select_topk  # noqa: E402
 
 DENSITIES = (0.01, 0.05, 0.2)
@@ -85,7 +90,12 @@ def bench_compress(n: int, runs: int, density: float) -> None:
     (fresh memory, what a caller gets) and as the same copy into a buffer touched before,
     then ``ndarray.partition`` in place (the same work without fresh pages). compress's own
     fresh memory is its output and candidates (about 14 bytes per kept entry), included.
-    The stricter ratio, against the warm partition, is the one the target is judged on.
+    The issue's target is the ratio to ``np.partition``; the ratio to the warm partition is
+    the stricter one, judged too.
+
+    compress runs on the numpy path and, where numba is installed, on the compiled kernels
+    (``COMPEFT_KERNELS``; loaded before the rounds, their one-time cost timed on its own by
+    :func:`kernel_load_cost`).
     """
     rng = np.random.default_rng(0)
     x = rng.standard_normal(n, dtype=np.float32)
@@ -93,10 +103,17 @@ def bench_compress(n: int, runs: int, density: float) -> None:
     mags = np.abs(x)  # np.partition's input, made once (its own copy is in its time)
     warm = mags.copy()  # the warm partition's buffer, touched once here
     cores = compress_threads()
+    compiled = kernels.load() is not None
+    paths = ("numpy", "numba") if compiled else ("numpy",)
     load0 = os.getloadavg()
     fresh, inplace = "np.partition (fresh copy)", "partition (warm copy)"
-    times: dict[str, list[float]] = {fresh: [], inplace: [], "compress 1 thread": [],
-                                     f"compress {cores} threads": []}
+    times: dict[str, list[float]] = {fresh: [], inplace: []}
+    runners = {}
+    for path in paths:
+        for threads in sorted({1, cores}):
+            label = f"compress {threads} thread{'s' * (threads > 1)}, {path}"
+            times[label] = []
+            runners[label] = (path, threads)
     cpu: dict[str, list[float]] = {label: [] for label in times}
 
     def timed(label: str, fn) -> None:
@@ -105,40 +122,138 @@ def bench_compress(n: int, runs: int, density: float) -> None:
         times[label].append(time.perf_counter() - t0)
         cpu[label].append(time.process_time() - c0)
 
-    def with_threads(threads: int) -> None:
+    def with_env(path: str, threads: int) -> None:
         os.environ["COMPEFT_THREADS"] = str(threads)
+        os.environ[kernels.KERNELS_ENV] = path
         try:
             compress({"t": x}, density=density)
         finally:
             del os.environ["COMPEFT_THREADS"]
+            del os.environ[kernels.KERNELS_ENV]
 
     def partition_warm() -> None:
         np.copyto(warm, mags)
         warm.partition(n - k)
 
-    with_threads(cores)  # warm-up: thread pool, per-thread buffers
+    for path in paths:  # warm-up: thread pool, per-thread buffers
+        with_env(path, cores)
     for _ in range(runs):  # interleaved: each round sees the same background load
         timed(fresh, lambda: np.partition(mags, n - k))
         timed(inplace, partition_warm)
-        timed("compress 1 thread", lambda: with_threads(1))
-        timed(f"compress {cores} threads", lambda: with_threads(cores))
+        for label, (path, threads) in runners.items():
+            timed(label, lambda p=path, t=threads: with_env(p, t))
     load1 = os.getloadavg()
     part = {label: statistics.median(times[label]) for label in (fresh, inplace)}
     print(f"## compress vs np.partition, n = {n:,} float32, density {density}, median of "
           f"{runs} interleaved rounds\n")
     print(f"load average (1 min) {load0[0]:.1f} before, {load1[0]:.1f} after; "
-          f"{os.cpu_count()} CPUs, {cores} usable\n")
-    print("| method | median (s) | best (s) | / np.partition | / partition (warm copy) "
-          "| target (warm) | CPU, all threads (s) |")
-    print("|---|---|---|---|---|---|---|")
+          f"{os.cpu_count()} CPUs, {cores} usable; kernels: {kernels.status()}\n")
+    print("| method | median (s) | best (s) | / np.partition | target | "
+          "/ partition (warm copy) | target (warm) | CPU, all threads (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, ts in times.items():
         med = statistics.median(ts)
-        target = "" if "partition" in label else ("<= 0.4: " + (
-            "met" if med / part[inplace] <= 0.4 else "NOT met"))
+        verdicts = ["", ""]
+        if "partition" not in label:
+            verdicts = ["<= 0.4: " + ("met" if med / part[ref] <= 0.4 else "NOT met")
+                        for ref in (fresh, inplace)]
         print(f"| {label} | {med:.3f} | {min(ts):.3f} | {med / part[fresh]:.2f} "
-              f"| {med / part[inplace]:.2f} | {target} | {statistics.median(cpu[label]):.3f} |")
+              f"| {verdicts[0]} | {med / part[inplace]:.2f} | {verdicts[1]} "
+              f"| {statistics.median(cpu[label]):.3f} |")
     print("\nCPU: the process's CPU seconds (median), all threads together; a wall time "
           "above CPU / threads means the threads waited for a core (other load).\n")
+
+
+def kernel_load_cost(compile_too: bool) -> None:
+    """The compiled kernels' one-time cost in a fresh process: importing numba and loading
+    the kernels from numba's on-disk cache (and, with ``compile_too``, compiling them with
+    an empty cache directory, as the first use after an install does)."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); c0 = time.process_time(); "
+            "t0 = time.perf_counter(); from compeft_format import kernels; "
+            "ok = kernels.load() is not None; "
+            "print(ok, time.perf_counter() - t0, time.process_time() - c0)")
+    rows = []
+    cases = [("numba import + kernels from the on-disk cache", False)]
+    if compile_too:
+        cases.insert(0, ("numba import + compile (empty cache)", True))
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, empty_cache in cases:
+            env = dict(os.environ)
+            if empty_cache:  # numba looks in $NUMBA_CACHE_DIR first: empty, so it compiles
+                env["NUMBA_CACHE_DIR"] = tmp
+            res = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env,
+                                 check=True, capture_output=True, text=True)
+            ok, wall, cpu = res.stdout.split()
+            if ok != "True":
+                print(f"kernels not loaded: {kernels.status()}\n")
+                return
+            rows.append((label, float(wall), float(cpu)))
+    print("## One-time cost of the compiled kernels (fresh process)\n")
+    print("| step | wall (s) | CPU (s) |")
+    print("|---|---|---|")
+    for label, wall, cpu in rows:
+        print(f"| {label} | {wall:.2f} | {cpu:.2f} |")
+    print(f"\nauto mode loads them for a pass of at least {kernels.AUTO_MIN:,} elements "
+          "(or once loaded in the process).\n")
+
+
+def bench_phases(n: int, density: float) -> None:
+    """CPU ns per element of each step of compress's statistics pass and picking, one
+    thread, numpy against the compiled kernels, on the chunks compress uses."""
+    from compeft_format import selection as sel
+    from compeft_format.scales import Stats
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(n, dtype=np.float32)
+    k = round(density * n)
+    sample = sel.sample_of(np.abs(x), np.random.default_rng(sel.SAMPLE_SEED))
+    lo_open, hi = sel.band_edges(sample, n, k, np.dtype(np.float32))
+    starts = range(0, n, sel.CHUNK)
+    kern = kernels.load()
+
+    def cpu_ns(fn) -> float:
+        c0 = time.process_time()
+        fn()
+        return (time.process_time() - c0) / n * 1e9
+
+    def sums() -> None:
+        stats = Stats(need_std=False)
+        for s in starts:
+            stats.part(x[s:s + sel.CHUNK])
+
+    found: dict[str, list] = {}
+
+    def cands(kernels_: object) -> None:
+        c = sel.Candidates(lo_open, hi, sel.band_cap(n), True, n, kernels=kernels_)
+        found["parts"] = [c.chunk(x[s:s + sel.CHUNK], s)[0] for s in starts]
+
+    rows = [("sum of squares (einsum, float64)", cpu_ns(sums), None)]
+    row = ["candidates and band", cpu_ns(lambda: cands(None)), None]
+    if kern is not None:
+        row[2] = cpu_ns(lambda: cands(kern))
+    rows.append(tuple(row))
+    top = sel.select_topk(np.abs(x), k)
+    t = np.float32(top.threshold)
+    from compeft_format.compress import _Job
+
+    job = _Job(density, 1.0, "proj", {}, None)
+    os.environ["COMPEFT_THREADS"] = "1"
+    try:
+        parts = found["parts"]
+        row = ["picking the kept entries", cpu_ns(lambda: job._pick(parts, t, top.n_ties, True)),
+               None]
+        if kern is not None:
+            job.kernels = kern
+            row[2] = cpu_ns(lambda: job._pick(parts, t, top.n_ties, True))
+        rows.append(tuple(row))
+    finally:
+        del os.environ["COMPEFT_THREADS"]
+    print(f"## CPU per element by step, one thread, n = {n:,} float32, density {density}\n")
+    print("| step | numpy (ns/element) | numba (ns/element) |")
+    print("|---|---|---|")
+    for label, a, b in rows:
+        print(f"| {label} | {a:.2f} | {'' if b is None else f'{b:.2f}'} |")
+    print()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +361,8 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05, help="density of parts 2, 3")
     parser.add_argument("--compress-only", action="store_true",
                         help="part 3 only: compress vs np.partition")
+    parser.add_argument("--jit-cost", action="store_true",
+                        help="also time compiling the kernels with an empty numba cache")
     args = parser.parse_args()
     n = args.n or (2 * 10**6 if args.quick else 10**8)
     runs = args.runs or (3 if args.quick else 5)
@@ -256,6 +373,8 @@ def main() -> None:
     if not args.compress_only:
         bench_selection(n, runs)
     bench_compress(n, runs, args.density)
+    bench_phases(n, args.density)
+    kernel_load_cost(args.jit_cost)
     if not args.compress_only:
         bench_memory(n, args.density)
 

@@ -7,6 +7,7 @@ True
 """
 
 from ._spec import VERSION_MAJOR, VERSION_MINOR, ReadLimits
+from ._version import __version__
 from .batch import compress_many
 from .compress import compress, compression_metadata, iter_compress, select_topk
 from .container import (
@@ -64,7 +65,6 @@ from .taskvec import (
 )
 from .tensor import TernaryTensor
 
-__version__ = "0.1.0"
 FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
 
 __all__ = [

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from . import dtypes as _dt
+from . import kernels as _kernels
 from . import selection as _sel
 from ._spec import META_COMPRESSION, TERNARY_DTYPES
 from .errors import EncodeError
@@ -489,6 +490,8 @@ class _Job:
         #: pass for the scales that need the sum of the kept magnitudes (see _pass3)
         self.stream = False
         self._gram_sums = [0.0, 0.0]  # "gram", "kron": summed metric terms of the matrices
+        #: the compiled kernels for this scope's size, or None (numpy); same output either way
+        self.kernels: _kernels.Kernels | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
@@ -554,7 +557,9 @@ class _Job:
         if n:
             lo_open, hi = _sel.band_edges(sample, n, k, work)
             cap = _sel.band_cap(n)
-            found = _sel.Candidates(lo_open, hi, cap, positions=not self.stream, limit=k + cap)
+            self.kernels = _kernels.for_size(n)
+            found = _sel.Candidates(lo_open, hi, cap, positions=not self.stream, limit=k + cap,
+                                    kernels=self.kernels)
         del sample
         for meta in metas:
             self._pass1_tensor(meta, fetch, stats, work, found)
@@ -782,14 +787,15 @@ class _Job:
             yield meta.name, out
             del out
 
-    @staticmethod
     def _pick(
-        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: Any, ties_left: int,
+        self, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]], t: Any, ties_left: int,
         want_sum: bool,
     ) -> tuple[np.ndarray, np.ndarray, int, float]:
         """:meth:`_gather` of one tensor from its candidates ``(positions, magnitudes, sign
         bits)``, chunk by chunk on all cores: which to keep (the ties in order), then each
         chunk's kept entries straight into their slice of the output."""
+        if self.kernels is not None:
+            return self._pick_compiled(self.kernels, parts, t, ties_left, want_sum)
         find_ties = ties_left > 0
 
         def mark(i: int) -> tuple[np.ndarray, int, np.ndarray | None]:
@@ -834,6 +840,38 @@ class _Job:
             kept_sum += part
         return idx, signs, ties_left, kept_sum
 
+    @staticmethod
+    def _pick_compiled(
+        kern: _kernels.Kernels, parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+        t: Any, ties_left: int, want_sum: bool,
+    ) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """:meth:`_pick` with the compiled kernels: each chunk's counts above and at ``t``,
+        the ties handed out in order, then each chunk's kept entries into their slice; the
+        kept magnitudes are summed by numpy, as :meth:`_pick` sums them."""
+        items = range(len(parts))
+        ties: list[int] = []
+        ends = [0]
+        for greater, equal in _sel.ordered_map(lambda i: kern.count_at(parts[i][1], t), items):
+            took = min(equal, ties_left)  # first come, first kept
+            ties_left -= took
+            ties.append(took)
+            ends.append(ends[-1] + greater + took)
+        idx = np.empty(ends[-1], np.int64)
+        signs = np.empty(ends[-1], bool)
+
+        def fill(i: int) -> float:
+            a, b = ends[i], ends[i + 1]
+            if b == a:
+                return 0.0
+            pos, m, neg = parts[i]
+            kept = kern.fill_kept(pos, m, neg, t, ties[i], idx[a:b], signs[a:b])
+            return float(kept.sum(dtype=np.float64)) if want_sum else 0.0
+
+        kept_sum = 0.0
+        for part in _sel.ordered_map(fill, items):
+            kept_sum += part
+        return idx, signs, ties_left, kept_sum
+
     def _gather(
         self,
         name: str,
@@ -857,9 +895,15 @@ class _Job:
         want_sum = self.scale in KEPT_SUM_SCALES
         find_ties = ties_left > 0
 
+        kern = self.kernels
+
         def one(start: int, ties: int = 0) -> tuple[np.ndarray, np.ndarray, float, int, bool]:
             """A chunk's kept positions, signs, magnitude sum, ties taken, ties seen."""
             c = self._chunk(flat, dname, work, start)
+            if kern is not None and kern.fits(c) and t > 0:  # one compiled loop, same result
+                loc, neg, kept, took, seen = kern.gather(c, t, ties, find_ties)
+                part = float(kept.sum(dtype=np.float64)) if want_sum and loc.size else 0.0
+                return loc, neg, part, took, bool(find_ties and not ties and seen)
             m = np.abs(c, out=_sel.scratch(c.size, work))
             sel = m > t
             took = 0

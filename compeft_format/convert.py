@@ -69,7 +69,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import numpy as np
 
@@ -80,7 +80,15 @@ from .binding import Reference, check_regenerated_base, read_reference
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
 from .container import POSITIONS_CHOICES, Writer, open_file
 from .errors import CompeftError, ConvertError, EncodeError, MissingDependencyError
-from .hifi import HIFI_KEY, hifi_codes, hifi_decode, hifi_layout, hifi_steps, lora_weights
+from .hifi import (
+    HIFI_KEY,
+    HIFI_ZSTD_LEVEL,
+    hifi_codes,
+    hifi_decode,
+    hifi_layout,
+    hifi_steps,
+    lora_weights,
+)
 from .outputs import Output, write_fsync
 from .peft_init import DEFAULT_SEEDS, META_PEFT_INIT, PEFT_INIT, find_seed, parse_peft_init
 from .plan import (
@@ -94,7 +102,7 @@ from .plan import (
     file_metadata,
     make_plan,
 )
-from .quality import QualityReport, _measure, _Sums  # its sums, added up slice by slice
+from .quality import QualityReport, QualitySums, measure_tensor
 from .readers import open_weights
 from .safetensors_io import SafetensorsWriter
 from .sources import (
@@ -108,7 +116,7 @@ from .sources import (
     resolve_source,
 )
 from .summary import CompressSummary, DecompressSummary
-from .taskvec import _round_sum
+from .taskvec import round_sum
 from .tensor import TernaryTensor
 
 __all__ = [
@@ -150,16 +158,16 @@ def _quality(tv: FileTaskVector, written: Any, names: list[str]) -> QualityRepor
     quality's own per-tensor sums, added up as quality_report adds tensors: the same figures.
     """
     per = []
-    total = _Sums()
+    total = QualitySums()
     for name in names:
         t = written.get(name)
-        sums = _Sums()
+        sums = QualitySums()
         for start, values in tv.slices(name, _QUALITY_SLICE):
             stop = start + values.size
             lo, hi = np.searchsorted(t.indices, [start, stop])
             part = TernaryTensor((stop - start,), t.indices[lo:hi] - start, t.signs[lo:hi],
                                  t.scale, t.dtype, _validated=True)
-            sums.add(_measure(name, values, part)[1])
+            sums.add(measure_tensor(name, values, part)[1])
         per.append(sums.quality(name, "ternary"))
         total.add(sums)
     return QualityReport(tuple(per), total.quality("(overall)", "all"))
@@ -178,7 +186,7 @@ def compress_file(
     base: str | os.PathLike | None = None,
     base_model: str | os.PathLike | None = None,
     positions: str = "auto",
-    zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
+    zstd_level: int | Literal["auto"] | None = "auto",
     force: bool = False,
     progress: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
@@ -222,7 +230,9 @@ def compress_file(
     positions:
         ``"auto"``, ``"bitmask"`` or ``"golomb"`` (``"rice"`` is accepted for golomb).
     zstd_level:
-        zstd level tried on every block, None for none.
+        zstd level tried on every block, None for none; ``"auto"`` (the default): the
+        format's default level (3), or for ``hifi`` :data:`~compeft_format.hifi.HIFI_ZSTD_LEVEL`
+        (1), the level that suits integer codes (7-21% smaller than 3 on them).
     force:
         Replace an existing output (never an input).
     progress:
@@ -236,8 +246,8 @@ def compress_file(
         vector as an integer code ``rint(x / step)``, the step ``hifi`` times the root mean
         square of the task vector (``hifi.DEFAULT_REL_STEP`` is a good start), divided for a
         LoRA adapter's factors by :func:`~compeft_format.hifi.lora_weights`. ``density``,
-        ``alpha``, ``scope`` and ``scale`` must keep their defaults; pass
-        ``zstd_level=hifi.HIFI_ZSTD_LEVEL`` (1), the level that suits codes. Decompress
+        ``alpha``, ``scope`` and ``scale`` must keep their defaults; ``zstd_level="auto"``
+        means level 1 here. Decompress
         gives each entry back within half its step.
 
     Returns
@@ -272,6 +282,8 @@ def compress_file(
     if positions not in POSITIONS_CHOICES:
         raise EncodeError(f"positions must be one of {POSITIONS_CHOICES} or 'rice', "
                           f"got {positions!r}")
+    if zstd_level == "auto":
+        zstd_level = HIFI_ZSTD_LEVEL if hifi is not None else S.DEFAULT_ZSTD_LEVEL
     if zstd_level is not None and not (
             isinstance(zstd_level, int) and not isinstance(zstd_level, bool)
             and -7 <= zstd_level <= 22):
@@ -419,13 +431,13 @@ class _HifiStream:
         self.tv = tv
         self.steps = hifi_steps(tv, rel_step=rel_step, weights=weights)
         self._per: list[Any] = []
-        self._total = _Sums()
+        self._total = QualitySums()
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         for name in self.tv:
             values = np.asarray(self.tv[name])
             codes = hifi_codes(values, self.steps[name], name=name)
-            sums = _measure(name, values, hifi_decode(codes, self.steps[name]))[1]
+            sums = measure_tensor(name, values, hifi_decode(codes, self.steps[name]))[1]
             self._per.append(sums.quality(name, "hifi"))
             self._total.add(sums)
             del values
@@ -560,7 +572,7 @@ def add_rounded(base: np.ndarray, dtype: str, delta: np.ndarray) -> np.ndarray:
         s = a + b
         bb = s - a
         err = (a - (s - bb)) + (b - bb)  # TwoSum: s + err == a + b exactly
-    return _round_sum(s, err, dtype)
+    return round_sum(s, err, dtype)
 
 
 def cast_storage(storage: np.ndarray, src: str, dst: str | None) -> tuple[np.ndarray, str]:
@@ -577,7 +589,7 @@ def cast_storage(storage: np.ndarray, src: str, dst: str | None) -> tuple[np.nda
     vals = _dt.to_numpy_values(storage, src)
     if dst == "BF16":
         if vals.dtype == np.float64:
-            return _round_sum(vals, np.zeros_like(vals), "BF16"), dst
+            return round_sum(vals, np.zeros_like(vals), "BF16"), dst
         return _dt.f32_to_bf16_bits(vals.astype(np.float32, copy=False)), dst
     with np.errstate(over="ignore"):
         return vals.astype(_dt.storage_dtype(dst)), dst

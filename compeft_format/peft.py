@@ -17,7 +17,9 @@ INIT``) needs ``base=INIT`` and gets it added, rounded once in the stored dtype 
 adapter's names, shapes, dtypes and sha256 hashes are checked first); one compressed from
 PEFT's initial state regenerated from its seed (``compress --base peft-init``, the default
 for a LoRA adapter where the seed is found) gets that state regenerated on the model's own
-config and checked against the file's binding (:mod:`compeft_format.peft_init`).
+config and checked against the file's binding (:mod:`compeft_format.peft_init`). A hi-fi
+folder (``compeft compress ADAPTER --hifi``, :mod:`compeft_format.hifi`) is loaded the same way,
+each record's integer codes times its step.
 
 Many experts: :class:`CompressedAdapter` holds a compressed folder in host memory; pass it
 instead of a path (the README has a serving recipe).
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -43,6 +46,7 @@ from .binding import Reference, check_regenerated_base, read_reference
 from .codecs import torch_decode as _td
 from .container import CompeftReader, open_file
 from .errors import ConvertError, MissingDependencyError
+from .hifi import HIFI_KEY, hifi_decode, hifi_layout
 from .peft_init import recorded_recipe, regenerated_file
 from .safetensors_io import SafetensorsReader
 from .sources import ADAPTER_COMPEFT, ADAPTER_CONFIG, base_weights
@@ -139,11 +143,23 @@ def _source(path: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-def _check_record(reader: CompeftReader, where: Path,
-                  base: str | os.PathLike | None) -> tuple[Reference, dict[str, Any]]:
-    """Read what the file was measured from; check ``base`` against it (before any change)."""
+def _check_record(reader: CompeftReader, where: Path, base: str | os.PathLike | None
+                  ) -> tuple[Reference, dict[str, Any], dict[str, float | None]]:
+    """Read what the file was measured from; check ``base`` against it (before any change).
+
+    Returns the reference, the records' infos (for a hi-fi file, with the dtype each code
+    record decodes to) and, for a hi-fi file, each record's step (None: stored as it is).
+    """
     infos = {n: reader.info(n) for n in reader}
-    ref = read_reference(reader.metadata(), set(infos), where)
+    meta = reader.metadata()
+    steps: dict[str, float | None] = {}
+    if HIFI_KEY in meta:  # integer codes: decoded with their steps (spec Appendix E)
+        layout = hifi_layout(meta, reader.keys(), infos, str(where))
+        steps = {n: s for n, (s, _) in layout.items()}
+        infos = {n: i if s is None else dataclasses.replace(i, dtype=d or "F32")
+                 for (n, i), (s, d) in zip(infos.items(), layout.values(), strict=True)}
+        meta = {k: v for k, v in meta.items() if k != HIFI_KEY}
+    ref = read_reference(meta, set(infos), where)
     if ref.kind == "checkpoint" and base is None and \
             recorded_recipe(reader.metadata()) is None:
         raise ConvertError(f"{where}: the adapter is stored as a difference from its initial "
@@ -152,7 +168,7 @@ def _check_record(reader: CompeftReader, where: Path,
     if ref.kind != "checkpoint" and base is not None:
         raise ConvertError(f"{where}: holds the adapter as it is (from {ref.kind}), which takes "
                            "no base=")
-    return ref, infos
+    return ref, infos, steps
 
 
 def _materialise(peft_model: Any, adapter_name: str) -> None:
@@ -212,19 +228,30 @@ def _targets(peft_model: Any, adapter_name: str, infos: dict[str, Any],
 
 
 def _fill(reader: CompeftReader, ref: Reference, targets: dict[str, Any],
-          infos: dict[str, Any], init: SafetensorsReader | None) -> None:
-    """Decode every record into its target, undoing what it is measured from."""
+          infos: dict[str, Any], init: SafetensorsReader | None,
+          steps: dict[str, float | None]) -> None:
+    """Decode every record into its target, undoing what it is measured from; a hi-fi
+    record (``steps``) is its codes times its step, as ``decompress`` gives it."""
     import torch
 
     adds = ref.delta if ref.kind != "zero" else set()
     with torch.no_grad():
         for name, target in targets.items():
             rec_dtype = _td.torch_dtype(infos[name].dtype)
-            if name not in adds and _into_numpy(target, rec_dtype, infos[name]):
+            step = steps.get(name)
+            if step is not None:
+                codes = reader.get(name)
+                delta = hifi_decode(codes, step).reshape(tuple(target.shape))
+                if name in adds:
+                    value = torch.from_numpy(delta)
+                else:  # rounded once to the recorded dtype, as decompress writes it
+                    value = torch.from_numpy(delta).to(rec_dtype)
+            elif name not in adds and _into_numpy(target, rec_dtype, infos[name]):
                 # on the CPU the numpy decoder writes straight into the parameter's memory
                 reader.get(name, dense=True, out=target.numpy())
                 continue
-            value = decode(reader, name, target.device)
+            else:
+                value = decode(reader, name, target.device)
             if name not in adds:  # the values themselves, converted as load_state_dict does
                 if isinstance(value, Sparse):
                     pos, neg, v = value
@@ -263,7 +290,7 @@ def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
           autocast_adapter_dtype: bool, build: Any, undo: Any = None) -> Any:
     where = Path(source.path)
     with source._open() as reader:
-        ref, infos = _check_record(reader, where, base)
+        ref, infos, steps = _check_record(reader, where, base)
         init = None
         with contextlib.ExitStack() as stack:
             recipe = recorded_recipe(reader.metadata())
@@ -281,7 +308,7 @@ def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
             try:
                 _materialise(peft_model, adapter_name)
                 targets = _targets(peft_model, adapter_name, infos, where)
-                _fill(reader, ref, targets, infos, init)
+                _fill(reader, ref, targets, infos, init, steps)
             except BaseException:
                 if undo is not None:  # no adapter left half loaded (on the meta device)
                     undo()

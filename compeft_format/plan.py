@@ -22,6 +22,7 @@ import numpy as np
 from . import _spec as S
 from . import dtypes as _dt
 from ._progress import Bar
+from ._version import __version__
 from .compress import ChunkedValues
 from .errors import ConvertError, EncodeError
 from .safetensors_io import SafetensorsReader
@@ -381,8 +382,6 @@ def file_metadata(plan: Plan, reader: SafetensorsReader, comp_meta: dict[str, An
     >>> file_metadata(Plan(["w"], {"reference": "zero"}), R(), {}, ())["task_vector"]
     {'reference': 'zero', 'exclude': []}
     """
-    from . import __version__
-
     metadata: dict[str, Any] = {
         S.META_PRODUCER: f"compeft_format {__version__}",
         S.META_COMPRESSION: comp_meta,

@@ -27,7 +27,7 @@ from ._spec import TERNARY_DTYPES
 from .errors import EncodeError
 from .tensor import TernaryTensor
 
-__all__ = ["QualityReport", "TensorQuality", "quality_report"]
+__all__ = ["QualityReport", "QualitySums", "TensorQuality", "measure_tensor", "quality_report"]
 
 _CHUNK = 1 << 20
 
@@ -180,23 +180,34 @@ def quality_report(original: Mapping[str, Any], compressed: Mapping[str, Any]) -
             tensor=(missing or extra)[0],
         )
     per: list[TensorQuality] = []
-    total = _Sums()
+    total = QualitySums()
     for name in compressed:
-        kind, sums = _measure(name, original[name], compressed[name])
+        kind, sums = measure_tensor(name, original[name], compressed[name])
         per.append(sums.quality(name, kind))
         total.add(sums)
     return QualityReport(tuple(per), total.quality("(overall)", "all"))
 
 
 # ---------------------------------------------------------------------------------------------
-class _Sums:
-    """Float64 sums: ||t||^2, ||t_hat||^2, <t, t_hat>, ||t - t_hat||^2, numel, nnz."""
+class QualitySums:
+    """Float64 sums: ||t||^2, ||t_hat||^2, <t, t_hat>, ||t - t_hat||^2, numel, nnz.
+
+    What :func:`measure_tensor` returns; sums of slices or tensors add up (:meth:`add`), so a
+    converter can measure a tensor a slice at a time and a model a tensor at a time.
+
+    >>> import numpy as np
+    >>> total = QualitySums()
+    >>> total.add(measure_tensor("w", np.array([3.0, 4.0]), np.array([3.0, 0.0]))[1])
+    >>> round(total.quality("w", "dense").cosine, 3)
+    0.6
+    """
 
     def __init__(self) -> None:
         self.tt = self.hh = self.th = self.ee = 0.0
         self.numel = self.nnz = 0
 
-    def add(self, other: _Sums) -> None:
+    def add(self, other: QualitySums) -> None:
+        """Add the sums of another slice or tensor."""
         self.tt += other.tt
         self.hh += other.hh
         self.th += other.th
@@ -205,6 +216,7 @@ class _Sums:
         self.nnz += other.nnz
 
     def quality(self, name: str, kind: str) -> TensorQuality:
+        """The :class:`TensorQuality` of these sums, named ``name`` of kind ``kind``."""
         if self.tt > 0:
             rel = math.sqrt(max(self.ee, 0.0) / self.tt)
         else:
@@ -226,9 +238,18 @@ def _float_flat(name: str, value: Any, what: str) -> tuple[np.ndarray, str, tupl
     return store.reshape(-1), dname, tuple(store.shape)
 
 
-def _measure(name: str, orig: Any, comp: Any) -> tuple[str, _Sums]:
+def measure_tensor(name: str, orig: Any, comp: Any) -> tuple[str, QualitySums]:
+    """``(kind, sums)`` of the original tensor ``orig`` against its compressed ``comp``
+    (a :class:`~compeft_format.tensor.TernaryTensor`, kind ``"ternary"``, or an array,
+    ``"dense"``); shapes must match (:class:`EncodeError` naming ``name``).
+
+    >>> import numpy as np
+    >>> kind, sums = measure_tensor("w", np.array([1.0, -2.0]), np.array([0.0, -2.0]))
+    >>> kind, sums.tt, sums.th, sums.ee
+    ('dense', 5.0, 4.0, 1.0)
+    """
     flat, dname, shape = _float_flat(name, orig, "the original")
-    sums = _Sums()
+    sums = QualitySums()
     sums.numel = flat.size
     for start in range(0, flat.size, _CHUNK):
         c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname).astype(np.float64)
@@ -257,7 +278,7 @@ def _measure(name: str, orig: Any, comp: Any) -> tuple[str, _Sums]:
     return "dense", sums
 
 
-def _ternary_sums(sums: _Sums, flat: np.ndarray, dname: str, comp: TernaryTensor) -> None:
+def _ternary_sums(sums: QualitySums, flat: np.ndarray, dname: str, comp: TernaryTensor) -> None:
     """Sparse sums: only the kept positions differ from ``t`` minus the dropped part."""
     sums.nnz = comp.nnz
     if not comp.nnz:

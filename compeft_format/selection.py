@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .errors import EncodeError
+from .kernels import Kernels
 
 __all__ = [
     "BAND_CAP_DIV",
@@ -408,8 +409,11 @@ class Candidates:
     more memory than the output itself), and the output takes a pass of its own.
     """
 
-    def __init__(self, lo_open: Any, hi: Any, cap: int, positions: bool, limit: int) -> None:
+    def __init__(self, lo_open: Any, hi: Any, cap: int, positions: bool, limit: int,
+                 kernels: Kernels | None = None) -> None:
         self.band = Band(lo_open, hi, cap)
+        #: the compiled kernels (:func:`compeft_format.kernels.for_size`), or None: numpy
+        self.kernels = kernels
         self.lo_open = lo_open
         self.neg_lo = -lo_open
         self.positions = positions
@@ -423,6 +427,11 @@ class Candidates:
         """``((positions, magnitudes, sign bits), count above hi, band)`` of the chunk of
         values ``c`` at flat position ``start`` (any thread); the first is None once
         positions are no longer kept."""
+        kern = self.kernels
+        if kern is not None and kern.fits(c):  # one compiled loop, the same result
+            if not self.positions:
+                return (None, *kern.band(c, self.lo_open, self.band.hi))
+            return kern.candidates(c, self.lo_open, self.band.hi, start)
         if not self.positions:
             m = np.abs(c, out=scratch(c.size, c.dtype))
             return (None, *self.band.chunk(m))

@@ -43,6 +43,7 @@ __all__ = [
     "TaskVectorReport",
     "apply_task_vector",
     "peft_task_vector",
+    "round_sum",
     "state_dict_task_vector",
 ]
 
@@ -430,14 +431,20 @@ def _apply_one(name: str, value: Any, d: Any) -> Any:
         # TwoSum: s + err == a + b exactly (when finite)
         bb = s - a
         err = (a - (s - bb)) + (b - bb)
-    result = _round_sum(s, err, bname)
+    result = round_sum(s, err, bname)
     if _dt.is_torch_tensor(value):
         return _dt.to_torch(result, bname)
     return result
 
 
-def _round_sum(s: np.ndarray, err: np.ndarray, dname: str) -> np.ndarray:
-    """Round the exact ``s + err`` to ``dname``'s storage (BF16 as raw bits)."""
+def round_sum(s: np.ndarray, err: np.ndarray, dname: str) -> np.ndarray:
+    """Round the exact ``s + err`` to ``dname``'s storage (BF16 as raw bits), correctly
+    (round to nearest even, through round-to-odd): what adding a delta to a base writes.
+
+    >>> import numpy as np
+    >>> round_sum(np.array([1.0]), np.array([2.0**-30]), "F32").tolist()  # 1 + 2^-30
+    [1.0]
+    """
     if dname == "F64":
         return s
     ro = _round_to_odd_f64(s, err)

@@ -120,13 +120,37 @@ def test_compress_against_partition_table(capsys) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_select
 
+    from compeft_format import kernels
+
     bench_select.bench_compress(1 << 21, 1, 0.05)
     out = capsys.readouterr().out
     assert "| np.partition (fresh copy) |" in out
     assert "| partition (warm copy) |" in out
-    assert "| compress 1 thread |" in out
+    assert "| compress 1 thread, numpy |" in out
     assert "load average" in out
-    assert out.count("<= 0.4:") == 2
+    paths = 2 if kernels.status() == "numba" else 1  # numba is in the test extra
+    rows = paths * len({1, bench_select.compress_threads()})
+    assert out.count("| compress ") == rows
+    assert out.count("<= 0.4:") == 2 * rows  # against np.partition and the warm partition
+    assert f"kernels: {kernels.status()}" in out
+    if paths == 2:
+        assert "| compress 1 thread, numba |" in out
+
+
+def test_compress_phases_and_kernel_load_tables(capsys) -> None:
+    """bench_select's CPU-per-step table (both paths) and the kernels' one-time cost."""
+    pytest.importorskip("numba")
+    sys.path.insert(0, str(ROOT / "bench"))
+    import bench_select
+
+    bench_select.bench_phases(1 << 21, 0.05)
+    bench_select.kernel_load_cost(compile_too=False)
+    out = capsys.readouterr().out
+    for step in ("sum of squares", "candidates and band", "picking the kept entries"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {step}"))
+        assert float(row.split("|")[2]) > 0
+    assert float(out.split("| candidates and band |")[1].split("|")[1]) > 0  # numba column
+    assert "| numba import + kernels from the on-disk cache |" in out
 
 
 def test_bench_1b_shapes() -> None:

@@ -174,6 +174,20 @@ def test_bad_step_is_a_usage_error(tmp_path, capsys, pair, step):
     one_line_error(err, "--hifi")
 
 
+def test_python_default_zstd_level_is_the_commands(tmp_path, capsys, pair):
+    # compress_file(hifi=...) with zstd_level left at "auto" writes the command's bytes
+    # (level 1, which suits codes); an explicit level is still honoured
+    base, ft = pair
+    code, _, err = run(capsys, "compress", ft, "--hifi", "0.2", "--base", base, "-o",
+                       tmp_path / "cli.compeft", "-q")
+    assert code == 0, err
+    compress_file(ft, tmp_path / "py.compeft", hifi=0.2, base=base)
+    compress_file(ft, tmp_path / "l3.compeft", hifi=0.2, base=base, zstd_level=3)
+    cli = (tmp_path / "cli.compeft").read_bytes()
+    assert (tmp_path / "py.compeft").read_bytes() == cli
+    assert (tmp_path / "l3.compeft").read_bytes() != cli
+
+
 def test_python_refuses_ternary_options(tmp_path, pair):
     with pytest.raises(EncodeError, match="density"):
         compress_file(pair[1], tmp_path / "x.compeft", hifi=0.2, density=0.3)

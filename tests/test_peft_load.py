@@ -50,6 +50,10 @@ def folders(tmp_path_factory) -> dict[str, tuple]:
         cf.compress_file(src, d / name, density=0.1, base=base)
         cf.decompress_file(d / name, d / f"{name}-r", base=base)
         out[name] = (d / name, d / f"{name}-r", base)
+    for name, src, base in (("lora-hifi", LORA, None), ("ia3-hifi-init", IA3, f"{IA3}/init")):
+        cf.compress_file(src, d / name, hifi=0.05, base=base)  # integer codes and their steps
+        cf.decompress_file(d / name, d / f"{name}-r", base=base)
+        out[name] = (d / name, d / f"{name}-r", base)
     return out
 
 
@@ -73,7 +77,9 @@ def _out(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize(("name", "dtype"), [
     ("lora", torch.float32), ("ia3", torch.float32), ("lora-init", torch.float32),
-    ("ia3-init", torch.float32), ("lora", torch.bfloat16), ("ia3-init", torch.bfloat16)])
+    ("ia3-init", torch.float32), ("lora", torch.bfloat16), ("ia3-init", torch.bfloat16),
+    ("lora-hifi", torch.float32), ("ia3-hifi-init", torch.float32),
+    ("lora-hifi", torch.bfloat16), ("ia3-hifi-init", torch.bfloat16)])
 def test_from_pretrained_is_decompress_then_load(bert, ids, folders, name, dtype):
     compressed, restored, base = folders[name]
     want = peft.PeftModel.from_pretrained(copy.deepcopy(bert).to(dtype), restored)

@@ -25,3 +25,36 @@ def test_temporary_files_go_to_the_suite_folder():
     out = subprocess.run([sys.executable, "-c", "import tempfile; print(tempfile.gettempdir())"],
                          capture_output=True, text=True, check=True, timeout=60).stdout
     assert Path(out.strip()) == Path(SUITE_TMP)  # subprocesses too (TMPDIR)
+
+
+def _modules() -> list[str]:
+    import pkgutil
+
+    import compeft_format
+
+    return sorted(m.name for m in pkgutil.walk_packages(compeft_format.__path__,
+                                                        "compeft_format.")
+                  if not m.name.endswith("__main__"))
+
+
+@pytest.mark.parametrize("name", _modules())
+def test_every_modules_examples_run(name, monkeypatch):
+    # the docstrings' examples are the API's documentation: none may rot; they read
+    # tests/data relative to the repository root
+    import doctest
+    import importlib
+
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    if name == "compeft_format._kernels_numba":  # the optional 'fast' extra's code
+        pytest.importorskip("numba")
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert not result.failed, name
+
+
+def test_one_version_everywhere():
+    import re
+
+    import compeft_format
+
+    pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text(encoding="utf-8")
+    assert re.findall(r'^version = "([^"]+)"', pyproject, re.M) == [compeft_format.__version__]

@@ -199,11 +199,11 @@ def _run(args: argparse.Namespace, command: str) -> int:
         suffixes = {"src_suffix": ".safetensors", "dst_suffix": ".compeft"}
         options: dict[str, Any] = {
             **_ternary_options(args), "exclude": args.exclude, "base": args.base,
-            "base_model": args.base_model, "zstd_level": zstd_choice(args)}
+            "base_model": args.base_model,
+            # "auto": the format's default level, or the hi-fi codes' own
+            "zstd_level": "auto" if args.zstd is None and not args.no_zstd else zstd_choice(args)}
         if args.hifi is not None:
             options["hifi"] = args.hifi
-            if args.zstd is None and not args.no_zstd:
-                options["zstd_level"] = HIFI_ZSTD_LEVEL
     else:
         work, describe = decompress_file, _decompress_text
         suffixes = {"src_suffix": ".compeft", "dst_suffix": ".safetensors"}

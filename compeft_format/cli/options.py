@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from .. import _spec as S
+from .._version import __version__
 from ..compress import SCALES
 
 PROG = "compeft"
@@ -49,8 +50,6 @@ class Parser(argparse.ArgumentParser):
 
 def version() -> str:
     """What ``--version`` prints."""
-    from .. import __version__
-
     return f"{PROG} {__version__} (format {S.VERSION_MAJOR}.{S.VERSION_MINOR})"
 
 

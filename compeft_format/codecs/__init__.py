@@ -4,16 +4,11 @@
 spec 5.5: fixed by the format, no registration hook).
 """
 
-from .base import (
-    BlockCodec,
-    BlockContext,
-    PositionsCodec,
-    get_codec,
-    registered_codecs,
-)
+from .base import BlockCodec, BlockContext, PositionsCodec
 from .bitmask import BitmaskCodec
 from .dense import DenseCodec
 from .golomb import GolombCodec
+from .registry import get_codec, registered_codecs
 from .scale import ScaleCodec
 from .signs import SignsCodec
 from .zstd_stage import ZSTD, ZstdStage

@@ -1,4 +1,4 @@
-"""The block codec interface (spec 6) and the registry keyed by the on-disk ``Block_Type``.
+"""The block codec interface (spec 6); :mod:`.registry` maps each ``Block_Type`` to a codec.
 
 A codec turns one part of a tensor (its positions, its signs, its scale, its dense data)
 into the bytes of one block and back. Codecs see only their own payload and a
@@ -15,14 +15,12 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._alloc import fresh_zeros, writing
-from ..errors import CorruptDataError, UnsupportedFeatureError
+from ..errors import CorruptDataError
 
 __all__ = [
     "BlockCodec",
     "BlockContext",
     "PositionsCodec",
-    "get_codec",
-    "registered_codecs",
 ]
 
 
@@ -93,45 +91,3 @@ class PositionsCodec(BlockCodec):
                     ready(k0 + pos.size - 1)
                 out[k0 : k0 + pos.size] = pos
         return out
-
-
-_CODECS: dict[int, BlockCodec] = {}
-
-
-def _table() -> dict[int, BlockCodec]:
-    """Block type -> codec: one codec for each ``Block_Type`` of spec 5.5.
-
-    The table is fixed: a new block type is a change of the format (spec 5.5 and 6, the
-    container's rules of which blocks a record holds, vectors), not a plug-in, so there is no
-    registration hook. Built on first use: the codec modules import this one.
-    """
-    if not _CODECS:
-        from .bitmask import BitmaskCodec
-        from .dense import DenseCodec
-        from .golomb import GolombCodec
-        from .scale import ScaleCodec
-        from .signs import SignsCodec
-
-        codecs = (BitmaskCodec(), GolombCodec(), SignsCodec(), ScaleCodec(), DenseCodec())
-        _CODECS.update({c.block_type: c for c in codecs})
-    return _CODECS
-
-
-def get_codec(block_type: int, ctx: BlockContext | None = None) -> BlockCodec:
-    """Return the codec for ``block_type``; unknown types raise ``UnsupportedFeatureError``.
-
-    >>> get_codec(0x02).name
-    'golomb'
-    """
-    try:
-        return _table()[block_type]
-    except KeyError:
-        msg = f"unknown block type 0x{block_type:02x}"
-        if ctx is not None:
-            raise ctx.error(msg, UnsupportedFeatureError) from None
-        raise UnsupportedFeatureError(msg) from None
-
-
-def registered_codecs() -> dict[int, BlockCodec]:
-    """Return a copy of the table (block type -> codec instance)."""
-    return dict(_table())

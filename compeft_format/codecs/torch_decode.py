@@ -40,8 +40,9 @@ from .._spec import BLOCK_BITMASK, BLOCK_GOLOMB
 from ..errors import CorruptDataError
 from ..tensor import TernaryTensor, dense_values
 from ._bits import check_packed
-from .base import BlockCodec, BlockContext, get_codec
+from .base import BlockCodec, BlockContext
 from .dense import DenseCodec
+from .registry import get_codec
 
 __all__ = ["FORCE_TORCH", "TORCH_DTYPES", "DeviceTernary", "decode_block", "dense",
            "dense_block", "from_host", "host_to_device", "on_device", "positions", "signs",

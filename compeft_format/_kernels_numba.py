@@ -1,0 +1,185 @@
+"""The numba code behind :mod:`compeft_format.kernels` (imported only by its :func:`load`).
+
+:func:`build` compiles every function for float32 and float64 before its first call (with
+``cache=True`` the machine code is kept on disk, so a later process loads it instead of
+compiling); each releases the GIL, so :func:`~compeft_format.selection.ordered_map` runs
+chunks on all cores. Inputs are typed read-only (a writable array is accepted too: a file
+mapped read-only is not copied); outputs are caller-owned buffers large enough for a chunk.
+
+Each loop computes exactly what the numpy code of :mod:`compeft_format.selection` and
+:mod:`compeft_format.compress` computes (no float arithmetic but ``abs`` and comparisons;
+sums stay in numpy), so either path gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numba as nb
+import numpy as np
+from numba import types
+from numba.cpython.unsafe.numbers import trailing_zeros
+
+_OPTS = {"nogil": True, "boundscheck": False, "error_model": "numpy"}
+_PAIRS = ((types.float32, types.uint32), (types.float64, types.uint64))
+
+
+def _ro(dtype: types.Type) -> types.Array:
+    return types.Array(dtype, 1, "C", readonly=True)
+
+
+def _rw(dtype: types.Type) -> types.Array:
+    return types.Array(dtype, 1, "C")
+
+
+_I64 = types.int64
+_CAND_SIGS = [types.UniTuple(_I64, 3)(_ro(f), _ro(u), u, u, f, _I64, _rw(_I64), _rw(f),
+                                        _rw(types.boolean), _rw(f)) for f, u in _PAIRS]
+_BAND_SIGS = [types.UniTuple(_I64, 2)(_ro(f), _ro(u), u, u, u, f, _rw(f)) for f, u in _PAIRS]
+_COUNT_SIGS = [types.UniTuple(_I64, 2)(_ro(f), f) for f, _ in _PAIRS]
+_GATHER_SIGS = [types.Tuple((_I64, _I64, types.boolean))(
+    _ro(f), _ro(u), u, u, f, _I64, _rw(_I64), _rw(types.boolean), _rw(f)) for f, u in _PAIRS]
+_FILL_SIGS = [_I64(_ro(_I64), _ro(f), _ro(types.boolean), f, _I64, _rw(_I64),
+                   _rw(types.boolean), _rw(f)) for f, _ in _PAIRS]
+
+
+def candidates(c, u, absmask, first, hi, start, pos, mag, neg, band):  # pragma: no cover
+    """Entries with ``|c| >= first`` (as bit patterns: ``|c| > lo_open``): flat position
+    ``start + i``, ``|c|`` and sign bit into ``pos``, ``mag``, ``neg``; those ``<= hi`` also
+    into ``band``. Returns ``(candidates, count above hi, band size)``."""
+    n = c.shape[0]
+    full = n - n % 64
+    k = 0
+    above = 0
+    nband = 0
+    for base in range(0, full + 64, 64):
+        # a 64-bit mask of the block's candidates (vectorised), then its set bits in order
+        stop = min(base + 64, n)
+        m = np.uint64(0)
+        if stop - base == 64:
+            for j in range(64):
+                m |= np.uint64((u[base + j] & absmask) >= first) << np.uint64(j)
+        else:
+            for j in range(stop - base):
+                m |= np.uint64((u[base + j] & absmask) >= first) << np.uint64(j)
+        while m:
+            i = base + np.int64(trailing_zeros(m))
+            m &= m - np.uint64(1)
+            a = abs(c[i])
+            pos[k] = start + i
+            mag[k] = a
+            neg[k] = (u[i] & absmask) != u[i]
+            k += 1
+            band[nband] = a
+            nband += a <= hi
+            above += a > hi
+    return k, above, nband
+
+
+def band_only(c, u, absmask, first, visit, hi, band):  # pragma: no cover
+    """:func:`candidates` without the positions, over every entry: ``(count of |c| > hi,
+    band size)``; ``visit = min(first, the pattern just above hi)``."""
+    n = c.shape[0]
+    full = n - n % 64
+    above = 0
+    nband = 0
+    for base in range(0, full + 64, 64):
+        stop = min(base + 64, n)
+        m = np.uint64(0)
+        if stop - base == 64:
+            for j in range(64):
+                m |= np.uint64((u[base + j] & absmask) >= visit) << np.uint64(j)
+        else:
+            for j in range(stop - base):
+                m |= np.uint64((u[base + j] & absmask) >= visit) << np.uint64(j)
+        while m:
+            i = base + np.int64(trailing_zeros(m))
+            m &= m - np.uint64(1)
+            a = abs(c[i])
+            band[nband] = a
+            nband += (a <= hi) & ((u[i] & absmask) >= first)
+            above += a > hi
+    return above, nband
+
+
+def count_at(m, t):  # pragma: no cover
+    """``(count of m > t, count of m == t)``."""
+    greater = 0
+    equal = 0
+    for i in range(m.shape[0]):
+        greater += m[i] > t
+        equal += m[i] == t
+    return greater, equal
+
+
+def fill_kept(pos, m, neg, t, ties, idx, signs, kept):  # pragma: no cover
+    """Keep the entries with ``m > t`` and the first ``ties`` with ``m == t``, in order:
+    positions into ``idx``, signs into ``signs``, magnitudes into ``kept``; returns how many."""
+    j = 0
+    for i in range(m.shape[0]):
+        a = m[i]
+        take = a > t
+        if a == t and ties > 0:
+            ties -= 1
+            take = True
+        if take:
+            idx[j] = pos[i]
+            signs[j] = neg[i]
+            kept[j] = a
+            j += 1
+    return j
+
+
+def gather(c, u, absmask, visit, t, ties, loc, neg, kept):  # pragma: no cover
+    """The kept entries of a chunk at threshold ``t`` (``|c| > t``, and the first ``ties``
+    with ``|c| == t``), in order: chunk positions into ``loc``, sign bits into ``neg``,
+    magnitudes into ``kept``. ``visit`` is the pattern of the smallest magnitude to look at
+    (``t``'s, or the next one up where ties do not matter). Returns ``(count, ties taken,
+    whether a magnitude equal to t was seen)``."""
+    n = c.shape[0]
+    full = n - n % 64
+    j = 0
+    took = 0
+    seen = False
+    for base in range(0, full + 64, 64):
+        stop = min(base + 64, n)
+        m = np.uint64(0)
+        if stop - base == 64:
+            for b in range(64):
+                m |= np.uint64((u[base + b] & absmask) >= visit) << np.uint64(b)
+        else:
+            for b in range(stop - base):
+                m |= np.uint64((u[base + b] & absmask) >= visit) << np.uint64(b)
+        while m:
+            i = base + np.int64(trailing_zeros(m))
+            m &= m - np.uint64(1)
+            a = abs(c[i])
+            take = a > t
+            if a == t:
+                seen = True
+                if took < ties:
+                    took += 1
+                    take = True
+            if take:
+                loc[j] = i
+                neg[j] = (u[i] & absmask) != u[i]
+                kept[j] = a
+                j += 1
+    return j, took, seen
+
+
+def build(cache: bool) -> SimpleNamespace:
+    """The kernels compiled (or, with ``cache``, loaded from numba's on-disk cache).
+
+    Raises RuntimeError where ``cache`` is set and numba finds no writable cache directory.
+    """
+    def jit(sigs: list, fn: object) -> object:
+        return nb.njit(sigs, cache=cache, **_OPTS)(fn)
+
+    return SimpleNamespace(
+        candidates=jit(_CAND_SIGS, candidates),
+        band_only=jit(_BAND_SIGS, band_only),
+        count_at=jit(_COUNT_SIGS, count_at),
+        fill_kept=jit(_FILL_SIGS, fill_kept),
+        gather=jit(_GATHER_SIGS, gather),
+    )
