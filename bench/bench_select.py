@@ -227,7 +227,12 @@ def bench_phases(n: int, density: float) -> None:
         c = sel.Candidates(lo_open, hi, sel.band_cap(n), True, n, kernels=kernels_)
         found["parts"] = [c.chunk(x[s:s + sel.CHUNK], s)[0] for s in starts]
 
-    rows = [("sum of squares (einsum, float64)", cpu_ns(sums), None)]
+    def sums_compiled() -> None:
+        for s in starts:
+            kern.sumsq(x[s:s + sel.CHUNK])
+
+    rows = [("sum of squares (float64, einsum's order)", cpu_ns(sums),
+             cpu_ns(sums_compiled) if kern is not None and kern.sums_like_einsum else None)]
     row = ["candidates and band", cpu_ns(lambda: cands(None)), None]
     if kern is not None:
         row[2] = cpu_ns(lambda: cands(kern))

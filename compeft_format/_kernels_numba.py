@@ -39,6 +39,7 @@ _BAND_SIGS = [types.UniTuple(_I64, 2)(_ro(f), _ro(u), u, u, u, f, _rw(f)) for f,
 _COUNT_SIGS = [types.UniTuple(_I64, 2)(_ro(f), f) for f, _ in _PAIRS]
 _GATHER_SIGS = [types.Tuple((_I64, _I64, types.boolean))(
     _ro(f), _ro(u), u, u, f, _I64, _rw(_I64), _rw(types.boolean), _rw(f)) for f, u in _PAIRS]
+_SUMSQ_SIGS = [types.float64(_ro(types.float32))]
 _FILL_SIGS = [_I64(_ro(_I64), _ro(f), _ro(types.boolean), f, _I64, _rw(_I64),
                    _rw(types.boolean), _rw(f)) for f, _ in _PAIRS]
 
@@ -168,6 +169,81 @@ def gather(c, u, absmask, visit, t, ties, loc, neg, kept):  # pragma: no cover
     return j, took, seen
 
 
+#: einsum's buffers (numpy's nditer buffer size): each is summed on its own, then added up
+EINSUM_BUFFER = 8192
+
+
+@nb.njit(inline="always", **_OPTS)  # part of sumsq's code (and of its cache entry)
+def _sumsq_block(c, b0, b1):  # pragma: no cover
+    """One buffer as numpy 2.x's baseline einsum sums it: two float64 lanes, four 2-lane
+    vectors a step (the last of them added first), then the rest, then the two lanes."""
+    a0 = 0.0
+    a1 = 0.0
+    i = b0
+    while b1 - i >= 8:
+        for u in range(3, -1, -1):
+            v0 = np.float64(c[i + 2 * u])
+            v1 = np.float64(c[i + 2 * u + 1])
+            a0 = v0 * v0 + a0
+            a1 = v1 * v1 + a1
+        i += 8
+    while i < b1:
+        v0 = np.float64(c[i])
+        a0 = v0 * v0 + a0
+        if i + 1 < b1:
+            v1 = np.float64(c[i + 1])
+            a1 = v1 * v1 + a1
+        i += 2
+    return a0 + a1
+
+
+def sumsq(c):  # pragma: no cover
+    """``einsum("i,i->", c, c, dtype=float64)`` of a float32 chunk, in einsum's order
+    (:func:`compeft_format.kernels.load` checks that it is, on this numpy and CPU, before
+    using it). Four buffers are summed side by side (eight independent chains instead of
+    two: the additions' latency, not their order, is what limits a single buffer); their
+    sums are added up in order."""
+    n = c.shape[0]
+    bs = EINSUM_BUFFER
+    nfull = n // bs
+    total = 0.0
+    b = 0
+    while b + 4 <= nfull:
+        # scalars, not an array: the eight chains stay in registers
+        s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+        p0 = b * bs
+        p1 = p0 + bs
+        p2 = p1 + bs
+        p3 = p2 + bs
+        for i in range(0, bs, 8):
+            for u in range(3, -1, -1):
+                j = i + 2 * u
+                v = np.float64(c[p0 + j])
+                s0 = v * v + s0
+                v = np.float64(c[p0 + j + 1])
+                s1 = v * v + s1
+                v = np.float64(c[p1 + j])
+                s2 = v * v + s2
+                v = np.float64(c[p1 + j + 1])
+                s3 = v * v + s3
+                v = np.float64(c[p2 + j])
+                s4 = v * v + s4
+                v = np.float64(c[p2 + j + 1])
+                s5 = v * v + s5
+                v = np.float64(c[p3 + j])
+                s6 = v * v + s6
+                v = np.float64(c[p3 + j + 1])
+                s7 = v * v + s7
+        total = total + (s0 + s1)
+        total = total + (s2 + s3)
+        total = total + (s4 + s5)
+        total = total + (s6 + s7)
+        b += 4
+    for b0 in range(b * bs, n, bs):
+        total = total + _sumsq_block(c, b0, min(n, b0 + bs))
+    return total
+
+
 def build(cache: bool) -> SimpleNamespace:
     """The kernels compiled (or, with ``cache``, loaded from numba's on-disk cache).
 
@@ -182,4 +258,5 @@ def build(cache: bool) -> SimpleNamespace:
         count_at=jit(_COUNT_SIGS, count_at),
         fill_kept=jit(_FILL_SIGS, fill_kept),
         gather=jit(_GATHER_SIGS, gather),
+        sumsq=jit(_SUMSQ_SIGS, sumsq),
     )

@@ -630,9 +630,15 @@ class _Job:
         track_max = self.scale in CAPPED and is_vector(meta.shape)
         starts = range(0, flat.size, CHUNK)
 
+        kern = self.kernels if not stats.need_std else None
+
         def part(start: int) -> tuple[float, Any, Any]:
             c = self._chunk(flat, dname, native, start)
-            sums = stats.part(c)
+            s2 = kern.sumsq(c) if kern is not None else None
+            if s2 is None:
+                sums = stats.part(c)
+            else:  # what Stats.part returns without need_std, from the compiled sum
+                sums = (c.size, s2, 0.0, 0.0) if math.isfinite(s2) else None
             if sums is None:  # not finite: reported in order below
                 return 0.0, None, None
             cw = c if native == work else c.astype(work)

@@ -6,9 +6,11 @@ the threshold's band) and the picking of the kept entries from those candidates.
 each is a handful of whole-chunk operations (two comparisons, ``flatnonzero``, ``take``,
 ``abs``, ``signbit``, ...); here each is one loop over the chunk, compiled by `numba
 <https://numba.pydata.org>`_ (``pip install 'compeft_format[fast]'``), that releases the GIL
-so the thread pool runs chunks on all cores. The float64 sums (sum of squares, kept
-magnitudes) stay in numpy on both paths: the output is the same, byte for byte, whichever
-path runs.
+so the thread pool runs chunks on all cores. The loops only compare and take ``abs``; the
+sum of the kept magnitudes stays in numpy, and the sum of squares of a float32 chunk is
+einsum's own order of additions (numpy's 8192-element buffers, two lanes, four vectors a
+step), which :func:`load` checks against ``einsum`` before using it (else einsum runs). So
+the output is the same, byte for byte, whichever path runs.
 
 Which path runs is set by ``$COMPEFT_KERNELS``:
 
@@ -21,10 +23,11 @@ Which path runs is set by ``$COMPEFT_KERNELS``:
 
 Without numba, or if it fails (import, compilation, no writable cache directory), the numpy
 path runs; the reason is logged once at debug level (logger ``compeft_format.kernels``) and
-:func:`status` says it. The compiled code is cached by numba next to this module
-(``__pycache__``), or where that is read-only in ``$NUMBA_CACHE_DIR`` if set, else in the
-user's cache directory (``~/.cache/numba``); with no writable place, auto mode stays on numpy
-(a compile without a cache costs seconds in every process) and ``numba`` mode compiles.
+:func:`status` says it. numba caches the compiled code in ``$NUMBA_CACHE_DIR`` if set, else
+next to this module (``__pycache__``), else (read-only there, as a system site-packages is)
+in the user's cache directory (``~/.cache/numba``); with no writable place, auto mode stays on
+numpy (a compile without a cache costs about 5 s of CPU in every process) and ``numba`` mode
+compiles.
 
 >>> import numpy as np
 >>> k = for_size(10)  # None: auto mode does not load numba for 10 elements
@@ -51,9 +54,9 @@ __all__ = ["AUTO_MIN", "KERNELS_ENV", "Kernels", "for_size", "load", "mode", "st
 #: Environment variable: ``auto`` (default), ``numba`` or ``numpy`` (see the module doc).
 KERNELS_ENV = "COMPEFT_KERNELS"
 #: In ``auto`` mode, the smallest pass (elements) for which numba is loaded, if it is not yet:
-#: importing numba and loading the cached kernels costs about 1.2 s of CPU once, the kernels
-#: save about 1.6 ns of CPU per element and pass (``bench/bench_select.py``), so from here
-#: the first call gains.
+#: importing numba and loading the cached kernels costs about 1.2-1.4 s of CPU once; the
+#: kernels save compress about 2.4 ns of CPU per element (iter_compress about 9), measured
+#: with ``bench/bench_select.py``: from here even the first call gains.
 AUTO_MIN = 1 << 30
 MODES = ("auto", "numba", "numpy")
 
@@ -123,6 +126,9 @@ def load(compile_without_cache: bool = True) -> Kernels | None:
             _say(f"numba compile failed: {exc!r}", final=True)
             return None
         _kernels = Kernels(funcs)
+        if not _kernels.sums_like_einsum:
+            log.debug("compeft_format.kernels: the sum of squares stays in numpy's einsum "
+                      "(the compiled sum does not round as this numpy's einsum does)")
         return _kernels
 
 
@@ -159,6 +165,34 @@ class Kernels:
 
     def __init__(self, mod: SimpleNamespace) -> None:
         self._mod = mod
+        #: :meth:`sumsq` gives einsum's bits on this numpy and CPU (checked here, once)
+        self.sums_like_einsum = self._check_sumsq()
+
+    def _check_sumsq(self) -> bool:
+        """True if the compiled sum of squares equals ``einsum``'s, bit for bit, on arrays
+        chosen so that any other order of the additions shows: every length class of
+        einsum's 8192-element buffers and of its 8-element steps, values of one scale (where
+        a different order changes the last bits most often) and of many scales."""
+        rng = np.random.default_rng(0x5EED)
+        lengths = [1, 2, 3, 7, 8, 9, 15, 17, 8191, 8192, 8193, 16384 + 5, 4 * 8192,
+                   4 * 8192 + 9, 5 * 8192 - 1, 9 * 8192 + 3, 1 << 20]
+        lengths += [int(v) for v in rng.integers(1, 1 << 18, 8)]
+        for i, size in enumerate(lengths):
+            c = rng.standard_normal(size).astype(np.float32)
+            if i % 2:
+                c *= np.exp2(rng.integers(-40, 40, size)).astype(np.float32)
+            want = float(np.einsum("i,i->", c, c, dtype=np.float64))
+            if float(self._mod.sumsq(c)) != want:
+                return False
+        return True
+
+    def sumsq(self, c: np.ndarray) -> float | None:
+        """``einsum("i,i->", c, c, dtype=float64)`` of a float32 chunk, the same bits
+        (without einsum's cast buffers: about half its CPU); None where einsum must run (a
+        float64 chunk, or a numpy whose einsum sums in another order)."""
+        if not self.sums_like_einsum or c.dtype != np.float32 or not self.fits(c):
+            return None
+        return float(self._mod.sumsq(c))
 
     @staticmethod
     def fits(c: np.ndarray) -> bool:

@@ -272,8 +272,19 @@ def _normal_atoms(density: float, k: int) -> tuple[float, np.ndarray, np.ndarray
     return a, kept, dropped
 
 
-def _expected_rescales(stats: Mapping[str, MergeStats]) -> dict[str, Rescale]:
-    """:func:`expected_ties` for every tensor of a merge at once (its ``prepare``)."""
+def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_squares",
+                       mu: Sequence[float] | None = None) -> dict[str, Rescale]:
+    """:func:`expected_ties` for every tensor of a merge at once (its ``prepare``).
+
+    ``fit``: how the expectation is brought to the projections. ``"least_squares"`` (the
+    rule): the table closest to the conditional mean among those keeping them.
+    ``"scaled"``: each input's part of the conditional mean times one factor (the rule's
+    first version, kept for the benchmark's before/after comparison). ``mu`` (diagnostics,
+    least squares only): the multipliers given instead of solved for (the table is
+    ``E[TIES(t) | P] + sum_i mu_i E[t_i | P]``, linear in them).
+    """
+    if fit not in ("least_squares", "scaled"):
+        raise MergeError(f"fit must be 'least_squares' or 'scaled', got {fit!r}")
     out: dict[str, Rescale] = {}
     model = {name: st for name, st in stats.items() if st.method == "ties"
              and st.counts is not None and all(m is not None for m in st.magnitudes)}
@@ -315,6 +326,7 @@ def _expected_rescales(stats: Mapping[str, MergeStats]) -> dict[str, Rescale]:
     mirror = (np.where(digits == 0, 0, 3 - digits) * 3 ** np.arange(n)[:, None]).sum(0)
     sums: dict[tuple[float, ...], list[np.ndarray]] = {}
     shares: dict[str, np.ndarray] = {}
+    given: dict[str, np.ndarray] = {}  # E[t_i | pattern] of every pattern, per tensor
     for name, st in model.items():
         assert st.counts is not None
         seen = np.flatnonzero(st.counts)
@@ -337,15 +349,31 @@ def _expected_rescales(stats: Mapping[str, MergeStats]) -> dict[str, Rescale]:
         share = (share - share[:, mirror]) / 2
         share[:, 0] = 0.0  # nothing kept anywhere: zero (keeps the merge sparse)
         shares[name] = share
-        means = np.where(d != 0, rows.mean(2), 0.0)  # E[t_i | pattern]: 0 where dropped
+        # E[t_i | pattern]: 0 where dropped (its sign is unknown), odd like the shares
+        means = np.zeros((n, 3**n))
+        means[:, pats] = np.where(d != 0, rows.mean(2), 0.0)
+        means = (means - means[:, mirror]) / 2
+        given[name] = means
+        mean = share.sum(0)  # E[TIES(t) | pattern]
         key = tuple(float(x) for x in st.magnitudes)
-        acc = sums.setdefault(key, [np.zeros(n), np.zeros((n, n))])
+        acc = sums.setdefault(key, [np.zeros(n), np.zeros((n, n)), np.zeros((n, n)),
+                                    np.zeros(n)])
         acc[0] += (rows * m).mean(2) @ c  # E <TIES(t), t_i>
-        acc[1] += (means * c) @ share[:, pats].T  # <share_j, E[t_i | pattern]>
+        acc[1] += (means[:, pats] * c) @ share[:, pats].T  # <share_j, E[t_i | pattern]>
+        acc[2] += (means[:, pats] * c) @ means[:, pats].T  # <E[t_j | .], E[t_i | .]>
+        acc[3] += (means[:, pats] * c) @ mean[pats]  # <E[TIES(t) | .], E[t_i | .]>
     for name, st in model.items():
-        want, gram = sums[tuple(float(x) for x in st.magnitudes)]
-        factors = _projection_factors(want, gram)
-        out[name] = Rescale(table=tuple((factors @ shares[name]).tolist()))
+        want, gram, inner, got = sums[tuple(float(x) for x in st.magnitudes)]
+        if fit == "scaled":
+            table = _projection_factors(want, gram) @ shares[name]
+        else:
+            # the least-squares fit under the projections: minimise E||merge - TIES(t)||^2
+            # = sum_p count_p (v_p - mean_p)^2 + const subject to sum_p count_p v_p
+            # E[t_i | p] = want_i; Lagrange: v = mean + sum_i mu_i E[t_i | .]
+            m = (np.linalg.lstsq(inner, want - got, rcond=None)[0] if mu is None
+                 else np.array(mu, np.float64))
+            table = shares[name].sum(0) + m @ given[name]
+        out[name] = Rescale(table=tuple(table.tolist()))
     return out
 
 
@@ -393,11 +421,13 @@ def expected_ties(stats: MergeStats) -> Rescale:
     merge's weights and sign election. That is the merge the originals' TIES is closest to
     (least squares); like each compression's own kept entries it is shrunk toward zero, and
     the compressor's ``proj`` rule undoes that by keeping each expert's projection on its
-    original. The merge is scaled the same way: each input's part of the expectation (what
-    it adds where it agrees with the elected sign) gets one factor per scope, solved so that
-    the merge's projection on every input, ``<merge, t_i>``, is its expectation
-    ``E<TIES(t), t_i>`` over the originals (one common factor if that has no positive
-    solution). Sparse in, sparse out: an entry no input keeps stays 0.
+    original. The merge keeps them the same way: the merge's projection on every input,
+    ``<merge, t_i>``, is its expectation ``E<TIES(t), t_i>`` over the originals (per scope),
+    and among the tables that do so it takes the one closest to the conditional mean, which
+    is also the closest to TIES of the originals in expected squared error: ``v = E[TIES(t)
+    | P] + sum_i mu_i E[t_i | P]``, one ``mu_i`` per input and scope from an ``n x n``
+    linear system (Lagrange's condition for that constrained least squares). Sparse in,
+    sparse out: an entry no input keeps stays 0.
 
     It assumes the inputs' scales follow the ``proj`` rule (the default ``proj_vcap``, and
     ``proj``); under another rule their thresholds, and so the merge's magnitude, are off

@@ -167,6 +167,42 @@ def test_kernels_match_the_numpy_chunk_code(size, dtype, lo_hi):
                 assert seen == (equal > 0)
 
 
+def test_compiled_sum_of_squares_is_einsums_bit_for_bit():
+    # the sum of squares of a float32 chunk, in einsum's order of additions (checked when
+    # the kernels load; here on other arrays: any other order changes the last bits of
+    # most of these sums)
+    kern = kernels.load()
+    assert kern is not None
+    assert kern.sums_like_einsum
+    rng = np.random.default_rng(99)
+    differ = 0
+    for i in range(60):
+        size = int(rng.integers(1, 1 << 20)) if i % 3 else int(rng.integers(1, 70_000))
+        c = rng.standard_normal(size).astype(np.float32)
+        if i % 2:
+            c *= np.exp2(rng.integers(-60, 60, size)).astype(np.float32)
+        want = float(np.einsum("i,i->", c, c, dtype=np.float64))
+        assert kern.sumsq(c) == want, size
+        differ += float(np.sum(c.astype(np.float64) ** 2)) != want
+    assert differ > 10  # the test can fail: numpy's own pairwise sum rounds otherwise
+    assert kern.sumsq(c.astype(np.float64)) is None  # float64: einsum runs
+    assert kern.sumsq(c[::2]) is None
+    assert np.isnan(kern.sumsq(np.array([1.0, np.nan], np.float32)))
+
+
+def test_a_sum_that_does_not_round_like_einsum_is_not_used(monkeypatch):
+    kern = kernels.load()
+    assert kern is not None
+    tv = task_vector()
+    monkeypatch.setenv(kernels.KERNELS_ENV, "numba")
+    want = compress(tv, density=0.05)
+    monkeypatch.setattr(kern._mod, "sumsq", lambda c: float(np.sum(c.astype(np.float64) ** 2)))
+    assert not kern._check_sumsq()  # another order: found out
+    monkeypatch.setattr(kern, "sums_like_einsum", False)
+    assert kern.sumsq(tv["big"]) is None
+    assert_same(compress(tv, density=0.05), want)
+
+
 def test_chunks_the_kernels_do_not_take_go_the_numpy_way():
     kern = kernels.load()
     assert kern is not None
