@@ -32,6 +32,7 @@ from . import kernels as _kernels
 from . import selection as _sel
 from ._spec import META_COMPRESSION, TERNARY_DTYPES
 from .errors import EncodeError
+from .lora_scale import LORA_SCALES
 from .scales import (
     CAPPED,
     DEFAULT_SCALE,
@@ -147,7 +148,8 @@ def compression_metadata(density: float, alpha: float, scope: str, scale: str) -
         "density": check_density(density),
         "alpha": check_alpha(alpha),
         "scope": check_choice("scope", scope, SCOPES),
-        "scale": check_choice("scale", scale, SCALES),
+        # the LoRA product scales (lora_scale.rescale, after compress) are recorded here too
+        "scale": check_choice("scale", scale, SCALES + LORA_SCALES),
     }
 
 

@@ -89,6 +89,7 @@ from .hifi import (
     hifi_steps,
     lora_weights,
 )
+from .lora_scale import LORA_SCALES, lora_pairs, peft_scaling, rescale
 from .outputs import Output, write_fsync
 from .peft_init import DEFAULT_SEEDS, META_PEFT_INIT, PEFT_INIT, find_seed, parse_peft_init
 from .plan import (
@@ -279,6 +280,8 @@ def compress_file(
     if hifi is not None:
         comp_meta = _hifi_compression(hifi, comp_meta)
     positions = "golomb" if positions == "rice" else positions
+    if scale in LORA_SCALES and hifi is None:
+        _check_lora_source(src, scale)
     if positions not in POSITIONS_CHOICES:
         raise EncodeError(f"positions must be one of {POSITIONS_CHOICES} or 'rice', "
                           f"got {positions!r}")
@@ -331,6 +334,14 @@ def compress_file(
         if hifi is not None:
             hifi_out = _HifiStream(tv, hifi, source, reader)
             stream: Iterator[tuple[str, Any]] = iter(hifi_out)
+        elif scale in LORA_SCALES:
+            # compress selects (its scale for the other tensors); the factors' scales are
+            # then fitted on the products: every compressed tensor is held (an adapter)
+            done = dict(iter_compress(tv, density=density, alpha=alpha, scope=scope,
+                                      scale=DEFAULT_SCALE))
+            comp_meta[LORA_SCALE_KEY] = _lora_rescale(done, source, reader, base_reader,
+                                                      plan.compressible, scale, scope, alpha)
+            stream = iter(done.items())
         else:
             stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
 
@@ -456,6 +467,48 @@ class _HifiStream:
 
     def quality(self) -> QualityReport:
         return QualityReport(tuple(self._per), self._total.quality("(overall)", "all"))
+
+
+#: Member of ``compeft.compression`` written with a LoRA product scale
+#: (:mod:`compeft_format.lora_scale`): ``{"selection": the rule compress chose the scales
+#: with, "proj_scale": what it gave the factors}`` (one number where they shared one; else
+#: ``{"A": ..., "B": ...}`` for scope "role", or by tensor name), so that a reader assuming
+#: that rule (merge's ``expected_ties``) can recover it.
+LORA_SCALE_KEY = "lora_fit"
+
+
+def _check_lora_source(src: Any, scale: str) -> None:
+    """Refuse a LoRA product scale for anything but a LoRA adapter (checked before work)."""
+    source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's weights")
+    if source.config is None or str(source.peft_type).upper() != "LORA":
+        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
+        raise EncodeError(f"{source.path}: scale {scale!r} fits a LoRA adapter's factors on "
+                          f"their products; this is {what}")
+
+
+def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
+                  measured: Iterable[str], rule: str, scope: str, alpha: float
+                  ) -> dict[str, Any]:
+    """Fit the LoRA factors' scales of ``done`` in place (:func:`lora_scale.rescale`) against
+    the adapter's factors, from the base where the task vector was measured from it (else
+    zero), PEFT's scaling weighing the modules; return the record's :data:`LORA_SCALE_KEY`."""
+    pairs = lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
+    names = [n for pair in pairs for n in pair]
+    from_base = set(measured) if base_reader is not None else set()
+    config = json.loads(Path(source.config).read_text()) if source.config else {}
+    fitted = rescale(done, {n: reader.get(n) for n in names},
+                     {n: base_reader.get(n) for n in names if n in from_base},
+                     rule=rule, scope=scope, alpha=alpha,
+                     scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0]))
+    before = {n: done[n].scale for n in names}
+    done.update(fitted)
+    if len(set(before.values())) <= 1:
+        proj: Any = next(iter(before.values()), 0.0)
+    elif scope == "role":
+        proj = {"A": before[pairs[0][0]], "B": before[pairs[0][1]]}
+    else:
+        proj = before
+    return {"selection": DEFAULT_SCALE, "proj_scale": proj}
 
 
 #: ``base`` that measures a LoRA adapter from zero, as the paper does (no regeneration tried).

@@ -15,7 +15,7 @@ the output is the same, byte for byte, whichever path runs.
 Which path runs is set by ``$COMPEFT_KERNELS``:
 
 * ``auto`` (default): the compiled kernels once numba is loaded in this process; numba is
-  imported (about 1.2 s of CPU with loading the compiled code from its on-disk cache) only
+  imported (about 1.2-1.5 s of CPU with loading the compiled code from its on-disk cache) only
   for a pass over at least :data:`AUTO_MIN` (2^30) elements, where it pays for itself.
   Call :func:`load` to load it up front (e.g. before a batch of smaller compressions).
 * ``numba``: the compiled kernels for any size.
@@ -26,7 +26,7 @@ path runs; the reason is logged once at debug level (logger ``compeft_format.ker
 :func:`status` says it. numba caches the compiled code in ``$NUMBA_CACHE_DIR`` if set, else
 next to this module (``__pycache__``), else (read-only there, as a system site-packages is)
 in the user's cache directory (``~/.cache/numba``); with no writable place, auto mode stays on
-numpy (a compile without a cache costs about 5 s of CPU in every process) and ``numba`` mode
+numpy (a compile without a cache costs about 6-7 s of CPU in every process) and ``numba`` mode
 compiles.
 
 >>> import numpy as np
@@ -54,7 +54,7 @@ __all__ = ["AUTO_MIN", "KERNELS_ENV", "Kernels", "for_size", "load", "mode", "st
 #: Environment variable: ``auto`` (default), ``numba`` or ``numpy`` (see the module doc).
 KERNELS_ENV = "COMPEFT_KERNELS"
 #: In ``auto`` mode, the smallest pass (elements) for which numba is loaded, if it is not yet:
-#: importing numba and loading the cached kernels costs about 1.2-1.4 s of CPU once; the
+#: importing numba and loading the cached kernels costs about 1.2-1.5 s of CPU once; the
 #: kernels save compress about 2.4 ns of CPU per element (iter_compress about 9), measured
 #: with ``bench/bench_select.py``: from here even the first call gains.
 AUTO_MIN = 1 << 30

@@ -20,6 +20,7 @@ from ..convert import (
 )
 from ..errors import CompeftError
 from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
+from ..lora_scale import LORA_SCALES
 from ..safetensors_io import open_safetensors
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
@@ -89,9 +90,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--scope", choices=SCOPES, default=None,
                    help="top-k over all tensors together, each on its own, or per LoRA "
                    "role (A's together, B's together) (default global)")
-    c.add_argument("--scale", choices=SCALES, default=None,
+    c.add_argument("--scale", choices=SCALES + LORA_SCALES, default=None,
                    help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: the most "
-                   "faithful rebuilt model measured without data; see the README)")
+                   "faithful rebuilt model measured without data; see the README); "
+                   "lora_product (LoRA adapters): the factors' scales fitted on the rebuilt "
+                   "products B A")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensor names kept dense and lossless (repeatable)")
     c.add_argument("--positions", choices=POSITIONS, default=None,

