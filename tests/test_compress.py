@@ -29,8 +29,10 @@ from compeft_format.tensor import TernaryTensor
 # the module itself (the package may export a function of the same name)
 cmod = importlib.import_module("compeft_format.compress")
 selmod = importlib.import_module("compeft_format.selection")
+smod = importlib.import_module("compeft_format.scales")
 
-SCALES = ("proj_vcap", "kron", "gram", "proj", "norm", "l2", "std")
+SCALES = ("proj_vcap", "kron_sketch", "kron", "gram", "proj", "norm", "l2", "std")
+METRIC = ("gram", "kron", "kron_sketch")
 SCOPES = ("global", "tensor", "role")
 
 
@@ -62,10 +64,10 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         if not chosen.size:
             s = 0.0
         elif scale in ("proj", "proj_vcap") or (
-            scale in ("gram", "kron") and not _gram_reference(tv, group, flats, chosen, scale)[0]
+            scale in METRIC and not _gram_reference(tv, group, flats, chosen, scale)[0]
         ):
             s = alpha * float(np.sum(flat * flat)) / float(mags[chosen].sum())
-        elif scale in ("gram", "kron"):
+        elif scale in METRIC:
             _, num, den = _gram_reference(tv, group, flats, chosen, scale)
             s = alpha * num / den
         elif scale == "norm":
@@ -81,7 +83,7 @@ def reference(tv, density, alpha=1.0, scope="global", scale="proj_vcap", exclude
         for name, f in zip(group, flats, strict=True):
             sel = chosen[(chosen >= off) & (chosen < off + f.size)]
             s_name = s
-            capped = scale in ("proj_vcap", "gram", "kron")
+            capped = scale in ("proj_vcap", *METRIC)
             if capped and sum(d > 1 for d in np.shape(tv[name])) <= 1 and sel.size:
                 s_name = min(s, alpha * float(np.abs(f).max()))  # a vector's own cap
             out[name] = (sel - off, flat[sel] < 0, s_name)
@@ -95,6 +97,9 @@ def _gram_reference(tv, group, flats, chosen, scale="gram"):
     "gram": input metric ``C = t^T t`` (mean eigenvalue 1). "kron": output metric
     ``G = (t t^T)^(1/2)`` and input metric ``A = (t^T t)^(1/2)`` (each mean eigenvalue 1),
     here through numpy's SVD (the library goes through an eigendecomposition instead).
+    "kron_sketch": each matrix's terms from the library's estimate,
+    :func:`~compeft_format.scales.kron_sketch_terms`, on this reference's own selection (what
+    is checked here is how compress sums them; the estimate is tested on its own below).
     """
     num = den = 0.0
     off = 0
@@ -108,6 +113,11 @@ def _gram_reference(tv, group, flats, chosen, scale="gram"):
         signs = np.zeros(f.size)
         signs[sel] = np.sign(f[sel])
         s_mat = signs.reshape(t.shape)
+        if scale == "kron_sketch":
+            n_, d_ = smod.kron_sketch_terms(t, sel, f[sel] < 0)
+            num += n_
+            den += d_
+            continue
         if scale == "gram":
             g, c = np.eye(t.shape[0]), t.T @ t / (float((t * t).sum()) / t.shape[1])
         else:
@@ -334,6 +344,77 @@ def test_kron_is_proj_on_a_rank_one_matrix_and_gram_is_not():
         gram = compress({"w": t}, density=density, scale="gram")["w"].scale
         assert kron == pytest.approx(proj, rel=1e-6)
         assert gram != pytest.approx(proj, rel=1e-3)
+
+
+def _fine_tune_like(rng, rows, cols, rank=6, decay=0.5):
+    """A near-full-rank update: a few strong directions over a bulk whose singular values
+    fall off as a power law (``decay``), as an AdamW full fine-tune's do."""
+    k = min(rows, cols)
+    u, _ = np.linalg.qr(rng.standard_normal((rows, k)))
+    v, _ = np.linalg.qr(rng.standard_normal((cols, k)))
+    sv = (np.arange(1, k + 1) + rank) ** -decay
+    sv[:rank] *= 2.0
+    return ((u * sv) @ v.T).astype(np.float32)
+
+
+def _top(t, density):
+    idx = np.sort(np.argsort(-np.abs(t), axis=None, kind="stable")[: round(density * t.size)])
+    return idx, np.signbit(t.reshape(-1)[idx])
+
+
+@pytest.mark.parametrize("shape", [(200, 90), (90, 200), (128, 128)])
+@pytest.mark.parametrize("decay", [0.3, 0.6])
+def test_kron_sketch_is_close_to_kron_on_a_full_rank_update(shape, decay):
+    """The estimate's ratio num/den (the scale) stays within 5% of the exact one, and each
+    term within 10%, where the tail (what the sketch's rank misses) holds 15-50% of the
+    energy and is far from flat (a slow power law)."""
+    rng = np.random.default_rng(int(decay * 10) + shape[0])
+    t = _fine_tune_like(rng, *shape, decay=decay)
+    sv = np.linalg.svd(t.astype(np.float64), compute_uv=False)
+    assert float((sv[smod.SKETCH_RANK:] ** 2).sum() / (sv**2).sum()) > 0.15  # a real tail
+    for density in (0.01, 0.05, 0.2):
+        idx, signs = _top(t, density)
+        num, den = smod.kron_sketch_terms(t, idx, signs)
+        e_num, e_den = smod.kron_terms(t, idx, signs)
+        assert num / den == pytest.approx(e_num / e_den, rel=0.05), density
+        # the terms themselves (their weight in a scope's sums) within 10%
+        assert num == pytest.approx(e_num, rel=0.1)
+        assert den == pytest.approx(e_den, rel=0.1)
+
+
+def test_kron_sketch_is_kron_without_a_tail():
+    rng = np.random.default_rng(5)
+    small = rng.standard_normal((smod.SKETCH_RANK, 300))  # a side within the rank: exact
+    idx, signs = _top(small, 0.1)
+    assert smod.kron_sketch_terms(small, idx, signs) == smod.kron_terms(small, idx, signs)
+    low = (rng.standard_normal((150, 8)) @ rng.standard_normal((8, 220))).astype(np.float32)
+    for density in (0.01, 0.2):  # rank 8 < SKETCH_RANK: the range finder holds all of it
+        idx, signs = _top(low, density)
+        num, den = smod.kron_sketch_terms(low, idx, signs)
+        e_num, e_den = smod.kron_terms(low, idx, signs)
+        assert num == pytest.approx(e_num, rel=1e-4)
+        assert den == pytest.approx(e_den, rel=1e-4)
+
+
+def test_kron_sketch_is_deterministic_homogeneous_and_safe_at_extremes():
+    rng = np.random.default_rng(8)
+    t = _fine_tune_like(rng, 100, 140).astype(np.float64)
+    idx, signs = _top(t, 0.05)
+    np.random.seed(1)
+    first = smod.kron_sketch_terms(t, idx, signs)
+    np.random.seed(2)  # the global random state plays no part
+    assert smod.kron_sketch_terms(t, idx, signs) == first
+    # num ~ t, den ~ 1; far outside float32's range both ways, with no overflow
+    for factor in (1e-30, 1e30, 2.0**-140):
+        num, den = smod.kron_sketch_terms(t * factor, idx, signs)
+        assert num == pytest.approx(first[0] * factor, rel=1e-5)
+        assert den == pytest.approx(first[1], rel=1e-5)
+    transposed = np.ravel_multi_index(np.unravel_index(idx, t.shape)[::-1], t.T.shape)
+    order = np.argsort(transposed)
+    num, den = smod.kron_sketch_terms(t.T, transposed[order], signs[order])
+    assert num / den == pytest.approx(first[0] / first[1], rel=1e-4)
+    assert smod.kron_sketch_terms(np.zeros((40, 50)), idx[:3], signs[:3]) == (0.0, 0.0)
+    assert smod.kron_sketch_terms(t, idx[:0], signs[:0]) == (0.0, 0.0)
 
 
 def test_kron_without_a_kept_matrix_entry_is_proj_vcap():
@@ -624,7 +705,7 @@ def test_band_over_the_cap_falls_back(monkeypatch):
         lambda s, n, k, w: (w.type(0.0), w.type(0.05)),  # band below: every nonzero a candidate
     ],
 )
-@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram", "kron"])
+@pytest.mark.parametrize("scale", ["proj_vcap", "norm", "gram", "kron", "kron_sketch"])
 def test_unlucky_sample_in_compress_is_still_exact(monkeypatch, edges, scale):
     # compress finds the band in its statistics pass and keeps the candidates' positions;
     # a band that misses the threshold must still give the exact selection, by compress

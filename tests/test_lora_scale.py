@@ -272,30 +272,34 @@ def _read_adapter(path):
     return load_file(str(path))
 
 
-@pytest.mark.parametrize(("base", "scope"), [(f"{LORA}/init", "global"), ("zero", "global"),
-                                             (f"{LORA}/init", "role")])
-def test_compress_file_writes_the_fitted_scales(tmp_path, base, scope):
+@pytest.mark.parametrize(("base", "scope", "rule"), [
+    (f"{LORA}/init", "global", "lora_product"), ("zero", "global", "lora_product"),
+    (f"{LORA}/init", "role", "lora_product"), (f"{LORA}/init", "global", "lora_product_out"),
+    ("zero", "tensor", "lora_product_out")])
+def test_compress_file_writes_the_fitted_scales(tmp_path, base, scope, rule):
     import compeft_format as cf
 
     ad = _read_adapter(f"{LORA}/adapter_model.safetensors")
     init = _read_adapter(f"{LORA}/init/adapter_model.safetensors") if base != "zero" else None
-    s = cf.compress_file(LORA, tmp_path / "c", density=0.02, scope=scope,
-                         scale="lora_product", base=base)
+    s = cf.compress_file(LORA, tmp_path / "c", density=0.02, scope=scope, scale=rule,
+                         base=base)
     assert s.reference == ("zero" if base == "zero" else "checkpoint")
     # the same as compress, then rescale, in memory
     comp = compress(_tv(ad, init), density=0.02, scope=scope)
-    want = ls.rescale(comp, ad, init, scope=scope, alpha=1.0)
+    want = ls.rescale(comp, ad, init, rule=rule, scope=scope, alpha=1.0)
     with cf.open_file(tmp_path / "c" / "adapter_model.compeft") as r:
         meta = r.metadata()["compeft.compression"]
         got = {n: r.get(n) for n in r}
-    assert meta["scale"] == "lora_product"
+    assert meta["scale"] == rule
     assert meta["lora_fit"]["selection"] == "proj_vcap"
     proj = meta["lora_fit"]["proj_scale"]
     if scope == "global":
         assert proj == comp["base_model.model.encoder.layer.0.attention.self.query.lora_A"
                             ".weight"].scale
-    else:
+    elif scope == "role":
         assert set(proj) == {"A", "B"}
+    else:  # by tensor: compress's own scale of each factor
+        assert proj == {n: comp[n].scale for p in ls.lora_pairs(comp) for n in p}
     for n, t in want.items():
         assert got[n] == t, n
     changed = [n for n in want if want[n].scale != comp[n].scale]
