@@ -179,8 +179,8 @@ class Kernels:
         einsum's 8192-element buffers and of its 8-element steps, values of one scale (where
         a different order changes the last bits most often) and of many scales."""
         rng = np.random.default_rng(0x5EED)
-        lengths = [1, 2, 3, 7, 8, 9, 15, 17, 8191, 8192, 8193, 16384 + 5, 4 * 8192,
-                   4 * 8192 + 9, 5 * 8192 - 1, 9 * 8192 + 3, 1 << 20]
+        lengths = [1, 2, 3, 4, 5, 6, 7, 8, 9, 14, 15, 17, 8191, 8192, 8193, 8196, 8198,
+                   16384 + 5, 4 * 8192, 4 * 8192 + 9, 5 * 8192 - 1, 9 * 8192 + 3, 1 << 20]
         lengths += [int(v) for v in rng.integers(1, 1 << 18, 8)]
         for i, size in enumerate(lengths):
             c = rng.standard_normal(size).astype(np.float32)
