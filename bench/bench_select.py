@@ -194,7 +194,8 @@ def kernel_load_cost(compile_too: bool) -> None:
     for label, wall, cpu in rows:
         print(f"| {label} | {wall:.2f} | {cpu:.2f} |")
     print(f"\nauto mode loads them for a pass of at least {kernels.AUTO_MIN:,} elements "
-          "(or once loaded in the process).\n")
+          f"({kernels.AUTO_MIN_STREAM:,} for iter_compress), or once loaded in the "
+          "process.\n")
 
 
 def bench_phases(n: int, density: float) -> None:

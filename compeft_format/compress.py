@@ -561,7 +561,7 @@ class _Job:
         if n:
             lo_open, hi = _sel.band_edges(sample, n, k, work)
             cap = _sel.band_cap(n)
-            self.kernels = _kernels.for_size(n)
+            self.kernels = _kernels.for_size(n, streaming=self.stream)
             found = _sel.Candidates(lo_open, hi, cap, positions=not self.stream, limit=k + cap,
                                     kernels=self.kernels)
         del sample

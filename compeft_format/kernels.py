@@ -16,7 +16,8 @@ Which path runs is set by ``$COMPEFT_KERNELS``:
 
 * ``auto`` (default): the compiled kernels once numba is loaded in this process; numba is
   imported (about 1.2-1.5 s of CPU with loading the compiled code from its on-disk cache) only
-  for a pass over at least :data:`AUTO_MIN` (2^30) elements, where it pays for itself.
+  for a pass over at least :data:`AUTO_MIN` (2^30) elements (:data:`AUTO_MIN_STREAM`, 2^28,
+  for ``iter_compress``, whose passes save more), where it pays for itself.
   Call :func:`load` to load it up front (e.g. before a batch of smaller compressions).
 * ``numba``: the compiled kernels for any size.
 * ``numpy``: never.
@@ -49,7 +50,8 @@ import numpy as np
 
 from .errors import EncodeError
 
-__all__ = ["AUTO_MIN", "KERNELS_ENV", "Kernels", "for_size", "load", "mode", "status"]
+__all__ = ["AUTO_MIN", "AUTO_MIN_STREAM", "KERNELS_ENV", "Kernels", "for_size", "load", "mode",
+           "status"]
 
 #: Environment variable: ``auto`` (default), ``numba`` or ``numpy`` (see the module doc).
 KERNELS_ENV = "COMPEFT_KERNELS"
@@ -58,6 +60,9 @@ KERNELS_ENV = "COMPEFT_KERNELS"
 #: kernels save compress about 2.4 ns of CPU per element (iter_compress about 9), measured
 #: with ``bench/bench_select.py``: from here even the first call gains.
 AUTO_MIN = 1 << 30
+#: :data:`AUTO_MIN` for :func:`~compeft_format.compress.iter_compress` (what ``compeft
+#: compress`` runs): its passes save about 7-9 ns of CPU per element, so it gains from here.
+AUTO_MIN_STREAM = 1 << 28
 MODES = ("auto", "numba", "numpy")
 
 log = logging.getLogger(__name__)
@@ -79,8 +84,10 @@ def mode() -> str:
     return env
 
 
-def for_size(n: int) -> Kernels | None:
-    """The compiled kernels for a pass over ``n`` elements, or None for the numpy path.
+def for_size(n: int, streaming: bool = False) -> Kernels | None:
+    """The compiled kernels for a pass over ``n`` elements, or None for the numpy path;
+    ``streaming`` for :func:`~compeft_format.compress.iter_compress`'s passes (in auto mode
+    from :data:`AUTO_MIN_STREAM` elements, not :data:`AUTO_MIN`).
 
     >>> for_size(0) is None or isinstance(for_size(0), Kernels)
     True
@@ -88,7 +95,7 @@ def for_size(n: int) -> Kernels | None:
     how = mode()
     if how == "numpy":
         return None
-    if how == "auto" and _kernels is None and n < AUTO_MIN:
+    if how == "auto" and _kernels is None and n < (AUTO_MIN_STREAM if streaming else AUTO_MIN):
         return None
     return load(compile_without_cache=how == "numba")
 

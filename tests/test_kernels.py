@@ -223,8 +223,10 @@ def test_auto_mode_loads_numba_only_for_big_work(monkeypatch, fresh):
     monkeypatch.delenv(kernels.KERNELS_ENV, raising=False)
     assert kernels.mode() == "auto"
     assert kernels.for_size(kernels.AUTO_MIN - 1) is None
+    assert kernels.for_size(kernels.AUTO_MIN_STREAM - 1, streaming=True) is None
+    assert kernels.AUTO_MIN_STREAM < kernels.AUTO_MIN
     assert kernels.status() == "numpy"  # not tried
-    assert kernels.for_size(kernels.AUTO_MIN) is not None
+    assert kernels.for_size(kernels.AUTO_MIN_STREAM, streaming=True) is not None
     assert kernels.for_size(10) is not None  # once loaded, for any size
     monkeypatch.setenv(kernels.KERNELS_ENV, "numpy")
     assert kernels.for_size(kernels.AUTO_MIN) is None
