@@ -398,6 +398,12 @@ def compress_file(
         if base_reader is not None:
             base_reader.release()
         final = out.dst / inside if inside else out.dst
+        if (hifi is None and scale == DEFAULT_SCALE and density <= LORA_LOW_DENSITY
+                and str(source.peft_type).upper() == "LORA"):
+            hint = (f"at density <= {LORA_LOW_DENSITY} the default scale keeps little of a "
+                    "LoRA's gain (bench/results/lora_scale.md); --scale lora_product_out "
+                    "keeps most of it")
+            note = hint if note is None else f"{note}; {hint}"
         return CompressSummary(
             source=str(source.path), output=str(out.dst), file=str(final),
             tensors=len(names), ternary=len(plan.compressible),
@@ -467,6 +473,12 @@ class _HifiStream:
 
     def quality(self) -> QualityReport:
         return QualityReport(tuple(self._per), self._total.quality("(overall)", "all"))
+
+
+#: At or below this density the default scale rebuilds a LoRA adapter's factors worse than
+#: leaving the adapter out, on every adapter measured, and ``lora_product_out`` keeps most of
+#: its gain (``bench/results/lora_scale.md``): the summary's note says so.
+LORA_LOW_DENSITY = 0.02
 
 
 #: Member of ``compeft.compression`` written with a LoRA product scale

@@ -312,6 +312,23 @@ def test_compress_file_writes_the_fitted_scales(tmp_path, base, scope, rule):
         np.testing.assert_allclose(back[n], expect, rtol=1e-6, atol=1e-7)
 
 
+def test_the_summary_points_low_density_loras_to_lora_product_out(tmp_path):
+    # at density <= 0.02 the default scale rebuilds a LoRA worse than leaving it out
+    # (bench/results/lora_scale.md): the summary says which rule keeps its gain
+    import compeft_format as cf
+    from compeft_format.convert import LORA_LOW_DENSITY
+
+    low = cf.compress_file(LORA, tmp_path / "a", density=LORA_LOW_DENSITY, base="zero")
+    assert "--scale lora_product_out" in low.note
+    assert "--scale lora_product_out" in low.format()
+    assert cf.compress_file(LORA, tmp_path / "b", density=0.05, base="zero").note is None
+    fitted = cf.compress_file(LORA, tmp_path / "c", density=0.01, base="zero",
+                              scale="lora_product_out")
+    assert fitted.note is None
+    ia3 = cf.compress_file("tests/data/ia3-minilm-vader", tmp_path / "d", density=0.01)
+    assert ia3.note is None
+
+
 def test_lora_product_is_refused_for_other_sources(tmp_path):
     import compeft_format as cf
 
