@@ -431,7 +431,8 @@ def expected_ties(stats: MergeStats) -> Rescale:
 
     It assumes the inputs' scales follow the ``proj`` rule (the default ``proj_vcap``, and
     ``proj``); under another rule their thresholds, and so the merge's magnitude, are off
-    by that rule's ratio to ``proj``.
+    by that rule's ratio to ``proj``, so :func:`~compeft_format.merge_io.merge_files`
+    refuses a file whose compression record names another rule.
 
     Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
     fitted constant. Through :func:`merge`, ``merge_files`` and ``merge_and_compress``

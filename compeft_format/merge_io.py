@@ -47,6 +47,7 @@ from .merge import (
     check_names,
     check_options,
     describe_value,
+    expected_ties,
     prepared_rescales,
     resolve_rescale,
 )
@@ -463,6 +464,24 @@ def _work_name(dtype: str) -> str:
     return "F64" if dtype == "F64" else "F32"
 
 
+#: The scale rules ``expected_ties`` can read a threshold from (:func:`merge.expected_ties`).
+PROJ_SCALES = ("proj", "proj_vcap")
+
+
+def _check_proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]) -> None:
+    """Refuse an input whose recorded scale rule is not ``proj``'s: ``expected_ties`` infers
+    each input's threshold from the proj rule's scale, so its merge would be off by the
+    rule's ratio to proj (0.4x to 1.3x for the rules measured)."""
+    for s, r in zip(sources, readers, strict=True):
+        meta = r.metadata().get(S.META_COMPRESSION)
+        scale = meta.get("scale") if isinstance(meta, dict) else None
+        if scale is not None and scale not in PROJ_SCALES:
+            raise MergeError(f"{s.path}: compressed with scale {scale!r}; rescale "
+                             f"'expected_ties' reads thresholds from {' or '.join(PROJ_SCALES)} "
+                             "scales only (merge without it, with 'dense_divisor', or "
+                             "compress the inputs with the default scale)")
+
+
 def _default_compression(readers: Sequence[CompeftReader]) -> tuple[float, str, str]:
     """``(density, scope, scale)``: the largest input density; scope and scale where all agree.
 
@@ -608,6 +627,8 @@ def merge_files(
         refs = [read_reference(r.metadata(), set(r.keys()), s.weights)
                 for s, r in zip(sources, readers, strict=True)]
         _check_inputs(sources, readers, refs)
+        if rule is expected_ties:
+            _check_proj_scales(sources, readers)
         ref = refs[0]
         infos = {n: readers[0].info(n) for n in readers[0]}
         base_reader = None

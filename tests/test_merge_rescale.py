@@ -318,6 +318,34 @@ def test_expected_ties_through_files_and_the_command_line(tmp_path, capsys):
         np.testing.assert_array_equal(got.values("b"), want["b"])
 
 
+def test_expected_ties_refuses_inputs_of_another_scale_rule(tmp_path, capsys):
+    # expected_ties reads each input's threshold from the proj rule's scale: a file whose
+    # record names another rule (kron_sketch, lora_product_out, ...) is refused before
+    # anything is written, naming the file and the rule; other merges still take it
+    from cli_helpers import one_line_error
+
+    from compeft_format.compress import compression_metadata
+    from compeft_format.merge import MergeError
+
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, scale in enumerate(("proj_vcap", "kron")):
+        t = {"a": rng.standard_normal((30, 40)).astype(np.float32)}
+        paths.append(tmp_path / f"e{i}.compeft")
+        cf.save_file(compress(t, density=0.2, scale=scale), paths[-1], metadata={
+            "compeft.compression": compression_metadata(0.2, 1.0, "global", scale)})
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(MergeError, match=r"e1\.compeft: compressed with scale 'kron'"):
+        merge_files(paths, out, rescale="expected_ties")
+    assert not out.exists()
+    code, _, err = run(capsys, "merge", *paths, "-o", out, "--rescale", "expected_ties")
+    assert code == 1
+    one_line_error(err, "scale 'kron'", "expected_ties")
+    assert not out.exists()
+    merge_files(paths, out, rescale="dense_divisor")  # a rule that reads no threshold
+    merge_files([paths[0], paths[0]], tmp_path / "p.safetensors", rescale="expected_ties")
+
+
 def test_expected_ties_falls_back_where_the_model_does_not_apply():
     a = TernaryTensor((4,), [0, 1], [False, True], 1.0)
     b = TernaryTensor((4,), [1, 2], [False, False], 0.5)
