@@ -44,6 +44,21 @@ _FILL_SIGS = [_I64(_ro(_I64), _ro(f), _ro(types.boolean), f, _I64, _rw(_I64),
                    _rw(types.boolean), _rw(f)) for f, _ in _PAIRS]
 
 
+@nb.njit(inline="always")
+def _mask64(u, base, stop, absmask, least):  # pragma: no cover
+    """Bit ``j`` set where ``|entry base + j| >= least`` (as bit patterns), for the block
+    ``base:stop`` (at most 64 entries). A full block takes the constant-length loop, which
+    LLVM vectorises; inlined into each kernel, so it adds no call."""
+    m = np.uint64(0)
+    if stop - base == 64:
+        for j in range(64):
+            m |= np.uint64((u[base + j] & absmask) >= least) << np.uint64(j)
+    else:
+        for j in range(stop - base):
+            m |= np.uint64((u[base + j] & absmask) >= least) << np.uint64(j)
+    return m
+
+
 def candidates(c, u, absmask, first, hi, start, pos, mag, neg, band):  # pragma: no cover
     """Entries with ``|c| >= first`` (as bit patterns: ``|c| > lo_open``): flat position
     ``start + i``, ``|c|`` and sign bit into ``pos``, ``mag``, ``neg``; those ``<= hi`` also
@@ -56,13 +71,7 @@ def candidates(c, u, absmask, first, hi, start, pos, mag, neg, band):  # pragma:
     for base in range(0, full + 64, 64):
         # a 64-bit mask of the block's candidates (vectorised), then its set bits in order
         stop = min(base + 64, n)
-        m = np.uint64(0)
-        if stop - base == 64:
-            for j in range(64):
-                m |= np.uint64((u[base + j] & absmask) >= first) << np.uint64(j)
-        else:
-            for j in range(stop - base):
-                m |= np.uint64((u[base + j] & absmask) >= first) << np.uint64(j)
+        m = _mask64(u, base, stop, absmask, first)
         while m:
             i = base + np.int64(trailing_zeros(m))
             m &= m - np.uint64(1)
@@ -86,13 +95,7 @@ def band_only(c, u, absmask, first, visit, hi, band):  # pragma: no cover
     nband = 0
     for base in range(0, full + 64, 64):
         stop = min(base + 64, n)
-        m = np.uint64(0)
-        if stop - base == 64:
-            for j in range(64):
-                m |= np.uint64((u[base + j] & absmask) >= visit) << np.uint64(j)
-        else:
-            for j in range(stop - base):
-                m |= np.uint64((u[base + j] & absmask) >= visit) << np.uint64(j)
+        m = _mask64(u, base, stop, absmask, visit)
         while m:
             i = base + np.int64(trailing_zeros(m))
             m &= m - np.uint64(1)
@@ -144,13 +147,7 @@ def gather(c, u, absmask, visit, t, ties, loc, neg, kept):  # pragma: no cover
     seen = False
     for base in range(0, full + 64, 64):
         stop = min(base + 64, n)
-        m = np.uint64(0)
-        if stop - base == 64:
-            for b in range(64):
-                m |= np.uint64((u[base + b] & absmask) >= visit) << np.uint64(b)
-        else:
-            for b in range(stop - base):
-                m |= np.uint64((u[base + b] & absmask) >= visit) << np.uint64(b)
+        m = _mask64(u, base, stop, absmask, visit)
         while m:
             i = base + np.int64(trailing_zeros(m))
             m &= m - np.uint64(1)

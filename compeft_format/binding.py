@@ -42,6 +42,16 @@ class Reference:
     digest: str | None = None
     digests: bytes | None = None
 
+    @property
+    def stored_as_is(self) -> bool:
+        """True for a PEFT adapter stored as it is (from zero, or (IA)^3 from one), which no
+        base applies to: readers refuse a base given for it.
+
+        >>> Reference("one", {"g"}, None, None, "IA3").stored_as_is
+        True
+        """
+        return self.kind != "checkpoint" and (self.kind == "one" or self.peft_type is not None)
+
 
 def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> Reference:
     """Parse and check ``task_vector`` (and ``compeft.base``); absent: a task vector from zero.

@@ -775,8 +775,7 @@ def decompress_file(
                 f"{source.path}: the task vector is measured from the base{label} "
                 f"({len(ref.delta)} tensors); give it with --base (base=) to write "
                 "the full tensors")
-        if base_path is not None and ref.kind != "checkpoint" and (
-                ref.kind == "one" or ref.peft_type is not None):
+        if base_path is not None and ref.stored_as_is:
             raise ConvertError(f"{source.path}: holds a PEFT {ref.peft_type} adapter stored as "
                                "it is (from zero or one), which takes no --base")
         base_reader = None

@@ -645,8 +645,7 @@ def merge_files(
                 raise MergeError(f"{sources[0].path}: the inputs are measured from the "
                                  f"base{label}; give it with --base (base=) to write the "
                                  "merged tensors, or write a .compeft")
-            if base_path is not None and ref.kind != "checkpoint" and (
-                    ref.kind == "one" or ref.peft_type is not None):
+            if base_path is not None and ref.stored_as_is:
                 raise MergeError(f"{sources[0].path}: PEFT {ref.peft_type} adapters stored "
                                  "as they are (from zero or one) take no --base")
             if base_path is not None:
