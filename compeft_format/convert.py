@@ -78,7 +78,8 @@ from . import dtypes as _dt
 from ._progress import Bar, PassesBar
 from .binding import Reference, check_regenerated_base, read_reference
 from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
-from .container import POSITIONS_CHOICES, Writer, open_file
+from .container import Writer, open_file
+from .encode import POSITIONS_CHOICES
 from .errors import CompeftError, ConvertError, EncodeError, MissingDependencyError
 from .hifi import (
     HIFI_KEY,
