@@ -36,7 +36,8 @@ from .compress import (
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY, add_rounded, cast_storage, naming
+from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY
+from .errors import naming
 from .lora_scale import LORA_SCALES, lora_pairs
 from .merge import (
     MAX_PATTERN_INPUTS,
@@ -64,6 +65,7 @@ from .sources import (
     base_weights,
     resolve_source,
 )
+from .taskvec import add_rounded, cast_storage
 from .tensor import TernaryTensor
 
 __all__ = [
