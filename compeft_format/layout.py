@@ -1,0 +1,470 @@
+"""The file layout of spec 5: the only module that knows where things sit in a file.
+
+Layout (spec 4)::
+
+    File_Header | Metadata | Header_Checksum | pad | Record* | Index | Trailer
+
+Each record is a self-describing header followed by an aligned data area holding its blocks.
+This module parses every structure (the file header, record headers, pack member tables, the
+index) and builds the pieces the writer assembles (block descriptors, pack tables); it
+checks every rule that is about bytes and offsets. :mod:`.writer` decides what to write,
+:mod:`.reader` decodes and presents tensors; neither parses bytes itself.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from . import _spec as S
+from ._io import BufferSource, Source, encode_varint
+from .codecs import ZSTD, BlockContext, get_codec
+from .errors import (
+    BadMagicError,
+    ChecksumError,
+    CorruptDataError,
+    LimitExceededError,
+    TruncatedError,
+    UnsupportedFeatureError,
+    UnsupportedVersionError,
+)
+from .info import BlockInfo, TensorInfo
+from .metadata import decode_metadata
+
+__all__ = [
+    "BLOCK_ROLES",
+    "MAX_RECORD_HEADER",
+    "RECORD_OVERHEAD",
+    "Header",
+    "PackMember",
+    "Record",
+    "align",
+    "check_data_crc",
+    "check_zero",
+    "crc32",
+    "descriptor",
+    "pack_table",
+    "read_file_header",
+    "read_index",
+    "read_record_header",
+    "verify_index_crc",
+]
+
+
+MAX_RECORD_HEADER = 1 << 16  # spec 9.2: a record header above 64 KiB is rejected
+# what a ternary record costs beyond its blocks and two copies of its name (header fields,
+# descriptors, checksums, index entry), for the writer's pack-or-record choice (Appendix D)
+RECORD_OVERHEAD = 32
+
+
+def crc32(*parts: bytes | memoryview) -> int:
+    """CRC-32 (ISO-HDLC, as zlib) over the concatenation of ``parts`` (spec 2.4)."""
+    value = 0
+    for p in parts:
+        value = zlib.crc32(p, value)
+    return value
+
+
+def align(offset: int, alignment: int) -> int:
+    return -(-offset // alignment) * alignment
+
+
+def descriptor(block_type: int, stage: int, param: int, stored: int, decoded: int) -> bytes:
+    out = bytes([block_type, stage]) + encode_varint(param) + encode_varint(stored)
+    if stage != S.STAGE_NONE:
+        out += encode_varint(decoded)
+    return out
+
+
+def _common_prefix(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def pack_table(members: list[PackMember], prev: bytes | None = None) -> bytes:
+    """The member table of a pack (spec 5.8): names front-coded, then the fixed fields.
+
+    The first name is coded against the record's name, which is the same (``prev``
+    defaults to it): a pack stores each name once, and its first in the index too.
+    """
+    out = bytearray()
+    prev = members[0].name if prev is None else prev
+    for m in members:
+        shared = _common_prefix(prev, m.name)
+        out += encode_varint(shared) + encode_varint(len(m.name) - shared) + m.name[shared:]
+        out += m.tail
+        prev = m.name
+    return bytes(out)
+
+
+@dataclass
+class PackMember:
+    """A tensor waiting in a pack: its name, its member-table fields after the name, its data."""
+
+    name: bytes
+    tail: bytes
+    parts: tuple[bytes, bytes, bytes]  # positions, signs, scale
+    cost: int  # decode-budget charge (spec 9.3)
+
+    @property
+    def size(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+
+@dataclass
+class Header:
+    version: tuple[int, int]
+    alignment: int
+    metadata: dict[str, Any]
+    end: int  # offset of the first record (aligned)
+
+    @property
+    def kinds(self) -> tuple[int, ...]:
+        """The record kinds of this file's version (spec 5.3: packs from 1.1)."""
+        if self.version[1] >= 1:
+            return (S.KIND_TERNARY, S.KIND_DENSE, S.KIND_PACK)
+        return (S.KIND_TERNARY, S.KIND_DENSE)
+
+
+def read_file_header(src: Source, limits: S.ReadLimits) -> Header:
+    """Parse File_Header, Metadata and Header_Checksum (spec 5.1), and the padding after."""
+    head = src.buf[: len(S.MAGIC)] if isinstance(src, BufferSource) else None
+    try:
+        raw = src.read(S.FILE_HEADER_SIZE, "file header")
+    except TruncatedError:
+        got = bytes(head) if head is not None else b""
+        if head is not None and not S.MAGIC.startswith(got):
+            raise BadMagicError(f"not a compeft file (magic {got!r})", offset=0) from None
+        raise
+    magic, major, minor, log2, flags, meta_size = S.FILE_HEADER.unpack(raw)
+    if magic != S.MAGIC:  # spec 5.1
+        raise BadMagicError(f"not a compeft file (magic {magic!r}, expected {S.MAGIC!r})",
+                            offset=0)
+    if major != S.VERSION_MAJOR:  # spec 10.1
+        raise UnsupportedVersionError(
+            f"format version {major}.{minor} is not supported; this reader reads "
+            f"{S.VERSION_MAJOR}.x", offset=8)
+    if not S.MIN_ALIGNMENT_LOG2 <= log2 <= S.MAX_ALIGNMENT_LOG2:
+        raise CorruptDataError(f"Alignment_Log2 {log2} outside [0, {S.MAX_ALIGNMENT_LOG2}]",
+                               offset=10)
+    if flags:  # spec 5.1: every flag bit is reserved in 1.x
+        raise CorruptDataError(f"reserved header flags must be zero (got 0x{flags:02x})", offset=11)
+    if meta_size > limits.max_metadata_size:
+        raise LimitExceededError(f"metadata is {meta_size} bytes; limit "
+                                 f"{limits.max_metadata_size}", offset=12)
+    meta_bytes = src.read(meta_size, "metadata")
+    stored = S.CHECKSUM.unpack(src.read(S.CHECKSUM_SIZE, "header checksum"))[0]
+    computed = crc32(raw, meta_bytes)
+    if stored != computed:
+        raise ChecksumError(f"header checksum mismatch: stored 0x{stored:08x}, computed "
+                            f"0x{computed:08x}", offset=src.pos - 4)
+    metadata = decode_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits)
+    alignment = 1 << log2
+    pad_at = src.pos
+    end = align(pad_at, alignment)
+    check_zero(src.read(end - pad_at, "header padding"), pad_at, None, "header padding")
+    return Header((major, minor), alignment, metadata, end)
+
+
+def check_zero(data: memoryview, offset: int, tensor: str | None, what: str) -> None:
+    """Padding bytes MUST be zero (spec 5.4)."""
+    if any(data):
+        i = next(i for i, b in enumerate(data) if b)
+        raise CorruptDataError(f"{what}: padding byte is 0x{data[i]:02x}, must be 0x00",
+                               tensor=tensor, offset=offset + i)
+
+
+@dataclass
+class Record:
+    kind: int
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nnz: int | None
+    blocks: list[tuple[int, int, int, int, int]]  # type, stage, param, stored, decoded
+    data_crc: int
+    offset: int
+    header_end: int
+    data_start: int
+    data_size: int
+    alignment: int = 1
+    members: tuple[Record, ...] = ()  # a pack's tensors (spec 5.8), data_start absolute
+    in_pack: bool = False  # a member of a pack: no checksum, no alignment of its own
+
+    @property
+    def end(self) -> int:
+        """Offset just after the record's data area."""
+        return self.data_start + self.data_size
+
+    def info(self) -> TensorInfo:
+        infos, cursor = [], self.data_start
+        for btype, stage, param, stored, decoded in self.blocks:
+            codec = _codec_name(btype)
+            infos.append(BlockInfo(codec, btype, "zstd" if stage else "none", param, stored,
+                                   decoded, cursor))
+            cursor += stored + (-stored % self.alignment)
+        kind = "ternary" if self.kind == S.KIND_TERNARY else "dense"
+        # a pack member's share of the file is its data (the pack's header is shared)
+        size = self.data_size if self.in_pack else self.end - self.offset
+        return TensorInfo(self.name, kind, self.dtype, self.shape, self.nnz, tuple(infos),
+                          self.offset, size)
+
+
+def _codec_name(btype: int) -> str:
+    try:
+        return get_codec(btype).name
+    except UnsupportedFeatureError:
+        return f"0x{btype:02x}"
+
+
+def _read_name(src: Source, limits: S.ReadLimits, what: str) -> str:
+    start = src.pos
+    n = src.varint(f"{what} name length")
+    if not 1 <= n <= limits.max_name_length:
+        raise LimitExceededError(f"{what} name length {n} outside [1, {limits.max_name_length}]",
+                                 offset=start)
+    raw = bytes(src.read(n, f"{what} name"))
+    try:
+        name = raw.decode("utf-8", "strict")
+    except UnicodeDecodeError:
+        raise CorruptDataError(f"{what} name is not valid UTF-8: {raw[:40]!r}",
+                               offset=start) from None
+    if "\x00" in name:
+        raise CorruptDataError(f"{what} name contains NUL: {name[:40]!r}", offset=start)
+    return name
+
+
+def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: int) -> Record:
+    """Parse one record header after its Record_Kind byte (spec 5.3, 5.4, 5.5)."""
+    offset = src.pos - 1
+    header_len = src.varint("record header length")
+    if not 8 <= header_len <= MAX_RECORD_HEADER:
+        raise LimitExceededError(f"record header length {header_len} outside [8, "
+                                 f"{MAX_RECORD_HEADER}]", offset=offset + 1)
+    data_size_at = src.pos
+    data_size = src.varint("record data size")
+    # everything up to Header_Checksum is covered by it: check before trusting any field
+    body_start = src.pos
+    body = src.read(header_len - 4, "record header")
+    stored = S.CHECKSUM.unpack(src.read(4, "record header checksum"))[0]
+    prefix = bytes([kind]) + encode_varint(header_len) + encode_varint(data_size)
+    computed = crc32(prefix, body)
+    if stored != computed or body_start - offset != len(prefix):
+        raise ChecksumError(f"record header checksum mismatch: stored 0x{stored:08x}, computed "
+                            f"0x{computed:08x}", offset=src.pos - 4)
+    header_end = src.pos
+    data_start = align(header_end, alignment)
+    b = BufferSource(body[:-4], base=body_start)
+    data_crc = S.CHECKSUM.unpack(body[-4:])[0]
+    name = _read_name(b, limits, "tensor")
+    b.tensor = name
+    if kind == S.KIND_PACK:
+        return _read_pack(b, name, limits, Record(
+            kind, name, "", (), None, [], data_crc, offset, header_end, data_start, data_size,
+            alignment), data_size_at)
+    if kind not in (S.KIND_TERNARY, S.KIND_DENSE):
+        return Record(kind, name, "", (), None, [], data_crc, offset, header_end, data_start,
+                       data_size, alignment)
+    dtype, shape, nnz = _read_tensor_fields(b, kind, name, limits)
+    count = b.u8("block count")
+    blocks = []
+    for _ in range(count):
+        at = b.pos
+        btype, stage = b.u8("block type"), b.u8("stage")
+        param = b.varint("block param")
+        stored_size = b.varint("stored size")
+        if stage == S.STAGE_NONE:
+            decoded = stored_size
+        elif stage == S.STAGE_ZSTD:
+            decoded = b.varint("decoded size")
+        else:  # spec 7: a stage this reader does not know cannot be undone
+            raise UnsupportedFeatureError(f"unknown stage 0x{stage:02x}", tensor=name,
+                                          offset=at + 1)
+        blocks.append((btype, stage, param, stored_size, decoded))
+    if not b.at_end():
+        raise CorruptDataError(f"{b.remaining} unexpected bytes at the end of the record header",
+                               tensor=name, offset=b.pos)
+    rec = Record(kind, name, dtype, shape, nnz, blocks, data_crc, offset, header_end,
+                  data_start, data_size, alignment)
+    # spec 5.4: the data area is exactly the aligned blocks, nothing more
+    expected = sum(align(blk[3], alignment) for blk in blocks)
+    if data_size != expected:
+        raise CorruptDataError(f"data size {data_size} does not match the blocks' layout "
+                               f"({expected})", tensor=name, offset=data_size_at)
+    _check_block_set(rec)
+    return rec
+
+
+def _read_tensor_fields(b: BufferSource, kind: int, name: str, limits: S.ReadLimits,
+                        ) -> tuple[str, tuple[int, ...], int | None]:
+    """Dtype, Ndim, Dims and (ternary) Nnz of a record body or a pack member (spec 5.4)."""
+    code = b.u8("dtype")
+    if code not in S.DTYPES:
+        raise CorruptDataError(f"unknown dtype code 0x{code:02x}", tensor=name, offset=b.pos - 1)
+    dtype = S.DTYPES[code][0]
+    if kind == S.KIND_TERNARY and dtype not in S.TERNARY_DTYPES:
+        raise CorruptDataError(f"a ternary record cannot stand for {dtype}", tensor=name,
+                               offset=b.pos - 1)
+    ndim = b.u8("ndim")
+    if ndim > limits.max_ndim:
+        raise LimitExceededError(f"{ndim} dimensions; limit {limits.max_ndim}", tensor=name,
+                                 offset=b.pos - 1)
+    dims_at = b.pos
+    shape = tuple(b.varint("dimension") for _ in range(ndim))
+    numel = math.prod(shape)
+    if numel > limits.max_numel:
+        raise LimitExceededError(f"shape {list(shape)} has {numel} elements; limit "
+                                 f"{limits.max_numel}", tensor=name, offset=dims_at)
+    # an empty shape like (0, 2**62) has 0 elements, but no array library can make it
+    extent = math.prod(d for d in shape if d)
+    if extent > limits.max_numel:
+        raise LimitExceededError(f"shape {list(shape)}: its nonzero dimensions multiply to "
+                                 f"{extent}; limit {limits.max_numel}", tensor=name,
+                                 offset=dims_at)
+    nnz = None
+    if kind == S.KIND_TERNARY:
+        nnz_at = b.pos
+        nnz = b.varint("nnz")
+        if nnz > numel:
+            raise CorruptDataError(f"nnz {nnz} exceeds numel {numel}", tensor=name, offset=nnz_at)
+    return dtype, shape, nnz
+
+
+def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
+               data_size_at: int) -> Record:
+    """The rest of a pack record's body: its member table (spec 5.8)."""
+    at = b.pos
+    count = b.varint("member count")
+    if count < 1:
+        raise CorruptDataError("a pack holds at least one member", tensor=name, offset=at)
+    stage_at = b.pos
+    stage = b.u8("table stage")
+    stored = b.varint("table stored size")
+    if stage not in (S.STAGE_NONE, S.STAGE_ZSTD):
+        raise UnsupportedFeatureError(f"unknown stage 0x{stage:02x}", tensor=name,
+                                      offset=stage_at)
+    decoded = b.varint("table decoded size") if stage == S.STAGE_ZSTD else stored
+    if decoded > S.PACK_TABLE_MAX:
+        raise CorruptDataError(f"pack table: decoded size {decoded} exceeds "
+                               f"{S.PACK_TABLE_MAX}", tensor=name, offset=stage_at + 1)
+    table_at = b.pos
+    table = b.read(stored, "pack table")
+    if not b.at_end():
+        raise CorruptDataError(f"{b.remaining} unexpected bytes at the end of the record header",
+                               tensor=name, offset=b.pos)
+    if stage == S.STAGE_ZSTD:
+        ctx = BlockContext(name, 0, 0, "F32", (), table_at)
+        table = memoryview(ZSTD.decode(table, decoded, ctx))
+    t = BufferSource(table, base=table_at)
+    t.tensor = name
+    members, prev, cursor = [], name.encode(), 0  # the first name is coded against Name
+    for _ in range(count):
+        at = t.pos
+        shared = t.varint("prefix length")
+        if shared > len(prev):
+            raise CorruptDataError(f"pack member prefix length {shared} exceeds the previous "
+                                   f"name's {len(prev)} bytes", tensor=name, offset=at)
+        suffix_at = t.pos
+        n = t.varint("suffix length")
+        if not 1 <= shared + n <= limits.max_name_length:
+            raise LimitExceededError(f"member name length {shared + n} outside [1, "
+                                     f"{limits.max_name_length}]", tensor=name, offset=suffix_at)
+        raw = prev[:shared] + bytes(t.read(n, "member name"))
+        try:
+            mname = raw.decode("utf-8", "strict")
+        except UnicodeDecodeError:
+            raise CorruptDataError(f"member name is not valid UTF-8: {raw[:40]!r}",
+                                   offset=at) from None
+        if "\x00" in mname:
+            raise CorruptDataError(f"member name contains NUL: {mname[:40]!r}", offset=at)
+        if not members and raw != prev:
+            raise CorruptDataError(f"the first member is named {mname!r}, the pack {name!r}",
+                                   tensor=name, offset=at)
+        if members and raw <= prev:
+            raise CorruptDataError(f"pack member names must increase; {mname!r} follows "
+                                   f"{prev.decode()!r}", tensor=mname, offset=at)
+        t.tensor = mname
+        dtype, shape, nnz = _read_tensor_fields(t, S.KIND_TERNARY, mname, limits)
+        assert nnz is not None
+        ptype_at = t.pos
+        ptype = t.u8("positions type")
+        if ptype not in (S.BLOCK_BITMASK, S.BLOCK_GOLOMB):
+            raise CorruptDataError(f"pack member positions type 0x{ptype:02x} is not bitmask "
+                                   "or golomb", tensor=mname, offset=ptype_at)
+        param = t.varint("positions param")
+        psize = t.varint("positions size")
+        ssize = -(-nnz // 8)
+        blocks = [(ptype, S.STAGE_NONE, param, psize, psize),
+                  (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize),
+                  (S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4)]
+        size = psize + ssize + 4
+        members.append(Record(S.KIND_TERNARY, mname, dtype, shape, nnz, blocks, 0, rec.offset,
+                               rec.header_end, rec.data_start + cursor, size, in_pack=True))
+        cursor += size
+        prev = raw
+    if not t.at_end():
+        raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
+                               tensor=name, offset=t.pos)
+    if rec.data_size != align(cursor, rec.alignment):
+        raise CorruptDataError(f"data size {rec.data_size} does not match the pack's members "
+                               f"({align(cursor, rec.alignment)})", tensor=name,
+                               offset=data_size_at)
+    rec.members = tuple(members)
+    return rec
+
+
+BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
+          S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
+
+
+def _check_block_set(rec: Record) -> None:
+    """Spec 5.5: which known blocks a record holds, in what order; unknown ones by their bit."""
+    roles = []
+    for btype, *_ in rec.blocks:
+        if btype in BLOCK_ROLES:
+            roles.append(BLOCK_ROLES[btype])
+        elif not btype & S.BLOCK_OPTIONAL_BIT:
+            raise UnsupportedFeatureError(f"unknown required block type 0x{btype:02x}",
+                                          tensor=rec.name, offset=rec.offset)
+    want = ["positions", "signs", "scale"] if rec.kind == S.KIND_TERNARY else ["dense"]
+    if roles != want:
+        raise CorruptDataError(f"blocks {roles} break the rule of this record kind ({want})",
+                               tensor=rec.name, offset=rec.offset)
+
+
+def check_data_crc(rec: Record, data: memoryview, tensor: str | None = None) -> None:
+    """Data_Checksum of a record (spec 5.3, R-REC-9); ``tensor``: the pack member asked for."""
+    computed = crc32(data)
+    if computed != rec.data_crc:
+        where = ""
+        if rec.members:  # one checksum covers them all: say which tensors may be damaged
+            where = (f" (a pack of {len(rec.members)} tensors, {rec.members[0].name!r} to "
+                     f"{rec.members[-1].name!r})")
+        raise ChecksumError(f"data checksum mismatch: stored 0x{rec.data_crc:08x}, computed "
+                            f"0x{computed:08x}{where}", tensor=tensor or rec.name,
+                            offset=rec.data_start)
+
+
+def read_index(src: Source, limits: S.ReadLimits) -> list[tuple[str, int]]:
+    """Parse the Index after its 0x00 kind byte (spec 5.6)."""
+    at = src.pos
+    count = src.varint("tensor count")
+    if count > limits.max_tensors:
+        raise LimitExceededError(f"{count} tensors; limit {limits.max_tensors}", offset=at)
+    entries: list[tuple[str, int]] = []
+    for _ in range(count):
+        name = _read_name(src, limits, "index")
+        entries.append((name, src.varint("record offset")))
+    return entries
+
+
+def verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:
+    computed = crc32(buf[index_at : len(buf) - S.TRAILER_SIZE])
+    if computed != crc:
+        raise ChecksumError(f"index checksum mismatch: stored 0x{crc:08x}, computed "
+                            f"0x{computed:08x}", offset=len(buf) - S.TRAILER_SIZE + 8)

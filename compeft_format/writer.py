@@ -1,0 +1,387 @@
+"""Writing compeft files (spec 4, 5; the encoder's choices: Appendix D).
+
+:class:`Writer` streams a file record by record: it chooses each tensor's codecs, gathers
+small ternary tensors into packs (spec 5.8) and keeps every file within the default decode
+budget (spec 9.3). The bytes of each structure come from :mod:`.layout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import os
+from collections.abc import Mapping
+from typing import Any, BinaryIO
+
+from . import _spec as S
+from . import dtypes as _dt
+from ._io import encode_varint
+from .budget import positions_cost, record_cost
+from .codecs import BlockContext
+from .codecs.dense import DenseCodec
+from .codecs.scale import ScaleCodec
+from .codecs.signs import SignsCodec
+from .encode import POSITIONS_CHOICES, encode_positions, maybe_zstd
+from .errors import EncodeError
+from .fsio import atomic_write
+from .layout import (
+    MAX_RECORD_HEADER,
+    RECORD_OVERHEAD,
+    PackMember,
+    align,
+    crc32,
+    descriptor,
+    pack_table,
+)
+from .metadata import encode_metadata
+from .tensor import TernaryTensor
+
+__all__ = ["Writer", "dumps", "save_file"]
+
+_SIGNS, _SCALE, _DENSE = SignsCodec(), ScaleCodec(), DenseCodec()
+
+
+class Writer:
+    """Write a compeft file record by record (spec 4); at most one record in memory.
+
+    Names must arrive in strictly increasing order of their UTF-8 bytes (spec 5.3), which
+    :func:`dumps` and :func:`save_file` arrange by sorting.
+
+    Parameters
+    ----------
+    fileobj:
+        A binary file object opened for writing; it need not be seekable.
+    metadata:
+        A JSON-serialisable mapping (spec 5.2).
+    positions:
+        ``"auto"`` (the smallest per tensor), ``"golomb"`` or ``"bitmask"``.
+    zstd_level:
+        zstd level tried on every block (kept where smaller); ``None`` disables zstd.
+    alignment:
+        Block alignment in bytes, a power of two from 1 to 4096.
+    version:
+        ``"1.1"`` (the default) gathers ternary tensors of at most 2^19 elements into pack
+        records (spec 5.8); ``"1.0"`` writes one record per tensor, for 1.0 readers.
+
+    Examples
+    --------
+    >>> import io
+    >>> buf = io.BytesIO()
+    >>> with Writer(buf) as w:
+    ...     w.write("a", TernaryTensor((4,), [1], [True], 0.5))
+    >>> len(buf.getvalue())
+    85
+    """
+
+    def __init__(self, fileobj: BinaryIO, *, metadata: Mapping[str, Any] | None = None,
+                 positions: str = "auto", zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
+                 alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
+                 version: tuple[int, int] | str = (S.VERSION_MAJOR, S.VERSION_MINOR)) -> None:
+        if positions not in POSITIONS_CHOICES:
+            raise EncodeError(f"positions must be one of {POSITIONS_CHOICES}, got {positions!r}")
+        if zstd_level is not None and not (isinstance(zstd_level, int) and -7 <= zstd_level <= 22):
+            raise EncodeError(f"zstd level must be an integer in [-7, 22], got {zstd_level!r}")
+        log2 = alignment.bit_length() - 1 if isinstance(alignment, int) and alignment > 0 else -1
+        if not (S.MIN_ALIGNMENT_LOG2 <= log2 <= S.MAX_ALIGNMENT_LOG2 and alignment == 1 << log2):
+            raise EncodeError(f"alignment must be a power of two in [1, 4096], got {alignment!r}")
+        version = _parse_version(version)
+        self._f = fileobj
+        self._positions = positions
+        self._level = zstd_level
+        self._alignment = alignment
+        self._packing = version >= (1, 1)  # spec 5.8: small ternary tensors go into packs
+        self._names: list[bytes] = []  # record names and offsets, for the index
+        self._offsets: list[int] = []
+        self._last = b""  # the last tensor name written, in a record or a pack
+        self._pack: list[PackMember] = []
+        self._pack_data = self._pack_table = 0  # bytes of the pending pack's data and table
+        #: name -> bytes the tensor takes in the file, as ``TensorInfo.record_size``: its
+        #: whole record, or for a pack member its data (the pack's header is shared)
+        self.sizes: dict[str, int] = {}
+        self._cost = 0  # decode-budget charge of the records written so far (spec 9.3)
+        self._closed = False
+        meta = encode_metadata(metadata)
+        header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, 0, len(meta))
+        self._pos = 0
+        self._emit(header, meta, S.CHECKSUM.pack(crc32(header, meta)))
+        self._pad()
+
+    # -- low level --
+    def _emit(self, *parts: bytes) -> None:
+        for p in parts:
+            self._f.write(p)
+            self._pos += len(p)
+
+    def _pad(self) -> None:
+        n = align(self._pos, self._alignment) - self._pos
+        if n:
+            self._emit(bytes(n))
+
+    # -- records --
+    def write(self, name: str, value: Any, *, dtype: str | None = None) -> None:
+        """Append one tensor: a :class:`TernaryTensor`, or a numpy array / torch tensor (dense).
+
+        ``dtype`` declares the safetensors dtype of a dense numpy storage array whose numpy
+        dtype cannot say it: raw ``uint16`` bits as ``"BF16"``, ``uint8`` as ``"F8_E4M3"``.
+        """
+        if self._closed:
+            raise ValueError("writer is closed")
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names are str, got {type(name).__name__}")
+        try:
+            bname = name.encode("utf-8", "strict")
+        except UnicodeEncodeError:
+            raise EncodeError("name is not valid UTF-8", tensor=name) from None
+        if not bname or len(bname) > S.DEFAULT_LIMITS.max_name_length or "\x00" in name:
+            raise EncodeError(f"names must be 1..{S.DEFAULT_LIMITS.max_name_length} UTF-8 bytes "
+                              "without NUL", tensor=name)
+        if self._last and bname <= self._last:
+            raise EncodeError(f"names must be unique and written in increasing order; "
+                              f"{name!r} follows {self._last.decode()!r}", tensor=name)
+        if (self._packing and isinstance(value, TernaryTensor)
+                and value.numel <= S.PACK_MEMBER_MAX_NUMEL):
+            self._check_ndim(name, value.shape)
+            member = self._member(bname, value)
+            if isinstance(member, PackMember):
+                self.sizes[name] = self._add_member(member)
+                self._last = bname
+                return
+            encoded = member  # a record is smaller: its blocks are already encoded
+        else:
+            encoded = None
+        self._flush_pack()
+        self._last = bname
+        if isinstance(value, TernaryTensor):
+            self._check_ndim(name, value.shape)
+            kind, body_tail, blocks = encoded or self._ternary(name, value, self._level)
+            dtype, shape, nnz = value.dtype, value.shape, value.nnz
+        else:
+            try:
+                storage, dtype = _dt.to_storage(value, dtype)
+            except EncodeError as exc:
+                raise EncodeError(exc.message, tensor=name) from None
+            shape, nnz = storage.shape, 0
+            self._check_ndim(name, shape)
+            ctx = BlockContext(name, storage.size, 0, dtype, shape)
+            param, payload = _DENSE.encode(storage, ctx)
+            stage, stored = maybe_zstd(payload, self._level)
+            kind, body_tail = S.KIND_DENSE, b""
+            blocks = [(S.BLOCK_DENSE, stage, param, stored, len(payload))]
+        # spec 9.3: the file must decode within the default budget, max(64 MiB, 64 x size),
+        # whoever reads it. Only zstd can break that (data that compress more than 64-fold,
+        # such as all-zero tensors; without zstd a record costs under 41x its size), so a
+        # record that would overdraw the budget of the file written so far goes without zstd.
+        numel = math.prod(shape)
+        cost = record_cost(kind, dtype, numel, nnz, blocks)
+        end = self._pos + sum(align(len(b[3]), self._alignment) for b in blocks)
+        if self._cost + cost > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * end):
+            if kind == S.KIND_TERNARY:
+                blocks = self._ternary(name, value, None)[2]
+            else:
+                blocks = [(S.BLOCK_DENSE, S.STAGE_NONE, param, payload, len(payload))]
+            cost = record_cost(kind, dtype, numel, nnz, blocks)
+        self._cost += cost  # the last check that can reject the tensor is above
+        body = (encode_varint(len(bname)) + bname + bytes([S.DTYPE_CODES[dtype], len(shape)])
+                + b"".join(encode_varint(d) for d in shape) + body_tail + bytes([len(blocks)])
+                + b"".join(descriptor(t, s, p, len(st), d) for t, s, p, st, d in blocks))
+        # spec 5.4: the data area starts at the next aligned offset after the header and
+        # holds each block followed by zero padding to the alignment
+        # (the blocks are emitted as they are, not joined: a dense record may be large)
+        parts: list[bytes] = []
+        for *_, stored, _d in blocks:
+            parts += [stored, bytes(align(len(stored), self._alignment) - len(stored))]
+        data_size = sum(len(p) for p in parts)
+        header_len = len(body) + 8  # Data_Checksum and Header_Checksum follow the body
+        head = (bytes([kind]) + encode_varint(header_len) + encode_varint(data_size) + body
+                + S.CHECKSUM.pack(crc32(*parts)))
+        self._names.append(bname)
+        self._offsets.append(self._pos)
+        self._emit(head, S.CHECKSUM.pack(crc32(head)))
+        self._pad()
+        self._emit(*parts)
+        self.sizes[name] = self._pos - self._offsets[-1]
+
+    @staticmethod
+    def _check_ndim(name: str, shape: tuple[int, ...]) -> None:
+        """Reject a rank above the default limit, before anything is encoded or charged."""
+        if len(shape) > S.DEFAULT_LIMITS.max_ndim:
+            raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
+                              tensor=name)
+
+    def _ternary(self, name: str, t: TernaryTensor, level: int | None
+                 ) -> tuple[int, bytes, list]:
+        ctx = BlockContext(name, t.numel, t.nnz, t.dtype, t.shape)
+        positions = encode_positions(t, ctx, self._positions, level)
+        param, payload = _SIGNS.encode(t.signs, ctx)  # meanwhile a worker may run zstd
+        stage, stored = maybe_zstd(payload, level)
+        blocks = [positions(), (S.BLOCK_SIGNS, stage, param, stored, len(payload))]
+        param, payload = _SCALE.encode(t.scale, ctx)
+        blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, param, payload, len(payload)))
+        return S.KIND_TERNARY, encode_varint(t.nnz), blocks
+
+    def _member(self, bname: bytes, t: TernaryTensor) -> PackMember | tuple[int, bytes, list]:
+        """Encode a small ternary tensor as a pack member (spec 5.8), or as a record.
+
+        Members have no zstd stage. Positions that zstd shrinks (runs, not scattered
+        nonzeros) can make a record of their own smaller despite its header: then the
+        record's ``(kind, body tail, blocks)``, as :meth:`_ternary` gives them.
+        """
+        ctx = BlockContext(bname.decode(), t.numel, t.nnz, t.dtype, t.shape)
+        btype, _stage, param, positions, _d = encode_positions(t, ctx, self._positions, None)()
+        signs = _SIGNS.encode(t.signs, ctx)[1]
+        scale = _SCALE.encode(t.scale, ctx)[1]
+        tail = (bytes([S.DTYPE_CODES[t.dtype], len(t.shape)])
+                + b"".join(encode_varint(d) for d in t.shape) + encode_varint(t.nnz)
+                + bytes([btype]) + encode_varint(param) + encode_varint(len(positions)))
+        member = PackMember(bname, tail, (positions, signs, scale),
+                         positions_cost(len(positions), t.nnz))
+        if self._level is not None and member.size > RECORD_OVERHEAD:
+            record = self._ternary(bname.decode(), t, self._level)
+            as_record = (sum(align(len(b[3]), self._alignment) for b in record[2])
+                         + 2 * len(bname) + RECORD_OVERHEAD)
+            if as_record < member.size:
+                return record
+        return member
+
+    def _add_member(self, member: PackMember) -> int:
+        """Put a member into the pending pack, writing the pack first if it is full."""
+        entry = len(pack_table([member], b""))  # an upper bound: front coding only shortens it
+        if self._pack and (self._pack_data + member.size > S.PACK_DATA_TARGET
+                           or self._pack_table + entry > S.PACK_TABLE_TARGET):
+            self._flush_pack()
+        self._pack.append(member)
+        self._pack_data += member.size
+        self._pack_table += entry
+        return member.size
+
+    def flush(self) -> None:
+        """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
+
+        A 1.1 writer gathers small ternary tensors into a pack (spec 5.8) and writes it when
+        it is full, when a tensor that is not packed comes, or at :meth:`close`; at most
+        about 1 MiB waits. The file stays valid: the next tensors start a new pack.
+        """
+        if self._closed:
+            raise ValueError("writer is closed")
+        self._flush_pack()
+        with contextlib.suppress(AttributeError, OSError):
+            self._f.flush()
+
+    def _flush_pack(self) -> None:
+        """Write the pending pack as one record (spec 5.8)."""
+        if not self._pack:
+            return
+        members, self._pack = self._pack, []
+        self._pack_data = self._pack_table = 0
+        table = pack_table(members)
+        stage, stored = maybe_zstd(table, self._level)
+        data = b"".join(part for m in members for part in m.parts)
+        end = self._pos + len(data) + 64  # about where the data area ends (spec 9.3)
+        cost = sum(m.cost for m in members)
+        table_cost = len(table) if stage == S.STAGE_ZSTD else 0
+        if (stage == S.STAGE_ZSTD and self._cost + cost + table_cost
+                > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * end)):
+            stage, stored, table_cost = S.STAGE_NONE, table, 0
+        self._cost += cost + table_cost
+        first = members[0].name
+        body = (encode_varint(len(first)) + first + encode_varint(len(members)) + bytes([stage])
+                + encode_varint(len(stored))
+                + (encode_varint(len(table)) if stage == S.STAGE_ZSTD else b"") + stored)
+        pad = bytes(align(len(data), self._alignment) - len(data))
+        if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
+            raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
+        head = (bytes([S.KIND_PACK]) + encode_varint(len(body) + 8)
+                + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(crc32(data, pad)))
+        self._names.append(first)
+        self._offsets.append(self._pos)
+        self._emit(head, S.CHECKSUM.pack(crc32(head)))
+        self._pad()
+        self._emit(data, pad)
+
+    def close(self) -> None:
+        """Write the index and the trailer (spec 5.6, 5.7). Idempotent."""
+        if self._closed:
+            return
+        self._flush_pack()
+        self._closed = True
+        index_offset = self._pos
+        index = bytearray([S.KIND_END]) + encode_varint(len(self._names))
+        for bname, off in zip(self._names, self._offsets, strict=False):
+            index += encode_varint(len(bname)) + bname + encode_varint(off)
+        self._emit(bytes(index), S.TRAILER.pack(index_offset, crc32(index), S.TAIL_MAGIC))
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def dumps(tensors: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = None,
+          positions: str = "auto", zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
+          alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
+          version: tuple[int, int] | str = (S.VERSION_MAJOR, S.VERSION_MINOR)) -> bytes:
+    """Return the bytes of a compeft file holding ``tensors`` (written in sorted name order).
+
+    Values are :class:`TernaryTensor` (ternary records) or numpy arrays / torch tensors
+    (dense records, stored losslessly). The same input and options always give the same bytes.
+
+    >>> from compeft_format import loads
+    >>> data = dumps({"w": TernaryTensor((2, 2), [3], [False], 1.0)})
+    >>> loads(data)["w"].to_numpy().tolist()
+    [[0.0, 0.0], [0.0, 1.0]]
+    """
+    buf = io.BytesIO()
+    with Writer(buf, metadata=metadata, positions=positions, zstd_level=zstd_level,
+                alignment=alignment, version=version) as w:
+        for name in _sorted_names(tensors):
+            w.write(name, tensors[name])
+    return buf.getvalue()
+
+
+def _parse_version(version: tuple[int, int] | str) -> tuple[int, int]:
+    if isinstance(version, str):
+        major, _, minor = version.partition(".")
+        version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (-1, -1)
+    version = tuple(version)
+    if version not in S.VERSIONS:
+        raise EncodeError(f"version must be one of {[f'{a}.{b}' for a, b in S.VERSIONS]}, "
+                          f"got {version!r}")
+    return version
+
+
+def _sorted_names(tensors: Mapping[str, Any]) -> list[str]:
+    for name in tensors:
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names are str, got {type(name).__name__}")
+    try:
+        return sorted(tensors, key=lambda n: n.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise EncodeError("a tensor name is not valid UTF-8") from None
+
+
+def save_file(tensors: Mapping[str, Any], path: str | os.PathLike, *,
+              metadata: Mapping[str, Any] | None = None, positions: str = "auto",
+              zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
+              alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
+              version: tuple[int, int] | str = (S.VERSION_MAJOR, S.VERSION_MINOR)) -> None:
+    """Write ``tensors`` to ``path`` atomically (temporary file, then rename).
+
+    >>> import tempfile, os
+    >>> from compeft_format import load_file
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.compeft")
+    >>> save_file({"w": TernaryTensor((3,), [0], [True], 2.0)}, p)
+    >>> load_file(p)["w"].to_numpy().tolist()
+    [-2.0, 0.0, 0.0]
+    """
+    names = _sorted_names(tensors)
+
+    def write(f: BinaryIO) -> None:
+        with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level,
+                    alignment=alignment, version=version) as w:
+            for name in names:
+                w.write(name, tensors[name])
+
+    atomic_write(path, write)
