@@ -29,7 +29,6 @@ from .convert import (
     ConvertError,
     DecompressSummary,
     compress_file,
-    decompress_file,
 )
 from .errors import (
     BadMagicError,
@@ -48,6 +47,7 @@ from .hifi import HifiError, load_hifi, lora_weights, probe_weights, save_hifi
 from .merge import MergeError
 from .merge_io import MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
+from .restore import decompress_file
 from .safetensors_io import (
     SafetensorsError,
     SafetensorsReader,

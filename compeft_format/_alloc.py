@@ -13,6 +13,9 @@ So :class:`Prefault` faults the output's pages just ahead of the writer, one hug
 time and timed; at the first cold one it switches the rest of the array to small pages and
 faults those in on a helper thread, on the other core, while the writer decodes. Where none
 of this applies (another OS, small arrays) the output is plain ``np.zeros``.
+
+The chunked passes of compression take their temporaries from :func:`scratch` instead: one
+reused buffer per thread and purpose, so that no chunk pays for fresh pages.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["PREFAULT_PER_PAGE", "Prefault", "fresh_zeros", "writing"]
+__all__ = ["PREFAULT_PER_PAGE", "SCRATCH_RESERVE", "Prefault", "fresh_zeros", "scratch", "writing"]
 
 _MIN_BYTES = 64 << 20  # smaller outputs fault in a few milliseconds: not worth a thread
 _HUGE = 2 << 20
@@ -204,3 +207,27 @@ def fresh_zeros(numel: int, dtype: np.dtype, *, nnz: int | None = None,
     if nnz is not None and nnz * _PAGE < PREFAULT_PER_PAGE * flat.nbytes:
         return flat, None
     return flat, Prefault(flat, huge=_THP)
+
+
+#: elements a scratch buffer holds at least (the compression passes' chunk size), so that
+#: buffers are not re-made as chunk sizes vary
+SCRATCH_RESERVE = 1 << 20
+_LOCAL = threading.local()
+
+
+def scratch(size: int, dtype: np.dtype, slot: str = "scratch") -> np.ndarray:
+    """A per-thread buffer of at least ``size`` elements (reused: no fresh pages per chunk);
+    ``slot`` names a second buffer of the same dtype.
+
+    >>> a = scratch(10, np.float32); b = scratch(10, np.float32)
+    >>> a.shape, np.shares_memory(a, b), np.shares_memory(a, scratch(10, np.float32, "x"))
+    ((10,), True, False)
+    """
+    key = (np.dtype(dtype).str, slot)
+    buf = getattr(_LOCAL, "bufs", None)
+    if buf is None:
+        buf = _LOCAL.bufs = {}
+    arr = buf.get(key)
+    if arr is None or arr.size < size:
+        arr = buf[key] = np.empty(max(size, SCRATCH_RESERVE), dtype)
+    return arr[:size]

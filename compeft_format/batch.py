@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from ._progress import Bar
-from .convert import compress_file, with_path
-from .errors import CompeftError, ConvertError
+from .convert import compress_file
+from .errors import CompeftError, ConvertError, with_path
 from .summary import CompressSummary
 
 __all__ = ["batch_outputs", "compress_many", "output_name"]

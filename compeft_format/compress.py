@@ -32,6 +32,7 @@ import numpy as np
 from . import dtypes as _dt
 from . import kernels as _kernels
 from . import selection as _sel
+from ._alloc import scratch
 from ._spec import META_COMPRESSION, TERNARY_DTYPES
 from .errors import EncodeError
 from .lora_scale import LORA_SCALES
@@ -914,7 +915,7 @@ class _Job:
                 loc, neg, kept, took, seen = kern.gather(c, t, ties, find_ties)
                 part = float(kept.sum(dtype=np.float64)) if want_sum and loc.size else 0.0
                 return loc, neg, part, took, bool(find_ties and not ties and seen)
-            m = np.abs(c, out=_sel.scratch(c.size, work))
+            m = np.abs(c, out=scratch(c.size, work))
             sel = m > t
             took = 0
             if ties:

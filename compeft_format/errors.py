@@ -20,6 +20,10 @@ BadMagicError 0
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 __all__ = [
     "BadMagicError",
     "ChecksumError",
@@ -34,6 +38,8 @@ __all__ = [
     "UnsupportedError",
     "UnsupportedFeatureError",
     "UnsupportedVersionError",
+    "naming",
+    "with_path",
 ]
 
 
@@ -68,7 +74,7 @@ class CompeftError(Exception):
 
 def _rebuild(cls, message, tensor, offset, text=None):
     exc = cls(message, tensor=tensor, offset=offset)
-    if text is not None:  # a text built otherwise (convert.with_path) comes back as it was
+    if text is not None:  # a text built otherwise (with_path) comes back as it was
         exc.args = (text,)
     return exc
 
@@ -127,3 +133,23 @@ class MissingDependencyError(CompeftError, ImportError):
     >>> issubclass(MissingDependencyError, ImportError)
     True
     """
+
+
+def with_path(exc: CompeftError, path: str | os.PathLike) -> CompeftError:
+    """Return ``exc`` as the same error type whose message starts with the file name.
+
+    The message reads ``FILE: tensor 'x': byte 12: what``; ``tensor`` and ``offset`` keep
+    their values.
+    """
+    new = type(exc)(f"{os.fspath(path)}: {exc}")
+    new.tensor, new.offset = exc.tensor, exc.offset
+    return new
+
+
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Name the file in a CompeftError raised inside (:func:`with_path`)."""
+    try:
+        yield
+    except CompeftError as exc:
+        raise with_path(exc, path) from None

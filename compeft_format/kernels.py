@@ -48,6 +48,7 @@ from typing import Any
 
 import numpy as np
 
+from ._alloc import scratch
 from .errors import EncodeError
 
 __all__ = ["AUTO_MIN", "AUTO_MIN_STREAM", "KERNELS_ENV", "Kernels", "for_size", "load", "mode",
@@ -227,7 +228,6 @@ class Kernels:
                    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], int, np.ndarray]:
         """``((positions, magnitudes, sign bits), count above hi, band)``: what
         :meth:`~compeft_format.selection.Candidates.chunk` returns, for ``c`` at ``start``."""
-        from .selection import scratch
 
         u, absmask, first = self._bits(c, lo_open)
         size = c.size
@@ -242,7 +242,6 @@ class Kernels:
     def band(self, c: np.ndarray, lo_open: Any, hi: Any) -> tuple[int, np.ndarray]:
         """``(count of |c| above hi, |c| in (lo_open, hi])``: what
         :meth:`~compeft_format.selection.Band.chunk` returns for ``|c|``."""
-        from .selection import scratch
 
         u, absmask, first = self._bits(c, lo_open)
         hi = c.dtype.type(hi)
@@ -259,7 +258,6 @@ class Kernels:
         magnitudes, ties taken, whether |c| == t was seen)``; ``find_ties`` says whether
         that last answer is wanted. The magnitudes are a per-thread buffer (sum them before
         the next call on the thread)."""
-        from .selection import scratch
 
         u = c.view(np.uint32 if c.dtype == np.float32 else np.uint64)
         absmask = u.dtype.type(np.iinfo(u.dtype).max >> 1)
@@ -284,7 +282,6 @@ class Kernels:
         have exactly their room): those with ``m > t`` and the first ``ties`` with
         ``m == t``, in order. Returns their magnitudes, in that order (a per-thread buffer:
         sum it before the next call on the thread)."""
-        from .selection import scratch
 
         kept = scratch(idx.size, m.dtype, "k-kept")
         got = self._mod.fill_kept(pos, m, neg, m.dtype.type(t), ties, idx, signs, kept)

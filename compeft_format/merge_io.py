@@ -36,7 +36,8 @@ from .compress import (
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, add_rounded, cast_storage, naming
+from .convert import DEFAULT_DENSITY
+from .errors import naming
 from .merge import (
     MAX_PATTERN_INPUTS,
     MergeError,
@@ -63,6 +64,7 @@ from .sources import (
     base_weights,
     resolve_source,
 )
+from .taskvec import add_rounded, cast_storage
 from .tensor import TernaryTensor
 
 __all__ = [

@@ -28,8 +28,9 @@ from .fsio import (
     through_temp,
     writes_through,
 )
+from .sources import ADAPTER_CONFIG, Source, companion_files
 
-__all__ = ["Output", "same_path", "write_fsync"]
+__all__ = ["Output", "copy_companions", "same_path", "write_fsync"]
 
 
 def same_path(a: Path, b: Path) -> bool:
@@ -179,3 +180,13 @@ def write_fsync(path: Path, write: Callable[[BinaryIO], None]) -> None:
         f.flush()
         os.fsync(f.fileno())
 
+
+def copy_companions(source: Source, out: Output) -> None:
+    """Copy what travels with the weights: an adapter's config, a model folder's small files
+    (config, generation config, tokenizer...), into the output directory."""
+    if source.folder == "adapter":
+        assert source.config is not None
+        shutil.copyfile(source.config, out.file(ADAPTER_CONFIG))
+    elif source.folder == "model":
+        for p in companion_files(source.path):
+            shutil.copyfile(p, out.file(p.name))

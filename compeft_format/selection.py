@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._alloc import SCRATCH_RESERVE, scratch
 from .errors import EncodeError
 from .kernels import Kernels
 
@@ -50,13 +51,13 @@ __all__ = [
     "ordered_map",
     "radix_select",
     "sample_of",
-    "scratch",
     "select",
     "select_topk",
     "topk_of",
 ]
 
-CHUNK = 1 << 20  # elements per chunk: cache-friendly, bounds every temporary to a few MiB
+# elements per chunk (1 << 20): cache-friendly, bounds every temporary to a few MiB
+CHUNK = SCRATCH_RESERVE
 SAMPLE_EVERY = 256  # one sampled magnitude per 256 elements (with replacement)
 SAMPLE_SEED = 0x5EED_C0DE  # fixed: same input, same sample, same (deterministic) run time
 BAND_Z = 6.0  # band half-width in standard errors of the sample quantile
@@ -129,23 +130,6 @@ def ordered_map(fn: Callable[[int], Any], items: Sequence[int]) -> Iterator[Any]
         for f in pending:
             f.cancel()
         concurrent.futures.wait(pending)
-
-
-_LOCAL = threading.local()
-
-
-def scratch(size: int, dtype: np.dtype, slot: str = "scratch") -> np.ndarray:
-    """A per-thread buffer of at least ``size`` elements (reused: no fresh pages per chunk);
-    ``slot`` names a second buffer of the same dtype."""
-    key = (np.dtype(dtype).str, slot)
-    buf = getattr(_LOCAL, "bufs", None)
-    if buf is None:
-        buf = _LOCAL.bufs = {}
-    arr = buf.get(key)
-    if arr is None or arr.size < size:
-        arr = buf[key] = np.empty(max(size, CHUNK), dtype)
-    return arr[:size]
-
 
 
 # ---------------------------------------------------------------------------------------------

@@ -41,7 +41,9 @@ __all__ = [
     "LazyTaskVector",
     "TaskVector",
     "TaskVectorReport",
+    "add_rounded",
     "apply_task_vector",
+    "cast_storage",
     "peft_task_vector",
     "round_sum",
     "state_dict_task_vector",
@@ -485,3 +487,40 @@ def _round_to_odd_f32(x: np.ndarray) -> np.ndarray:
     bits = rv.view(np.uint32) - above.astype(np.uint32)
     r[inexact] = (bits | np.uint32(1)).view(np.float32)
     return r
+
+
+def add_rounded(base: np.ndarray, dtype: str, delta: np.ndarray) -> np.ndarray:
+    """``base + delta`` rounded once to ``dtype`` (storage in and out), as apply_task_vector.
+
+    (apply_task_vector itself takes BF16 only as torch tensors; this works on raw bits.)
+
+    >>> add_rounded(np.ones(2, np.float16), "F16", np.array([0.5, 1e-4], np.float32))
+    array([1.5, 1. ], dtype=float16)
+    """
+    a = _dt.to_numpy_values(base, dtype).astype(np.float64)
+    b = delta.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        s = a + b
+        bb = s - a
+        err = (a - (s - bb)) + (b - bb)  # TwoSum: s + err == a + b exactly
+    return round_sum(s, err, dtype)
+
+
+def cast_storage(storage: np.ndarray, src: str, dst: str | None) -> tuple[np.ndarray, str]:
+    """Convert float storage to dtype ``dst`` (rounded once, to nearest even).
+
+    Returns ``(storage, dtype)``; ``dst`` None, the same dtype, or a non-float ``src`` give
+    the input back.
+
+    >>> cast_storage(np.array([1.0, 2.5], np.float32), "F32", "BF16")
+    (array([16256, 16416], dtype=uint16), 'BF16')
+    """
+    if dst is None or dst == src or src not in TERNARY_DTYPES:
+        return storage, src
+    vals = _dt.to_numpy_values(storage, src)
+    if dst == "BF16":
+        if vals.dtype == np.float64:
+            return round_sum(vals, np.zeros_like(vals), "BF16"), dst
+        return _dt.f32_to_bf16_bits(vals.astype(np.float32, copy=False)), dst
+    with np.errstate(over="ignore"):
+        return vals.astype(_dt.storage_dtype(dst)), dst

@@ -14,13 +14,12 @@ from ..convert import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
     DEFAULT_DENSITY,
-    OUTPUT_DTYPES,
     compress_file,
-    decompress_file,
 )
 from ..errors import CompeftError
 from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
 from ..lora_scale import LORA_SCALES
+from ..restore import OUTPUT_DTYPES, decompress_file
 from ..safetensors_io import open_safetensors
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
