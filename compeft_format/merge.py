@@ -147,6 +147,11 @@ class MergeStats:
         ``counts[p]`` entries of the tensor have sign pattern ``p``, where digit ``i`` of
         ``p`` in base 3, ``(p // 3**i) % 3``, is 0 if input ``i`` is zero there, 1 if
         positive, 2 if negative (:meth:`digits`). Else None (the rule must then cope without).
+    proj_scales:
+        Each ternary input's scale under the ``proj`` rule, where a later rule replaced it
+        and its file recorded it (a LoRA product scale's ``lora_fit.proj_scale``, spec
+        5.2.1); None (all, or one input's) where the magnitude is that scale. For rules that
+        infer a compression's threshold from it (:func:`expected_ties`).
 
     Examples
     --------
@@ -166,6 +171,14 @@ class MergeStats:
     weights: tuple[float, ...]
     magnitudes: tuple[float | None, ...]
     counts: np.ndarray | None
+    proj_scales: tuple[float | None, ...] | None = None
+
+    def threshold_scales(self) -> tuple[float | None, ...]:
+        """Each input's ``proj`` scale: :attr:`proj_scales` where recorded, else its
+        magnitude."""
+        given = self.proj_scales or (None,) * self.n
+        return tuple(m if p is None else float(p)
+                     for m, p in zip(self.magnitudes, given, strict=True))
 
     @property
     def n(self) -> int:
@@ -294,6 +307,7 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
     if not model:
         return out
     n = next(iter(model.values())).n
+    scales = {name: st.threshold_scales() for name, st in model.items()}
     # each input's kept fraction of each tensor, from the pattern counts
     nnz = {name: np.array([st.counts @ (st.digits()[i] != 0) for i in range(n)], np.int64)
            for name, st in model.items()}
@@ -309,7 +323,7 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
             if d > 0:
                 d = min(d, 1.0 - 0.5 / st.numel)  # all kept: as if half an entry was dropped
                 atoms[name, i] = _normal_atoms(d, EXPECTED_SAMPLES)
-                groups.setdefault((i, float(st.magnitudes[i])), []).append(name)
+                groups.setdefault((i, float(scales[name][i])), []).append(name)
     phi = NormalDist().pdf
     sigma: dict[tuple[str, int], float] = {}
     for (i, scale), names in groups.items():
@@ -355,15 +369,15 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
         means = (means - means[:, mirror]) / 2
         given[name] = means
         mean = share.sum(0)  # E[TIES(t) | pattern]
-        key = tuple(float(x) for x in st.magnitudes)
+        key = tuple(float(x) for x in scales[name])
         acc = sums.setdefault(key, [np.zeros(n), np.zeros((n, n)), np.zeros((n, n)),
                                     np.zeros(n)])
         acc[0] += (rows * m).mean(2) @ c  # E <TIES(t), t_i>
         acc[1] += (means[:, pats] * c) @ share[:, pats].T  # <share_j, E[t_i | pattern]>
         acc[2] += (means[:, pats] * c) @ means[:, pats].T  # <E[t_j | .], E[t_i | .]>
         acc[3] += (means[:, pats] * c) @ mean[pats]  # <E[TIES(t) | .], E[t_i | .]>
-    for name, st in model.items():
-        want, gram, inner, got = sums[tuple(float(x) for x in st.magnitudes)]
+    for name in model:
+        want, gram, inner, got = sums[tuple(float(x) for x in scales[name])]
         if fit == "scaled":
             table = _projection_factors(want, gram) @ shares[name]
         else:
@@ -430,9 +444,11 @@ def expected_ties(stats: MergeStats) -> Rescale:
     sparse out: an entry no input keeps stays 0.
 
     It assumes the inputs' scales follow the ``proj`` rule (the default ``proj_vcap``, and
-    ``proj``); under another rule their thresholds, and so the merge's magnitude, are off
-    by that rule's ratio to ``proj``, so :func:`~compeft_format.merge_io.merge_files`
-    refuses a file whose compression record names another rule.
+    ``proj``), or that the proj scale a later rule replaced is given
+    (:attr:`MergeStats.proj_scales`: :func:`~compeft_format.merge_io.merge_files` reads the
+    one a LoRA product scale records, so such a file merges as its ``proj_vcap``
+    compression would). Under another rule the thresholds, and so the merge's magnitude,
+    would be off by that rule's ratio to ``proj``: ``merge_files`` refuses such a file.
 
     Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
     fitted constant. Through :func:`merge`, ``merge_files`` and ``merge_and_compress``
@@ -646,8 +662,14 @@ class TensorMerge:
     def __init__(self, name: str, shape: tuple[int, ...], dtype: str,
                  values: Sequence[TernaryTensor | np.ndarray], *, method: str = "ties",
                  weights: Sequence[float] | None = None, sign: str = "total",
-                 rescale: str | RescaleRule | Rescale | None = None) -> None:
+                 rescale: str | RescaleRule | Rescale | None = None,
+                 proj_scales: Sequence[float | None] | None = None) -> None:
         self.weights = check_options(len(values), method, weights, sign)
+        if proj_scales is not None and len(proj_scales) != len(values):
+            raise MergeError(f"proj_scales gives {len(proj_scales)} scales for {len(values)} "
+                             "inputs", tensor=name)
+        self._proj = None if proj_scales is None else tuple(
+            None if p is None else float(p) for p in proj_scales)
         self.name = name
         self.shape = tuple(shape)
         self.dtype = dtype
@@ -680,7 +702,7 @@ class TensorMerge:
                 for _, codes in self.codes():
                     counts += np.bincount(codes, minlength=counts.size)
             self._stats = MergeStats(self.name, self.shape, self.dtype, self.method, self.sign,
-                                     self.weights, self._mags, counts)
+                                     self.weights, self._mags, counts, self._proj)
         return self._stats
 
     @property

@@ -36,8 +36,9 @@ from .compress import (
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY
+from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY
 from .errors import naming
+from .lora_scale import LORA_SCALES, lora_pairs
 from .merge import (
     MAX_PATTERN_INPUTS,
     MergeError,
@@ -470,18 +471,52 @@ def _work_name(dtype: str) -> str:
 PROJ_SCALES = ("proj", "proj_vcap")
 
 
-def _check_proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]) -> None:
-    """Refuse an input whose recorded scale rule is not ``proj``'s: ``expected_ties`` infers
-    each input's threshold from the proj rule's scale, so its merge would be off by the
-    rule's ratio to proj (0.4x to 1.3x for the rules measured)."""
-    for s, r in zip(sources, readers, strict=True):
+def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
+                 ) -> dict[str, tuple[float | None, ...]]:
+    """Each input's ``proj`` scale where its file records one in place of its magnitude,
+    by tensor (:attr:`merge.MergeStats.proj_scales`); refuse an input of another rule.
+
+    ``expected_ties`` infers each input's threshold from the proj rule's scale. A LoRA
+    product scale (``lora_product``, ``lora_product_out``) keeps compress's selection and
+    records the proj scale it replaced (``lora_fit.proj_scale``, spec 5.2.1), so such a file
+    merges as its proj_vcap compression would. Any other rule's thresholds would be off by
+    its ratio to proj (0.4x to 1.3x for the rules measured): refused, before any output.
+    """
+    out: dict[str, list[float | None]] = {}
+    for i, (s, r) in enumerate(zip(sources, readers, strict=True)):
         meta = r.metadata().get(S.META_COMPRESSION)
-        scale = meta.get("scale") if isinstance(meta, dict) else None
-        if scale is not None and scale not in PROJ_SCALES:
+        meta = meta if isinstance(meta, dict) else {}
+        scale = meta.get("scale")
+        if scale is None or scale in PROJ_SCALES:
+            continue
+        if scale not in LORA_SCALES:
             raise MergeError(f"{s.path}: compressed with scale {scale!r}; rescale "
                              f"'expected_ties' reads thresholds from {' or '.join(PROJ_SCALES)} "
-                             "scales only (merge without it, with 'dense_divisor', or "
-                             "compress the inputs with the default scale)")
+                             "scales, or from the proj scale a LoRA product scale records, "
+                             "only (merge without it, with 'dense_divisor', or compress the "
+                             "inputs with such a scale)")
+        fit = meta.get(LORA_SCALE_KEY)
+        proj = fit.get("proj_scale") if isinstance(fit, dict) else None
+        factors = {n: role for pair in lora_pairs(r.keys())
+                   for n, role in zip(pair, "AB", strict=True)}
+
+        def number(v: Any, what: str, path: Path = s.path) -> float:
+            if (isinstance(v, bool) or not isinstance(v, (int, float))
+                    or not 0 <= v < math.inf):  # 0: a tensor with nothing kept
+                raise MergeError(f"{path}: compressed with a LoRA product scale; its "
+                                 f"compression record's {LORA_SCALE_KEY}.proj_scale{what} must "
+                                 f"be a number >= 0 for rescale 'expected_ties', got {v!r}")
+            return float(v)
+
+        if not isinstance(proj, dict):
+            got = {n: number(proj, "") for n in factors}
+        elif meta.get("scope") == "role":
+            got = {n: number(proj.get(role), f"[{role!r}]") for n, role in factors.items()}
+        else:
+            got = {n: number(proj.get(n), f"[{n!r}]") for n in factors}
+        for name, value in got.items():
+            out.setdefault(name, [None] * len(readers))[i] = value
+    return {name: tuple(v) for name, v in out.items()}
 
 
 def _default_compression(readers: Sequence[CompeftReader]) -> tuple[float, str, str]:
@@ -629,8 +664,7 @@ def merge_files(
         refs = [read_reference(r.metadata(), set(r.keys()), s.weights)
                 for s, r in zip(sources, readers, strict=True)]
         _check_inputs(sources, readers, refs)
-        if rule is expected_ties:
-            _check_proj_scales(sources, readers)
+        proj = _proj_scales(sources, readers) if rule is expected_ties else {}
         ref = refs[0]
         infos = {n: readers[0].info(n) for n in readers[0]}
         base_reader = None
@@ -670,7 +704,8 @@ def merge_files(
                 values.append(v if isinstance(v, TernaryTensor) else v[0].reshape(-1))
             info = infos[name]
             tm = TensorMerge(name, tuple(info.shape), info.dtype, values, method=method,
-                             weights=ws, sign=sign, rescale=fixed or prepared.get(name, rule))
+                             weights=ws, sign=sign, rescale=fixed or prepared.get(name, rule),
+                             proj_scales=proj.get(name))
             return tm
 
         # a rule whose statistics span tensors sees them all first (one pass over the codes)

@@ -320,7 +320,8 @@ def test_expected_ties_through_files_and_the_command_line(tmp_path, capsys):
 
 def test_expected_ties_refuses_inputs_of_another_scale_rule(tmp_path, capsys):
     # expected_ties reads each input's threshold from the proj rule's scale: a file whose
-    # record names another rule (kron_sketch, lora_product_out, ...) is refused before
+    # record names another rule (kron_sketch, kron, ...; not a LoRA product scale, which
+    # records the proj scale it replaced) is refused before
     # anything is written, naming the file and the rule; other merges still take it
     from cli_helpers import one_line_error
 
@@ -367,3 +368,76 @@ def test_bad_tables_are_refused(table):
     with pytest.raises(MergeError, match=r"table"):  # no pattern table for dense inputs
         TensorMerge("w", (4,), "F32", [np.ones(4, np.float32)] * 2,
                     rescale=Rescale(table=(0.0,) * 9)).to_numpy()
+
+
+@pytest.mark.parametrize("scope", ["global", "role", "tensor"])
+def test_expected_ties_reads_the_proj_scale_a_lora_product_scale_records(tmp_path, scope):
+    # a LoRA product scale keeps compress's selection and records the proj scale it
+    # replaced: expected_ties infers the thresholds from that, so the merge is the one of the
+    # same adapters compressed with the default scale (its table is in absolute units)
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = "tests/data/lora-minilm-vader"
+    init = load_file(f"{src}/init/adapter_model.safetensors")
+    ad = load_file(f"{src}/adapter_model.safetensors")
+    rng = np.random.default_rng(5)
+    dirs = []
+    for i, mix in enumerate((0.0, 0.7)):  # two experts from one initial adapter
+        d = tmp_path / f"a{i}"
+        d.mkdir()
+        shutil.copy(f"{src}/adapter_config.json", d)
+        save_file({n: (v + mix * rng.permutation((v - init[n]).ravel()).reshape(v.shape)
+                       ).astype(np.float32) for n, v in ad.items()},
+                  str(d / "adapter_model.safetensors"))
+        dirs.append(d)
+    merged = {}
+    for scale in ("proj_vcap", "lora_product_out"):
+        comp = []
+        for i, d in enumerate(dirs):
+            out = tmp_path / f"c-{scale}-{i}"
+            cf.compress_file(d, out, density=0.1, scope=scope, scale=scale,
+                             base=f"{src}/init")
+            comp.append(out)
+        with cf.open_file(comp[0] / "adapter_model.compeft") as r:
+            meta = r.metadata()["compeft.compression"]
+            mags = {n: r.get_raw(n).scale for n in r}
+        merged[scale, "mags"] = mags
+        for rule in ("expected_ties", "dense_divisor"):
+            out = tmp_path / f"m-{scale}-{rule}"
+            merge_files(comp, out, rescale=rule, base=f"{src}/init")
+            merged[scale, rule] = load_file(str(out / "adapter_model.safetensors"))
+    assert meta["scale"] == "lora_product_out", json.dumps(meta)
+    assert "lora_fit" in meta, json.dumps(meta)
+    # the fit changed the factors' magnitudes, and a rule that reads them merges otherwise
+    assert any(merged["proj_vcap", "mags"][n] != v for n, v in merged[
+        "lora_product_out", "mags"].items())
+    lora_b = next(n for n in ad if "lora_B" in n)
+    assert not np.allclose(merged["proj_vcap", "dense_divisor"][lora_b],
+                           merged["lora_product_out", "dense_divisor"][lora_b])
+    for n, v in merged["proj_vcap", "expected_ties"].items():
+        np.testing.assert_allclose(merged["lora_product_out", "expected_ties"][n], v,
+                                   rtol=1e-5, atol=1e-7, err_msg=n)
+
+
+def test_expected_ties_refuses_a_lora_product_scale_without_its_record(tmp_path):
+    from compeft_format.compress import compression_metadata
+
+    rng = np.random.default_rng(4)
+    names = ("m.lora_A.weight", "m.lora_B.weight")
+    paths = []
+    for i, fit in enumerate((None, {"selection": "proj_vcap", "proj_scale": {"A": 0.1}})):
+        t = {n: rng.standard_normal((8, 8)).astype(np.float32) for n in names}
+        meta = compression_metadata(0.2, 1.0, "role", "lora_product_out")
+        if fit is not None:
+            meta["lora_fit"] = fit
+        paths.append(tmp_path / f"e{i}.compeft")
+        cf.save_file(compress(t, density=0.2), paths[-1],
+                     metadata={"compeft.compression": meta})
+    with pytest.raises(MergeError, match=r"e0\.compeft: .*lora_fit\.proj_scale must be"):
+        merge_files(paths, tmp_path / "m.safetensors", rescale="expected_ties")
+    with pytest.raises(MergeError, match=r"e1\.compeft: .*lora_fit\.proj_scale\['B'\] must"):
+        merge_files(paths[::-1], tmp_path / "m.safetensors", rescale="expected_ties")
+    assert not (tmp_path / "m.safetensors").exists()
