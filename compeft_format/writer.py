@@ -265,9 +265,10 @@ class Writer:
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 writer gathers small ternary tensors into a pack (spec 5.8) and writes it when
-        it is full, when a tensor that is not packed comes, or at :meth:`close`; at most
-        about 1 MiB waits. The file stays valid: the next tensors start a new pack.
+        A 1.1 or 1.2 writer gathers small ternary tensors into a pack (spec 5.8, 5.9) and
+        writes it when it is full, when a tensor that is not packed comes, or at
+        :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
+        a new pack.
         """
         if self._closed:
             raise ValueError("writer is closed")

@@ -1383,6 +1383,11 @@ INVALID += [
     Invalid("165-column-pack-positions-type", "Positions_Type 0x03 (signs) in the column.",
             "R-PACK-6",
             _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, SIGNS, 0, 0)))),
+    Invalid("166-column-pack-golomb-param-0", "A golomb member of 8 elements and 1 nonzero "
+            "with Param 0 (predicted 5, Param_Delta -5, zigzag 9): its predicted size uses "
+            "max(1, Param) like the bound of 7.2 (1 byte, Size_Delta 0), and its data breaks "
+            "the golomb parameter rule.", "R-GOL-1",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, GOLOMB, 9, 0)))),
 ]
 
 

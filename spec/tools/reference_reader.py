@@ -497,7 +497,8 @@ def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
         return (numel + 7) // 8
     if n == 0:
         return 0
-    b, u, w = golomb_shape(max(1, m))
+    m = max(1, m)  # as §7.2: Param 0 is rejected later (R-GOL-1)
+    b, u, w = golomb_shape(m)
     long_codes = n * (m - u) // m if b >= 1 else 0
     unary = max(0, (numel - n - n * (m - 1) // 2) // m)
     return (w * n + long_codes + unary + n + 7) // 8
