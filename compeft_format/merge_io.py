@@ -28,9 +28,12 @@ from ._spec import TERNARY_DTYPES
 from .binding import Reference, check_base, read_reference
 from .compress import (
     DEFAULT_SCALE,
+    SCALE_CHOICES,
     SCALES,
     SCOPES,
     TopK,
+    check_choice,
+    check_density,
     compression_metadata,
     float32_scale,
     iter_compress,
@@ -57,6 +60,7 @@ from .outputs import Output, write_fsync
 from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
+from .scales import resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -206,6 +210,7 @@ def _compress_merged(
     :data:`PATTERN_SCOPES`, the dense merged tensors go through ``iter_compress`` instead
     (each merged up to four times).
     """
+    scale = resolve_scale(check_choice("scale", scale, SCALE_CHOICES), check_density(density))
     compression_metadata(density, alpha, scope, scale)  # checks the options
     names = list(names)
     if scale not in PATTERN_SCALES or scope not in PATTERN_SCOPES or not patterns:
@@ -638,7 +643,7 @@ def merge_files(
         raise MergeError(f"merge needs two or more inputs, got {len(inputs)}")
     rule = resolve_rescale(rescale)
     if density is not None:
-        compression_metadata(density, 1.0, "global", DEFAULT_SCALE)  # checks it
+        check_density(density)
     sources = [resolve_source(p, ADAPTER_COMPEFT, "merge reads compressed adapter "
                               "directories, as compeft compress writes them") for p in inputs]
     for s in sources[1:]:
@@ -725,6 +730,7 @@ def merge_files(
             density = d0 if density is None else density
             scope = scope0 if scope is None else scope
             scale = scale0 if scale is None else scale
+            scale = resolve_scale(check_choice("scale", scale, SCALE_CHOICES), density)
             comp_meta = compression_metadata(density, 1.0, scope, scale)
             ternary = [n for n in order if n in merged and infos[n].kind == "ternary"]
             patterns = n_in <= MAX_PATTERN_INPUTS
