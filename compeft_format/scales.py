@@ -10,7 +10,7 @@ by the :data:`CAPPED` rules.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -312,8 +312,7 @@ def kron_sketch_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tupl
     flat_idx = np.asarray(idx, np.int64)
     kept_sum = float(np.abs(work.reshape(-1)[flat_idx]).sum(dtype=np.float64))
     total = float(np.einsum("ij,ij->", work, work, dtype=np.float64))
-    smat = np.zeros(work.shape, np.float32)
-    smat.reshape(-1)[flat_idx] = np.where(signs, np.float32(-1.0), np.float32(1.0))
+    smat = _SignMatrix(work.shape, flat_idx, signs)  # never a dense matrix of the full size
     if work.shape[0] > work.shape[1]:  # both terms are the same for the transposes
         work, smat = work.T, smat.T
     rows, cols = work.shape
@@ -363,6 +362,60 @@ def kron_sketch_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tupl
         return 0.0, 0.0
     norm = (nuclear / rows) * (nuclear / cols)  # the two mean eigenvalues
     return num / norm / c, den / norm
+
+
+#: entries of one dense block of a :class:`_SignMatrix` (16 MiB of float32)
+SIGN_BLOCK = 1 << 22
+
+
+class _SignMatrix:
+    """The kept signs as a ``rows x cols`` float32 matrix ``S`` (-1, 0, +1) for products
+    with thin matrices, ``S @ x`` and (through :attr:`T`) ``S^T @ y``, built a block of rows
+    at a time (:data:`SIGN_BLOCK` entries): a dense ``S`` of a 7B model's embedding would be
+    as large as the matrix itself."""
+
+    def __init__(self, shape: tuple[int, int], idx: np.ndarray, signs: np.ndarray,
+                 transposed: bool = False) -> None:
+        self.shape = shape  # of S as stored (not transposed)
+        order = np.argsort(idx, kind="stable") if idx.size > 1 and np.any(idx[1:] < idx[:-1]) \
+            else None
+        self.idx = idx if order is None else idx[order]
+        signs = signs if order is None else signs[order]
+        self.values = np.where(signs, np.float32(-1.0), np.float32(1.0))
+        self.transposed = transposed
+
+    @property
+    def T(self) -> _SignMatrix:
+        out = _SignMatrix.__new__(_SignMatrix)
+        out.__dict__.update(self.__dict__, transposed=not self.transposed)
+        return out
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        return self._left(x) if self.transposed else self._right(x)
+
+    def _blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        rows, cols = self.shape
+        step = max(1, SIGN_BLOCK // max(cols, 1))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            a, b = np.searchsorted(self.idx, (r0 * cols, r1 * cols))
+            block = np.zeros((r1 - r0, cols), np.float32)
+            block.reshape(-1)[self.idx[a:b] - r0 * cols] = self.values[a:b]
+            yield r0, r1, block
+
+    def _right(self, x: np.ndarray) -> np.ndarray:
+        """``S @ x``."""
+        out = np.empty((self.shape[0], x.shape[1]), np.result_type(np.float32, x.dtype))
+        for r0, r1, block in self._blocks():
+            out[r0:r1] = block @ x
+        return out
+
+    def _left(self, y: np.ndarray) -> np.ndarray:
+        """``S^T @ y``."""
+        out = np.zeros((self.shape[1], y.shape[1]), np.result_type(np.float32, y.dtype))
+        for r0, r1, block in self._blocks():
+            out += block.T @ y[r0:r1]
+        return out
 
 
 def _orthonormal(y: np.ndarray) -> np.ndarray:
