@@ -321,27 +321,34 @@ def test_expected_ties_through_files_and_the_command_line(tmp_path, capsys):
 def test_expected_ties_refuses_inputs_of_another_scale_rule(tmp_path, capsys):
     # expected_ties reads each input's threshold from the proj rule's scale: a file whose
     # record names another rule (kron_sketch, kron, ...; not a LoRA product scale, which
-    # records the proj scale it replaced) is refused before
-    # anything is written, naming the file and the rule; other merges still take it
+    # records the proj scale it replaced, nor a metric rule that records its scopes' proj
+    # scales) is refused before anything is written, naming the file and the rule; other
+    # merges still take it
+    rng = np.random.default_rng(3)
+    for other in ("kron", "norm"):  # kron: a metric rule without its proj_scale record
+        _refused(tmp_path / other, capsys, rng, other)
+
+
+def _refused(tmp_path, capsys, rng, other):
     from cli_helpers import one_line_error
 
     from compeft_format.compress import compression_metadata
     from compeft_format.merge import MergeError
 
-    rng = np.random.default_rng(3)
+    tmp_path.mkdir()
     paths = []
-    for i, scale in enumerate(("proj_vcap", "kron")):
+    for i, scale in enumerate(("proj_vcap", other)):
         t = {"a": rng.standard_normal((30, 40)).astype(np.float32)}
         paths.append(tmp_path / f"e{i}.compeft")
         cf.save_file(compress(t, density=0.2, scale=scale), paths[-1], metadata={
             "compeft.compression": compression_metadata(0.2, 1.0, "global", scale)})
     out = tmp_path / "m.safetensors"
-    with pytest.raises(MergeError, match=r"e1\.compeft: compressed with scale 'kron'"):
+    with pytest.raises(MergeError, match=rf"e1\.compeft: compressed with scale '{other}'"):
         merge_files(paths, out, rescale="expected_ties")
     assert not out.exists()
     code, _, err = run(capsys, "merge", *paths, "-o", out, "--rescale", "expected_ties")
     assert code == 1
-    one_line_error(err, "scale 'kron'", "expected_ties")
+    one_line_error(err, f"scale '{other}'", "expected_ties")
     assert not out.exists()
     merge_files(paths, out, rescale="dense_divisor")  # a rule that reads no threshold
     merge_files([paths[0], paths[0]], tmp_path / "p.safetensors", rescale="expected_ties")
@@ -441,3 +448,41 @@ def test_expected_ties_refuses_a_lora_product_scale_without_its_record(tmp_path)
     with pytest.raises(MergeError, match=r"e1\.compeft: .*lora_fit\.proj_scale\['B'\] must"):
         merge_files(paths[::-1], tmp_path / "m.safetensors", rescale="expected_ties")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_expected_ties_reads_the_proj_scale_a_metric_scale_records(tmp_path):
+    # kron_sketch / kron / gram record each scope's proj scale (spec 5.2.1 proj_scale): a
+    # file of theirs merges with expected_ties as its proj_vcap compression would, the
+    # vector's capped scale included
+    from safetensors.numpy import load_file
+
+    from compeft_format.compress import compression_metadata
+
+    rng = np.random.default_rng(6)
+    tvs = []
+    for i in range(3):
+        w = rng.standard_normal((40, 30)) * (1 + i)
+        w += 0.5 * rng.standard_normal(w.shape) ** 3  # heavy tails: kron's scale is not proj's
+        tvs.append({"w": w.astype(np.float32),
+                    "b": 0.01 * rng.standard_normal(30).astype(np.float32)})  # capped: tiny
+    merged = {}
+    for scale in ("proj_vcap", "kron"):
+        paths = []
+        for i, t in enumerate(tvs):
+            comp = compress(t, density=0.05, scale=scale)
+            meta = compression_metadata(0.05, 1.0, "global", scale)
+            if scale == "kron":
+                meta["proj_scale"] = compress(t, density=0.05, scale="proj")["w"].scale
+                assert comp["w"].scale != meta["proj_scale"]
+            paths.append(tmp_path / f"{scale}-{i}.compeft")
+            cf.save_file(comp, paths[-1], metadata={"compeft.compression": meta})
+        for rule in ("expected_ties", "dense_divisor"):
+            out = tmp_path / f"m-{scale}-{rule}.safetensors"
+            merge_files(paths, out, rescale=rule)
+            merged[scale, rule] = load_file(str(out))
+    assert not np.allclose(merged["proj_vcap", "dense_divisor"]["w"],
+                           merged["kron", "dense_divisor"]["w"])
+    for n in ("w", "b"):
+        np.testing.assert_allclose(merged["kron", "expected_ties"][n],
+                                   merged["proj_vcap", "expected_ties"][n], rtol=1e-5,
+                                   atol=1e-8, err_msg=n)
