@@ -874,7 +874,9 @@ def check_names(names: Sequence[Sequence[str]], labels: Sequence[str] | None = N
 
 def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
           weights: Sequence[float] | None = None, sign: str = "total",
-          rescale: str | RescaleRule | None = None) -> dict[str, np.ndarray]:
+          rescale: str | RescaleRule | None = None,
+          proj_scales: Sequence[Mapping[str, float] | None] | None = None
+          ) -> dict[str, np.ndarray]:
     """Merge task vectors: task arithmetic (``"sum"``, ``"mean"``) or TIES (``"ties"``).
 
     Parameters
@@ -895,6 +897,10 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
         A data-free rescaling rule, per tensor: a callable taking a :class:`MergeStats` and
         returning a factor or a :class:`Rescale`, or the name of one in
         :data:`RESCALE_RULES`.
+    proj_scales:
+        Per expert, None or name -> the ``proj`` scale a later scale rule replaced in its
+        compression (:attr:`MergeStats.proj_scales`; what a file records, spec 5.2.1), for
+        rules that infer thresholds from it (:func:`expected_ties`).
 
     Returns
     -------
@@ -921,13 +927,18 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
         raise MergeError("task_vectors must be a sequence of mappings, one per expert")
     ws = check_options(len(task_vectors), method, weights, sign)
     check_names([list(tv.keys()) for tv in task_vectors])
+    if proj_scales is not None and len(proj_scales) != len(task_vectors):
+        raise MergeError(f"proj_scales gives {len(proj_scales)} mappings for "
+                         f"{len(task_vectors)} experts")
     jobs = []
     for name in task_vectors[0]:  # every mismatch is found before any work is done
         described = [describe_value(tv[name], name, i) for i, tv in enumerate(task_vectors)]
         check_fit(name, [(s, d) for s, d, _ in described])
+        proj = (None if proj_scales is None
+                else [p.get(name) if p else None for p in proj_scales])
         jobs.append(TensorMerge(name, described[0][0], described[0][1],
                                 [v for _, _, v in described], method=method, weights=ws,
-                                sign=sign, rescale=rescale))
+                                sign=sign, rescale=rescale, proj_scales=proj))
     by_name = {job.name: job for job in jobs}
     for name, r in prepared_rescales(rescale, list(by_name), by_name.__getitem__).items():
         by_name[name]._rescale = r

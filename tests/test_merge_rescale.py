@@ -486,3 +486,31 @@ def test_expected_ties_reads_the_proj_scale_a_metric_scale_records(tmp_path):
         np.testing.assert_allclose(merged["kron", "expected_ties"][n],
                                    merged["proj_vcap", "expected_ties"][n], rtol=1e-5,
                                    atol=1e-8, err_msg=n)
+
+
+def test_merge_in_memory_takes_the_proj_scales_a_product_fit_replaced():
+    # merge(proj_scales=): the in-memory form of what merge_files reads from the record
+    from safetensors.numpy import load_file
+
+    from compeft_format import lora_scale as ls
+
+    src = "tests/data/lora-minilm-vader"
+    init = load_file(f"{src}/init/adapter_model.safetensors")
+    ad = load_file(f"{src}/adapter_model.safetensors")
+    rng = np.random.default_rng(8)
+    experts = [{n: (v - init[n]) * (1 + 0.5 * rng.standard_normal(v.shape)).astype(np.float32)
+                for n, v in ad.items()} for _ in range(3)]
+    comp = [compress(t, density=0.05, scale="proj_vcap") for t in experts]
+    fitted = [ls.rescale(c, {n: init[n] + t[n] for n in t}, init, rule="lora_product_out")
+              for c, t in zip(comp, experts, strict=True)]
+    assert fitted[0][next(iter(ad))].scale != comp[0][next(iter(ad))].scale
+    want = merge(comp, rescale="expected_ties")
+    got = merge(fitted, rescale="expected_ties",
+                proj_scales=[{n: v.scale for n, v in c.items()} for c in comp])
+    blind = merge(fitted, rescale="expected_ties")
+    lora_b = next(n for n in ad if "lora_B" in n)
+    assert not np.allclose(blind[lora_b], want[lora_b])
+    for n, v in want.items():
+        np.testing.assert_allclose(got[n], v, rtol=1e-5, atol=1e-8, err_msg=n)
+    with pytest.raises(MergeError, match="proj_scales gives 1 mappings for 3 experts"):
+        merge(fitted, rescale="expected_ties", proj_scales=[None])
