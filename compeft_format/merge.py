@@ -286,7 +286,8 @@ def _normal_atoms(density: float, k: int) -> tuple[float, np.ndarray, np.ndarray
 
 
 def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_squares",
-                       mu: Sequence[float] | None = None) -> dict[str, Rescale]:
+                       mu: Sequence[float] | None = None, by_tensor: bool = False
+                       ) -> dict[str, Rescale]:
     """:func:`expected_ties` for every tensor of a merge at once (its ``prepare``).
 
     ``fit``: how the expectation is brought to the projections. ``"least_squares"`` (the
@@ -295,9 +296,14 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
     first version, kept for the benchmark's before/after comparison). ``mu`` (diagnostics,
     least squares only): the multipliers given instead of solved for (the table is
     ``E[TIES(t) | P] + sum_i mu_i E[t_i | P]``, linear in them).
+
+    Variants the benchmark measured and the rule does not use (``bench/merge_quality.py``):
+    ``fit="common"``, the conditional mean times one factor per scope (the sum of the
+    inputs' projections kept, each input's relative strength left as the model has it);
+    ``by_tensor``, the projections kept per tensor instead of per compression scope.
     """
-    if fit not in ("least_squares", "scaled"):
-        raise MergeError(f"fit must be 'least_squares' or 'scaled', got {fit!r}")
+    if fit not in ("least_squares", "scaled", "common"):
+        raise MergeError(f"fit must be 'least_squares', 'scaled' or 'common', got {fit!r}")
     out: dict[str, Rescale] = {}
     model = {name: st for name, st in stats.items() if st.method == "ties"
              and st.counts is not None and all(m is not None for m in st.magnitudes)}
@@ -369,7 +375,7 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
         means = (means - means[:, mirror]) / 2
         given[name] = means
         mean = share.sum(0)  # E[TIES(t) | pattern]
-        key = tuple(float(x) for x in scales[name])
+        key = (name,) if by_tensor else tuple(float(x) for x in scales[name])
         acc = sums.setdefault(key, [np.zeros(n), np.zeros((n, n)), np.zeros((n, n)),
                                     np.zeros(n)])
         acc[0] += (rows * m).mean(2) @ c  # E <TIES(t), t_i>
@@ -377,9 +383,12 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
         acc[2] += (means[:, pats] * c) @ means[:, pats].T  # <E[t_j | .], E[t_i | .]>
         acc[3] += (means[:, pats] * c) @ mean[pats]  # <E[TIES(t) | .], E[t_i | .]>
     for name in model:
-        want, gram, inner, got = sums[tuple(float(x) for x in scales[name])]
+        want, gram, inner, got = sums[(name,) if by_tensor
+                                      else tuple(float(x) for x in scales[name])]
         if fit == "scaled":
             table = _projection_factors(want, gram) @ shares[name]
+        elif fit == "common":
+            table = shares[name].sum(0) * (want.sum() / got.sum() if got.sum() > 0 else 1.0)
         else:
             # the least-squares fit under the projections: minimise E||merge - TIES(t)||^2
             # = sum_p count_p (v_p - mean_p)^2 + const subject to sum_p count_p v_p

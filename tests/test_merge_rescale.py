@@ -514,3 +514,26 @@ def test_merge_in_memory_takes_the_proj_scales_a_product_fit_replaced():
         np.testing.assert_allclose(got[n], v, rtol=1e-5, atol=1e-8, err_msg=n)
     with pytest.raises(MergeError, match="proj_scales gives 1 mappings for 3 experts"):
         merge(fitted, rescale="expected_ties", proj_scales=[None])
+
+
+def test_expected_ties_variants_the_benchmark_measures():
+    # fit="common": the conditional mean times one factor; by_tensor: projections per tensor
+    rng = np.random.default_rng(9)
+    experts = [{"w": (rng.standard_normal((60, 50)) * s).astype(np.float32),  # matrices:
+                "v": (rng.standard_normal((40, 50)) * s * 2).astype(np.float32)}  # one scope
+               for s in (1, 0.7)]
+    comp = [compress(t, density=0.1, scale="proj_vcap") for t in experts]
+    stats = {n: TensorMerge(n, experts[0][n].shape, "F32", [c[n] for c in comp]).stats()
+             for n in ("w", "v")}
+    mean = _expected_rescales(stats, mu=[0.0, 0.0])
+    common = _expected_rescales(stats, fit="common")
+    ratios = [np.array(common[n].table)[1:] / np.array(mean[n].table)[1:] for n in stats]
+    live = [r[np.isfinite(r)] for r in ratios]
+    assert np.ptp(np.concatenate(live)) < 1e-6  # one factor for the scope
+    assert live[0][0] > 1.5  # the conditional mean is shrunk; the factor brings it back
+    rule = _expected_rescales(stats)
+    per = _expected_rescales(stats, by_tensor=True)
+    assert per["w"].table != rule["w"].table
+    # one tensor is its own scope: the same either way
+    one = {"w": stats["w"]}
+    assert _expected_rescales(one, by_tensor=True) == _expected_rescales(one)
