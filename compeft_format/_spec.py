@@ -12,14 +12,15 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 1  # what the reference encoder writes by default (spec 10.1)
-VERSIONS = ((1, 0), (1, 1))  # the versions an encoder can be asked to write
+VERSION_MINOR = 2  # what the reference encoder writes by default (spec 10.1)
+VERSIONS = ((1, 0), (1, 1), (1, 2))  # the versions an encoder can be asked to write
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
 CHECKSUM_SIZE = 4
 MIN_ALIGNMENT_LOG2 = 0
 MAX_ALIGNMENT_LOG2 = 12  # 4096, a page
+FLAG_METADATA_ZSTD = 0x01  # spec 5.1 Flags bit 0 (1.2): the metadata is a zstd frame (5.2)
 DEFAULT_ALIGNMENT_LOG2 = 3  # 8 bytes: every dtype of spec 5.4 can be viewed in place
 
 # spec 5.3 Record_Kind
@@ -27,6 +28,7 @@ KIND_END = 0x00  # the Index follows
 KIND_TERNARY = 0x01
 KIND_DENSE = 0x02
 KIND_PACK = 0x03  # spec 5.8 (1.1): many small ternary tensors in one record
+KIND_COLUMN_PACK = 0x04  # spec 5.9 (1.2): a pack whose member table is stored in columns
 
 # spec 5.8 pack records (format 1.1)
 PACK_TABLE_MAX = 1 << 20  # the largest decoded member table (a format limit)
@@ -47,6 +49,30 @@ BLOCK_OPTIONAL_BIT = 0x80
 STAGE_NONE = 0x00
 STAGE_ZSTD = 0x01
 DEFAULT_ZSTD_LEVEL = 3
+# Appendix D (1.2): metadata up to this size and column pack tables are compressed at level
+# 19 whatever the writer's level: they are small, and level 19 takes milliseconds there
+SMALL_ZSTD_LEVEL = 19
+SMALL_ZSTD_MAX = 1 << 20
+
+# spec 7.3 (1.2): the metadata dictionary, a zstd raw content dictionary; the lines of the
+# spec's block joined without line endings
+METADATA_DICTIONARY = "".join((
+    '"IA3","LOHA","LOKR","role","tensor","zero","one","norm","gram","kron","kron_sketch",',
+    '"lora_product","lora_product_out","auto","hifi","F16","BF16","F32",',
+    '"hashes":{"model.safetensors":"sha256:"},"revision":"main",',
+    '"compeft_format.hifi":{"dtypes":[null,"F32"],"steps":[0.0001,null],"version":1},',
+    '"compeft.compression":{"lora_fit":{"proj_scale":0.01,"selection":"proj_vcap"},',
+    '"method":"hifi","rel_step":0.01},',
+    '"compeft.base":{"name":"peft-init:","peft_init":{"init_lora_weights":true,"peft":"0.1",',
+    '"seed":0,"torch":"2.0.0+cpu","transformers":"4.0"},"sha256":"sha256:"},',
+    '"task_vector":{"delta":[],"exclude":[],"peft_type":"LORA","reference":"zero"}}',
+    '{"compeft.base":{"digests":"","name":"init","sha256":"sha256:"},',
+    '"compeft.compression":{"alpha":1.0,"density":0.1,"method":"compeft",',
+    '"scale":"proj_vcap","scope":"global"},"compeft.producer":"compeft_format 0.1.0",',
+    '"safetensors.metadata":{"format":"pt"},',
+    '"task_vector":{"delta_all_but":[],"exclude":[],"peft_type":"LORA","reference":"checkpoint"}}',
+)).encode("ascii")
+METADATA_DICTIONARY_SHA256 = "74130976f777c0428923a6f73eeda0734bdd755a4237a7122b63790a1df82365"
 
 # spec 5.7 Trailer
 TRAILER = struct.Struct("<QI4s")  # Index_Offset, Index_Checksum, Tail_Magic

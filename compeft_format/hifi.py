@@ -21,8 +21,9 @@ back nearly exactly, this module stores the whole task vector as integer codes i
 
 Nothing here is new to the format: the records are dense records of spec 6.5 and the key is
 an ordinary metadata key (``compeft.`` keys are the reserved ones, spec 5.2.1), so any
-reader of format 1.0 or 1.1 reads the file; :func:`load_hifi` is the decoder that applies the
-steps (a plain reader returns the integer codes).
+reader of the file's format version reads it (the writer's default, 1.2, whose compressed
+metadata a 1.1 reader refuses); :func:`load_hifi` is the decoder that applies the steps (a
+plain reader returns the integer codes).
 
 The step is ``rel_step`` times the root mean square of the whole task vector, divided by a
 tensor's weight: equal weights (the default) make one step for every entry, which minimises

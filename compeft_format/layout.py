@@ -20,6 +20,7 @@ from typing import Any
 
 from . import _spec as S
 from ._io import BufferSource, Source, encode_varint
+from .budget import Budget
 from .codecs import ZSTD, BlockContext, get_codec
 from .errors import (
     BadMagicError,
@@ -31,11 +32,13 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .info import BlockInfo, TensorInfo
-from .metadata import decode_metadata
+from .metadata import decode_metadata, unstage_metadata
+from .packtable import Member, member_name, read_column_table
 
 __all__ = [
     "BLOCK_ROLES",
     "MAX_RECORD_HEADER",
+    "PACK_KINDS",
     "RECORD_OVERHEAD",
     "Header",
     "PackMember",
@@ -110,6 +113,7 @@ class PackMember:
     tail: bytes
     parts: tuple[bytes, bytes, bytes]  # positions, signs, scale
     cost: int  # decode-budget charge (spec 9.3)
+    fields: Member  # the same fields, for a column pack's table (spec 5.9)
 
     @property
     def size(self) -> int:
@@ -125,14 +129,18 @@ class Header:
 
     @property
     def kinds(self) -> tuple[int, ...]:
-        """The record kinds of this file's version (spec 5.3: packs from 1.1)."""
-        if self.version[1] >= 1:
-            return (S.KIND_TERNARY, S.KIND_DENSE, S.KIND_PACK)
-        return (S.KIND_TERNARY, S.KIND_DENSE)
+        """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2)."""
+        minor = self.version[1]
+        return ((S.KIND_TERNARY, S.KIND_DENSE) + (S.KIND_PACK,) * (minor >= 1)
+                + (S.KIND_COLUMN_PACK,) * (minor >= 2))
 
 
-def read_file_header(src: Source, limits: S.ReadLimits) -> Header:
-    """Parse File_Header, Metadata and Header_Checksum (spec 5.1), and the padding after."""
+def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Header:
+    """Parse File_Header, Metadata and Header_Checksum (spec 5.1), and the padding after.
+
+    Compressed metadata (1.2) is charged to ``budget`` (spec 9.3): a sequential decoding's,
+    or the opening's for random access.
+    """
     head = src.buf[: len(S.MAGIC)] if isinstance(src, BufferSource) else None
     try:
         raw = src.read(S.FILE_HEADER_SIZE, "file header")
@@ -152,7 +160,7 @@ def read_file_header(src: Source, limits: S.ReadLimits) -> Header:
     if not S.MIN_ALIGNMENT_LOG2 <= log2 <= S.MAX_ALIGNMENT_LOG2:
         raise CorruptDataError(f"Alignment_Log2 {log2} outside [0, {S.MAX_ALIGNMENT_LOG2}]",
                                offset=10)
-    if flags:  # spec 5.1: every flag bit is reserved in 1.x
+    if flags & ~S.FLAG_METADATA_ZSTD or (flags and minor < 2):  # spec 5.1: reserved bits
         raise CorruptDataError(f"reserved header flags must be zero (got 0x{flags:02x})", offset=11)
     if meta_size > limits.max_metadata_size:
         raise LimitExceededError(f"metadata is {meta_size} bytes; limit "
@@ -163,6 +171,9 @@ def read_file_header(src: Source, limits: S.ReadLimits) -> Header:
     if stored != computed:
         raise ChecksumError(f"header checksum mismatch: stored 0x{stored:08x}, computed "
                             f"0x{computed:08x}", offset=src.pos - 4)
+    if flags & S.FLAG_METADATA_ZSTD:  # spec 5.2, 8.1 step 3a
+        meta_bytes = unstage_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits,
+                                      lambda n, ctx: budget.charge(n, ctx, src.pos))
     metadata = decode_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits)
     alignment = 1 << log2
     pad_at = src.pos
@@ -263,7 +274,7 @@ def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: 
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
     name = _read_name(b, limits, "tensor")
     b.tensor = name
-    if kind == S.KIND_PACK:
+    if kind in PACK_KINDS:
         return _read_pack(b, name, limits, Record(
             kind, name, "", (), None, [], data_crc, offset, header_end, data_start, data_size,
             alignment), data_size_at)
@@ -361,8 +372,38 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         ctx = BlockContext(name, 0, 0, "F32", (), table_at)
         table = memoryview(ZSTD.decode(table, decoded, ctx))
     t = BufferSource(table, base=table_at)
+    if rec.kind == S.KIND_COLUMN_PACK:
+        fields = read_column_table(t, count, name, limits)
+    else:
+        fields = _read_row_table(t, count, name, limits)
+    members, cursor = [], 0
+    for f in fields:
+        ssize = -(-f.nnz // 8)
+        blocks = [(f.ptype, S.STAGE_NONE, f.param, f.psize, f.psize),
+                  (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize),
+                  (S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4)]
+        size = f.psize + ssize + 4
+        members.append(Record(S.KIND_TERNARY, f.name.decode(), f.dtype, f.shape, f.nnz, blocks,
+                              0, rec.offset, rec.header_end, rec.data_start + cursor, size,
+                              in_pack=True))
+        cursor += size
+    if not t.at_end():
+        raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
+                               tensor=name, offset=t.pos)
+    if rec.data_size != align(cursor, rec.alignment):
+        raise CorruptDataError(f"data size {rec.data_size} does not match the pack's members "
+                               f"({align(cursor, rec.alignment)})", tensor=name,
+                               offset=data_size_at)
+    rec.members = tuple(members)
+    return rec
+
+
+def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits,
+                    ) -> list[Member]:
+    """The entries of a 1.1 pack's member table (spec 5.8, 8.1 step 8a), checked in order."""
     t.tensor = name
-    members, prev, cursor = [], name.encode(), 0  # the first name is coded against Name
+    members: list[Member] = []
+    prev = name.encode()  # the first name is coded against the pack's Name
     for _ in range(count):
         at = t.pos
         shared = t.varint("prefix length")
@@ -375,19 +416,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
             raise LimitExceededError(f"member name length {shared + n} outside [1, "
                                      f"{limits.max_name_length}]", tensor=name, offset=suffix_at)
         raw = prev[:shared] + bytes(t.read(n, "member name"))
-        try:
-            mname = raw.decode("utf-8", "strict")
-        except UnicodeDecodeError:
-            raise CorruptDataError(f"member name is not valid UTF-8: {raw[:40]!r}",
-                                   offset=at) from None
-        if "\x00" in mname:
-            raise CorruptDataError(f"member name contains NUL: {mname[:40]!r}", offset=at)
-        if not members and raw != prev:
-            raise CorruptDataError(f"the first member is named {mname!r}, the pack {name!r}",
-                                   tensor=name, offset=at)
-        if members and raw <= prev:
-            raise CorruptDataError(f"pack member names must increase; {mname!r} follows "
-                                   f"{prev.decode()!r}", tensor=mname, offset=at)
+        mname = member_name(raw, at, not members, prev, name)
         t.tensor = mname
         dtype, shape, nnz = _read_tensor_fields(t, S.KIND_TERNARY, mname, limits)
         assert nnz is not None
@@ -398,26 +427,14 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
                                    "or golomb", tensor=mname, offset=ptype_at)
         param = t.varint("positions param")
         psize = t.varint("positions size")
-        ssize = -(-nnz // 8)
-        blocks = [(ptype, S.STAGE_NONE, param, psize, psize),
-                  (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize),
-                  (S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4)]
-        size = psize + ssize + 4
-        members.append(Record(S.KIND_TERNARY, mname, dtype, shape, nnz, blocks, 0, rec.offset,
-                               rec.header_end, rec.data_start + cursor, size, in_pack=True))
-        cursor += size
+        members.append(Member(raw, dtype, shape, nnz, ptype, param, psize))
         prev = raw
-    if not t.at_end():
-        raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
-                               tensor=name, offset=t.pos)
-    if rec.data_size != align(cursor, rec.alignment):
-        raise CorruptDataError(f"data size {rec.data_size} does not match the pack's members "
-                               f"({align(cursor, rec.alignment)})", tensor=name,
-                               offset=data_size_at)
-    rec.members = tuple(members)
-    return rec
+    t.tensor = name
+    return members
 
 
+#: the record kinds that hold pack members: 1.1 packs (spec 5.8) and column packs (5.9)
+PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK)
 BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 

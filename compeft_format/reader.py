@@ -33,6 +33,7 @@ from .errors import (
 from .info import FileInfo, TensorInfo
 from .layout import (
     BLOCK_ROLES,
+    PACK_KINDS,
     Record,
     align,
     check_data_crc,
@@ -178,8 +179,8 @@ def _decode_pack(rec: Record, data: memoryview, budget: Budget, framework: str,
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
           file_size: int | None, dense: bool = False, device: Any = None,
           ) -> Iterator[tuple[str, Any]]:
-    header = read_file_header(src, limits)
     budget = Budget(limits, file_size)
+    header = read_file_header(src, limits, budget)
     seen: list[tuple[str, int]] = []
     last = ""  # the last tensor name: a record's, or a pack's last member's
     while True:
@@ -207,7 +208,7 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
                 raise ChecksumError("data checksum mismatch", tensor=rec.name,
                                     offset=rec.data_start)
             continue  # spec 10.2: an unknown optional record is skipped
-        if kind == S.KIND_PACK:
+        if kind in PACK_KINDS:
             yield from _decode_pack(rec, data, budget, framework, dense, device)
             continue
         yield rec.name, _decode_present(rec, data, budget, framework, dense, device=device)
@@ -285,7 +286,7 @@ class CompeftReader:
         self._framework = framework
         self._limits = limits
         src = BufferSource(data)
-        self._header = read_file_header(src, limits)
+        self._header = read_file_header(src, limits, Budget(limits, len(data)))
         size = len(data)
         first = self._header.end
         if size < first + 1 + S.TRAILER_SIZE:
@@ -332,7 +333,7 @@ class CompeftReader:
         ends = [off for _, off in entries[1:]] + [index_at]
         for i, ((name, off), end) in enumerate(zip(entries, ends, strict=False)):
             kind = data[off]
-            if kind == S.KIND_PACK and kind in self._header.kinds:
+            if kind in PACK_KINDS and kind in self._header.kinds:
                 # the member tables are read now: they hold the names of the tensors
                 pack = self._read_at(name, off, end)
                 after = entries[i + 1][0] if i + 1 < len(entries) else None

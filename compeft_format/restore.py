@@ -25,7 +25,7 @@ import numpy as np
 from . import _spec as S
 from . import dtypes as _dt
 from ._progress import Bar
-from .binding import check_regenerated_base, read_reference
+from .binding import Reference, check_regenerated_base, read_reference
 from .container import open_file
 from .errors import ConvertError, EncodeError, naming
 from .hifi import HIFI_KEY, hifi_decode, hifi_layout
@@ -148,11 +148,7 @@ def decompress_file(
     >>> r.info("w").dtype, r.values("w").tolist()
     ('BF16', [[0.0, -0.5], [0.0, 0.0]])
     """
-    out_dtype = None
-    if dtype is not None:
-        out_dtype = OUTPUT_DTYPES.get(str(dtype).lower(), str(dtype).upper())
-        if out_dtype not in OUTPUT_DTYPES.values():
-            raise EncodeError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
+    out_dtype = _output_dtype(dtype)
     source = resolve_source(src, ADAPTER_COMPEFT,
                             "decompress reads a compressed adapter directory")
     from_init, _ = parse_peft_init(base)
@@ -161,122 +157,21 @@ def decompress_file(
     out = Output(dst, is_dir=source.is_dir, force=force, inputs=inputs)
 
     with contextlib.ExitStack() as stack:
-        with naming(source.weights):
-            cf = stack.enter_context(open_file(source.weights))
-            infos = {n: cf.info(n) for n in cf}
-        meta = cf.metadata()
-        hifi: dict[str, tuple[float | None, str | None]] = {}
-        if HIFI_KEY in meta:  # integer codes: decoded with their steps, in their dtypes
-            hifi = hifi_layout(meta, cf.keys(), infos, str(source.weights))
-            infos = {n: i if hifi[n][0] is None else dataclasses.replace(
-                i, dtype=hifi[n][1] or "F32") for n, i in infos.items()}
-            meta = {k: v for k, v in meta.items() if k != HIFI_KEY}
-        ref = read_reference(meta, set(infos), source.weights)
-        label = f" {ref.name!r}" if ref.name else ""
-        recorded = cf.metadata().get(S.META_BASE)
-        recorded = recorded.get(META_PEFT_INIT) if isinstance(recorded, dict) else None
-        if from_init and not (ref.kind == "checkpoint" and recorded is not None):
-            raise ConvertError(f"{source.path}: not compressed from PEFT's regenerated initial "
-                               f"adapter (no compeft.base.{META_PEFT_INIT}); "
-                               f"--base {PEFT_INIT} does not apply")
-        regenerated = None
-        if ref.kind == "checkpoint" and base_path is None and recorded is not None:
-            base_path, regenerated = _regenerated_base(source, recorded, infos, base_model,
-                                                       stack)
-        if ref.kind == "checkpoint" and base_path is None:
-            raise ConvertError(
-                f"{source.path}: the task vector is measured from the base{label} "
-                f"({len(ref.delta)} tensors); give it with --base (base=) to write "
-                "the full tensors")
-        if base_path is not None and ref.stored_as_is:
-            raise ConvertError(f"{source.path}: holds a PEFT {ref.peft_type} adapter stored as "
-                               "it is (from zero or one), which takes no --base")
-        base_reader = None
-        if base_path is not None:
-            base_reader = stack.enter_context(open_weights(base_path))
-            check_regenerated_base(ref, base_reader, infos, progress, regenerated=regenerated,
-                                   recipe=_versions(recorded) if regenerated else "",
-                                   where=str(source.path),
-                                   give="--base")
-        st_meta = cf.metadata().get(META_SAFETENSORS)
-        if not (isinstance(st_meta, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in st_meta.items())):
-            st_meta = None
-        if source.is_model and st_meta is None:  # from pickled weights: transformers wants it
-            st_meta = {"format": "pt"}
+        stored = _Stored.open(source, stack)
+        ref = read_reference(stored.meta, set(stored.infos), source.weights)
+        base_reader, regenerated = _bind_base(source, stored, ref, base_path, from_init,
+                                              base_model, progress, stack)
+        tensors = _Tensors.plan(stored, ref, base_reader, out_dtype)
+        files, index = _output_files(source, stored.metadata.get(META_MODEL_FOLDER),
+                                     tensors.layout)
+        st_meta = _safetensors_metadata(stored.metadata, source)
+        bar = stack.enter_context(Bar(progress, len(tensors.layout), "decompress"))
 
-        # What to write. A plain task vector added to a base gives every base tensor, in
-        # the base's dtype; otherwise the file's tensors, in their own dtypes, with the base
-        # (or the one of (IA)^3) added to those stored as a difference.
-        if base_reader is not None and ref.kind == "zero":
-            names = base_reader.keys()
-            adds = set(infos)
-            dtypes = {n: base_reader.info(n).dtype for n in names}
-            shapes = {n: base_reader.info(n).shape for n in names}
-        else:
-            names = list(infos)
-            adds = set(ref.delta)
-            dtypes = {n: infos[n].dtype for n in names}
-            shapes = {n: tuple(infos[n].shape) for n in names}
-
-        def out_dt(n: str) -> str:
-            d = dtypes[n]
-            return out_dtype if out_dtype is not None and d in S.TERNARY_DTYPES else d
-
-        layout = [(n, out_dt(n), shapes[n]) for n in names]
-        files, index = _output_files(source, cf.metadata().get(META_MODEL_FOLDER), layout)
-
-        def produce(n: str) -> Iterator[np.ndarray]:
-            """The output storage of tensor ``n``, chunk by chunk (a few MiB each)."""
-            dt, total = dtypes[n], math.prod(shapes[n])
-            if n not in infos:  # a base tensor the task vector does not change
-                assert base_reader is not None
-                flat = base_reader.get(n)[0].reshape(-1)
-                for a, z in _chunks(total):
-                    yield cast_storage(flat[a:z], dt, out_dtype)[0]
-                    base_reader.release(n)
-                return
-            rec_dt = infos[n].dtype
-            with naming(source.weights):
-                value = cf.get_raw(n)
-            step = hifi[n][0] if n in hifi else None
-            if step is not None:
-                codes, rec_dt = value[0].reshape(-1), "F32"
-
-                def part(a: int, z: int) -> np.ndarray:
-                    return hifi_decode(codes[a:z], step)
-            elif isinstance(value, TernaryTensor):
-                vals = _signed_values(value, rec_dt)
-
-                def part(a: int, z: int) -> np.ndarray:
-                    return _ternary_chunk(value, a, z, vals)
-            else:
-                dense = value[0].reshape(-1)
-
-                def part(a: int, z: int) -> np.ndarray:
-                    return dense[a:z]
-            if n not in adds:
-                for a, z in _chunks(total):
-                    yield cast_storage(part(a, z), rec_dt, out_dt(n))[0]
-                return
-            bflat = base_reader.get(n)[0].reshape(-1) if base_reader is not None else None
-            for a, z in _chunks(total):
-                delta = _dt.to_numpy_values(part(a, z), rec_dt)
-                if bflat is not None:
-                    b = bflat[a:z]
-                else:  # reference one: (IA)^3 vectors start at one
-                    b = cast_storage(np.ones(z - a, np.float32), "F32", dt)[0]
-                yield cast_storage(add_rounded(b, dt, delta), dt, out_dtype)[0]
-                if base_reader is not None:  # each base chunk is read once
-                    base_reader.release(n)
-
-        bar = stack.enter_context(Bar(progress, len(layout), "decompress"))
-
-        def writer(part: list[tuple[str, str, tuple[int, ...]]]) -> Callable[[BinaryIO], None]:
+        def writer(part: Layout) -> Callable[[BinaryIO], None]:
             def write(f: BinaryIO) -> None:
                 with SafetensorsWriter(f, part, metadata=st_meta) as w:
                     for n in w.order:
-                        for chunk in produce(n):
+                        for chunk in tensors.produce(n, stored, base_reader):
                             w.write(n, chunk)
                         if base_reader is not None and n in base_reader:
                             base_reader.release(n)
@@ -293,12 +188,169 @@ def decompress_file(
         written = [out.dst / name if name else out.dst for name, _ in files]
         final = out.dst / index[0] if index is not None else written[0]
         return DecompressSummary(
-            source=str(source.path), output=str(out.dst), file=str(final), tensors=len(layout),
-            numel=sum(math.prod(s) for _, _, s in layout),
+            source=str(source.path), output=str(out.dst), file=str(final),
+            tensors=len(tensors.layout), numel=sum(math.prod(s) for _, _, s in tensors.layout),
             file_bytes=sum(p.stat().st_size for p in written),
             reference=ref.kind, base=str(base) if base is not None and not from_init
             else regenerated, dtype=out_dtype)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _output_dtype(dtype: str | None) -> str | None:
+    """``dtype=`` as a safetensors dtype name (``"f16"`` -> ``"F16"``), checked."""
+    if dtype is None:
+        return None
+    out_dtype = OUTPUT_DTYPES.get(str(dtype).lower(), str(dtype).upper())
+    if out_dtype not in OUTPUT_DTYPES.values():
+        raise EncodeError(f"dtype must be one of {sorted(OUTPUT_DTYPES)}, got {dtype!r}")
+    return out_dtype
+
+
+@dataclasses.dataclass
+class _Stored:
+    """The compeft file being restored: its reader, tensor infos (hi-fi tensors under the
+    dtype their codes stand for), hi-fi steps, and metadata (``meta`` without the hi-fi key,
+    as the binding reads it; ``metadata`` as stored)."""
+
+    reader: Any
+    infos: dict[str, Any]
+    hifi: dict[str, tuple[float | None, str | None]]
+    meta: dict[str, Any]
+    metadata: dict[str, Any]
+    path: Path
+
+    @classmethod
+    def open(cls, source: Source, stack: contextlib.ExitStack) -> _Stored:
+        with naming(source.weights):
+            cf = stack.enter_context(open_file(source.weights))
+            infos = {n: cf.info(n) for n in cf}
+        meta = cf.metadata()
+        hifi: dict[str, tuple[float | None, str | None]] = {}
+        if HIFI_KEY in meta:  # integer codes: decoded with their steps, in their dtypes
+            hifi = hifi_layout(meta, cf.keys(), infos, str(source.weights))
+            infos = {n: i if hifi[n][0] is None else dataclasses.replace(
+                i, dtype=hifi[n][1] or "F32") for n, i in infos.items()}
+            meta = {k: v for k, v in meta.items() if k != HIFI_KEY}
+        return cls(cf, infos, hifi, meta, cf.metadata(), source.weights)
+
+    def part(self, n: str) -> tuple[Callable[[int, int], np.ndarray], str]:
+        """``part(a, z)``: flat elements ``a:z`` of tensor ``n`` as stored (a ternary
+        tensor's values in its dtype's storage, hi-fi codes decoded), and that dtype."""
+        rec_dt = self.infos[n].dtype
+        with naming(self.path):
+            value = self.reader.get_raw(n)
+        step = self.hifi[n][0] if n in self.hifi else None
+        if step is not None:
+            codes = value[0].reshape(-1)
+            return (lambda a, z: hifi_decode(codes[a:z], step)), "F32"
+        if isinstance(value, TernaryTensor):
+            vals = _signed_values(value, rec_dt)
+            return (lambda a, z: _ternary_chunk(value, a, z, vals)), rec_dt
+        dense = value[0].reshape(-1)
+        return (lambda a, z: dense[a:z]), rec_dt
+
+
+def _bind_base(source: Source, stored: _Stored, ref: Reference, base_path: Path | None,
+               from_init: bool, base_model: str | os.PathLike | None, progress: bool,
+               stack: contextlib.ExitStack) -> tuple[Any, str | None]:
+    """The base the task vector is added to, opened and checked against the recorded
+    binding (given, or regenerated from a ``compeft.base.peft_init`` recipe), or None; and
+    the regenerated base's description."""
+    label = f" {ref.name!r}" if ref.name else ""
+    recorded = stored.metadata.get(S.META_BASE)
+    recorded = recorded.get(META_PEFT_INIT) if isinstance(recorded, dict) else None
+    if from_init and not (ref.kind == "checkpoint" and recorded is not None):
+        raise ConvertError(f"{source.path}: not compressed from PEFT's regenerated initial "
+                           f"adapter (no compeft.base.{META_PEFT_INIT}); "
+                           f"--base {PEFT_INIT} does not apply")
+    regenerated = None
+    if ref.kind == "checkpoint" and base_path is None and recorded is not None:
+        base_path, regenerated = _regenerated_base(source, recorded, stored.infos, base_model,
+                                                   stack)
+    if ref.kind == "checkpoint" and base_path is None:
+        raise ConvertError(
+            f"{source.path}: the task vector is measured from the base{label} "
+            f"({len(ref.delta)} tensors); give it with --base (base=) to write "
+            "the full tensors")
+    if base_path is not None and ref.stored_as_is:
+        raise ConvertError(f"{source.path}: holds a PEFT {ref.peft_type} adapter stored as "
+                           "it is (from zero or one), which takes no --base")
+    if base_path is None:
+        return None, None
+    base_reader = stack.enter_context(open_weights(base_path))
+    check_regenerated_base(ref, base_reader, stored.infos, progress, regenerated=regenerated,
+                           recipe=_versions(recorded) if regenerated else "",
+                           where=str(source.path), give="--base")
+    return base_reader, regenerated
+
+
+def _safetensors_metadata(metadata: Mapping[str, Any], source: Source) -> dict[str, str] | None:
+    """The source's safetensors metadata, recorded at compression, for the output's header."""
+    st_meta = metadata.get(META_SAFETENSORS)
+    if not (isinstance(st_meta, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in st_meta.items())):
+        st_meta = None
+    if source.is_model and st_meta is None:  # from pickled weights: transformers wants it
+        st_meta = {"format": "pt"}
+    return st_meta
+
+
+@dataclasses.dataclass
+class _Tensors:
+    """What a decompress writes: every tensor's name, storage dtype and shape; those that
+    get a base added (``adds``); and the output dtype ``out_dtype`` of float tensors."""
+
+    dtypes: dict[str, str]
+    shapes: dict[str, tuple[int, ...]]
+    adds: set[str]
+    out_dtype: str | None
+
+    @classmethod
+    def plan(cls, stored: _Stored, ref: Reference, base_reader: Any,
+             out_dtype: str | None) -> _Tensors:
+        # A plain task vector added to a base gives every base tensor, in the base's dtype;
+        # otherwise the file's tensors, in their own dtypes, with the base (or the one of
+        # (IA)^3) added to those stored as a difference.
+        infos = stored.infos
+        if base_reader is not None and ref.kind == "zero":
+            names = base_reader.keys()
+            return cls({n: base_reader.info(n).dtype for n in names},
+                       {n: base_reader.info(n).shape for n in names}, set(infos), out_dtype)
+        return cls({n: infos[n].dtype for n in infos},
+                   {n: tuple(infos[n].shape) for n in infos}, set(ref.delta), out_dtype)
+
+    def out_dt(self, n: str) -> str:
+        d = self.dtypes[n]
+        return self.out_dtype if self.out_dtype is not None and d in S.TERNARY_DTYPES else d
+
+    @property
+    def layout(self) -> Layout:
+        return [(n, self.out_dt(n), self.shapes[n]) for n in self.dtypes]
+
+    def produce(self, n: str, stored: _Stored, base_reader: Any) -> Iterator[np.ndarray]:
+        """The output storage of tensor ``n``, chunk by chunk (a few MiB each)."""
+        dt, total = self.dtypes[n], math.prod(self.shapes[n])
+        if n not in stored.infos:  # a base tensor the task vector does not change
+            flat = base_reader.get(n)[0].reshape(-1)
+            for a, z in _chunks(total):
+                yield cast_storage(flat[a:z], dt, self.out_dtype)[0]
+                base_reader.release(n)
+            return
+        part, rec_dt = stored.part(n)
+        if n not in self.adds:
+            for a, z in _chunks(total):
+                yield cast_storage(part(a, z), rec_dt, self.out_dt(n))[0]
+            return
+        bflat = base_reader.get(n)[0].reshape(-1) if base_reader is not None else None
+        for a, z in _chunks(total):
+            delta = _dt.to_numpy_values(part(a, z), rec_dt)
+            if bflat is not None:
+                b = bflat[a:z]
+            else:  # reference one: (IA)^3 vectors start at one
+                b = cast_storage(np.ones(z - a, np.float32), "F32", dt)[0]
+            yield cast_storage(add_rounded(b, dt, delta), dt, self.out_dtype)[0]
+            if base_reader is not None:  # each base chunk is read once
+                base_reader.release(n)
 
 
 def _versions(recipe: Mapping[str, Any]) -> str:

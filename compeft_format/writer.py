@@ -34,7 +34,8 @@ from .layout import (
     descriptor,
     pack_table,
 )
-from .metadata import encode_metadata
+from .metadata import encode_metadata, stage_metadata
+from .packtable import Member, column_table
 from .tensor import TernaryTensor
 
 __all__ = ["Writer", "dumps", "save_file"]
@@ -61,8 +62,10 @@ class Writer:
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
     version:
-        ``"1.1"`` (the default) gathers ternary tensors of at most 2^19 elements into pack
-        records (spec 5.8); ``"1.0"`` writes one record per tensor, for 1.0 readers.
+        ``"1.2"`` (the default) gathers ternary tensors of at most 2^19 elements into column
+        pack records (spec 5.9) and compresses the metadata (spec 5.2); ``"1.1"`` writes
+        the packs of spec 5.8 and plain metadata, for 1.1 readers; ``"1.0"`` writes one
+        record per tensor, for 1.0 readers.
 
     Examples
     --------
@@ -91,6 +94,7 @@ class Writer:
         self._level = zstd_level
         self._alignment = alignment
         self._packing = version >= (1, 1)  # spec 5.8: small ternary tensors go into packs
+        self._columns = version >= (1, 2)  # spec 5.9: ... whose member table is in columns
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
@@ -101,8 +105,10 @@ class Writer:
         self.sizes: dict[str, int] = {}
         self._cost = 0  # decode-budget charge of the records written so far (spec 9.3)
         self._closed = False
-        meta = encode_metadata(metadata)
-        header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, 0, len(meta))
+        meta, flags = encode_metadata(metadata), 0
+        if self._columns:  # spec 5.2: 1.2 compresses the metadata where that pays
+            flags, meta = stage_metadata(meta, zstd_level)
+        header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, flags, len(meta))
         self._pos = 0
         self._emit(header, meta, S.CHECKSUM.pack(crc32(header, meta)))
         self._pad()
@@ -235,7 +241,8 @@ class Writer:
                 + b"".join(encode_varint(d) for d in t.shape) + encode_varint(t.nnz)
                 + bytes([btype]) + encode_varint(param) + encode_varint(len(positions)))
         member = PackMember(bname, tail, (positions, signs, scale),
-                         positions_cost(len(positions), t.nnz))
+                         positions_cost(len(positions), t.nnz),
+                         Member(bname, t.dtype, t.shape, t.nnz, btype, param, len(positions)))
         if self._level is not None and member.size > RECORD_OVERHEAD:
             record = self._ternary(bname.decode(), t, self._level)
             as_record = (sum(align(len(b[3]), self._alignment) for b in record[2])
@@ -258,9 +265,10 @@ class Writer:
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 writer gathers small ternary tensors into a pack (spec 5.8) and writes it when
-        it is full, when a tensor that is not packed comes, or at :meth:`close`; at most
-        about 1 MiB waits. The file stays valid: the next tensors start a new pack.
+        A 1.1 or 1.2 writer gathers small ternary tensors into a pack (spec 5.8, 5.9) and
+        writes it when it is full, when a tensor that is not packed comes, or at
+        :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
+        a new pack.
         """
         if self._closed:
             raise ValueError("writer is closed")
@@ -274,8 +282,12 @@ class Writer:
             return
         members, self._pack = self._pack, []
         self._pack_data = self._pack_table = 0
-        table = pack_table(members)
-        stage, stored = maybe_zstd(table, self._level)
+        if self._columns:  # spec 5.9; a small table, compressed hard (Appendix D 6)
+            table = column_table([m.fields for m in members])
+            level = None if self._level is None else S.SMALL_ZSTD_LEVEL
+        else:
+            table, level = pack_table(members), self._level
+        stage, stored = maybe_zstd(table, level)
         data = b"".join(part for m in members for part in m.parts)
         end = self._pos + len(data) + 64  # about where the data area ends (spec 9.3)
         cost = sum(m.cost for m in members)
@@ -291,7 +303,8 @@ class Writer:
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
-        head = (bytes([S.KIND_PACK]) + encode_varint(len(body) + 8)
+        kind = S.KIND_COLUMN_PACK if self._columns else S.KIND_PACK
+        head = (bytes([kind]) + encode_varint(len(body) + 8)
                 + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(crc32(data, pad)))
         self._names.append(first)
         self._offsets.append(self._pos)

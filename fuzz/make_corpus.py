@@ -90,6 +90,20 @@ def _generated() -> dict[str, bytes]:
                  blocks=[C.block(C.DENSE, payload=bytes.fromhex("00387fff"))])],
         alignment_log2=0)
     out["crafted-minor-version"] = C.build_file([ternary], minor=7)
+    # format 1.2: column packs and compressed metadata (a generator of their own, so that
+    # the seeds above keep their bytes)
+    rng12 = np.random.default_rng(12)
+    meta = {"compeft.producer": "compeft_format 0.1.0", "compeft.base": {
+        "digests": "8NPzzMrg88w6", "name": "init", "sha256": "sha256:" + "ab" * 32},
+        "compeft.compression": {"alpha": 1.0, "density": 0.1, "method": "compeft",
+                                "scale": "proj_vcap", "scope": "global"}}
+    out["column-pack-lora"] = cf.dumps({
+        f"layers.{i}.{m}.lora_{ab}": _ternary(96, 5, rng12, (8, 12) if ab == "A" else (12, 8))
+        for i in range(3) for m in ("q", "v") for ab in ("A", "B")}, metadata=meta)
+    out["column-pack-and-records"] = cf.dumps({
+        "a": _ternary(600, 9, rng12, (20, 30)), "b": np.arange(3, dtype=np.int8),
+        "c": _ternary(256, 128, rng12, (16, 16), "BF16"), "d": _ternary(40, 4, rng12, None, "F64"),
+        "e": _ternary(64, 0, rng12)}, metadata=meta, alignment=1, version="1.2")
     return out
 
 

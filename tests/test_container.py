@@ -38,6 +38,7 @@ from compeft_format import (
 from compeft_format import _spec as S
 from compeft_format.codecs import ZSTD, BlockContext, get_codec
 from compeft_format.dtypes import bf16_bits_to_f32, f32_to_bf16_bits
+from compeft_format.metadata import METADATA_ZSTD
 
 MAGIC = b"\x89CPFT\r\n\x1a"
 
@@ -102,8 +103,10 @@ def test_dumps_of_an_empty_mapping() -> None:
     expected = (header + crc(header) + b"\x00" * 4  # pad 20 -> 24
                 + index + struct.pack("<Q", 24) + crc(index) + b"CPFE")
     assert dumps({}, version="1.0") == expected
-    assert dumps({}) == expected[:9] + b"\x01" + expected[10:16] + crc(  # 1.1: the minor byte
-        expected[:9] + b"\x01" + expected[10:16]) + expected[20:]
+    for version, minor in (("1.1", 1), ("1.2", 2)):  # only the minor byte (and the CRC) differ
+        head = expected[:9] + bytes([minor]) + expected[10:16]
+        assert dumps({}, version=version) == head + crc(head) + expected[20:]
+    assert dumps({}) == dumps({}, version="1.2")
     assert len(expected) == 42
     assert loads(expected) == {}
     assert list(iter_stream(io.BytesIO(expected))) == []
@@ -218,15 +221,22 @@ def test_names_sort_by_utf8_bytes_not_code_points() -> None:
 
 def test_metadata_round_trip_and_canonical_form() -> None:
     meta = {"z": [1, 2.5, None, True], "compeft.producer": "tests", "a": {"é": "ü", "b": {}}}
-    data = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta)
+    data = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta, version="1.1")
     text = '{"a":{"b":{},"é":"ü"},"compeft.producer":"tests","z":[1,2.5,null,true]}'
     raw = text.encode("utf-8")  # sorted keys, compact separators, UTF-8 (not \\u escapes)
     assert struct.unpack("<I", data[12:16])[0] == len(raw)
     assert data[16 : 16 + len(raw)] == raw
     assert data[16 + len(raw) : 20 + len(raw)] == crc(data[:16] + raw)
-    with open_file(data) as f:
-        assert f.metadata() == meta
-    assert inspect(data).metadata == meta
+    # 1.2 (spec 5.2): the same canonical text, as Metadata_Decoded_Size and a zstd frame
+    data12 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta)
+    size = struct.unpack("<I", data12[12:16])[0]
+    assert (data12[11], data12[16]) == (S.FLAG_METADATA_ZSTD, len(raw))  # a one-byte VarInt
+    assert METADATA_ZSTD.decode(data12[17 : 16 + size], len(raw), None) == raw
+    assert size < len(raw)
+    for d in (data, data12):
+        with open_file(d) as f:
+            assert f.metadata() == meta
+        assert inspect(d).metadata == meta
     assert dumps({}, metadata={}) == dumps({}, metadata=None) == dumps({})
 
 
@@ -569,7 +579,7 @@ def test_inspect_agrees_with_loads() -> None:
     loaded = loads(data)
     info = inspect(data)
     assert (info.version, info.alignment, info.metadata, info.file_size) == (
-        (1, 1), 16, {"k": [1]}, len(data))
+        (1, 2), 16, {"k": [1]}, len(data))
     assert [t.name for t in info.tensors] == list(loaded)
     for t in info.tensors:
         value = loaded[t.name]
@@ -600,7 +610,7 @@ def test_reader_api() -> None:
     data = dumps(tensors)
     loaded = loads(data)
     f = open_file(data)
-    assert (f.version, f.alignment) == ((1, 1), 8)
+    assert (f.version, f.alignment) == ((1, 2), 8)
     assert "golomb" in f
     assert "nope" not in f
     assert list(f) == f.keys() == list(loaded)

@@ -292,8 +292,10 @@ def test_metadata_round_trips_with_hostile_strings():
     """Keys and values with quotes, controls, NUL, bidi overrides and astral characters."""
     meta = {"\x00key": "v\x00", "quote\"\\": ["\u202e", "\U0001f600", "\x1f\n"],
             "compeft.base": {"name": "../../etc", "hashes": {"a/b": "sha256:00"}}}
-    data = cf.dumps({"t": T}, metadata=meta)
-    with cf.open_file(data) as f:
-        assert f.metadata() == meta
+    for version in ("1.2", "1.1"):
+        data = cf.dumps({"t": T}, metadata=meta, version=version)
+        with cf.open_file(data) as f:
+            assert f.metadata() == meta
+    assert data[11] == 0  # 1.1: the metadata is stored as it is
     raw = data[16 : 16 + struct.unpack("<I", data[12:16])[0]]
     assert json.loads(raw) == meta  # plain JSON any parser reads the same way

@@ -1,8 +1,8 @@
-"""Format 1.1 pack records (spec 5.8): many small ternary tensors in one record.
+"""Pack records (spec 5.8, 1.1; column packs, 5.9, 1.2): many small ternary tensors in one record.
 
-The writer packs ternary tensors of at most ``PACK_MEMBER_MAX_NUMEL`` elements; every reader
-gives back the same tensors as from the 1.0 file of the same content, and every new rule is
-enforced on every read path.
+The writer packs ternary tensors of at most ``PACK_MEMBER_MAX_NUMEL`` elements (1.1 packs
+with ``version="1.1"``, column packs by default); every reader gives back the same tensors as
+from the 1.0 file of the same content, and every new rule is enforced on every read path.
 """
 
 from __future__ import annotations
@@ -66,15 +66,20 @@ def same(a: Any, b: Any) -> bool:
     return np.array_equal(np.asarray(a), np.asarray(b))
 
 
+PACK_OF = {"1.1": S.KIND_PACK, "1.2": S.KIND_COLUMN_PACK}
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.2"])
 @pytest.mark.parametrize("positions", ["auto", "golomb", "bitmask"])
 @pytest.mark.parametrize("alignment", [1, 8, 64])
-def test_packs_read_back_like_the_1_0_file(positions: str, alignment: int) -> None:
+def test_packs_read_back_like_the_1_0_file(positions: str, alignment: int, version: str,
+                                           ) -> None:
     tensors = adapter()
-    new = dumps(tensors, positions=positions, alignment=alignment)
+    new = dumps(tensors, positions=positions, alignment=alignment, version=version)
     old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
-    assert (new[9], old[9]) == (1, 0)
-    assert S.KIND_PACK in kinds(new)
-    assert S.KIND_PACK not in kinds(old)
+    assert (new[9], old[9]) == (int(version[2]), 0)
+    assert PACK_OF[version] in kinds(new)
+    assert not set(PACK_OF.values()) & set(kinds(old))
     assert len(new) < len(old)
     want = loads(old)
     got = loads(new)
@@ -91,7 +96,7 @@ def test_packs_read_back_like_the_1_0_file(positions: str, alignment: int) -> No
                 out = np.full(want[k].shape, 7, want[k].to_numpy().dtype)
                 assert f.get(k, dense=True, out=out) is out
                 assert np.array_equal(out, want[k].to_numpy())
-    assert dumps(got, positions=positions, alignment=alignment) == new  # canonical
+    assert dumps(got, positions=positions, alignment=alignment, version=version) == new
 
 
 def test_inspect_lists_members_with_their_blocks() -> None:
@@ -100,7 +105,7 @@ def test_inspect_lists_members_with_their_blocks() -> None:
     info = inspect(data)
     assert [t.name for t in info.tensors] == sorted(tensors, key=str.encode)
     member = next(t for t in info.tensors if t.name.endswith("q_proj.lora_A.weight"))
-    assert data[member.offset] == S.KIND_PACK
+    assert data[member.offset] == S.KIND_COLUMN_PACK
     assert [b.codec for b in member.blocks][1:] == ["signs", "scale"]
     assert all(b.stage == "none" for b in member.blocks)
     assert member.record_size == sum(b.stored_size for b in member.blocks)
@@ -115,7 +120,7 @@ def test_a_pack_closes_when_full_and_at_a_record() -> None:
     """Packs hold at most PACK_DATA_TARGET bytes; a dense tensor ends the pack before it."""
     big_members = {f"t{i:03d}": _ternary(1 << 18, 0.5, i) for i in range(40)}  # ~48 KiB each
     data = dumps(big_members, zstd_level=None)
-    packs = [k for k in kinds(data) if k == S.KIND_PACK]
+    packs = [k for k in kinds(data) if k == S.KIND_COLUMN_PACK]
     assert len(packs) >= 2
     with open_file(data) as f:
         sizes = {}
@@ -125,7 +130,8 @@ def test_a_pack_closes_when_full_and_at_a_record() -> None:
     assert max(sizes.values()) <= S.PACK_DATA_TARGET
     assert loads(data) == big_members
     mixed = {"a": _ternary(10, 0.5, 1), "b": np.ones(2, np.float32), "c": _ternary(10, 0.5, 2)}
-    assert kinds(dumps(mixed)) == [S.KIND_PACK, S.KIND_DENSE, S.KIND_PACK]
+    assert kinds(dumps(mixed)) == [S.KIND_COLUMN_PACK, S.KIND_DENSE, S.KIND_COLUMN_PACK]
+    assert kinds(dumps(mixed, version="1.1")) == [S.KIND_PACK, S.KIND_DENSE, S.KIND_PACK]
 
 
 def test_writer_flush_and_version_option() -> None:
@@ -136,9 +142,9 @@ def test_writer_flush_and_version_option() -> None:
         w.flush()
         assert len(buf.getvalue()) > before  # the pack is out
         w.write("b", _ternary(100, 0.1, 2))
-    assert kinds(buf.getvalue()) == [S.KIND_PACK, S.KIND_PACK]
+    assert kinds(buf.getvalue()) == [S.KIND_COLUMN_PACK, S.KIND_COLUMN_PACK]
     assert list(loads(buf.getvalue())) == ["a", "b"]
-    for bad in ("2.0", "1.2", "1", (1, 0, 0), "x.y"):
+    for bad in ("2.0", "1.3", "1", (1, 0, 0), "x.y"):
         with pytest.raises(EncodeError, match="version must be one of"):
             dumps({}, version=bad)
     assert dumps({}, version=(1, 0)) == dumps({}, version="1.0")
@@ -280,7 +286,7 @@ def test_the_next_record_must_follow_the_last_member() -> None:
 def test_truncations_and_bit_flips_of_a_pack_are_refused() -> None:
     """Every cut and every single-bit flip of a small 1.1 file is an error on every path."""
     data = dumps({"a": _ternary(64, 0.2, 1), "ab": _ternary(40, 0.3, 2, "BF16")},
-                 metadata={"m": 1})
+                 metadata={"m": 1}, version="1.1")  # 1.2: tests/test_format12.py
     for n in range(len(data)):
         for reader in READERS.values():
             with pytest.raises(CompeftError):

@@ -398,7 +398,12 @@ def test_header_constants_match_code() -> None:
     assert "`43 50 46 45`" in text
     assert bytes.fromhex("43504645") == _spec.TAIL_MAGIC
     assert (_spec.FILE_HEADER_SIZE, _spec.TRAILER_SIZE) == (16, 16)
-    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 1, 3)
+    version = re.search(r"Format version \*\*(\d+)\.(\d+)\*\*", text)
+    assert version is not None
+    assert tuple(map(int, version.groups())) == (_spec.VERSION_MAJOR, _spec.VERSION_MINOR)
+    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 2, 3)
+    assert "bit 0 (`0x01`, 1.2): `Metadata_Zstd`" in text
+    assert _spec.FLAG_METADATA_ZSTD == 0x01
 
 
 # ---------------------------------------------------------------------------------------------

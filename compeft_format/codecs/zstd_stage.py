@@ -62,6 +62,9 @@ class ZstdStage:
     """Compress a payload into one zstd frame that declares its content size.
 
     Safe to use from several threads at once (each thread gets its own zstd contexts).
+    With ``dictionary`` (raw content, as the metadata dictionary of spec 7.3), frames are
+    made and read with it, and a frame that names a dictionary ID is refused (the dictionary
+    is implied, spec 5.2).
 
     >>> s = ZstdStage()
     >>> frame = s.encode(b"\\x00" * 1000, level=3)
@@ -72,8 +75,11 @@ class ZstdStage:
     stage_id = STAGE_ZSTD
     name = "zstd"
 
-    def __init__(self) -> None:
+    def __init__(self, dictionary: bytes | None = None) -> None:
         self._local = threading.local()
+        self._dict = None if dictionary is None else zstandard.ZstdCompressionDict(
+            dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        self._kw = {} if self._dict is None else {"dict_data": self._dict}
 
     def _compressor(self, level: int) -> zstandard.ZstdCompressor:
         """This thread's compressor for ``level`` (zstd contexts are not thread-safe)."""
@@ -84,7 +90,8 @@ class ZstdStage:
         except KeyError:
             pass
         cctx = self._local.compressors[level] = zstandard.ZstdCompressor(
-            level=level, write_content_size=True, write_checksum=False, write_dict_id=False)
+            level=level, write_content_size=True, write_checksum=False, write_dict_id=False,
+            **self._kw)
         return cctx
 
     def _decompressor(self) -> zstandard.ZstdDecompressor:
@@ -92,7 +99,7 @@ class ZstdStage:
         try:
             return self._local.decompressor
         except AttributeError:
-            dctx = self._local.decompressor = zstandard.ZstdDecompressor()
+            dctx = self._local.decompressor = zstandard.ZstdDecompressor(**self._kw)
             return dctx
 
     def encode(self, data: bytes, level: int) -> bytes:
@@ -139,8 +146,11 @@ class ZstdStage:
             raise fail("zstd stage: a skippable frame is not a zstd frame")
         try:
             declared = zstandard.frame_content_size(frame)
+            dict_id = zstandard.get_frame_parameters(frame).dict_id
         except zstandard.ZstdError as exc:
             raise fail(f"zstd stage: bad frame header ({exc})") from None
+        if self._dict is not None and dict_id:  # spec 5.2: the dictionary is implied
+            raise fail(f"zstd stage: the metadata frame declares dictionary {dict_id}")
         if declared != decoded_size:  # spec 7.1: checked before anything is allocated
             raise fail(f"zstd stage: frame declares {declared} bytes, block declares "
                        f"{decoded_size}")

@@ -42,6 +42,7 @@ from _rules import Rule, load_rules  # noqa: E402
 
 import compeft_format as cf  # noqa: E402
 from compeft_format import ReadLimits, TernaryTensor  # noqa: E402
+from compeft_format._spec import METADATA_DICTIONARY  # noqa: E402
 
 DEFAULT_OPTIONS = {"positions": "auto", "zstd_level": 3, "alignment": 8}
 KIND_TERNARY, KIND_DENSE = 0x01, 0x02
@@ -179,6 +180,7 @@ def _t(shape: tuple[int, ...], idx: list[int], signs: list[int], scale: float,
 
 
 V11 = {"version": "1.1"}
+V12 = {"version": "1.2"}
 
 
 def _pack_tensors() -> dict[str, Any]:
@@ -374,6 +376,23 @@ VALID: list[Valid] = [
           "the compact binding of that state and the recipe (compeft.base.peft_init, 5.2.1), "
           "which changes nothing in decoding.", _peft_init_tensors,
           metadata=_peft_init_metadata(), options=V11),
+    # -- format 1.2: column packs (spec 5.9) and compressed metadata (spec 5.2, 7.3)
+    Valid("028-column-pack", "Version 1.2: the six tensors of 023-pack in one column pack "
+          "(Param as a difference from the predicted one, Positions_Size as the slack below "
+          "its bound); metadata too short to compress.",
+          _pack_tensors, metadata={"compeft.producer": "spec"}, options=V12),
+    Valid("029-column-pack-and-records", "Version 1.2: the tensors of 024-pack-and-records: "
+          "column packs around a dense record and a ternary record too big to pack.",
+          lambda: next(v for v in VALID if v.slug == "024-pack-and-records").tensors(),
+          options=V12),
+    Valid("030-compressed-metadata", "Version 1.2: the metadata of 027-base-peft-init, "
+          "compressed with the metadata dictionary (Flags bit 0), and a column pack whose "
+          "member table goes through the zstd stage.", _lora_like,
+          metadata=_peft_init_metadata(), options=V12),
+    Valid("031-column-pack-alignment-1", "Version 1.2: the tensors of 023-pack with alignment "
+          "1 and no zstd (so neither the table nor the metadata is compressed).",
+          _pack_tensors, metadata=_peft_init_metadata(),
+          options={**V12, "alignment": 1, "zstd_level": None}),
 ]
 
 
@@ -554,21 +573,24 @@ ONE_DATA = b"\x01" + b"\x00" + struct.pack("<f", 1.0)
 def pack_file(table: bytes = ONE, data: bytes = ONE_DATA, *, name: bytes = b"a",
               count: int = 1, stage: int = 0, decoded: int | None = None, minor: int = 1,
               log2: int = 3, data_size: int | None = None, data_crc: int | None = None,
-              after: list[tuple[bytes, bytes]] = ()) -> bytes:
+              after: list[tuple[bytes, bytes]] = (), kind: int = 0x03, flags: int = 0,
+              metadata: bytes = b"") -> bytes:
     """A 1.x file holding one pack, then the records ``after`` as ``(name, record bytes)``.
 
     The data area is ``data`` padded with zeros to the alignment; ``data_size`` and
-    ``data_crc`` override the true values.
+    ``data_crc`` override the true values. ``kind`` 0x04 makes a column pack (give a
+    column ``table``); ``flags`` and ``metadata`` (the stored bytes) go into the header.
     """
     a = 1 << log2
-    header = b"\x89CPFT\r\n\x1a" + bytes([1, minor, log2, 0]) + bytes(4)
+    header = (b"\x89CPFT\r\n\x1a" + bytes([1, minor, log2, flags])
+              + struct.pack("<I", len(metadata)) + metadata)
     out = header + struct.pack("<I", crc32(header))
     out += bytes(-len(out) % a)
     padded = data + bytes(-len(data) % a)
     body = (varint(len(name)) + name + varint(count) + bytes([stage]) + varint(len(table))
             + (varint(decoded) if decoded is not None else b"") + table)
     size = len(padded) if data_size is None else data_size
-    head = (bytes([PACK]) + varint(len(body) + 8) + varint(size) + body
+    head = (bytes([kind]) + varint(len(body) + 8) + varint(size) + body
             + struct.pack("<I", crc32(padded) if data_crc is None else data_crc))
     entries = [(name, len(out))]
     out += head + struct.pack("<I", crc32(head))
@@ -579,6 +601,60 @@ def pack_file(table: bytes = ONE, data: bytes = ONE_DATA, *, name: bytes = b"a",
     index = b"\x00" + varint(len(entries)) + b"".join(
         varint(len(n)) + n + varint(o) for n, o in entries)
     return out + index + struct.pack("<QI", len(out), crc32(index)) + b"CPFE"
+
+
+# -- format 1.2 (spec 5.9, 5.2): column packs and compressed metadata, built field by field
+
+COLUMN_PACK = 0x04
+
+
+def columns(*members: tuple[bytes, int, int, tuple[int, ...], int, int, int, int]) -> bytes:
+    """A column table (spec 5.9) of ``(name, prefix, dtype, shape, nnz, ptype, param_delta
+    zigzag, size_delta zigzag)`` members, each name coded against the previous (the first:
+    the pack's)."""
+    out = b"".join(varint(m[1]) for m in members)
+    out += b"".join(varint(len(m[0]) - m[1]) for m in members)
+    out += b"".join(m[0][m[1]:] for m in members)
+    out += bytes(m[2] for m in members) + bytes(len(m[3]) for m in members)
+    out += b"".join(varint(d) for m in members for d in m[3])
+    out += b"".join(varint(m[4]) for m in members) + bytes(m[5] for m in members)
+    return out + b"".join(varint(m[6]) for m in members) + b"".join(varint(m[7]) for m in members)
+
+
+#: the member 'a' of ONE as a column table
+COL_ONE = columns((b"a", 1, 0x01, (8,), 1, BITMASK, 0, 0))
+
+
+def column_file(table: bytes = COL_ONE, **kw: Any) -> bytes:
+    """A 1.2 file holding one column pack (see :func:`pack_file`)."""
+    return pack_file(table, **{"kind": COLUMN_PACK, "minor": 2, **kw})
+
+
+def _column_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: column_file(**kw)
+
+
+#: canonical JSON of 40 bytes or more, which the 1.2 encoder compresses
+BIG_META = b'{"compeft.producer":"compeft_format 0.1.0","note":"' + b"x" * 40 + b'"}'
+
+
+def meta_frame(json_text: bytes = BIG_META, *, dictionary: bool = True,
+               dict_id: int = 0) -> bytes:
+    """``Metadata_Decoded_Size`` and a zstd frame of ``json_text`` (spec 5.2)."""
+    kw: dict[str, Any] = {}
+    if dictionary:
+        kw["dict_data"] = zstandard.ZstdCompressionDict(
+            METADATA_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    frame = zstandard.ZstdCompressor(level=19, write_dict_id=False, **kw).compress(json_text)
+    if dict_id:  # RFC 8878 3.1.1.1: Dictionary_ID_Flag 1, a one-byte ID after the window
+        fhd = frame[4]
+        at = 5 if fhd & 0x20 else 6  # Single_Segment_Flag: no Window_Descriptor
+        frame = frame[:4] + bytes([fhd | 1]) + frame[5:at] + bytes([dict_id]) + frame[at:]
+    return varint(len(json_text)) + frame
+
+
+def _meta_file(stored: bytes, *, flags: int = 1, minor: int = 2, **kw: Any) -> Callable[[], bytes]:
+    return lambda: column_file(flags=flags, minor=minor, metadata=stored, **kw)
 
 
 def dense_u8_record(name: bytes, value: int = 7) -> bytes:
@@ -636,6 +712,28 @@ ACCEPTED: list[Accepted] = [
     Accepted("011-pack-minor-9", "Version 1.9 with a pack: packs are known from minor 1 on.",
              _pack_bytes(minor=9),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)}, version="1.1")),
+    # -- format 1.2
+    Accepted("012-metadata-frame-without-dictionary", "Version 1.2: compressed metadata whose "
+             "frame was made without the dictionary (it refers to nothing before its own "
+             "data, so it decodes the same with it).",
+             _meta_file(meta_frame(dictionary=False)),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)},
+                              metadata=json.loads(BIG_META))),
+    Accepted("013-metadata-compressed-empty", "Version 1.2: Flags bit 0 with a frame of 0 "
+             "bytes: the metadata is an empty object.",
+             _meta_file(varint(0) + zstd_frame(b"")),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("014-column-pack-param-far", "Version 1.2: a golomb member of 64 elements, 2 "
+             "nonzeros, with M = 4 where the prediction is 22 (Param_Delta -18, zigzag 35), and a "
+             "2-byte payload where the predicted size is 3 (Size_Delta -1, zigzag 1).",
+             _column_bytes(table=columns((b"a", 1, 0x01, (64,), 2, GOLOMB, 35, 1)),
+                           data=golomb_encode([5, 40], 4) + b"\x02" + struct.pack("<f", 1.0)),
+             lambda: cf.dumps({"a": TernaryTensor((64,), [5, 40], [False, True], 1.0)})),
+    Accepted("015-column-pack-minor-9", "Version 1.9 with a column pack and compressed "
+             "metadata: both are known from minor 2 on.",
+             _meta_file(meta_frame(), minor=9),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)},
+                              metadata=json.loads(BIG_META))),
 ]
 
 
@@ -1230,6 +1328,66 @@ INVALID: list[Invalid] = [
             _pack_bytes(table=zstd_frame(ONE), stage=ZSTD, decoded=len(ONE) + 1)),
     Invalid("147-pack-member-scale-negative", "A member's scale is -1.0.", "R-SCL-3",
             _pack_bytes(data=ONE_DATA[:2] + struct.pack("<f", -1.0))),
+]
+
+
+INVALID += [
+    # -- format 1.2: compressed metadata (spec 5.2, 7.3)
+    Invalid("148-metadata-flag-in-1-1-file", "Flags bit 0 (compressed metadata) in a file "
+            "whose Version_Minor is 1.", "R-HDR-4", _meta_file(meta_frame(), minor=1)),
+    Invalid("149-header-flag-bit-1", "Flags 0x02 in a 1.2 file: bits 1 to 7 stay Reserved.",
+            "R-HDR-4", _meta_file(b"", flags=2)),
+    Invalid("150-metadata-decoded-too-big", "Metadata_Decoded_Size 16 MiB + 1, above the "
+            "default max_metadata_size, checked before decompressing.", "R-HDR-5",
+            _meta_file(varint(2**24 + 1) + zstd_frame(b"{}"))),
+    Invalid("151-metadata-decoded-size-missing", "Flags bit 0 and Metadata_Size 0: no room "
+            "for Metadata_Decoded_Size.", "R-EOF-1", _meta_file(b"")),
+    Invalid("152-metadata-frame-dictionary-id", "A metadata frame that declares Dictionary_ID "
+            "7 (the dictionary is implied, not named).", "R-ZST-2",
+            _meta_file(meta_frame(dict_id=7))),
+    Invalid("153-metadata-frame-size", "Metadata_Decoded_Size one above what the frame "
+            "declares.", "R-ZST-3",
+            _meta_file(varint(len(BIG_META) + 1) + meta_frame()[1:])),
+    Invalid("154-metadata-frame-tail", "One byte after the metadata frame.", "R-ZST-4",
+            _meta_file(meta_frame() + b"\x00")),
+    Invalid("155-metadata-frame-not-json", "A metadata frame that decodes to '{\"a\":' (not "
+            "JSON): the rules of 5.2 apply to the decoded bytes.", "R-META-2",
+            _meta_file(meta_frame(b'{"a":'))),
+    Invalid("156-metadata-budget", "Compressed metadata of 82 decoded bytes with "
+            "max_decoded_bytes 64: its decoded size is charged to the decode budget.",
+            "R-LIM-1", _meta_file(meta_frame()), limits={"max_decoded_bytes": 64}),
+    # -- format 1.2: column packs (spec 5.9)
+    Invalid("157-column-pack-in-1-1-file", "A column pack in a file whose Version_Minor is 1.",
+            "R-REC-1", _column_bytes(minor=1)),
+    Invalid("158-column-pack-param-negative", "A golomb member without nonzeros (predicted "
+            "Param 1) with Param_Delta -2 (zigzag 3).", "R-PACK-10",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 0, GOLOMB, 3, 0)),
+                          data=b"\x00" * 0 + struct.pack("<f", 1.0))),
+    Invalid("159-column-pack-size-negative", "A bitmask member of 8 elements (predicted "
+            "size 1 byte) with Size_Delta -2 (zigzag 3).", "R-PACK-11",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, BITMASK, 0, 3)))),
+    Invalid("160-column-pack-table-tail", "One byte after the last column.", "R-PACK-3",
+            _column_bytes(table=COL_ONE + b"\x00")),
+    Invalid("161-column-pack-prefix-too-long", "The first member shares 2 bytes with the "
+            "1-byte name of the pack.", "R-PACK-4",
+            _column_bytes(table=columns((b"aa", 2, 0x01, (8,), 1, BITMASK, 0, 0)))),
+    Invalid("162-column-pack-short-column", "A table that ends inside its last column (no "
+            "Positions_Slack).", "R-EOF-1", _column_bytes(table=COL_ONE[:-1])),
+    Invalid("163-column-pack-member-order", "Two members named 'a'.", "R-PACK-7",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, BITMASK, 0, 0),
+                                        (b"a", 1, 0x01, (8,), 1, BITMASK, 0, 0)),
+                          count=2, data=ONE_DATA * 2)),
+    Invalid("164-column-pack-bitmask-param", "A bitmask member with Param_Delta 1 (zigzag 2): "
+            "its Param 1 breaks the bitmask rule when its data is decoded.", "R-BMP-1",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, BITMASK, 2, 0)))),
+    Invalid("165-column-pack-positions-type", "Positions_Type 0x03 (signs) in the column.",
+            "R-PACK-6",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, SIGNS, 0, 0)))),
+    Invalid("166-column-pack-golomb-param-0", "A golomb member of 8 elements and 1 nonzero "
+            "with Param 0 (predicted 5, Param_Delta -5, zigzag 9): its predicted size uses "
+            "max(1, Param) like the bound of 7.2 (1 byte, Size_Delta 0), and its data breaks "
+            "the golomb parameter rule.", "R-GOL-1",
+            _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, GOLOMB, 9, 0)))),
 ]
 
 

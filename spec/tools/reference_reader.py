@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.1 decoder (and so 1.0), written from spec/FORMAT.md alone.
+"""An independent compeft 1.2 decoder (and so 1.1 and 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -44,7 +44,27 @@ ROLES = {0x01: "positions", 0x02: "positions", 0x03: "signs", 0x04: "scale", 0x0
 OPTIONAL = 0x80
 MAX_HEADER_LENGTH = 65536  # §5.3
 PACK = 0x03  # §5.8, from Version_Minor 1
+COLUMN_PACK = 0x04  # §5.9, from Version_Minor 2
+PACKS = (PACK, COLUMN_PACK)
 MAX_PACK_TABLE = 1_048_576  # §5.8
+METADATA_ZSTD = 0x01  # §5.1 Flags bit 0, from Version_Minor 2
+# §7.3: the metadata dictionary, the lines of the spec's block joined without line endings
+METADATA_DICTIONARY = "".join((
+    '"IA3","LOHA","LOKR","role","tensor","zero","one","norm","gram","kron","kron_sketch",',
+    '"lora_product","lora_product_out","auto","hifi","F16","BF16","F32",',
+    '"hashes":{"model.safetensors":"sha256:"},"revision":"main",',
+    '"compeft_format.hifi":{"dtypes":[null,"F32"],"steps":[0.0001,null],"version":1},',
+    '"compeft.compression":{"lora_fit":{"proj_scale":0.01,"selection":"proj_vcap"},',
+    '"method":"hifi","rel_step":0.01},',
+    '"compeft.base":{"name":"peft-init:","peft_init":{"init_lora_weights":true,"peft":"0.1",',
+    '"seed":0,"torch":"2.0.0+cpu","transformers":"4.0"},"sha256":"sha256:"},',
+    '"task_vector":{"delta":[],"exclude":[],"peft_type":"LORA","reference":"zero"}}',
+    '{"compeft.base":{"digests":"","name":"init","sha256":"sha256:"},',
+    '"compeft.compression":{"alpha":1.0,"density":0.1,"method":"compeft",',
+    '"scale":"proj_vcap","scope":"global"},"compeft.producer":"compeft_format 0.1.0",',
+    '"safetensors.metadata":{"format":"pt"},',
+    '"task_vector":{"delta_all_but":[],"exclude":[],"peft_type":"LORA","reference":"checkpoint"}}',
+)).encode("ascii")
 JSON_INT_MAX = 2**53 - 1  # §5.2
 VARINT_MAX = 2**63 - 1  # §2.3
 
@@ -155,7 +175,7 @@ class Header:
     @property
     def kinds(self) -> tuple[int, ...]:
         """§5.3: the required kinds this file may hold."""
-        return (0x01, 0x02, PACK) if self.minor >= 1 else (0x01, 0x02)
+        return (0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
 
 
 def _depth(value: Any) -> int:
@@ -237,8 +257,8 @@ def parse_metadata(raw: bytes, limits: Limits) -> dict[str, Any]:
     return meta
 
 
-def read_header(data: bytes, limits: Limits) -> Header:
-    """§8.1 steps 1 to 5."""
+def read_header(data: bytes, limits: Limits, budget: Budget) -> Header:
+    """§8.1 steps 1 to 5 (compressed metadata is charged to ``budget``)."""
     if len(data) < 16 and not MAGIC.startswith(data[:8]):
         raise SpecError("R-HDR-1", "short and not a prefix of the magic")
     c = Cursor(data)
@@ -249,13 +269,20 @@ def read_header(data: bytes, limits: Limits) -> Header:
         raise SpecError("R-HDR-2", f"major {major}")
     if log2 > 12:
         raise SpecError("R-HDR-3", f"Alignment_Log2 {log2}")
-    if flags:
+    if flags & ~METADATA_ZSTD or (flags and minor < 2):
         raise SpecError("R-HDR-4", f"flags {flags}")
     if msize > limits.max_metadata_size:
         raise SpecError("R-HDR-5", f"metadata {msize}")
     raw = c.take(msize, "Metadata")
     if c.u32("Header_Checksum") != crc32(data[: 16 + msize]):
         raise SpecError("R-HDR-6", "header checksum")
+    if flags & METADATA_ZSTD:  # step 3a (§5.2)
+        m = Cursor(raw)
+        decoded = m.varint("Metadata_Decoded_Size")
+        if decoded > limits.max_metadata_size:
+            raise SpecError("R-HDR-5", f"metadata decodes to {decoded}")
+        budget.charge(decoded)
+        raw = undo_zstd(raw[m.pos :], decoded, METADATA_DICTIONARY)
     meta = parse_metadata(raw, limits)
     a = 1 << log2
     first = align(c.pos, a)
@@ -292,7 +319,7 @@ class RecordHeader:
 
     @property
     def known(self) -> bool:
-        return self.kind in (0x01, 0x02, PACK)
+        return self.kind in (0x01, 0x02, *PACKS)
 
 
 @dataclass
@@ -329,8 +356,8 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
     name = read_name(b, limits)
-    if kind == PACK:
-        members = read_pack_body(b, name, limits)
+    if kind in PACKS:
+        members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
         used = sum(m.size for m in members)
         if data_size != align(used, a):
             raise SpecError("R-PACK-8", f"Data_Size {data_size}")
@@ -387,8 +414,9 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
     return dtype, shape, nnz
 
 
-def read_pack_body(b: Cursor, name: str, limits: Limits) -> list[Member]:
-    """§8.1 step 8a: the rest of a pack's body and its member table (§5.8)."""
+def read_pack_body(b: Cursor, name: str, limits: Limits, columns: bool = False,
+                   ) -> list[Member]:
+    """§8.1 step 8a (8b for a column pack): the rest of a pack's body and its member table."""
     count = b.varint("Member_Count")
     if count < 1:
         raise SpecError("R-PACK-1", "no member")
@@ -405,6 +433,11 @@ def read_pack_body(b: Cursor, name: str, limits: Limits) -> list[Member]:
     if stage == 1:
         table = undo_zstd(table, decoded)
     t = Cursor(table)
+    if columns:
+        members = read_columns(t, count, name, limits)
+        if t.left():
+            raise SpecError("R-PACK-3", f"{t.left()} bytes after the columns")
+        return members
     prev = name.encode()
     members = []
     for i in range(count):
@@ -415,16 +448,7 @@ def read_pack_body(b: Cursor, name: str, limits: Limits) -> list[Member]:
         if not 1 <= prefix + suffix <= limits.max_name_length:
             raise SpecError("R-NAME-1", f"name length {prefix + suffix}")
         raw = prev[:prefix] + t.take(suffix, "Suffix")
-        try:
-            mname = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise SpecError("R-NAME-2", repr(raw)) from None
-        if "\x00" in mname:
-            raise SpecError("R-NAME-3", repr(mname))
-        if i == 0 and raw != name.encode():
-            raise SpecError("R-PACK-5", f"{mname!r} is not {name!r}")
-        if i > 0 and raw <= prev:
-            raise SpecError("R-PACK-7", f"{mname!r} after {prev!r}")
+        mname = member_name(raw, i, prev, name)
         dtype, shape, nnz = read_tensor_fields(t, True, limits)
         ptype = t.u8("Positions_Type")
         if ptype not in (0x01, 0x02):
@@ -435,6 +459,104 @@ def read_pack_body(b: Cursor, name: str, limits: Limits) -> list[Member]:
         prev = raw
     if t.left():
         raise SpecError("R-PACK-3", f"{t.left()} bytes after the entries")
+    return members
+
+
+def member_name(raw: bytes, i: int, prev: bytes, name: str) -> str:
+    """A member's name checks (§5.8): UTF-8, no NUL, the first is the pack's, increasing."""
+    try:
+        mname = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError("R-NAME-2", repr(raw)) from None
+    if "\x00" in mname:
+        raise SpecError("R-NAME-3", repr(mname))
+    if i == 0 and raw != name.encode():
+        raise SpecError("R-PACK-5", f"{mname!r} is not {name!r}")
+    if i > 0 and raw <= prev:
+        raise SpecError("R-PACK-7", f"{mname!r} after {prev!r}")
+    return mname
+
+
+def zigzag(z: int) -> int:
+    """§5.9: 0, 1, 2, 3, ... stand for 0, -1, 1, -2, ..."""
+    return z // 2 if z % 2 == 0 else -(z + 1) // 2
+
+
+def predicted_param(ptype: int, numel: int, nnz: int) -> int:
+    """§5.9: Q, in exact integer arithmetic."""
+    if ptype == 0x01:
+        return 0
+    if nnz == 0:
+        return 1
+    return max(1, min(numel, (45426 * numel + 11000 * nnz) // (65536 * nnz)))
+
+
+def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
+    """§5.9: S, in exact integer arithmetic."""
+    if ptype == 0x01:
+        return (numel + 7) // 8
+    if n == 0:
+        return 0
+    m = max(1, m)  # as §7.2: Param 0 is rejected later (R-GOL-1)
+    b, u, w = golomb_shape(m)
+    long_codes = n * (m - u) // m if b >= 1 else 0
+    unary = max(0, (numel - n - n * (m - 1) // 2) // m)
+    return (w * n + long_codes + unary + n + 7) // 8
+
+
+def read_columns(t: Cursor, count: int, name: str, limits: Limits) -> list[Member]:
+    """§8.1 step 8b: the columns of a column pack's member table (§5.9)."""
+    prefixes = [t.varint("Prefix_Length") for _ in range(count)]
+    suffixes = [t.varint("Suffix_Length") for _ in range(count)]
+    names, prev = [], name.encode()
+    for i in range(count):
+        if prefixes[i] > len(prev):
+            raise SpecError("R-PACK-4", f"Prefix_Length {prefixes[i]}")
+        if not 1 <= prefixes[i] + suffixes[i] <= limits.max_name_length:
+            raise SpecError("R-NAME-1", f"name length {prefixes[i] + suffixes[i]}")
+        raw = prev[: prefixes[i]] + t.take(suffixes[i], "Suffix")
+        names.append(member_name(raw, i, prev, name))
+        prev = raw
+    dtypes = []
+    for _ in range(count):
+        code = t.u8("Dtype")
+        if code not in DTYPES:
+            raise SpecError("R-BODY-1", f"dtype {code}")
+        if not DTYPES[code][2]:
+            raise SpecError("R-BODY-2", DTYPES[code][0])
+        dtypes.append(DTYPES[code][0])
+    ndims = [t.u8("Ndim") for _ in range(count)]
+    for ndim in ndims:
+        if ndim > limits.max_ndim:
+            raise SpecError("R-BODY-3", f"Ndim {ndim}")
+    shapes = []
+    for ndim in ndims:
+        shapes.append([t.varint("Dim") for _ in range(ndim)])
+        if math.prod(shapes[-1]) > limits.max_numel:
+            raise SpecError("R-BODY-4", f"numel {math.prod(shapes[-1])}")
+    nnzs = [t.varint("Nnz") for _ in range(count)]
+    for nnz, shape in zip(nnzs, shapes, strict=True):
+        if nnz > math.prod(shape):
+            raise SpecError("R-BODY-5", f"Nnz {nnz}")
+    ptypes = [t.u8("Positions_Type") for _ in range(count)]
+    for ptype in ptypes:
+        if ptype not in (0x01, 0x02):
+            raise SpecError("R-PACK-6", f"Positions_Type {ptype}")
+    params = []
+    for i in range(count):
+        q = predicted_param(ptypes[i], math.prod(shapes[i]), nnzs[i])
+        d = zigzag(t.varint("Param_Delta"))
+        if q + d < 0:
+            raise SpecError("R-PACK-10", f"Param {q} + {d}")
+        params.append(q + d)
+    members = []
+    for i in range(count):
+        s = predicted_size(ptypes[i], params[i], math.prod(shapes[i]), nnzs[i])
+        e = zigzag(t.varint("Size_Delta"))
+        if s + e < 0:
+            raise SpecError("R-PACK-11", f"Positions_Size {s} + {e}")
+        members.append(Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i],
+                              s + e))
     return members
 
 
@@ -542,17 +664,24 @@ def decode_golomb(payload: bytes, m: int, numel: int, n: int) -> list[int]:
     return positions
 
 
-def undo_zstd(stored: bytes, decoded_size: int) -> bytes:
-    """§7.1."""
+def undo_zstd(stored: bytes, decoded_size: int, dictionary: bytes | None = None) -> bytes:
+    """§7.1 (with the metadata dictionary of §7.3 for compressed metadata)."""
     if len(stored) >= 4 and stored[1:4] == b"\x2a\x4d\x18" and stored[0] & 0xF0 == 0x50:
         raise SpecError("R-ZST-2", "skippable frame")
     try:
         declared = zstandard.frame_content_size(stored)
+        dict_id = zstandard.get_frame_parameters(stored).dict_id
     except zstandard.ZstdError as exc:
         raise SpecError("R-ZST-2", str(exc)) from None
+    if dictionary is not None and dict_id:  # §5.2: the dictionary is implied, not named
+        raise SpecError("R-ZST-2", f"Dictionary_ID {dict_id}")
     if declared != decoded_size:
         raise SpecError("R-ZST-3", f"frame declares {declared}")
-    dobj = zstandard.ZstdDecompressor().decompressobj()
+    kw = {}
+    if dictionary is not None:
+        kw["dict_data"] = zstandard.ZstdCompressionDict(
+            dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    dobj = zstandard.ZstdDecompressor(**kw).decompressobj()
     try:
         out = dobj.decompress(stored)
     except zstandard.ZstdError as exc:
@@ -656,9 +785,9 @@ def decode_block(btype: int, param: int, payload: bytes, h: RecordHeader, numel:
 def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     """Decode ``data`` by the sequential procedure of §8.1."""
     limits = limits or Limits()
-    header = read_header(data, limits)
-    a = header.alignment
     budget = Budget(limits, len(data))
+    header = read_header(data, limits, budget)
+    a = header.alignment
     c = Cursor(data, header.first)
     seen: list[tuple[str, int]] = []
     last: str | None = None  # the last tensor name: a record's or a pack's last member's
@@ -684,7 +813,7 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
             if crc32(area) != h.data_crc:
                 raise SpecError("R-REC-10", "data checksum of an optional record")
             continue
-        if kind == PACK:
+        if kind in PACKS:
             tensors.extend(decode_pack(h, area, budget))
             continue
         tensors.append(decode_data(h, area, a, budget))
@@ -711,7 +840,7 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
 def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     """Decode ``data`` by the random-access procedure of §8.2, reading every entry."""
     limits = limits or Limits()
-    header = read_header(data, limits)
+    header = read_header(data, limits, Budget(limits, len(data)))  # the opening's budget
     a, size, first = header.alignment, len(data), header.first
     if size < first + 17:
         raise SpecError("R-TRL-7", f"{size} bytes")
@@ -745,7 +874,7 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     ends = [off for _, off in entries[1:]] + [index_at]
     spans = []
     for i, ((name, off), end) in enumerate(zip(entries, ends, strict=False)):
-        if data[off] == PACK and PACK in header.kinds:
+        if data[off] in PACKS and data[off] in header.kinds:
             # step 6: a pack's header and member table are read when the file is opened
             h = _record_in_span(data, name, off, end, limits, a)
             if i + 1 < len(entries) and h.members[-1].name.encode() >= entries[i + 1][0].encode():
@@ -763,7 +892,7 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     for name, off, end in spans:
         h = _record_in_span(data, name, off, end, limits, a, header.kinds)
         area = data[align(h.header_end, a) : end]
-        if h.kind == PACK:  # each member with a budget of its own (§8.2 step 9)
+        if h.kind in PACKS:  # each member with a budget of its own (§8.2 step 9)
             tensors.extend(decode_pack(h, area, Budget(limits, size)))
         else:
             tensors.append(decode_data(h, area, a, Budget(limits, size)))
@@ -771,7 +900,7 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
 
 
 def _record_in_span(data: bytes, name: str, off: int, end: int, limits: Limits, a: int,
-                    kinds: tuple[int, ...] = (0x01, 0x02, PACK)) -> RecordHeader:
+                    kinds: tuple[int, ...] = (0x01, 0x02, *PACKS)) -> RecordHeader:
     """§8.2 steps 7 and 8: the record header of an entry, within its span."""
     c = Cursor(data, off, end)
     kind = c.u8("Record_Kind")
