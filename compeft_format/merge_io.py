@@ -470,7 +470,9 @@ def _work_name(dtype: str) -> str:
 
 #: The scale rules ``expected_ties`` can read a threshold from (:func:`merge.expected_ties`).
 PROJ_SCALES = ("proj", "proj_vcap")
-PROJ_SCALE_KEY = "proj_scale"  # TODO(u10): import convert.PROJ_SCALE_KEY once u12 lands
+#: Member of ``compeft.compression`` with each scope's proj scale, written with a metric scale
+#: rule (spec 5.2.1).
+PROJ_SCALE_KEY = "proj_scale"
 
 
 def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
