@@ -4,9 +4,13 @@ A LoRA adapter compressed with one global selection is rebuilt as ``(B0 + s S_B)
 S_A)`` per module (``A0``, ``B0`` the reference: the initial adapter, or zero). This script
 scores, on each adapter and density, the model rebuilt with
 
-* ``proj_vcap``: the default scale of :func:`compeft_format.compress.compress`;
+* ``proj_vcap``: the scale of :func:`compeft_format.compress.compress` (the selection of every
+  rule here);
 * every rule of :data:`compeft_format.lora_scale.LORA_SCALES` (compress, then
   :func:`compeft_format.lora_scale.rescale`: the factors' scales fitted on the products);
+* ``auto``: the default, the rule :func:`compeft_format.scales.resolve_scale` picks for a LoRA
+  adapter folder at that density and reference (what ``compress_file`` writes:
+  ``tests/test_auto_scale.py`` checks the bytes);
 * ``tuned``: the best single scale for every factor, found with the data (a log grid of
   ``--grid`` points from 0.05 to 2 times proj's scale, then ``--refine`` golden-section steps
   around the best), as ``bench/scale_rules.py`` tunes.
@@ -46,8 +50,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.scale_rules import Scorer, merge_adapter, model_dir, refine  # noqa: E402
-from compeft_format.compress import DEFAULT_SCALE, compress  # noqa: E402
+from compeft_format.compress import compress  # noqa: E402
 from compeft_format.lora_scale import LORA_SCALES, lora_pairs, rescale  # noqa: E402
+from compeft_format.scales import AUTO_SCALE, resolve_scale  # noqa: E402
+
+#: the selection of every rule, and the scale the others are compared with
+SELECTION = "proj_vcap"
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 EXPERTS = Path(os.environ.get("COMPEFT_EXPERTS", "/work/cache/experts"))
@@ -66,7 +74,11 @@ def adapters(which: list[str]) -> dict[str, tuple[Path, Path]]:
 
 
 def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: str,
-          densities: list[float], rules: list[str], grid: int) -> list[dict]:
+          densities: list[float], rules: list[str], grid: int,
+          tuned_from: dict | None = None) -> list[dict]:
+    """The rows of one adapter from one reference; ``tuned_from``: (adapter, from, density)
+    -> an earlier run's row, whose tuned scale and curve are taken instead of searched (the
+    scores are deterministic: the rules' scores of both runs are compared in the report)."""
     from safetensors.numpy import load_file
 
     cfg = json.loads((folder / "adapter_config.json").read_text())
@@ -84,7 +96,7 @@ def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: st
     rows = []
     for d in densities:
         t0 = time.perf_counter()
-        comp = compress(tv, density=d, scale=DEFAULT_SCALE)
+        comp = compress(tv, density=d, scale=SELECTION)
         names = [n for p in lora_pairs(comp) for n in p]
         signs = {n: comp[n].to_numpy().astype(np.float32) / np.float32(comp[n].scale)
                  if comp[n].nnz else np.zeros(w[n].shape, np.float32) for n in w}
@@ -97,19 +109,29 @@ def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: st
         proj = comp[names[0]].scale
         row: dict = {"adapter": label, "ref": ref_kind, "density": d, "base": base_score,
                      "scores": {}, "ratios": {}}
-        row["scores"][DEFAULT_SCALE] = score({n: comp[n].scale for n in w})
-        for rule in rules:
+        row["scores"][SELECTION] = score({n: comp[n].scale for n in w})
+        auto = resolve_scale(AUTO_SCALE, d, lora="checkpoint" if ref_kind == "init" else "zero")
+        row["auto_rule"] = auto
+        for rule in dict.fromkeys([*rules, *([auto] if auto in LORA_SCALES else [])]):
             got = rescale(comp, w, ref, rule=rule)
             row["scores"][rule] = score({n: got[n].scale for n in w})
             row["ratios"][rule] = {n: got[n].scale / proj for n in (names[0], names[1])}
+        row["scores"][AUTO_SCALE] = row["scores"][auto]
 
         def glob(s: float) -> float:
             return score(dict.fromkeys(w, s))
 
-        curve = [(float(s), glob(float(s))) for s in np.geomspace(0.05 * proj, 2 * proj, grid)]
-        best_s, best_v = refine(glob, curve)
-        row["tuned"] = {"score": best_v, "ratio": best_s / proj}
-        row["curve"] = [(s / proj, v) for s, v in curve]
+        earlier = (tuned_from or {}).get((label, ref_kind, d))
+        if earlier is not None:
+            row["tuned"] = dict(earlier["tuned"], reused=True)
+            row["curve"] = earlier["curve"]
+            row["earlier_scores"] = earlier["scores"]
+        else:
+            curve = [(float(s), glob(float(s)))
+                     for s in np.geomspace(0.05 * proj, 2 * proj, grid)]
+            best_s, best_v = refine(glob, curve)
+            row["tuned"] = {"score": best_v, "ratio": best_s / proj}
+            row["curve"] = [(s / proj, v) for s, v in curve]
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
@@ -129,9 +151,9 @@ def report(rows: list[dict], rules: list[str], path: Path, header: str) -> None:
         "",
         "| adapter | from | density | base | proj_vcap | "
         + " | ".join(rules) + " | tuned | gap proj_vcap | "
-        + " | ".join(f"gap {r}" for r in rules) + " | tuned / proj | "
+        + " | ".join(f"gap {r}" for r in rules) + " | auto: rule | gap auto | tuned / proj | "
         + " | ".join(f"{r} / proj (A, B)" for r in rules) + " |",
-        "|" + "---|" * (7 + 3 * len(rules)),
+        "|" + "---|" * (9 + 3 * len(rules)),
     ]
     worst: dict[str, float] = {}
     for r in rows:
@@ -140,15 +162,28 @@ def report(rows: list[dict], rules: list[str], path: Path, header: str) -> None:
         for k, g in gaps.items():
             worst[k] = max(worst.get(k, -math.inf), g)
         ratios = " | ".join("{:.3f}, {:.3f}".format(*r["ratios"][k].values()) for k in rules)
+        auto = (f"{r['auto_rule']} | {gaps[AUTO_SCALE]:.4f}" if AUTO_SCALE in gaps
+                else "| ")
         lines.append(
             f"| {r['adapter']} | {r['ref']} | {r['density']} | {r['base']:.4f} | "
-            f"{r['scores'][DEFAULT_SCALE]:.4f} | "
+            f"{r['scores'][SELECTION]:.4f} | "
             + " | ".join(f"{r['scores'][k]:.4f}" for k in rules)
-            + f" | {t:.4f} | {gaps[DEFAULT_SCALE]:.4f} | "
+            + f" | {t:.4f} | {gaps[SELECTION]:.4f} | "
             + " | ".join(f"{gaps[k]:.4f}" for k in rules)
-            + f" | {r['tuned']['ratio']:.3f} | {ratios} |")
+            + f" | {auto} | {r['tuned']['ratio']:.3f} | {ratios} |")
     lines += ["", "Worst gap over every row: " + ", ".join(f"{k} {v:.4f}"
                                                          for k, v in worst.items())]
+    if any(AUTO_SCALE in r["scores"] for r in rows):
+        gaps = [r["tuned"]["score"] - r["scores"][AUTO_SCALE] for r in rows]
+        lines += [f"`auto` (the default): within 0.005 of tuned on "
+                  f"{sum(g <= 0.005 for g in gaps)} of {len(gaps)} rows; worst gap "
+                  f"{max(gaps):.4f}, mean {sum(gaps) / len(gaps):.4f}."]
+    same = [r for r in rows if "earlier_scores" in r]
+    if same:  # the tuned scores were reused: the rules scored in both runs must agree
+        diff = max(abs(r["scores"][k] - v) for r in same for k, v in r["earlier_scores"].items()
+                   if k in r["scores"])
+        lines += [f"Tuned scores reused from an earlier run for {len(same)} rows; the rules "
+                  f"scored in both runs differ by at most {diff:.1e}."]
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")
 
@@ -164,6 +199,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "lora_scale.md")
     ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON")
+    ap.add_argument("--tuned-from", type=Path, metavar="JSON",
+                    help="take each row's tuned scale and curve from this earlier --json run "
+                    "(matched by adapter, reference and density) instead of searching them")
     args = ap.parse_args()
     rules = args.rules.split(",")
     if args.report_from:
@@ -181,10 +219,14 @@ def main() -> None:
     scorer = Scorer(model_dir(None), "cpu")
     rows: list[dict] = []
     densities = [float(x) for x in args.densities.split(",")]
+    tuned_from = None
+    if args.tuned_from:
+        tuned_from = {(r["adapter"], r["ref"], r["density"]): r
+                      for r in json.loads(args.tuned_from.read_text())["rows"]}
     for label, (folder, init_dir) in adapters(args.adapters.split(",")).items():
         for ref_kind in args.refs.split(","):
             rows += study(scorer, label, folder, init_dir, ref_kind, densities, rules,
-                          args.grid)
+                          args.grid, tuned_from)
             if args.json:
                 args.json.write_text(json.dumps({"header": "", "rows": rows}, indent=1))
     header = (f"Python {platform.python_version()}, torch {torch.__version__}, "

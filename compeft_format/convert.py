@@ -62,6 +62,7 @@ path holds), :mod:`.plan` (what is measured from what, the lazy task vector),
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -76,7 +77,14 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._progress import PassesBar
 from .binding import Reference
-from .compress import DEFAULT_SCALE, compression_metadata, iter_compress
+from .compress import (
+    AUTO_SCALE,
+    DEFAULT_SCALE,
+    SCALE_CHOICES,
+    check_choice,
+    compression_metadata,
+    iter_compress,
+)
 from .container import Writer, open_file
 from .encode import POSITIONS_CHOICES
 from .errors import ConvertError, EncodeError, MissingDependencyError, with_path
@@ -103,6 +111,7 @@ from .plan import (
 from .quality import QualityReport, QualitySums, measure_tensor
 from .readers import open_weights
 from .restore import OUTPUT_DTYPES, decompress_file
+from .scales import METRIC_TERMS, is_vector, resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -271,9 +280,12 @@ def compress_file(
     >>> s.ternary, s.dense, s.nnz, round(s.quality.overall.cosine, 2)
     (1, 1, 410, 0.65)
     """
-    comp_meta = compression_metadata(density, alpha, scope, scale)  # checks them first
+    # checks them first; "auto" is resolved once the task vector's kind is known (below)
+    check_choice("scale", scale, SCALE_CHOICES + LORA_SCALES)
+    comp_meta = compression_metadata(density, alpha, scope,
+                                      "proj_vcap" if scale == AUTO_SCALE else scale)
     if hifi is not None:
-        comp_meta = _hifi_compression(hifi, comp_meta)
+        comp_meta = _hifi_compression(hifi, comp_meta, scale)
     positions = "golomb" if positions == "rice" else positions
     if scale in LORA_SCALES and hifi is None:
         _check_lora_source(src, scale)
@@ -317,11 +329,15 @@ def compress_file(
         if recipe is not None and plan.base is not None:  # the recipe, not a temporary file
             plan.base = {**plan.base, "name": f"{PEFT_INIT}:{recipe['seed']}",
                          META_PEFT_INIT: recipe}
+        rule = scale if hifi is not None else _resolved_scale(scale, density, source, plan,
+                                                              reader)
+        if hifi is None:
+            comp_meta["scale"] = rule
         # compress reads each tensor three times (global scope; once per tensor scope; one
         # more for the scales that need the sum of the kept magnitudes), the quality once;
         # hi-fi: once for the step, once for the codes and their quality
         passes = 2 if hifi is not None else \
-            (1 if scope == "tensor" else 3 if scale in ("norm", "std") else 4) + 1
+            (1 if scope == "tensor" else 3 if rule in ("norm", "std") else 4) + 1
         bar = stack.enter_context(PassesBar(progress, len(plan.compressible), passes,
                                             "compress"))
         tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type, bar.update)
@@ -329,16 +345,27 @@ def compress_file(
         if hifi is not None:
             hifi_out = _HifiStream(tv, hifi, source, reader)
             stream: Iterator[tuple[str, Any]] = iter(hifi_out)
-        elif scale in LORA_SCALES:
+        elif rule in LORA_SCALES:
             # compress selects (its scale for the other tensors); the factors' scales are
             # then fitted on the products: every compressed tensor is held (an adapter)
             done = dict(iter_compress(tv, density=density, alpha=alpha, scope=scope,
-                                      scale=DEFAULT_SCALE))
+                                      scale=LORA_SELECTION))
             comp_meta[LORA_SCALE_KEY] = _lora_rescale(done, source, reader, base_reader,
-                                                      plan.compressible, scale, scope, alpha)
+                                                      plan.compressible, rule, scope, alpha)
             stream = iter(done.items())
+        elif rule in METRIC_TERMS:
+            # the header (written first) records each scope's proj scale: known once the
+            # scope's scale is, so before the first tensor for one scope ("global"; "role"
+            # makes every group at the first tensor); "tensor" scopes are all held first
+            proj: dict[str, float] = {}
+            stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=rule,
+                                   proj_scales=proj)
+            ahead = list(stream) if scope == "tensor" else list(itertools.islice(stream, 1))
+            stream = itertools.chain(ahead, stream)
+            if proj:
+                comp_meta[PROJ_SCALE_KEY] = _one_or_each(proj)
         else:
-            stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=scale)
+            stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=rule)
 
         metadata = file_metadata(plan, reader, comp_meta, patterns, extra_metadata)
         counts = {"nnz": 0, "cnumel": 0, "numel": 0, "dense_bytes": 0}
@@ -393,11 +420,11 @@ def compress_file(
         if base_reader is not None:
             base_reader.release()
         final = out.dst / inside if inside else out.dst
-        if (hifi is None and scale == DEFAULT_SCALE and density <= LORA_LOW_DENSITY
+        if (hifi is None and rule == "proj_vcap" and density <= LORA_LOW_DENSITY
                 and str(source.peft_type).upper() == "LORA"):
-            hint = (f"at density <= {LORA_LOW_DENSITY} the default scale keeps little of a "
+            hint = (f"at density <= {LORA_LOW_DENSITY} proj_vcap keeps little of a "
                     "LoRA's gain (bench/results/lora_scale.md); --scale lora_product_out "
-                    "keeps most of it")
+                    "(the default, --scale auto, picks it here) keeps most of it")
             note = hint if note is None else f"{note}; {hint}"
         return CompressSummary(
             source=str(source.path), output=str(out.dst), file=str(final),
@@ -409,14 +436,17 @@ def compress_file(
             base_name=plan.base["name"] if plan.reference["reference"] == "checkpoint"
             and plan.base else None,
             only_in_source=tuple(plan.only_in_source), only_in_base=tuple(plan.only_in_base),
-            note=note, hifi_step=hifi)
+            note=note, hifi_step=hifi, scale=None if hifi is not None else rule,
+            scale_auto=hifi is None and scale == AUTO_SCALE)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _hifi_compression(rel_step: Any, checked: Mapping[str, Any]) -> dict[str, Any]:
+def _hifi_compression(rel_step: Any, checked: Mapping[str, Any], scale: str
+                      ) -> dict[str, Any]:
     """``compeft.compression`` of a hi-fi file; refuses the ternary options changed."""
-    defaults = compression_metadata(DEFAULT_DENSITY, 1.0, "global", DEFAULT_SCALE)
-    changed = [k for k in ("density", "alpha", "scope", "scale") if checked[k] != defaults[k]]
+    defaults = compression_metadata(DEFAULT_DENSITY, 1.0, "global", "proj_vcap")
+    changed = [k for k in ("density", "alpha", "scope") if checked[k] != defaults[k]]
+    changed += ["scale"] if scale != DEFAULT_SCALE else []
     if changed:
         raise EncodeError(f"hifi keeps every entry at a step: {', '.join(changed)} "
                           "do not apply")
@@ -476,6 +506,41 @@ class _HifiStream:
 LORA_LOW_DENSITY = 0.02
 
 
+#: The rule a LoRA product scale's selection (and its other tensors' scales) is made with.
+LORA_SELECTION = "proj_vcap"
+
+#: Member of ``compeft.compression`` written with a rule whose scale is not ``proj``'s
+#: (``"kron_sketch"``, ``"kron"``, ``"gram"``: :data:`~compeft_format.scales.METRIC_TERMS`):
+#: the ``"proj"`` scale of each scope, before a vector's cap (a vector's ``"proj_vcap"``
+#: scale is the smaller of that and its own largest change), one number where every
+#: tensor's scope had the same (scope ``"global"``), else by tensor name; so that a reader
+#: assuming ``proj`` (merge's ``expected_ties``) can recover it. Informative (spec 5.2.1).
+PROJ_SCALE_KEY = "proj_scale"
+
+
+def _one_or_each(scales: Mapping[str, float]) -> float | dict[str, float]:
+    """One number where every tensor has the same scale, else the scales by name (sorted)."""
+    values = set(scales.values())
+    return values.pop() if len(values) == 1 else {n: scales[n] for n in sorted(scales)}
+
+
+def _resolved_scale(scale: str, density: float, source: Source, plan: Plan, reader: Any
+                    ) -> str:
+    """The rule ``scale`` stands for (:func:`~compeft_format.scales.resolve_scale`): for
+    ``"auto"``, a LoRA adapter's factors get the LoRA rule by what they are measured from,
+    an (IA)^3 adapter and a task vector of vectors only ``"proj_vcap"``, the rest the dense
+    rule."""
+    if scale != AUTO_SCALE:
+        return scale
+    peft_type = str(source.peft_type).upper() if source.config is not None else None
+    if peft_type == "LORA" and lora_pairs(plan.compressible):
+        ref = "checkpoint" if plan.reference["reference"] == "checkpoint" else "zero"
+        return resolve_scale(scale, density, lora=ref)
+    matrices = peft_type != "IA3" and any(not is_vector(tuple(reader.info(n).shape))
+                                          for n in plan.compressible)
+    return resolve_scale(scale, density, matrices=matrices)
+
+
 #: Member of ``compeft.compression`` written with a LoRA product scale
 #: (:mod:`compeft_format.lora_scale`): ``{"selection": the rule compress chose the scales
 #: with, "proj_scale": what it gave the factors}`` (one number where they shared one; else
@@ -515,7 +580,7 @@ def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader
         proj = {"A": before[pairs[0][0]], "B": before[pairs[0][1]]}
     else:
         proj = before
-    return {"selection": DEFAULT_SCALE, "proj_scale": proj}
+    return {"selection": LORA_SELECTION, "proj_scale": proj}
 
 
 #: ``base`` that measures a LoRA adapter from zero, as the paper does (no regeneration tried).

@@ -90,30 +90,33 @@ def _common_prefix(a: bytes, b: bytes) -> int:
 
 
 def pack_table(members: list[PackMember], prev: bytes | None = None) -> bytes:
-    """The member table of a pack (spec 5.8): names front-coded, then the fixed fields.
+    """The member table of a 1.1 pack (spec 5.8): names front-coded, then the fixed fields.
 
     The first name is coded against the record's name, which is the same (``prev``
-    defaults to it): a pack stores each name once, and its first in the index too.
+    defaults to it): a pack stores each name once, and its first in the index too. (A 1.2
+    column pack's table is :func:`~compeft_format.packtable.column_table`.)
     """
     out = bytearray()
     prev = members[0].name if prev is None else prev
     for m in members:
+        f = m.fields
         shared = _common_prefix(prev, m.name)
         out += encode_varint(shared) + encode_varint(len(m.name) - shared) + m.name[shared:]
-        out += m.tail
+        out += bytes([S.DTYPE_CODES[f.dtype], len(f.shape)])
+        out += b"".join(encode_varint(d) for d in f.shape) + encode_varint(f.nnz)
+        out += bytes([f.ptype]) + encode_varint(f.param) + encode_varint(f.psize)
         prev = m.name
     return bytes(out)
 
 
 @dataclass
 class PackMember:
-    """A tensor waiting in a pack: its name, its member-table fields after the name, its data."""
+    """A tensor waiting in a pack: its name, its data, and its member-table fields."""
 
     name: bytes
-    tail: bytes
     parts: tuple[bytes, bytes, bytes]  # positions, signs, scale
     cost: int  # decode-budget charge (spec 9.3)
-    fields: Member  # the same fields, for a column pack's table (spec 5.9)
+    fields: Member  # the table fields, for either kind of pack (spec 5.8, 5.9)
 
     @property
     def size(self) -> int:

@@ -28,15 +28,18 @@ from ._spec import TERNARY_DTYPES
 from .binding import Reference, check_base, read_reference
 from .compress import (
     DEFAULT_SCALE,
+    SCALE_CHOICES,
     SCALES,
     SCOPES,
     TopK,
+    check_choice,
+    check_density,
     compression_metadata,
     float32_scale,
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY
+from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY, PROJ_SCALE_KEY
 from .errors import naming
 from .lora_scale import LORA_SCALES, lora_pairs
 from .merge import (
@@ -57,7 +60,7 @@ from .outputs import Output, write_fsync
 from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
-from .scales import METRIC_TERMS, is_vector
+from .scales import METRIC_TERMS, is_vector, resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -207,6 +210,7 @@ def _compress_merged(
     :data:`PATTERN_SCOPES`, the dense merged tensors go through ``iter_compress`` instead
     (each merged up to four times).
     """
+    scale = resolve_scale(check_choice("scale", scale, SCALE_CHOICES), check_density(density))
     compression_metadata(density, alpha, scope, scale)  # checks the options
     names = list(names)
     if scale not in PATTERN_SCALES or scope not in PATTERN_SCOPES or not patterns:
@@ -470,9 +474,6 @@ def _work_name(dtype: str) -> str:
 
 #: The scale rules ``expected_ties`` can read a threshold from (:func:`merge.expected_ties`).
 PROJ_SCALES = ("proj", "proj_vcap")
-#: Member of ``compeft.compression`` with each scope's proj scale, written with a metric scale
-#: rule (spec 5.2.1).
-PROJ_SCALE_KEY = "proj_scale"
 
 
 def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
@@ -663,7 +664,7 @@ def merge_files(
         raise MergeError(f"merge needs two or more inputs, got {len(inputs)}")
     rule = resolve_rescale(rescale)
     if density is not None:
-        compression_metadata(density, 1.0, "global", DEFAULT_SCALE)  # checks it
+        check_density(density)
     sources = [resolve_source(p, ADAPTER_COMPEFT, "merge reads compressed adapter "
                               "directories, as compeft compress writes them") for p in inputs]
     for s in sources[1:]:
@@ -750,6 +751,7 @@ def merge_files(
             density = d0 if density is None else density
             scope = scope0 if scope is None else scope
             scale = scale0 if scale is None else scale
+            scale = resolve_scale(check_choice("scale", scale, SCALE_CHOICES), density)
             comp_meta = compression_metadata(density, 1.0, scope, scale)
             ternary = [n for n in order if n in merged and infos[n].kind == "ternary"]
             patterns = n_in <= MAX_PATTERN_INPUTS

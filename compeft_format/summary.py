@@ -60,6 +60,9 @@ class CompressSummary:
     hifi_step:
         For a hi-fi file (``compress_file(hifi=...)``): its step in root mean squares of the
         task vector; ``ternary`` then counts the tensors stored as codes.
+    scale, scale_auto:
+        The scale rule used, as the file records it (None for a hi-fi file), and whether it
+        was chosen by ``scale="auto"``.
     """
 
     source: str
@@ -81,6 +84,8 @@ class CompressSummary:
     only_in_base: tuple[str, ...] = ()
     note: str | None = None
     hifi_step: float | None = None
+    scale: str | None = None
+    scale_auto: bool = False
 
     @property
     def kept_density(self) -> float:
@@ -108,7 +113,7 @@ class CompressSummary:
             "bits_per_param": self.bits_per_param, "reference": self.reference,
             "base_name": self.base_name, "only_in_source": list(self.only_in_source),
             "only_in_base": list(self.only_in_base), "note": self.note,
-            "hifi_step": self.hifi_step,
+            "hifi_step": self.hifi_step, "scale": self.scale, "scale_auto": self.scale_auto,
             "quality": self.quality.to_dict(),
         }
 
@@ -135,6 +140,9 @@ class CompressSummary:
             "half a step)" if hifi else
             f"  density       {self.kept_density:.4f} ({_int(self.nnz)} of "
             f"{_int(self.compressed_numel)} entries kept; asked {self.density:g})")
+        if self.scale is not None:
+            lines.append(f"  scale         {self.scale}"
+                         + (" (--scale auto at this density)" if self.scale_auto else ""))
         lines += [
             f"  dense size    {_int(self.dense_bytes)} bytes",
             f"  compressed    {_int(self.file_bytes)} bytes",

@@ -50,14 +50,16 @@ from . import dtypes as _dt
 from .compress import (
     COMPRESSION_METADATA_KEY,
     DEFAULT_SCALE,
-    SCALES,
+    SCALE_CHOICES,
     SWEEP_SCALES,
+    check_choice,
     compress,
     compression_metadata,
 )
 from .container import Writer
 from .errors import CompeftError, EncodeError
 from .quality import QualityReport, quality_report
+from .scales import resolve_scale
 from .taskvec import apply_task_vector
 from .tensor import TernaryTensor
 
@@ -374,6 +376,7 @@ def _measure(
     quality: bool = True,
 ) -> tuple[SweepPoint, dict[str, Any]]:
     """Compress one setting in memory; return its point and the compressed tensors."""
+    scale = resolve_scale(scale, density)  # "auto": the rule it gives here, as recorded
     comp_meta = compression_metadata(density, alpha, scope, scale)
     out = compress(src.tensors, density=density, alpha=alpha, scope=scope, scale=scale,
                    exclude=src.exclude)
@@ -408,10 +411,10 @@ def _run_sweep(src: _Source, *, densities: Iterable[float], scales: Iterable[str
                scope: str, alpha: float, metadata: Any, positions: str,
                zstd_level: int | None, progress: Callable[[SweepPoint], Any] | None
                ) -> SweepResult:
-    from .compress import check_alpha, check_choice, check_density
+    from .compress import check_alpha, check_density
 
     ds = _check_list("densities", densities, check_density)
-    ss = _check_list("scales", scales, lambda s: check_choice("scale", s, SCALES))
+    ss = _check_list("scales", scales, lambda s: check_choice("scale", s, SCALE_CHOICES))
     alpha = check_alpha(alpha)
     points = []
     for scale in ss:
@@ -726,9 +729,7 @@ def tune(
     (1.3, [1.0, 1.3, 1.6])
     """
     ds, alist, budget = _grid(densities, alphas, budget_bits_per_param)
-    from .compress import check_choice
-
-    scale = check_choice("scale", scale, SCALES)
+    scale = check_choice("scale", scale, SCALE_CHOICES)
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     src = _Source(tensors, patterns)
 
@@ -910,7 +911,8 @@ def tune_file(
     from . import convert as C
 
     ds, alist, budget = _grid(densities, alphas, budget_bits_per_param)
-    compression_metadata(ds[0], alist[0], scope, scale)  # check the options first
+    compression_metadata(ds[0], alist[0], scope,  # check the options first
+                         resolve_scale(check_choice("scale", scale, SCALE_CHOICES), ds[0]))
     if CHECKPOINT_PLACEHOLDER not in command:
         raise EncodeError(f"the evaluation command must contain {CHECKPOINT_PLACEHOLDER}, "
                           "replaced by the candidate checkpoint's path")

@@ -237,10 +237,7 @@ class Writer:
         btype, _stage, param, positions, _d = encode_positions(t, ctx, self._positions, None)()
         signs = _SIGNS.encode(t.signs, ctx)[1]
         scale = _SCALE.encode(t.scale, ctx)[1]
-        tail = (bytes([S.DTYPE_CODES[t.dtype], len(t.shape)])
-                + b"".join(encode_varint(d) for d in t.shape) + encode_varint(t.nnz)
-                + bytes([btype]) + encode_varint(param) + encode_varint(len(positions)))
-        member = PackMember(bname, tail, (positions, signs, scale),
+        member = PackMember(bname, (positions, signs, scale),
                          positions_cost(len(positions), t.nnz),
                          Member(bname, t.dtype, t.shape, t.nnz, btype, param, len(positions)))
         if self._level is not None and member.size > RECORD_OVERHEAD:

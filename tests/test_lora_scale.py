@@ -107,7 +107,7 @@ def test_quartic_is_the_dense_error(seed, with_b0):
 def test_global_scale_is_the_brute_force_minimum(seed, density, init, rule):
     rng = np.random.default_rng(seed)
     ad, ref = _adapter(rng, init=init)
-    comp = compress(_tv(ad, ref), density=density)
+    comp = compress(_tv(ad, ref), density=density, scale="proj_vcap")
     out = ls.rescale(comp, ad, ref, rule=rule)
     metric = rule == "lora_product_out"
     pairs = ls.lora_pairs(comp)
@@ -285,7 +285,7 @@ def test_compress_file_writes_the_fitted_scales(tmp_path, base, scope, rule):
                          base=base)
     assert s.reference == ("zero" if base == "zero" else "checkpoint")
     # the same as compress, then rescale, in memory
-    comp = compress(_tv(ad, init), density=0.02, scope=scope)
+    comp = compress(_tv(ad, init), density=0.02, scope=scope, scale="proj_vcap")
     want = ls.rescale(comp, ad, init, rule=rule, scope=scope, alpha=1.0)
     with cf.open_file(tmp_path / "c" / "adapter_model.compeft") as r:
         meta = r.metadata()["compeft.compression"]
@@ -313,18 +313,23 @@ def test_compress_file_writes_the_fitted_scales(tmp_path, base, scope, rule):
 
 
 def test_the_summary_points_low_density_loras_to_lora_product_out(tmp_path):
-    # at density <= 0.02 the default scale rebuilds a LoRA worse than leaving it out
+    # at density <= 0.02 proj_vcap rebuilds a LoRA worse than leaving it out
     # (bench/results/lora_scale.md): the summary says which rule keeps its gain
     import compeft_format as cf
     from compeft_format.convert import LORA_LOW_DENSITY
 
-    low = cf.compress_file(LORA, tmp_path / "a", density=LORA_LOW_DENSITY, base="zero")
+    low = cf.compress_file(LORA, tmp_path / "a", density=LORA_LOW_DENSITY, base="zero",
+                           scale="proj_vcap")
     assert "--scale lora_product_out" in low.note
     assert "--scale lora_product_out" in low.format()
-    assert cf.compress_file(LORA, tmp_path / "b", density=0.05, base="zero").note is None
+    assert cf.compress_file(LORA, tmp_path / "b", density=0.05, base="zero",
+                            scale="proj_vcap").note is None
     fitted = cf.compress_file(LORA, tmp_path / "c", density=0.01, base="zero",
                               scale="lora_product_out")
     assert fitted.note is None
+    default = cf.compress_file(LORA, tmp_path / "e", density=0.01, base="zero")
+    assert default.note is None
+    assert default.scale == "lora_product_out"
     ia3 = cf.compress_file("tests/data/ia3-minilm-vader", tmp_path / "d", density=0.01)
     assert ia3.note is None
 

@@ -98,7 +98,7 @@ def _share(merged: dict[str, np.ndarray], experts: list[dict[str, np.ndarray]]) 
 def test_dense_divisor_passes_experts_as_strongly_as_the_originals_ties(density):
     experts = _experts(np.random.default_rng(1), corr=0.0)
     want = _share(merge(experts, method="ties", rescale=None), experts)
-    comp = [compress(t, density=density) for t in experts]
+    comp = [compress(t, density=density, scale="proj_vcap") for t in experts]
     plain = _share(merge(comp, method="ties", rescale=None), experts)
     fixed = _share(merge(comp, method="ties", rescale="dense_divisor"), experts)
     assert np.all(plain / want > 1.4)  # the defect: TIES of compressed experts is near a sum
@@ -182,7 +182,7 @@ def test_expected_ties_keeps_the_originals_ties_projections(density):
     # unequal experts (scales 1, 0.8, 1.2), entries normal as the model assumes
     experts = _experts(np.random.default_rng(1), corr=0.0)
     ties = merge(experts, method="ties", rescale=None)
-    comp = [compress(t, density=density) for t in experts]
+    comp = [compress(t, density=density, scale="proj_vcap") for t in experts]
     got = merge(comp, method="ties", rescale="expected_ties")
     # the defining property: sum_i <merge, t_i> is that of TIES over the originals
     assert _projections(got, experts) / _projections(ties, experts) == pytest.approx(1, abs=0.02)
@@ -202,7 +202,7 @@ def test_expected_ties_is_the_least_squares_table_at_those_projections(density):
     # version, which scaled each expert's part of the conditional mean by one factor
     experts = _experts(np.random.default_rng(1), corr=0.0)
     ties = merge(experts, method="ties", rescale=None)["w"].astype(np.float64)
-    comp = [compress(t, density=density) for t in experts]
+    comp = [compress(t, density=density, scale="proj_vcap") for t in experts]
     got = merge(comp, method="ties", rescale="expected_ties")
 
     def scaled(stats):

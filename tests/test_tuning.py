@@ -15,6 +15,7 @@ import torch
 from compeft_format import Writer, dumps, inspect, save_file
 from compeft_format.compress import DEFAULT_SCALE, SCALES, compress, compression_metadata
 from compeft_format.quality import quality_report
+from compeft_format.scales import resolve_scale
 from compeft_format.taskvec import apply_task_vector, state_dict_task_vector
 from compeft_format.tensor import TernaryTensor
 from compeft_format.tuning import (
@@ -89,11 +90,11 @@ def toy() -> Iterator[Toy]:
 
 
 def test_default_scale_rebuilds_the_finetune_better_than_the_papers_untuned_rule(toy):
-    assert DEFAULT_SCALE == "proj_vcap"
+    assert resolve_scale(DEFAULT_SCALE, 0.1) == "proj_vcap"  # "auto" at this density
     untouched = toy.error(toy.base)
     errors = {s: toy.rebuilt_error(compress(toy.tv, density=0.1, scale=s)) for s in SCALES}
     default = toy.rebuilt_error(compress(toy.tv, density=0.1))
-    assert default == errors[DEFAULT_SCALE]
+    assert default == errors["proj_vcap"]
     assert default < errors["std"]  # the paper's scale at alpha 1
     # and better than the parameter-space optimum (l2) and the norm-preserving rule
     assert default < errors["l2"]

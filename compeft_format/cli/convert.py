@@ -9,7 +9,7 @@ from typing import Any
 
 from .. import _spec as S
 from ..batch import compress_many
-from ..compress import DEFAULT_SCALE, SCALES, SCOPES
+from ..compress import DEFAULT_SCALE, SCALE_CHOICES, SCOPES
 from ..convert import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -21,6 +21,7 @@ from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
 from ..lora_scale import LORA_SCALES
 from ..restore import OUTPUT_DTYPES, decompress_file
 from ..safetensors_io import open_safetensors
+from ..scales import AUTO_LORA_DENSITY, AUTO_SKETCH_DENSITY
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
     POSITIONS,
@@ -89,11 +90,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--scope", choices=SCOPES, default=None,
                    help="top-k over all tensors together, each on its own, or per LoRA "
                    "role (A's together, B's together) (default global)")
-    c.add_argument("--scale", choices=SCALES + LORA_SCALES, default=None,
-                   help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: the most "
-                   "faithful rebuilt model measured without data; see the README); "
-                   "lora_product (LoRA adapters): the factors' scales fitted on the rebuilt "
-                   "products B A")
+    c.add_argument("--scale", choices=SCALE_CHOICES + LORA_SCALES, default=None,
+                   help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: for a LoRA "
+                   "adapter lora_product_out at density <= "
+                   f"{AUTO_LORA_DENSITY['checkpoint']:g} from its initial adapter "
+                   f"(<= {AUTO_LORA_DENSITY['zero']:g} from zero), for (IA)^3 and vectors "
+                   f"proj_vcap, else kron_sketch at density <= {AUTO_SKETCH_DENSITY:g}; "
+                   "proj_vcap above: the most faithful rebuilt model measured without data; "
+                   "the summary and the file name the rule used; see the README); "
+                   "lora_product* (LoRA adapters): the factors' scales fitted on the rebuilt "
+                   "products B A; proj_vcap: the fastest at any density")
     c.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                    help="tensor names kept dense and lossless (repeatable)")
     c.add_argument("--positions", choices=POSITIONS, default=None,

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import _spec as S
-from ..compress import DEFAULT_SCALE, METRIC_SCALES, SCALES, SCOPES, SWEEP_SCALES
+from ..compress import DEFAULT_SCALE, METRIC_SCALES, SCALE_CHOICES, SCOPES, SWEEP_SCALES
 from ..convert import DEFAULT_DENSITY
 from ..errors import CompeftError, ConvertError
 from ..outputs import same_path
@@ -100,8 +100,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    f"{','.join(f'{a:g}' for a in DEFAULT_ALPHAS)})")
     t.add_argument("--budget-bits-per-param", type=positive, default=None, metavar="B",
                    help="choose the best score among the candidates within this size")
-    t.add_argument("--scale", choices=SCALES, default=DEFAULT_SCALE,
-                   help=f"the scale rule alpha multiplies (default {DEFAULT_SCALE})")
+    t.add_argument("--scale", choices=SCALE_CHOICES, default=DEFAULT_SCALE,
+                   help=f"the scale rule alpha multiplies (default {DEFAULT_SCALE}: as "
+                   "compress --scale auto, at each density)")
     _add_packing(t)
     t.add_argument("--timeout", type=positive, default=None, metavar="S",
                    help="seconds one evaluation may take (default: no limit)")
