@@ -452,12 +452,13 @@ def expected_ties(stats: MergeStats) -> Rescale:
     linear system (Lagrange's condition for that constrained least squares). Sparse in,
     sparse out: an entry no input keeps stays 0.
 
-    It assumes the inputs' scales follow the ``proj`` rule (the default ``proj_vcap``, and
-    ``proj``), or that the proj scale a later rule replaced is given
-    (:attr:`MergeStats.proj_scales`: :func:`~compeft_format.merge_io.merge_files` reads the
-    one a LoRA product scale records, so such a file merges as its ``proj_vcap``
-    compression would). Under another rule the thresholds, and so the merge's magnitude,
-    would be off by that rule's ratio to ``proj``: ``merge_files`` refuses such a file.
+    It assumes the inputs' scales follow the ``proj`` rule (``proj_vcap``, ``proj``), or
+    that the proj scale a later rule replaced is given (:attr:`MergeStats.proj_scales`:
+    :func:`~compeft_format.merge_io.merge_files` reads the one a LoRA product or metric
+    scale records, the default ``auto`` at low density included, so such a file merges as
+    its ``proj_vcap`` compression would). Under another rule the thresholds, and so the
+    merge's magnitude, would be off by that rule's ratio to ``proj``: ``merge_files``
+    refuses such a file.
 
     Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
     fitted constant. Through :func:`merge`, ``merge_files`` and ``merge_and_compress``

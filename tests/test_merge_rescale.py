@@ -537,3 +537,30 @@ def test_expected_ties_variants_the_benchmark_measures():
     # one tensor is its own scope: the same either way
     one = {"w": stats["w"]}
     assert _expected_rescales(one, by_tensor=True) == _expected_rescales(one)
+
+
+def test_expected_ties_merges_default_files_as_their_proj_vcap_compressions(tmp_path):
+    # the default scale ("auto") resolves to kron_sketch at low density and records each
+    # scope's proj scale: expected_ties merges such files as their proj_vcap compressions
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_safetensors
+
+    rng = np.random.default_rng(11)
+    merged = {}
+    for scale in (None, "proj_vcap"):
+        paths = []
+        for i in range(3):
+            w = rng.standard_normal((50, 40)) * (1 + i) if scale is None else None
+            src = tmp_path / f"e{i}.safetensors"
+            if scale is None:
+                save_safetensors({"w": (w + 0.3 * w**3).astype(np.float32)}, str(src))
+            paths.append(tmp_path / f"e{i}-{scale}.compeft")
+            cf.compress_file(src, paths[-1], density=0.02,
+                             **({} if scale is None else {"scale": scale}))
+        with cf.open_file(paths[0]) as r:
+            recorded = r.metadata()["compeft.compression"]["scale"]
+        merged[scale] = load_file(str(merge_files(
+            paths, tmp_path / f"m-{scale}.safetensors", rescale="expected_ties").file))
+        assert recorded == ("kron_sketch" if scale is None else "proj_vcap")
+    np.testing.assert_allclose(merged[None]["w"], merged["proj_vcap"]["w"], rtol=1e-5,
+                               atol=1e-8)
