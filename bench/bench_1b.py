@@ -18,6 +18,8 @@ Usage::
 
     python bench/bench_1b.py                 # the 1B model (needs ~10 GB of disk)
     python bench/bench_1b.py --layers 2 --vocab 32000   # a small version, seconds
+    python bench/bench_1b.py --density 0.01 --scales auto,proj_vcap,auto,proj_vcap
+                        # compress only, once per --scale given, interleaved, no restore
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_memory import MB, _peak, baseline  # noqa: E402
 
 from compeft_format import dtypes as _dt  # noqa: E402
+from compeft_format import open_file  # noqa: E402
 from compeft_format.safetensors_io import SafetensorsWriter, open_safetensors  # noqa: E402
 
 CHUNK = 1 << 22
@@ -135,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-gb", type=float, default=1.0, help="shard size (GB)")
     p.add_argument("--density", type=float, default=0.1)
     p.add_argument("--dir", type=Path, default=None, help="work directory (default: a temp)")
+    p.add_argument("--scales", default=None, help="comma-separated --scale values: compress "
+                   "once with each, in this order (repeat one to interleave), and do not "
+                   "restore")
     args = p.parse_args(argv)
     layout = shapes(args.vocab, args.hidden, args.mlp, args.layers, args.heads, args.kv_heads)
     params = sum(int(np.prod(s)) for s in layout.values())
@@ -166,11 +172,25 @@ def main(argv: list[str] | None = None) -> int:
                                      str(args.density)]),
                 ("decompress --base", ["decompress", str(work / "c"), "-o", str(work / "out"),
                                        "--base", str(work / "base")])]
+        if args.scales:
+            rows = [(f"compress --base --scale {s}",
+                     ["compress", str(work / "ft"), "-o", str(work / f"c-{i}"), "--base",
+                      str(work / "base"), "--density", str(args.density), "--scale", s])
+                    for i, s in enumerate(args.scales.split(","))]
         for label, cmd in rows:
             rss, secs = run(label, cmd)
             ok &= rss <= target
             print(f"| `compeft {label}` | {rss:,.0f} | {target:,.0f} | "
                   f"{'yes' if rss <= target else 'NO'} | {secs:,.1f} |", flush=True)
+        if args.scales:
+            for i, s in enumerate(args.scales.split(",")):
+                with open_file(work / f"c-{i}" / "model.compeft") as r:
+                    rule = r.metadata()["compeft.compression"]["scale"]
+                print(f"--scale {s}: recorded {rule}, "
+                      f"{(work / f'c-{i}' / 'model.compeft').stat().st_size / MB:,.1f} MB")
+            print(f"load average (1 min) {load0:.1f} before, {os.getloadavg()[0]:.1f} after; "
+                  f"{os.cpu_count()} CPUs")
+            return 0 if ok else 1
         size = (work / "c" / "model.compeft").stat().st_size
         same = (sorted(x.name for x in (work / "out").glob("*.safetensors")) == shards and
                 json.loads((work / "out" / "model.safetensors.index.json").read_text())[
