@@ -286,7 +286,8 @@ def _normal_atoms(density: float, k: int) -> tuple[float, np.ndarray, np.ndarray
 
 
 def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_squares",
-                       mu: Sequence[float] | None = None) -> dict[str, Rescale]:
+                       mu: Sequence[float] | None = None, by_tensor: bool = False
+                       ) -> dict[str, Rescale]:
     """:func:`expected_ties` for every tensor of a merge at once (its ``prepare``).
 
     ``fit``: how the expectation is brought to the projections. ``"least_squares"`` (the
@@ -295,9 +296,14 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
     first version, kept for the benchmark's before/after comparison). ``mu`` (diagnostics,
     least squares only): the multipliers given instead of solved for (the table is
     ``E[TIES(t) | P] + sum_i mu_i E[t_i | P]``, linear in them).
+
+    Variants the benchmark measured and the rule does not use (``bench/merge_quality.py``):
+    ``fit="common"``, the conditional mean times one factor per scope (the sum of the
+    inputs' projections kept, each input's relative strength left as the model has it);
+    ``by_tensor``, the projections kept per tensor instead of per compression scope.
     """
-    if fit not in ("least_squares", "scaled"):
-        raise MergeError(f"fit must be 'least_squares' or 'scaled', got {fit!r}")
+    if fit not in ("least_squares", "scaled", "common"):
+        raise MergeError(f"fit must be 'least_squares', 'scaled' or 'common', got {fit!r}")
     out: dict[str, Rescale] = {}
     model = {name: st for name, st in stats.items() if st.method == "ties"
              and st.counts is not None and all(m is not None for m in st.magnitudes)}
@@ -369,7 +375,7 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
         means = (means - means[:, mirror]) / 2
         given[name] = means
         mean = share.sum(0)  # E[TIES(t) | pattern]
-        key = tuple(float(x) for x in scales[name])
+        key = (name,) if by_tensor else tuple(float(x) for x in scales[name])
         acc = sums.setdefault(key, [np.zeros(n), np.zeros((n, n)), np.zeros((n, n)),
                                     np.zeros(n)])
         acc[0] += (rows * m).mean(2) @ c  # E <TIES(t), t_i>
@@ -377,9 +383,12 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
         acc[2] += (means[:, pats] * c) @ means[:, pats].T  # <E[t_j | .], E[t_i | .]>
         acc[3] += (means[:, pats] * c) @ mean[pats]  # <E[TIES(t) | .], E[t_i | .]>
     for name in model:
-        want, gram, inner, got = sums[tuple(float(x) for x in scales[name])]
+        want, gram, inner, got = sums[(name,) if by_tensor
+                                      else tuple(float(x) for x in scales[name])]
         if fit == "scaled":
             table = _projection_factors(want, gram) @ shares[name]
+        elif fit == "common":
+            table = shares[name].sum(0) * (want.sum() / got.sum() if got.sum() > 0 else 1.0)
         else:
             # the least-squares fit under the projections: minimise E||merge - TIES(t)||^2
             # = sum_p count_p (v_p - mean_p)^2 + const subject to sum_p count_p v_p
@@ -443,12 +452,13 @@ def expected_ties(stats: MergeStats) -> Rescale:
     linear system (Lagrange's condition for that constrained least squares). Sparse in,
     sparse out: an entry no input keeps stays 0.
 
-    It assumes the inputs' scales follow the ``proj`` rule (the default ``proj_vcap``, and
-    ``proj``), or that the proj scale a later rule replaced is given
-    (:attr:`MergeStats.proj_scales`: :func:`~compeft_format.merge_io.merge_files` reads the
-    one a LoRA product scale records, so such a file merges as its ``proj_vcap``
-    compression would). Under another rule the thresholds, and so the merge's magnitude,
-    would be off by that rule's ratio to ``proj``: ``merge_files`` refuses such a file.
+    It assumes the inputs' scales follow the ``proj`` rule (``proj_vcap``, ``proj``), or
+    that the proj scale a later rule replaced is given (:attr:`MergeStats.proj_scales`:
+    :func:`~compeft_format.merge_io.merge_files` reads the one a LoRA product or metric
+    scale records, the default ``auto`` at low density included, so such a file merges as
+    its ``proj_vcap`` compression would). Under another rule the thresholds, and so the
+    merge's magnitude, would be off by that rule's ratio to ``proj``: ``merge_files``
+    refuses such a file.
 
     Every number comes from the inputs (kept fractions, scales, overlaps): no data and no
     fitted constant. Through :func:`merge`, ``merge_files`` and ``merge_and_compress``
@@ -874,7 +884,9 @@ def check_names(names: Sequence[Sequence[str]], labels: Sequence[str] | None = N
 
 def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
           weights: Sequence[float] | None = None, sign: str = "total",
-          rescale: str | RescaleRule | None = None) -> dict[str, np.ndarray]:
+          rescale: str | RescaleRule | None = None,
+          proj_scales: Sequence[Mapping[str, float] | None] | None = None
+          ) -> dict[str, np.ndarray]:
     """Merge task vectors: task arithmetic (``"sum"``, ``"mean"``) or TIES (``"ties"``).
 
     Parameters
@@ -895,6 +907,10 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
         A data-free rescaling rule, per tensor: a callable taking a :class:`MergeStats` and
         returning a factor or a :class:`Rescale`, or the name of one in
         :data:`RESCALE_RULES`.
+    proj_scales:
+        Per expert, None or name -> the ``proj`` scale a later scale rule replaced in its
+        compression (:attr:`MergeStats.proj_scales`; what a file records, spec 5.2.1), for
+        rules that infer thresholds from it (:func:`expected_ties`).
 
     Returns
     -------
@@ -921,13 +937,18 @@ def merge(task_vectors: Sequence[Mapping[str, Any]], *, method: str = "ties",
         raise MergeError("task_vectors must be a sequence of mappings, one per expert")
     ws = check_options(len(task_vectors), method, weights, sign)
     check_names([list(tv.keys()) for tv in task_vectors])
+    if proj_scales is not None and len(proj_scales) != len(task_vectors):
+        raise MergeError(f"proj_scales gives {len(proj_scales)} mappings for "
+                         f"{len(task_vectors)} experts")
     jobs = []
     for name in task_vectors[0]:  # every mismatch is found before any work is done
         described = [describe_value(tv[name], name, i) for i, tv in enumerate(task_vectors)]
         check_fit(name, [(s, d) for s, d, _ in described])
+        proj = (None if proj_scales is None
+                else [p.get(name) if p else None for p in proj_scales])
         jobs.append(TensorMerge(name, described[0][0], described[0][1],
                                 [v for _, _, v in described], method=method, weights=ws,
-                                sign=sign, rescale=rescale))
+                                sign=sign, rescale=rescale, proj_scales=proj))
     by_name = {job.name: job for job in jobs}
     for name, r in prepared_rescales(rescale, list(by_name), by_name.__getitem__).items():
         by_name[name]._rescale = r

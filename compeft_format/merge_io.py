@@ -39,7 +39,7 @@ from .compress import (
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY
+from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY, PROJ_SCALE_KEY
 from .errors import naming
 from .lora_scale import LORA_SCALES, lora_pairs
 from .merge import (
@@ -60,7 +60,7 @@ from .outputs import Output, write_fsync
 from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
-from .scales import resolve_scale
+from .scales import METRIC_TERMS, is_vector, resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -481,11 +481,22 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
     """Each input's ``proj`` scale where its file records one in place of its magnitude,
     by tensor (:attr:`merge.MergeStats.proj_scales`); refuse an input of another rule.
 
-    ``expected_ties`` infers each input's threshold from the proj rule's scale. A LoRA
-    product scale (``lora_product``, ``lora_product_out``) keeps compress's selection and
-    records the proj scale it replaced (``lora_fit.proj_scale``, spec 5.2.1), so such a file
-    merges as its proj_vcap compression would. Any other rule's thresholds would be off by
-    its ratio to proj (0.4x to 1.3x for the rules measured): refused, before any output.
+    ``expected_ties`` infers each input's threshold from the proj rule's scale (spec 5.2.1
+    names where a file keeps it when its stored scale is another rule's):
+
+    * a LoRA product scale (``lora_product``, ``lora_product_out``) keeps compress's
+      selection and records the proj scale of the LoRA factors (``lora_fit.proj_scale``: one
+      number, ``{"A": .., "B": ..}`` for scope ``role``, or by tensor name); its other tensors
+      keep proj_vcap's scale as stored;
+    * a metric rule (``kron_sketch``, ``kron``, ``gram``) records each scope's proj scale
+      before a vector's cap (``proj_scale``: one number, or by tensor name); a vector's
+      proj_vcap scale is the smaller of that and its cap, and its stored scale is the
+      smaller of the rule's and its cap, so where the rule's scale is at least proj's (as at
+      the low densities that choose these rules) it is the smaller of the two recorded.
+
+    Such a file merges as its proj_vcap compression would. A file of another rule, or
+    without that record, is refused (its thresholds would be off by the rule's ratio to
+    proj, 0.4x to 1.3x for the rules measured), before any output.
     """
     out: dict[str, list[float | None]] = {}
     for i, (s, r) in enumerate(zip(sources, readers, strict=True)):
@@ -494,31 +505,41 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
         scale = meta.get("scale")
         if scale is None or scale in PROJ_SCALES:
             continue
-        if scale not in LORA_SCALES:
+        if scale in LORA_SCALES:
+            fit = meta.get(LORA_SCALE_KEY)
+            proj = fit.get("proj_scale") if isinstance(fit, dict) else None
+            where = f"{LORA_SCALE_KEY}.proj_scale"
+            tensors = {n: role for pair in lora_pairs(r.keys())
+                       for n, role in zip(pair, "AB", strict=True)}
+        elif scale in METRIC_TERMS:
+            proj, where = meta.get(PROJ_SCALE_KEY), PROJ_SCALE_KEY
+            tensors = {n: "" for n in r if r.info(n).kind == "ternary"}
+        else:
             raise MergeError(f"{s.path}: compressed with scale {scale!r}; rescale "
                              f"'expected_ties' reads thresholds from {' or '.join(PROJ_SCALES)} "
-                             "scales, or from the proj scale a LoRA product scale records, "
-                             "only (merge without it, with 'dense_divisor', or compress the "
-                             "inputs with such a scale)")
-        fit = meta.get(LORA_SCALE_KEY)
-        proj = fit.get("proj_scale") if isinstance(fit, dict) else None
-        factors = {n: role for pair in lora_pairs(r.keys())
-                   for n, role in zip(pair, "AB", strict=True)}
+                             "scales, or from the proj scale a LoRA product or metric scale "
+                             "records, only (merge without it, with 'dense_divisor', or "
+                             "compress the inputs with such a scale)")
 
-        def number(v: Any, what: str, path: Path = s.path) -> float:
+        def number(v: Any, what: str, path: Path = s.path, where: str = where,
+                   scale: str = scale) -> float:
             if (isinstance(v, bool) or not isinstance(v, (int, float))
                     or not 0 <= v < math.inf):  # 0: a tensor with nothing kept
-                raise MergeError(f"{path}: compressed with a LoRA product scale; its "
-                                 f"compression record's {LORA_SCALE_KEY}.proj_scale{what} must "
-                                 f"be a number >= 0 for rescale 'expected_ties', got {v!r}")
+                raise MergeError(f"{path}: compressed with scale {scale!r}; its compression "
+                                 f"record's {where}{what} must be a number >= 0 for rescale "
+                                 f"'expected_ties', got {v!r}")
             return float(v)
 
         if not isinstance(proj, dict):
-            got = {n: number(proj, "") for n in factors}
-        elif meta.get("scope") == "role":
-            got = {n: number(proj.get(role), f"[{role!r}]") for n, role in factors.items()}
+            got = {n: number(proj, "") for n in tensors}
+        elif scale in LORA_SCALES and meta.get("scope") == "role":
+            got = {n: number(proj.get(role), f"[{role!r}]") for n, role in tensors.items()}
         else:
-            got = {n: number(proj.get(n), f"[{n!r}]") for n in factors}
+            got = {n: number(proj.get(n), f"[{n!r}]") for n in tensors}
+        if scale in METRIC_TERMS:  # a vector's cap (see above)
+            for n in got:
+                if is_vector(tuple(r.info(n).shape)):
+                    got[n] = min(got[n], float(r.get_raw(n).scale))
         for name, value in got.items():
             out.setdefault(name, [None] * len(readers))[i] = value
     return {name: tuple(v) for name, v in out.items()}

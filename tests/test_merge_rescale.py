@@ -321,27 +321,34 @@ def test_expected_ties_through_files_and_the_command_line(tmp_path, capsys):
 def test_expected_ties_refuses_inputs_of_another_scale_rule(tmp_path, capsys):
     # expected_ties reads each input's threshold from the proj rule's scale: a file whose
     # record names another rule (kron_sketch, kron, ...; not a LoRA product scale, which
-    # records the proj scale it replaced) is refused before
-    # anything is written, naming the file and the rule; other merges still take it
+    # records the proj scale it replaced, nor a metric rule that records its scopes' proj
+    # scales) is refused before anything is written, naming the file and the rule; other
+    # merges still take it
+    rng = np.random.default_rng(3)
+    for other in ("kron", "norm"):  # kron: a metric rule without its proj_scale record
+        _refused(tmp_path / other, capsys, rng, other)
+
+
+def _refused(tmp_path, capsys, rng, other):
     from cli_helpers import one_line_error
 
     from compeft_format.compress import compression_metadata
     from compeft_format.merge import MergeError
 
-    rng = np.random.default_rng(3)
+    tmp_path.mkdir()
     paths = []
-    for i, scale in enumerate(("proj_vcap", "kron")):
+    for i, scale in enumerate(("proj_vcap", other)):
         t = {"a": rng.standard_normal((30, 40)).astype(np.float32)}
         paths.append(tmp_path / f"e{i}.compeft")
         cf.save_file(compress(t, density=0.2, scale=scale), paths[-1], metadata={
             "compeft.compression": compression_metadata(0.2, 1.0, "global", scale)})
     out = tmp_path / "m.safetensors"
-    with pytest.raises(MergeError, match=r"e1\.compeft: compressed with scale 'kron'"):
+    with pytest.raises(MergeError, match=rf"e1\.compeft: compressed with scale '{other}'"):
         merge_files(paths, out, rescale="expected_ties")
     assert not out.exists()
     code, _, err = run(capsys, "merge", *paths, "-o", out, "--rescale", "expected_ties")
     assert code == 1
-    one_line_error(err, "scale 'kron'", "expected_ties")
+    one_line_error(err, f"scale '{other}'", "expected_ties")
     assert not out.exists()
     merge_files(paths, out, rescale="dense_divisor")  # a rule that reads no threshold
     merge_files([paths[0], paths[0]], tmp_path / "p.safetensors", rescale="expected_ties")
@@ -441,3 +448,119 @@ def test_expected_ties_refuses_a_lora_product_scale_without_its_record(tmp_path)
     with pytest.raises(MergeError, match=r"e1\.compeft: .*lora_fit\.proj_scale\['B'\] must"):
         merge_files(paths[::-1], tmp_path / "m.safetensors", rescale="expected_ties")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_expected_ties_reads_the_proj_scale_a_metric_scale_records(tmp_path):
+    # kron_sketch / kron / gram record each scope's proj scale (spec 5.2.1 proj_scale): a
+    # file of theirs merges with expected_ties as its proj_vcap compression would, the
+    # vector's capped scale included
+    from safetensors.numpy import load_file
+
+    from compeft_format.compress import compression_metadata
+
+    rng = np.random.default_rng(6)
+    tvs = []
+    for i in range(3):
+        w = rng.standard_normal((40, 30)) * (1 + i)
+        w += 0.5 * rng.standard_normal(w.shape) ** 3  # heavy tails: kron's scale is not proj's
+        tvs.append({"w": w.astype(np.float32),
+                    "b": 0.01 * rng.standard_normal(30).astype(np.float32)})  # capped: tiny
+    merged = {}
+    for scale in ("proj_vcap", "kron"):
+        paths = []
+        for i, t in enumerate(tvs):
+            comp = compress(t, density=0.05, scale=scale)
+            meta = compression_metadata(0.05, 1.0, "global", scale)
+            if scale == "kron":
+                meta["proj_scale"] = compress(t, density=0.05, scale="proj")["w"].scale
+                assert comp["w"].scale != meta["proj_scale"]
+            paths.append(tmp_path / f"{scale}-{i}.compeft")
+            cf.save_file(comp, paths[-1], metadata={"compeft.compression": meta})
+        for rule in ("expected_ties", "dense_divisor"):
+            out = tmp_path / f"m-{scale}-{rule}.safetensors"
+            merge_files(paths, out, rescale=rule)
+            merged[scale, rule] = load_file(str(out))
+    assert not np.allclose(merged["proj_vcap", "dense_divisor"]["w"],
+                           merged["kron", "dense_divisor"]["w"])
+    for n in ("w", "b"):
+        np.testing.assert_allclose(merged["kron", "expected_ties"][n],
+                                   merged["proj_vcap", "expected_ties"][n], rtol=1e-5,
+                                   atol=1e-8, err_msg=n)
+
+
+def test_merge_in_memory_takes_the_proj_scales_a_product_fit_replaced():
+    # merge(proj_scales=): the in-memory form of what merge_files reads from the record
+    from safetensors.numpy import load_file
+
+    from compeft_format import lora_scale as ls
+
+    src = "tests/data/lora-minilm-vader"
+    init = load_file(f"{src}/init/adapter_model.safetensors")
+    ad = load_file(f"{src}/adapter_model.safetensors")
+    rng = np.random.default_rng(8)
+    experts = [{n: (v - init[n]) * (1 + 0.5 * rng.standard_normal(v.shape)).astype(np.float32)
+                for n, v in ad.items()} for _ in range(3)]
+    comp = [compress(t, density=0.05, scale="proj_vcap") for t in experts]
+    fitted = [ls.rescale(c, {n: init[n] + t[n] for n in t}, init, rule="lora_product_out")
+              for c, t in zip(comp, experts, strict=True)]
+    assert fitted[0][next(iter(ad))].scale != comp[0][next(iter(ad))].scale
+    want = merge(comp, rescale="expected_ties")
+    got = merge(fitted, rescale="expected_ties",
+                proj_scales=[{n: v.scale for n, v in c.items()} for c in comp])
+    blind = merge(fitted, rescale="expected_ties")
+    lora_b = next(n for n in ad if "lora_B" in n)
+    assert not np.allclose(blind[lora_b], want[lora_b])
+    for n, v in want.items():
+        np.testing.assert_allclose(got[n], v, rtol=1e-5, atol=1e-8, err_msg=n)
+    with pytest.raises(MergeError, match="proj_scales gives 1 mappings for 3 experts"):
+        merge(fitted, rescale="expected_ties", proj_scales=[None])
+
+
+def test_expected_ties_variants_the_benchmark_measures():
+    # fit="common": the conditional mean times one factor; by_tensor: projections per tensor
+    rng = np.random.default_rng(9)
+    experts = [{"w": (rng.standard_normal((60, 50)) * s).astype(np.float32),  # matrices:
+                "v": (rng.standard_normal((40, 50)) * s * 2).astype(np.float32)}  # one scope
+               for s in (1, 0.7)]
+    comp = [compress(t, density=0.1, scale="proj_vcap") for t in experts]
+    stats = {n: TensorMerge(n, experts[0][n].shape, "F32", [c[n] for c in comp]).stats()
+             for n in ("w", "v")}
+    mean = _expected_rescales(stats, mu=[0.0, 0.0])
+    common = _expected_rescales(stats, fit="common")
+    ratios = [np.array(common[n].table)[1:] / np.array(mean[n].table)[1:] for n in stats]
+    live = [r[np.isfinite(r)] for r in ratios]
+    assert np.ptp(np.concatenate(live)) < 1e-6  # one factor for the scope
+    assert live[0][0] > 1.5  # the conditional mean is shrunk; the factor brings it back
+    rule = _expected_rescales(stats)
+    per = _expected_rescales(stats, by_tensor=True)
+    assert per["w"].table != rule["w"].table
+    # one tensor is its own scope: the same either way
+    one = {"w": stats["w"]}
+    assert _expected_rescales(one, by_tensor=True) == _expected_rescales(one)
+
+
+def test_expected_ties_merges_default_files_as_their_proj_vcap_compressions(tmp_path):
+    # the default scale ("auto") resolves to kron_sketch at low density and records each
+    # scope's proj scale: expected_ties merges such files as their proj_vcap compressions
+    from safetensors.numpy import load_file
+    from safetensors.numpy import save_file as save_safetensors
+
+    rng = np.random.default_rng(11)
+    merged = {}
+    for scale in (None, "proj_vcap"):
+        paths = []
+        for i in range(3):
+            w = rng.standard_normal((50, 40)) * (1 + i) if scale is None else None
+            src = tmp_path / f"e{i}.safetensors"
+            if scale is None:
+                save_safetensors({"w": (w + 0.3 * w**3).astype(np.float32)}, str(src))
+            paths.append(tmp_path / f"e{i}-{scale}.compeft")
+            cf.compress_file(src, paths[-1], density=0.02,
+                             **({} if scale is None else {"scale": scale}))
+        with cf.open_file(paths[0]) as r:
+            recorded = r.metadata()["compeft.compression"]["scale"]
+        merged[scale] = load_file(str(merge_files(
+            paths, tmp_path / f"m-{scale}.safetensors", rescale="expected_ties").file))
+        assert recorded == ("kron_sketch" if scale is None else "proj_vcap")
+    np.testing.assert_allclose(merged[None]["w"], merged["proj_vcap"]["w"], rtol=1e-5,
+                               atol=1e-8)

@@ -41,8 +41,9 @@ ties do), which is not the merge of the products B A: see the README.
 (sparse) experts is nearly a sum, each expert about twice as strong as in the TIES of the
 originals. For TIES of compressed experts use --rescale expected_ties: each entry gets the
 expected TIES of the original experts given what their compressions kept (data-free; the
-inputs compressed with the default proj rules), the least-squares table that keeps each
-expert's projection. dense_divisor is the simpler earlier rule (zeros counted in the
+inputs compressed with proj_vcap or proj, or with a rule that records the proj scale it
+replaced, as the default auto does), the least-squares table that keeps each expert's
+projection. dense_divisor is the simpler earlier rule (zeros counted in the
 divisor with the chance they agree). Which rule at which density, measured on the project's
 experts (bench/results/merge_quality.md): expected_ties at density 0.2 (at 0.1 the two are
 level), dense_divisor at 0.05 and with --sign frequency. Both are the identity for sum and
