@@ -236,8 +236,16 @@ def dense_divisor(stats: MergeStats) -> Rescale:
 
     Inputs with no kept entry in the tensor add nothing (nothing is known of them), nor does a
     dense input (its zeros are real). Identity for ``"sum"`` and ``"mean"`` (their merge of
-    compressed inputs already keeps each input's component along its original: the default
+    compressed inputs already keeps each input's component along its original: the ``proj``
     scale preserves it) and where no input is ternary.
+
+    An input whose file records the ``proj`` scale another rule replaced
+    (:attr:`MergeStats.proj_scales`: the default ``auto`` picks ``lora_product_out`` or
+    ``kron_sketch`` at low densities) is merged at that scale, as its ``proj_vcap``
+    compression would be, for every method: the rule's premise is magnitudes that keep each
+    input's projection, and a LoRA product scale (fitted to one adapter's own products, 0.6x
+    to 0.7x ``proj`` on the measured experts) makes the merge of separately merged factors too
+    weak (``bench/results/merge_quality.md``: 0.387 against 0.480 at density 0.05).
 
     >>> a = TernaryTensor((4,), [0, 1], [False, False], 1.0)   # +1 at 0 and 1
     >>> b = TernaryTensor((4,), [1, 2], [True, False], 1.0)    # -1 at 1, +1 at 2
@@ -248,8 +256,9 @@ def dense_divisor(stats: MergeStats) -> Rescale:
     >>> merge_tensor([a, b], rescale="dense_divisor").tolist()
     [0.75, 1.0, 0.75, 0.0]
     """
+    before = _to_proj(stats)
     if stats.method != "ties" or all(m is None for m in stats.magnitudes):
-        return Rescale()
+        return Rescale(before=before)
     if stats.counts is None:  # too many inputs for pattern counts: independent inputs
         p, present = 0.5, [m is not None and m > 0 for m in stats.magnitudes]
     else:
@@ -260,8 +269,18 @@ def dense_divisor(stats: MergeStats) -> Rescale:
         pairs = float(c @ ((plus + minus) * (plus + minus - 1))) / 2
         p = (same + 1) / (pairs + 2)
         present = (c @ (d != 0).T > 0).tolist()
-    return Rescale(zeros=tuple(p if ok and m is not None else 0.0
+    return Rescale(before=before,
+                   zeros=tuple(p if ok and m is not None else 0.0
                                for ok, m in zip(present, stats.magnitudes, strict=True)))
+
+
+def _to_proj(stats: MergeStats) -> tuple[float, ...] | None:
+    """Factors taking each input's magnitude to its recorded ``proj`` scale (None: none
+    recorded, all 1)."""
+    if stats.proj_scales is None or all(p is None for p in stats.proj_scales):
+        return None
+    return tuple(t / m if p is not None and m else 1.0 for m, p, t in zip(
+        stats.magnitudes, stats.proj_scales, stats.threshold_scales(), strict=True))
 
 
 RESCALE_RULES["dense_divisor"] = dense_divisor

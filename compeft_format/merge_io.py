@@ -51,6 +51,7 @@ from .merge import (
     check_fit,
     check_names,
     check_options,
+    dense_divisor,
     describe_value,
     expected_ties,
     prepared_rescales,
@@ -476,10 +477,12 @@ def _work_name(dtype: str) -> str:
 PROJ_SCALES = ("proj", "proj_vcap")
 
 
-def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
-                 ) -> dict[str, tuple[float | None, ...]]:
+def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader],
+                 strict: bool = True) -> dict[str, tuple[float | None, ...]]:
     """Each input's ``proj`` scale where its file records one in place of its magnitude,
-    by tensor (:attr:`merge.MergeStats.proj_scales`); refuse an input of another rule.
+    by tensor (:attr:`merge.MergeStats.proj_scales`); refuse an input of another rule
+    (``strict``, for ``expected_ties``; else, for ``dense_divisor``, which merges an input
+    at its proj scale where one is recorded, such an input keeps its magnitudes).
 
     ``expected_ties`` infers each input's threshold from the proj rule's scale (spec 5.2.1
     names where a file keeps it when its stored scale is another rule's):
@@ -514,6 +517,8 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
         elif scale in METRIC_TERMS:
             proj, where = meta.get(PROJ_SCALE_KEY), PROJ_SCALE_KEY
             tensors = {n: "" for n in r if r.info(n).kind == "ternary"}
+        elif not strict:
+            continue
         else:
             raise MergeError(f"{s.path}: compressed with scale {scale!r}; rescale "
                              f"'expected_ties' reads thresholds from {' or '.join(PROJ_SCALES)} "
@@ -527,9 +532,12 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader]
                     or not 0 <= v < math.inf):  # 0: a tensor with nothing kept
                 raise MergeError(f"{path}: compressed with scale {scale!r}; its compression "
                                  f"record's {where}{what} must be a number >= 0 for rescale "
-                                 f"'expected_ties', got {v!r}")
+                                 f"{'expected_ties' if strict else 'dense_divisor'!r}, "
+                                 f"got {v!r}")
             return float(v)
 
+        if proj is None and not strict:
+            continue
         if not isinstance(proj, dict):
             got = {n: number(proj, "") for n in tensors}
         elif scale in LORA_SCALES and meta.get("scope") == "role":
@@ -690,7 +698,8 @@ def merge_files(
         refs = [read_reference(r.metadata(), set(r.keys()), s.weights)
                 for s, r in zip(sources, readers, strict=True)]
         _check_inputs(sources, readers, refs)
-        proj = _proj_scales(sources, readers) if rule is expected_ties else {}
+        proj = (_proj_scales(sources, readers, strict=rule is expected_ties)
+                if rule in (expected_ties, dense_divisor) else {})
         ref = refs[0]
         infos = {n: readers[0].info(n) for n in readers[0]}
         base_reader = None

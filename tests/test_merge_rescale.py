@@ -412,21 +412,24 @@ def test_expected_ties_reads_the_proj_scale_a_lora_product_scale_records(tmp_pat
             meta = r.metadata()["compeft.compression"]
             mags = {n: r.get_raw(n).scale for n in r}
         merged[scale, "mags"] = mags
-        for rule in ("expected_ties", "dense_divisor"):
+        for rule in ("expected_ties", "dense_divisor", None):
             out = tmp_path / f"m-{scale}-{rule}"
             merge_files(comp, out, rescale=rule, base=f"{src}/init")
             merged[scale, rule] = load_file(str(out / "adapter_model.safetensors"))
     assert meta["scale"] == "lora_product_out", json.dumps(meta)
     assert "lora_fit" in meta, json.dumps(meta)
-    # the fit changed the factors' magnitudes, and a rule that reads them merges otherwise
+    # the fit changed the factors' magnitudes, and PEFT's TIES, which reads them, merges
+    # otherwise
     assert any(merged["proj_vcap", "mags"][n] != v for n, v in merged[
         "lora_product_out", "mags"].items())
     lora_b = next(n for n in ad if "lora_B" in n)
-    assert not np.allclose(merged["proj_vcap", "dense_divisor"][lora_b],
-                           merged["lora_product_out", "dense_divisor"][lora_b])
-    for n, v in merged["proj_vcap", "expected_ties"].items():
-        np.testing.assert_allclose(merged["lora_product_out", "expected_ties"][n], v,
-                                   rtol=1e-5, atol=1e-7, err_msg=n)
+    assert not np.allclose(merged["proj_vcap", None][lora_b],
+                           merged["lora_product_out", None][lora_b])
+    # expected_ties and dense_divisor merge at the recorded proj scale
+    for rule in ("expected_ties", "dense_divisor"):
+        for n, v in merged["proj_vcap", rule].items():
+            np.testing.assert_allclose(merged["lora_product_out", rule][n], v,
+                                       rtol=1e-5, atol=1e-7, err_msg=f"{rule} {n}")
 
 
 def test_expected_ties_refuses_a_lora_product_scale_without_its_record(tmp_path):
@@ -476,16 +479,16 @@ def test_expected_ties_reads_the_proj_scale_a_metric_scale_records(tmp_path):
                 assert comp["w"].scale != meta["proj_scale"]
             paths.append(tmp_path / f"{scale}-{i}.compeft")
             cf.save_file(comp, paths[-1], metadata={"compeft.compression": meta})
-        for rule in ("expected_ties", "dense_divisor"):
+        for rule in ("expected_ties", "dense_divisor", None):
             out = tmp_path / f"m-{scale}-{rule}.safetensors"
             merge_files(paths, out, rescale=rule)
             merged[scale, rule] = load_file(str(out))
-    assert not np.allclose(merged["proj_vcap", "dense_divisor"]["w"],
-                           merged["kron", "dense_divisor"]["w"])
-    for n in ("w", "b"):
-        np.testing.assert_allclose(merged["kron", "expected_ties"][n],
-                                   merged["proj_vcap", "expected_ties"][n], rtol=1e-5,
-                                   atol=1e-8, err_msg=n)
+    # PEFT's TIES merges the stored magnitudes; the two rules, the recorded proj scales
+    assert not np.allclose(merged["proj_vcap", None]["w"], merged["kron", None]["w"])
+    for rule in ("expected_ties", "dense_divisor"):
+        for n in ("w", "b"):
+            np.testing.assert_allclose(merged["kron", rule][n], merged["proj_vcap", rule][n],
+                                       rtol=1e-5, atol=1e-8, err_msg=f"{rule} {n}")
 
 
 def test_merge_in_memory_takes_the_proj_scales_a_product_fit_replaced():
@@ -541,7 +544,8 @@ def test_expected_ties_variants_the_benchmark_measures():
 
 def test_expected_ties_merges_default_files_as_their_proj_vcap_compressions(tmp_path):
     # the default scale ("auto") resolves to kron_sketch at low density and records each
-    # scope's proj scale: expected_ties merges such files as their proj_vcap compressions
+    # scope's proj scale: expected_ties and dense_divisor merge such files as their
+    # proj_vcap compressions
     from safetensors.numpy import load_file
     from safetensors.numpy import save_file as save_safetensors
 
@@ -559,8 +563,56 @@ def test_expected_ties_merges_default_files_as_their_proj_vcap_compressions(tmp_
                              **({} if scale is None else {"scale": scale}))
         with cf.open_file(paths[0]) as r:
             recorded = r.metadata()["compeft.compression"]["scale"]
-        merged[scale] = load_file(str(merge_files(
-            paths, tmp_path / f"m-{scale}.safetensors", rescale="expected_ties").file))
+        for rule in ("expected_ties", "dense_divisor"):
+            merged[scale, rule] = load_file(str(merge_files(
+                paths, tmp_path / f"m-{scale}-{rule}.safetensors", rescale=rule).file))
         assert recorded == ("kron_sketch" if scale is None else "proj_vcap")
-    np.testing.assert_allclose(merged[None]["w"], merged["proj_vcap"]["w"], rtol=1e-5,
-                               atol=1e-8)
+    for rule in ("expected_ties", "dense_divisor"):
+        np.testing.assert_allclose(merged[None, rule]["w"], merged["proj_vcap", rule]["w"],
+                                   rtol=1e-5, atol=1e-8, err_msg=rule)
+
+
+@pytest.mark.parametrize("method", ["ties", "sum", "mean"])
+def test_dense_divisor_merges_an_input_at_its_recorded_proj_scale(method):
+    # an input whose proj scale is recorded (a LoRA product or metric scale replaced it) is
+    # merged at that scale, as its proj_vcap compression would be; one without a record
+    # keeps its magnitude
+    rng = np.random.default_rng(8)
+    idx = [np.sort(rng.choice(64, 20, replace=False)) for _ in range(3)]
+    sg = [rng.random(20) < 0.5 for _ in range(3)]
+    def make(mags):
+        return [TernaryTensor((64,), i, s, m) for i, s, m in zip(idx, sg, mags, strict=True)]
+
+    stored, at_proj = make((0.5, 2.0, 1.5)), make((1.0, 3.0, 1.5))
+    proj = [{"w": 1.0}, {"w": 3.0}, None]
+    got = merge([{"w": t} for t in stored], method=method, rescale="dense_divisor",
+                proj_scales=proj)["w"]
+    want = merge([{"w": t} for t in at_proj], method=method, rescale="dense_divisor")["w"]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    plain = merge([{"w": t} for t in stored], method=method, rescale="dense_divisor")["w"]
+    assert not np.allclose(plain, want)
+
+
+def test_dense_divisor_merges_files_of_rules_without_a_proj_record(tmp_path):
+    # unlike expected_ties, dense_divisor does not need the proj scale: a file of another
+    # rule (norm) merges at its stored magnitudes
+    rng = np.random.default_rng(9)
+    paths = []
+    for i in range(2):
+        t = {"w": rng.standard_normal((20, 10)).astype(np.float32)}
+        paths.append(tmp_path / f"e{i}.compeft")
+        cf.compress_file(_save(tmp_path / f"e{i}.safetensors", t), paths[-1], density=0.2,
+                         scale="norm")
+    with pytest.raises(MergeError, match="'norm'"):
+        merge_files(paths, tmp_path / "x.safetensors", rescale="expected_ties")
+    out = merge_files(paths, tmp_path / "m.safetensors", rescale="dense_divisor")
+    comp = [cf.load_file(p)["w"] for p in paths]
+    want = merge([{"w": c} for c in comp], rescale="dense_divisor")["w"]
+    from safetensors.numpy import load_file
+    np.testing.assert_allclose(load_file(str(out.file))["w"], want, rtol=1e-6)
+
+
+def _save(path, tensors):
+    from safetensors.numpy import save_file
+    save_file(tensors, str(path))
+    return path

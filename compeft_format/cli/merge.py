@@ -46,8 +46,8 @@ replaced, as the default auto does), the least-squares table that keeps each exp
 projection. dense_divisor is the simpler earlier rule (zeros counted in the
 divisor with the chance they agree). Which rule at which density, measured on the project's
 experts (bench/results/merge_quality.md): expected_ties at density 0.2 (at 0.1 the two are
-level), dense_divisor at 0.05 and with --sign frequency. Both are the identity for sum and
-mean.
+level), dense_divisor at 0.05 and with --sign frequency. Both merge an input that records
+its proj scale at that scale; otherwise both are the identity for sum and mean.
 """
 
 
