@@ -33,7 +33,7 @@ from .errors import (
 )
 from .info import BlockInfo, TensorInfo
 from .metadata import decode_metadata, unstage_metadata
-from .packtable import Member, member_name, read_column_table
+from .packtable import Member, decode_name, member_name, read_column_table
 
 __all__ = [
     "BLOCK_ROLES",
@@ -242,15 +242,7 @@ def _read_name(src: Source, limits: S.ReadLimits, what: str) -> str:
     if not 1 <= n <= limits.max_name_length:
         raise LimitExceededError(f"{what} name length {n} outside [1, {limits.max_name_length}]",
                                  offset=start)
-    raw = bytes(src.read(n, f"{what} name"))
-    try:
-        name = raw.decode("utf-8", "strict")
-    except UnicodeDecodeError:
-        raise CorruptDataError(f"{what} name is not valid UTF-8: {raw[:40]!r}",
-                               offset=start) from None
-    if "\x00" in name:
-        raise CorruptDataError(f"{what} name contains NUL: {name[:40]!r}", offset=start)
-    return name
+    return decode_name(bytes(src.read(n, f"{what} name")), what, start)
 
 
 def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: int) -> Record:

@@ -25,8 +25,8 @@ from ._io import BufferSource, encode_varint
 from ._spec import ReadLimits
 from .errors import CorruptDataError, LimitExceededError
 
-__all__ = ["Member", "column_table", "member_name", "predicted_param", "predicted_size",
-           "read_column_table", "unzigzag", "zigzag"]
+__all__ = ["Member", "column_table", "decode_name", "member_name", "predicted_param",
+           "predicted_size", "read_column_table", "unzigzag", "zigzag"]
 
 
 @dataclass(frozen=True)
@@ -131,15 +131,25 @@ def column_table(members: Sequence[Member]) -> bytes:
     return bytes(out)
 
 
-def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str) -> str:
-    """Check a pack member's whole name (spec 5.8: R-NAME-2, R-NAME-3, R-PACK-5, R-PACK-7)."""
+def decode_name(raw: bytes, what: str, at: int) -> str:
+    """A tensor name's bytes as text: UTF-8 (spec R-NAME-2) without NUL (R-NAME-3).
+
+    >>> decode_name(b"a.w", "tensor", 0)
+    'a.w'
+    """
     try:
         name = raw.decode("utf-8", "strict")
     except UnicodeDecodeError:
-        raise CorruptDataError(f"member name is not valid UTF-8: {raw[:40]!r}",
+        raise CorruptDataError(f"{what} name is not valid UTF-8: {raw[:40]!r}",
                                offset=at) from None
     if "\x00" in name:
-        raise CorruptDataError(f"member name contains NUL: {name[:40]!r}", offset=at)
+        raise CorruptDataError(f"{what} name contains NUL: {name[:40]!r}", offset=at)
+    return name
+
+
+def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str) -> str:
+    """Check a pack member's whole name (spec 5.8: R-NAME-2, R-NAME-3, R-PACK-5, R-PACK-7)."""
+    name = decode_name(raw, "member", at)
     if first and raw != prev:
         raise CorruptDataError(f"the first member is named {name!r}, the pack {pack!r}",
                                tensor=pack, offset=at)
