@@ -46,6 +46,7 @@ from .scales import (
     SCALE_CHOICES,
     SCALES,
     SWEEP_SCALES,
+    RowBlocks,
     Stats,
     float32_scale,
     gram_terms,
@@ -802,10 +803,8 @@ class _Job:
             kept_sum += part_sum
             if self.scale in METRIC_TERMS and idx.size and not is_vector(meta.shape):
                 flat, dname = self._read(meta.name, fetch(meta.name))
-                values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
-                          else _dt.to_numpy_values(flat, dname))
-                num, den = METRIC_TERMS[self.scale](values.reshape(meta.shape[0], -1),
-                                                     idx, signs)
+                values = _metric_matrix(flat, dname, meta.shape[0], self.scale)
+                num, den = METRIC_TERMS[self.scale](values, idx, signs)
                 del flat, values
                 gram[0] += num
                 gram[1] += den
@@ -971,9 +970,7 @@ class _Job:
         signs = np.concatenate(sign_parts) if sign_parts else np.empty(0, bool)
         if (gram_of is not None and self.scale in METRIC_TERMS and idx.size
                 and not is_vector(gram_of.shape)):
-            values = (np.asarray(flat) if isinstance(flat, ChunkedValues)
-                      else _dt.to_numpy_values(flat, dname))
-            matrix = values.reshape(gram_of.shape[0], -1)
+            matrix = _metric_matrix(flat, dname, gram_of.shape[0], self.scale)
             num, den = METRIC_TERMS[self.scale](matrix, idx, signs)
             self._gram_sums[0] += num
             self._gram_sums[1] += den
@@ -1004,6 +1001,29 @@ class _Job:
                 self.proj_scales.update((m.name, proj) for m in metas)
         return scale_value(self.scale, self.alpha, kept, kept_sum, stats, tensors, gram)
 
+
+
+def _metric_matrix(flat: Any, dname: str, rows: int, scale: str) -> np.ndarray | RowBlocks:
+    """A matrix's values for :data:`METRIC_TERMS`: for ``"kron_sketch"``, whenever the values
+    are not float32 or float64 in memory already (made on demand, or stored as BF16, F16,
+    F8), a :class:`RowBlocks` that makes them a block of rows at a time, so that the rule
+    needs no float32 copy of the matrix; else the whole array (``"kron"`` and ``"gram"``
+    decompose it anyway)."""
+    numel = flat.size
+    cols = numel // rows if rows else 0
+    if scale == "kron_sketch" and isinstance(flat, ChunkedValues):
+        return RowBlocks((rows, cols), flat.dtype,
+                         lambda a, z: flat.chunk(a * cols, z * cols).reshape(z - a, cols),
+                         flat.take)
+    if scale == "kron_sketch" and np.dtype(flat.dtype) not in (np.float32, np.float64):
+        store = flat.reshape(-1)
+        return RowBlocks((rows, cols), np.float32,
+                         lambda a, z: _dt.to_numpy_values(store[a * cols : z * cols], dname
+                                                          ).reshape(z - a, cols),
+                         lambda i: _dt.to_numpy_values(store[i], dname))
+    values = np.asarray(flat) if isinstance(flat, ChunkedValues) else _dt.to_numpy_values(
+        flat, dname)
+    return values.reshape(rows, -1)
 
 
 def _shape_of(value: Any) -> tuple[int, ...]:

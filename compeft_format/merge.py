@@ -151,7 +151,8 @@ class MergeStats:
         Each ternary input's scale under the ``proj`` rule, where a later rule replaced it
         and its file recorded it (a LoRA product scale's ``lora_fit.proj_scale``, spec
         5.2.1); None (all, or one input's) where the magnitude is that scale. For rules that
-        infer a compression's threshold from it (:func:`expected_ties`).
+        infer a compression's threshold from it (:func:`expected_ties`) or merge at that
+        scale (:func:`dense_divisor`).
 
     Examples
     --------

@@ -245,7 +245,9 @@ class FileTaskVector(Mapping):
 
         def chunk(start: int, stop: int) -> np.ndarray:
             out = values(flat[start:stop], b_flat[start:stop])
-            if (start // CHUNK) % 8 == 7:  # the inputs are read once a pass: drop the pages
+            # the inputs are read once a pass: drop the pages each 8 chunks (whatever the
+            # caller's chunk size: compress's passes take CHUNK, kron_sketch blocks of rows)
+            if stop // (8 * CHUNK) > start // (8 * CHUNK):
                 reader.release(name)
                 base.release(name)
             return out

@@ -29,6 +29,7 @@ __all__ = [
     "SCALES",
     "SCALE_CHOICES",
     "SWEEP_SCALES",
+    "RowBlocks",
     "Stats",
     "decoded_scale",
     "float32_scale",
@@ -294,25 +295,25 @@ def kron_sketch_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tupl
     """
     if not idx.size:
         return 0.0, 0.0
-    src = np.asarray(t)
+    src = t if isinstance(t, RowBlocks) else np.asarray(t)
     if min(src.shape) <= SKETCH_RANK:
-        return kron_terms(src, idx, signs)
-    peak = max(float(src.max()), -float(src.min()))
+        return kron_terms(np.asarray(src), idx, signs)
+    blocks = src if isinstance(src, RowBlocks) else RowBlocks.of(src)
+    peak = blocks.peak()
     if not peak > 0.0:
         return 0.0, 0.0
     # both terms are homogeneous (num ~ t, den ~ 1): a float32 matrix of moderate values is
     # used as it is; any other is copied as t / 2^e (at most 1, so float32 neither
-    # overflows nor underflows; a power of two keeps the scaling exact)
+    # overflows nor underflows; a power of two keeps the scaling exact), a block at a time
+    # where the matrix comes in blocks
     c = 1.0
-    work = src
-    if src.dtype != np.float32 or not 2.0**-20 <= peak <= 2.0**20:
+    if blocks.dtype != np.float32 or not 2.0**-20 <= peak <= 2.0**20:
         c = math.ldexp(1.0, -math.frexp(peak)[1])
-        work = np.multiply(src, c, dtype=np.float64 if src.dtype == np.float64 else np.float32)
-        work = work.astype(np.float32, copy=False)
+    work = _Work(blocks, c)
     flat_idx = np.asarray(idx, np.int64)
-    kept_sum = float(np.abs(work.reshape(-1)[flat_idx]).sum(dtype=np.float64))
-    total = float(np.einsum("ij,ij->", work, work, dtype=np.float64))
     smat = _SignMatrix(work.shape, flat_idx, signs)  # never a dense matrix of the full size
+    kept_sum = work.kept_abs_sum(flat_idx, smat.idx)
+    total = work.sum_squares()
     if work.shape[0] > work.shape[1]:  # both terms are the same for the transposes
         work, smat = work.T, smat.T
     rows, cols = work.shape
@@ -321,7 +322,7 @@ def kron_sketch_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tupl
     for _ in range(SKETCH_POWER):
         y = work @ (work.T @ _orthonormal(y))
     q = _orthonormal(y)  # rows x rank, orthonormal: the range of the top
-    b = q.T @ work
+    b = (work.T @ q).T  # q^T t
     w, ub = np.linalg.eigh(b.astype(np.float64) @ b.T.astype(np.float64))  # b b^T = Ub sv^2 Ub^T
     sv = np.sqrt(np.clip(w, 0.0, None))
     keep = sv > 1e-7 * sv.max() if sv.max() > 0.0 else np.zeros(sv.size, bool)
@@ -364,8 +365,110 @@ def kron_sketch_terms(t: np.ndarray, idx: np.ndarray, signs: np.ndarray) -> tupl
     return num / norm / c, den / norm
 
 
-#: entries of one dense block of a :class:`_SignMatrix` (16 MiB of float32)
+#: entries of one dense block of a :class:`_SignMatrix` or a :class:`RowBlocks` matrix
+#: (16 MiB of float32)
 SIGN_BLOCK = 1 << 22
+
+
+class RowBlocks:
+    """A ``rows x cols`` float matrix read a block of rows at a time, never held whole:
+    ``rows(r0, r1)`` gives rows ``r0:r1`` (float32 or float64) and ``take(flat)`` the entries
+    at flat indices. :func:`kron_sketch_terms` takes it in place of an array, so that a
+    matrix stored otherwise (BF16, or made on demand as fine-tuned minus base) costs one
+    block of float32 at a time rather than a float32 copy of itself (1 GiB for a 1B model's
+    embedding).
+
+    >>> x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    >>> rb = RowBlocks((3, 4), np.float32, lambda a, z: x[a:z], lambda i: x.reshape(-1)[i])
+    >>> rb.rows(1, 3).tolist(), rb.take(np.array([0, 11])).tolist(), rb.peak()
+    ([[4.0, 5.0, 6.0, 7.0], [8.0, 9.0, 10.0, 11.0]], [0.0, 11.0], 11.0)
+    """
+
+    def __init__(self, shape: tuple[int, int], dtype: np.dtype,
+                 rows: Callable[[int, int], np.ndarray],
+                 take: Callable[[np.ndarray], np.ndarray],
+                 step: int | None = None) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(dtype)
+        self.rows = rows
+        self.take = take
+        #: rows a block: :data:`SIGN_BLOCK` entries (all rows for :meth:`of` an array)
+        self.step = step or max(1, SIGN_BLOCK // max(self.shape[1], 1))
+
+    @classmethod
+    def of(cls, a: np.ndarray) -> RowBlocks:
+        """An array as one block (the products are then the array's own)."""
+        return cls(a.shape, a.dtype, lambda r0, r1: a[r0:r1],
+                   lambda i: a.reshape(-1)[i], step=max(1, a.shape[0]))
+
+    def blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(r0, r1, rows r0:r1)`` over the whole matrix."""
+        for r0 in range(0, self.shape[0], self.step):
+            r1 = min(self.shape[0], r0 + self.step)
+            yield r0, r1, self.rows(r0, r1)
+
+    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+        """The whole matrix (for a matrix with a side of at most :data:`SKETCH_RANK`)."""
+        out = np.concatenate([b for _, _, b in self.blocks()]) if self.shape[0] else \
+            np.empty(self.shape, self.dtype)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def peak(self) -> float:
+        """The largest magnitude."""
+        return max((max(float(b.max()), -float(b.min())) for _, _, b in self.blocks()
+                    if b.size), default=0.0)
+
+
+class _Work:
+    """``c * t`` in float32 (or its transpose) for :func:`kron_sketch_terms`: products with
+    thin matrices, block by block of :class:`RowBlocks`."""
+
+    def __init__(self, src: RowBlocks, c: float, transposed: bool = False) -> None:
+        self.src, self.c, self.transposed = src, c, transposed
+        rows, cols = src.shape
+        self.shape = (cols, rows) if transposed else (rows, cols)
+
+    @property
+    def T(self) -> _Work:
+        return _Work(self.src, self.c, not self.transposed)
+
+    def _blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        for r0, r1, b in self.src.blocks():
+            if self.c != 1.0 or b.dtype != np.float32:
+                b = np.multiply(b, self.c, dtype=np.float64 if b.dtype == np.float64
+                                else np.float32).astype(np.float32, copy=False)
+            yield r0, r1, b
+
+    def kept_abs_sum(self, flat: np.ndarray, flat_sorted: np.ndarray) -> float:
+        """``sum |c t|`` at the flat indices ``flat`` (``flat_sorted``: the same, sorted).
+
+        A matrix in several blocks is summed block by block from its sorted indices: picking
+        scattered entries of a matrix made on demand would read (and keep resident) every
+        page of its inputs at once."""
+        if self.src.step >= self.src.shape[0]:  # one block: the array itself
+            vals = np.multiply(self.src.take(flat), self.c).astype(np.float32, copy=False)
+            return float(np.abs(vals).sum(dtype=np.float64))
+        cols, total = self.src.shape[1], 0.0
+        for r0, r1, b in self._blocks():
+            a, z = np.searchsorted(flat_sorted, (r0 * cols, r1 * cols))
+            total += float(np.abs(b.reshape(-1)[flat_sorted[a:z] - r0 * cols]).sum(
+                dtype=np.float64))
+        return total
+
+    def sum_squares(self) -> float:
+        return sum(float(np.einsum("ij,ij->", b, b, dtype=np.float64))
+                   for _, _, b in self._blocks())
+
+    def __matmul__(self, x: np.ndarray) -> np.ndarray:
+        right = not self.transposed  # c t @ x: by rows; (c t)^T @ x: summed over row blocks
+        if right:
+            parts = [b @ x for _, _, b in self._blocks()]
+            return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        out = None
+        for r0, r1, b in self._blocks():
+            part = b.T @ x[r0:r1]
+            out = part if out is None else out + part
+        return out
 
 
 class _SignMatrix:

@@ -417,6 +417,45 @@ def test_kron_sketch_is_deterministic_homogeneous_and_safe_at_extremes():
     assert smod.kron_sketch_terms(t, idx[:0], signs[:0]) == (0.0, 0.0)
 
 
+@pytest.mark.parametrize("shape", [(100, 140), (140, 100)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kron_sketch_on_row_blocks_is_kron_sketch_on_the_array(shape, dtype):
+    # a matrix read a few rows at a time (as compress hands a BF16 or made-on-demand matrix
+    # to the rule, so that it needs no float32 copy of it) gives the same terms, up to the
+    # order of float32 additions, including the scaled copy of far-off values
+    rng = np.random.default_rng(12)
+    for factor in (1.0, 1e-30):
+        t = (_fine_tune_like(rng, *shape) * factor).astype(dtype)
+        idx, signs = _top(t, 0.05)
+        want = smod.kron_sketch_terms(t, idx, signs)
+        blocks = smod.RowBlocks(t.shape, t.dtype, lambda a, z, t=t: t[a:z],
+                                lambda i, t=t: t.reshape(-1)[i], step=7)
+        assert len(list(blocks.blocks())) == -(-shape[0] // 7)
+        got = smod.kron_sketch_terms(blocks, idx, signs)
+        assert got == pytest.approx(want, rel=1e-5)
+    # one block is the array itself: the very same terms
+    assert smod.kron_sketch_terms(smod.RowBlocks.of(t), idx, signs) == want
+
+
+def test_kron_sketch_of_bf16_storage_reads_row_blocks(monkeypatch):
+    # compress gives kron_sketch a BF16 matrix a block at a time, never a float32 copy
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(13)
+    w = torch.from_numpy(_fine_tune_like(rng, 90, 60).astype(np.float32)).to(torch.bfloat16)
+    seen = []
+    real = smod.kron_sketch_terms
+
+    def spy(t, idx, signs):
+        seen.append(type(t).__name__)
+        return real(t, idx, signs)
+
+    monkeypatch.setitem(smod.METRIC_TERMS, "kron_sketch", spy)
+    got = compress({"w": w}, density=0.05, scale="kron_sketch")["w"]
+    want = compress({"w": w.float().numpy()}, density=0.05, scale="kron_sketch")["w"]
+    assert seen == ["RowBlocks", "ndarray"]
+    assert (got.nnz, got.scale) == (want.nnz, want.scale)
+
+
 def test_kron_without_a_kept_matrix_entry_is_proj_vcap():
     tv = {"v": np.array([0.5, -0.1, 0.05]), "b": np.array([[0.01, -0.02], [0.0, 0.01]])}
     for density in (0.2, 0.4):  # only entries of the vector are kept
