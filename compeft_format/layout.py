@@ -33,7 +33,7 @@ from .errors import (
 )
 from .info import BlockInfo, TensorInfo
 from .metadata import decode_metadata, unstage_metadata
-from .packtable import Member, decode_name, member_name, read_column_table
+from .packtable import Member, common_prefix, decode_name, member_name, read_column_table
 
 __all__ = [
     "BLOCK_ROLES",
@@ -81,14 +81,6 @@ def descriptor(block_type: int, stage: int, param: int, stored: int, decoded: in
     return out
 
 
-def _common_prefix(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def pack_table(members: list[PackMember], prev: bytes | None = None) -> bytes:
     """The member table of a 1.1 pack (spec 5.8): names front-coded, then the fixed fields.
 
@@ -100,7 +92,7 @@ def pack_table(members: list[PackMember], prev: bytes | None = None) -> bytes:
     prev = members[0].name if prev is None else prev
     for m in members:
         f = m.fields
-        shared = _common_prefix(prev, m.name)
+        shared = common_prefix(prev, m.name)
         out += encode_varint(shared) + encode_varint(len(m.name) - shared) + m.name[shared:]
         out += bytes([S.DTYPE_CODES[f.dtype], len(f.shape)])
         out += b"".join(encode_varint(d) for d in f.shape) + encode_varint(f.nnz)

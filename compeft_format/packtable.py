@@ -17,6 +17,7 @@ True
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,8 +26,8 @@ from ._io import BufferSource, encode_varint
 from ._spec import ReadLimits
 from .errors import CorruptDataError, LimitExceededError
 
-__all__ = ["Member", "column_table", "decode_name", "member_name", "predicted_param",
-           "predicted_size", "read_column_table", "unzigzag", "zigzag"]
+__all__ = ["Member", "column_table", "common_prefix", "decode_name", "member_name",
+           "predicted_param", "predicted_size", "read_column_table", "unzigzag", "zigzag"]
 
 
 @dataclass(frozen=True)
@@ -98,12 +99,14 @@ def predicted_size(ptype: int, param: int, numel: int, nnz: int) -> int:
     return (w * nnz + long_codes + unary + nnz + 7) // 8
 
 
-def _common_prefix(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def common_prefix(a: bytes, b: bytes) -> int:
+    """The length of the longest common prefix of two names (their front coding, spec 5.8).
+
+    >>> common_prefix(b"layer.0.q", b"layer.0.v")
+    8
+    """
+    # byte by byte is the point here: names are front-coded as bytes, not path components
+    return len(os.path.commonprefix([a, b]))  # noqa: RUF071
 
 
 def column_table(members: Sequence[Member]) -> bytes:
@@ -111,7 +114,7 @@ def column_table(members: Sequence[Member]) -> bytes:
     prev = members[0].name  # the first name is coded against the pack's Name: itself
     prefixes, lengths, suffixes = bytearray(), bytearray(), bytearray()
     for m in members:
-        shared = _common_prefix(prev, m.name)
+        shared = common_prefix(prev, m.name)
         prefixes += encode_varint(shared)
         lengths += encode_varint(len(m.name) - shared)
         suffixes += m.name[shared:]
