@@ -1002,7 +1002,6 @@ class _Job:
         return scale_value(self.scale, self.alpha, kept, kept_sum, stats, tensors, gram)
 
 
-
 def _metric_matrix(flat: Any, dname: str, rows: int, scale: str) -> np.ndarray | RowBlocks:
     """A matrix's values for :data:`METRIC_TERMS`: for ``"kron_sketch"``, whenever the values
     are not float32 or float64 in memory already (made on demand, or stored as BF16, F16,

@@ -574,12 +574,9 @@ def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader
                      scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0]))
     before = {n: done[n].scale for n in names}
     done.update(fitted)
-    if len(set(before.values())) <= 1:
-        proj: Any = next(iter(before.values()), 0.0)
-    elif scope == "role":
+    proj: Any = _one_or_each(before) if before else 0.0
+    if scope == "role" and isinstance(proj, dict):  # one scale per role
         proj = {"A": before[pairs[0][0]], "B": before[pairs[0][1]]}
-    else:
-        proj = before
     return {"selection": LORA_SELECTION, "proj_scale": proj}
 
 
