@@ -553,7 +553,8 @@ def pooled_gaps(trios: list[Mapping[str, Mapping[str, np.ndarray]]], tasks: tupl
 
     ``trios``: each trio's per-word scores (row key -> task -> scores, with ``"base"`` and
     ``"expert <task>"``). The interval covers the words' sampling noise only, not how much
-    the gap varies from one trio of experts to another (the per-trio gaps show that).
+    the gap varies from one trio of experts to another: ``sd_between`` is the SD of the
+    per-trio gaps (ddof 1; None for one trio).
 
     >>> rng = np.random.default_rng(0)
     >>> def trio(shift):
@@ -581,6 +582,8 @@ def pooled_gaps(trios: list[Mapping[str, Mapping[str, np.ndarray]]], tasks: tupl
         out[name]["gap"] = float(np.mean(out[name]["gaps"]))
         out[name]["interval95"] = interval(total[name])
         out[name]["sd"] = float(total[name].std(ddof=1))
+        out[name]["sd_between"] = (float(np.std(out[name]["gaps"], ddof=1))
+                                   if len(trios) > 1 else None)
     return out
 
 
@@ -1189,8 +1192,8 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
         f"+-{res['target']}.",
         "",
         "| sign | density | rule | " + " | ".join(f"trio {t['seed']}" for t in trio)
-        + " | pooled | verdict (pooled) |",
-        "|---|---|---|" + "---|" * (n + 2),
+        + " | pooled | SD between trios | verdict (pooled) |",
+        "|---|---|---|" + "---|" * (n + 3),
     ]
     for v in TARGET_ROWS:
         for d in densities:
@@ -1201,7 +1204,7 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
                     + " | ".join(f"{g:+.3f} [{a:+.3f}, {b:+.3f}]" for g, (a, b) in
                                  zip(p["gaps"], p["intervals95"], strict=True))
                     + f" | **{p['gap']:+.3f}** [{p['interval95'][0]:+.3f}, "
-                    f"{p['interval95'][1]:+.3f}] | {p['verdict']} |")
+                    f"{p['interval95'][1]:+.3f}] | {p['sd_between']:.3f} | {p['verdict']} |")
     best = {d: max(("none", *TARGET_RULES),
                    key=lambda r, d=d: pooled[f"compressed {d}|ties|{r}"]["gap"])
             for d in densities}

@@ -154,7 +154,8 @@ def test_load_task_shuffles_with_the_trios_split_seed(monkeypatch):
     assert list(zip(t0.words, t0.targets, strict=True)) == old
     assert ex_mod.load_task("syllables", None, seed=0).words == t0.words
     t1 = ex_mod.load_task("syllables", None, seed=1)
-    assert t1.words != t0.words and sorted(t1.words) == sorted(t0.words)
+    assert t1.words != t0.words
+    assert sorted(t1.words) == sorted(t0.words)
 
 
 def test_make_init_seeds_torch_with_the_trios_init_seed(monkeypatch, tmp_path):
@@ -191,11 +192,14 @@ def test_item_cache_keys_on_the_experts(tmp_path):
     store = mq.ItemCache(path)
     store.use("experts:A", fa)
     got, hit = store.get("tv:abc", ("t",), make(9.0))
-    assert hit and got["t"].tolist() == [1.0] * 3 and calls == []
+    assert hit
+    assert got["t"].tolist() == [1.0] * 3
+    assert calls == []
     # the same model (weights digest) on another trio is another entry: no collision
     store.use("experts:B", fb)
     got, hit = store.get("tv:abc", ("t",), make(2.0))
-    assert not hit and got["t"].tolist() == [2.0] * 3
+    assert not hit
+    assert got["t"].tolist() == [2.0] * 3
     again = mq.ItemCache(path)
     again.use("experts:A", fa)
     assert again.get("tv:abc", ("t",), make(9.0))[0]["t"].tolist() == [1.0] * 3
@@ -246,6 +250,7 @@ def test_pooled_gaps_are_the_mean_of_the_trios_with_a_narrower_interval():
     assert pooled < 0.85 * min(widths)
     assert pooled == pytest.approx(np.hypot(*widths) / 2, rel=0.2)
     assert p["interval95"][0] < p["gap"] < p["interval95"][1]
+    assert p["sd_between"] == pytest.approx(np.std(want, ddof=1))
 
 
 def test_pooled_gap_of_a_row_equal_to_its_reference_is_exactly_zero():
@@ -256,7 +261,8 @@ def test_pooled_gap_of_a_row_equal_to_its_reference_is_exactly_zero():
         items["same"] = items["originals|ties|none"]
         trios.append(items)
     p = mq.pooled_gaps(trios, tasks, {"g": ("same", "originals|ties|none")}, reps=100)["g"]
-    assert p["gaps"] == [0.0, 0.0, 0.0] and p["interval95"] == [0.0, 0.0]
+    assert p["gaps"] == [0.0, 0.0, 0.0]
+    assert p["interval95"] == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("module", [mq, ex_mod], ids=["merge_quality", "experts"])
@@ -264,4 +270,5 @@ def test_bench_doctests(module):
     import doctest
 
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-    assert result.attempted and not result.failed
+    assert result.attempted
+    assert not result.failed
