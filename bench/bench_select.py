@@ -240,17 +240,17 @@ def bench_phases(n: int, density: float) -> None:
     rows.append(tuple(row))
     top = sel.select_topk(np.abs(x), k)
     t = np.float32(top.threshold)
-    from compeft_format.compress import _Job
+    from compeft_format.passes import ScopePasses
 
-    job = _Job(density, 1.0, "proj", {}, None)
+    job = ScopePasses(density, 1.0, "proj", {}, None)
     os.environ["COMPEFT_THREADS"] = "1"
     try:
         parts = found["parts"]
-        row = ["picking the kept entries", cpu_ns(lambda: job._pick(parts, t, top.n_ties, True)),
+        row = ["picking the kept entries", cpu_ns(lambda: job.pick(parts, t, top.n_ties, True)),
                None]
         if kern is not None:
             job.kernels = kern
-            row[2] = cpu_ns(lambda: job._pick(parts, t, top.n_ties, True))
+            row[2] = cpu_ns(lambda: job.pick(parts, t, top.n_ties, True))
         rows.append(tuple(row))
     finally:
         del os.environ["COMPEFT_THREADS"]

@@ -12,8 +12,8 @@ Files are written exactly as the ``compeft compress`` command writes them
 initial state), so metadata, base binding, index and trailer are all counted.
 
 Run: ``python -m bench.overhead`` (a table), ``python -m bench.overhead FILE...`` (measure
-files), ``--json`` for JSON. The target is ``file / content <= 1.05`` at densities 0.01, 0.05
-and 0.1.
+files), ``--json`` for JSON, ``--breakdown`` for where each file's bytes go (:func:`breakdown`).
+The target is ``file / content <= 1.05`` at densities 0.01, 0.05 and 0.1.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 import zstandard
 
 from bench.common import ROOT, entropy_bound, md_table
-from compeft_format import open_file
+from compeft_format import inspect, open_file
 from compeft_format.convert import compress_file
 
 DENSITIES = (0.01, 0.05, 0.1)
@@ -96,6 +96,36 @@ def content_measure(path: str | Path) -> dict[str, Any]:
             "ratio": size / total}
 
 
+#: The parts of :func:`breakdown`, in file order.
+PARTS = ("header and metadata", "record framing", "data", "index and trailer")
+
+
+def breakdown(path: str | Path) -> dict[str, int]:
+    """Where the bytes of a compeft file go, from its own layout (:func:`compeft_format.inspect`).
+
+    ``header and metadata``: the file header, the metadata as stored, its checksum and padding
+    (everything before the first record). ``data``: the blocks of every tensor (positions,
+    signs, scale, dense values). ``record framing``: the rest of the records (record headers,
+    names, pack member tables, checksums, padding). ``index and trailer``: what follows the last
+    data block. The four add up to the file size.
+
+    >>> from compeft_format import TernaryTensor, dumps
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.compeft")
+    >>> _ = open(path, "wb").write(dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)}))
+    >>> parts = breakdown(path)
+    >>> sum(parts.values()) == os.path.getsize(path), parts["data"]
+    (True, 8)
+    """
+    info = inspect(path)
+    blocks = [b for t in info.tensors for b in t.blocks]
+    first = min((t.offset for t in info.tensors), default=info.file_size - 16)
+    data = sum(b.stored_size for b in blocks)
+    data_end = max((b.offset + b.stored_size for b in blocks), default=first)
+    return {"header and metadata": first, "record framing": data_end - first - data,
+            "data": data, "index and trailer": info.file_size - data_end}
+
+
 def write_adapter(folder: Path, shapes: list[tuple[str, tuple[int, int]]], seed: int) -> Path:
     """A PEFT LoRA adapter folder with an ``init/`` (A random, B zero), trained-like values."""
     from safetensors.numpy import save_file
@@ -119,8 +149,11 @@ def write_adapter(folder: Path, shapes: list[tuple[str, tuple[int, int]]], seed:
 
 
 def measure_all(densities: tuple[float, ...] = DENSITIES, generated: bool = True,
-                ) -> list[dict[str, Any]]:
-    """Compress every adapter at every density as ``compeft compress --base init`` does."""
+                parts: bool = False) -> list[dict[str, Any]]:
+    """Compress every adapter at every density as ``compeft compress --base init`` does.
+
+    With ``parts``, each row also has the file's :func:`breakdown` under ``"parts"``.
+    """
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         adapters = list(OWN)
@@ -131,7 +164,8 @@ def measure_all(densities: tuple[float, ...] = DENSITIES, generated: bool = True
             for p in densities:
                 out = Path(tmp) / f"out-{len(rows)}"
                 compress_file(folder, out, density=p, base=folder / "init")
-                row = content_measure(out / "adapter_model.compeft")
+                path = out / "adapter_model.compeft"
+                row = content_measure(path) | ({"parts": breakdown(path)} if parts else {})
                 rows.append({"adapter": label, "density": p, **row})
     return rows
 
@@ -145,18 +179,46 @@ def table_md(rows: list[dict[str, Any]]) -> str:
     return md_table(header, body, "lrrrrrr")
 
 
+def breakdown_md(rows: list[dict[str, Any]]) -> str:
+    """Markdown table of the rows' :func:`breakdown` against their content measure.
+
+    ``overhead`` is file minus content; ``allowed`` is what the target leaves (0.05 x content);
+    ``data above bound`` is the data blocks minus the iid bound and the scales (the coding's
+    own excess); ``framing - names`` is the record framing minus the content measure's
+    compressed names (names are content; what the framing spends beyond them is overhead).
+    """
+    header = ["adapter", "density", "overhead", "allowed", *PARTS[:1], "framing - names",
+              "data above bound", PARTS[3]]
+    body = []
+    for r in rows:
+        p = r["parts"]
+        above = p["data"] - r["bound_bytes"] - r["scale_bytes"] - r["dense_bytes"]
+        body.append([r["adapter"], f"{r['density']:g}", f"{r['file'] - r['content']:,}",
+                     f"{(TARGET - 1) * r['content']:,.0f}", f"{p[PARTS[0]]:,}",
+                     f"{p['record framing'] - r['names_zstd']:,}", f"{above:,}",
+                     f"{p[PARTS[3]]:,}"])
+    return md_table(header, body, "lrrrrrrr")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the table (or measure the files given)."""
     ap = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__)
     ap.add_argument("files", nargs="*", help="measure these compeft files instead")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--own-only", action="store_true", help="skip the generated adapters")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also say where each file's bytes go (header and metadata, record "
+                         "framing, data, index and trailer) against the content measure's parts")
     args = ap.parse_args(argv)
     if args.files:
-        rows = [{"adapter": f, "density": float("nan"), **content_measure(f)} for f in args.files]
+        rows = [{"adapter": f, "density": float("nan"), **content_measure(f),
+                 **({"parts": breakdown(f)} if args.breakdown else {})} for f in args.files]
     else:
-        rows = measure_all(generated=not args.own_only)
+        rows = measure_all(generated=not args.own_only, parts=args.breakdown)
     print(json.dumps(rows, indent=1) if args.json else table_md(rows))
+    if args.breakdown and not args.json:
+        print()
+        print(breakdown_md(rows))
     worst = max(r["ratio"] for r in rows)
     print(f"\nworst file / content: {worst:.3f} (target <= {TARGET})", file=sys.stderr)
     return 0

@@ -23,8 +23,8 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._progress import Bar
 from ._version import __version__
-from .compress import ChunkedValues
 from .errors import ConvertError, EncodeError
+from .passes import ChunkedValues
 from .safetensors_io import SafetensorsReader
 from .sources import (
     ADAPTER_WEIGHTS,

@@ -115,6 +115,33 @@ def test_overhead_content_measure_and_pack_target(tmp_path: Path) -> None:
         assert (m["ratio"] <= overhead.TARGET) is ok, (version, m["ratio"])
 
 
+def test_overhead_breakdown_adds_up_and_finds_each_part(tmp_path: Path) -> None:
+    """bench/overhead.py --breakdown: the parts add up to the file; the data part is exactly
+    the blocks; the metadata, a pack's member table and the index land in their own parts."""
+    from bench import overhead
+    from compeft_format import TernaryTensor, inspect, save_file
+
+    rng = np.random.default_rng(1)
+    tensors = {f"layer.{i}.w": TernaryTensor((64, 8), np.sort(rng.choice(512, 20, False)),
+                                             rng.random(20) < 0.5, 0.5) for i in range(30)}
+    sizes = {}
+    for meta in ({}, {"note": "x" * 3000}):
+        path = tmp_path / f"m{len(meta)}.compeft"
+        save_file(tensors, path, metadata=meta)
+        parts = overhead.breakdown(path)
+        assert sum(parts.values()) == path.stat().st_size
+        info = inspect(path)
+        assert parts["data"] == sum(b.stored_size for t in info.tensors for b in t.blocks)
+        assert parts["index and trailer"] >= 16  # the trailer alone is 16 bytes (spec 5.7)
+        sizes[len(meta)] = parts
+    # incompressible-ish metadata grows only the header part; the records are the same
+    assert sizes[1]["header and metadata"] > sizes[0]["header and metadata"]
+    for part in overhead.PARTS[1:]:
+        assert sizes[1][part] == sizes[0][part], part
+    # 30 packed names and their member table are framing, more than the bare record headers
+    assert sizes[0]["record framing"] > 30
+
+
 def test_compress_against_partition_table(capsys) -> None:
     """bench_select part 3 (compress vs np.partition, 1 thread and all) runs and says it."""
     sys.path.insert(0, str(ROOT / "bench"))

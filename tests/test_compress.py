@@ -465,7 +465,7 @@ def test_kron_without_a_kept_matrix_entry_is_proj_vcap():
             n: (want[n].nnz, want[n].scale) for n in tv}
 
 
-@pytest.mark.parametrize("module", ["compress", "scales", "selection"])
+@pytest.mark.parametrize("module", ["compress", "passes", "scales", "selection"])
 def test_compress_doctests(module):
     import doctest
 
