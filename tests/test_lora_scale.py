@@ -27,9 +27,10 @@ def _adapter(rng, modules=3, r=4, out=24, inp=20, init=True):
     return ad, (ref if init else None)
 
 
-def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False):
+def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False, in_metric=False):
     """sum_m w_m ||(B0 + s_B S_B)(A0 + s_A S_A) - B A||^2, with full dense products; with
-    ``out_metric`` the norm is tr(G E E^T), G = P P^T scaled to a mean eigenvalue of 1."""
+    ``out_metric`` the norm is tr(G E E^T), G = P P^T scaled to a mean eigenvalue of 1; with
+    ``in_metric`` too, tr(G E H E^T), H = P^T P scaled the same way."""
     total = 0.0
     for a, b in ls.lora_pairs(comp):
         ra = comp[a].to_numpy().astype(np.float64) / comp[a].scale * scales[a]
@@ -44,7 +45,11 @@ def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False):
             if not np.trace(g) > 0:
                 continue
             g /= np.trace(g) / g.shape[0]
-            sq = float(np.trace(g @ e @ e.T))
+            h = np.eye(e.shape[1])
+            if in_metric:
+                h = want.T @ want
+                h /= np.trace(h) / h.shape[0]
+            sq = float(np.trace(g @ e @ h @ e.T))
         else:
             sq = float((e**2).sum())
         total += (1.0 if weights is None else weights[a] ** 2) * sq
@@ -109,14 +114,15 @@ def test_global_scale_is_the_brute_force_minimum(seed, density, init, rule):
     ad, ref = _adapter(rng, init=init)
     comp = compress(_tv(ad, ref), density=density, scale="proj_vcap")
     out = ls.rescale(comp, ad, ref, rule=rule)
-    metric = rule == "lora_product_out"
+    metric = rule != "lora_product"
     pairs = ls.lora_pairs(comp)
     names = [n for p in pairs for n in p]
     assert sum(comp[b].nnz for _, b in pairs)  # both factors have kept entries
     assert sum(comp[a].nnz for a, _ in pairs)
 
     def err(s):
-        return _dense_error(comp, ad, ref, dict.fromkeys(names, s), out_metric=metric)
+        return _dense_error(comp, ad, ref, dict.fromkeys(names, s), out_metric=metric,
+                            in_metric=rule == "lora_product_kron")
 
     s = out[pairs[0][0]].scale
     assert all(out[n].scale == s for n in names)  # one scale for the scope
@@ -242,6 +248,39 @@ def test_output_metric_is_p_pt():
     g = (b @ a) @ (b @ a).T
     np.testing.assert_allclose((q * w) @ q.T, g / (np.trace(g) / 9), atol=1e-12)
     assert ls.output_metric(a, np.zeros((9, 3))) is None
+
+
+def test_kron_metric_is_p_pt_and_pt_p():
+    rng = np.random.default_rng(4)
+    a, b = rng.normal(size=(3, 11)), rng.normal(size=(9, 3))
+    q, w, qi, wi = ls.kron_metric(a, b)
+    p = b @ a
+    g, h = p @ p.T, p.T @ p
+    np.testing.assert_allclose((q * w) @ q.T, g / (np.trace(g) / 9), atol=1e-12)
+    np.testing.assert_allclose((qi * wi) @ qi.T, h / (np.trace(h) / 11), atol=1e-12)
+    assert ls.kron_metric(np.zeros((3, 11)), b) is None
+
+
+@pytest.mark.parametrize("with_b0", [False, True])
+def test_quartic_under_the_kron_metric_is_the_dense_error(with_b0):
+    rng = np.random.default_rng(6)
+    a, a0, b = rng.normal(size=(3, 7)), rng.normal(size=(3, 7)), rng.normal(size=(5, 3))
+    b0 = rng.normal(size=(5, 3)) if with_b0 else None
+    sa = rng.integers(-1, 2, size=(3, 7)).astype(float)
+    sb = rng.integers(-1, 2, size=(5, 3)).astype(float)
+    metric = ls.kron_metric(a, b)
+    p = b @ a
+    g, h = p @ p.T / (np.trace(p @ p.T) / 5), p.T @ p / (np.trace(p.T @ p) / 7)
+    q = ls.product_quartic(a0, b0, sa, sb, a, b, metric)
+    n00, n01, n11 = ls.pair_polynomials(a0, b0, sa, sb, a, b, metric)
+    P = np.polynomial.polynomial
+    for s_a, s_b in ((0.3, 0.3), (1.7, 1.7), (0.2, 1.1)):
+        e = ((0 if b0 is None else b0) + s_b * sb) @ (a0 + s_a * sa) - p
+        want = float(np.trace(g @ e @ h @ e.T))
+        if s_a == s_b:
+            assert P.polyval(s_a, q) == pytest.approx(want, rel=1e-10)
+        got = P.polyval(s_a, n00) + 2 * s_b * P.polyval(s_a, n01) + s_b**2 * P.polyval(s_a, n11)
+        assert got == pytest.approx(want, rel=1e-10)
 
 
 def test_lora_pairs_names():
