@@ -1127,13 +1127,23 @@ def markdown(res: dict, densities: tuple[float, ...], load: str) -> str:
 
 
 def trios(measured: list[tuple[dict, Mapping[str, Mapping[str, np.ndarray]]]],
-          densities: tuple[float, ...], reps: int = BOOTSTRAP) -> tuple[list[dict], dict]:
-    """Each trio's target rows and the gaps pooled over the trios (:func:`pooled_gaps`):
-    ``measured`` is :func:`measure`'s output for each trio (the first may be the full run)."""
+          densities: tuple[float, ...], reps: int = BOOTSTRAP
+          ) -> tuple[list[dict], dict, dict]:
+    """Each trio's target rows, the gaps pooled over the trios (:func:`pooled_gaps`), and
+    the paired difference between the two rules pooled the same way (which rule to
+    recommend): ``measured`` is :func:`measure`'s output for each trio (the first may be
+    the full run)."""
     tasks = tuple(measured[0][0]["tasks"])
     pairs = {f"compressed {d}|{v}|{rule}": (f"compressed {d}|{v}|{rule}", f"originals|{v}|none")
              for v in TARGET_ROWS for d in densities for rule in ("none", *TARGET_RULES)}
-    pooled = pooled_gaps([items for _, items in measured], tasks, pairs, reps)
+    a, b = TARGET_RULES[1], TARGET_RULES[0]
+    rule_pairs = {f"compressed {d}|{v}|{a} - {b}": (f"compressed {d}|{v}|{a}",
+                                                     f"compressed {d}|{v}|{b}")
+                  for v in TARGET_ROWS for d in densities}
+    everything = pooled_gaps([items for _, items in measured], tasks, pairs | rule_pairs,
+                             reps)
+    pooled = {k: everything[k] for k in pairs}
+    rules = {k: everything[k] for k in rule_pairs}
     summary = []
     for k, (res, _) in enumerate(measured):
         summary.append({
@@ -1146,9 +1156,10 @@ def trios(measured: list[tuple[dict, Mapping[str, Mapping[str, np.ndarray]]]],
                        or f"{r['source']}|{r['method']}|{r['rule']}" in pairs},
             "gaps": {name: {"gap": p["gaps"][k], "interval95": p["intervals95"][k]}
                      for name, p in pooled.items()}})
-    for p in pooled.values():
-        p["verdict"] = verdict(p["gap"], p["interval95"], TARGET)
-    return summary, pooled
+    for p in pooled.values():  # a miss says which side: above is a merge better than the target
+        p["verdict"] = verdict(p["gap"], p["interval95"], TARGET).replace(
+            "misses", "misses above" if p["gap"] > 0 else "misses below")
+    return summary, pooled, rules
 
 
 def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
@@ -1205,14 +1216,33 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
                                  zip(p["gaps"], p["intervals95"], strict=True))
                     + f" | **{p['gap']:+.3f}** [{p['interval95'][0]:+.3f}, "
                     f"{p['interval95'][1]:+.3f}] | {p['sd_between']:.3f} | {p['verdict']} |")
-    best = {d: max(("none", *TARGET_RULES),
-                   key=lambda r, d=d: pooled[f"compressed {d}|ties|{r}"]["gap"])
-            for d in densities}
-    lines += ["", "With the sign of the sum (the target's), the best rule pooled: " + "; ".join(
-        f"{label[best[d]]} at {d}, {pooled[f'compressed {d}|ties|{best[d]}']['gap']:+.3f} "
-        f"[{pooled[f'compressed {d}|ties|{best[d]}']['interval95'][0]:+.3f}, "
-        f"{pooled[f'compressed {d}|ties|{best[d]}']['interval95'][1]:+.3f}] "
-        f"({pooled[f'compressed {d}|ties|{best[d]}']['verdict']})" for d in densities) + ".",
+    d0 = densities[0]
+    key = f"compressed {d0}|ties|{res['fix']}"
+    p = pooled[key]
+    one = verdict(p["gaps"][0], p["intervals95"][0], res["target"])
+    lines += [
+        "", f"**The target's row** (TIES with the sign of the sum, `{res['fix']}`, density "
+        f"{d0}): trio {trio[0]['seed']} alone {p['gaps'][0]:+.3f} [{p['intervals95'][0][0]:+.3f}"
+        f", {p['intervals95'][0][1]:+.3f}] ({one}); the other trios " + ", ".join(
+            f"{g:+.3f}" for g in p["gaps"][1:]) + f"; pooled over {n} trios **{p['gap']:+.3f} "
+        f"[{p['interval95'][0]:+.3f}, {p['interval95'][1]:+.3f}]** ({p['verdict']}), with "
+        f"an SD of {p['sd_between']:.3f} between the trios' gaps: the trio drawn moves the "
+        "gap far more than the held-out words do. *Above* is a merge of compressed experts "
+        "that keeps more of the experts' gains than TIES of the originals.",
+        "", f"Which rule, over the trios: `{TARGET_RULES[1]}` - `{TARGET_RULES[0]}` on the "
+        "same compressed experts (paired; positive: `expected_ties` better):", "",
+        "| sign | density | " + " | ".join(f"trio {t['seed']}" for t in trio)
+        + " | pooled | SD between trios |", "|---|---|" + "---|" * (n + 2)]
+    for v in TARGET_ROWS:
+        for d in densities:
+            r = res["pooled_rules"][f"compressed {d}|{v}|{TARGET_RULES[1]} - {TARGET_RULES[0]}"]
+            lines.append(
+                f"| {'sum' if v == 'ties' else 'frequency'} | {d} | " + " | ".join(
+                    f"{g:+.3f} [{a:+.3f}, {b:+.3f}]" for g, (a, b) in
+                    zip(r["gaps"], r["intervals95"], strict=True))
+                + f" | **{r['gap']:+.3f}** [{r['interval95'][0]:+.3f}, "
+                f"{r['interval95'][1]:+.3f}] | {r['sd_between']:.3f} |")
+    lines += [
         "", "Made with (the further trios trained first, about 3-15 min per expert on one "
         "core; their scores are cached with the others', keyed on the experts):", "",
         "    HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py --seed 1   # and --seed 2 ...",
@@ -1364,7 +1394,7 @@ def main() -> None:
             measured.append(measure(more, densities, store, args.words, target_only=True))
         res = measured[0][0]
         if len(measured) > 1:
-            res["trios"], res["pooled"] = trios(measured, densities)
+            res["trios"], res["pooled"], res["pooled_rules"] = trios(measured, densities)
         res["load_at_start"] = load
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "merge_quality.json").write_text(json.dumps(res, indent=1, default=float))

@@ -272,3 +272,46 @@ def test_bench_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted
     assert not result.failed
+
+
+def test_trios_pool_the_target_rows_and_render_them():
+    rng = np.random.default_rng(13)
+    densities = (0.2, 0.1)
+    measured = []
+    for seed, shift in ((0, -0.03), (1, 0.1)):
+        tasks, items = _trio_items(rng, 0.0)
+        items["originals|ties-freq|none"] = items["originals|ties|none"]
+        rows = []
+        for d in densities:
+            for v in mq.TARGET_ROWS:
+                for k, rule in enumerate(("none", *mq.TARGET_RULES)):
+                    key = f"compressed {d}|{v}|{rule}"
+                    items[key] = {t: items[f"originals|{v}|none"][t] + shift * k
+                                  for t in tasks}
+                    rows.append({"source": f"compressed {d}", "method": v, "rule": rule,
+                                 "normalised": {"mean": 0.0}})
+        res = {"tasks": list(tasks), "experts_dir": f"/x/{seed}", "experts_id": "experts:x",
+               "seed": seed, "words": {t: items["base"][t].size for t in tasks},
+               "base": {t: 0.0 for t in tasks},
+               "experts": {e: {t: 1.0 for t in tasks} for e in tasks}, "seconds": 1.0,
+               "models": 1, "reused_rows": 0, "target": 0.02, "fix": "expected_ties",
+               "rows": [{"source": "originals", "method": v, "rule": "none",
+                         "normalised": {"mean": 0.5}} for v in mq.TARGET_ROWS] + rows}
+        measured.append((res, items))
+    summary, pooled, rules = mq.trios(measured, densities, reps=100)
+    assert [s["seed"] for s in summary] == [0, 1]
+    # the rows are the originals' plus shift x (0, 1, 2) in raw per-word score; the experts'
+    # gain is 1 on each task, so the normalised gaps are shift x (0, 1, 2) exactly
+    et = pooled["compressed 0.2|ties|expected_ties"]
+    assert et["gaps"] == pytest.approx([-0.06, 0.2])
+    assert et["gap"] == pytest.approx(0.07)
+    assert et["verdict"].startswith("misses above")
+    assert pooled["compressed 0.2|ties|dense_divisor"]["gaps"] == pytest.approx([-0.03, 0.1])
+    assert pooled["compressed 0.1|ties|none"]["verdict"] == "within, resolved"
+    diff = rules["compressed 0.1|ties-freq|expected_ties - dense_divisor"]
+    assert diff["gaps"] == pytest.approx([-0.03, 0.1])
+    res = dict(measured[0][0], trios=summary, pooled=pooled, pooled_rules=rules)
+    text = "\n".join(mq.trios_section(res, densities))
+    assert "## Across 2 trios of experts (seeds 0, 1)" in text
+    assert "--experts /x/0 /x/1" in text
+    assert "**+0.070**" in text
