@@ -292,8 +292,8 @@ def test_trios_pool_the_target_rows_and_render_them():
                                  "normalised": {"mean": 0.0}})
         res = {"tasks": list(tasks), "experts_dir": f"/x/{seed}", "experts_id": "experts:x",
                "seed": seed, "words": {t: items["base"][t].size for t in tasks},
-               "base": {t: 0.0 for t in tasks},
-               "experts": {e: {t: 1.0 for t in tasks} for e in tasks}, "seconds": 1.0,
+               "base": dict.fromkeys(tasks, 0.0),
+               "experts": {e: dict.fromkeys(tasks, 1.0) for e in tasks}, "seconds": 1.0,
                "models": 1, "reused_rows": 0, "target": 0.02, "fix": "expected_ties",
                "rows": [{"source": "originals", "method": v, "rule": "none",
                          "normalised": {"mean": 0.5}} for v in mq.TARGET_ROWS] + rows}
