@@ -25,9 +25,18 @@ empty; see ``bench/experts.py`` for the packages they need)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_quality.py     # ~1 h on 2 busy cores
 
+Further trios of experts (``bench/experts.py --seed N``, same recipe, another draw of the
+training) are scored with the rows that decide the target and pooled with the first
+(``--experts DIR DIR ...``, the first gets every measurement; ~30 min per further trio)::
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py --seed 1  # -> /work/cache/experts-seed1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_quality.py \\
+        --experts /work/cache/experts /work/cache/experts-seed1
+
 Writes ``bench/results/merge_quality.md``, ``.json`` and ``.png`` (``--out``). Every model's
 per-word scores are kept in a reuse cache (``--items``, outside git), keyed by a digest of the
-model's weights: a second run scores only what is new or changed.
+experts (their trio) and of the model's weights: a second run scores only what is new or
+changed.
 """
 
 from __future__ import annotations
