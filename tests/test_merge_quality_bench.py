@@ -119,3 +119,156 @@ def test_product_fit_brings_the_products_closer():
 
     for a in ("m.lora_A.weight", "n.lora_A.weight"):
         assert err(fitted, a) < 0.9 * err(merged, a)
+
+
+# --- more trios of experts (bench/experts.py --seed) and pooling over them -----------------
+ex_mod = pytest.importorskip("bench.experts", reason="the bench needs torch")
+
+
+def test_trio_0s_derived_seeds_are_the_ones_the_cached_experts_were_made_with():
+    # before --seed the code spelled them SEED, SEED + 1 + task index, SEED + 7 (SEED = 0)
+    assert ex_mod.derived_seeds(0) == {
+        "split": {"sentiment": "0-sentiment", "frequency": "0-frequency",
+                  "syllables": "0-syllables"},
+        "init": 0, "heads": {"sentiment": 1, "frequency": 2, "syllables": 3}, "batches": 7}
+    assert ex_mod.default_cache(0) == ex_mod.CACHE
+    assert ex_mod.default_cache(1) == ex_mod.CACHE.with_name(ex_mod.CACHE.name + "-seed1")
+    # no two trios share a torch or numpy seed, and each trio's split is its own
+    used = [s for k in range(5) for d in [ex_mod.derived_seeds(k)]
+            for s in (d["init"], d["batches"], *d["heads"].values())]
+    assert len(used) == len(set(used))
+    assert ex_mod.derived_seeds(1)["split"]["syllables"] == "1-syllables"
+    with pytest.raises(ValueError, match="seed"):
+        ex_mod.derived_seeds(-1)
+
+
+def test_load_task_shuffles_with_the_trios_split_seed(monkeypatch):
+    import random
+
+    words = {f"w{i:03d}": 1 + i % 4 for i in range(60)}
+    monkeypatch.setattr(ex_mod, "_cmudict", lambda: dict(words))
+    pairs = sorted((w, float(n - 1)) for w, n in words.items())
+    old = list(pairs)
+    random.Random("0-syllables").shuffle(old)  # what the code did before --seed
+    t0 = ex_mod.load_task("syllables", None)
+    assert list(zip(t0.words, t0.targets, strict=True)) == old
+    assert ex_mod.load_task("syllables", None, seed=0).words == t0.words
+    t1 = ex_mod.load_task("syllables", None, seed=1)
+    assert t1.words != t0.words
+    assert sorted(t1.words) == sorted(t0.words)
+
+
+def test_make_init_seeds_torch_with_the_trios_init_seed(monkeypatch, tmp_path):
+    import torch
+
+    drawn = {}
+
+    class Fake:
+        def save_pretrained(self, out):
+            drawn[out] = torch.rand(3)
+
+    monkeypatch.setattr(ex_mod, "peft_model", lambda enc: Fake())
+    for seed in (0, 1):
+        ex_mod.make_init(None, tmp_path / str(seed), seed)
+    torch.manual_seed(0)
+    assert torch.equal(drawn[str(tmp_path / "0")], torch.rand(3))
+    torch.manual_seed(100)
+    assert torch.equal(drawn[str(tmp_path / "1")], torch.rand(3))
+
+
+def test_item_cache_keys_on_the_experts(tmp_path):
+    path = tmp_path / "scores.npz"
+    fa, fb = np.arange(4.0), np.arange(4.0) + 10
+    calls = []
+
+    def make(v):
+        def f():
+            calls.append(v)
+            return {"t": np.full(3, v)}
+        return f
+
+    # a file in the layout before the key named the experts: taken over by its trio
+    np.savez(path, fingerprint=fa, **{"tv:abc|t": np.full(3, 1.0)})
+    store = mq.ItemCache(path)
+    store.use("experts:A", fa)
+    got, hit = store.get("tv:abc", ("t",), make(9.0))
+    assert hit
+    assert got["t"].tolist() == [1.0] * 3
+    assert calls == []
+    # the same model (weights digest) on another trio is another entry: no collision
+    store.use("experts:B", fb)
+    got, hit = store.get("tv:abc", ("t",), make(2.0))
+    assert not hit
+    assert got["t"].tolist() == [2.0] * 3
+    again = mq.ItemCache(path)
+    again.use("experts:A", fa)
+    assert again.get("tv:abc", ("t",), make(9.0))[0]["t"].tolist() == [1.0] * 3
+    # a trio whose fingerprint changed loses its own entries only
+    again.use("experts:B", fb + 1)
+    assert not again.get("tv:abc", ("t",), make(3.0))[1]
+    again.use("experts:A", fa)
+    assert again.get("tv:abc", ("t",), make(9.0))[1]
+    assert calls == [2.0, 3.0]
+    with pytest.raises(RuntimeError, match="use"):
+        mq.ItemCache(None).get("k", ("t",), make(0.0))
+
+
+def _trio_items(rng, shift, n=(300, 2000)):
+    """Per-word scores of a fake trio: base, experts, originals' TIES, and a row ``shift``
+    (in the expert's gain units) below it, with its own per-word noise."""
+    tasks = ("a", "b")
+    base = {t: rng.normal(0, 1, k) for t, k in zip(tasks, n, strict=True)}
+    items = {"base": base}
+    for t in tasks:
+        items[f"expert {t}"] = {u: base[u] + (1.0 if u == t else -0.2) for u in tasks}
+    ref = {t: base[t] + 0.6 + rng.normal(0, 0.5, base[t].size) for t in tasks}
+    items["originals|ties|none"] = ref
+    items["compressed 0.2|ties|expected_ties"] = {
+        t: ref[t] + shift + rng.normal(0, 0.5, base[t].size) for t in tasks}
+    return tasks, items
+
+
+def test_pooled_gaps_are_the_mean_of_the_trios_with_a_narrower_interval():
+    rng = np.random.default_rng(11)
+    tasks, t0 = _trio_items(rng, -0.01)
+    _, t1 = _trio_items(rng, -0.05)
+    pair = {"g": ("compressed 0.2|ties|expected_ties", "originals|ties|none")}
+    p = mq.pooled_gaps([t0, t1], tasks, pair, reps=400)["g"]
+    e = {t: f"expert {t}" for t in tasks}
+    want = [mq.normalised_mean(t, pair["g"][0], tasks, e)
+            - mq.normalised_mean(t, pair["g"][1], tasks, e) for t in (t0, t1)]
+    assert p["gaps"] == pytest.approx(want)
+    assert p["gap"] == pytest.approx(np.mean(want))
+    assert want[0] > want[1] + 0.02  # the two trios' gaps differ as built
+    # trio 0's interval is its own bootstrap's (seed 0): the one the single-trio tables give
+    boot = mq.bootstrap(t0, tasks, e, reps=400, seed=0)
+    assert p["intervals95"][0] == pytest.approx(mq.interval(
+        boot[pair["g"][0]]["mean"] - boot[pair["g"][1]]["mean"]))
+    # pooling two independent trios of like noise narrows the interval by about sqrt(2)
+    widths = [b - a for a, b in p["intervals95"]]
+    pooled = p["interval95"][1] - p["interval95"][0]
+    assert pooled < 0.85 * min(widths)
+    assert pooled == pytest.approx(np.hypot(*widths) / 2, rel=0.2)
+    assert p["interval95"][0] < p["gap"] < p["interval95"][1]
+    assert p["sd_between"] == pytest.approx(np.std(want, ddof=1))
+
+
+def test_pooled_gap_of_a_row_equal_to_its_reference_is_exactly_zero():
+    rng = np.random.default_rng(12)
+    trios = []
+    for _ in range(3):
+        tasks, items = _trio_items(rng, 0.0)
+        items["same"] = items["originals|ties|none"]
+        trios.append(items)
+    p = mq.pooled_gaps(trios, tasks, {"g": ("same", "originals|ties|none")}, reps=100)["g"]
+    assert p["gaps"] == [0.0, 0.0, 0.0]
+    assert p["interval95"] == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("module", [mq, ex_mod], ids=["merge_quality", "experts"])
+def test_bench_doctests(module):
+    import doctest
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted
+    assert not result.failed
