@@ -211,8 +211,9 @@ def report(rows: list[dict], rules: list[str], path: Path, header: str) -> None:
                   f"{max(gaps):.4f}, mean {sum(gaps) / len(gaps):.4f}."]
     same = [r for r in rows if "earlier_scores" in r]
     if same:  # the tuned scores were reused: the rules scored in both runs must agree
+        # ("auto" is left out: the rule it resolves to may differ between the runs)
         diff = max(abs(r["scores"][k] - v) for r in same for k, v in r["earlier_scores"].items()
-                   if k in r["scores"])
+                   if k in r["scores"] and k != AUTO_SCALE)
         lines += [f"Tuned scores reused from an earlier run for {len(same)} rows; the rules "
                   f"scored in both runs differ by at most {diff:.1e}."]
     path.write_text("\n".join(lines) + "\n")

@@ -17,7 +17,6 @@ from compeft_format.errors import EncodeError
 from compeft_format.safetensors_io import save_safetensors
 from compeft_format.scales import (
     AUTO_LORA_DENSITY,
-    AUTO_LORA_RULES,
     AUTO_SKETCH_DENSITY,
     resolve_scale,
 )
@@ -52,14 +51,10 @@ def test_auto_is_the_default():
     (1.0, {}, "proj_vcap"),
     # vectors only ((IA)^3): proj_vcap everywhere
     (0.01, {"matrices": False}, "proj_vcap"), (0.2, {"matrices": False}, "proj_vcap"),
-    # LoRA factors from the initial adapter: lora_product_out up to 0.02, then
-    # lora_product_kron up to 0.1
+    # LoRA factors from the initial adapter: lora_product_out up to 0.05
     (0.01, {"lora": "checkpoint"}, "lora_product_out"),
-    (0.02, {"lora": "checkpoint"}, "lora_product_out"),
-    (0.0201, {"lora": "checkpoint"}, "lora_product_kron"),
-    (0.05, {"lora": "checkpoint"}, "lora_product_kron"),
-    (0.1, {"lora": "checkpoint"}, "lora_product_kron"),
-    (0.1001, {"lora": "checkpoint"}, "proj_vcap"), (0.2, {"lora": "checkpoint"}, "proj_vcap"),
+    (0.05, {"lora": "checkpoint"}, "lora_product_out"),
+    (0.1, {"lora": "checkpoint"}, "proj_vcap"),
     # from zero: up to 0.1
     (0.05, {"lora": "zero"}, "lora_product_out"), (0.1, {"lora": "zero"}, "lora_product_out"),
     (0.2, {"lora": "zero"}, "proj_vcap"),
@@ -70,10 +65,7 @@ def test_the_resolution_table(density, kind, want):
 
 def test_the_thresholds_and_explicit_rules():
     assert AUTO_SKETCH_DENSITY == 0.05
-    assert AUTO_LORA_DENSITY == {"checkpoint": 0.1, "zero": 0.1}
-    assert AUTO_LORA_RULES == {
-        "checkpoint": ((0.02, "lora_product_out"), (0.1, "lora_product_kron")),
-        "zero": ((0.1, "lora_product_out"),)}
+    assert AUTO_LORA_DENSITY == {"checkpoint": 0.05, "zero": 0.1}
     for rule in ("proj_vcap", "kron_sketch", "l2", "lora_product_out"):  # never changed
         assert resolve_scale(rule, 0.01, lora="zero") == rule
         assert resolve_scale(rule, 0.5, matrices=False) == rule
@@ -170,9 +162,8 @@ def test_compress_file_proj_scale_by_tensor_and_the_streaming_order(tmp_path):
 
 
 @pytest.mark.parametrize(("base", "density", "rule"), [
-    (f"{LORA}/init", 0.02, "lora_product_out"), (f"{LORA}/init", 0.05, "lora_product_kron"),
-    (f"{LORA}/init", 0.2, "proj_vcap"), ("zero", 0.1, "lora_product_out"),
-    ("zero", 0.2, "proj_vcap"),
+    (f"{LORA}/init", 0.02, "lora_product_out"), (f"{LORA}/init", 0.1, "proj_vcap"),
+    ("zero", 0.1, "lora_product_out"), ("zero", 0.2, "proj_vcap"),
 ])
 def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, density, rule):
     auto = cf.compress_file(LORA, tmp_path / "a", density=density, base=base)
@@ -183,7 +174,7 @@ def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, densit
     assert a == (tmp_path / "e" / "adapter_model.compeft").read_bytes()
     meta, _ = _compressed_meta(tmp_path / "a" / "adapter_model.compeft")
     assert meta["scale"] == rule
-    assert ("lora_fit" in meta) == (rule != "proj_vcap")
+    assert ("lora_fit" in meta) == (rule == "lora_product_out")
 
 
 def test_ia3_stays_proj_vcap(tmp_path):
@@ -225,8 +216,7 @@ def test_the_command_line(tmp_path, capsys):
     flat = " ".join(out.split())
     assert "default auto" in flat
     assert "kron_sketch at density <= 0.05" in flat
-    assert ("from its initial adapter lora_product_out at density <= 0.02, "
-            "lora_product_kron <= 0.1, from zero lora_product_out <= 0.1") in flat
+    assert "lora_product_out at density <= 0.05" in flat
 
 
 def test_merging_auto_files(tmp_path):
@@ -255,10 +245,9 @@ def test_merging_auto_files(tmp_path):
     assert _compressed_meta(tmp_path / "m2.compeft")[0]["scale"] == "proj_vcap"
 
 
-def test_merging_default_lora_files_from_their_initial_adapter(tmp_path):
-    """At 0.05 from the initial adapter the default is lora_product_kron: its files record
-    the proj scale it replaced (lora_fit), so expected_ties merges them as it merges the
-    same adapters compressed with proj_vcap."""
+def test_merging_lora_product_kron_files(tmp_path):
+    """lora_product_kron files record the proj scale they replaced (lora_fit), so
+    expected_ties merges them as it merges the same adapters compressed with proj_vcap."""
     import shutil
 
     from safetensors.numpy import load_file, save_file
@@ -276,20 +265,21 @@ def test_merging_default_lora_files_from_their_initial_adapter(tmp_path):
                   str(d / "adapter_model.safetensors"))
         dirs.append(d)
     merged, mags = {}, {}
-    for scale in ("proj_vcap", "auto"):
+    for scale in ("proj_vcap", "lora_product_kron"):
         comp = [tmp_path / f"c-{scale}-{i}" for i in range(2)]
         for d, out in zip(dirs, comp, strict=True):
             s = cf.compress_file(d, out, density=0.05, scale=scale, base=f"{LORA}/init")
-        assert s.scale == ("proj_vcap" if scale == "proj_vcap" else "lora_product_kron")
+        assert s.scale == scale
         meta, got = _compressed_meta(comp[-1] / "adapter_model.compeft")
         mags[scale] = {n: t.scale for n, t in got.items() if hasattr(t, "scale")}
-        if scale == "auto":
+        if scale != "proj_vcap":
             assert meta["scale"] == "lora_product_kron"
             factor = next(n for n in got if ".lora_A." in n)
             assert meta["lora_fit"]["proj_scale"] == mags["proj_vcap"][factor]
         out = tmp_path / f"m-{scale}"
         cf.merge_files(comp, out, rescale="expected_ties", base=f"{LORA}/init")
         merged[scale] = load_file(str(out / "adapter_model.safetensors"))
-    assert mags["auto"] != mags["proj_vcap"]  # the fit changed the factors' scales
+    kron = "lora_product_kron"
+    assert mags[kron] != mags["proj_vcap"]  # the fit changed the factors' scales
     for n, v in merged["proj_vcap"].items():
-        np.testing.assert_allclose(merged["auto"][n], v, rtol=1e-5, atol=1e-7, err_msg=n)
+        np.testing.assert_allclose(merged[kron][n], v, rtol=1e-5, atol=1e-7, err_msg=n)

@@ -370,14 +370,13 @@ def test_lora_directory_from_zero_and_from_init(tmp_path):
     back = safetensors.torch.load_file(tmp_path / "zr" / "adapter_model.safetensors")
     for name in orig:
         assert torch.equal(back[name], ref[name].to_torch()), name
-    # from the saved initial adapter: A - A_init, restored on top of the init (one rule in
-    # both again: "auto" picks lora_product_kron from the initial adapter at 0.1)
-    s = compress_file(LORA, tmp_path / "i", density=0.1, base=LORA / "init", scale="proj_vcap")
+    # from the saved initial adapter: A - A_init, restored on top of the init
+    s = compress_file(LORA, tmp_path / "i", density=0.1, base=LORA / "init")
     assert s.base_name == "init"
     with pytest.raises(ConvertError, match=r"measured from the base 'init'"):
         decompress_file(tmp_path / "i", tmp_path / "ir")
     decompress_file(tmp_path / "i", tmp_path / "ir", base=LORA / "init")
-    ref = compress(peft_task_vector(orig, "LORA", init=init), density=0.1, scale="proj_vcap")
+    ref = compress(peft_task_vector(orig, "LORA", init=init), density=0.1)
     want = apply_task_vector(init, ref)
     back = safetensors.torch.load_file(tmp_path / "ir" / "adapter_model.safetensors")
     for name in orig:

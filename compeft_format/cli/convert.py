@@ -21,7 +21,7 @@ from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
 from ..lora_scale import LORA_SCALES
 from ..restore import OUTPUT_DTYPES, decompress_file
 from ..safetensors_io import open_safetensors
-from ..scales import AUTO_LORA_DENSITY, AUTO_LORA_RULES, AUTO_SKETCH_DENSITY
+from ..scales import AUTO_LORA_DENSITY, AUTO_SKETCH_DENSITY
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
     POSITIONS,
@@ -92,10 +92,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "role (A's together, B's together) (default global)")
     c.add_argument("--scale", choices=SCALE_CHOICES + LORA_SCALES, default=None,
                    help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: for a LoRA "
-                   "adapter from its initial adapter lora_product_out at density <= "
-                   f"{AUTO_LORA_RULES['checkpoint'][0][0]:g}, lora_product_kron <= "
-                   f"{AUTO_LORA_DENSITY['checkpoint']:g}, from zero lora_product_out <= "
-                   f"{AUTO_LORA_DENSITY['zero']:g}; for (IA)^3 and vectors "
+                   "adapter lora_product_out at density <= "
+                   f"{AUTO_LORA_DENSITY['checkpoint']:g} from its initial adapter "
+                   f"(<= {AUTO_LORA_DENSITY['zero']:g} from zero), for (IA)^3 and vectors "
                    f"proj_vcap, else kron_sketch at density <= {AUTO_SKETCH_DENSITY:g}; "
                    "proj_vcap above: the most faithful rebuilt model measured without data; "
                    "the summary and the file name the rule used; see the README); "
