@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from adapter_helpers import two_lora_experts
 from cli_helpers import run
 
 import compeft_format as cf
@@ -248,22 +249,9 @@ def test_merging_auto_files(tmp_path):
 def test_merging_lora_product_kron_files(tmp_path):
     """lora_product_kron files record the proj scale they replaced (lora_fit), so
     expected_ties merges them as it merges the same adapters compressed with proj_vcap."""
-    import shutil
+    from safetensors.numpy import load_file
 
-    from safetensors.numpy import load_file, save_file
-
-    init = load_file(f"{LORA}/init/adapter_model.safetensors")
-    ad = load_file(f"{LORA}/adapter_model.safetensors")
-    rng = np.random.default_rng(5)
-    dirs = []
-    for i, mix in enumerate((0.0, 0.7)):  # two experts from one initial adapter
-        d = tmp_path / f"a{i}"
-        d.mkdir()
-        shutil.copy(f"{LORA}/adapter_config.json", d)
-        save_file({n: (v + mix * rng.permutation((v - init[n]).ravel()).reshape(v.shape)
-                       ).astype(np.float32) for n, v in ad.items()},
-                  str(d / "adapter_model.safetensors"))
-        dirs.append(d)
+    dirs = two_lora_experts(tmp_path, LORA)
     merged, mags = {}, {}
     for scale in ("proj_vcap", "lora_product_kron"):
         comp = [tmp_path / f"c-{scale}-{i}" for i in range(2)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from adapter_helpers import two_lora_experts
 from cli_helpers import run
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -383,23 +384,11 @@ def test_expected_ties_reads_the_proj_scale_a_lora_product_scale_records(tmp_pat
     # replaced: expected_ties infers the thresholds from that, so the merge is the one of the
     # same adapters compressed with the default scale (its table is in absolute units)
     import json
-    import shutil
 
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import load_file
 
     src = "tests/data/lora-minilm-vader"
-    init = load_file(f"{src}/init/adapter_model.safetensors")
-    ad = load_file(f"{src}/adapter_model.safetensors")
-    rng = np.random.default_rng(5)
-    dirs = []
-    for i, mix in enumerate((0.0, 0.7)):  # two experts from one initial adapter
-        d = tmp_path / f"a{i}"
-        d.mkdir()
-        shutil.copy(f"{src}/adapter_config.json", d)
-        save_file({n: (v + mix * rng.permutation((v - init[n]).ravel()).reshape(v.shape)
-                       ).astype(np.float32) for n, v in ad.items()},
-                  str(d / "adapter_model.safetensors"))
-        dirs.append(d)
+    dirs = two_lora_experts(tmp_path, src)
     merged = {}
     for scale in ("proj_vcap", "lora_product_out"):
         comp = []
@@ -422,7 +411,7 @@ def test_expected_ties_reads_the_proj_scale_a_lora_product_scale_records(tmp_pat
     # otherwise
     assert any(merged["proj_vcap", "mags"][n] != v for n, v in merged[
         "lora_product_out", "mags"].items())
-    lora_b = next(n for n in ad if "lora_B" in n)
+    lora_b = next(n for n in merged["proj_vcap", None] if "lora_B" in n)
     assert not np.allclose(merged["proj_vcap", None][lora_b],
                            merged["lora_product_out", None][lora_b])
     # expected_ties and dense_divisor merge at the recorded proj scale
