@@ -119,14 +119,26 @@ def output_metric(a: np.ndarray, b: np.ndarray) -> Metric:
     >>> np.abs(q[:, 0]).tolist(), w.tolist()  # P = [[2, 0], [0, 0]]: all on output 0
     ([1.0, 0.0], [2.0])
     """
+    svd = _product_svd(a, b, inputs=False)
+    if svd is None:
+        return None
+    q, w, _ = svd
+    return q, w / (w.sum() / b.shape[0])
+
+
+def _product_svd(a: np.ndarray, b: np.ndarray, inputs: bool
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None] | None:
+    """``(U, s^2, V)`` of ``P = B A = U diag(s) V^T`` through QR of the factors and a
+    ``rank x rank`` SVD (``V`` only with ``inputs``); None where ``P = 0``."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     qb, rb = np.linalg.qr(b)
-    ra = np.linalg.qr(a.T, mode="r")  # A^T = Q_A R_A: P = Q_B (R_B R_A^T) Q_A^T
-    u, sv, _ = np.linalg.svd(rb @ ra.T)
+    # A^T = Q_A R_A: P = Q_B (R_B R_A^T) Q_A^T
+    qa, ra = np.linalg.qr(a.T) if inputs else (None, np.linalg.qr(a.T, mode="r"))
+    u, sv, vt = np.linalg.svd(rb @ ra.T)
     w = sv**2
     if not w.sum() > 0.0:
         return None
-    return qb @ u, w / (w.sum() / b.shape[0])
+    return qb @ u, w, (qa @ vt.T if inputs else None)
 
 
 def kron_metric(a: np.ndarray, b: np.ndarray) -> Metric:
@@ -142,14 +154,11 @@ def kron_metric(a: np.ndarray, b: np.ndarray) -> Metric:
     >>> w.tolist(), wi.tolist(), np.abs(qi[:, 0]).tolist()  # P = [[2, 0], [0, 0]]
     ([2.0], [2.0], [1.0, 0.0])
     """
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    qb, rb = np.linalg.qr(b)
-    qa, ra = np.linalg.qr(a.T)  # A^T = Q_A R_A: P = Q_B (R_B R_A^T) Q_A^T
-    u, sv, vt = np.linalg.svd(rb @ ra.T)
-    w = sv**2
-    if not w.sum() > 0.0:
+    svd = _product_svd(a, b, inputs=True)
+    if svd is None:
         return None
-    return qb @ u, w / (w.sum() / b.shape[0]), qa @ vt.T, w / (w.sum() / a.shape[1])
+    q, w, q_in = svd
+    return q, w / (w.sum() / np.shape(b)[0]), q_in, w / (w.sum() / np.shape(a)[1])
 
 
 def _ip(f: Factors, g: Factors, metric: Metric = None) -> float:

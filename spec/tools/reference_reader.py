@@ -150,7 +150,11 @@ def read_name(c: Cursor, limits: Limits) -> str:
     n = c.varint("Name_Length")
     if not 1 <= n <= limits.max_name_length:
         raise SpecError("R-NAME-1", f"Name_Length {n}")
-    raw = c.take(n, "Name")
+    return decode_name(c.take(n, "Name"))
+
+
+def decode_name(raw: bytes) -> str:
+    """A name's bytes as text (§5.4.1): UTF-8 (R-NAME-2) without NUL (R-NAME-3)."""
     try:
         name = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -464,12 +468,7 @@ def read_pack_body(b: Cursor, name: str, limits: Limits, columns: bool = False,
 
 def member_name(raw: bytes, i: int, prev: bytes, name: str) -> str:
     """A member's name checks (§5.8): UTF-8, no NUL, the first is the pack's, increasing."""
-    try:
-        mname = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise SpecError("R-NAME-2", repr(raw)) from None
-    if "\x00" in mname:
-        raise SpecError("R-NAME-3", repr(mname))
+    mname = decode_name(raw)
     if i == 0 and raw != name.encode():
         raise SpecError("R-PACK-5", f"{mname!r} is not {name!r}")
     if i > 0 and raw <= prev:
