@@ -30,7 +30,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench.lora_scale import DENSITIES, EXPERTS, adapters  # noqa: E402
 from compeft_format.compress import compress  # noqa: E402
-from compeft_format.lora_scale import _signs, best_scale, lora_pairs  # noqa: E402
+from compeft_format.lora_scale import (  # noqa: E402
+    best_scale,
+    kron_metric,
+    lora_pairs,
+    sign_matrix,
+)
 
 INF = float("inf")
 FLOORS = (0.0, 1.0, 10.0, INF)
@@ -49,16 +54,6 @@ def _ip(f: list, g: list, out: tuple, inp: tuple) -> float:
                for x, y in f for u, v in g)
 
 
-def _bases(a: np.ndarray, b: np.ndarray) -> tuple:
-    """Left and right singular vectors of ``B A`` with squared singular values, each side
-    scaled to a mean eigenvalue of 1."""
-    qb, rb = np.linalg.qr(b)
-    qa, ra = np.linalg.qr(a.T)
-    u, sv, vt = np.linalg.svd(rb @ ra.T)
-    w = sv**2
-    return (qb @ u, w / (w.sum() / b.shape[0])), (qa @ vt.T, w / (w.sum() / a.shape[1]))
-
-
 def rows(experts: Path, tests_data: bool) -> list[dict]:
     from safetensors.numpy import load_file
 
@@ -68,7 +63,8 @@ def rows(experts: Path, tests_data: bool) -> list[dict]:
         w = load_file(str(folder / "adapter_model.safetensors"))
         init = load_file(str(init_dir / "adapter_model.safetensors"))
         pairs = [(a, b) for a, b in lora_pairs(w) if np.any(w[a]) and np.any(w[b])]
-        bases = {a: _bases(w[a].astype(np.float64), w[b].astype(np.float64)) for a, b in pairs}
+        bases = {a: kron_metric(w[a], w[b]) for a, b in pairs}  # both sides of B A
+        pairs = [(a, b) for a, b in pairs if bases[a] is not None]  # B A = 0: no metric
         for ref_kind in ("init", "zero"):
             ref = init if ref_kind == "init" else None
             tv = {n: (w[n] - (ref[n] if ref else 0)).astype(np.float32) for n in w}
@@ -78,11 +74,11 @@ def rows(experts: Path, tests_data: bool) -> list[dict]:
                 quartics: dict[str, np.ndarray] = {}
                 for a_n, b_n in pairs:
                     a, b = w[a_n].astype(np.float64), w[b_n].astype(np.float64)
-                    sa, sb = _signs(comp[a_n]), _signs(comp[b_n])
+                    sa, sb = sign_matrix(comp[a_n]), sign_matrix(comp[b_n])
                     c0 = [(-b, a)]
                     c1 = [(sb, ref[a_n].astype(np.float64))] if ref else []
                     c2 = [(sb, sa)]
-                    (qo, wo), (qi, wi) = bases[a_n]
+                    qo, wo, qi, wi = bases[a_n]
                     for lo in FLOORS:
                         for li in FLOORS:
                             o, i = (qo, wo, lo), (qi, wi, li)

@@ -48,6 +48,7 @@ __all__ = [
     "peft_scaling",
     "product_quartic",
     "rescale",
+    "sign_matrix",
 ]
 
 #: The product-fitted scale rules (see :func:`rescale`).
@@ -320,8 +321,13 @@ def best_pair_scales(n00: np.ndarray, n01: np.ndarray, n11: np.ndarray,
     return best[1], best[2]
 
 
-def _signs(t: TernaryTensor) -> np.ndarray:
-    """The kept signs of ``t`` as a float64 matrix (rows = the first dimension)."""
+def sign_matrix(t: TernaryTensor) -> np.ndarray:
+    """The kept signs of ``t`` (-1, 0, +1) as a float64 matrix (rows = the first dimension):
+    the ``sa``, ``sb`` of :func:`product_quartic`.
+
+    >>> sign_matrix(TernaryTensor((2, 2), [1, 2], [True, False], 0.5)).tolist()
+    [[0.0, -1.0], [1.0, 0.0]]
+    """
     out = np.zeros(t.numel)
     out[t.indices] = np.where(t.signs, -1.0, 1.0)
     return out.reshape(t.shape[0], -1) if len(t.shape) else out
@@ -417,7 +423,7 @@ def rescale(
         a, b = _matrix(adapter[a_name]), _matrix(adapter[b_name])
         a0 = _matrix(ref[a_name]) if a_name in ref else None
         b0 = _matrix(ref[b_name]) if b_name in ref else None
-        sa, sb = _signs(ternary[a_name]), _signs(ternary[b_name])
+        sa, sb = sign_matrix(ternary[a_name]), sign_matrix(ternary[b_name])
         if a.shape != sa.shape or b.shape != sb.shape or a.shape[0] != b.shape[1]:
             raise EncodeError(f"LoRA factors {a_name!r} {a.shape} and {b_name!r} {b.shape} "
                               "do not match their compressed tensors or each other")
