@@ -416,6 +416,9 @@ def _expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_square
             m = (np.linalg.lstsq(inner, want - got, rcond=None)[0] if mu is None
                  else np.array(mu, np.float64))
             table = shares[name].sum(0) + m @ given[name]
+        # odd by construction, as the shares and means are: a matrix product's rounding
+        # may differ by column (BLAS kernels, FMA), and flipping every sign must flip the merge
+        table = (table - table[mirror]) / 2
         out[name] = Rescale(table=tuple(table.tolist()))
     return out
 
