@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -563,7 +564,10 @@ def pooled_gaps(trios: list[Mapping[str, Mapping[str, np.ndarray]]], tasks: tupl
     ``trios``: each trio's per-word scores (row key -> task -> scores, with ``"base"`` and
     ``"expert <task>"``). The interval covers the words' sampling noise only, not how much
     the gap varies from one trio of experts to another: ``sd_between`` is the SD of the
-    per-trio gaps (ddof 1; None for one trio).
+    per-trio gaps (ddof 1; None for one trio), and ``interval95_trios`` the 95% Student t
+    interval of their mean (:func:`t_interval`), which treats each trio (its training
+    draw and its words) as one independent sample: the interval for the claim "over
+    trios made this way".
 
     >>> rng = np.random.default_rng(0)
     >>> def trio(shift):
@@ -574,6 +578,8 @@ def pooled_gaps(trios: list[Mapping[str, Mapping[str, np.ndarray]]], tasks: tupl
     >>> p = pooled_gaps([trio(-0.1), trio(-0.3)], ("a",), {"g": ("row", "ref")}, reps=50)
     >>> [round(g, 3) for g in p["g"]["gaps"]], round(p["g"]["gap"], 3)
     ([-0.1, -0.3], -0.2)
+    >>> [round(x, 2) for x in p["g"]["interval95_trios"]]   # -0.2 -+ 12.706 * 0.1
+    [-1.47, 1.07]
     """
     experts = {t: f"expert {t}" for t in tasks}
     out: dict[str, dict] = {name: {"gaps": [], "intervals95": []} for name in pairs}
@@ -593,7 +599,31 @@ def pooled_gaps(trios: list[Mapping[str, Mapping[str, np.ndarray]]], tasks: tupl
         out[name]["sd"] = float(total[name].std(ddof=1))
         out[name]["sd_between"] = (float(np.std(out[name]["gaps"], ddof=1))
                                    if len(trios) > 1 else None)
+        out[name]["interval95_trios"] = t_interval(out[name]["gaps"])
     return out
+
+
+#: Student t's 97.5% quantiles by degrees of freedom (1 to 30; the two-sided 95% interval).
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def t_interval(values: list[float]) -> list[float] | None:
+    """The 95% Student t interval of the mean of independent ``values`` (None for fewer
+    than 2; at most 31 values, the quantiles :data:`T975` holds).
+
+    >>> t_interval([0.1, 0.3])      # 0.2 -+ 12.706 * 0.1414 / sqrt(2)
+    [-1.0706, 1.4706]
+    """
+    n = len(values)
+    if n < 2:
+        return None
+    if n - 1 > len(T975):
+        raise ValueError(f"t_interval holds quantiles for up to {len(T975) + 1} values, got {n}")
+    half = T975[n - 2] * float(np.std(values, ddof=1)) / math.sqrt(n)
+    mean = float(np.mean(values))
+    return [round(mean - half, 10), round(mean + half, 10)]
 
 
 def interval(x: np.ndarray) -> list[float]:
@@ -821,6 +851,23 @@ def verdict(gap: float, iv: list[float], target: float) -> str:
         iv[1] < -target or iv[0] > target)
     return ("within" if inside else "misses") + (", resolved" if resolved else
                                                  ", not resolved")
+
+
+def below_verdict(iv: list[float] | None, target: float) -> str:
+    """Whether an interval of a gap settles that it is no more than ``target`` below 0 (the
+    paper's claim is that compressed experts merge at least as well as the originals, so a
+    merge better than the target is no miss here).
+
+    >>> below_verdict([-0.015, 0.08], 0.02), below_verdict([-0.05, 0.01], 0.02)
+    ('not below, resolved', 'not resolved')
+    >>> below_verdict([-0.09, -0.03], 0.02), below_verdict(None, 0.02)
+    ('below, resolved', '-')
+    """
+    if iv is None:
+        return "-"
+    if iv[0] >= -target:
+        return "not below, resolved"
+    return "below, resolved" if iv[1] < -target else "not resolved"
 
 
 def _iv(noise: dict, source: str, method: str, rule: str) -> str:
@@ -1171,6 +1218,10 @@ def trios(measured: list[tuple[dict, Mapping[str, Mapping[str, np.ndarray]]]],
     return summary, pooled, rules
 
 
+def _span(iv: list[float] | None) -> str:
+    return "-" if iv is None else f"[{iv[0]:+.3f}, {iv[1]:+.3f}]"
+
+
 def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
     """The per-trio and pooled tables of the target's rows (``res["trios"]``)."""
     trio, pooled = res["trios"], res["pooled"]
@@ -1212,8 +1263,9 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
         f"+-{res['target']}.",
         "",
         "| sign | density | rule | " + " | ".join(f"trio {t['seed']}" for t in trio)
-        + " | pooled | SD between trios | verdict (pooled) |",
-        "|---|---|---|" + "---|" * (n + 3),
+        + " | pooled | SD between trios | verdict (pooled, words) | 95% over trios (t) | "
+        f"more than {res['target']} below? (over trios) |",
+        "|---|---|---|" + "---|" * (n + 5),
     ]
     for v in TARGET_ROWS:
         for d in densities:
@@ -1224,7 +1276,9 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
                     + " | ".join(f"{g:+.3f} [{a:+.3f}, {b:+.3f}]" for g, (a, b) in
                                  zip(p["gaps"], p["intervals95"], strict=True))
                     + f" | **{p['gap']:+.3f}** [{p['interval95'][0]:+.3f}, "
-                    f"{p['interval95'][1]:+.3f}] | {p['sd_between']:.3f} | {p['verdict']} |")
+                    f"{p['interval95'][1]:+.3f}] | {p['sd_between']:.3f} | {p['verdict']} | "
+                    f"{_span(p.get('interval95_trios'))} | "
+                    f"{below_verdict(p.get('interval95_trios'), res['target'])} |")
     d0 = densities[0]
     key = f"compressed {d0}|ties|{res['fix']}"
     p = pooled[key]
@@ -1237,7 +1291,12 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
         f"[{p['interval95'][0]:+.3f}, {p['interval95'][1]:+.3f}]** ({p['verdict']}), with "
         f"an SD of {p['sd_between']:.3f} between the trios' gaps: the trio drawn moves the "
         "gap far more than the held-out words do. *Above* is a merge of compressed experts "
-        "that keeps more of the experts' gains than TIES of the originals.",
+        "that keeps more of the experts' gains than TIES of the originals. Treating each "
+        f"trio as one draw, the mean gap's 95% t interval over the {n} trios is "
+        f"**{_span(p.get('interval95_trios'))}** "
+        f"({below_verdict(p.get('interval95_trios'), res['target'])} against -{res['target']}"
+        ": the paper's claim, that compressed experts merge no worse than the originals, "
+        f"read with the target's {res['target']} as the margin).",
         "", f"Which rule, over the trios: `{TARGET_RULES[1]}` - `{TARGET_RULES[0]}` on the "
         "same compressed experts (paired; positive: `expected_ties` better):", "",
         "| sign | density | " + " | ".join(f"trio {t['seed']}" for t in trio)

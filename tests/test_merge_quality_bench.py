@@ -315,3 +315,6 @@ def test_trios_pool_the_target_rows_and_render_them():
     assert "## Across 2 trios of experts (seeds 0, 1)" in text
     assert "--experts /x/0 /x/1" in text
     assert "**+0.070**" in text
+    # over the two trios as draws: 0.07 -+ 12.706 * sd([-0.06, 0.2]) / sqrt(2) = -+ 1.652
+    assert et["interval95_trios"] == pytest.approx([0.07 - 1.6518, 0.07 + 1.6518], abs=1e-3)
+    assert "**[-1.582, +1.722]** (not resolved against -0.02" in text
