@@ -1348,38 +1348,75 @@ def experiments_section(res: dict, densities: tuple[float, ...]) -> list[str]:
                 f"{r['normalised']['mean'] - et:+.3f} [{diff['interval95'][0]:+.3f}, "
                 f"{diff['interval95'][1]:+.3f}] | "
                 + " / ".join(f3(r["normalised"][t]) for t in tasks) + " |")
+    # the findings' figures, read from the rows above (a rerun on other experts or another
+    # machine moves them, and the text with them)
+    def sc(d: float, label: str, method: str = "ties") -> float:
+        return _mean(res, f"compressed {d}", method, label)
+
+    def vs(d: float, label: str, method: str = "ties") -> float:  # minus expected_ties
+        return sc(d, label, method) - sc(d, res["fix"], method)
+
+    def iv(d: float, label: str, method: str = "ties") -> str:
+        a, b = boot["rule_differences"][f"compressed {d}|{method}|{label}|{res['fix']}"][
+            "interval95"]
+        return f"[{a:+.3f}, {b:+.3f}]"
+
+    st = res["structure"]
+    energy = " / ".join(
+        f"{np.mean([x * x - 1 for x in st['sparse'][str(d)]['norm_ratio']]):.1f}x"
+        for d in densities)
+    dd = "dense_divisor"
+    lp = "lora_product_out experts, "
+    common = "expected_ties, one factor (fit common)"
     lines += [
         "",
         "* **Shrinking toward the least-squares estimate loses.** Under the error model "
-        "(each compression's orthogonal error 0.5x / 1.1x / 2.1x its expert's energy at "
-        "0.2 / 0.1 / 0.05) the squared-error-optimal merge is the conditional mean "
-        "`E[TIES(t) | P]` (mu = 0): it scores 0.10 (0.2) and 0.23 (0.05) below "
-        "`expected_ties`, resolved. So does the least-squares fit of each module's rebuilt "
-        "*product* `c_B M_B (A0 + c_A M_A)` to the originals' TIES product, a per-module "
-        "scale pair fitted with the originals themselves: about 0.2 below at 0.05. Scaling "
-        "`expected_ties` as a whole by 0.85 costs 0.015 (not resolved) and by 1.15 costs "
-        "0.080 (resolved): the score peaks near the level the rule keeps (each expert's "
-        "projection), and the compression noise costs the network less than the signal a "
-        "shrinkage removes.",
+        f"(each compression's orthogonal error {energy} its expert's energy at "
+        f"{' / '.join(map(str, densities))}) the squared-error-optimal merge is the "
+        "conditional mean `E[TIES(t) | P]` (mu = 0): it scores "
+        f"{-vs(0.2, 'conditional mean (mu = 0)'):.2f} (0.2) and "
+        f"{-vs(0.05, 'conditional mean (mu = 0)'):.2f} (0.05) below `expected_ties`. So "
+        "does the least-squares fit of each module's rebuilt *product* `c_B M_B (A0 + c_A "
+        "M_A)` to the originals' TIES product, a per-module scale pair fitted with the "
+        f"originals themselves: {-vs(0.05, 'product fit on expected_ties (oracle)'):.2f} "
+        "below at 0.05. Scaling `expected_ties` as a whole by 0.85 changes it by "
+        f"{vs(0.05, 'expected_ties x 0.85'):+.3f} {iv(0.05, 'expected_ties x 0.85')} and by "
+        f"1.15 by {vs(0.05, 'expected_ties x 1.15'):+.3f} "
+        f"{iv(0.05, 'expected_ties x 1.15')}: the score peaks near the level the rule keeps "
+        "(each expert's projection), and the compression noise costs the network less than "
+        "the signal a shrinkage removes.",
         "* **Finer projections do not help a data-free rule.** The model's projections kept "
-        "per tensor lose (0.026 at 0.2, resolved; 0.056 at 0.05). The *true* per-tensor "
-        "projections (an oracle) would gain 0.050 [-0.000, +0.100] at 0.05 but lose 0.017 at "
-        "0.2; per LoRA role they change nothing. The conditional mean times one common factor "
-        "per scope (`fit=\"common\"`: the sum of the projections kept, each expert's relative "
-        "strength as the model has it) is level at 0.2 and 0.05 and 0.014 [+0.001, +0.028] "
-        "better at 0.1 with the sign of the sum, but level with `sign=\"frequency\"` at every "
-        "density; one of some twenty comparisons and not replicated, so it is not adopted.",
+        "per tensor change the score by "
+        f"{vs(0.2, 'expected_ties, projections per tensor'):+.3f} "
+        f"{iv(0.2, 'expected_ties, projections per tensor')} at 0.2 and "
+        f"{vs(0.05, 'expected_ties, projections per tensor'):+.3f} "
+        f"{iv(0.05, 'expected_ties, projections per tensor')} at 0.05. The *true* "
+        "per-tensor projections (an oracle) change it by "
+        f"{vs(0.05, 'oracle per tensor'):+.3f} {iv(0.05, 'oracle per tensor')} at 0.05 and "
+        f"{vs(0.2, 'oracle per tensor'):+.3f} {iv(0.2, 'oracle per tensor')} at 0.2; per "
+        f"LoRA role by {vs(0.2, 'oracle per role'):+.3f} and "
+        f"{vs(0.05, 'oracle per role'):+.3f}. The conditional mean times one common factor "
+        "per scope (`fit=\"common\"`: the sum of the projections kept, each expert's "
+        "relative strength as the model has it) changes it by " + ", ".join(
+            f"{vs(d, common):+.3f} {iv(d, common)} at {d}" for d in densities)
+        + " with the sign of the sum, and by " + ", ".join(
+            f"{vs(d, common, 'ties-freq'):+.3f}" for d in densities)
+        + " with `sign=\"frequency\"`: one of some twenty comparisons, not replicated "
+        "across the sign rules, so it is not adopted.",
         "* **Compression-side changes do not help the merge.** Compressing the experts with "
         "scope `tensor` or `role` gives no better merge than the default global scope "
-        "(`dense_divisor` 0.405 and 0.461 against 0.480 at 0.05). With the LoRA product "
-        "scale `lora_product_out` (0.6x-0.7x proj's scale here; what `compeft compress` "
-        "now gives these experts at 0.05 by default) PEFT's TIES is far less "
-        "broken (0.320 against -1.246 at 0.05: the smaller scale tames TIES's near-sum) but "
-        "below both rules, and `dense_divisor` at the stored magnitudes passes the shrunken "
-        "experts too weakly (0.387 against 0.480 at 0.05, 0.448 against 0.519 at 0.1). So "
-        "both rules read the proj scale the compression records (the selection is the same) "
-        "and merge a `lora_product_out` expert exactly as its `proj_vcap` compression: its "
-        "rows are the `expected_ties` and `dense_divisor` rows.",
+        f"(`dense_divisor` {sc(0.05, 'scope tensor, dense_divisor'):.3f} and "
+        f"{sc(0.05, 'scope role, dense_divisor'):.3f} against {sc(0.05, dd):.3f} at 0.05). "
+        "With the LoRA product scale `lora_product_out` (0.6x-0.7x proj's scale here; what "
+        "`compeft compress` gives these experts at 0.05 by default) PEFT's TIES is far less "
+        f"broken ({sc(0.05, lp + 'PEFT'):.3f} against {sc(0.05, 'none'):.3f} at 0.05: the "
+        "smaller scale tames TIES's near-sum) but below both rules, and `dense_divisor` at "
+        "the stored magnitudes passes the shrunken experts too weakly ("
+        f"{sc(0.05, lp + dd + ' at the stored scale'):.3f} against {sc(0.05, dd):.3f} at "
+        f"0.05, {sc(0.1, lp + dd + ' at the stored scale'):.3f} against {sc(0.1, dd):.3f} at "
+        "0.1). So both rules read the proj scale the compression records (the selection is "
+        "the same) and merge a `lora_product_out` expert exactly as its `proj_vcap` "
+        "compression: its rows are the `expected_ties` and `dense_divisor` rows.",
         "",
     ]
     return lines
