@@ -1099,8 +1099,7 @@ def markdown(res: dict, densities: tuple[float, ...], load: str) -> str:
             f"| compressed {d} | {' / '.join(f'{x:.2f}' for x in r['ties_divisors'])} | "
             + "; ".join(fmt(r["ties_share"] if rule == "none" else r[f"ties_{rule}_share"])
                         for rule in rules) + f" | {fmt(r['sum_share'])} |")
-    extra = ", ".join(f"{np.mean([x * x - 1 for x in st['sparse'][str(d)]['norm_ratio']]):.2f}"
-                      f" ||t||^2 at {d}" for d in densities)
+    extra = ", ".join(f"{_extra_energy(st, d):.2f} ||t||^2 at {d}" for d in densities)
     lines += [
         "",
         "**`dense_divisor`** treats a zero of a ternary input as what it is, an entry dropped "
@@ -1320,6 +1319,12 @@ def trios_section(res: dict, densities: tuple[float, ...]) -> list[str]:
     return lines
 
 
+def _extra_energy(st: dict, d: float) -> float:
+    """The compression error's energy at density ``d`` as a multiple of the expert's,
+    ``||t_hat||^2 / ||t||^2 - 1`` averaged over the experts (``res["structure"]``)."""
+    return float(np.mean([x * x - 1 for x in st["sparse"][str(d)]["norm_ratio"]]))
+
+
 def experiments_section(res: dict, densities: tuple[float, ...]) -> list[str]:
     """The table and findings of :data:`EXPERIMENTS`."""
     f3 = "{:.3f}".format
@@ -1363,9 +1368,7 @@ def experiments_section(res: dict, densities: tuple[float, ...]) -> list[str]:
         return f"[{a:+.3f}, {b:+.3f}]"
 
     st = res["structure"]
-    energy = " / ".join(
-        f"{np.mean([x * x - 1 for x in st['sparse'][str(d)]['norm_ratio']]):.1f}x"
-        for d in densities)
+    energy = " / ".join(f"{_extra_energy(st, d):.1f}x" for d in densities)
     dd = "dense_divisor"
     lp = "lora_product_out experts, "
     common = "expected_ties, one factor (fit common)"
