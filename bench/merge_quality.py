@@ -1363,9 +1363,8 @@ def experiments_section(res: dict, densities: tuple[float, ...]) -> list[str]:
         return sc(d, label, method) - sc(d, res["fix"], method)
 
     def iv(d: float, label: str, method: str = "ties") -> str:
-        a, b = boot["rule_differences"][f"compressed {d}|{method}|{label}|{res['fix']}"][
-            "interval95"]
-        return f"[{a:+.3f}, {b:+.3f}]"
+        return _span(boot["rule_differences"][f"compressed {d}|{method}|{label}|{res['fix']}"][
+            "interval95"])
 
     st = res["structure"]
     energy = " / ".join(f"{_extra_energy(st, d):.1f}x" for d in densities)
