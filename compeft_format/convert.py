@@ -77,6 +77,7 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._progress import PassesBar
 from .binding import Reference
+from .calibrate import CALIBRATION_TEXT, Calibration, calibrate_lora, load_text
 from .compress import (
     AUTO_SCALE,
     DEFAULT_SCALE,
@@ -111,7 +112,7 @@ from .plan import (
 from .quality import QualityReport, QualitySums, measure_tensor
 from .readers import open_weights
 from .restore import OUTPUT_DTYPES, decompress_file
-from .scales import METRIC_TERMS, is_vector, resolve_scale
+from .scales import METRIC_TERMS, float32_scale, is_vector, resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -196,6 +197,7 @@ def compress_file(
     progress: bool = False,
     extra_metadata: Mapping[str, Any] | None = None,
     hifi: float | None = None,
+    calibrate: bool | str | os.PathLike = False,
 ) -> CompressSummary:
     """Compress a safetensors file or a PEFT adapter directory to compeft.
 
@@ -254,6 +256,15 @@ def compress_file(
         ``alpha``, ``scope`` and ``scale`` must keep their defaults; ``zstd_level="auto"``
         means level 1 here. Decompress
         gives each entry back within half its step.
+    calibrate:
+        For a LoRA adapter directory: after the scale rule, multiply every factor's scale by
+        the one factor that brings the rebuilt model's sentence embeddings closest to the
+        adapter's own on unlabelled text (:mod:`compeft_format.calibrate`): True for the
+        built-in sentences, or a text file of one sentence per line. Needs torch,
+        transformers and the base model's weights and tokenizer offline (``base_model``, or
+        the adapter's ``base_model_name_or_path``). Worth it at density 0.05 and below,
+        where no rule on the factors alone holds the best scale on every adapter
+        (``bench/results/lora_scale.md``).
 
     Returns
     -------
@@ -289,6 +300,7 @@ def compress_file(
     positions = "golomb" if positions == "rice" else positions
     if scale in LORA_SCALES and hifi is None:
         _check_lora_source(src, scale)
+    calibration_text = _calibration_text(calibrate, hifi)
     if positions not in POSITIONS_CHOICES:
         raise EncodeError(f"positions must be one of {POSITIONS_CHOICES} or 'rice', "
                           f"got {positions!r}")
@@ -313,7 +325,7 @@ def compress_file(
 
     with contextlib.ExitStack() as stack:
         reader = stack.enter_context(open_weights(source.weights))
-        note = recipe = None
+        note = recipe = calibration = None
         if from_init or auto:
             try:
                 base_path, recipe, note = _peft_init_base(source, reader, init_seed,
@@ -345,13 +357,25 @@ def compress_file(
         if hifi is not None:
             hifi_out = _HifiStream(tv, hifi, source, reader)
             stream: Iterator[tuple[str, Any]] = iter(hifi_out)
-        elif rule in LORA_SCALES:
+        elif rule in LORA_SCALES or calibration_text is not None:
             # compress selects (its scale for the other tensors); the factors' scales are
-            # then fitted on the products: every compressed tensor is held (an adapter)
+            # then fitted on the products, or calibrated: every compressed tensor is held
+            # (an adapter)
             done = dict(iter_compress(tv, density=density, alpha=alpha, scope=scope,
-                                      scale=LORA_SELECTION))
-            comp_meta[LORA_SCALE_KEY] = _lora_rescale(done, source, reader, base_reader,
-                                                      plan.compressible, rule, scope, alpha)
+                                      scale=LORA_SELECTION if rule in LORA_SCALES else rule))
+            if rule in LORA_SCALES:
+                comp_meta[LORA_SCALE_KEY] = _lora_rescale(done, source, reader, base_reader,
+                                                          plan.compressible, rule, scope, alpha)
+            if calibration_text is not None:
+                calibration, uncalibrated = _calibrate(done, source, reader, base_reader,
+                                                       plan.compressible, calibration_text,
+                                                       base_model)
+                comp_meta[CALIBRATION_KEY] = calibration.record()
+                # merging reads the uncalibrated proj scale (a LoRA product rule's own
+                # record already holds it; other rules record none, and expected_ties
+                # refuses them as it does uncalibrated)
+                if rule in ("proj", "proj_vcap"):
+                    comp_meta[LORA_SCALE_KEY] = {"selection": rule, "proj_scale": uncalibrated}
             stream = iter(done.items())
         elif rule in METRIC_TERMS:
             # the header (written first) records each scope's proj scale: known once the
@@ -405,6 +429,11 @@ def compress_file(
                         reader.release(name)
 
         inside = _COMPEFT_IN.get(source.folder)  # the file's name in an output directory
+        if calibration is not None:
+            line = (f"calibrated: factor scales x {calibration.multiplier:.3f} on "
+                    f"{calibration.sentences} sentences ({calibration.text}), embedding cosine "
+                    f"{calibration.score_before:.4f} -> {calibration.score:.4f}")
+            note = line if note is None else f"{note}; {line}"
         with out:
             target = out.file(inside)
             write_fsync(target, write)
@@ -420,7 +449,8 @@ def compress_file(
         if base_reader is not None:
             base_reader.release()
         final = out.dst / inside if inside else out.dst
-        if (hifi is None and rule == "proj_vcap" and density <= LORA_LOW_DENSITY
+        if (hifi is None and calibration is None and rule == "proj_vcap"
+                and density <= LORA_LOW_DENSITY
                 and str(source.peft_type).upper() == "LORA"):
             hint = (f"at density <= {LORA_LOW_DENSITY} proj_vcap keeps little of a "
                     "LoRA's gain (bench/results/lora_scale.md); --scale lora_product_out "
@@ -556,6 +586,52 @@ def _check_lora_source(src: Any, scale: str) -> None:
         what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
         raise EncodeError(f"{source.path}: scale {scale!r} fits a LoRA adapter's factors on "
                           f"their products; this is {what}")
+
+
+#: ``compeft.compression`` key of a calibrated file (spec 5.2.1):
+#: :meth:`compeft_format.calibrate.Calibration.record`.
+CALIBRATION_KEY = "calibration"
+
+
+def _calibration_text(calibrate: Any, hifi: float | None) -> tuple[list[str], str] | None:
+    """The sentences ``calibrate`` asks for and their name (``"builtin"`` or the file's), or
+    None for no calibration; checked before work."""
+    if calibrate is False or calibrate is None:
+        return None
+    if hifi is not None:
+        raise EncodeError("calibrate chooses the scale of a ternary compression; a hi-fi file "
+                          "has none")
+    if calibrate is True:
+        return list(CALIBRATION_TEXT), "builtin"
+    if isinstance(calibrate, (str, os.PathLike)):
+        return load_text(calibrate), Path(calibrate).name
+    raise EncodeError(f"calibrate must be True or a text file's path, got {calibrate!r}")
+
+
+def _calibrate(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
+               measured: Iterable[str], text: tuple[list[str], str], base_model: Any
+               ) -> tuple[Calibration, Any]:
+    """Calibrate the LoRA factors' scales of ``done`` in place (:mod:`calibrate`): the
+    calibration and the factors' scales before it (:data:`LORA_SCALE_KEY`'s ``proj_scale``)."""
+    if source.config is None or str(source.peft_type).upper() != "LORA":
+        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
+        raise ConvertError(f"{source.path}: calibrate runs a LoRA adapter on its base model; "
+                           f"this is {what}")
+    pairs = lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
+    names = [n for pair in pairs for n in pair]
+    from_base = set(measured) if base_reader is not None else set()
+    config = json.loads(Path(source.config).read_text())
+    cal = calibrate_lora(done, {n: reader.values(n) for n in names},
+                         {n: base_reader.values(n) for n in names if n in from_base} or None,
+                         config, base_model=base_model, text=text[0], text_name=text[1],
+                         where=source.path)
+    before = {n: done[n].scale for n in names}
+    for n in names:
+        t = done[n]
+        done[n] = TernaryTensor(t.shape, t.indices, t.signs,
+                                float32_scale(cal.multiplier * t.scale, [(n, t.dtype, t.numel)]),
+                                t.dtype)
+    return cal, _one_or_each(before) if before else 0.0
 
 
 def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,

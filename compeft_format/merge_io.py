@@ -490,7 +490,9 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader],
     * a LoRA product scale (``lora_product``, ``lora_product_out``, ``lora_product_kron``)
       keeps compress's selection and records the proj scale of the LoRA factors
       (``lora_fit.proj_scale``: one number, ``{"A": .., "B": ..}`` for scope ``role``, or by
-      tensor name); its other tensors keep proj_vcap's scale as stored;
+      tensor name); its other tensors keep proj_vcap's scale as stored; a calibrated
+      ``proj``/``proj_vcap`` file (``compress_file(calibrate=...)``) records its LoRA
+      factors' scales before calibration there too;
     * a metric rule (``kron_sketch``, ``kron``, ``gram``) records each scope's proj scale
       before a vector's cap (``proj_scale``: one number, or by tensor name); a vector's
       proj_vcap scale is the smaller of that and its cap, and its stored scale is the
@@ -506,9 +508,11 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader],
         meta = r.metadata().get(S.META_COMPRESSION)
         meta = meta if isinstance(meta, dict) else {}
         scale = meta.get("scale")
-        if scale is None or scale in PROJ_SCALES:
+        # a calibrated file (spec 5.2.1) records its LoRA factors' scales before calibration
+        calibrated = scale in PROJ_SCALES and LORA_SCALE_KEY in meta
+        if scale is None or (scale in PROJ_SCALES and not calibrated):
             continue
-        if scale in LORA_SCALES:
+        if scale in LORA_SCALES or calibrated:
             fit = meta.get(LORA_SCALE_KEY)
             proj = fit.get("proj_scale") if isinstance(fit, dict) else None
             where = f"{LORA_SCALE_KEY}.proj_scale"

@@ -56,6 +56,7 @@ __all__ = [
     "SeedMatch",
     "check_config",
     "find_seed",
+    "model_class",
     "parse_peft_init",
     "recipe",
     "recorded_recipe",
@@ -183,7 +184,7 @@ def recipe(seed: int) -> dict[str, Any]:
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _model_class(config: Mapping[str, Any], where: object) -> Any:
+def model_class(config: Mapping[str, Any], where: object) -> Any:
     """The transformers class PEFT loads the base with: the task type's Auto class, else the
     config's ``auto_mapping`` (transformers classes only), else ``AutoModel``."""
     import transformers
@@ -214,7 +215,7 @@ def _skeleton(config: Mapping[str, Any], where: object, base_model: Any) -> Any:
     """The base model built from its config only: uninitialised CPU storage, no weights."""
     torch, transformers, _ = _stack()
     if isinstance(base_model, transformers.PretrainedConfig):  # a loaded model's own config
-        return _build(torch, _model_class(config, where), base_model, where)
+        return _build(torch, model_class(config, where), base_model, where)
     name = os.fspath(base_model) if base_model is not None else \
         config.get("base_model_name_or_path")
     if not name:
@@ -236,7 +237,7 @@ def _skeleton(config: Mapping[str, Any], where: object, base_model: Any) -> Any:
                            "give its folder with --base-model (base_model=)") from None
     except ValueError as exc:
         raise ConvertError(f"{where}: the base model's config {name!r}: {exc}") from None
-    return _build(torch, _model_class(config, where), bcfg, where)
+    return _build(torch, model_class(config, where), bcfg, where)
 
 
 def _build(torch: Any, cls: Any, bcfg: Any, where: object) -> Any:

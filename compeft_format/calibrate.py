@@ -1,0 +1,355 @@
+"""Calibration: one multiplier of a LoRA adapter's factor scales, chosen by the network's response.
+
+At low density no scale rule computed from the factors alone lands within 0.005 of the best
+single scale on every adapter (``bench/results/lora_scale.md``): the adapters' factor
+statistics are alike, but the scale each one needs is not. What decides it is how the network
+responds to the rebuilt update *on natural text*: random tokens do not show it, any ordinary
+sentences do (``bench/lora_calibrate.py``). Calibration runs the base model with the adapter
+merged, on a few dozen unlabelled sentences (:data:`CALIBRATION_TEXT`, or the user's), and
+picks the multiplier ``c`` of every factor's scale whose rebuilt model's sentence embeddings
+(mean-pooled last hidden states) are closest, in mean cosine, to the uncompressed adapter's.
+No labels and no task data: the sentences only have to be language the model reads.
+
+The search is the one the benchmarks tune with: a log grid of :data:`GRID` points over
+``[1/4, 4]`` (1 included), then :data:`REFINE` golden-section steps around the best. The
+selection and the signs are compress's; only the scales change, all by the same factor, so
+the file is a compression with ``alpha`` times ``c`` and merges as compress's selection
+would (the file records the uncalibrated scale as ``lora_fit.proj_scale``, spec 5.2.1).
+
+Needs torch and transformers, and the base model's weights and tokenizer (a local folder, or
+a hub name in the Hugging Face cache; nothing is downloaded). Models whose forward takes
+``input_ids`` and ``attention_mask`` alone (encoders, decoders) and LoRA on linear layers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ConvertError, MissingDependencyError
+from .lora_scale import lora_pairs, peft_scaling
+
+__all__ = ["CALIBRATION_TEXT", "Calibration", "calibrate_lora", "load_text", "search"]
+
+#: The built-in calibration sentences: ordinary English on everyday topics, written for this
+#: purpose and disjoint from the benchmarks' scoring sentences (``bench/scale_rules.py``).
+CALIBRATION_TEXT: tuple[str, ...] = (
+    "The train to the city leaves every hour.",
+    "Water boils at a lower temperature in the mountains.",
+    "Please close the window before you go to bed.",
+    "My grandmother grows tomatoes behind the house.",
+    "How many people live in this town?",
+    "The committee will announce its decision next week.",
+    "A small dog was barking at the mailman.",
+    "Add two cups of flour and stir slowly.",
+    "The library is closed on public holidays.",
+    "She painted the fence a bright shade of red.",
+    "Scientists found ice beneath the surface of the planet.",
+    "We watched the sunset from the old bridge.",
+    "The children built a castle out of sand.",
+    "Can you tell me where the station is?",
+    "The company reported higher profits this quarter.",
+    "He fixed the bicycle with a borrowed wrench.",
+    "Rain is expected in the north by the evening.",
+    "The teacher asked the students to read aloud.",
+    "Our neighbours moved to another country last year.",
+    "The bread smells fresh and warm.",
+    "Turn left at the second traffic light.",
+    "The orchestra played a long symphony.",
+    "Prices of vegetables went up in the winter.",
+    "The cat slept all afternoon on the sofa.",
+    "I forgot my umbrella at the office.",
+    "The river flooded the fields after the storm.",
+    "They are planning a picnic for Sunday.",
+    "This software update fixes several bugs.",
+    "The doctor recommended more sleep and exercise.",
+    "A famous author signed books at the store.",
+    "The museum has a large collection of coins.",
+    "We ran out of milk this morning.",
+    "The bus was crowded and slow.",
+    "Her brother works as a nurse in the hospital.",
+    "The mountains were covered in fresh snow.",
+    "I would like a cup of tea, please.",
+    "The old clock in the hall stopped working.",
+    "Farmers harvest wheat at the end of summer.",
+    "The film won three awards at the festival.",
+    "The keys are on the kitchen table.",
+)
+
+#: Points of the log grid of multipliers over ``[1/4, 4]`` (odd, so that 1 is one of them).
+GRID = 13
+#: Golden-section steps around the grid's best point.
+REFINE = 8
+#: The most sentences a calibration text may hold, and the tokens kept of each.
+MAX_SENTENCES = 4096
+MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The multiplier chosen and what it was chosen on.
+
+    Attributes
+    ----------
+    multiplier:
+        The factor every LoRA factor's scale was multiplied by.
+    score, score_before:
+        Mean cosine of the rebuilt model's sentence embeddings with the adapter's own, at
+        ``multiplier`` and at 1 (the rule's scale).
+    sentences:
+        How many sentences it ran on.
+    text:
+        ``"builtin"`` (:data:`CALIBRATION_TEXT`) or the text file's name.
+    evaluations:
+        Forward passes of the rebuilt model.
+    """
+
+    multiplier: float
+    score: float
+    score_before: float
+    sentences: int
+    text: str
+    evaluations: int
+
+    def record(self) -> dict[str, Any]:
+        """The file's ``compeft.compression.calibration`` record (spec 5.2.1).
+
+        >>> Calibration(0.8, 0.91, 0.9, 40, "builtin", 21).record()["multiplier"]
+        0.8
+        """
+        return {"multiplier": self.multiplier, "score": round(self.score, 6),
+                "score_before": round(self.score_before, 6), "sentences": self.sentences,
+                "text": self.text}
+
+
+def load_text(path: str | os.PathLike) -> list[str]:
+    """The sentences of a calibration text file: UTF-8, one per line, blank lines skipped.
+
+    >>> import os, tempfile
+    >>> p = os.path.join(tempfile.mkdtemp(), "cal.txt")
+    >>> with open(p, "w") as f:
+    ...     _ = f.write("One sentence.\\n\\nAnother one.\\n")
+    >>> load_text(p)
+    ['One sentence.', 'Another one.']
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConvertError(f"{path}: cannot read the calibration text: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConvertError(f"{path}: the calibration text is not UTF-8 (byte {exc.start})"
+                           ) from None
+    lines = [s.strip() for s in text.splitlines() if s.strip()]
+    if not lines:
+        raise ConvertError(f"{path}: the calibration text has no sentence (one per line)")
+    if len(lines) > MAX_SENTENCES:
+        raise ConvertError(f"{path}: the calibration text has {len(lines)} sentences; at most "
+                           f"{MAX_SENTENCES} are used (a few dozen are enough)")
+    return lines
+
+
+def search(f: Callable[[float], float], grid: int = GRID, steps: int = REFINE,
+           lo: float = 0.25, hi: float = 4.0) -> tuple[float, float, int]:
+    """``(x, f(x), evaluations)``: the best of a log grid over ``[lo, hi]``, refined by
+    golden-section steps in log scale between the grid's neighbours of its best point.
+
+    >>> x, fx, n = search(lambda c: -(math.log(c) - math.log(0.7)) ** 2)
+    >>> round(x, 2), n
+    (0.7, 21)
+    """
+    xs = np.geomspace(lo, hi, grid)
+    ys = [f(float(x)) for x in xs]
+    i = int(np.argmax(ys))
+    best = (ys[i], float(xs[i]))
+    a, b = math.log(xs[max(i - 1, 0)]), math.log(xs[min(i + 1, grid - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    c, e = b - g * (b - a), a + g * (b - a)
+    fc, fe = f(math.exp(c)), f(math.exp(e))
+    evaluations = grid + 2
+    for _ in range(steps - 2):
+        if fc >= fe:
+            b, e, fe = e, c, fc
+            c = b - g * (b - a)
+            fc = f(math.exp(c))
+        else:
+            a, c, fc = c, e, fe
+            e = a + g * (b - a)
+            fe = f(math.exp(e))
+        evaluations += 1
+        best = max(best, (fc, math.exp(c)), (fe, math.exp(e)))
+    best = max(best, (fc, math.exp(c)), (fe, math.exp(e)))
+    return best[1], best[0], evaluations
+
+
+def _stack() -> tuple[Any, Any]:
+    try:
+        import torch
+        import transformers
+    except ImportError as exc:
+        raise MissingDependencyError(f"calibration needs torch and transformers: {exc}") from exc
+    return torch, transformers
+
+
+def _load_model(config: Mapping[str, Any], base_model: str | os.PathLike | None,
+                where: object) -> tuple[Any, Any]:
+    """The base model (float32, CPU, eval) and its tokenizer, offline."""
+    from .peft_init import model_class
+
+    torch, transformers = _stack()
+    name = os.fspath(base_model) if base_model is not None else \
+        config.get("base_model_name_or_path")
+    if not name:
+        raise ConvertError(f"{where}: calibration needs the base model: the adapter has no "
+                           "base_model_name_or_path; give its folder with --base-model")
+    if Path(name).is_file():
+        name = str(Path(name).parent)
+    cls = model_class(config, where)
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # compress has its own
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
+        model = cls.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+    except (OSError, ValueError) as exc:
+        raise ConvertError(f"{where}: calibration needs the base model's weights and "
+                           f"tokenizer, {name!r} is neither a local folder that has them nor in "
+                           f"the Hugging Face cache (nothing is downloaded): "
+                           f"{str(exc).splitlines()[0]}") from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+    if tokenizer.pad_token is None:  # decoders: any token does, the mask hides it
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return model.eval(), tokenizer
+
+
+def _parameters(model: Any, pairs: Sequence[tuple[str, str]], where: object) -> list[Any]:
+    """The weight of the base layer each LoRA pair adapts, by PEFT's saved names."""
+    params = dict(model.named_parameters())
+    out = []
+    for a, _ in pairs:
+        module = a.removeprefix("base_model.model.").split(".lora_A")[0]
+        for key in (f"{module}.weight", f"{module.removeprefix('model.')}.weight"):
+            if key in params:
+                out.append(params[key])
+                break
+        else:
+            raise ConvertError(f"{where}: tensor {a!r}: the base model has no layer "
+                               f"{module!r} to calibrate it on")
+    return out
+
+
+def calibrate_lora(
+    compressed: Mapping[str, Any],
+    adapter: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray] | None,
+    config: Mapping[str, Any],
+    *,
+    base_model: str | os.PathLike | None = None,
+    text: Sequence[str] | None = None,
+    text_name: str = "builtin",
+    where: object = "adapter",
+) -> Calibration:
+    """Choose the multiplier of a compressed LoRA adapter's factor scales on the base model.
+
+    ``compressed``: compress's output for the adapter (its LoRA factors
+    :class:`~compeft_format.tensor.TernaryTensor`); ``adapter``: the adapter's factors;
+    ``reference``: what the task vector was measured from (the initial adapter's factors, or
+    None for zero); ``config``: its ``adapter_config.json``; ``base_model``: the base model's
+    folder or hub name (default: the config's ``base_model_name_or_path``); ``text``: the
+    sentences (default :data:`CALIBRATION_TEXT`). The caller multiplies every factor's scale
+    by the result's ``multiplier``. Raises
+    :class:`~compeft_format.errors.ConvertError` (no base model offline, a layer it lacks,
+    an adapter it cannot calibrate) or :class:`~compeft_format.errors.MissingDependencyError`.
+
+    Examples
+    --------
+    A one-layer BERT with a LoRA on its query layer (PEFT's saved names):
+
+    >>> import os, tempfile, numpy as np, torch, transformers
+    >>> from compeft_format.compress import compress
+    >>> d = tempfile.mkdtemp()
+    >>> words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "cat", "sat", "on", "mat", "."]
+    >>> with open(os.path.join(d, "vocab.txt"), "w") as f:
+    ...     _ = f.write("\\n".join(words))
+    >>> _ = transformers.BertTokenizer(os.path.join(d, "vocab.txt")).save_pretrained(d)
+    >>> _ = torch.manual_seed(0)
+    >>> transformers.BertModel(transformers.BertConfig(vocab_size=10, hidden_size=16,
+    ...     num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(d)
+    >>> m = "base_model.model.encoder.layer.0.attention.self.query"
+    >>> rng = np.random.default_rng(0)
+    >>> w = {f"{m}.lora_A.weight": rng.normal(size=(4, 16)).astype(np.float32),
+    ...      f"{m}.lora_B.weight": rng.normal(size=(16, 4)).astype(np.float32)}
+    >>> cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": d}
+    >>> cal = calibrate_lora(compress(w, density=0.1), w, None, cfg,
+    ...                      text=["the cat sat on the mat .", "the mat sat ."])
+    >>> 0.25 <= cal.multiplier <= 4, cal.score >= cal.score_before, cal.sentences
+    (True, True, 2)
+    """
+    torch, _ = _stack()
+    if config.get("use_dora"):
+        raise ConvertError(f"{where}: calibration does not handle DoRA adapters")
+    pairs = lora_pairs(n for n, v in compressed.items() if hasattr(v, "scale"))
+    if not pairs:
+        raise ConvertError(f"{where}: calibration needs a LoRA adapter's factors; found none")
+    sentences = list(CALIBRATION_TEXT if text is None else text)
+    model, tokenizer = _load_model(config, base_model, where)
+    weights = _parameters(model, pairs, where)
+    transpose = bool(config.get("fan_in_fan_out"))
+    enc = tokenizer(sentences, padding=True, truncation=True, max_length=MAX_TOKENS,
+                    return_tensors="pt")
+    feed = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    mask = enc["attention_mask"].unsqueeze(-1).float()
+    originals = [w.detach().clone() for w in weights]
+
+    def tensor(x: Any) -> Any:
+        return torch.from_numpy(np.array(x, np.float32))  # a copy: inputs may be read-only
+
+    coeff = [peft_scaling(config, a, adapter[a].shape[0]) for a, _ in pairs]
+    ref = {n: tensor(reference[n]) if reference is not None and n in reference else None
+           for pair in pairs for n in pair}
+    signs = {n: tensor(compressed[n].to_numpy()) / float(compressed[n].scale)
+             if compressed[n].nnz and compressed[n].scale else
+             torch.zeros(tuple(compressed[n].shape)) for pair in pairs for n in pair}
+    scales = {n: float(compressed[n].scale) for pair in pairs for n in pair}
+
+    def embed(deltas: Sequence[Any]) -> Any:
+        with torch.no_grad():
+            for w, w0, d in zip(weights, originals, deltas, strict=True):
+                w.copy_(w0 + (d.T if transpose else d).to(w0.dtype))
+            with torch.inference_mode():
+                out = model(**feed, output_hidden_states=True)
+            h = out.hidden_states[-1]
+            e = (h * mask).sum(1) / mask.sum(1)
+        return torch.nn.functional.normalize(e, dim=-1)
+
+    def factor(n: str, c: float) -> Any:
+        part = signs[n] * float(np.float32(c * scales[n]))
+        return part if ref[n] is None else ref[n] + part
+
+    try:
+        target = embed([k * (tensor(adapter[b]) @ tensor(adapter[a]))
+                        for (a, b), k in zip(pairs, coeff, strict=True)])
+
+        def score(c: float) -> float:
+            got = embed([k * (factor(b, c) @ factor(a, c))
+                         for (a, b), k in zip(pairs, coeff, strict=True)])
+            return float((got * target).sum(-1).mean())
+
+        before = score(1.0)
+        c, best, evaluations = search(score)
+    finally:
+        with torch.no_grad():
+            for w, w0 in zip(weights, originals, strict=True):
+                w.copy_(w0)
+    if best < before:  # the grid holds 1: only a tie in float arithmetic gets here
+        c, best = 1.0, before
+    return Calibration(multiplier=float(c), score=best, score_before=before,
+                       sentences=len(sentences), text=text_name, evaluations=evaluations + 2)

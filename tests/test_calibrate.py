@@ -1,0 +1,206 @@
+"""compeft_format.calibrate: a LoRA adapter's factor scales calibrated on its base model.
+
+A tiny BERT (weights and a word-piece tokenizer written in the test, no download) gets a LoRA
+from PEFT, a few optimiser steps train it, and it is saved as PEFT saves it. Calibration must
+keep compress's selection and signs, multiply every factor's scale by one factor that does
+not lower the embedding score, record what it did, and refuse what it cannot do with one
+clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from cli_helpers import one_line_error, run
+
+import compeft_format as cf
+from compeft_format import calibrate
+from compeft_format.errors import ConvertError, EncodeError
+from compeft_format.merge_io import merge_files
+
+WORDS = ["the", "cat", "dog", "sat", "ran", "on", "a", "mat", "big", "small", "red", "house",
+         "tree", "under", "over", "and", "."]
+SENTENCES = ["the cat sat on the mat .", "a big dog ran under the tree .",
+             "the small red house .", "a dog and a cat sat over the mat ."]
+
+
+def _make_adapter(root: Path, seed: int = 0) -> tuple[Path, Path]:
+    """(adapter folder, base model folder): a LoRA on q and v of a tiny BERT, trained a bit."""
+    base = root / "base"
+    vocab = base / "vocab.txt"
+    base.mkdir(parents=True)
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    tok = transformers.BertTokenizer(str(vocab))
+    tok.save_pretrained(base)
+    torch.manual_seed(123)
+    model = transformers.BertModel(transformers.BertConfig(
+        vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=32))
+    model.save_pretrained(base)
+    model = transformers.BertModel.from_pretrained(base)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8,
+                                                    target_modules=["query", "value"]))
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=3e-2)
+    enc = tok(SENTENCES, padding=True, return_tensors="pt")
+    target = torch.randn(*enc["input_ids"].shape, 32, generator=torch.Generator().manual_seed(7))
+    for _ in range(20):
+        loss = ((pm(**enc).last_hidden_state - target) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    pm.save_pretrained(root / "adapter")
+    cfg_path = root / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    assert cfg["base_model_name_or_path"] == str(base)
+    return root / "adapter", base
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory) -> tuple[Path, Path]:
+    return _make_adapter(tmp_path_factory.mktemp("calibrate"))
+
+
+def _compress(adapter: Path, out: Path, **kw) -> cf.CompressSummary:
+    return cf.compress_file(adapter, out, density=0.1, base="zero", **kw)
+
+
+def _factors(path: str) -> dict[str, cf.TernaryTensor]:
+    with cf.open_file(path) as f:
+        return {n: f.get_raw(n) for n in f}
+
+
+@pytest.mark.parametrize("scale", ["proj_vcap", "lora_product_out"])
+def test_calibration_multiplies_every_factor_scale_by_one_factor(adapter, tmp_path,
+                                                                 scale) -> None:
+    folder, _ = adapter
+    plain = _compress(folder, tmp_path / "plain", scale=scale)
+    cal = _compress(folder, tmp_path / "cal", scale=scale, calibrate=True)
+    a, b = _factors(plain.file), _factors(cal.file)
+    with cf.open_file(plain.file) as f:
+        before = f.metadata()["compeft.compression"]
+    with cf.open_file(cal.file) as f:
+        record = f.metadata()["compeft.compression"]
+    c = record["calibration"]["multiplier"]
+    assert 0.25 <= c <= 4 and c != 1.0
+    assert a.keys() == b.keys() and len(a) == 8  # q and v of two layers, A and B
+    for n in a:  # the selection and the signs are compress's; only the scale moves
+        np.testing.assert_array_equal(a[n].indices, b[n].indices)
+        np.testing.assert_array_equal(a[n].signs, b[n].signs)
+        assert b[n].scale == np.float32(c * a[n].scale)
+    rec = record["calibration"]
+    assert rec["text"] == "builtin" and rec["sentences"] == len(calibrate.CALIBRATION_TEXT)
+    assert rec["score"] >= rec["score_before"]
+    # merging reads the proj scale, as without calibration (spec 5.2.1: lora_fit.proj_scale)
+    assert record["scale"] == scale
+    if scale == "proj_vcap":
+        assert record["lora_fit"] == {"selection": "proj_vcap",
+                                      "proj_scale": next(iter(a.values())).scale}
+    else:
+        assert record["lora_fit"] == before["lora_fit"]
+    assert "calibrated: factor scales x" in cal.note
+
+
+def test_calibration_is_the_best_multiplier_the_search_finds(adapter, tmp_path) -> None:
+    folder, base = adapter
+    from safetensors.numpy import load_file
+
+    w = load_file(str(folder / "adapter_model.safetensors"))
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    comp = cf.compress(w, density=0.05)
+    got = calibrate.calibrate_lora(comp, w, None, cfg, text=SENTENCES, text_name="words")
+    assert got.sentences == len(SENTENCES) and got.text == "words"
+    assert got.score >= got.score_before
+    assert got.evaluations == calibrate.GRID + calibrate.REFINE + 2
+
+    # its score is the search's best: no multiplier on a finer grid does better by more than
+    # the golden-section's last step can miss
+    def score(c: float) -> float:
+        scaled = {n: cf.TernaryTensor(t.shape, t.indices, t.signs, np.float32(c * t.scale))
+                  for n, t in comp.items()}
+        return calibrate.calibrate_lora(scaled, w, None, cfg, text=SENTENCES).score_before
+
+    assert score(got.multiplier) == pytest.approx(got.score, abs=1e-6)
+    finer = max(score(float(c)) for c in np.geomspace(0.25, 4, 25))
+    assert got.score >= finer - 2e-3
+
+
+def test_search_finds_a_known_optimum() -> None:
+    for peak in (0.3, 1.0, 2.5):
+        x, fx, n = calibrate.search(lambda c, p=peak: -(np.log(c) - np.log(p)) ** 2)
+        assert x == pytest.approx(peak, rel=0.02) and n == calibrate.GRID + calibrate.REFINE
+    # at an end of the grid it stays inside [1/4, 4]
+    x, _, _ = calibrate.search(lambda c: -c)
+    assert x == pytest.approx(0.25, rel=0.05)
+
+
+def test_calibration_text_file(adapter, tmp_path) -> None:
+    folder, _ = adapter
+    text = tmp_path / "mine.txt"
+    text.write_text("\n".join(SENTENCES) + "\n\n")
+    s = _compress(folder, tmp_path / "out", calibrate=text)
+    with cf.open_file(s.file) as f:
+        rec = f.metadata()["compeft.compression"]["calibration"]
+    assert rec["text"] == "mine.txt" and rec["sentences"] == len(SENTENCES)
+
+
+def test_calibrated_files_merge_with_expected_ties(adapter, tmp_path) -> None:
+    folder, _ = adapter
+    one = _compress(folder, tmp_path / "one", calibrate=True)
+    two = _compress(folder, tmp_path / "two")
+    merged = merge_files([one.file, two.file], tmp_path / "m.safetensors",
+                         rescale="expected_ties")
+    assert merged.tensors == 8
+
+
+@pytest.mark.parametrize(("kw", "error", "words"), [
+    ({"hifi": 0.01}, EncodeError, "hi-fi"),
+    ({"calibrate": 3}, EncodeError, "calibrate must be"),
+])
+def test_bad_options(adapter, tmp_path, kw, error, words) -> None:
+    folder, _ = adapter
+    with pytest.raises(error, match=words):
+        cf.compress_file(folder, tmp_path / "x", base="zero",
+                         **({"calibrate": True} | kw))
+    assert not (tmp_path / "x").exists()
+
+
+def test_refusals_name_the_problem(adapter, tmp_path) -> None:
+    folder, _ = adapter
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n \n")
+    with pytest.raises(ConvertError, match="no sentence"):
+        _compress(folder, tmp_path / "a", calibrate=empty)
+    with pytest.raises(ConvertError, match="not UTF-8"):
+        (tmp_path / "bin.txt").write_bytes(b"caf\xe9\n")
+        _compress(folder, tmp_path / "b", calibrate=tmp_path / "bin.txt")
+    with pytest.raises(ConvertError, match="nothing is downloaded"):
+        _compress(folder, tmp_path / "c", calibrate=True, base_model=tmp_path / "nowhere")
+    ia3 = Path(__file__).parent / "data" / "ia3-minilm-vader"
+    with pytest.raises(ConvertError, match="this is a IA3 adapter"):
+        cf.compress_file(ia3, tmp_path / "d", calibrate=True)
+    assert not any((tmp_path / n).exists() for n in "abcd")
+
+
+def test_command_line(adapter, tmp_path, capsys) -> None:
+    folder, _ = adapter
+    code, out, err = run(capsys, "compress", folder, "-o", tmp_path / "out", "--base", "zero",
+                         "--density", "0.1", "--calibrate")
+    assert code == 0, err
+    assert "calibrated: factor scales x" in out
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(SENTENCES))
+    code, out, err = run(capsys, "compress", folder, "-o", tmp_path / "out2", "--base", "zero",
+                         "--calibration-text", text, "--json")
+    assert code == 0, err
+    assert "calibrated" in json.loads(out)["note"]
+    code, out, err = run(capsys, "compress", folder, "-o", tmp_path / "out3", "--base", "zero",
+                         "--calibrate", "--base-model", tmp_path / "nowhere")
+    assert code == 1
+    one_line_error(err, "calibration needs the base model")
