@@ -299,6 +299,10 @@ def calibrate_lora(
     pairs = lora_pairs(n for n, v in compressed.items() if hasattr(v, "scale"))
     if not pairs:
         raise ConvertError(f"{where}: calibration needs a LoRA adapter's factors; found none")
+    for a, b in pairs:
+        if ".lora_embedding_A" in a or len(adapter[a].shape) != 2 or len(adapter[b].shape) != 2:
+            raise ConvertError(f"{where}: tensor {a!r}: calibration handles LoRA on linear "
+                               "layers only (not embeddings or convolutions)")
     sentences = list(CALIBRATION_TEXT if text is None else text)
     model, tokenizer = _load_model(config, base_model, where)
     weights = _parameters(model, pairs, where)

@@ -204,3 +204,17 @@ def test_command_line(adapter, tmp_path, capsys) -> None:
                          "--calibrate", "--base-model", tmp_path / "nowhere")
     assert code == 1
     one_line_error(err, "calibration needs the base model")
+
+
+@pytest.mark.parametrize(("a_name", "a_shape", "b_shape"), [
+    ("base_model.model.emb.lora_embedding_A", (4, 30), (16, 4)),
+    ("base_model.model.conv.lora_A.weight", (4, 3, 3, 3), (8, 4, 1, 1)),
+])
+def test_embedding_and_conv_factors_are_refused(a_name, a_shape, b_shape) -> None:
+    rng = np.random.default_rng(0)
+    b_name = a_name.replace("_A", "_B")
+    w = {a_name: rng.normal(size=a_shape).astype(np.float32),
+         b_name: rng.normal(size=b_shape).astype(np.float32)}
+    with pytest.raises(ConvertError, match="linear layers only"):
+        calibrate.calibrate_lora(cf.compress(w, density=0.2), w, None,
+                                 {"base_model_name_or_path": "unused"})
