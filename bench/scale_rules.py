@@ -73,6 +73,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from compeft_format.calibrate import refine as calibrate_refine  # noqa: E402
 from compeft_format.compress import compress  # noqa: E402
 from compeft_format.scales import AUTO_SCALE, resolve_scale  # noqa: E402
 from compeft_format.taskvec import peft_task_vector, state_dict_task_vector  # noqa: E402
@@ -386,25 +387,9 @@ class Case:
 
 
 def refine(f: Callable[[float], float], curve: list[tuple[float, float]]) -> tuple[float, float]:
-    """Golden-section search (in log scale) around the best point of ``curve``."""
-    i = max(range(len(curve)), key=lambda j: curve[j][1])
-    a = math.log(curve[max(i - 1, 0)][0])
-    b = math.log(curve[min(i + 1, len(curve) - 1)][0])
-    best = (curve[i][1], curve[i][0])
-    g = (math.sqrt(5) - 1) / 2
-    c, e = b - g * (b - a), a + g * (b - a)
-    fc, fe = f(math.exp(c)), f(math.exp(e))
-    for _ in range(REFINE_STEPS):
-        if fc >= fe:
-            b, e, fe = e, c, fc
-            c = b - g * (b - a)
-            fc = f(math.exp(c))
-        else:
-            a, c, fc = c, e, fe
-            e = a + g * (b - a)
-            fe = f(math.exp(e))
-        best = max(best, (fc, math.exp(c)), (fe, math.exp(e)))
-    return best[1], best[0]
+    """Golden-section search (in log scale) around the best point of ``curve``: the library's
+    (:func:`compeft_format.calibrate.refine`), with :data:`REFINE_STEPS` steps."""
+    return calibrate_refine(f, curve, REFINE_STEPS)
 
 
 def format_row(row: dict) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 from .errors import ConvertError, MissingDependencyError
 from .lora_scale import lora_pairs, peft_scaling
 
-__all__ = ["CALIBRATION_TEXT", "Calibration", "calibrate_lora", "load_text", "search"]
+__all__ = ["CALIBRATION_TEXT", "Calibration", "calibrate_lora", "load_text", "refine", "search"]
 
 #: The built-in calibration sentences: ordinary English on everyday topics, written for this
 #: purpose and disjoint from the benchmarks' scoring sentences (``bench/scale_rules.py``).
@@ -84,8 +84,8 @@ CALIBRATION_TEXT: tuple[str, ...] = (
 
 #: Points of the log grid of multipliers over ``[1/4, 4]`` (odd, so that 1 is one of them).
 GRID = 13
-#: Golden-section steps around the grid's best point.
-REFINE = 8
+#: Golden-section steps around the grid's best point (each one evaluation; two more start it).
+REFINE = 6
 #: The most sentences a calibration text may hold, and the tokens kept of each.
 MAX_SENTENCES = 4096
 MAX_TOKENS = 128
@@ -156,25 +156,25 @@ def load_text(path: str | os.PathLike) -> list[str]:
     return lines
 
 
-def search(f: Callable[[float], float], grid: int = GRID, steps: int = REFINE,
-           lo: float = 0.25, hi: float = 4.0) -> tuple[float, float, int]:
-    """``(x, f(x), evaluations)``: the best of a log grid over ``[lo, hi]``, refined by
-    golden-section steps in log scale between the grid's neighbours of its best point.
+def refine(f: Callable[[float], float], curve: Sequence[tuple[float, float]], steps: int
+           ) -> tuple[float, float]:
+    """``(x, f(x))``: golden-section search, in log scale, between the neighbours of the best
+    point of ``curve`` (``(x, f(x))`` pairs in increasing ``x``); ``steps + 2`` evaluations.
 
-    >>> x, fx, n = search(lambda c: -(math.log(c) - math.log(0.7)) ** 2)
-    >>> round(x, 2), n
-    (0.7, 21)
+    >>> xs = np.geomspace(0.25, 4, 13)
+    >>> x, fx = refine(lambda c: -(math.log(c) - math.log(0.7)) ** 2,
+    ...                [(x, -(math.log(x) - math.log(0.7)) ** 2) for x in xs], 6)
+    >>> round(x, 2)
+    0.7
     """
-    xs = np.geomspace(lo, hi, grid)
-    ys = [f(float(x)) for x in xs]
-    i = int(np.argmax(ys))
-    best = (ys[i], float(xs[i]))
-    a, b = math.log(xs[max(i - 1, 0)]), math.log(xs[min(i + 1, grid - 1)])
+    i = max(range(len(curve)), key=lambda j: curve[j][1])
+    a = math.log(curve[max(i - 1, 0)][0])
+    b = math.log(curve[min(i + 1, len(curve) - 1)][0])
+    best = (curve[i][1], curve[i][0])
     g = (math.sqrt(5) - 1) / 2
     c, e = b - g * (b - a), a + g * (b - a)
     fc, fe = f(math.exp(c)), f(math.exp(e))
-    evaluations = grid + 2
-    for _ in range(steps - 2):
+    for _ in range(steps):
         if fc >= fe:
             b, e, fe = e, c, fc
             c = b - g * (b - a)
@@ -183,10 +183,22 @@ def search(f: Callable[[float], float], grid: int = GRID, steps: int = REFINE,
             a, c, fc = c, e, fe
             e = a + g * (b - a)
             fe = f(math.exp(e))
-        evaluations += 1
         best = max(best, (fc, math.exp(c)), (fe, math.exp(e)))
-    best = max(best, (fc, math.exp(c)), (fe, math.exp(e)))
-    return best[1], best[0], evaluations
+    return best[1], best[0]
+
+
+def search(f: Callable[[float], float], grid: int = GRID, steps: int = REFINE,
+           lo: float = 0.25, hi: float = 4.0) -> tuple[float, float, int]:
+    """``(x, f(x), evaluations)``: the best of a log grid of ``grid`` points over
+    ``[lo, hi]``, then :func:`refine` with ``steps`` steps.
+
+    >>> x, fx, n = search(lambda c: -(math.log(c) - math.log(0.7)) ** 2)
+    >>> round(x, 2), n
+    (0.7, 21)
+    """
+    curve = [(float(x), f(float(x))) for x in np.geomspace(lo, hi, grid)]
+    x, fx = refine(f, curve, steps)
+    return x, fx, grid + steps + 2
 
 
 def _stack() -> tuple[Any, Any]:
