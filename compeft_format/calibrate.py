@@ -340,8 +340,14 @@ def calibrate_lora(
         with torch.no_grad():
             for w, w0, d in zip(weights, originals, deltas, strict=True):
                 w.copy_(w0 + (d.T if transpose else d).to(w0.dtype))
-            with torch.inference_mode():
-                out = model(**feed, output_hidden_states=True)
+            try:
+                with torch.inference_mode():
+                    out = model(**feed, output_hidden_states=True)
+            except (RuntimeError, ValueError, TypeError) as exc:  # e.g. an encoder-decoder
+                raise ConvertError(
+                    f"{where}: calibration runs the base model on input_ids and attention_mask "
+                    f"alone; {type(model).__name__} could not: {type(exc).__name__}: "
+                    f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
             h = out.hidden_states[-1]
             e = (h * mask).sum(1) / mask.sum(1)
         return torch.nn.functional.normalize(e, dim=-1)

@@ -224,3 +224,20 @@ def test_embedding_and_conv_factors_are_refused(a_name, a_shape, b_shape) -> Non
     with pytest.raises(ConvertError, match="linear layers only"):
         calibrate.calibrate_lora(cf.compress(w, density=0.2), w, None,
                                  {"base_model_name_or_path": "unused"})
+
+
+def test_a_model_that_needs_more_than_input_ids_is_refused(adapter, tmp_path) -> None:
+    _, bert = adapter
+    t5 = tmp_path / "t5"
+    transformers.T5Model(transformers.T5Config(
+        vocab_size=len(WORDS) + 5, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+        decoder_start_token_id=0)).save_pretrained(t5)
+    for f in ("vocab.txt", "tokenizer_config.json"):  # any word-piece tokenizer will do
+        (t5 / f).write_bytes((bert / f).read_bytes())
+    m = "base_model.model.encoder.block.0.layer.0.SelfAttention.q"
+    rng = np.random.default_rng(0)
+    w = {f"{m}.lora_A.weight": rng.normal(size=(2, 16)).astype(np.float32),
+         f"{m}.lora_B.weight": rng.normal(size=(16, 2)).astype(np.float32)}
+    cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(t5)}
+    with pytest.raises(ConvertError, match="input_ids and attention_mask alone; T5Model"):
+        calibrate.calibrate_lora(cf.compress(w, density=0.2), w, None, cfg, text=SENTENCES)
