@@ -312,6 +312,11 @@ def compress_file(
         raise EncodeError(f"zstd level must be an integer in [-7, 22], got {zstd_level!r}")
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's weights")
+    if calibration_text is not None and (source.config is None
+                                         or str(source.peft_type).upper() != "LORA"):
+        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
+        raise ConvertError(f"{source.path}: calibrate runs a LoRA adapter on its base model; "
+                           f"this is {what}")
     from_init, init_seed = parse_peft_init(base)
     # a LoRA adapter without a base: from its initial state regenerated from the seed when
     # that can be done here (offline), else from zero, the summary saying why
@@ -612,11 +617,8 @@ def _calibrate(done: dict[str, Any], source: Source, reader: Any, base_reader: A
                measured: Iterable[str], text: tuple[list[str], str], base_model: Any
                ) -> tuple[Calibration, Any]:
     """Calibrate the LoRA factors' scales of ``done`` in place (:mod:`calibrate`): the
-    calibration and the factors' scales before it (:data:`LORA_SCALE_KEY`'s ``proj_scale``)."""
-    if source.config is None or str(source.peft_type).upper() != "LORA":
-        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
-        raise ConvertError(f"{source.path}: calibrate runs a LoRA adapter on its base model; "
-                           f"this is {what}")
+    calibration and the factors' scales before it (:data:`LORA_SCALE_KEY`'s ``proj_scale``).
+    ``source`` is a LoRA adapter (checked before any work)."""
     pairs = lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
     names = [n for pair in pairs for n in pair]
     from_base = set(measured) if base_reader is not None else set()

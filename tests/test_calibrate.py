@@ -191,7 +191,13 @@ def test_refusals_name_the_problem(adapter, tmp_path) -> None:
     ia3 = Path(__file__).parent / "data" / "ia3-minilm-vader"
     with pytest.raises(ConvertError, match="this is a IA3 adapter"):
         cf.compress_file(ia3, tmp_path / "d", calibrate=True)
-    assert not any((tmp_path / n).exists() for n in "abcd")
+    plain = tmp_path / "w.safetensors"
+    from safetensors.numpy import save_file
+
+    save_file({"w": np.ones((4, 4), np.float32)}, str(plain))
+    with pytest.raises(ConvertError, match="this is not a PEFT adapter"):
+        cf.compress_file(plain, tmp_path / "e.compeft", calibrate=True)
+    assert not any((tmp_path / n).exists() for n in ("a", "b", "c", "d", "e.compeft"))
 
 
 def test_command_line(adapter, tmp_path, capsys) -> None:
