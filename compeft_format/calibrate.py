@@ -12,14 +12,16 @@ No labels and no task data: the sentences only have to be language the model rea
 
 The search is the one the benchmarks tune with: a log grid of :data:`GRID` points over
 ``[1/4, 4]`` (1 included), then :data:`REFINE` golden-section steps around the best. The
-selection and the signs are compress's; only the scales change, all by the same factor, so
-the file is a compression with ``alpha`` times ``c`` and merges as compress's selection
-would (the file records the uncalibrated scale as ``lora_fit.proj_scale``, spec 5.2.1).
+selection and the signs are compress's; only the factors' scales change, all by the same
+factor, so they are what ``alpha`` times ``c`` would have given, and the file merges as
+compress's selection would (it records the scale before calibration as
+``lora_fit.proj_scale``, spec 5.2.1).
 
 Needs torch and transformers, and the base model's weights and tokenizer (a local folder, or
 a hub name in the Hugging Face cache; nothing is downloaded). The model runs in float32 on
-the CPU (4 bytes a parameter: the cosines compared differ in the fourth decimal). Models whose forward takes
-``input_ids`` and ``attention_mask`` alone (encoders, decoders) and LoRA on linear layers.
+the CPU (4 bytes a parameter: the cosines compared differ in the fourth decimal). Models
+whose forward takes ``input_ids`` and ``attention_mask`` alone (encoders, decoders), and
+LoRA on linear layers.
 """
 
 from __future__ import annotations
