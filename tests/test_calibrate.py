@@ -10,6 +10,7 @@ clear error.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,10 @@ def test_command_line(adapter, tmp_path, capsys) -> None:
                          "--calibration-text", text, "--json")
     assert code == 0, err
     assert "calibrated" in json.loads(out)["note"]
+    code, out, err = run(capsys, "info", tmp_path / "out")
+    assert code == 0, err
+    assert re.search(r"^compression: .*, calibrated x \d\.\d{3} on 40 sentences \(builtin\)$",
+                     out, re.M), out
     code, out, err = run(capsys, "compress", folder, "-o", tmp_path / "out3", "--base", "zero",
                          "--calibrate", "--base-model", tmp_path / "nowhere")
     assert code == 1

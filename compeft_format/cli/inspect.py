@@ -124,9 +124,15 @@ def _print_info(info: Any, shown: str, verbose: bool) -> None:
         print(f"hi-fi file: integer codes of every entry, decoded as code * step (steps in "
               f"metadata {HIFI_KEY!r}; compeft decompress decodes it)")
     if isinstance(comp, dict) and comp:
+        cal = comp.get("calibration")
+        # informative metadata (spec 5.2.1): shown only when it has the expected shape
+        calibrated = (f", calibrated x {cal['multiplier']:.3f} on {cal.get('sentences')} "
+                      f"sentences ({cal.get('text')})"
+                      if isinstance(cal, dict) and isinstance(cal.get("multiplier"), float)
+                      else "")
         print("compression: " + ", ".join(f"{k} {comp[k]}" for k in
                                           ("method", "density", "scope", "scale", "alpha")
-                                          if k in comp))
+                                          if k in comp) + calibrated)
     name = base.get("name") if isinstance(base, dict) else None
     if isinstance(tv, dict) and tv:
         ref = tv.get("reference")
