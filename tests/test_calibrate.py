@@ -157,13 +157,29 @@ def test_calibration_text_file(adapter, tmp_path) -> None:
     assert rec["sentences"] == len(SENTENCES)
 
 
-def test_calibrated_files_merge_with_expected_ties(adapter, tmp_path) -> None:
+def test_calibrated_files_merge_at_their_recorded_proj_scale(adapter, tmp_path) -> None:
+    # expected_ties and dense_divisor merge an input at the proj scale its file records
+    # (spec 5.2.1 lora_fit.proj_scale): calibrated or not, the same merge; PEFT's TIES reads
+    # the stored magnitudes, so it sees the calibration
+    from safetensors.numpy import load_file
+
     folder, _ = adapter
-    one = _compress(folder, tmp_path / "one", calibrate=True)
-    two = _compress(folder, tmp_path / "two")
-    merged = merge_files([one.file, two.file], tmp_path / "m.safetensors",
-                         rescale="expected_ties")
-    assert merged.tensors == 8
+    files = {}
+    for kind, cal in (("plain", False), ("cal", True)):
+        files[kind] = [_compress(folder, tmp_path / f"{kind}{i}", calibrate=cal, alpha=a).file
+                       for i, a in enumerate((1.0, 0.8))]
+    merged = {}
+    for kind in files:
+        for rule in ("expected_ties", "dense_divisor", None):
+            out = tmp_path / f"m-{kind}-{rule}.safetensors"
+            merge_files(files[kind], out, rescale=rule)
+            merged[kind, rule] = load_file(str(out))
+    for rule in ("expected_ties", "dense_divisor"):
+        for n, v in merged["plain", rule].items():
+            np.testing.assert_allclose(merged["cal", rule][n], v, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{rule} {n}")
+    assert any(not np.allclose(merged["cal", None][n], v)
+               for n, v in merged["plain", None].items())
 
 
 @pytest.mark.parametrize(("kw", "error", "words"), [
