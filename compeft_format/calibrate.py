@@ -35,10 +35,13 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConvertError, MissingDependencyError
+from .errors import ConvertError, EncodeError, MissingDependencyError
 from .lora_scale import lora_pairs, peft_scaling
+from .scales import float32_scale
+from .tensor import TernaryTensor
 
-__all__ = ["CALIBRATION_TEXT", "Calibration", "calibrate_lora", "load_text", "refine", "search"]
+__all__ = ["CALIBRATION_KEY", "CALIBRATION_TEXT", "Calibration", "calibrate_lora",
+           "calibrate_scales", "calibration_text_of", "load_text", "refine", "search"]
 
 #: The built-in calibration sentences: ordinary English on everyday topics, written for this
 #: purpose and disjoint from the benchmarks' scoring sentences (``bench/scale_rules.py``).
@@ -84,6 +87,10 @@ CALIBRATION_TEXT: tuple[str, ...] = (
     "The film won three awards at the festival.",
     "The keys are on the kitchen table.",
 )
+
+#: The ``compeft.compression`` member of a calibrated file (spec 5.2.1):
+#: :meth:`Calibration.record`.
+CALIBRATION_KEY = "calibration"
 
 #: Points of the log grid of multipliers over ``[1/4, 4]`` (odd, so that 1 is one of them).
 GRID = 13
@@ -157,6 +164,24 @@ def load_text(path: str | os.PathLike) -> list[str]:
         raise ConvertError(f"{path}: the calibration text has {len(lines)} sentences; at most "
                            f"{MAX_SENTENCES} are used (a few dozen are enough)")
     return lines
+
+
+def calibration_text_of(calibrate: bool | str | os.PathLike | None
+                        ) -> tuple[list[str], str] | None:
+    """The sentences ``compress_file(calibrate=...)`` asks for and their name: ``True``, the
+    built-in ones (``"builtin"``); a path, its file's (:func:`load_text`; the file's name);
+    ``False`` or None, no calibration (None).
+
+    >>> calibration_text_of(False), calibration_text_of(True)[1]
+    (None, 'builtin')
+    """
+    if calibrate is False or calibrate is None:
+        return None
+    if calibrate is True:
+        return list(CALIBRATION_TEXT), "builtin"
+    if isinstance(calibrate, (str, os.PathLike)):
+        return load_text(calibrate), Path(calibrate).name
+    raise EncodeError(f"calibrate must be True or a text file's path, got {calibrate!r}")
 
 
 def refine(f: Callable[[float], float], curve: Sequence[tuple[float, float]], steps: int
@@ -378,3 +403,38 @@ def calibrate_lora(
         c, best = 1.0, before
     return Calibration(multiplier=float(c), score=best, score_before=before,
                        sentences=len(sentences), text=text_name, evaluations=evaluations + 2)
+
+
+def calibrate_scales(
+    compressed: dict[str, Any],
+    adapter: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray] | None,
+    config: Mapping[str, Any],
+    **options: Any,
+) -> tuple[Calibration, dict[str, float]]:
+    """:func:`calibrate_lora`, then every LoRA factor of ``compressed`` replaced, in place, by
+    the same tensor with its scale times the multiplier (rounded to float32 as a stored scale
+    is). Returns the calibration and the factors' scales before it. ``options``: those of
+    :func:`calibrate_lora`.
+
+    >>> from compeft_format.compress import compress
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> w = {"m.lora_A.weight": rng.normal(size=(2, 8)).astype(np.float32),
+    ...      "m.lora_B.weight": rng.normal(size=(8, 2)).astype(np.float32)}
+    >>> comp = compress(w, density=0.5)
+    >>> calibrate_scales(comp, w, None, {"base_model_name_or_path": "/nowhere"}, text=["a"])
+    Traceback (most recent call last):
+    ...
+    compeft_format.errors.ConvertError: adapter: calibration needs the base model's ...
+    """
+    cal = calibrate_lora(compressed, adapter, reference, config, **options)
+    names = [n for pair in lora_pairs(n for n, v in compressed.items() if hasattr(v, "scale"))
+             for n in pair]
+    before = {n: compressed[n].scale for n in names}
+    for n in names:
+        t = compressed[n]
+        compressed[n] = TernaryTensor(
+            t.shape, t.indices, t.signs,
+            float32_scale(cal.multiplier * t.scale, [(n, t.dtype, t.numel)]), t.dtype)
+    return cal, before

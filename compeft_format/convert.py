@@ -77,7 +77,7 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._progress import PassesBar
 from .binding import Reference
-from .calibrate import CALIBRATION_TEXT, Calibration, calibrate_lora, load_text
+from .calibrate import CALIBRATION_KEY, Calibration, calibrate_scales, calibration_text_of
 from .compress import (
     AUTO_SCALE,
     DEFAULT_SCALE,
@@ -112,7 +112,7 @@ from .plan import (
 from .quality import QualityReport, QualitySums, measure_tensor
 from .readers import open_weights
 from .restore import OUTPUT_DTYPES, decompress_file
-from .scales import METRIC_TERMS, float32_scale, is_vector, resolve_scale
+from .scales import METRIC_TERMS, is_vector, resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -300,7 +300,10 @@ def compress_file(
     positions = "golomb" if positions == "rice" else positions
     if scale in LORA_SCALES and hifi is None:
         _check_lora_source(src, scale)
-    calibration_text = _calibration_text(calibrate, hifi)
+    if hifi is not None and calibrate not in (False, None):
+        raise EncodeError("calibrate chooses the scale of a ternary compression; a hi-fi file "
+                          "has none")
+    calibration_text = calibration_text_of(calibrate)
     if positions not in POSITIONS_CHOICES:
         raise EncodeError(f"positions must be one of {POSITIONS_CHOICES} or 'rice', "
                           f"got {positions!r}")
@@ -593,46 +596,21 @@ def _check_lora_source(src: Any, scale: str) -> None:
                           f"their products; this is {what}")
 
 
-#: ``compeft.compression`` key of a calibrated file (spec 5.2.1):
-#: :meth:`compeft_format.calibrate.Calibration.record`.
-CALIBRATION_KEY = "calibration"
-
-
-def _calibration_text(calibrate: Any, hifi: float | None) -> tuple[list[str], str] | None:
-    """The sentences ``calibrate`` asks for and their name (``"builtin"`` or the file's), or
-    None for no calibration; checked before work."""
-    if calibrate is False or calibrate is None:
-        return None
-    if hifi is not None:
-        raise EncodeError("calibrate chooses the scale of a ternary compression; a hi-fi file "
-                          "has none")
-    if calibrate is True:
-        return list(CALIBRATION_TEXT), "builtin"
-    if isinstance(calibrate, (str, os.PathLike)):
-        return load_text(calibrate), Path(calibrate).name
-    raise EncodeError(f"calibrate must be True or a text file's path, got {calibrate!r}")
-
-
 def _calibrate(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
                measured: Iterable[str], text: tuple[list[str], str], base_model: Any
                ) -> tuple[Calibration, Any]:
-    """Calibrate the LoRA factors' scales of ``done`` in place (:mod:`calibrate`): the
-    calibration and the factors' scales before it (:data:`LORA_SCALE_KEY`'s ``proj_scale``).
-    ``source`` is a LoRA adapter (checked before any work)."""
-    pairs = lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
-    names = [n for pair in pairs for n in pair]
+    """:func:`calibrate.calibrate_scales` on the compressed tensors ``done`` of the LoRA
+    adapter ``source`` (checked before any work), from the base where the task vector was
+    measured from it: the calibration and the factors' scales before it
+    (:data:`LORA_SCALE_KEY`'s ``proj_scale``)."""
+    names = [n for pair in lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
+             for n in pair]
     from_base = set(measured) if base_reader is not None else set()
-    config = json.loads(Path(source.config).read_text())
-    cal = calibrate_lora(done, {n: reader.values(n) for n in names},
-                         {n: base_reader.values(n) for n in names if n in from_base} or None,
-                         config, base_model=base_model, text=text[0], text_name=text[1],
-                         where=source.path)
-    before = {n: done[n].scale for n in names}
-    for n in names:
-        t = done[n]
-        done[n] = TernaryTensor(t.shape, t.indices, t.signs,
-                                float32_scale(cal.multiplier * t.scale, [(n, t.dtype, t.numel)]),
-                                t.dtype)
+    cal, before = calibrate_scales(
+        done, {n: reader.values(n) for n in names},
+        {n: base_reader.values(n) for n in names if n in from_base} or None,
+        json.loads(Path(source.config).read_text()), base_model=base_model, text=text[0],
+        text_name=text[1], where=source.path)
     return cal, _one_or_each(before) if before else 0.0
 
 

@@ -268,3 +268,4 @@ def test_a_model_that_needs_more_than_input_ids_is_refused(adapter, tmp_path) ->
     cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "base_model_name_or_path": str(t5)}
     with pytest.raises(ConvertError, match="input_ids and attention_mask alone; T5Model"):
         calibrate.calibrate_lora(cf.compress(w, density=0.2), w, None, cfg, text=SENTENCES)
+
