@@ -241,22 +241,18 @@ def _stack() -> tuple[Any, Any]:
 def _load_model(config: Mapping[str, Any], base_model: str | os.PathLike | None,
                 where: object) -> tuple[Any, Any]:
     """The base model (float32, CPU, eval) and its tokenizer, offline."""
-    from .peft_init import model_class
+    from .peft_init import base_model_source, model_class
 
     torch, transformers = _stack()
-    name = os.fspath(base_model) if base_model is not None else \
-        config.get("base_model_name_or_path")
-    if not name:
-        raise ConvertError(f"{where}: calibration needs the base model: the adapter has no "
-                           "base_model_name_or_path; give its folder with --base-model")
-    if Path(name).is_file():
-        name = str(Path(name).parent)
+    name, revision = base_model_source(config, base_model, where)
     cls = model_class(config, where)
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # compress has its own
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=True)
-        model = cls.from_pretrained(name, local_files_only=True, dtype=torch.float32)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            name, local_files_only=True, revision=revision)
+        model = cls.from_pretrained(name, local_files_only=True, revision=revision,
+                                    dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise ConvertError(f"{where}: calibration needs the base model's weights and "
                            f"tokenizer, {name!r} is neither a local folder that has them nor in "

@@ -54,6 +54,7 @@ __all__ = [
     "META_PEFT_INIT",
     "PEFT_INIT",
     "SeedMatch",
+    "base_model_source",
     "check_config",
     "find_seed",
     "model_class",
@@ -211,11 +212,17 @@ def model_class(config: Mapping[str, Any], where: object) -> Any:
     return transformers.AutoModel
 
 
-def _skeleton(config: Mapping[str, Any], where: object, base_model: Any) -> Any:
-    """The base model built from its config only: uninitialised CPU storage, no weights."""
-    torch, transformers, _ = _stack()
-    if isinstance(base_model, transformers.PretrainedConfig):  # a loaded model's own config
-        return _build(torch, model_class(config, where), base_model, where)
+def base_model_source(config: Mapping[str, Any], base_model: str | os.PathLike | None,
+                      where: object) -> tuple[str, str | None]:
+    """Where the base model of an adapter is: ``(a local folder or hub name, its revision)``.
+
+    ``base_model`` (a folder, or a file in it such as its ``config.json``) when given, else
+    the adapter config's ``base_model_name_or_path``; a hub name takes the config's
+    ``revision``.
+
+    >>> base_model_source({"base_model_name_or_path": "org/m", "revision": "v1"}, None, "a")
+    ('org/m', 'v1')
+    """
     name = os.fspath(base_model) if base_model is not None else \
         config.get("base_model_name_or_path")
     if not name:
@@ -224,13 +231,20 @@ def _skeleton(config: Mapping[str, Any], where: object, base_model: Any) -> Any:
     local = Path(name)
     if local.is_file():  # a config.json given itself
         local = local.parent
+    if local.is_dir():
+        return str(local), None
+    return str(name), (config.get("revision") if base_model is None else None) or None
+
+
+def _skeleton(config: Mapping[str, Any], where: object, base_model: Any) -> Any:
+    """The base model built from its config only: uninitialised CPU storage, no weights."""
+    torch, transformers, _ = _stack()
+    if isinstance(base_model, transformers.PretrainedConfig):  # a loaded model's own config
+        return _build(torch, model_class(config, where), base_model, where)
+    name, revision = base_model_source(config, base_model, where)
     try:
-        if local.is_dir():
-            bcfg = transformers.AutoConfig.from_pretrained(str(local), local_files_only=True)
-        else:
-            revision = config.get("revision") if base_model is None else None
-            bcfg = transformers.AutoConfig.from_pretrained(
-                name, local_files_only=True, revision=revision or None)
+        bcfg = transformers.AutoConfig.from_pretrained(name, local_files_only=True,
+                                                       revision=revision)
     except OSError:
         raise ConvertError(f"{where}: the base model's config {name!r} is neither a local "
                            "folder nor in the Hugging Face cache (nothing is downloaded); "
