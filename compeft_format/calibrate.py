@@ -117,7 +117,7 @@ class Calibration:
     text:
         ``"builtin"`` (:data:`CALIBRATION_TEXT`) or the text file's name.
     evaluations:
-        Forward passes of the rebuilt model.
+        Forward passes of the model: the adapter's own, then one per multiplier scored.
     """
 
     multiplier: float
@@ -384,13 +384,18 @@ def calibrate_lora(
         target = embed([k * (tensor(adapter[b]) @ tensor(adapter[a]))
                         for (a, b), k in zip(pairs, coeff, strict=True)])
 
+        scores: dict[float, float] = {}  # the grid holds 1, scored first as `before`
+
         def score(c: float) -> float:
-            got = embed([k * (factor(b, c) @ factor(a, c))
-                         for (a, b), k in zip(pairs, coeff, strict=True)])
-            return float((got * target).sum(-1).mean())
+            key = round(c, 12)
+            if key not in scores:
+                got = embed([k * (factor(b, c) @ factor(a, c))
+                             for (a, b), k in zip(pairs, coeff, strict=True)])
+                scores[key] = float((got * target).sum(-1).mean())
+            return scores[key]
 
         before = score(1.0)
-        c, best, evaluations = search(score)
+        c, best, _ = search(score)
     finally:
         with torch.no_grad():
             for w, w0 in zip(weights, originals, strict=True):
@@ -398,7 +403,7 @@ def calibrate_lora(
     if best < before:  # the grid holds 1: only a tie in float arithmetic gets here
         c, best = 1.0, before
     return Calibration(multiplier=float(c), score=best, score_before=before,
-                       sentences=len(sentences), text=text_name, evaluations=evaluations + 2)
+                       sentences=len(sentences), text=text_name, evaluations=len(scores) + 1)
 
 
 def calibrate_scales(
