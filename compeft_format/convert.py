@@ -88,7 +88,7 @@ from .compress import (
 )
 from .container import Writer, open_file
 from .encode import POSITIONS_CHOICES
-from .errors import ConvertError, EncodeError, MissingDependencyError, with_path
+from .errors import CompeftError, ConvertError, EncodeError, MissingDependencyError, with_path
 from .hifi import (
     HIFI_KEY,
     HIFI_ZSTD_LEVEL,
@@ -298,12 +298,10 @@ def compress_file(
     if hifi is not None:
         comp_meta = _hifi_compression(hifi, comp_meta, scale)
     positions = "golomb" if positions == "rice" else positions
-    if scale in LORA_SCALES and hifi is None:
-        _check_lora_source(src, scale)
-    if hifi is not None and calibrate not in (False, None):
+    calibration_text = calibration_text_of(calibrate)
+    if hifi is not None and calibration_text is not None:
         raise EncodeError("calibrate chooses the scale of a ternary compression; a hi-fi file "
                           "has none")
-    calibration_text = calibration_text_of(calibrate)
     if positions not in POSITIONS_CHOICES:
         raise EncodeError(f"positions must be one of {POSITIONS_CHOICES} or 'rice', "
                           f"got {positions!r}")
@@ -315,16 +313,15 @@ def compress_file(
         raise EncodeError(f"zstd level must be an integer in [-7, 22], got {zstd_level!r}")
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's weights")
-    if calibration_text is not None and (source.config is None
-                                         or str(source.peft_type).upper() != "LORA"):
-        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
-        raise ConvertError(f"{source.path}: calibrate runs a LoRA adapter on its base model; "
-                           f"this is {what}")
+    if scale in LORA_SCALES and hifi is None:
+        _require_lora(source, f"scale {scale!r} fits a LoRA adapter's factors on their "
+                      "products", EncodeError)
+    if calibration_text is not None:
+        _require_lora(source, "calibrate runs a LoRA adapter on its base model")
     from_init, init_seed = parse_peft_init(base)
     # a LoRA adapter without a base: from its initial state regenerated from the seed when
     # that can be done here (offline), else from zero, the summary saying why
-    auto = base is None and source.config is not None and \
-        str(source.peft_type).upper() == "LORA"
+    auto = base is None and _is_lora(source)
     if base == FROM_ZERO:
         base = None
     base_path = base_weights(base) if base is not None and not from_init else None
@@ -458,8 +455,7 @@ def compress_file(
             base_reader.release()
         final = out.dst / inside if inside else out.dst
         if (hifi is None and calibration is None and rule == "proj_vcap"
-                and density <= LORA_LOW_DENSITY
-                and str(source.peft_type).upper() == "LORA"):
+                and density <= LORA_LOW_DENSITY and _is_lora(source)):
             hint = (f"at density <= {LORA_LOW_DENSITY} proj_vcap keeps little of a "
                     "LoRA's gain (bench/results/lora_scale.md); --scale lora_product_out "
                     "(the default, --scale auto, picks it here) keeps most of it")
@@ -587,13 +583,16 @@ def _resolved_scale(scale: str, density: float, source: Source, plan: Plan, read
 LORA_SCALE_KEY = "lora_fit"
 
 
-def _check_lora_source(src: Any, scale: str) -> None:
-    """Refuse a LoRA product scale for anything but a LoRA adapter (checked before work)."""
-    source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's weights")
-    if source.config is None or str(source.peft_type).upper() != "LORA":
+def _is_lora(source: Source) -> bool:
+    """Whether ``source`` is a PEFT LoRA adapter (a folder with its config)."""
+    return source.config is not None and str(source.peft_type).upper() == "LORA"
+
+
+def _require_lora(source: Source, why: str, error: type[CompeftError] = ConvertError) -> None:
+    """Refuse anything but a LoRA adapter: ``PATH: WHY; this is WHAT`` (before any work)."""
+    if not _is_lora(source):
         what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
-        raise EncodeError(f"{source.path}: scale {scale!r} fits a LoRA adapter's factors on "
-                          f"their products; this is {what}")
+        raise error(f"{source.path}: {why}; this is {what}")
 
 
 def _calibrate(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
@@ -657,10 +656,7 @@ def _peft_init_base(source: Source, reader: Any, seed: int | None,
     from .peft_init import recipe as make_recipe
     from .peft_init import write_init
 
-    if source.config is None or str(source.peft_type).upper() != "LORA":
-        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
-        raise ConvertError(f"{source.path}: base {PEFT_INIT!r} regenerates a LoRA adapter's "
-                           f"initial state; this is {what}")
+    _require_lora(source, f"base {PEFT_INIT!r} regenerates a LoRA adapter's initial state")
     trained = {n: _dt.to_numpy_values(*reader.get(n)) for n in reader if ".lora_A." in n}
     match = find_seed(source.config, trained, base_model=base_model,
                       candidates=DEFAULT_SEEDS if seed is None else (seed,))
