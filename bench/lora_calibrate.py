@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.lora_scale import TARGET, adapters  # noqa: E402
+from bench.lora_scale import SELECTION, TARGET, adapters, load_adapter  # noqa: E402
 from bench.scale_rules import EVAL_SENTENCES, Scorer, merge_adapter, model_dir, refine  # noqa: E402
 from compeft_format.calibrate import CALIBRATION_TEXT, calibrate_lora  # noqa: E402
 from compeft_format.compress import compress  # noqa: E402
@@ -81,28 +81,21 @@ def run(rows_file: Path, experts: Path, scorer: Scorer, mdir: str, text: list[st
         retune: bool = False) -> list[dict]:
     """The rows of one ``bench/lora_scale.py`` run, calibrated on ``text`` and scored; with
     ``retune`` the tuned scale is searched again on ``scorer``'s sentences."""
-    from safetensors.numpy import load_file
-
     rows = json.loads(rows_file.read_text())["rows"]
     out, cache = [], {}
     for r in rows:
-        folder, init_dir = adapters([r["adapter"]], experts)[r["adapter"]]
         key = (r["adapter"], r["ref"])
-        if key not in cache:
-            cfg = json.loads((folder / "adapter_config.json").read_text())
-            w = load_file(str(folder / "adapter_model.safetensors"))
-            ref = load_file(str(init_dir / "adapter_model.safetensors")) \
-                if r["ref"] == "init" else None
+        if key not in cache:  # each adapter and reference once, for its five densities
+            folder, init_dir = adapters([r["adapter"]], experts)[r["adapter"]]
+            cfg, scaling, w, ref, tv = load_adapter(folder, init_dir, r["ref"])
             tensors = {k: torch.from_numpy(v) for k, v in w.items()}
-            scaling = cfg["lora_alpha"] / cfg["r"]
             target = scorer.embed(merge_adapter("lora", scorer.base, tensors, scaling))
-            cache[key] = (cfg, w, ref, scaling, target)
-        cfg, w, ref, scaling, target = cache[key]
+            cache[key] = (cfg, scaling, w, ref, tv, target)
+        cfg, scaling, w, ref, tv, target = cache[key]
         scorer.target = target
         t0 = time.perf_counter()
-        tv = {n: (w[n] - (ref[n] if ref else 0)).astype(np.float32) for n in w}
         d = r["density"]
-        comp = compress(tv, density=d, scale="proj_vcap")
+        comp = compress(tv, density=d, scale=SELECTION)
         proj = comp[lora_pairs(comp)[0][0]].scale
         rule = resolve_scale(AUTO_SCALE, d, lora="checkpoint" if r["ref"] == "init" else "zero")
         if rule in LORA_SCALES:

@@ -80,20 +80,26 @@ def adapters(which: list[str], experts: Path = EXPERTS) -> dict[str, tuple[Path,
     return out
 
 
+def load_adapter(folder: Path, init_dir: Path, ref_kind: str
+                 ) -> tuple[dict, float, dict, dict | None, dict]:
+    """``(config, PEFT scaling, factors, reference, task vector)`` of an adapter measured
+    from its initial adapter (``ref_kind`` ``"init"``) or from zero (reference None)."""
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    w = load_file(str(folder / "adapter_model.safetensors"))
+    ref = load_file(str(init_dir / "adapter_model.safetensors")) if ref_kind == "init" else None
+    tv = {n: (w[n] - (ref[n] if ref else 0)).astype(np.float32) for n in w}
+    return cfg, cfg["lora_alpha"] / cfg["r"], w, ref, tv
+
+
 def study(scorer: Scorer, label: str, folder: Path, init_dir: Path, ref_kind: str,
           densities: list[float], rules: list[str], grid: int,
           tuned_from: dict | None = None, window_steps: int = 0) -> list[dict]:
     """The rows of one adapter from one reference; ``tuned_from``: (adapter, from, density)
     -> an earlier run's row, whose tuned scale and curve are taken instead of searched (the
     scores are deterministic: the rules' scores of both runs are compared in the report)."""
-    from safetensors.numpy import load_file
-
-    cfg = json.loads((folder / "adapter_config.json").read_text())
-    scaling = cfg["lora_alpha"] / cfg["r"]
-    w = load_file(str(folder / "adapter_model.safetensors"))
-    init = load_file(str(init_dir / "adapter_model.safetensors"))
-    ref = init if ref_kind == "init" else None
-    tv = {n: (w[n] - (ref[n] if ref else 0)).astype(np.float32) for n in w}
+    _, scaling, w, ref, tv = load_adapter(folder, init_dir, ref_kind)
 
     def tensors(adapter):
         return {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in adapter.items()}
