@@ -127,6 +127,18 @@ class Calibration:
     text: str
     evaluations: int
 
+    def line(self) -> str:
+        """The compress summary's line on it.
+
+        >>> for part in Calibration(0.8, 0.91, 0.9, 40, "builtin", 21).line().split(", "):
+        ...     print(part)
+        calibrated: factor scales x 0.800 on 40 sentences (builtin)
+        embedding cosine 0.9000 -> 0.9100
+        """
+        return (f"calibrated: factor scales x {self.multiplier:.3f} on {self.sentences} "
+                f"sentences ({self.text}), embedding cosine {self.score_before:.4f} -> "
+                f"{self.score:.4f}")
+
     def record(self) -> dict[str, Any]:
         """The file's ``compeft.compression.calibration`` record (spec 5.2.1).
 

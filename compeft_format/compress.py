@@ -51,6 +51,7 @@ from .selection import THREADS_ENV, TopK, compress_threads, select_topk
 __all__ = [
     "AUTO_SCALE",
     "COMPRESSION_METADATA_KEY",
+    "DEFAULT_DENSITY",
     "DEFAULT_SCALE",
     "METRIC_SCALES",
     "SCALES",
@@ -76,6 +77,8 @@ __all__ = [
 
 #: File metadata key under which :func:`compression_metadata` is stored.
 COMPRESSION_METADATA_KEY = META_COMPRESSION  # "compeft.compression"
+#: The density a file compress uses when none is given: keep the top 10% of the entries.
+DEFAULT_DENSITY = 0.1
 SCOPES = ("global", "tensor", "role")
 
 

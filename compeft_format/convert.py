@@ -62,11 +62,7 @@ path holds), :mod:`.plan` (what is measured from what, the lazy task vector),
 from __future__ import annotations
 
 import contextlib
-import itertools
-import json
-import math
 import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -77,29 +73,23 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._progress import PassesBar
 from .binding import Reference
-from .calibrate import CALIBRATION_KEY, Calibration, calibrate_scales, calibration_text_of
+from .calibrate import calibration_text_of
 from .compress import (
     AUTO_SCALE,
+    DEFAULT_DENSITY,
     DEFAULT_SCALE,
     SCALE_CHOICES,
     check_choice,
     compression_metadata,
-    iter_compress,
 )
 from .container import Writer, open_file
 from .encode import POSITIONS_CHOICES
-from .errors import CompeftError, ConvertError, EncodeError, MissingDependencyError, with_path
-from .hifi import (
-    HIFI_KEY,
-    HIFI_ZSTD_LEVEL,
-    hifi_codes,
-    hifi_decode,
-    hifi_steps,
-    lora_weights,
-)
-from .lora_scale import LORA_SCALES, lora_pairs, peft_scaling, rescale
+from .errors import ConvertError, EncodeError, MissingDependencyError, with_path
+from .hifi import HIFI_KEY, HIFI_ZSTD_LEVEL
+from .hifi_stream import HifiStream, hifi_compression
+from .lora_scale import LORA_SCALES
 from .outputs import Output, copy_companions, write_fsync
-from .peft_init import DEFAULT_SEEDS, META_PEFT_INIT, PEFT_INIT, find_seed, parse_peft_init
+from .peft_init import META_PEFT_INIT, PEFT_INIT, found_init_file, parse_peft_init
 from .plan import (
     META_SAFETENSORS,
     META_TASK_VECTOR,
@@ -112,7 +102,7 @@ from .plan import (
 from .quality import QualityReport, QualitySums, measure_tensor
 from .readers import open_weights
 from .restore import OUTPUT_DTYPES, decompress_file
-from .scales import METRIC_TERMS, is_vector, resolve_scale
+from .scale_plan import is_lora, low_density_hint, require_lora, resolved_scale, ternary_stream
 from .sources import (
     ADAPTER_COMPEFT,
     ADAPTER_CONFIG,
@@ -147,8 +137,6 @@ __all__ = [
     "with_path",
 ]
 
-#: The density used when none is given: keep the top 10% of the entries.
-DEFAULT_DENSITY = 0.1
 _QUALITY_SLICE = 1 << 23  # elements per slice of the quality figures (temporaries ~30 B each)
 
 
@@ -296,7 +284,7 @@ def compress_file(
     comp_meta = compression_metadata(density, alpha, scope,
                                       "proj_vcap" if scale == AUTO_SCALE else scale)
     if hifi is not None:
-        comp_meta = _hifi_compression(hifi, comp_meta, scale)
+        comp_meta = hifi_compression(hifi, comp_meta, scale)
     positions = "golomb" if positions == "rice" else positions
     calibration_text = calibration_text_of(calibrate)
     if hifi is not None and calibration_text is not None:
@@ -314,14 +302,16 @@ def compress_file(
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     source = resolve_source(src, ADAPTER_WEIGHTS, "compress reads a PEFT adapter's weights")
     if scale in LORA_SCALES and hifi is None:
-        _require_lora(source, f"scale {scale!r} fits a LoRA adapter's factors on their "
-                      "products", EncodeError)
+        require_lora(source, f"scale {scale!r} fits a LoRA adapter's factors on their "
+                     "products", EncodeError)
     if calibration_text is not None:
-        _require_lora(source, "calibrate runs a LoRA adapter on its base model")
+        require_lora(source, "calibrate runs a LoRA adapter on its base model")
     from_init, init_seed = parse_peft_init(base)
+    if from_init:
+        require_lora(source, f"base {PEFT_INIT!r} regenerates a LoRA adapter's initial state")
     # a LoRA adapter without a base: from its initial state regenerated from the seed when
     # that can be done here (offline), else from zero, the summary saying why
-    auto = base is None and _is_lora(source)
+    auto = base is None and is_lora(source)
     if base == FROM_ZERO:
         base = None
     base_path = base_weights(base) if base is not None and not from_init else None
@@ -333,8 +323,11 @@ def compress_file(
         note = recipe = calibration = None
         if from_init or auto:
             try:
-                base_path, recipe, note = _peft_init_base(source, reader, init_seed,
-                                                          base_model, stack)
+                base_path, recipe, note = found_init_file(
+                    source.config, {n: _dt.to_numpy_values(*reader.get(n))
+                                    for n in reader if ".lora_A." in n},
+                    {n: reader.info(n).dtype for n in reader}, stack, seed=init_seed,
+                    base_model=base_model)
             except (ConvertError, MissingDependencyError) as exc:
                 if not auto:
                     raise
@@ -346,8 +339,8 @@ def compress_file(
         if recipe is not None and plan.base is not None:  # the recipe, not a temporary file
             plan.base = {**plan.base, "name": f"{PEFT_INIT}:{recipe['seed']}",
                          META_PEFT_INIT: recipe}
-        rule = scale if hifi is not None else _resolved_scale(scale, density, source, plan,
-                                                              reader)
+        rule = scale if hifi is not None else resolved_scale(scale, density, source, plan,
+                                                             reader)
         if hifi is None:
             comp_meta["scale"] = rule
         # compress reads each tensor three times (global scope; once per tensor scope; one
@@ -359,42 +352,15 @@ def compress_file(
                                             "compress"))
         tv = FileTaskVector(plan.compressible, reader, base_reader, source.peft_type, bar.update)
         # one tensor at a time, in the file's (sorted) order: nothing is held once written
+        # (a LoRA scale fit or a calibration holds the adapter's)
         if hifi is not None:
-            hifi_out = _HifiStream(tv, hifi, source, reader)
+            hifi_out = HifiStream(tv, hifi, reader, lora=is_lora(source))
             stream: Iterator[tuple[str, Any]] = iter(hifi_out)
-        elif rule in LORA_SCALES or calibration_text is not None:
-            # compress selects (its scale for the other tensors); the factors' scales are
-            # then fitted on the products, or calibrated: every compressed tensor is held
-            # (an adapter)
-            done = dict(iter_compress(tv, density=density, alpha=alpha, scope=scope,
-                                      scale=LORA_SELECTION if rule in LORA_SCALES else rule))
-            if rule in LORA_SCALES:
-                comp_meta[LORA_SCALE_KEY] = _lora_rescale(done, source, reader, base_reader,
-                                                          plan.compressible, rule, scope, alpha)
-            if calibration_text is not None:
-                calibration, uncalibrated = _calibrate(done, source, reader, base_reader,
-                                                       plan.compressible, calibration_text,
-                                                       base_model)
-                comp_meta[CALIBRATION_KEY] = calibration.record()
-                # merging reads the uncalibrated proj scale (a LoRA product rule's own
-                # record already holds it; other rules record none, and expected_ties
-                # refuses them as it does uncalibrated)
-                if rule in ("proj", "proj_vcap"):
-                    comp_meta[LORA_SCALE_KEY] = {"selection": rule, "proj_scale": uncalibrated}
-            stream = iter(done.items())
-        elif rule in METRIC_TERMS:
-            # the header (written first) records each scope's proj scale: known once the
-            # scope's scale is, so before the first tensor for one scope ("global"; "role"
-            # makes every group at the first tensor); "tensor" scopes are all held first
-            proj: dict[str, float] = {}
-            stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=rule,
-                                   proj_scales=proj)
-            ahead = list(stream) if scope == "tensor" else list(itertools.islice(stream, 1))
-            stream = itertools.chain(ahead, stream)
-            if proj:
-                comp_meta[PROJ_SCALE_KEY] = _one_or_each(proj)
         else:
-            stream = iter_compress(tv, density=density, alpha=alpha, scope=scope, scale=rule)
+            stream, calibration = ternary_stream(
+                tv, comp_meta, density=density, alpha=alpha, scope=scope, rule=rule,
+                source=source, reader=reader, base_reader=base_reader,
+                calibration_text=calibration_text, base_model=base_model)
 
         metadata = file_metadata(plan, reader, comp_meta, patterns, extra_metadata)
         counts = {"nnz": 0, "cnumel": 0, "numel": 0, "dense_bytes": 0}
@@ -435,10 +401,7 @@ def compress_file(
 
         inside = _COMPEFT_IN.get(source.folder)  # the file's name in an output directory
         if calibration is not None:
-            line = (f"calibrated: factor scales x {calibration.multiplier:.3f} on "
-                    f"{calibration.sentences} sentences ({calibration.text}), embedding cosine "
-                    f"{calibration.score_before:.4f} -> {calibration.score:.4f}")
-            note = line if note is None else f"{note}; {line}"
+            note = calibration.line() if note is None else f"{note}; {calibration.line()}"
         with out:
             target = out.file(inside)
             write_fsync(target, write)
@@ -454,11 +417,9 @@ def compress_file(
         if base_reader is not None:
             base_reader.release()
         final = out.dst / inside if inside else out.dst
-        if (hifi is None and calibration is None and rule == "proj_vcap"
-                and density <= LORA_LOW_DENSITY and _is_lora(source)):
-            hint = (f"at density <= {LORA_LOW_DENSITY} proj_vcap keeps little of a "
-                    "LoRA's gain (bench/results/lora_scale.md); --scale lora_product_out "
-                    "(the default, --scale auto, picks it here) keeps most of it")
+        hint = low_density_hint(rule, density, source) if hifi is None and \
+            calibration is None else None
+        if hint is not None:
             note = hint if note is None else f"{note}; {hint}"
         return CompressSummary(
             source=str(source.path), output=str(out.dst), file=str(final),
@@ -475,166 +436,6 @@ def compress_file(
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _hifi_compression(rel_step: Any, checked: Mapping[str, Any], scale: str
-                      ) -> dict[str, Any]:
-    """``compeft.compression`` of a hi-fi file; refuses the ternary options changed."""
-    defaults = compression_metadata(DEFAULT_DENSITY, 1.0, "global", "proj_vcap")
-    changed = [k for k in ("density", "alpha", "scope") if checked[k] != defaults[k]]
-    changed += ["scale"] if scale != DEFAULT_SCALE else []
-    if changed:
-        raise EncodeError(f"hifi keeps every entry at a step: {', '.join(changed)} "
-                          "do not apply")
-    if not (isinstance(rel_step, (int, float)) and not isinstance(rel_step, bool)
-            and 0 < rel_step < math.inf):
-        raise EncodeError(f"hifi step must be a positive finite number, got {rel_step!r}")
-    return {"method": "hifi", "rel_step": float(rel_step)}
-
-
-class _HifiStream:
-    """The hi-fi codes of a task vector, tensor by tensor, with their quality.
-
-    The steps come from one pass over ``tv`` (:func:`~compeft_format.hifi.hifi_steps`; a
-    LoRA adapter's factors weighed by :func:`~compeft_format.hifi.lora_weights` of its
-    trained factors); iterating yields ``(name, codes)`` in ``tv``'s order, measuring each
-    decoded tensor against the exact one as it goes.
-    """
-
-    def __init__(self, tv: FileTaskVector, rel_step: float, source: Source, reader: Any):
-        weights = None
-        if str(source.peft_type).upper() == "LORA":
-            factors = {n: _dt.to_numpy_values(*reader.get(n)) for n in tv if ".lora_" in n}
-            weights = lora_weights(factors)
-        self.tv = tv
-        self.steps = hifi_steps(tv, rel_step=rel_step, weights=weights)
-        self._per: list[Any] = []
-        self._total = QualitySums()
-
-    def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
-        for name in self.tv:
-            values = np.asarray(self.tv[name])
-            codes = hifi_codes(values, self.steps[name], name=name)
-            sums = measure_tensor(name, values, hifi_decode(codes, self.steps[name]))[1]
-            self._per.append(sums.quality(name, "hifi"))
-            self._total.add(sums)
-            del values
-            yield name, codes
-
-    def metadata(self, names: list[str], dtypes: Mapping[str, str]) -> dict[str, Any]:
-        """The :data:`~compeft_format.hifi.HIFI_KEY` value for records ``names`` (in order):
-        a step for each hi-fi record, null for those stored as they are, and the original
-        dtypes of the hi-fi records (null for the others, which keep theirs), left out when
-        all are F32, the default (74 LoRA tensors: 0.012 bits a parameter)."""
-        value: dict[str, Any] = {"version": 1, "steps": [self.steps.get(n) for n in names]}
-        coded = [dtypes[n] if n in self.steps else None for n in names]
-        if any(d not in (None, "F32") for d in coded):
-            value["dtypes"] = coded
-        return value
-
-    def quality(self) -> QualityReport:
-        return QualityReport(tuple(self._per), self._total.quality("(overall)", "all"))
-
-
-#: At or below this density the default scale rebuilds a LoRA adapter's factors worse than
-#: leaving the adapter out, on every adapter measured, and ``lora_product_out`` keeps most of
-#: its gain (``bench/results/lora_scale.md``): the summary's note says so.
-LORA_LOW_DENSITY = 0.02
-
-
-#: The rule a LoRA product scale's selection (and its other tensors' scales) is made with.
-LORA_SELECTION = "proj_vcap"
-
-#: Member of ``compeft.compression`` written with a rule whose scale is not ``proj``'s
-#: (``"kron_sketch"``, ``"kron"``, ``"gram"``: :data:`~compeft_format.scales.METRIC_TERMS`):
-#: the ``"proj"`` scale of each scope, before a vector's cap (a vector's ``"proj_vcap"``
-#: scale is the smaller of that and its own largest change), one number where every
-#: tensor's scope had the same (scope ``"global"``), else by tensor name; so that a reader
-#: assuming ``proj`` (merge's ``expected_ties``) can recover it. Informative (spec 5.2.1).
-PROJ_SCALE_KEY = "proj_scale"
-
-
-def _one_or_each(scales: Mapping[str, float]) -> float | dict[str, float]:
-    """One number where every tensor has the same scale, else the scales by name (sorted)."""
-    values = set(scales.values())
-    return values.pop() if len(values) == 1 else {n: scales[n] for n in sorted(scales)}
-
-
-def _resolved_scale(scale: str, density: float, source: Source, plan: Plan, reader: Any
-                    ) -> str:
-    """The rule ``scale`` stands for (:func:`~compeft_format.scales.resolve_scale`): for
-    ``"auto"``, a LoRA adapter's factors get the LoRA rule by what they are measured from,
-    an (IA)^3 adapter and a task vector of vectors only ``"proj_vcap"``, the rest the dense
-    rule."""
-    if scale != AUTO_SCALE:
-        return scale
-    peft_type = str(source.peft_type).upper() if source.config is not None else None
-    if peft_type == "LORA" and lora_pairs(plan.compressible):
-        ref = "checkpoint" if plan.reference["reference"] == "checkpoint" else "zero"
-        return resolve_scale(scale, density, lora=ref)
-    matrices = peft_type != "IA3" and any(not is_vector(tuple(reader.info(n).shape))
-                                          for n in plan.compressible)
-    return resolve_scale(scale, density, matrices=matrices)
-
-
-#: Member of ``compeft.compression`` written with a LoRA product scale
-#: (:mod:`compeft_format.lora_scale`): ``{"selection": the rule compress chose the scales
-#: with, "proj_scale": what it gave the factors}`` (one number where they shared one; else
-#: ``{"A": ..., "B": ...}`` for scope "role", or by tensor name), so that a reader assuming
-#: that rule (merge's ``expected_ties``) can recover it.
-LORA_SCALE_KEY = "lora_fit"
-
-
-def _is_lora(source: Source) -> bool:
-    """Whether ``source`` is a PEFT LoRA adapter (a folder with its config)."""
-    return source.config is not None and str(source.peft_type).upper() == "LORA"
-
-
-def _require_lora(source: Source, why: str, error: type[CompeftError] = ConvertError) -> None:
-    """Refuse anything but a LoRA adapter: ``PATH: WHY; this is WHAT`` (before any work)."""
-    if not _is_lora(source):
-        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
-        raise error(f"{source.path}: {why}; this is {what}")
-
-
-def _calibrate(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
-               measured: Iterable[str], text: tuple[list[str], str], base_model: Any
-               ) -> tuple[Calibration, Any]:
-    """:func:`calibrate.calibrate_scales` on the compressed tensors ``done`` of the LoRA
-    adapter ``source`` (checked before any work), from the base where the task vector was
-    measured from it: the calibration and the factors' scales before it
-    (:data:`LORA_SCALE_KEY`'s ``proj_scale``)."""
-    names = [n for pair in lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
-             for n in pair]
-    from_base = set(measured) if base_reader is not None else set()
-    cal, before = calibrate_scales(
-        done, {n: reader.values(n) for n in names},
-        {n: base_reader.values(n) for n in names if n in from_base} or None,
-        json.loads(Path(source.config).read_text()), base_model=base_model, text=text[0],
-        text_name=text[1], where=source.path)
-    return cal, _one_or_each(before) if before else 0.0
-
-
-def _lora_rescale(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
-                  measured: Iterable[str], rule: str, scope: str, alpha: float
-                  ) -> dict[str, Any]:
-    """Fit the LoRA factors' scales of ``done`` in place (:func:`lora_scale.rescale`) against
-    the adapter's factors, from the base where the task vector was measured from it (else
-    zero), PEFT's scaling weighing the modules; return the record's :data:`LORA_SCALE_KEY`."""
-    pairs = lora_pairs(n for n, v in done.items() if hasattr(v, "scale"))
-    names = [n for pair in pairs for n in pair]
-    from_base = set(measured) if base_reader is not None else set()
-    config = json.loads(Path(source.config).read_text()) if source.config else {}
-    fitted = rescale(done, {n: reader.get(n) for n in names},
-                     {n: base_reader.get(n) for n in names if n in from_base},
-                     rule=rule, scope=scope, alpha=alpha,
-                     scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0]))
-    before = {n: done[n].scale for n in names}
-    done.update(fitted)
-    proj: Any = _one_or_each(before) if before else 0.0
-    if scope == "role" and isinstance(proj, dict):  # one scale per role
-        proj = {"A": before[pairs[0][0]], "B": before[pairs[0][1]]}
-    return {"selection": LORA_SELECTION, "proj_scale": proj}
-
-
 #: ``base`` that measures a LoRA adapter from zero, as the paper does (no regeneration tried).
 FROM_ZERO = "zero"
 
@@ -646,30 +447,6 @@ def _zero_note(exc: Exception, source: Source) -> str:
         why = why.removeprefix(prefix)
     return (f"from zero, the initial adapter not regenerated: {why} (--base INITIAL_ADAPTER "
             "keeps more of the gain at low density)")
-
-
-def _peft_init_base(source: Source, reader: Any, seed: int | None,
-                    base_model: str | os.PathLike | None, stack: contextlib.ExitStack
-                    ) -> tuple[Path, dict[str, Any], str]:
-    """A LoRA adapter's initial state regenerated by PEFT (seed found or checked), saved in a
-    temporary file: ``(its path, the compeft.base.peft_init recipe, the summary's note)``."""
-    from .peft_init import recipe as make_recipe
-    from .peft_init import write_init
-
-    _require_lora(source, f"base {PEFT_INIT!r} regenerates a LoRA adapter's initial state")
-    trained = {n: _dt.to_numpy_values(*reader.get(n)) for n in reader if ".lora_A." in n}
-    match = find_seed(source.config, trained, base_model=base_model,
-                      candidates=DEFAULT_SEEDS if seed is None else (seed,))
-    tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="compeft-peft-init-")))
-    path = tmp / ADAPTER_WEIGHTS
-    write_init(match.init, {n: reader.info(n).dtype for n in match.init if n in reader}, path)
-    how = (f"given; cosine {match.cosine:.2f}" if seed is not None else
-           f"found after {match.tried} of {len(DEFAULT_SEEDS)} candidates in "
-           f"{match.seconds:.1f} s; cosine {match.cosine:.2f}")
-    note = (f"initial adapter regenerated: PEFT's default LoRA init from seed {match.seed} "
-            f"({how} with the trained A); decompressing it needs torch, transformers, peft "
-            "and the base model's config (cached, or --base-model)")
-    return path, make_recipe(match.seed), note
 
 
 #: The name of the compeft file inside an output directory, by the kind of input folder.

@@ -27,6 +27,7 @@ from ._progress import Bar
 from ._spec import TERNARY_DTYPES
 from .binding import Reference, check_base, read_reference
 from .compress import (
+    DEFAULT_DENSITY,
     DEFAULT_SCALE,
     SCALE_CHOICES,
     SCALES,
@@ -39,7 +40,6 @@ from .compress import (
     iter_compress,
 )
 from .container import CompeftReader, Writer, open_file
-from .convert import DEFAULT_DENSITY, LORA_SCALE_KEY, PROJ_SCALE_KEY
 from .errors import naming
 from .lora_scale import LORA_SCALES, lora_pairs
 from .merge import (
@@ -61,6 +61,7 @@ from .outputs import Output, write_fsync
 from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
 from .safetensors_io import SafetensorsReader, SafetensorsWriter
+from .scale_plan import LORA_SCALE_KEY, PROJ_SCALE_KEY
 from .scales import METRIC_TERMS, is_vector, resolve_scale
 from .sources import (
     ADAPTER_COMPEFT,

@@ -13,9 +13,9 @@ from cli_helpers import run
 import compeft_format as cf
 from compeft_format.compress import DEFAULT_SCALE, compress, iter_compress
 from compeft_format.container import dumps
-from compeft_format.convert import PROJ_SCALE_KEY
 from compeft_format.errors import EncodeError
 from compeft_format.safetensors_io import save_safetensors
+from compeft_format.scale_plan import PROJ_SCALE_KEY
 from compeft_format.scales import (
     AUTO_LORA_DENSITY,
     AUTO_SKETCH_DENSITY,

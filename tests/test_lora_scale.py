@@ -355,7 +355,7 @@ def test_the_summary_points_low_density_loras_to_lora_product_out(tmp_path):
     # at density <= 0.02 proj_vcap rebuilds a LoRA worse than leaving it out
     # (bench/results/lora_scale.md): the summary says which rule keeps its gain
     import compeft_format as cf
-    from compeft_format.convert import LORA_LOW_DENSITY
+    from compeft_format.scale_plan import LORA_LOW_DENSITY
 
     low = cf.compress_file(LORA, tmp_path / "a", density=LORA_LOW_DENSITY, base="zero",
                            scale="proj_vcap")

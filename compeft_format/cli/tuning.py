@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from .. import _spec as S
-from ..compress import DEFAULT_SCALE, METRIC_SCALES, SCALE_CHOICES, SCOPES, SWEEP_SCALES
-from ..convert import DEFAULT_DENSITY
+from ..compress import (
+    DEFAULT_DENSITY,
+    DEFAULT_SCALE,
+    METRIC_SCALES,
+    SCALE_CHOICES,
+    SCOPES,
+    SWEEP_SCALES,
+)
 from ..errors import CompeftError, ConvertError
 from ..outputs import same_path
 from ..tuning import DEFAULT_ALPHAS, DEFAULT_DENSITIES
