@@ -103,6 +103,11 @@ def to_storage(x: Any, dtype: str | None = None) -> tuple[np.ndarray, str]:
     ('F16', dtype('float16'))
     """
     if is_torch_tensor(x):
+        if x.device.type == "meta":
+            raise EncodeError(f"a tensor on the meta device has no values (shape "
+                              f"{tuple(x.shape)}); materialise it first")
+        if str(x.layout) != "torch.strided":
+            raise EncodeError(f"a {x.layout} tensor: give it dense (.to_dense())")
         t = x.detach().cpu().contiguous()
         name = _TORCH_NAMES.get(str(t.dtype).removeprefix("torch."))
         if name is None:

@@ -20,8 +20,8 @@ try:  # POSIX: a lock tells a stale temporary file from one being written (atomi
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["atomic_write", "current_umask", "fsync_dir", "lock", "remove_stale_temps",
-           "through_temp", "writes_through"]
+__all__ = ["TEMP_NAME_BYTES", "atomic_write", "current_umask", "fsync_dir", "lock",
+           "remove_stale_temps", "temp_prefix", "through_temp", "writes_through"]
 
 
 def _umask_from_proc() -> int | None:
@@ -83,8 +83,14 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         with through_temp(path) as tmp_path, open(tmp_path, "wb") as f:
             write(f)
         return
+    if path.is_symlink():  # replace what it points to, not the link
+        path = path.resolve()
     started = time.time()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent or ".")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp",
+                                   dir=path.parent or ".")
+    except OSError as exc:
+        raise _about(exc, path) from None
     try:
         if fcntl is not None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # "in use": see remove_stale_temps
@@ -98,12 +104,20 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
                 os.replace(tmp, path)  # before close: the lock holds until the name is gone
         if fcntl is None:
             os.replace(tmp, path)  # Windows cannot rename a file that is still open
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename == tmp:
+            raise _about(exc, path) from None
         raise
     fsync_dir(path.parent)
     remove_stale_temps(path, started)
+
+
+def _about(exc: OSError, path: Path) -> OSError:
+    """``exc`` said of the user's ``path``, not of the temporary file beside it (which is
+    gone): ``IsADirectoryError: [Errno 21] Is a directory: 'out'``."""
+    return type(exc)(exc.errno, exc.strerror, str(path))
 
 
 def fsync_dir(folder: Path) -> None:
@@ -119,12 +133,29 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: Bytes of an output's name kept in its temporary's (``.{name}.<random>.tmp``): file names
+#: are at most 255 bytes, and the temporary adds 15.
+TEMP_NAME_BYTES = 200
+
+
+def temp_prefix(path: Path) -> str:
+    """The prefix of ``path``'s temporaries, ``.{name}.``, the name cut to
+    :data:`TEMP_NAME_BYTES` bytes (at a character) so that an output whose name is legal
+    can always have one.
+
+    >>> temp_prefix(Path("/x/out.compeft")), len(temp_prefix(Path("b" * 250)))
+    ('.out.compeft.', 202)
+    """
+    name = path.name.encode("utf-8", "surrogateescape")[:TEMP_NAME_BYTES]
+    return f".{name.decode('utf-8', 'ignore')}."
+
+
 def remove_stale_temps(path: Path, before: float) -> None:
     """Remove what dead writers left beside ``path``: ``.{name}.*.tmp`` files and folders (a
     temporary output) and ``.{name}.*.old`` folders (an output being replaced), last
     modified before ``before`` and not locked by a live writer (see :func:`atomic_write`)."""
-    name = glob.escape(path.name)
-    for tmp in [*path.parent.glob(f".{name}.*.tmp"), *path.parent.glob(f".{name}.*.old")]:
+    prefix = glob.escape(temp_prefix(path))
+    for tmp in [*path.parent.glob(f"{prefix}*.tmp"), *path.parent.glob(f"{prefix}*.old")]:
         with contextlib.suppress(OSError):  # gone already, or not ours to remove
             if tmp.lstat().st_mtime >= before or tmp.is_symlink():
                 continue  # a writer that started after us: certainly alive
@@ -150,20 +181,24 @@ def lock(fd: int) -> None:
 def writes_through(path: Path, *, folder: bool = False) -> bool:
     """Whether an output to ``path`` must be written through instead of renamed over it.
 
-    True for a character device or a FIFO (``/dev/null``, a named pipe): nothing may replace
-    them, and writing into them is what the user asked for. False for a path that does not
-    exist, a regular file, a folder or a symbolic link (these are replaced by a rename). Any
-    other existing thing (a block device, a socket), or a device where a ``folder`` is to be
-    written, raises :class:`~compeft_format.errors.ConvertError`: it is never replaced.
+    True for a character device or a FIFO (``/dev/null``, a named pipe), or a symbolic link
+    to one (``/dev/stdout``): nothing may replace them, and writing into them is what the
+    user asked for. False for a path that does not exist, a regular file or a folder (these
+    are replaced by a rename; a link to one, or a dangling link, is for the caller to
+    resolve). Any other existing thing (a block device, a socket), or a device where a
+    ``folder`` is to be written, raises :class:`~compeft_format.errors.ConvertError`: it is
+    never replaced.
 
     >>> writes_through(Path("/nonexistent/x")), writes_through(Path("/dev/null"))
     (False, True)
     """
     try:
         mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):  # what it points to decides (-o /dev/stdout is a link)
+            mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):  # nothing there (the caller says why)
         return False
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return False
     special = stat.S_ISCHR(mode) or stat.S_ISFIFO(mode)
     if special and not folder:
@@ -183,8 +218,11 @@ def through_temp(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as src, open(path, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+        try:
+            with open(tmp, "rb") as src, open(path, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+        except OSError as exc:  # /dev/full: say which output
+            raise _about(exc, path) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from . import dtypes as _dt
-from .errors import EncodeError
+from .errors import ConvertError, EncodeError
 from .scales import float32_scale
 from .tensor import TernaryTensor
 
@@ -78,7 +78,8 @@ def lora_pairs(names: Iterable[str]) -> list[tuple[str, str]]:
     return out
 
 
-def peft_scaling(config: Mapping[str, Any], a_name: str, rank: int) -> float:
+def peft_scaling(config: Mapping[str, Any], a_name: str, rank: int,
+                 where: object = "adapter_config.json") -> float:
     """PEFT's scaling of the module whose A factor is ``a_name`` (rank ``rank``, its first
     dimension): ``lora_alpha / r``, or ``/ sqrt(r)`` with ``use_rslora``; ``lora_alpha`` from
     ``alpha_pattern`` where a key matches the module's name as PEFT matches it
@@ -89,6 +90,10 @@ def peft_scaling(config: Mapping[str, Any], a_name: str, rank: int) -> float:
     4.0
     >>> peft_scaling({"lora_alpha": 16, "use_rslora": True}, "m.lora_A.weight", 4)
     8.0
+
+    A config PEFT would not load (``lora_alpha`` not a number, ``alpha_pattern`` not an
+    object of regular expressions) raises :class:`~compeft_format.errors.ConvertError`
+    naming ``where``.
     """
     module = a_name.removeprefix("base_model.model.")
     for marker in (".lora_A.", ".lora_embedding_A.", ".lora_A", ".lora_embedding_A"):
@@ -96,10 +101,22 @@ def peft_scaling(config: Mapping[str, Any], a_name: str, rank: int) -> float:
             module = module.split(marker)[0]
             break
     alpha = config.get("lora_alpha", 8)
-    for key, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+    patterns = config.get("alpha_pattern") or {}
+    if not isinstance(patterns, Mapping):
+        raise ConvertError(f"{where}: alpha_pattern must be an object, got {patterns!r}")
+    for key, value in patterns.items():
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error as exc:
+            raise ConvertError(f"{where}: alpha_pattern key {key!r} is not a regular "
+                               f"expression ({exc})") from None
+        if hit:
             alpha = value
             break
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or \
+            not math.isfinite(alpha):
+        raise ConvertError(f"{where}: lora_alpha of {module!r} must be a finite number, got "
+                           f"{alpha!r}")
     r = max(int(rank), 1)
     return float(alpha) / (math.sqrt(r) if config.get("use_rslora") else r)
 

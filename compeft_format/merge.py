@@ -606,7 +606,12 @@ def _work_dtype(dtype: str) -> np.dtype:
     return np.dtype(np.float64 if dtype == "F64" else np.float32)
 
 
-def _weights_array(weights: Sequence[float], work: np.dtype) -> np.ndarray:
+def _weights_array(weights: Sequence[float], work: np.dtype, name: str = "tensor"
+                   ) -> np.ndarray:
+    big = [w for w in weights if abs(w) > float(np.finfo(work).max)]
+    if big:  # it would be inf in the arithmetic, and the merge inf or nan
+        raise MergeError(f"weight {big[0]!r} overflows {work.name}, the dtype the merge "
+                         "computes in", tensor=name)
     return np.array(weights, dtype=np.float64).astype(work)
 
 
@@ -711,7 +716,7 @@ class TensorMerge:
         self.numel = math.prod(self.shape)
         self.values = list(values)
         self.work = _work_dtype(dtype)
-        self._w = _weights_array(self.weights, self.work)
+        self._w = _weights_array(self.weights, self.work, name)
         self.patterns = (len(values) <= MAX_PATTERN_INPUTS
                          and all(isinstance(v, TernaryTensor) for v in values))
         self._mags = tuple(
@@ -750,14 +755,15 @@ class TensorMerge:
         """The merged value of every sign pattern, rescaling included (pattern path only)."""
         if self._table is None:
             r = self.rescale
-            if r.table is not None:
-                table = np.array(r.table, dtype=np.float64).astype(self.work)
-            else:
-                mags = _scaled_magnitudes(self._mags, r.before, self.work)
-                table = _pattern_table(mags, self._w, self.method, self.sign, r.zeros)
-            if r.after != 1.0:
-                table = table * self.work.type(r.after)
-            self._table = table
+            with np.errstate(over="ignore", invalid="ignore"):  # checked below
+                if r.table is not None:
+                    table = np.array(r.table, dtype=np.float64).astype(self.work)
+                else:
+                    mags = _scaled_magnitudes(self._mags, r.before, self.work)
+                    table = _pattern_table(mags, self._w, self.method, self.sign, r.zeros)
+                if r.after != 1.0:
+                    table = table * self.work.type(r.after)
+            self._table = table  # a pattern may overflow: check_finite what is used of it
         return self._table
 
     # -- the passes --
@@ -794,8 +800,12 @@ class TensorMerge:
         size = size or _CHUNK
         if self.patterns:
             table = self.table()
+            finite = bool(np.isfinite(table).all())
             for a, codes in self.codes(size):
-                yield a, table.take(codes)
+                out = table.take(codes)
+                if not finite:
+                    self.check_finite(out, f"entries {a} to {a + out.size - 1}")
+                yield a, out
             return
         r = self.rescale
         if r.table is not None:
@@ -811,10 +821,30 @@ class TensorMerge:
                 self._fill_row(rows[i], v, a, m)
                 if before is not None:
                     rows[i] *= before[i]
-            out = combine(rows, self._w, self.method, self.sign, r.zeros)
-            if r.after != 1.0:
-                out *= self.work.type(r.after)
+            with np.errstate(over="ignore", invalid="ignore"):  # checked next
+                out = combine(rows, self._w, self.method, self.sign, r.zeros)
+                if r.after != 1.0:
+                    out *= self.work.type(r.after)
+            self.check_finite(out, f"entries {a} to {a + m - 1}")
             yield a, out
+
+    def check_finite(self, values: np.ndarray, where: str) -> None:
+        """Refuse merged ``values`` (``where``: which, for the message) that overflowed the
+        compute dtype: a :class:`MergeError` naming the tensor, before anything is written.
+
+        >>> big = TernaryTensor((2,), [0], [False], 3e38)
+        >>> TensorMerge("w", (2,), "F32", [big, big], method="sum").to_numpy()
+        ... # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        compeft_format.merge.MergeError: tensor 'w': the merge is not finite in float32: 1 of 2...
+        """
+        if not np.isfinite(values).all():
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            raise MergeError(f"the merge is not finite in {self.work.name}: {bad} of "
+                             f"{values.size} {where} are inf or nan (weights "
+                             f"{list(self.weights)}; are they, or the inputs' values, too "
+                             "large?)", tensor=self.name)
 
     def _fill_row(self, row: np.ndarray, v: TernaryTensor | np.ndarray, a: int, m: int) -> None:
         if isinstance(v, TernaryTensor):

@@ -112,7 +112,9 @@ def _counted(tm: TensorMerge) -> _Counted:
     stats = tm.stats()
     assert stats.counts is not None
     seen = np.flatnonzero(stats.counts)
-    values = tm.table()[seen].astype(np.float64)
+    values = tm.table()[seen]
+    tm.check_finite(values, "sign patterns that occur")
+    values = values.astype(np.float64)
     return _Counted(tm.name, tm.shape, tm.dtype, tm.numel, values, stats.counts[seen],
                     tm.rescale)
 
@@ -672,6 +674,8 @@ def merge_files(
     >>> open_safetensors(s.file).values("w").tolist()
     [[0.75, 0.0], [0.0, 1.0]]
     """
+    if isinstance(inputs, (str, bytes, os.PathLike)):  # not a list of one path's characters
+        raise TypeError(f"merge_files takes a sequence of inputs, got one path {inputs!r}")
     ws = check_options(len(inputs), method, weights, sign)
     if len(inputs) < 2:
         raise MergeError(f"merge needs two or more inputs, got {len(inputs)}")
@@ -690,6 +694,11 @@ def merge_files(
     if base is not None and form == "compeft":
         raise MergeError(f"{dst}: a compeft output keeps the inputs' base binding and takes "
                          "no --base (base=); give it when decompressing")
+    given = [k for k, v in (("density", density), ("scope", scope), ("scale", scale))
+             if v is not None]
+    if given and form != "compeft":  # they choose how the merge is compressed again
+        raise MergeError(f"{dst}: {', '.join(given)} apply to a .compeft output; this one "
+                         "is dense")
     base_path = base_weights(base) if base is not None else None
     paths = [p for s in sources for p in (s.path, s.weights)]
     out = Output(dst, is_dir=form == "adapter", force=force,

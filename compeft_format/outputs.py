@@ -25,6 +25,7 @@ from .fsio import (
     fsync_dir,
     lock,
     remove_stale_temps,
+    temp_prefix,
     through_temp,
     writes_through,
 )
@@ -65,14 +66,20 @@ class Output:
         self.dst = Path(dst)
         self.is_dir = is_dir
         self.force = force
+        inputs = list(inputs)
         for p in inputs:
             if same_path(self.dst, p):
                 raise ConvertError(f"{self.dst}: the output is an input ({p}); "
                                    "an input is never overwritten")
         self.through = self._check_free()
+        if not self.through and self.dst.is_symlink():  # replace what it points to
+            self.dst = self.dst.resolve()
+        if not self.through and self.dst.is_dir():
+            self._check_folder(inputs)
         parent = self.dst.parent
         if not parent.is_dir():
-            raise ConvertError(f"{self.dst}: cannot write there: {parent} is not a directory")
+            why = "is not a directory" + ("" if parent.exists() else " (it does not exist)")
+            raise ConvertError(f"{self.dst}: cannot write there: {parent} {why}")
         self.tmp: Path | None = None
         self._lock: int | None = None
         self._through: contextlib.ExitStack | None = None
@@ -91,13 +98,28 @@ class Output:
                 raise ConvertError(f"{self.dst}: exists and is not a {want}; not replaced")
         return False
 
+    def _check_folder(self, inputs: list[Path]) -> None:
+        """Refuse to replace a folder (with ``force``) that holds an input, the working
+        directory, or other folders: replacing it would delete them (an output folder of
+        compeft holds files only)."""
+        here = self.dst.resolve()
+        for p in [*inputs, Path.cwd()]:
+            if here in Path(p).resolve().parents or here == Path(p).resolve():
+                what = "the working directory" if p == Path.cwd() else f"the input {p}"
+                raise ConvertError(f"{self.dst}: the output folder holds {what}; replacing "
+                                   "it would delete that (name a new folder inside it)")
+        sub = next((c for c in self.dst.iterdir() if c.is_dir() and not c.is_symlink()), None)
+        if sub is not None:
+            raise ConvertError(f"{self.dst}: holds the folder {sub.name}, so it is not an "
+                               "output of compeft; not replaced (name a new folder)")
+
     def __enter__(self) -> Output:
         self._started = time.time()
         if self.through:  # a private temporary, copied into the device at the end
             self._through = contextlib.ExitStack()
             self.tmp = self._through.enter_context(through_temp(self.dst))
             return self
-        prefix = f".{self.dst.name}."
+        prefix = temp_prefix(self.dst)
         if self.is_dir:
             self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.dst.parent))
             self._lock = os.open(self.tmp, os.O_RDONLY)
@@ -152,7 +174,7 @@ class Output:
             if not self.is_dir:
                 os.replace(self.tmp, self.dst)
             elif self.dst.exists():  # force: swap the old directory out, then remove it
-                trash = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.", suffix=".old",
+                trash = Path(tempfile.mkdtemp(prefix=temp_prefix(self.dst), suffix=".old",
                                               dir=self.dst.parent))
                 os.replace(self.dst, trash / "old")
                 os.replace(self.tmp, self.dst)

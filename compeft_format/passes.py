@@ -303,7 +303,7 @@ class ScopePasses:
                 bad = np.flatnonzero(~np.isfinite(c))
                 if bad.size:
                     raise EncodeError(
-                        f"value {c[bad[0]]!r} at flat index {start + int(bad[0])} is not "
+                        f"value {float(c[bad[0]])!r} at flat index {start + int(bad[0])} is not "
                         "finite; a task vector must be finite",
                         tensor=name,
                     )

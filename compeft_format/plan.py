@@ -396,9 +396,10 @@ def file_metadata(plan: Plan, reader: SafetensorsReader, comp_meta: dict[str, An
     if plan.folder is not None:
         metadata[META_MODEL_FOLDER] = plan.folder
     for key, value in (extra or {}).items():
+        if not isinstance(key, str):  # JSON object keys are strings (spec 5.2)
+            raise EncodeError(f"extra metadata keys must be strings, got {key!r}")
         if key in metadata or key in (S.META_BASE, META_SAFETENSORS, META_MODEL_FOLDER) or \
-                key.startswith(
-                S.META_RESERVED_PREFIX):
+                key.startswith(S.META_RESERVED_PREFIX):
             raise EncodeError(f"extra metadata key {key!r} is written by compress_file itself "
                               "or reserved")
         metadata[key] = value

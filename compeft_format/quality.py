@@ -254,6 +254,9 @@ def measure_tensor(name: str, orig: Any, comp: Any) -> tuple[str, QualitySums]:
     for start in range(0, flat.size, _CHUNK):
         c = _dt.to_numpy_values(flat[start : start + _CHUNK], dname).astype(np.float64)
         sums.tt += float(np.dot(c, c))
+    if not math.isfinite(sums.tt):  # every figure would be nan, or a wrong 1.0
+        raise EncodeError("the original holds NaN or infinity (or values whose squares "
+                          "overflow float64)", tensor=name)
     if isinstance(comp, TernaryTensor):
         if comp.shape != shape:
             raise EncodeError(

@@ -502,12 +502,21 @@ class CompeftReader:
         self.close()
 
 
+def _a_path(path: object, what: str) -> str | os.PathLike:
+    """``path`` if it is a path; a TypeError otherwise (``open`` would take an int for a file
+    descriptor, and close the caller's)."""
+    if isinstance(path, (str, os.PathLike)):
+        return path
+    raise TypeError(f"{what} takes a path (str or os.PathLike) or the file's bytes, "
+                    f"got {type(path).__name__}")
+
+
 def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
               framework: str = "numpy", limits: S.ReadLimits = S.DEFAULT_LIMITS) -> CompeftReader:
     """Open a file (memory-mapped) or a bytes object for random access; see CompeftReader."""
     if isinstance(path, (bytes, bytearray, memoryview)):
         return CompeftReader(memoryview(path).cast("B"), framework=framework, limits=limits)
-    with open(path, "rb") as f:
+    with open(_a_path(path, "open_file"), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             raise TruncatedError("file header: need 16 bytes, 0 available", offset=0)
@@ -520,10 +529,11 @@ def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
         raise
 
 
-def load_file(path: str | os.PathLike, *, framework: str = "numpy",
-              limits: S.ReadLimits = S.DEFAULT_LIMITS, dense: bool = False,
-              device: Any = None) -> dict[str, Any]:
-    """Read and check a whole file; like :func:`loads` on its bytes (``device`` too).
+def load_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
+              framework: str = "numpy", limits: S.ReadLimits = S.DEFAULT_LIMITS,
+              dense: bool = False, device: Any = None) -> dict[str, Any]:
+    """Read and check a whole file; like :func:`loads` on its bytes (``device`` too), and
+    given bytes, like :func:`loads` on them (as :func:`open_file` takes bytes for a file's).
 
     The arrays returned are the caller's, as safetensors' ``load_file`` gives them: writeable,
     and in memory of their own, not views of the file, which is closed on return (it can be
@@ -537,16 +547,19 @@ def load_file(path: str | os.PathLike, *, framework: str = "numpy",
     >>> b = load_file(p)["b"]; b += 1; os.remove(p); b
     array([1., 1., 1.], dtype=float32)
     """
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        buf = bytearray(size)  # private and writeable: dense records are views of it
-        view = memoryview(buf)
-        got = 0
-        while got < size:  # a file cut meanwhile reads short and fails as truncated
-            n = f.readinto(view[got:])
-            if not n:
-                break
-            got += n
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        view = memoryview(bytearray(memoryview(path).cast("B")))  # private, as a file's
+        got = len(view)
+    else:
+        with open(_a_path(path, "load_file"), "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            view = memoryview(bytearray(size))  # private and writeable: dense records view it
+            got = 0
+            while got < size:  # a file cut meanwhile reads short and fails as truncated
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
     result = loads(view[:got], framework=framework, limits=limits, dense=dense,
                    device=device)
     for name, value in result.items():

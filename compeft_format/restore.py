@@ -327,19 +327,33 @@ class _Tensors:
     def layout(self) -> Layout:
         return [(n, self.out_dt(n), self.shapes[n]) for n in self.dtypes]
 
+    def _cast(self, n: str, storage: np.ndarray, src: str, dst: str | None) -> np.ndarray:
+        """``cast_storage``, refusing a value that the ``dtype`` asked for cannot hold (a
+        finite value that would become infinity), rather than writing it."""
+        out = cast_storage(storage, src, dst)[0]
+        if dst in ("F16", "BF16") and src not in ("F16", "BF16") and src in S.TERNARY_DTYPES:
+            before = _dt.to_numpy_values(storage, src)
+            lost = np.isinf(_dt.to_numpy_values(out, dst)) & np.isfinite(before)
+            if lost.any():
+                raise ConvertError(
+                    f"tensor {n!r}: {int(lost.sum())} values overflow {dst} (largest "
+                    f"{float(np.abs(before[lost]).max()):.6g}); decompress it to a wider "
+                    "dtype")
+        return out
+
     def produce(self, n: str, stored: _Stored, base_reader: Any) -> Iterator[np.ndarray]:
         """The output storage of tensor ``n``, chunk by chunk (a few MiB each)."""
         dt, total = self.dtypes[n], math.prod(self.shapes[n])
         if n not in stored.infos:  # a base tensor the task vector does not change
             flat = base_reader.get(n)[0].reshape(-1)
             for a, z in _chunks(total):
-                yield cast_storage(flat[a:z], dt, self.out_dtype)[0]
+                yield self._cast(n, flat[a:z], dt, self.out_dtype)
                 base_reader.release(n)
             return
         part, rec_dt = stored.part(n)
         if n not in self.adds:
             for a, z in _chunks(total):
-                yield cast_storage(part(a, z), rec_dt, self.out_dt(n))[0]
+                yield self._cast(n, part(a, z), rec_dt, self.out_dt(n))
             return
         bflat = base_reader.get(n)[0].reshape(-1) if base_reader is not None else None
         for a, z in _chunks(total):
@@ -348,7 +362,7 @@ class _Tensors:
                 b = bflat[a:z]
             else:  # reference one: (IA)^3 vectors start at one
                 b = cast_storage(np.ones(z - a, np.float32), "F32", dt)[0]
-            yield cast_storage(add_rounded(b, dt, delta), dt, self.out_dtype)[0]
+            yield self._cast(n, add_rounded(b, dt, delta), dt, self.out_dtype)
             if base_reader is not None:  # each base chunk is read once
                 base_reader.release(n)
 

@@ -124,7 +124,8 @@ def lora_refit(done: dict[str, Any], source: Source, reader: Any, base_reader: A
     fitted = rescale(done, {n: reader.get(n) for n in names},
                      {n: base_reader.get(n) for n in names if n in from_base},
                      rule=rule, scope=scope, alpha=alpha,
-                     scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0]))
+                     scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0],
+                                                    source.config))
     before = {n: done[n].scale for n in names}
     done.update(fitted)
     proj: Any = one_or_each(before) if before else 0.0

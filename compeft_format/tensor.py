@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
 
 from . import dtypes as _dt
 from ._alloc import Prefault, fresh_zeros, writing
-from ._spec import DEFAULT_LIMITS, TERNARY_DTYPES, ReadLimits
+from ._spec import DEFAULT_LIMITS, TERNARY_DTYPES, VARINT_MAX_VALUE, ReadLimits
 from .errors import EncodeError, LimitExceededError
 
 __all__ = ["TernaryTensor", "check_dense_bytes", "dense_output", "dense_values", "dense_zeros"]
@@ -110,6 +111,30 @@ def dense_zeros(shape: tuple[int, ...], dtype: np.dtype, nnz: int | None,
                                  "system cannot allocate it", tensor=tensor) from None
 
 
+def _dims(shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple of ints; an :class:`EncodeError` for a dimension that is not an
+    integer (4.9 is not 4), is negative, or does not fit a VarInt (spec 2.3)."""
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise EncodeError(f"shape {shape!r}: dimensions must be integers") from None
+    if any(d < 0 for d in dims):
+        raise EncodeError(f"shape {dims} has a negative dimension")
+    if any(d > VARINT_MAX_VALUE for d in dims):
+        raise EncodeError(f"shape {dims} has a dimension above 2**63 - 1 (spec 2.3)")
+    return dims
+
+
+def _check_positions(indices: Any) -> None:
+    """Refuse ``indices`` unless integers in one dimension (a float 1.5 is no position, and
+    flattening a 2-D array would hide a mistake)."""
+    arr = np.asarray(indices)
+    if arr.size and arr.dtype.kind not in "iu":
+        raise EncodeError(f"indices must be integers, got {arr.dtype}")
+    if arr.ndim > 1:
+        raise EncodeError(f"indices must be flat (C-order positions), got shape {arr.shape}")
+
+
 def _frozen(given: Any, dtype: type, trusted: bool) -> np.ndarray:
     """Return ``given`` as a flat contiguous read-only array of ``dtype``.
 
@@ -193,8 +218,10 @@ class TernaryTensor:
         *,
         _validated: bool = False,
     ) -> None:
-        self.shape: tuple[int, ...] = tuple(int(d) for d in shape)
+        self.shape: tuple[int, ...] = _dims(shape)
         self.dtype: str = _dtype_name(dtype)
+        if not _validated:
+            _check_positions(indices)
         # the arrays are read-only (copied from a caller who could change them): a tensor
         # stays as validated (an unsorted index would let the prefault overwrite values)
         self.indices: np.ndarray = _frozen(indices, np.int64, _validated)

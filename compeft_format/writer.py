@@ -147,7 +147,7 @@ class Writer:
                               f"{name!r} follows {self._last.decode()!r}", tensor=name)
         if (self._packing and isinstance(value, TernaryTensor)
                 and value.numel <= S.PACK_MEMBER_MAX_NUMEL):
-            self._check_ndim(name, value.shape)
+            self._check_shape(name, value.shape)
             member = self._member(bname, value)
             if isinstance(member, PackMember):
                 self.sizes[name] = self._add_member(member)
@@ -159,7 +159,7 @@ class Writer:
         self._flush_pack()
         self._last = bname
         if isinstance(value, TernaryTensor):
-            self._check_ndim(name, value.shape)
+            self._check_shape(name, value.shape)
             kind, body_tail, blocks = encoded or self._ternary(name, value, self._level)
             dtype, shape, nnz = value.dtype, value.shape, value.nnz
         else:
@@ -168,7 +168,7 @@ class Writer:
             except EncodeError as exc:
                 raise EncodeError(exc.message, tensor=name) from None
             shape, nnz = storage.shape, 0
-            self._check_ndim(name, shape)
+            self._check_shape(name, shape)
             ctx = BlockContext(name, storage.size, 0, dtype, shape)
             param, payload = _DENSE.encode(storage, ctx)
             stage, stored = maybe_zstd(payload, self._level)
@@ -209,11 +209,16 @@ class Writer:
         self.sizes[name] = self._pos - self._offsets[-1]
 
     @staticmethod
-    def _check_ndim(name: str, shape: tuple[int, ...]) -> None:
-        """Reject a rank above the default limit, before anything is encoded or charged."""
+    def _check_shape(name: str, shape: tuple[int, ...]) -> None:
+        """Reject a rank or an element count above the default limits (a file that default
+        decoders refuse, spec 9.2), before anything is encoded or charged."""
         if len(shape) > S.DEFAULT_LIMITS.max_ndim:
             raise EncodeError(f"{len(shape)} dimensions; limit {S.DEFAULT_LIMITS.max_ndim}",
                               tensor=name)
+        numel = math.prod(shape)
+        if numel > S.DEFAULT_LIMITS.max_numel:  # spec 5.4.3 (R-BODY-4)
+            raise EncodeError(f"{numel} elements; limit {S.DEFAULT_LIMITS.max_numel} "
+                              "(2**48)", tensor=name)
 
     def _ternary(self, name: str, t: TernaryTensor, level: int | None
                  ) -> tuple[int, bytes, list]:

@@ -51,6 +51,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+#: Options whose value may start with a minus sign (negative weights subtract a task):
+#: argparse takes ``-1,1`` for an option, so ``--weights -1,1`` is read as ``--weights=-1,1``.
+SIGNED_OPTIONS = ("--weights",)
+
+
+def _glued(argv: list[str]) -> list[str]:
+    """``argv`` with each :data:`SIGNED_OPTIONS` joined to a value that starts with ``-``
+    and a digit or a dot (until ``--``).
+
+    >>> _glued(["merge", "a", "b", "--weights", "-1,1", "-o", "m"])
+    ['merge', 'a', 'b', '--weights=-1,1', '-o', 'm']
+    """
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            return out + argv[i:]
+        nxt = argv[i + 1] if i + 1 < len(argv) else ""
+        if arg in SIGNED_OPTIONS and len(nxt) > 1 and nxt[0] == "-" and \
+                (nxt[1].isdigit() or nxt[1] == "."):
+            out.append(f"{arg}={nxt}")
+            i += 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); return the exit status.
 
@@ -60,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     /nonexistent.compeft: FAILED: /nonexistent.compeft: No such file or directory
     1
     """
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = parser().parse_args(argv)
+        args = parser().parse_args(_glued(argv))
     except SystemExit as exc:  # --help, --version (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
     try:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import contextlib
+import errno
 import multiprocessing
 import os
 import shutil
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import CompeftError, ConvertError
+from ..errors import CompeftError, ConvertError, with_path
 from .options import UsageError
 
 STDIO = "-"
@@ -45,6 +46,8 @@ def default_output(src: str, command: str) -> str:
     name = p.name if p.name not in ("", ".", "..") else Path(os.path.abspath(src)).name
     if command == "decompress":
         if not name.endswith(COMPEFT_SUFFIX) or name == COMPEFT_SUFFIX:
+            if not p.exists() and not p.is_symlink():  # the first thing wrong with it
+                raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), src)
             raise ConvertError(f"{src}: cannot name the output: the name does not end in "
                                f"{COMPEFT_SUFFIX}; give one with -o")
         stem = name[: -len(COMPEFT_SUFFIX)]
@@ -183,7 +186,11 @@ def run_jobs(work: Callable[..., Any], jobs: Sequence[Job], workers: int,
         for j in jobs:
             try:
                 result = work(j.src, j.dst, **options)
-            except (CompeftError, OSError) as exc:
+            except CompeftError as exc:  # name the INPUT (or OUTPUT), as the workers do
+                named = any(p and p != STDIO and os.fspath(p) in str(exc) for p in (j.src, j.dst))
+                failed(j, exc if named else with_path(exc, j.src))
+                status = 1
+            except OSError as exc:
                 failed(j, exc)
                 status = 1
             else:

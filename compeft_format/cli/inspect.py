@@ -63,6 +63,9 @@ def run_info(args: argparse.Namespace) -> int:
         except (CompeftError, OSError) as exc:
             print(f"{PROG}: error: {message(exc)}", file=sys.stderr, flush=True)
             status = 1
+            if args.json:  # as verify --json: every FILE has its entry
+                docs.append({"file": STDIN_NAME if name == STDIO else name,
+                             "error": message(exc)})
             continue
         shown = STDIN_NAME if name == STDIO else str(path)
         if args.json:

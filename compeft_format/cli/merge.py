@@ -105,6 +105,8 @@ def run_merge(args: argparse.Namespace) -> int:
     """``compeft merge``."""
     if len(args.inputs) < 2:
         raise UsageError(f"give two or more inputs to merge, got {len(args.inputs)}")
+    if "-" in args.inputs:
+        raise UsageError("merge reads files and folders; stdin (-) is not an input here")
     if args.weights is not None and len(args.weights) != len(args.inputs):
         raise UsageError(f"--weights has {len(args.weights)} values for "
                          f"{len(args.inputs)} inputs")

@@ -146,6 +146,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     """``compeft sweep``: the table is printed even when the plot then fails."""
     from ..tuning import sweep_file
 
+    if args.input == "-":
+        raise UsageError("sweep reads a file or a folder; stdin (-) is not an input here")
     plot = Path(args.plot) if args.plot else None
     if plot is not None:
         check_plot(plot, args.force)
