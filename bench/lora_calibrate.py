@@ -16,6 +16,7 @@ score (target: at most 0.005, issue 12's).
 * ``random``: 40 strings of 24 tokens drawn uniformly from the vocabulary (decoded to text);
 * ``zipf``: the same with tokens drawn by a 1/rank law over the vocabulary's word pieces
   (BERT's vocabulary lists frequent words first);
+* ``--text FILE``: the sentences of a text file, one a line (:func:`compeft_format.calibrate.load_text`);
 * ``half``: 20 of the benchmark's own 40 sentences (a fixed random half); the rows are then
   scored on the other 20, and the tuned scale is searched again on those (as
   ``bench/lora_scale.py`` searches it): what a user's own unlabelled text of the kind the
@@ -47,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.lora_scale import SELECTION, TARGET, adapters, load_adapter  # noqa: E402
 from bench.scale_rules import EVAL_SENTENCES, Scorer, merge_adapter, model_dir, refine  # noqa: E402
-from compeft_format.calibrate import CALIBRATION_TEXT, calibrate_lora  # noqa: E402
+from compeft_format.calibrate import CALIBRATION_TEXT, calibrate_lora, load_text  # noqa: E402
 from compeft_format.compress import compress  # noqa: E402
 from compeft_format.lora_scale import LORA_SCALES, lora_pairs, rescale  # noqa: E402
 from compeft_format.scales import AUTO_SCALE, resolve_scale  # noqa: E402
@@ -191,6 +192,8 @@ def main() -> None:
     ap.add_argument("--rows", nargs="+", default=[], metavar="JSON=EXPERTS",
                     help="a bench/lora_scale.py --json output and its experts' folder")
     ap.add_argument("--inputs", choices=INPUTS, default="builtin")
+    ap.add_argument("--text", type=Path, metavar="FILE",
+                    help="calibrate on this text (one sentence a line) instead of --inputs")
     ap.add_argument("--model", default=None, help="the base model folder")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--out", type=Path, help="write the markdown report here")
@@ -204,7 +207,10 @@ def main() -> None:
     torch.set_num_threads(1)
     mdir = model_dir(args.model)
     scorer = Scorer(mdir, "cpu")
-    if args.inputs == "half":
+    if args.text is not None:
+        text = load_text(args.text)
+        args.inputs = f"text:{args.text.name}"
+    elif args.inputs == "half":
         cal_half, score_half = halves()
         text = [EVAL_SENTENCES[i] for i in cal_half]
         scorer.enc = {k: v[score_half] for k, v in scorer.enc.items()}

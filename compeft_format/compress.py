@@ -413,6 +413,9 @@ def _setup(
     proj_scales: dict[str, float] | None = None,
 ) -> tuple[list[str], set[str], list[str], ScopePasses]:
     """Check the options; return the names, the excluded ones, the sorted rest and the job."""
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"compress takes a mapping of name -> tensor, got "
+                        f"{type(tensors).__name__}")
     density = check_density(density)
     alpha = check_alpha(alpha)
     scope = check_choice("scope", scope, SCOPES)

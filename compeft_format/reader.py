@@ -9,6 +9,7 @@ blocks and presents tensors (numpy, torch, dense, on a device).
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import mmap
 import os
@@ -119,7 +120,14 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
     >>> [(n, t.nnz) for n, t in iter_stream(io.BytesIO(data))]
     [('a', 1)]
     """
-    check_framework(framework)
+    check_framework(framework, limits)
+    if not isinstance(fileobj, Source):
+        if not callable(getattr(fileobj, "read", None)):
+            raise TypeError(f"iter_stream takes a binary stream (with read), got "
+                            f"{type(fileobj).__name__}")
+        if isinstance(fileobj, io.TextIOBase):
+            raise TypeError("iter_stream takes a binary stream; this one is text (open the "
+                            "file with 'rb')")
     src: Source = fileobj if isinstance(fileobj, Source) else StreamSource(fileobj)
     yield from _walk(src, framework, limits, None, dense)
 
@@ -254,7 +262,7 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
     >>> loads(dumps({"t": TernaryTensor((3,), [1], [True], 0.5)}), dense=True)["t"]
     array([ 0. , -0.5,  0. ], dtype=float32)
     """
-    check_framework(framework)
+    check_framework(framework, limits)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense, device))
 
@@ -280,7 +288,7 @@ class CompeftReader:
 
     def __init__(self, data: memoryview, *, framework: str = "numpy",
                  limits: S.ReadLimits = S.DEFAULT_LIMITS, closer: Any = None) -> None:
-        check_framework(framework)
+        check_framework(framework, limits)
         self._buf = data
         self._closer = closer
         self._framework = framework

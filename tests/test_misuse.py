@@ -299,3 +299,50 @@ def test_merge_refuses_compression_options_for_a_dense_output(tmp_path):
     with pytest.raises(MergeError, match=r"density apply to a \.compeft output"):
         cf.merge_files([tmp_path / "0.compeft", tmp_path / "1.compeft"],
                        tmp_path / "o.safetensors", density=0.5)
+
+
+def test_a_file_in_the_way_of_an_output_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _delta(tmp_path / "x.safetensors")
+    (tmp_path / "afile").write_text("x")
+    for argv, text in ((["compress", "x.safetensors", "-o", "afile/", "-q"],
+                        "afile/: it exists and is not a folder"),
+                       (["demo", "--keep", "afile/sub", "-q"],
+                        "afile/sub: afile exists and is not a folder")):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert text in err, err
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+def test_misused_arguments_are_type_errors():
+    import io
+
+    data = cf.dumps({"w": T((4,), [1], [True], 0.5)})
+    for call, text in ((lambda: cf.loads(data, limits=None), "limits must be a ReadLimits"),
+                       (lambda: cf.open_file(data, limits=3), "limits must be a ReadLimits"),
+                       (lambda: list(cf.iter_stream(data)), "binary stream"),
+                       (lambda: list(cf.iter_stream(io.StringIO("abc"))), "this one is text"),
+                       (lambda: cf.compress([np.ones(3)], density=0.5), "mapping")):
+        with pytest.raises(TypeError, match=text):
+            call()
+
+
+def test_info_and_verify_never_read_a_terminal(capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True, raising=False)
+    for command in ("info", "verify"):
+        assert main([command, "-"]) == 2
+        err = capsys.readouterr().err
+        assert "stdin is a terminal" in err, err
+        assert err.count("\n") == 1, err
+
+
+def test_a_bad_peft_init_seed_is_a_usage_error(tmp_path, capsys):
+    src = _delta(tmp_path / "x.safetensors")
+    assert main(["compress", str(src), "--base", "peft-init:abc", "-o",
+                 str(tmp_path / "y.compeft")]) == 2
+    err = capsys.readouterr().err
+    assert "the seed must be an integer" in err, err
+    assert not (tmp_path / "y.compeft").exists()

@@ -32,6 +32,7 @@ from .options import (
     add_quiet,
     add_verbose,
     add_zstd,
+    base_choice,
     density,
     jobs,
     positive,
@@ -71,7 +72,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     _add_io(c, "a .safetensors file, a PEFT adapter folder, or - (stdin); several are "
             "compressed one by one", "the compeft file (a folder for an adapter folder), "
             "- for stdout, or DIR/ (a trailing /) to write every OUTPUT into DIR")
-    c.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial adapter) "
+    c.add_argument("--base", metavar="BASE", type=base_choice,
+                   help="the base checkpoint (or initial adapter) "
                    "the task vector is measured from; needed again to decompress. For a LoRA "
                    "adapter, peft-init (or peft-init:SEED) measures it from its initial state "
                    "as PEFT's default init made it, regenerated from the seed (found when not "

@@ -10,6 +10,7 @@ from pathlib import Path
 from ..convert import ADAPTER_CONFIG, ADAPTER_WEIGHTS, compress_file, decompress_file
 from ..errors import CompeftError
 from .convert import compress_text
+from .files import ensure_folder
 from .options import add_command, add_force, add_quiet, add_verbose
 from .output import show_progress
 
@@ -40,8 +41,7 @@ def run_demo(args: argparse.Namespace) -> int:
         if not (adapter / ADAPTER_CONFIG).is_file():
             raise CompeftError(f"{adapter}: the demo adapter is not installed")
         if args.keep is not None:
-            folder = Path(args.keep)
-            folder.mkdir(parents=True, exist_ok=True)
+            folder = ensure_folder(args.keep)
         else:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
         out, restored = folder / "compressed", folder / "restored"

@@ -115,7 +115,19 @@ def make_folder(jobs: Sequence[Job], args: argparse.Namespace) -> None:
     """Create the ``-o DIR/`` folder (and its parents) when the outputs go there."""
     if args.output is not None and args.output != STDIO and (
             len(jobs) > 1 or args.output.endswith(("/", os.sep))):
-        Path(args.output).mkdir(parents=True, exist_ok=True)
+        ensure_folder(args.output)
+
+
+def ensure_folder(path: str | os.PathLike) -> Path:
+    """``path`` as a folder, created with its parents if missing; a :class:`ConvertError`
+    where a file (or anything but a folder) is in the way."""
+    folder = Path(path)
+    for p in (folder, *folder.parents):
+        if p.exists() and not p.is_dir():
+            raise ConvertError(f"{path}: {'it' if p == folder else p} exists and is not a "
+                               "folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def refuse_terminal(jobs: Sequence[Job]) -> None:

@@ -18,7 +18,7 @@ from ..convert import META_TASK_VECTOR, with_path
 from ..errors import CompeftError
 from ..hifi import HIFI_KEY, hifi_original_bytes
 from .convert import STDIN_NAME
-from .files import STDIO
+from .files import STDIO, Job, refuse_terminal
 from .options import PROG, add_command, add_json, add_quiet, add_verbose
 from .output import compeft_path, message
 
@@ -51,6 +51,7 @@ def _shape(shape: Sequence[int]) -> str:
 
 def run_info(args: argparse.Namespace) -> int:
     """``compeft info``: exit 1 when any file cannot be read."""
+    refuse_terminal([Job(n, "") for n in args.files])
     status, docs, first = 0, [], True
     for name in args.files:
         try:
@@ -154,6 +155,7 @@ def _print_info(info: Any, shown: str, verbose: bool) -> None:
 
 def run_verify(args: argparse.Namespace) -> int:
     """``compeft verify``: exit 1 when any file is not sound."""
+    refuse_terminal([Job(n, "") for n in args.files])
     status, docs = 0, []
     for name in args.files:
         shown = STDIN_NAME if name == STDIO else str(compeft_path(name))

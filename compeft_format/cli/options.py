@@ -89,6 +89,23 @@ def positive(text: str) -> float:
                    "must be a finite number > 0")
 
 
+def base_choice(text: str) -> str:
+    """A ``--base``: a path, ``zero``, or ``peft-init[:SEED]`` with a valid seed (a bad one
+    is a usage error, before any work).
+
+    >>> base_choice("peft-init:7"), base_choice("init/")
+    ('peft-init:7', 'init/')
+    """
+    from ..errors import ConvertError
+    from ..peft_init import parse_peft_init
+
+    try:
+        parse_peft_init(text)
+    except ConvertError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def scale_rule(text: str) -> str:
     """One of the scale rules."""
     if text not in SCALES:

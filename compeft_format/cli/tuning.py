@@ -31,6 +31,7 @@ from .options import (
     add_quiet,
     add_verbose,
     add_zstd,
+    base_choice,
     density,
     list_of,
     positive,
@@ -42,7 +43,8 @@ from .output import Progress, message, show_progress
 
 def _add_packing(q: argparse.ArgumentParser) -> None:
     """The options that shape the file, as for compress."""
-    q.add_argument("--base", metavar="BASE", help="the base checkpoint (or initial "
+    q.add_argument("--base", metavar="BASE", type=base_choice,
+                   help="the base checkpoint (or initial "
                    "adapter) the task vector is measured from, as for compress")
     q.add_argument("--scope", choices=SCOPES, default="global",
                    help="top-k over all tensors together, each on its own, or per LoRA role")
