@@ -11,12 +11,14 @@ score (target: at most 0.005, issue 12's).
 
 ``--inputs`` says what calibration runs on:
 
-* ``builtin``: :data:`compeft_format.calibrate.CALIBRATION_TEXT`, 40 everyday sentences
-  written apart from the scoring ones (the library's default);
+* ``builtin``: :data:`compeft_format.calibrate.CALIBRATION_TEXT`, 40 sentences of several
+  registers written apart from the scoring ones (the library's default since 2026-12-07);
+* ``everyday``: :data:`EVERYDAY_TEXT`, the 40 everyday statements it replaced;
 * ``random``: 40 strings of 24 tokens drawn uniformly from the vocabulary (decoded to text);
 * ``zipf``: the same with tokens drawn by a 1/rank law over the vocabulary's word pieces
   (BERT's vocabulary lists frequent words first);
-* ``--text FILE``: the sentences of a text file, one a line (:func:`compeft_format.calibrate.load_text`);
+* ``--text FILE``: the sentences of a text file, one a line
+  (:func:`compeft_format.calibrate.load_text`);
 * ``half``: 20 of the benchmark's own 40 sentences (a fixed random half); the rows are then
   scored on the other 20, and the tuned scale is searched again on those (as
   ``bench/lora_scale.py`` searches it): what a user's own unlabelled text of the kind the
@@ -53,7 +55,52 @@ from compeft_format.compress import compress  # noqa: E402
 from compeft_format.lora_scale import LORA_SCALES, lora_pairs, rescale  # noqa: E402
 from compeft_format.scales import AUTO_SCALE, resolve_scale  # noqa: E402
 
-INPUTS = ("builtin", "random", "zipf", "half")
+INPUTS = ("builtin", "everyday", "random", "zipf", "half")
+
+#: The library's first built-in calibration text (recorded as ``"builtin"``, until 2026-12-07):
+#: 40 everyday statements, kept so that its results can be made again.
+EVERYDAY_TEXT: tuple[str, ...] = (
+    "The train to the city leaves every hour.",
+    "Water boils at a lower temperature in the mountains.",
+    "Please close the window before you go to bed.",
+    "My grandmother grows tomatoes behind the house.",
+    "How many people live in this town?",
+    "The committee will announce its decision next week.",
+    "A small dog was barking at the mailman.",
+    "Add two cups of flour and stir slowly.",
+    "The library is closed on public holidays.",
+    "She painted the fence a bright shade of red.",
+    "Scientists found ice beneath the surface of the planet.",
+    "We watched the sunset from the old bridge.",
+    "The children built a castle out of sand.",
+    "Can you tell me where the station is?",
+    "The company reported higher profits this quarter.",
+    "He fixed the bicycle with a borrowed wrench.",
+    "Rain is expected in the north by the evening.",
+    "The teacher asked the students to read aloud.",
+    "Our neighbours moved to another country last year.",
+    "The bread smells fresh and warm.",
+    "Turn left at the second traffic light.",
+    "The orchestra played a long symphony.",
+    "Prices of vegetables went up in the winter.",
+    "The cat slept all afternoon on the sofa.",
+    "I forgot my umbrella at the office.",
+    "The river flooded the fields after the storm.",
+    "They are planning a picnic for Sunday.",
+    "This software update fixes several bugs.",
+    "The doctor recommended more sleep and exercise.",
+    "A famous author signed books at the store.",
+    "The museum has a large collection of coins.",
+    "We ran out of milk this morning.",
+    "The bus was crowded and slow.",
+    "Her brother works as a nurse in the hospital.",
+    "The mountains were covered in fresh snow.",
+    "I would like a cup of tea, please.",
+    "The old clock in the hall stopped working.",
+    "Farmers harvest wheat at the end of summer.",
+    "The film won three awards at the festival.",
+    "The keys are on the kitchen table.",
+)
 
 
 def token_text(tokenizer, kind: str, count: int = 40, length: int = 24, seed: int = 0
@@ -217,6 +264,8 @@ def main() -> None:
         scorer.mask = scorer.mask[score_half]
     elif args.inputs == "builtin":
         text = list(CALIBRATION_TEXT)
+    elif args.inputs == "everyday":
+        text = list(EVERYDAY_TEXT)
     else:
         text = token_text(scorer.tokenizer, args.inputs)
     t0, sets = time.perf_counter(), {}
