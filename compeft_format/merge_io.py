@@ -281,6 +281,10 @@ def merge_and_compress(task_vectors: Sequence[Mapping[str, Any]], *, density: fl
     >>> out["w"].indices.tolist(), out["w"].signs.tolist()
     ([0, 2], [False, True])
     """
+    if isinstance(task_vectors, Mapping) or \
+            not all(isinstance(tv, Mapping) for tv in task_vectors):
+        raise TypeError("merge_and_compress takes a sequence of task vectors (mappings of "
+                        "name -> tensor)")
     ws = check_options(len(task_vectors), method, weights, sign)
     check_names([list(tv.keys()) for tv in task_vectors])
     described = {}

@@ -226,7 +226,11 @@ class TernaryTensor:
         # stays as validated (an unsorted index would let the prefault overwrite values)
         self.indices: np.ndarray = _frozen(indices, np.int64, _validated)
         self.signs: np.ndarray = _frozen(signs, bool, _validated)
-        scale = float(scale)
+        try:
+            scale = float(scale)
+        except (OverflowError, TypeError, ValueError):  # 10**400, None, "x"
+            raise EncodeError(f"scale must be a finite non-negative number, got {scale!r:.40}"
+                              ) from None
         if not math.isfinite(scale) or math.copysign(1.0, scale) < 0:
             raise EncodeError(f"scale must be finite and non-negative, got {scale!r}")
         with np.errstate(over="ignore"):  # an overflow is refused just below, not warned

@@ -346,3 +346,27 @@ def test_a_bad_peft_init_seed_is_a_usage_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the seed must be an integer" in err, err
     assert not (tmp_path / "y.compeft").exists()
+
+
+def test_verify_checks_a_compressed_adapters_config(tmp_path, capsys):
+    out = tmp_path / "adp"
+    assert main(["compress", str(LORA), "-o", str(out), "-q"]) == 0
+    assert main(["verify", str(out)]) == 0
+    capsys.readouterr()
+    (out / "adapter_config.json").write_text("{not json")
+    assert main(["verify", str(out)]) == 1
+    assert "adapter_config.json: not valid JSON" in capsys.readouterr().out
+    (out / "adapter_config.json").write_text("[1]")
+    assert main(["verify", str(out), "--json"]) == 1
+    assert "not a JSON object" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_a_scale_that_is_no_float_is_an_encode_error():
+    for bad in (10**400, None, "x"):
+        with pytest.raises(EncodeError, match="scale must be a finite non-negative number"):
+            T((4,), [1], [True], bad)
+
+
+def test_merge_and_compress_takes_a_sequence_of_mappings():
+    with pytest.raises(TypeError, match="sequence of task vectors"):
+        cf.merge_and_compress({"w": np.ones(3)}, density=0.5)
