@@ -755,7 +755,7 @@ class TensorMerge:
         """The merged value of every sign pattern, rescaling included (pattern path only)."""
         if self._table is None:
             r = self.rescale
-            with np.errstate(over="ignore", invalid="ignore"):  # checked below
+            with np.errstate(over="ignore", invalid="ignore"):  # users check_finite theirs
                 if r.table is not None:
                     table = np.array(r.table, dtype=np.float64).astype(self.work)
                 else:
