@@ -102,10 +102,10 @@ class Output:
         """Refuse to replace a folder (with ``force``) that holds an input, the working
         directory, or other folders: replacing it would delete them (an output folder of
         compeft holds files only)."""
-        here = self.dst.resolve()
-        for p in [*inputs, Path.cwd()]:
-            if here in Path(p).resolve().parents or here == Path(p).resolve():
-                what = "the working directory" if p == Path.cwd() else f"the input {p}"
+        here, cwd = self.dst.resolve(), Path.cwd()
+        for p in [*inputs, cwd]:
+            if Path(p).resolve().is_relative_to(here):
+                what = "the working directory" if p is cwd else f"the input {p}"
                 raise ConvertError(f"{self.dst}: the output folder holds {what}; replacing "
                                    "it would delete that (name a new folder inside it)")
         sub = next((c for c in self.dst.iterdir() if c.is_dir() and not c.is_symlink()), None)

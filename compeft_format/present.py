@@ -59,13 +59,6 @@ def present(value: Any, framework: str) -> Any:
     return _dt.to_numpy_values(arr, dtype)
 
 
-_UNSET: Any = object()
-
-
-def check_framework(framework: str, limits: Any = _UNSET) -> None:
-    """Refuse a framework other than numpy's or torch's, and ``limits`` not a
-    :class:`~compeft_format.ReadLimits` (when given)."""
+def check_framework(framework: str) -> None:
     if framework not in ("numpy", "torch"):
         raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
-    if limits is not _UNSET and not isinstance(limits, S.ReadLimits):
-        raise TypeError(f"limits must be a ReadLimits, got {type(limits).__name__}")

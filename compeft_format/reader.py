@@ -120,7 +120,7 @@ def iter_stream(fileobj: BinaryIO, *, framework: str = "numpy",
     >>> [(n, t.nnz) for n, t in iter_stream(io.BytesIO(data))]
     [('a', 1)]
     """
-    check_framework(framework, limits)
+    _check_options(framework, limits)
     if not isinstance(fileobj, Source):
         if not callable(getattr(fileobj, "read", None)):
             raise TypeError(f"iter_stream takes a binary stream (with read), got "
@@ -262,7 +262,7 @@ def loads(data: bytes | bytearray | memoryview, *, framework: str = "numpy",
     >>> loads(dumps({"t": TernaryTensor((3,), [1], [True], 0.5)}), dense=True)["t"]
     array([ 0. , -0.5,  0. ], dtype=float32)
     """
-    check_framework(framework, limits)
+    _check_options(framework, limits)
     buf = memoryview(data).cast("B") if not isinstance(data, memoryview) else data.cast("B")
     return dict(_walk(BufferSource(buf), framework, limits, len(buf), dense, device))
 
@@ -288,7 +288,7 @@ class CompeftReader:
 
     def __init__(self, data: memoryview, *, framework: str = "numpy",
                  limits: S.ReadLimits = S.DEFAULT_LIMITS, closer: Any = None) -> None:
-        check_framework(framework, limits)
+        _check_options(framework, limits)
         self._buf = data
         self._closer = closer
         self._framework = framework
@@ -508,6 +508,14 @@ class CompeftReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_options(framework: str, limits: object) -> None:
+    """The reading options every entry point takes: a framework, and limits that are a
+    :class:`~compeft_format.ReadLimits` (``None`` would fail later, as an AttributeError)."""
+    check_framework(framework)
+    if not isinstance(limits, S.ReadLimits):
+        raise TypeError(f"limits must be a ReadLimits, got {type(limits).__name__}")
 
 
 def _a_path(path: object, what: str) -> str | os.PathLike:

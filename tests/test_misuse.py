@@ -370,3 +370,14 @@ def test_a_scale_that_is_no_float_is_an_encode_error():
 def test_merge_and_compress_takes_a_sequence_of_mappings():
     with pytest.raises(TypeError, match="sequence of task vectors"):
         cf.merge_and_compress({"w": np.ones(3)}, density=0.5)
+
+
+def test_decompress_bf16_to_f16_refuses_an_overflow_too(tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file as save_torch
+
+    save_torch({"w": torch.full((4,), 1e6, dtype=torch.bfloat16)}, str(tmp_path / "b.safetensors"))
+    cf.compress_file(tmp_path / "b.safetensors", tmp_path / "b.compeft", exclude="w")
+    with pytest.raises(ConvertError, match="tensor 'w': 4 values overflow F16"):
+        cf.decompress_file(tmp_path / "b.compeft", tmp_path / "o.safetensors", dtype="f16")
+    assert not (tmp_path / "o.safetensors").exists()

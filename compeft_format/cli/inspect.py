@@ -16,9 +16,9 @@ from typing import Any, BinaryIO
 from .. import _spec as S
 from ..container import inspect, iter_stream
 from ..convert import META_TASK_VECTOR, with_path
-from ..errors import CompeftError, ConvertError
+from ..errors import CompeftError
 from ..hifi import HIFI_KEY, hifi_original_bytes
-from ..sources import ADAPTER_CONFIG
+from ..sources import ADAPTER_COMPEFT, resolve_source
 from .convert import STDIN_NAME
 from .files import STDIO, Job, refuse_terminal
 from .options import PROG, add_command, add_json, add_quiet, add_verbose
@@ -155,20 +155,6 @@ def _print_info(info: Any, shown: str, verbose: bool) -> None:
         print(json.dumps(meta, indent=2, sort_keys=True))
 
 
-def _check_config(folder: Path) -> None:
-    """A compressed adapter folder's ``adapter_config.json`` is a JSON object (what
-    ``decompress`` and PEFT read); a :class:`ConvertError` naming it otherwise."""
-    config = folder / ADAPTER_CONFIG
-    try:
-        value = json.loads(config.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConvertError(f"{config}: missing; decompress needs it") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConvertError(f"{config}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ConvertError(f"{config}: not a JSON object")
-
-
 def run_verify(args: argparse.Namespace) -> int:
     """``compeft verify``: exit 1 when any file is not sound."""
     refuse_terminal([Job(n, "") for n in args.files])
@@ -186,8 +172,8 @@ def run_verify(args: argparse.Namespace) -> int:
                 for tensor, _ in iter_stream(f):
                     tensors.append(tensor)
                 size = f.tell() if f.seekable() else -1
-            if name != STDIO and Path(name).is_dir():  # decompress reads the config too
-                _check_config(Path(name))
+            if name != STDIO and Path(name).is_dir():  # its config, as decompress reads it
+                resolve_source(name, ADAPTER_COMPEFT, "verify reads compressed adapters")
         except (CompeftError, OSError) as exc:
             status = 1
             docs.append({"file": shown, "ok": False, "error": message(exc),
