@@ -79,9 +79,9 @@ from compeft_format.compress import compress  # noqa: E402
 from compeft_format.merge import (  # noqa: E402
     MergeStats,
     Rescale,
-    _expected_rescales,
     merge,
 )
+from compeft_format.merge_rescale import expected_rescales  # noqa: E402
 from compeft_format.tensor import TernaryTensor  # noqa: E402
 
 DENSITIES = (0.2, 0.1, 0.05)
@@ -105,10 +105,10 @@ VARIANTS: dict[str, dict[str, str]] = {
 def _expected_ties_v1(stats: MergeStats) -> Rescale:
     """``expected_ties`` as first landed: each input's part of the conditional mean scaled by
     one factor per scope (the "before" of the benchmark's before/after)."""
-    return _expected_rescales({stats.name: stats}, fit="scaled")[stats.name]
+    return expected_rescales({stats.name: stats}, fit="scaled")[stats.name]
 
 
-_expected_ties_v1.prepare = lambda stats: _expected_rescales(  # type: ignore[attr-defined]
+_expected_ties_v1.prepare = lambda stats: expected_rescales(  # type: ignore[attr-defined]
     stats, fit="scaled")
 #: The merge-aware rules for TIES of compressed inputs: label -> ``rescale`` argument.
 RULES: dict[str, Any] = {"dense_divisor": "dense_divisor",
@@ -177,10 +177,10 @@ def expected_parts(comp: list[dict], mu: np.ndarray) -> dict[str, np.ndarray]:
         return prep({stats.name: stats})[stats.name]
 
     def prep(stats: Mapping[str, MergeStats]) -> dict[str, Rescale]:
-        zero = _expected_rescales(stats, mu=np.zeros(len(mu) - 1))
+        zero = expected_rescales(stats, mu=np.zeros(len(mu) - 1))
         if mu[0] == 1.0 and not mu[1:].any():
             return zero
-        with_mu = _expected_rescales(stats, mu=mu[1:])
+        with_mu = expected_rescales(stats, mu=mu[1:])
         return {k: Rescale(table=tuple((np.array(with_mu[k].table) - (1 - mu[0]) * np.array(
             zero[k].table)).tolist())) for k in stats}
 
@@ -261,11 +261,11 @@ def product_fit(merged: Mapping[str, np.ndarray], originals: list[dict],
 
 
 def _variant(**options: Any) -> Any:
-    """``expected_ties`` with :func:`_expected_rescales` options (a variant measured)."""
+    """``expected_ties`` with :func:`expected_rescales` options (a variant measured)."""
     def rule(stats: MergeStats) -> Rescale:
-        return _expected_rescales({stats.name: stats}, **options)[stats.name]
+        return expected_rescales({stats.name: stats}, **options)[stats.name]
 
-    rule.prepare = lambda stats: _expected_rescales(stats, **options)  # type: ignore[attr-defined]
+    rule.prepare = lambda stats: expected_rescales(stats, **options)  # type: ignore[attr-defined]
     return rule
 
 
@@ -908,7 +908,7 @@ def markdown(res: dict, densities: tuple[float, ...], load: str) -> str:
         f"`compeft_format.merge.merge` with `rescale=None` (PEFT's "
         f"definitions) or a rule for TIES of compressed inputs: "
         + ", ".join(f"`rescale=\"{r}\"`" for r in res["rules"] if r != res["before"])
-        + f" and {label[res['before']]} (`_expected_rescales(fit=\"scaled\")`, the rule as "
+        + f" and {label[res['before']]} (`expected_rescales(fit=\"scaled\")`, the rule as "
         "first landed)" +
         f". Machine: {platform.platform()}, torch {torch.__version__}, 1 thread, load "
         f"average at start {load}; {res['seconds']:.0f} s"

@@ -38,13 +38,13 @@ from .errors import (
     EncodeError,
     FormatError,
     LimitExceededError,
+    MergeError,
     TruncatedError,
     UnsupportedError,
     UnsupportedFeatureError,
     UnsupportedVersionError,
 )
 from .hifi import HifiError, load_hifi, lora_weights, probe_weights, save_hifi
-from .merge import MergeError
 from .merge_io import MergeSummary, merge_and_compress, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .restore import decompress_file

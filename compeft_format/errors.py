@@ -33,6 +33,7 @@ __all__ = [
     "EncodeError",
     "FormatError",
     "LimitExceededError",
+    "MergeError",
     "MissingDependencyError",
     "TruncatedError",
     "UnsupportedError",
@@ -125,6 +126,10 @@ class ConvertError(CompeftError, ValueError):
     A directory that is not a PEFT adapter, a base that does not match the one the task
     vector was measured from, an output that exists, a file that needs ``base``...
     """
+
+
+class MergeError(CompeftError, ValueError):
+    """Inputs that do not fit together (names, shapes, dtypes, references), or a bad option."""
 
 
 class MissingDependencyError(CompeftError, ImportError):

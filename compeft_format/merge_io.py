@@ -299,7 +299,7 @@ def merge_and_compress(task_vectors: Sequence[Mapping[str, Any]], *, density: fl
                            weights=ws, sign=sign, rescale=fixed or prepared.get(name, rescale))
 
     prepared: dict[str, Rescale] = {}  # empty while the rule's prepare looks at the tensors
-    prepared = prepared_rescales(rescale, list(described), lambda n: make(n, None))
+    prepared = prepared_rescales(rescale, list(described), lambda n: make(n, None).stats())
     names = sorted(described)
     dtypes = {n: d[0][1] for n, d in described.items()}
     patterns = all(len(d) <= MAX_PATTERN_INPUTS and all(isinstance(v, TernaryTensor)
@@ -763,7 +763,7 @@ def merge_files(
 
         # a rule whose statistics span tensors sees them all first (one pass over the codes)
         prepared: dict[str, Rescale] = {}  # empty while the rule's prepare runs
-        prepared = prepared_rescales(rule, sorted(merged), lambda n: make(n, None))
+        prepared = prepared_rescales(rule, sorted(merged), lambda n: make(n, None).stats())
 
         st_meta = [r.metadata().get(META_SAFETENSORS) for r in readers]
         st_meta = st_meta[0] if all(m == st_meta[0] for m in st_meta) else None

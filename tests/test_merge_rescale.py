@@ -26,13 +26,13 @@ from compeft_format.merge import (
     MergeError,
     Rescale,
     TensorMerge,
-    _expected_rescales,
     combine,
     dense_divisor,
     expected_ties,
     merge,
 )
 from compeft_format.merge_io import merge_and_compress, merge_files
+from compeft_format.merge_rescale import expected_rescales
 
 
 def naive_ties(stack: np.ndarray, zeros: list[float]) -> np.ndarray:
@@ -207,7 +207,7 @@ def test_expected_ties_is_the_least_squares_table_at_those_projections(density):
     got = merge(comp, method="ties", rescale="expected_ties")
 
     def scaled(stats):
-        return _expected_rescales({stats.name: stats}, fit="scaled")[stats.name]
+        return expected_rescales({stats.name: stats}, fit="scaled")[stats.name]
 
     first = merge(comp, method="ties", rescale=scaled)
     np.testing.assert_allclose(_share(got, experts), _share(first, experts), atol=0.02)
@@ -217,7 +217,7 @@ def test_expected_ties_is_the_least_squares_table_at_those_projections(density):
 
     assert err(got) < err(first) - 0.002  # measured: 0.0045 (0.2) to 0.010 (0.05) lower
     with pytest.raises(MergeError, match="fit must be"):
-        _expected_rescales({}, fit="ols")
+        expected_rescales({}, fit="ols")
 
 
 def test_expected_ties_with_frequency_signs_and_weights():
@@ -517,18 +517,18 @@ def test_expected_ties_variants_the_benchmark_measures():
     comp = [compress(t, density=0.1, scale="proj_vcap") for t in experts]
     stats = {n: TensorMerge(n, experts[0][n].shape, "F32", [c[n] for c in comp]).stats()
              for n in ("w", "v")}
-    mean = _expected_rescales(stats, mu=[0.0, 0.0])
-    common = _expected_rescales(stats, fit="common")
+    mean = expected_rescales(stats, mu=[0.0, 0.0])
+    common = expected_rescales(stats, fit="common")
     ratios = [np.array(common[n].table)[1:] / np.array(mean[n].table)[1:] for n in stats]
     live = [r[np.isfinite(r)] for r in ratios]
     assert np.ptp(np.concatenate(live)) < 1e-6  # one factor for the scope
     assert live[0][0] > 1.5  # the conditional mean is shrunk; the factor brings it back
-    rule = _expected_rescales(stats)
-    per = _expected_rescales(stats, by_tensor=True)
+    rule = expected_rescales(stats)
+    per = expected_rescales(stats, by_tensor=True)
     assert per["w"].table != rule["w"].table
     # one tensor is its own scope: the same either way
     one = {"w": stats["w"]}
-    assert _expected_rescales(one, by_tensor=True) == _expected_rescales(one)
+    assert expected_rescales(one, by_tensor=True) == expected_rescales(one)
 
 
 def test_expected_ties_merges_default_files_as_their_proj_vcap_compressions(tmp_path):
