@@ -104,10 +104,11 @@ def breakdown(path: str | Path) -> dict[str, int]:
     """Where the bytes of a compeft file go, from its own layout (:func:`compeft_format.inspect`).
 
     ``header and metadata``: the file header, the metadata as stored, its checksum and padding
-    (everything before the first record). ``data``: the blocks of every tensor (positions,
-    signs, scale, dense values). ``record framing``: the rest of the records (record headers,
-    names, pack member tables, checksums, padding). ``index and trailer``: what follows the last
-    data block. The four add up to the file size.
+    (everything before the first record). ``data``: the blocks in the records' data areas
+    (positions, signs, scale, dense values). ``record framing``: the rest of the records
+    (record headers, names, pack member tables with a compact pack's scales, checksums,
+    padding). ``index and trailer``: what follows the last data block. The four add up to the
+    file size.
 
     >>> from compeft_format import TernaryTensor, dumps
     >>> import tempfile, os
@@ -115,15 +116,30 @@ def breakdown(path: str | Path) -> dict[str, int]:
     >>> _ = open(path, "wb").write(dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)}))
     >>> parts = breakdown(path)
     >>> sum(parts.values()) == os.path.getsize(path), parts["data"]
-    (True, 8)
+    (True, 4)
     """
     info = inspect(path)
-    blocks = [b for t in info.tensors for b in t.blocks]
+    blocks = [b for t in info.tensors for b in t.blocks if b.stage != "table"]
     first = min((t.offset for t in info.tensors), default=info.file_size - 16)
     data = sum(b.stored_size for b in blocks)
     data_end = max((b.offset + b.stored_size for b in blocks), default=first)
     return {"header and metadata": first, "record framing": data_end - first - data,
             "data": data, "index and trailer": info.file_size - data_end}
+
+
+def scales_in_data(path: str | Path) -> int:
+    """Bytes of scale blocks in the data areas (a compact pack keeps its scales in its table).
+
+    >>> from compeft_format import TernaryTensor, dumps
+    >>> import tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.compeft")
+    >>> t = TernaryTensor((1000,), [5, 600], [0, 1], 0.1)
+    >>> _ = open(path, "wb").write(dumps({"w": t}, version="1.2"))
+    >>> scales_in_data(path)
+    4
+    """
+    return sum(b.stored_size for t in inspect(path).tensors for b in t.blocks
+               if b.codec == "scale" and b.stage != "table")
 
 
 def write_adapter(folder: Path, shapes: list[tuple[str, tuple[int, int]]], seed: int) -> Path:
@@ -165,7 +181,9 @@ def measure_all(densities: tuple[float, ...] = DENSITIES, generated: bool = True
                 out = Path(tmp) / f"out-{len(rows)}"
                 compress_file(folder, out, density=p, base=folder / "init")
                 path = out / "adapter_model.compeft"
-                row = content_measure(path) | ({"parts": breakdown(path)} if parts else {})
+                row = content_measure(path) | ({"parts": breakdown(path),
+                                                "data_scale_bytes": scales_in_data(path)}
+                                               if parts else {})
                 rows.append({"adapter": label, "density": p, **row})
     return rows
 
@@ -192,7 +210,7 @@ def breakdown_md(rows: list[dict[str, Any]]) -> str:
     body = []
     for r in rows:
         p = r["parts"]
-        above = p["data"] - r["bound_bytes"] - r["scale_bytes"] - r["dense_bytes"]
+        above = p["data"] - r["bound_bytes"] - r["data_scale_bytes"] - r["dense_bytes"]
         body.append([r["adapter"], f"{r['density']:g}", f"{r['file'] - r['content']:,}",
                      f"{(TARGET - 1) * r['content']:,.0f}", f"{p[PARTS[0]]:,}",
                      f"{p['record framing'] - r['names_zstd']:,}", f"{above:,}",

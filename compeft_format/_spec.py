@@ -12,8 +12,8 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 2  # what the reference encoder writes by default (spec 10.1)
-VERSIONS = ((1, 0), (1, 1), (1, 2))  # the versions an encoder can be asked to write
+VERSION_MINOR = 3  # what the reference encoder writes by default (spec 10.1)
+VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3))  # the versions an encoder can be asked to write
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
@@ -29,6 +29,7 @@ KIND_TERNARY = 0x01
 KIND_DENSE = 0x02
 KIND_PACK = 0x03  # spec 5.8 (1.1): many small ternary tensors in one record
 KIND_COLUMN_PACK = 0x04  # spec 5.9 (1.2): a pack whose member table is stored in columns
+KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in the table
 
 # spec 5.8 pack records (format 1.1)
 PACK_TABLE_MAX = 1 << 20  # the largest decoded member table (a format limit)
@@ -48,6 +49,7 @@ BLOCK_OPTIONAL_BIT = 0x80
 # spec 7 Stage
 STAGE_NONE = 0x00
 STAGE_ZSTD = 0x01
+STAGE_ZSTD_NAMES = 0x02  # spec 7.4 (1.3): zstd with the name dictionary; compact pack tables only
 DEFAULT_ZSTD_LEVEL = 3
 # Appendix D (1.2): metadata up to this size and column pack tables are compressed at level
 # 19 whatever the writer's level: they are small, and level 19 takes milliseconds there
@@ -73,6 +75,38 @@ METADATA_DICTIONARY = "".join((
     '"task_vector":{"delta_all_but":[],"exclude":[],"peft_type":"LORA","reference":"checkpoint"}}',
 )).encode("ascii")
 METADATA_DICTIONARY_SHA256 = "74130976f777c0428923a6f73eeda0734bdd755a4237a7122b63790a1df82365"
+
+# spec 7.4 (1.3): the name dictionary, a zstd raw content dictionary for compact pack tables
+# (tensor names of common model families under PEFT's prefixes); the lines of the spec's
+# block joined without line endings
+NAME_DICTIONARY = "".join((
+    "lora_magnitude_vector.lora_embedding_A.lora_embedding_B.hada_w1_a.hada_w1_b.hada_w2_a.",
+    "hada_w2_b.lokr_w1.lokr_w2.oft_r.ia3_l.lora_E.weight.bias.",
+    "vision_model.encoder.layers.0.self_attn.out_proj.mlp.fc1.fc2.layer_norm1.",
+    "text_model.encoder.layers.0.self_attn.k_proj.",
+    "model.decoder.layers.0.encoder_attn.q_proj.self_attn_layer_norm.final_layer_norm.",
+    "model.encoder.layers.0.self_attn.v_proj.",
+    "gpt_neox.layers.0.attention.query_key_value.dense.mlp.dense_h_to_4h.dense_4h_to_h.",
+    "transformer.h.0.self_attention.query_key_value.dense.",
+    "transformer.h.0.attn.c_attn.c_proj.mlp.c_fc.c_proj.",
+    "encoder.block.0.layer.0.SelfAttention.q.k.v.o.",
+    "decoder.block.0.layer.1.EncDecAttention.q.v.layer.2.DenseReluDense.wi_0.wi_1.wo.",
+    "roberta.encoder.layer.0.attention.self.query.key.value.",
+    "bert.encoder.layer.0.attention.output.dense.intermediate.dense.output.dense.",
+    "model.layers.0.block_sparse_moe.experts.0.w1.w2.w3.gate.",
+    "model.layers.0.self_attn.qkv_proj.o_proj.mlp.gate_up_proj.down_proj.",
+    "base_model.model.lm_head.base_model.model.model.embed_tokens.",
+    "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight",
+    "base_model.model.encoder.layer.0.attention.self.value.lora_B.weight",
+    "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight",
+    "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight",
+    "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight",
+    "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight",
+)).encode("ascii")
+NAME_DICTIONARY_SHA256 = "535e5a983fe63c343bce53a5a0789d41ab2ec9d83c518c0c5f9ba22346c04385"
 
 # spec 5.7 Trailer
 TRAILER = struct.Struct("<QI4s")  # Index_Offset, Index_Checksum, Tail_Magic

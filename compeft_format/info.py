@@ -20,7 +20,9 @@ class BlockInfo:
 
     codec: str  #: "bitmask", "golomb", "signs", "scale", "dense" (or "0x.." when unknown)
     block_type: int
-    stage: str  #: "none" or "zstd"
+    #: "none" or "zstd"; "table" for a compact pack member's scale (spec 5.10), which is kept
+    #: in the pack's member table: its offset is then the table's
+    stage: str
     param: int
     stored_size: int
     decoded_size: int

@@ -21,7 +21,7 @@ from typing import Any
 from . import _spec as S
 from ._io import BufferSource, Source, encode_varint
 from .budget import Budget
-from .codecs import ZSTD, BlockContext, get_codec
+from .codecs import NAMES_ZSTD, ZSTD, BlockContext, get_codec
 from .errors import (
     BadMagicError,
     ChecksumError,
@@ -33,7 +33,14 @@ from .errors import (
 )
 from .info import BlockInfo, TensorInfo
 from .metadata import decode_metadata, unstage_metadata
-from .packtable import Member, common_prefix, decode_name, member_name, read_column_table
+from .packtable import (
+    Member,
+    common_prefix,
+    decode_name,
+    member_name,
+    read_column_table,
+    read_scale_columns,
+)
 
 __all__ = [
     "BLOCK_ROLES",
@@ -108,11 +115,16 @@ class PackMember:
     name: bytes
     parts: tuple[bytes, bytes, bytes]  # positions, signs, scale
     cost: int  # decode-budget charge (spec 9.3)
-    fields: Member  # the table fields, for either kind of pack (spec 5.8, 5.9)
+    fields: Member  # the table fields, for any kind of pack (spec 5.8, 5.9, 5.10)
 
     @property
     def size(self) -> int:
         return sum(len(p) for p in self.parts)
+
+    @property
+    def compact_size(self) -> int:
+        """Bytes in a compact pack's data area (spec 5.10: the scale is in the table)."""
+        return len(self.parts[0]) + len(self.parts[1])
 
 
 @dataclass
@@ -124,10 +136,11 @@ class Header:
 
     @property
     def kinds(self) -> tuple[int, ...]:
-        """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2)."""
+        """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2,
+        5.10 from 1.3)."""
         minor = self.version[1]
         return ((S.KIND_TERNARY, S.KIND_DENSE) + (S.KIND_PACK,) * (minor >= 1)
-                + (S.KIND_COLUMN_PACK,) * (minor >= 2))
+                + (S.KIND_COLUMN_PACK,) * (minor >= 2) + (S.KIND_COMPACT_PACK,) * (minor >= 3))
 
 
 def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Header:
@@ -201,6 +214,8 @@ class Record:
     alignment: int = 1
     members: tuple[Record, ...] = ()  # a pack's tensors (spec 5.8), data_start absolute
     in_pack: bool = False  # a member of a pack: no checksum, no alignment of its own
+    #: a compact pack member's scale (spec 5.10): its 4 bytes and the table's offset
+    table_scale: tuple[bytes, int] | None = None
 
     @property
     def end(self) -> int:
@@ -214,6 +229,9 @@ class Record:
             infos.append(BlockInfo(codec, btype, "zstd" if stage else "none", param, stored,
                                    decoded, cursor))
             cursor += stored + (-stored % self.alignment)
+        if self.table_scale is not None:  # in the pack's member table, not the data area
+            infos.append(BlockInfo("scale", S.BLOCK_SCALE, "table", S.SCALE_F32, 4, 4,
+                                   self.table_scale[1]))
         kind = "ternary" if self.kind == S.KIND_TERNARY else "dense"
         # a pack member's share of the file is its data (the pack's header is shared)
         size = self.data_size if self.in_pack else self.end - self.offset
@@ -259,6 +277,10 @@ def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: 
     data_start = align(header_end, alignment)
     b = BufferSource(body[:-4], base=body_start)
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
+    if kind == S.KIND_COMPACT_PACK:  # spec 5.10: no Name; the first member's is the record's
+        return _read_pack(b, "", limits, Record(
+            kind, "", "", (), None, [], data_crc, offset, header_end, data_start, data_size,
+            alignment), data_size_at)
     name = _read_name(b, limits, "tensor")
     b.tensor = name
     if kind in PACK_KINDS:
@@ -335,45 +357,62 @@ def _read_tensor_fields(b: BufferSource, kind: int, name: str, limits: S.ReadLim
 
 def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
                data_size_at: int) -> Record:
-    """The rest of a pack record's body: its member table (spec 5.8)."""
+    """The rest of a pack record's body: its member table (spec 5.8, 5.9, 5.10).
+
+    A compact pack (spec 5.10) comes with ``name`` empty: its name is its first member's.
+    """
+    compact = rec.kind == S.KIND_COMPACT_PACK
     at = b.pos
     count = b.varint("member count")
     if count < 1:
-        raise CorruptDataError("a pack holds at least one member", tensor=name, offset=at)
+        raise CorruptDataError("a pack holds at least one member", tensor=name or None,
+                               offset=at)
     stage_at = b.pos
     stage = b.u8("table stage")
     stored = b.varint("table stored size")
-    if stage not in (S.STAGE_NONE, S.STAGE_ZSTD):
-        raise UnsupportedFeatureError(f"unknown stage 0x{stage:02x}", tensor=name,
+    stages = (S.STAGE_NONE, S.STAGE_ZSTD) + (S.STAGE_ZSTD_NAMES,) * compact
+    if stage not in stages:
+        raise UnsupportedFeatureError(f"unknown stage 0x{stage:02x}", tensor=name or None,
                                       offset=stage_at)
-    decoded = b.varint("table decoded size") if stage == S.STAGE_ZSTD else stored
+    decoded = stored if stage == S.STAGE_NONE else b.varint("table decoded size")
     if decoded > S.PACK_TABLE_MAX:
         raise CorruptDataError(f"pack table: decoded size {decoded} exceeds "
-                               f"{S.PACK_TABLE_MAX}", tensor=name, offset=stage_at + 1)
+                               f"{S.PACK_TABLE_MAX}", tensor=name or None, offset=stage_at + 1)
     table_at = b.pos
     table = b.read(stored, "pack table")
     if not b.at_end():
         raise CorruptDataError(f"{b.remaining} unexpected bytes at the end of the record header",
-                               tensor=name, offset=b.pos)
-    if stage == S.STAGE_ZSTD:
-        ctx = BlockContext(name, 0, 0, "F32", (), table_at)
-        table = memoryview(ZSTD.decode(table, decoded, ctx))
+                               tensor=name or None, offset=b.pos)
+    if stage != S.STAGE_NONE:
+        ctx = BlockContext(name or None, 0, 0, "F32", (), table_at)
+        zstd = NAMES_ZSTD if stage == S.STAGE_ZSTD_NAMES else ZSTD
+        table = memoryview(zstd.decode(table, decoded, ctx))
     t = BufferSource(table, base=table_at)
-    if rec.kind == S.KIND_COLUMN_PACK:
+    scales: list[bytes | None]
+    if compact:
+        fields = read_column_table(t, count, None, limits)
+        name = rec.name = fields[0].name.decode()
+        scales = list(read_scale_columns(t, [f.name.decode() for f in fields]))
+    elif rec.kind == S.KIND_COLUMN_PACK:
         fields = read_column_table(t, count, name, limits)
+        scales = [None] * count
     else:
         fields = _read_row_table(t, count, name, limits)
+        scales = [None] * count
     members, cursor = [], 0
-    for f in fields:
+    for f, scale in zip(fields, scales, strict=True):
         ssize = -(-f.nnz // 8)
         blocks = [(f.ptype, S.STAGE_NONE, f.param, f.psize, f.psize),
-                  (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize),
-                  (S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4)]
-        size = f.psize + ssize + 4
+                  (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize)]
+        if scale is None:  # spec 5.8: the scale follows the signs in the data area
+            blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4))
+        size = sum(blk[3] for blk in blocks)
         members.append(Record(S.KIND_TERNARY, f.name.decode(), f.dtype, f.shape, f.nnz, blocks,
                               0, rec.offset, rec.header_end, rec.data_start + cursor, size,
-                              in_pack=True))
+                              in_pack=True,
+                              table_scale=None if scale is None else (scale, table_at)))
         cursor += size
+    t.tensor = name
     if not t.at_end():
         raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
                                tensor=name, offset=t.pos)
@@ -420,8 +459,9 @@ def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits
     return members
 
 
-#: the record kinds that hold pack members: 1.1 packs (spec 5.8) and column packs (5.9)
-PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK)
+#: the record kinds that hold pack members: 1.1 packs (spec 5.8), column packs (5.9) and
+#: compact packs (5.10)
+PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK)
 BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 

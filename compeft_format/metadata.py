@@ -214,6 +214,6 @@ def unstage_metadata(stored: memoryview, offset: int, limits: S.ReadLimits,
     if decoded > limits.max_metadata_size:
         raise LimitExceededError(f"metadata decodes to {decoded} bytes; limit "
                                  f"{limits.max_metadata_size}", offset=offset)
-    ctx = BlockContext(None, 0, 0, "F32", (), src.pos)  # type: ignore[arg-type]
+    ctx = BlockContext(None, 0, 0, "F32", (), src.pos)
     charge(decoded, ctx)
     return METADATA_ZSTD.decode(stored[src.pos - offset:], decoded, ctx)

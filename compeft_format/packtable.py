@@ -26,8 +26,9 @@ from ._io import BufferSource, encode_varint
 from ._spec import ReadLimits
 from .errors import CorruptDataError, LimitExceededError
 
-__all__ = ["Member", "column_table", "common_prefix", "decode_name", "member_name",
-           "predicted_param", "predicted_size", "read_column_table", "unzigzag", "zigzag"]
+__all__ = ["Member", "column_table", "common_prefix", "compact_table", "decode_name",
+           "member_name", "predicted_param", "predicted_size", "read_column_table",
+           "read_scale_columns", "unzigzag", "zigzag"]
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,13 @@ def common_prefix(a: bytes, b: bytes) -> int:
     return len(os.path.commonprefix([a, b]))  # noqa: RUF071
 
 
-def column_table(members: Sequence[Member]) -> bytes:
-    """The decoded member table of a column pack (spec 5.9) named after its first member."""
-    prev = members[0].name  # the first name is coded against the pack's Name: itself
+def column_table(members: Sequence[Member], first_prev: bytes | None = None) -> bytes:
+    """The decoded member table of a column pack (spec 5.9) named after its first member.
+
+    ``first_prev``: what the first name is coded against; by default the pack's ``Name``,
+    which is the first name itself (spec 5.9); a compact pack's is empty (spec 5.10).
+    """
+    prev = members[0].name if first_prev is None else first_prev
     prefixes, lengths, suffixes = bytearray(), bytearray(), bytearray()
     for m in members:
         shared = common_prefix(prev, m.name)
@@ -134,6 +139,46 @@ def column_table(members: Sequence[Member]) -> bytes:
     return bytes(out)
 
 
+def compact_table(members: Sequence[Member], scales: Sequence[bytes]) -> bytes:
+    """The decoded member table of a compact pack (spec 5.10, format 1.3).
+
+    The columns of a column pack with the first name stored in full (a compact pack has no
+    ``Name`` of its own), then column 11, each member's ``Scale_Ref`` (the scales numbered in
+    order of first use), and column 12, each distinct scale once (binary32, 4 bytes each).
+
+    >>> m = [Member(b"a.w", "F32", (8,), 1, 0x01, 0, 1),
+    ...      Member(b"b.w", "F32", (64,), 2, 0x02, 23, 2)]
+    >>> one = bytes.fromhex("0000803f")  # 1.0
+    >>> compact_table(m, [one, one]).hex(" ")
+    '00 00 03 03 61 2e 77 62 2e 77 01 01 01 01 08 40 01 02 01 02 00 02 00 00 00 00 00 00 80 3f'
+    """
+    refs: dict[bytes, int] = {}
+    out = bytearray(column_table(members, b""))
+    for scale in scales:
+        out += encode_varint(refs.setdefault(bytes(scale), len(refs)))
+    return bytes(out) + b"".join(refs)
+
+
+def read_scale_columns(t: BufferSource, names: Sequence[str]) -> list[bytes]:
+    """Columns 11 and 12 of a compact pack's table (spec 5.10): each member's scale bytes.
+
+    A member's ``Scale_Ref`` is at most the number of scales referenced before it
+    (R-CPACK-1): the scales are stored once each, in order of first use.
+    """
+    refs, distinct = [], 0
+    for name in names:
+        t.tensor = name
+        at = t.pos
+        ref = t.varint("scale ref")
+        if ref > distinct:
+            raise CorruptDataError(f"scale ref {ref} skips ahead: {distinct} scales are "
+                                   "referenced before it", tensor=name, offset=at)
+        distinct += ref == distinct
+        refs.append(ref)
+    scales = [bytes(t.read(4, "scale")) for _ in range(distinct)]
+    return [scales[r] for r in refs]
+
+
 def decode_name(raw: bytes, what: str, at: int) -> str:
     """A tensor name's bytes as text: UTF-8 (spec R-NAME-2) without NUL (R-NAME-3).
 
@@ -150,30 +195,35 @@ def decode_name(raw: bytes, what: str, at: int) -> str:
     return name
 
 
-def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str) -> str:
-    """Check a pack member's whole name (spec 5.8: R-NAME-2, R-NAME-3, R-PACK-5, R-PACK-7)."""
+def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str | None) -> str:
+    """Check a pack member's whole name (spec 5.8: R-NAME-2, R-NAME-3, R-PACK-5, R-PACK-7).
+
+    ``pack`` is None for a compact pack (spec 5.10), whose first name is not the record's.
+    """
     name = decode_name(raw, "member", at)
-    if first and raw != prev:
+    if first and pack is not None and raw != prev:
         raise CorruptDataError(f"the first member is named {name!r}, the pack {pack!r}",
                                tensor=pack, offset=at)
-    if not first and raw <= prev:
+    if (not first or pack is None) and raw <= prev:
         raise CorruptDataError(f"pack member names must increase; {name!r} follows "
                                f"{prev.decode()!r}", tensor=name, offset=at)
     return name
 
 
-def read_column_table(t: BufferSource, count: int, pack: str, limits: ReadLimits,
+def read_column_table(t: BufferSource, count: int, pack: str | None, limits: ReadLimits,
                       ) -> list[Member]:
     """Read the columns of a decoded member table (spec 8.1 step 8b), checking each value.
 
     ``t`` holds the table (its ``base`` the table's offset, for messages); it is left after
-    the last column, and the caller checks that nothing follows (R-PACK-3).
+    the last column, and the caller checks that nothing follows (R-PACK-3). ``pack`` is the
+    record's name, or None for a compact pack (spec 5.10): its first name is coded against
+    the empty name.
     """
     t.tensor = pack
     prefixes = [t.varint("prefix length") for _ in range(count)]
     lengths = [(t.pos, t.varint("suffix length")) for _ in range(count)]
     names: list[str] = []
-    prev = pack.encode()
+    prev = b"" if pack is None else pack.encode()
     raws = []
     for i in range(count):
         shared, (at, n) = prefixes[i], lengths[i]

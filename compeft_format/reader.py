@@ -93,6 +93,11 @@ def _decode_record(rec: Record, data: memoryview, budget: Budget, dense: str | N
             values["signs"] = codec.packed(payload, param, ctx)
         else:
             values[codec.role] = codec.decode(payload, param, ctx)
+    if rec.table_scale is not None:  # spec 5.10: a compact pack member's scale, in its table
+        ctx = BlockContext(rec.name, numel, rec.nnz or 0, rec.dtype, rec.shape,
+                           rec.table_scale[1])
+        values["scale"] = get_codec(S.BLOCK_SCALE, ctx).decode(
+            memoryview(rec.table_scale[0]), S.SCALE_F32, ctx)
     if rec.kind == S.KIND_DENSE:
         return values["dense"]
     if device is not None:

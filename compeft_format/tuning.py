@@ -133,7 +133,8 @@ def count_file_bytes(
     -------
     (int, dict)
         The file's bytes, and name -> bytes of its record (header, blocks and padding), or
-        for a tensor in a pack (format 1.1) its data (``TensorInfo.record_size``).
+        for a tensor in a pack its data (``TensorInfo.record_size``: positions and signs, and
+        in a 1.1 or 1.2 pack its scale; a compact pack keeps scales in its table).
 
     Examples
     --------
@@ -141,7 +142,7 @@ def count_file_bytes(
     >>> t = TernaryTensor((4,), [1], [True], 0.5)
     >>> size, records = count_file_bytes([("a", t, None)])
     >>> size == len(dumps({"a": t})), records
-    (True, {'a': 6})
+    (True, {'a': 2})
     """
     sink = _CountingSink()
     with Writer(sink, metadata=metadata, positions=positions,  # type: ignore[arg-type]

@@ -18,7 +18,7 @@ from . import _spec as S
 from . import dtypes as _dt
 from ._io import encode_varint
 from .budget import positions_cost, record_cost
-from .codecs import BlockContext
+from .codecs import NAMES_ZSTD, BlockContext
 from .codecs.dense import DenseCodec
 from .codecs.scale import ScaleCodec
 from .codecs.signs import SignsCodec
@@ -35,7 +35,7 @@ from .layout import (
     pack_table,
 )
 from .metadata import encode_metadata, stage_metadata
-from .packtable import Member, column_table
+from .packtable import Member, column_table, compact_table
 from .tensor import TernaryTensor
 
 __all__ = ["Writer", "dumps", "save_file"]
@@ -62,10 +62,12 @@ class Writer:
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
     version:
-        ``"1.2"`` (the default) gathers ternary tensors of at most 2^19 elements into column
-        pack records (spec 5.9) and compresses the metadata (spec 5.2); ``"1.1"`` writes
-        the packs of spec 5.8 and plain metadata, for 1.1 readers; ``"1.0"`` writes one
-        record per tensor, for 1.0 readers.
+        ``"1.3"`` (the default) gathers ternary tensors of at most 2^19 elements into compact
+        pack records (spec 5.10: each distinct scale and the first name stored once, names
+        compressed with the name dictionary) and compresses the metadata (spec 5.2);
+        ``"1.2"`` writes the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs
+        of spec 5.8 and plain metadata, for 1.1 readers; ``"1.0"`` one record per tensor,
+        for 1.0 readers.
 
     Examples
     --------
@@ -95,6 +97,7 @@ class Writer:
         self._alignment = alignment
         self._packing = version >= (1, 1)  # spec 5.8: small ternary tensors go into packs
         self._columns = version >= (1, 2)  # spec 5.9: ... whose member table is in columns
+        self._compact = version >= (1, 3)  # spec 5.10: ... with the scales in the table
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
@@ -262,12 +265,12 @@ class Writer:
         self._pack.append(member)
         self._pack_data += member.size
         self._pack_table += entry
-        return member.size
+        return member.compact_size if self._compact else member.size
 
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 or 1.2 writer gathers small ternary tensors into a pack (spec 5.8, 5.9) and
+        A 1.1 to 1.3 writer gathers small ternary tensors into a pack (spec 5.8 to 5.10) and
         writes it when it is full, when a tensor that is not packed comes, or at
         :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
         a new pack.
@@ -279,33 +282,41 @@ class Writer:
             self._f.flush()
 
     def _flush_pack(self) -> None:
-        """Write the pending pack as one record (spec 5.8)."""
+        """Write the pending pack as one record (spec 5.8 to 5.10, by version)."""
         if not self._pack:
             return
         members, self._pack = self._pack, []
         self._pack_data = self._pack_table = 0
-        if self._columns:  # spec 5.9; a small table, compressed hard (Appendix D 6)
-            table = column_table([m.fields for m in members])
-            level = None if self._level is None else S.SMALL_ZSTD_LEVEL
+        level = None if self._level is None else S.SMALL_ZSTD_LEVEL  # Appendix D 6
+        if self._compact:  # spec 5.10: scales in the table, names through their dictionary
+            table = compact_table([m.fields for m in members], [m.parts[2] for m in members])
+            stage, stored = maybe_zstd(table, level, NAMES_ZSTD)
+            stage = S.STAGE_ZSTD_NAMES if stage == S.STAGE_ZSTD else stage
+            data = b"".join(m.parts[0] + m.parts[1] for m in members)
         else:
-            table, level = pack_table(members), self._level
-        stage, stored = maybe_zstd(table, level)
-        data = b"".join(part for m in members for part in m.parts)
+            if self._columns:  # spec 5.9; a small table, compressed hard
+                table = column_table([m.fields for m in members])
+            else:
+                table, level = pack_table(members), self._level
+            stage, stored = maybe_zstd(table, level)
+            data = b"".join(part for m in members for part in m.parts)
         end = self._pos + len(data) + 64  # about where the data area ends (spec 9.3)
         cost = sum(m.cost for m in members)
-        table_cost = len(table) if stage == S.STAGE_ZSTD else 0
-        if (stage == S.STAGE_ZSTD and self._cost + cost + table_cost
+        table_cost = len(table) if stage != S.STAGE_NONE else 0
+        if (stage != S.STAGE_NONE and self._cost + cost + table_cost
                 > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * end)):
             stage, stored, table_cost = S.STAGE_NONE, table, 0
         self._cost += cost + table_cost
         first = members[0].name
-        body = (encode_varint(len(first)) + first + encode_varint(len(members)) + bytes([stage])
-                + encode_varint(len(stored))
-                + (encode_varint(len(table)) if stage == S.STAGE_ZSTD else b"") + stored)
+        # spec 5.10: a compact pack has no Name of its own; the first member's is in the table
+        body = b"" if self._compact else encode_varint(len(first)) + first
+        body += (encode_varint(len(members)) + bytes([stage]) + encode_varint(len(stored))
+                 + (encode_varint(len(table)) if stage != S.STAGE_NONE else b"") + stored)
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
-        kind = S.KIND_COLUMN_PACK if self._columns else S.KIND_PACK
+        kind = (S.KIND_COMPACT_PACK if self._compact else S.KIND_COLUMN_PACK if self._columns
+                else S.KIND_PACK)
         head = (bytes([kind]) + encode_varint(len(body) + 8)
                 + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(crc32(data, pad)))
         self._names.append(first)

@@ -99,11 +99,23 @@ def _generated() -> dict[str, bytes]:
                                 "scale": "proj_vcap", "scope": "global"}}
     out["column-pack-lora"] = cf.dumps({
         f"layers.{i}.{m}.lora_{ab}": _ternary(96, 5, rng12, (8, 12) if ab == "A" else (12, 8))
-        for i in range(3) for m in ("q", "v") for ab in ("A", "B")}, metadata=meta)
+        for i in range(3) for m in ("q", "v") for ab in ("A", "B")}, metadata=meta,
+        version="1.2")
     out["column-pack-and-records"] = cf.dumps({
         "a": _ternary(600, 9, rng12, (20, 30)), "b": np.arange(3, dtype=np.int8),
         "c": _ternary(256, 128, rng12, (16, 16), "BF16"), "d": _ternary(40, 4, rng12, None, "F64"),
         "e": _ternary(64, 0, rng12)}, metadata=meta, alignment=1, version="1.2")
+    # format 1.3: compact packs, one scale shared by several members, two by the others
+    rng13 = np.random.default_rng(13)
+    lora = {f"base_model.model.model.layers.{i}.self_attn.{m}_proj.lora_{ab}.weight":
+            _ternary(96, 5, rng13, (8, 12) if ab == "A" else (12, 8),
+                     scale=0.25 if ab == "A" else 0.0125)
+            for i in range(3) for m in ("q", "v") for ab in ("A", "B")}
+    out["compact-pack-lora"] = cf.dumps(lora, metadata=meta, version="1.3")
+    out["compact-pack-and-records"] = cf.dumps({
+        "a": _ternary(600, 9, rng13, (20, 30)), "b": np.arange(3, dtype=np.int8),
+        "c": _ternary(256, 128, rng13, (16, 16), "BF16"), "d": _ternary(40, 4, rng13, None, "F64"),
+        "e": _ternary(64, 0, rng13)}, metadata=meta, alignment=1, version="1.3")
     return out
 
 

@@ -92,7 +92,7 @@ def same(a: Any, b: Any) -> bool:
 @pytest.mark.parametrize("positions", ["auto", "golomb", "bitmask"])
 def test_1_2_files_read_back_like_1_0_files(positions: str, alignment: int) -> None:
     tensors = adapter()
-    new = dumps(tensors, metadata=META, positions=positions, alignment=alignment)
+    new = dumps(tensors, metadata=META, positions=positions, alignment=alignment, version="1.2")
     old = dumps(tensors, metadata=META, positions=positions, alignment=alignment, version="1.0")
     v11 = dumps(tensors, metadata=META, positions=positions, alignment=alignment, version="1.1")
     assert (new[9], new[11]) == (2, S.FLAG_METADATA_ZSTD)  # 1.2, metadata compressed
@@ -110,7 +110,8 @@ def test_1_2_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
         assert f.version == (1, 2)
     assert rr.read_stream(new) == rr.read_stream(old)
     assert rr.read_random(new) == rr.read_stream(old)
-    assert dumps(loads(new), metadata=META, positions=positions, alignment=alignment) == new
+    assert dumps(loads(new), metadata=META, positions=positions, alignment=alignment,
+                 version="1.2") == new
 
 
 def test_writer_compresses_metadata_only_where_it_pays() -> None:
@@ -175,7 +176,7 @@ def test_param_deltas_are_small_on_real_sparsity() -> None:
 def test_cuts_and_bit_flips_of_a_1_2_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
     data = dumps({"a": _ternary((64,), 0.2, 1), "ab": _ternary((40,), 0.3, 2, "BF16")},
-                 metadata=META)
+                 metadata=META, version="1.2")
     assert data[11] == S.FLAG_METADATA_ZSTD
     assert kinds(data) == [S.KIND_COLUMN_PACK]
     for n in range(len(data)):

@@ -132,13 +132,17 @@ def test_zstd_is_used_only_where_it_saves_bytes(tensors: dict[str, Any],
                                                 opts: dict[str, Any]) -> None:
     data = dumps(tensors, **opts)
     for t in inspect(data).tensors:
-        packed = data[t.offset] in (S.KIND_PACK, S.KIND_COLUMN_PACK)  # spec 5.8: members are
-        # neither aligned nor zstd
+        kind = data[t.offset]
+        packed = kind in (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK)  # spec 5.8:
+        # members are neither aligned nor zstd
         for b in t.blocks:
+            # spec 5.10: a compact pack member's scale is in the pack's member table
+            in_table = b.stage == "table"
+            assert in_table == (kind == S.KIND_COMPACT_PACK and b.codec == "scale")
             assert packed or b.offset % opts["alignment"] == 0
-            assert not packed or b.stage == "none"
+            assert not packed or b.stage in ("none", "table")
             if opts["zstd_level"] is None or b.codec == "scale":
-                assert b.stage == "none"
+                assert b.stage != "zstd"
             if b.stage == "zstd":
                 assert b.stored_size < b.decoded_size
             else:

@@ -11,9 +11,10 @@ from .golomb import GolombCodec
 from .registry import get_codec, registered_codecs
 from .scale import ScaleCodec
 from .signs import SignsCodec
-from .zstd_stage import ZSTD, ZstdStage
+from .zstd_stage import NAMES_ZSTD, ZSTD, ZstdStage
 
 __all__ = [
+    "NAMES_ZSTD",
     "ZSTD",
     "BitmaskCodec",
     "BlockCodec",

@@ -28,7 +28,7 @@ __all__ = [
 class BlockContext:
     """What a codec may know about the record its block belongs to."""
 
-    name: str  #: tensor name, for error messages
+    name: str | None  #: tensor name, for error messages (None: no tensor, or not known yet)
     numel: int
     nnz: int
     dtype: str

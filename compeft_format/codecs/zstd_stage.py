@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import zstandard
 
-from .._spec import STAGE_ZSTD
+from .._spec import NAME_DICTIONARY, STAGE_ZSTD
 from .base import BlockContext
 
 __all__ = ["ZstdStage"]
@@ -189,3 +189,5 @@ class ZstdStage:
 
 
 ZSTD = ZstdStage()
+#: compact pack tables (spec 5.10, 7.4): zstd with the name dictionary
+NAMES_ZSTD = ZstdStage(NAME_DICTIONARY)

@@ -42,7 +42,7 @@ from _rules import Rule, load_rules  # noqa: E402
 
 import compeft_format as cf  # noqa: E402
 from compeft_format import ReadLimits, TernaryTensor  # noqa: E402
-from compeft_format._spec import METADATA_DICTIONARY  # noqa: E402
+from compeft_format._spec import METADATA_DICTIONARY, NAME_DICTIONARY  # noqa: E402
 
 DEFAULT_OPTIONS = {"positions": "auto", "zstd_level": 3, "alignment": 8}
 KIND_TERNARY, KIND_DENSE = 0x01, 0x02
@@ -181,6 +181,7 @@ def _t(shape: tuple[int, ...], idx: list[int], signs: list[int], scale: float,
 
 V11 = {"version": "1.1"}
 V12 = {"version": "1.2"}
+V13 = {"version": "1.3"}
 
 
 def _pack_tensors() -> dict[str, Any]:
@@ -393,6 +394,23 @@ VALID: list[Valid] = [
           "1 and no zstd (so neither the table nor the metadata is compressed).",
           _pack_tensors, metadata=_peft_init_metadata(),
           options={**V12, "alignment": 1, "zstd_level": None}),
+    # -- format 1.3: compact packs (spec 5.10) and the name dictionary (spec 7.4)
+    Valid("032-compact-pack", "Version 1.3: the six tensors of 023-pack in one compact pack "
+          "(no Name in the body, the first name whole in the table, six distinct scales in "
+          "the table, the table through the name dictionary).",
+          _pack_tensors, metadata={"compeft.producer": "spec"}, options=V13),
+    Valid("033-compact-pack-shared-scale", "Version 1.3: 24 LoRA-like members that share "
+          "one scale (Scale_Ref 0 for every member, one scale stored), compressed metadata, "
+          "the table through the name dictionary.", _lora_like,
+          metadata=_peft_init_metadata(), options=V13),
+    Valid("034-compact-pack-and-records", "Version 1.3: the tensors of 024-pack-and-records: "
+          "compact packs around a dense record and a ternary record too big to pack.",
+          lambda: next(v for v in VALID if v.slug == "024-pack-and-records").tensors(),
+          options=V13),
+    Valid("035-compact-pack-alignment-1", "Version 1.3: the tensors of 023-pack with alignment "
+          "1 and no zstd (Table_Stage 0, metadata stored as JSON).",
+          _pack_tensors, metadata=_peft_init_metadata(),
+          options={**V13, "alignment": 1, "zstd_level": None}),
 ]
 
 
@@ -653,6 +671,65 @@ def meta_frame(json_text: bytes = BIG_META, *, dictionary: bool = True,
     return varint(len(json_text)) + frame
 
 
+# -- format 1.3 (spec 5.10, 7.4): compact packs, built field by field
+
+COMPACT_PACK = 0x05
+NAMES_ZSTD = 0x02  #: Table_Stage 2: zstd with the name dictionary
+
+
+def compact(*members: tuple[bytes, int, int, tuple[int, ...], int, int, int, int],
+            refs: tuple[int, ...] = (0,), scales: tuple[float, ...] = (1.0,)) -> bytes:
+    """A compact table (spec 5.10): the columns of :func:`columns`, then ``Scale_Ref``s and
+    ``Scale``s."""
+    return (columns(*members) + b"".join(varint(r) for r in refs)
+            + b"".join(struct.pack("<f", x) for x in scales))
+
+
+#: the member 'a' of ONE as a compact table (first name whole, scale 1.0 in the table)
+CMP_ONE = compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0))
+CMP_DATA = ONE_DATA[:2]  # its bitmask and signs: the scale is in the table
+
+
+def compact_file(table: bytes = CMP_ONE, data: bytes = CMP_DATA, *, first: bytes = b"a",
+                 count: int = 1, stage: int = 0, decoded: int | None = None, minor: int = 3,
+                 log2: int = 3, data_size: int | None = None,
+                 after: list[tuple[bytes, bytes]] = ()) -> bytes:
+    """A 1.3 file holding one compact pack whose first member is ``first`` (its index name),
+    then the records ``after`` (see :func:`pack_file`)."""
+    a = 1 << log2
+    header = b"\x89CPFT\r\n\x1a" + bytes([1, minor, log2, 0]) + struct.pack("<I", 0)
+    out = header + struct.pack("<I", crc32(header))
+    out += bytes(-len(out) % a)
+    padded = data + bytes(-len(data) % a)
+    body = (varint(count) + bytes([stage]) + varint(len(table))
+            + (varint(decoded) if decoded is not None else b"") + table)
+    size = len(padded) if data_size is None else data_size
+    head = (bytes([COMPACT_PACK]) + varint(len(body) + 8) + varint(size) + body
+            + struct.pack("<I", crc32(padded)))
+    entries = [(first, len(out))]
+    out += head + struct.pack("<I", crc32(head))
+    out += bytes(-len(out) % a) + padded
+    for rname, record in after:
+        entries.append((rname, len(out)))
+        out += record
+    index = b"\x00" + varint(len(entries)) + b"".join(
+        varint(len(n)) + n + varint(o) for n, o in entries)
+    return out + index + struct.pack("<QI", len(out), crc32(index)) + b"CPFE"
+
+
+def _compact_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: compact_file(**kw)
+
+
+def names_frame(table: bytes, *, dictionary: bool = True) -> bytes:
+    """A zstd frame of ``table`` made with the name dictionary (spec 7.4), or without it."""
+    kw: dict[str, Any] = {}
+    if dictionary:
+        kw["dict_data"] = zstandard.ZstdCompressionDict(
+            NAME_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(level=19, write_dict_id=False, **kw).compress(table)
+
+
 def _meta_file(stored: bytes, *, flags: int = 1, minor: int = 2, **kw: Any) -> Callable[[], bytes]:
     return lambda: column_file(flags=flags, minor=minor, metadata=stored, **kw)
 
@@ -734,6 +811,21 @@ ACCEPTED: list[Accepted] = [
              _meta_file(meta_frame(), minor=9),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)},
                               metadata=json.loads(BIG_META))),
+    # -- format 1.3
+    Accepted("016-compact-pack-plain-zstd-table", "Version 1.3: a compact pack whose table "
+             "goes through the plain zstd stage (Table_Stage 1, no dictionary), where the "
+             "encoder uses the name dictionary (stage 2) or none.",
+             _compact_bytes(table=zstd_frame(CMP_ONE), stage=ZSTD, decoded=len(CMP_ONE)),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("017-compact-pack-minor-9", "Version 1.9 with a compact pack: compact packs are "
+             "known from minor 3 on.", _compact_bytes(minor=9),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("018-compact-pack-stage-2-without-dictionary", "Version 1.3: Table_Stage 2 with "
+             "a frame made without the dictionary (it refers to nothing before its own data, "
+             "so it decodes the same with it).",
+             _compact_bytes(table=names_frame(CMP_ONE, dictionary=False), stage=NAMES_ZSTD,
+                            decoded=len(CMP_ONE)),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
 ]
 
 
@@ -1388,6 +1480,56 @@ INVALID += [
             "max(1, Param) like the bound of 7.2 (1 byte, Size_Delta 0), and its data breaks "
             "the golomb parameter rule.", "R-GOL-1",
             _column_bytes(table=columns((b"a", 1, 0x01, (8,), 1, GOLOMB, 9, 0)))),
+    # -- format 1.3: compact packs (spec 5.10) and the name dictionary (spec 7.4)
+    Invalid("167-compact-pack-in-1-2-file", "A compact pack in a file whose Version_Minor "
+            "is 2.", "R-REC-1", _compact_bytes(minor=2)),
+    Invalid("168-compact-pack-scale-ref-skips", "The first member's Scale_Ref is 1: no scale "
+            "is referenced before it, so only 0 is allowed.", "R-PACK-12",
+            _compact_bytes(table=compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0), refs=(1,),
+                                         scales=(1.0, 2.0)))),
+    Invalid("169-compact-pack-scale-ref-second", "Members 'a' (Scale_Ref 0) and 'b' "
+            "(Scale_Ref 2): one scale is referenced before 'b', so it may use 0 or 1.",
+            "R-PACK-12",
+            _compact_bytes(table=compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                         (b"b", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                         refs=(0, 2), scales=(1.0, 2.0, 3.0)),
+                           count=2, data=CMP_DATA * 2)),
+    Invalid("170-compact-pack-first-prefix", "The first member's Prefix_Length is 1: its "
+            "previous name is the empty name.", "R-PACK-4",
+            _compact_bytes(table=compact((b"a", 1, 0x01, (8,), 1, BITMASK, 0, 0)))),
+    Invalid("171-compact-pack-table-tail", "One byte after the scales.", "R-PACK-3",
+            _compact_bytes(table=CMP_ONE + b"\x00")),
+    Invalid("172-compact-pack-short-scale", "A table that ends inside its one scale.",
+            "R-EOF-1", _compact_bytes(table=CMP_ONE[:-1])),
+    Invalid("173-compact-pack-stage-3", "Table_Stage 3.", "R-BLK-1",
+            _compact_bytes(stage=3, decoded=len(CMP_ONE))),
+    Invalid("174-column-pack-stage-2", "Table_Stage 2 (the name dictionary) in a column "
+            "pack: it exists in compact packs only.", "R-BLK-1",
+            _column_bytes(table=names_frame(COL_ONE), stage=NAMES_ZSTD, decoded=len(COL_ONE),
+                          minor=3)),
+    Invalid("175-compact-pack-scale-negative", "The member's scale in the table is -1.0.",
+            "R-SCL-3",
+            _compact_bytes(table=compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                         scales=(-1.0,)))),
+    Invalid("176-compact-pack-member-order", "Members 'b' then 'a'.", "R-PACK-7",
+            _compact_bytes(table=compact((b"b", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                         (b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0), refs=(0, 0)),
+                           first=b"b", count=2, data=CMP_DATA * 2)),
+    Invalid("177-compact-pack-data-size", "Data_Size 16 for 2 bytes of members (8 with "
+            "padding): the scale is not in the data area.", "R-PACK-8",
+            _compact_bytes(data_size=16, data=CMP_DATA + bytes(14))),
+    Invalid("178-compact-pack-index-name", "The index names the pack 'b', its first member "
+            "is 'a'.", "R-IDX-2", _compact_bytes(first=b"b"), random="R-IDX-10"),
+    Invalid("179-compact-pack-next-record-before-last-member", "Members 'a' and 'az', then a "
+            "record 'ab': below the pack's last member.", "R-REC-7",
+            _compact_bytes(table=compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                         (b"az", 1, 0x01, (8,), 1, BITMASK, 0, 0), refs=(0, 0)),
+                           count=2, data=CMP_DATA * 2,
+                           after=[(b"ab", dense_u8_record(b"ab"))]), random="R-PACK-9"),
+    Invalid("180-compact-pack-table-frame-size", "The stage-2 table frame declares 1 byte "
+            "less than Table_Decoded_Size.", "R-ZST-3",
+            _compact_bytes(table=names_frame(CMP_ONE), stage=NAMES_ZSTD,
+                           decoded=len(CMP_ONE) + 1)),
 ]
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.2 decoder (and so 1.1 and 1.0), written from spec/FORMAT.md alone.
+"""An independent compeft 1.3 decoder (and so 1.2, 1.1 and 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -45,7 +45,8 @@ OPTIONAL = 0x80
 MAX_HEADER_LENGTH = 65536  # §5.3
 PACK = 0x03  # §5.8, from Version_Minor 1
 COLUMN_PACK = 0x04  # §5.9, from Version_Minor 2
-PACKS = (PACK, COLUMN_PACK)
+COMPACT_PACK = 0x05  # §5.10, from Version_Minor 3
+PACKS = (PACK, COLUMN_PACK, COMPACT_PACK)
 MAX_PACK_TABLE = 1_048_576  # §5.8
 METADATA_ZSTD = 0x01  # §5.1 Flags bit 0, from Version_Minor 2
 # §7.3: the metadata dictionary, the lines of the spec's block joined without line endings
@@ -64,6 +65,34 @@ METADATA_DICTIONARY = "".join((
     '"scale":"proj_vcap","scope":"global"},"compeft.producer":"compeft_format 0.1.0",',
     '"safetensors.metadata":{"format":"pt"},',
     '"task_vector":{"delta_all_but":[],"exclude":[],"peft_type":"LORA","reference":"checkpoint"}}',
+)).encode("ascii")
+# §7.4: the name dictionary (compact pack tables, Table_Stage 2), joined the same way
+NAME_DICTIONARY = "".join((
+    "lora_magnitude_vector.lora_embedding_A.lora_embedding_B.hada_w1_a.hada_w1_b.hada_w2_a.",
+    "hada_w2_b.lokr_w1.lokr_w2.oft_r.ia3_l.lora_E.weight.bias.",
+    "vision_model.encoder.layers.0.self_attn.out_proj.mlp.fc1.fc2.layer_norm1.",
+    "text_model.encoder.layers.0.self_attn.k_proj.",
+    "model.decoder.layers.0.encoder_attn.q_proj.self_attn_layer_norm.final_layer_norm.",
+    "model.encoder.layers.0.self_attn.v_proj.",
+    "gpt_neox.layers.0.attention.query_key_value.dense.mlp.dense_h_to_4h.dense_4h_to_h.",
+    "transformer.h.0.self_attention.query_key_value.dense.",
+    "transformer.h.0.attn.c_attn.c_proj.mlp.c_fc.c_proj.",
+    "encoder.block.0.layer.0.SelfAttention.q.k.v.o.",
+    "decoder.block.0.layer.1.EncDecAttention.q.v.layer.2.DenseReluDense.wi_0.wi_1.wo.",
+    "roberta.encoder.layer.0.attention.self.query.key.value.",
+    "bert.encoder.layer.0.attention.output.dense.intermediate.dense.output.dense.",
+    "model.layers.0.block_sparse_moe.experts.0.w1.w2.w3.gate.",
+    "model.layers.0.self_attn.qkv_proj.o_proj.mlp.gate_up_proj.down_proj.",
+    "base_model.model.lm_head.base_model.model.model.embed_tokens.",
+    "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight",
+    "base_model.model.encoder.layer.0.attention.self.value.lora_B.weight",
+    "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight",
+    "base_model.model.model.layers.0.mlp.up_proj.lora_B.weight",
+    "base_model.model.model.layers.0.mlp.down_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight",
+    "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight",
+    "base_model.model.model.layers.0.self_attn.o_proj.lora_B.weight",
 )).encode("ascii")
 JSON_INT_MAX = 2**53 - 1  # §5.2
 VARINT_MAX = 2**63 - 1  # §2.3
@@ -179,7 +208,8 @@ class Header:
     @property
     def kinds(self) -> tuple[int, ...]:
         """§5.3: the required kinds this file may hold."""
-        return (0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
+        return ((0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
+                + (COMPACT_PACK,) * (self.minor >= 3))
 
 
 def _depth(value: Any) -> int:
@@ -337,10 +367,12 @@ class Member:
     positions_type: int
     param: int
     positions_size: int
+    scale: bytes | None = None  #: §5.10: a compact pack member's scale, from its table
 
     @property
     def size(self) -> int:
-        return self.positions_size + (self.nnz + 7) // 8 + 4
+        """Its bytes in the data area (a compact pack keeps the scale in the table)."""
+        return self.positions_size + (self.nnz + 7) // 8 + (4 if self.scale is None else 0)
 
 
 def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHeader:
@@ -359,9 +391,14 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     body_end = header_end - 8
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
-    name = read_name(b, limits)
+    if kind == COMPACT_PACK:  # §5.10: no Name; the first member's name is the record's
+        members = read_pack_body(b, None, limits, columns=True)
+        name = members[0].name
+    else:
+        name = read_name(b, limits)
+        if kind in PACKS:
+            members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
     if kind in PACKS:
-        members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
         used = sum(m.size for m in members)
         if data_size != align(used, a):
             raise SpecError("R-PACK-8", f"Data_Size {data_size}")
@@ -418,27 +455,39 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
     return dtype, shape, nnz
 
 
-def read_pack_body(b: Cursor, name: str, limits: Limits, columns: bool = False,
+def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = False,
                    ) -> list[Member]:
-    """§8.1 step 8a (8b for a column pack): the rest of a pack's body and its member table."""
+    """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None):
+    the rest of a pack's body and its member table."""
     count = b.varint("Member_Count")
     if count < 1:
         raise SpecError("R-PACK-1", "no member")
     stage = b.u8("Table_Stage")
     stored_size = b.varint("Table_Stored_Size")
-    if stage not in (0, 1):
+    if stage not in ((0, 1) if name is not None else (0, 1, 2)):
         raise SpecError("R-BLK-1", f"Table_Stage {stage}")
-    decoded = b.varint("Table_Decoded_Size") if stage == 1 else stored_size
+    decoded = b.varint("Table_Decoded_Size") if stage else stored_size
     if decoded > MAX_PACK_TABLE:
         raise SpecError("R-PACK-2", f"Table_Decoded_Size {decoded}")
     table = b.take(stored_size, "Table")
     if b.left():
         raise SpecError("R-REC-5", f"{b.left()} bytes left in the body")
-    if stage == 1:
-        table = undo_zstd(table, decoded)
+    if stage:
+        table = undo_zstd(table, decoded, NAME_DICTIONARY if stage == 2 else None)
     t = Cursor(table)
     if columns:
         members = read_columns(t, count, name, limits)
+        if name is None:  # §5.10 columns 11 and 12: scale refs, then each scale once
+            refs, distinct = [], 0
+            for _ in range(count):
+                ref = t.varint("Scale_Ref")
+                if ref > distinct:
+                    raise SpecError("R-PACK-12", f"Scale_Ref {ref} after {distinct} scales")
+                distinct += ref == distinct
+                refs.append(ref)
+            scales = [t.take(4, "Scale") for _ in range(distinct)]
+            for m, ref in zip(members, refs, strict=True):
+                m.scale = scales[ref]
         if t.left():
             raise SpecError("R-PACK-3", f"{t.left()} bytes after the columns")
         return members
@@ -466,10 +515,11 @@ def read_pack_body(b: Cursor, name: str, limits: Limits, columns: bool = False,
     return members
 
 
-def member_name(raw: bytes, i: int, prev: bytes, name: str) -> str:
-    """A member's name checks (§5.8): UTF-8, no NUL, the first is the pack's, increasing."""
+def member_name(raw: bytes, i: int, prev: bytes, name: str | None) -> str:
+    """A member's name checks (§5.8): UTF-8, no NUL, the first is the pack's (not in a
+    compact pack, §5.10), increasing."""
     mname = decode_name(raw)
-    if i == 0 and raw != name.encode():
+    if i == 0 and name is not None and raw != name.encode():
         raise SpecError("R-PACK-5", f"{mname!r} is not {name!r}")
     if i > 0 and raw <= prev:
         raise SpecError("R-PACK-7", f"{mname!r} after {prev!r}")
@@ -503,11 +553,12 @@ def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
     return (w * n + long_codes + unary + n + 7) // 8
 
 
-def read_columns(t: Cursor, count: int, name: str, limits: Limits) -> list[Member]:
-    """§8.1 step 8b: the columns of a column pack's member table (§5.9)."""
+def read_columns(t: Cursor, count: int, name: str | None, limits: Limits) -> list[Member]:
+    """§8.1 step 8b: the columns of a column pack's member table (§5.9); ``name`` None: a
+    compact pack's (§5.10), whose first name is coded against the empty name."""
     prefixes = [t.varint("Prefix_Length") for _ in range(count)]
     suffixes = [t.varint("Suffix_Length") for _ in range(count)]
-    names, prev = [], name.encode()
+    names, prev = [], b"" if name is None else name.encode()
     for i in range(count):
         if prefixes[i] > len(prev):
             raise SpecError("R-PACK-4", f"Prefix_Length {prefixes[i]}")
@@ -575,8 +626,11 @@ def decode_pack(h: RecordHeader, data: bytes, budget: Budget) -> list[dict[str, 
         parts = [(m.positions_type, m.param, m.positions_size), (0x03, 0, ssize), (0x04, 0, 4)]
         values: dict[str, Any] = {}
         for btype, param, size in parts:
-            payload = data[at : at + size]
-            at += size
+            if btype == 0x04 and m.scale is not None:  # §5.10: the scale is in the table
+                payload = m.scale
+            else:
+                payload = data[at : at + size]
+                at += size
             if btype != 0x04 and ROLES[btype] == "positions":
                 budget.charge(8 * len(payload) + 9 * m.nnz)
             values[ROLES[btype]] = decode_block(btype, param, payload, mh, numel, m.nnz,

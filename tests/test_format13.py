@@ -1,0 +1,247 @@
+"""Format 1.3 (spec 5.10, 7.4): compact packs and the name dictionary.
+
+Each new rule has its invalid vector (tests/test_vectors.py runs them on every path, and the
+independent reader of spec/tools); here: the spec's text and the code agree (dictionary,
+example tables), the writer's 1.3 choices (each distinct scale stored once, no name in the
+body, the table through the name dictionary), that 1.3 files read back like the 1.0 file of
+the same content on every path, that they are smaller than 1.2 files of the project's
+adapters, and that every cut and bit flip of a small 1.3 file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import re
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from compeft_format import TernaryTensor, dumps, inspect, iter_stream, loads, open_file
+from compeft_format import _spec as S
+from compeft_format._io import BufferSource
+from compeft_format.codecs import NAMES_ZSTD
+from compeft_format.errors import CompeftError, CorruptDataError
+from compeft_format.layout import read_file_header, read_record_header
+from compeft_format.packtable import Member, compact_table, read_column_table, read_scale_columns
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = (ROOT / "spec" / "FORMAT.md").read_text(encoding="utf-8")
+sys.path.insert(0, str(ROOT / "spec" / "tools"))
+import reference_reader as rr  # noqa: E402
+
+
+def _ternary(shape: tuple[int, ...], density: float, seed: int, scale: float,
+             dtype: str = "F32") -> TernaryTensor:
+    rng = np.random.default_rng(seed)
+    numel = math.prod(shape)
+    idx = np.sort(rng.choice(numel, max(1, int(numel * density)), replace=False))
+    return TernaryTensor(shape, idx, rng.random(len(idx)) < 0.5, scale, dtype)
+
+
+def lora(layers: int = 4) -> dict[str, TernaryTensor]:
+    """A LoRA-like adapter compressed with one global scale per factor kind (A, B)."""
+    out = {}
+    for i in range(layers):
+        for m in ("q", "v"):
+            stem = f"base_model.model.model.layers.{i}.self_attn.{m}_proj"
+            out[f"{stem}.lora_A.weight"] = _ternary((8, 64), 0.05, 10 * i + 1, 0.25)
+            out[f"{stem}.lora_B.weight"] = _ternary((64, 8), 0.05, 10 * i + 2, 0.0125, "BF16")
+    return out
+
+
+def kinds(data: bytes) -> list[int]:
+    with open_file(data) as f:
+        offsets = sorted({f.info(n).offset for n in f})
+    return [data[o] for o in offsets]
+
+
+def the_pack(data: bytes):
+    """The first record of ``data``, parsed (a compact pack: its members and their scales)."""
+    src = BufferSource(memoryview(data))
+    header = read_file_header(src, S.DEFAULT_LIMITS, _NoBudget())
+    src.pos = header.end
+    kind = src.u8("record kind")
+    assert kind == S.KIND_COMPACT_PACK
+    return read_record_header(src, kind, S.DEFAULT_LIMITS, header.alignment)
+
+
+class _NoBudget:
+    def charge(self, *args: Any) -> None:
+        pass
+
+
+# ---------------------------------------------------------------------------------------------
+# the spec's text and the code
+# ---------------------------------------------------------------------------------------------
+def test_name_dictionary_is_the_spec_text() -> None:
+    block = re.search(r"### 7\.4 .*?```text\n(.*?)\n```", SPEC, re.S)
+    assert block is not None
+    from_spec = "".join(block.group(1).split("\n")).encode("ascii")
+    assert from_spec == S.NAME_DICTIONARY == rr.NAME_DICTIONARY
+    assert f"{len(from_spec)} bytes below" in SPEC
+    assert f"`{S.NAME_DICTIONARY_SHA256}`" in SPEC
+    assert hashlib.sha256(from_spec).hexdigest() == S.NAME_DICTIONARY_SHA256
+    assert not from_spec.startswith(b"\x37\xa4\x30\xec")  # raw content, not a zstd dictionary
+
+
+def test_compact_table_examples_of_the_spec() -> None:
+    """Spec 5.10's example tables, and its 5-byte data area, byte for byte."""
+    m = [Member(b"a.w", "F32", (8,), 1, S.BLOCK_BITMASK, 0, 1),
+         Member(b"b.w", "F32", (64,), 2, S.BLOCK_GOLOMB, 23, 2)]
+    one, half = struct.pack("<f", 1.0), struct.pack("<f", 0.5)
+    section = SPEC[SPEC.index("### 5.10 "):SPEC.index("## 6 Block types")]
+    shown = [t.replace("|", "").split() for t in re.findall(r"`([0-9a-f |]{20,})`", section)]
+    same = compact_table(m, [one, one]).hex(" ").split()
+    assert shown[0] == same
+    assert compact_table(m, [half, one]).hex(" ").split()[-10:] == shown[1]
+    t = BufferSource(memoryview(compact_table(m, [half, one])))
+    assert read_column_table(t, 2, None, S.DEFAULT_LIMITS) == m
+    assert read_scale_columns(t, ["a.w", "b.w"]) == [half, one]
+    assert t.at_end()
+    data = dumps({"a.w": TernaryTensor((8,), [0], [False], 0.5),
+                  "b.w": TernaryTensor((64,), [5, 40], [False, True], 1.0)},
+                 zstd_level=None, positions="auto")
+    rec = the_pack(data)
+    assert sum(mm.data_size for mm in rec.members) == 5
+    assert rec.data_size == 8
+
+
+def test_a_scale_ref_that_skips_ahead_is_refused() -> None:
+    m = [Member(b"a", "F32", (8,), 1, S.BLOCK_BITMASK, 0, 1)] * 2
+    table = BufferSource(memoryview(bytes([0, 2]) + struct.pack("<ff", 1.0, 2.0)))
+    with pytest.raises(CorruptDataError, match="scale ref 2 skips ahead: 1 scales"):
+        read_scale_columns(table, [x.name.decode() for x in m])
+
+
+# ---------------------------------------------------------------------------------------------
+# the writer's 1.3 choices
+# ---------------------------------------------------------------------------------------------
+def test_each_distinct_scale_is_stored_once_in_the_table() -> None:
+    tensors = lora()
+    data = dumps(tensors)
+    assert data[9] == 3
+    assert kinds(data) == [S.KIND_COMPACT_PACK]
+    rec = the_pack(data)
+    assert rec.name == min(tensors, key=str.encode)  # the first member's name, not stored
+    assert [m.name for m in rec.members] == sorted(tensors, key=str.encode)
+    for m in rec.members:  # positions and signs in the data area, the scale in the table
+        assert [b[0] for b in m.blocks] == [m.blocks[0][0], S.BLOCK_SIGNS]
+        assert m.table_scale[0] == struct.pack("<f", tensors[m.name].scale)
+    # the decoded table ends with the two distinct scales, once each, in order of first use
+    body = data[data.index(bytes([S.KIND_COMPACT_PACK]), 16):]
+    table = _decoded_table(body)
+    assert table.endswith(struct.pack("<ff", 0.25, 0.0125))
+    refs = table[-8 - len(tensors):-8]
+    assert list(refs) == [0, 1] * (len(tensors) // 2)
+
+
+def _decoded_table(record: bytes) -> bytes:
+    """The member table of the compact pack that starts ``record`` (spec 5.10)."""
+    src = BufferSource(memoryview(record))
+    src.u8("kind")
+    src.varint("header length")
+    src.varint("data size")
+    count = src.varint("count")
+    assert count >= 1
+    stage = src.u8("stage")
+    stored = src.varint("stored")
+    assert stage == S.STAGE_ZSTD_NAMES  # a LoRA's names: the dictionary pays
+    decoded = src.varint("decoded")
+    return NAMES_ZSTD.decode(src.read(stored, "table"), decoded, None)
+
+
+def test_1_2_and_1_3_hold_the_same_tensors_and_1_3_is_smaller() -> None:
+    tensors = lora(8)
+    v12, v13 = dumps(tensors, version="1.2"), dumps(tensors, version="1.3")
+    assert loads(v12) == loads(v13) == tensors
+    # 32 members: 30 scales and one name saved, the table compressed with the dictionary
+    assert len(v13) <= len(v12) - 4 * (len(tensors) - 2)
+
+
+@pytest.mark.parametrize("adapter", ["lora-minilm-vader", "ia3-minilm-vader"])
+def test_the_projects_adapters_are_smaller_in_1_3(adapter: str, tmp_path: Path) -> None:
+    """The files compress_file writes (format 1.3) against the same tensors in 1.2."""
+    from compeft_format.convert import compress_file
+
+    out = tmp_path / "out"
+    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01)
+    data = (out / "adapter_model.compeft").read_bytes()
+    with open_file(data) as f:
+        tensors, meta = {n: f.get(n) for n in f}, f.metadata()
+    v12 = dumps(tensors, metadata=meta, version="1.2")
+    assert data == dumps(tensors, metadata=meta)  # what the command writes is the default
+    assert inspect(data).version == (1, 3)
+    # measured at density 0.01: (IA)^3 705 -> 625 B, LoRA 3,993 -> 3,593 B
+    assert len(data) < 0.95 * len(v12)
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+# ---------------------------------------------------------------------------------------------
+def read_all(data: bytes) -> dict[str, Any]:
+    with open_file(data) as f:
+        return {n: f.get(n) for n in f}
+
+
+READERS = {"loads": loads, "iter_stream": lambda d: dict(iter_stream(io.BytesIO(d))),
+           "open_file": read_all}
+
+
+@pytest.mark.parametrize("alignment", [1, 8])
+@pytest.mark.parametrize("positions", ["auto", "golomb", "bitmask"])
+def test_1_3_files_read_back_like_1_0_files(positions: str, alignment: int) -> None:
+    tensors: dict[str, Any] = {**lora(2), "m.dense": np.arange(6, dtype=np.float32),
+                               "m.zero": TernaryTensor.zeros((3, 3)),
+                               "z.big": _ternary((2**19 + 1,), 0.0001, 7, 0.5)}
+    new = dumps(tensors, positions=positions, alignment=alignment)
+    old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
+    assert S.KIND_COMPACT_PACK in kinds(new)
+    assert new[9] == 3
+    want = loads(old)
+    for name, read in READERS.items():
+        got = read(new)
+        assert list(got) == list(want), name
+        for k, v in want.items():
+            assert v == got[k] if isinstance(v, TernaryTensor) else np.array_equal(v, got[k])
+    with open_file(new) as f:  # dense and torch presentation of a member
+        k = next(iter(lora(2)))
+        assert np.array_equal(f.get(k, dense=True), want[k].to_numpy())
+    assert rr.read_stream(new) == rr.read_random(new)
+    assert [t["name"] for t in rr.read_stream(new)["tensors"]] == list(want)
+    assert dumps(loads(new), positions=positions, alignment=alignment) == new
+
+
+def test_a_1_2_reader_refuses_a_compact_pack() -> None:
+    """The kind is unknown below minor 3 (spec 10.1): a 1.3 file with its minor byte set to 2."""
+    data = bytearray(dumps(lora(1)))
+    data[9] = 2
+    import zlib
+    meta_size = struct.unpack("<I", data[12:16])[0]
+    data[16 + meta_size:20 + meta_size] = struct.pack("<I", zlib.crc32(data[:16 + meta_size]))
+    for read in READERS.values():
+        with pytest.raises(CompeftError, match="unknown required record kind 0x05"):
+            read(bytes(data))
+
+
+def test_cuts_and_bit_flips_of_a_1_3_file_are_refused() -> None:
+    """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
+    data = dumps({"a": _ternary((64,), 0.2, 1, 0.5), "ab": _ternary((40,), 0.3, 2, 0.5, "BF16"),
+                  "b": _ternary((16,), 0.25, 3, 0.75)})
+    assert kinds(data) == [S.KIND_COMPACT_PACK]
+    for n in range(len(data)):
+        for read in READERS.values():
+            with pytest.raises(CompeftError):
+                read(data[:n])
+    for at in range(len(data)):
+        for bit in range(8):
+            bad = bytearray(data)
+            bad[at] ^= 1 << bit
+            for read in READERS.values():
+                with pytest.raises(CompeftError):
+                    read(bytes(bad))
