@@ -200,21 +200,24 @@ def table_md(rows: list[dict[str, Any]]) -> str:
 def breakdown_md(rows: list[dict[str, Any]]) -> str:
     """Markdown table of the rows' :func:`breakdown` against their content measure.
 
-    ``overhead`` is file minus content; ``allowed`` is what the target leaves (0.05 x content);
-    ``data above bound`` is the data blocks minus the iid bound and the scales (the coding's
-    own excess); ``framing - names`` is the record framing minus the content measure's
-    compressed names (names are content; what the framing spends beyond them is overhead).
+    ``overhead`` is file minus content; ``allowed`` is what the target leaves (0.05 x content).
+    The last four columns add up to ``overhead``: ``header and metadata``; ``framing - names
+    - scales``, the record framing minus what of the content measure it holds (the compressed
+    names, and the 4-byte scales a compact pack keeps in its member table: negative where it
+    stores them in fewer bytes); ``data above bound``, the data areas minus the iid bound,
+    the scales stored there and dense values (the coding's own excess); ``index and trailer``.
     """
-    header = ["adapter", "density", "overhead", "allowed", *PARTS[:1], "framing - names",
-              "data above bound", PARTS[3]]
+    header = ["adapter", "density", "overhead", "allowed", *PARTS[:1],
+              "framing - names - scales", "data above bound", PARTS[3]]
     body = []
     for r in rows:
         p = r["parts"]
         above = p["data"] - r["bound_bytes"] - r["data_scale_bytes"] - r["dense_bytes"]
+        framing = (p["record framing"] - r["names_zstd"]
+                   - (r["scale_bytes"] - r["data_scale_bytes"]))
         body.append([r["adapter"], f"{r['density']:g}", f"{r['file'] - r['content']:,}",
                      f"{(TARGET - 1) * r['content']:,.0f}", f"{p[PARTS[0]]:,}",
-                     f"{p['record framing'] - r['names_zstd']:,}", f"{above:,}",
-                     f"{p[PARTS[3]]:,}"])
+                     f"{framing:,}", f"{above:,}", f"{p[PARTS[3]]:,}"])
     return md_table(header, body, "lrrrrrrr")
 
 

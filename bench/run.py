@@ -77,8 +77,10 @@ def run_memory(args: list[str], timeout: float) -> str:
 
 
 def readme_block(size_rows: list[dict[str, Any]], adapter_rows: list[dict[str, Any]],
-                 stamp: str, out: Path | None) -> str:
-    """The README's size tables, compact, from this run's numbers."""
+                 stamp: str, out: Path | None, command: str = "python -m bench") -> str:
+    """The README's size tables, compact, from this run's numbers (``command``: the run's)."""
+    from compeft_format import FORMAT_VERSION
+
     n = size_rows[0]["numel"]
     # the strongest zstd level measured: the fairest general-purpose comparison
     best_bf16 = max((k for k in size_rows[0] if k.startswith("BF16+zstd")),
@@ -86,7 +88,7 @@ def readme_block(size_rows: list[dict[str, Any]], adapter_rows: list[dict[str, A
     body = [[f"{r['density']:g}", f"{r['auto']:.4f}", f"{r['H(p)+p']:.4f}",
              f"{r['auto / (H(p)+p)']:.3f}", f"{r['STC Golomb']:.4f}", f"{r[best_bf16]:.3f}",
              f"{32 / r['auto']:,.0f}x", f"{16 / r['auto']:,.0f}x"] for r in size_rows]
-    lines = [f"Measured by `python -m bench` ({stamp}"
+    lines = [f"Measured by `{command}` ({stamp}, format {FORMAT_VERSION}"
              + (f"; full output in `{out.relative_to(ROOT)}`" if out and out.is_relative_to(ROOT)
                 else "") + "). Whole files, all overhead included, in bits per parameter.", "",
              f"Random sparse ternary tensors of {n:,} elements:", "",
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
     rep.add(f"(Benchmark ran in {time.perf_counter() - t_start:,.0f} s.)")
     if do_readme and size_rows:
-        print(update_readme(readme_block(size_rows, adapter_rows, stamp, out),
+        command = " ".join(["python -m bench", *(f"--skip {s}" for s in args.skip)])
+        print(update_readme(readme_block(size_rows, adapter_rows, stamp, out, command),
                             ROOT / "README.md"))
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
