@@ -592,12 +592,14 @@ def pack_file(table: bytes = ONE, data: bytes = ONE_DATA, *, name: bytes = b"a",
               count: int = 1, stage: int = 0, decoded: int | None = None, minor: int = 1,
               log2: int = 3, data_size: int | None = None, data_crc: int | None = None,
               after: list[tuple[bytes, bytes]] = (), kind: int = 0x03, flags: int = 0,
-              metadata: bytes = b"") -> bytes:
+              metadata: bytes = b"", named: bool = True) -> bytes:
     """A 1.x file holding one pack, then the records ``after`` as ``(name, record bytes)``.
 
     The data area is ``data`` padded with zeros to the alignment; ``data_size`` and
     ``data_crc`` override the true values. ``kind`` 0x04 makes a column pack (give a
     column ``table``); ``flags`` and ``metadata`` (the stored bytes) go into the header.
+    ``named`` False leaves the ``Name`` out of the body (a compact pack, spec 5.10): ``name``
+    is then only the index entry's.
     """
     a = 1 << log2
     header = (b"\x89CPFT\r\n\x1a" + bytes([1, minor, log2, flags])
@@ -605,8 +607,8 @@ def pack_file(table: bytes = ONE, data: bytes = ONE_DATA, *, name: bytes = b"a",
     out = header + struct.pack("<I", crc32(header))
     out += bytes(-len(out) % a)
     padded = data + bytes(-len(data) % a)
-    body = (varint(len(name)) + name + varint(count) + bytes([stage]) + varint(len(table))
-            + (varint(decoded) if decoded is not None else b"") + table)
+    body = ((varint(len(name)) + name if named else b"") + varint(count) + bytes([stage])
+            + varint(len(table)) + (varint(decoded) if decoded is not None else b"") + table)
     size = len(padded) if data_size is None else data_size
     head = (bytes([kind]) + varint(len(body) + 8) + varint(size) + body
             + struct.pack("<I", crc32(padded) if data_crc is None else data_crc))
@@ -691,30 +693,11 @@ CMP_DATA = ONE_DATA[:2]  # its bitmask and signs: the scale is in the table
 
 
 def compact_file(table: bytes = CMP_ONE, data: bytes = CMP_DATA, *, first: bytes = b"a",
-                 count: int = 1, stage: int = 0, decoded: int | None = None, minor: int = 3,
-                 log2: int = 3, data_size: int | None = None,
-                 after: list[tuple[bytes, bytes]] = ()) -> bytes:
-    """A 1.3 file holding one compact pack whose first member is ``first`` (its index name),
-    then the records ``after`` (see :func:`pack_file`)."""
-    a = 1 << log2
-    header = b"\x89CPFT\r\n\x1a" + bytes([1, minor, log2, 0]) + struct.pack("<I", 0)
-    out = header + struct.pack("<I", crc32(header))
-    out += bytes(-len(out) % a)
-    padded = data + bytes(-len(data) % a)
-    body = (varint(count) + bytes([stage]) + varint(len(table))
-            + (varint(decoded) if decoded is not None else b"") + table)
-    size = len(padded) if data_size is None else data_size
-    head = (bytes([COMPACT_PACK]) + varint(len(body) + 8) + varint(size) + body
-            + struct.pack("<I", crc32(padded)))
-    entries = [(first, len(out))]
-    out += head + struct.pack("<I", crc32(head))
-    out += bytes(-len(out) % a) + padded
-    for rname, record in after:
-        entries.append((rname, len(out)))
-        out += record
-    index = b"\x00" + varint(len(entries)) + b"".join(
-        varint(len(n)) + n + varint(o) for n, o in entries)
-    return out + index + struct.pack("<QI", len(out), crc32(index)) + b"CPFE"
+                 **kw: Any) -> bytes:
+    """A 1.3 file holding one compact pack whose first member is ``first`` (its index name;
+    see :func:`pack_file`)."""
+    return pack_file(table, data, **{"name": first, "named": False, "kind": COMPACT_PACK,
+                                     "minor": 3, **kw})
 
 
 def _compact_bytes(**kw: Any) -> Callable[[], bytes]:
