@@ -259,6 +259,8 @@ class Writer:
     def _add_member(self, member: PackMember) -> int:
         """Put a member into the pending pack, writing the pack first if it is full."""
         entry = len(pack_table([member], b""))  # an upper bound: front coding only shortens it
+        if self._compact:  # spec 5.10: at most a 3-byte Scale_Ref and a 4-byte scale more
+            entry += 7
         if self._pack and (self._pack_data + member.size > S.PACK_DATA_TARGET
                            or self._pack_table + entry > S.PACK_TABLE_TARGET):
             self._flush_pack()
