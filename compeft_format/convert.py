@@ -115,6 +115,7 @@ from .sources import (
 from .summary import CompressSummary, DecompressSummary
 from .taskvec import add_rounded, cast_storage
 from .tensor import TernaryTensor
+from .writer import parse_version
 
 __all__ = [
     "ADAPTER_COMPEFT",
@@ -186,6 +187,7 @@ def compress_file(
     extra_metadata: Mapping[str, Any] | None = None,
     hifi: float | None = None,
     calibrate: bool | str | os.PathLike = False,
+    format_version: str | tuple[int, int] | None = None,
 ) -> CompressSummary:
     """Compress a safetensors file or a PEFT adapter directory to compeft.
 
@@ -253,6 +255,9 @@ def compress_file(
         the adapter's ``base_model_name_or_path``). Measured on 610 adapter-density rows: within
         0.005 of the best single scale on 606, against 416 without
         (``bench/results/lora_calibrate.md``).
+    format_version:
+        The format version to write, ``"1.0"`` to ``"1.3"``, for readers of an older
+        version (spec 10.1); None (the default): the newest, whose files are the smallest.
 
     Returns
     -------
@@ -286,6 +291,8 @@ def compress_file(
     if hifi is not None:
         comp_meta = hifi_compression(hifi, comp_meta, scale)
     positions = "golomb" if positions == "rice" else positions
+    version = parse_version(format_version if format_version is not None
+                            else (S.VERSION_MAJOR, S.VERSION_MINOR))
     calibration_text = calibration_text_of(calibrate)
     if hifi is not None and calibration_text is not None:
         raise EncodeError("calibrate chooses the scale of a ternary compression; a hi-fi file "
@@ -375,7 +382,8 @@ def compress_file(
                                                            for n in names})
 
         def write(f: BinaryIO) -> None:
-            with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level) as w:
+            with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level,
+                        version=version) as w:
                 for name in names:
                     info = reader.info(name)
                     counts["numel"] += info.numel

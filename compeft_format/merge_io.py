@@ -73,6 +73,7 @@ from .sources import (
 )
 from .taskvec import add_rounded, cast_storage
 from .tensor import TernaryTensor
+from .writer import parse_version
 
 __all__ = [
     "ADAPTER_KEYS",
@@ -613,6 +614,7 @@ def merge_files(
     scale: str | None = None,
     force: bool = False,
     progress: bool = False,
+    format_version: str | tuple[int, int] | None = None,
 ) -> MergeSummary:
     """Merge compressed experts straight from their files, one tensor at a time.
 
@@ -649,6 +651,9 @@ def merge_files(
         Replace an existing output (never an input).
     progress:
         Progress bars on stderr.
+    format_version:
+        Of a compeft output: the format version to write, ``"1.0"`` to ``"1.3"``, for
+        readers of an older version (spec 10.1); None (the default): the newest.
 
     Returns
     -------
@@ -698,8 +703,10 @@ def merge_files(
     if base is not None and form == "compeft":
         raise MergeError(f"{dst}: a compeft output keeps the inputs' base binding and takes "
                          "no --base (base=); give it when decompressing")
-    given = [k for k, v in (("density", density), ("scope", scope), ("scale", scale))
-             if v is not None]
+    given = [k for k, v in (("density", density), ("scope", scope), ("scale", scale),
+                            ("format_version", format_version)) if v is not None]
+    version = parse_version(format_version if format_version is not None
+                            else (S.VERSION_MAJOR, S.VERSION_MINOR))
     if given and form != "compeft":  # they choose how the merge is compressed again
         raise MergeError(f"{dst}: {', '.join(given)} apply to a .compeft output; this one "
                          "is dense")
@@ -801,7 +808,8 @@ def merge_files(
             ternary_set = set(ternary)
 
             def write(f: BinaryIO) -> None:
-                with Bar(progress, len(order), "merge") as bar, Writer(f, metadata=metadata) as w:
+                with Bar(progress, len(order), "merge") as bar, Writer(
+                        f, metadata=metadata, version=version) as w:
                     for name in order:
                         info = infos[name]
                         counts["numel"] += info.numel

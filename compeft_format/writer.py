@@ -38,7 +38,7 @@ from .metadata import encode_metadata, stage_metadata
 from .packtable import Member, column_table, compact_table
 from .tensor import TernaryTensor
 
-__all__ = ["Writer", "dumps", "save_file"]
+__all__ = ["Writer", "dumps", "parse_version", "save_file"]
 
 _SIGNS, _SCALE, _DENSE = SignsCodec(), ScaleCodec(), DenseCodec()
 
@@ -90,7 +90,7 @@ class Writer:
         log2 = alignment.bit_length() - 1 if isinstance(alignment, int) and alignment > 0 else -1
         if not (S.MIN_ALIGNMENT_LOG2 <= log2 <= S.MAX_ALIGNMENT_LOG2 and alignment == 1 << log2):
             raise EncodeError(f"alignment must be a power of two in [1, 4096], got {alignment!r}")
-        version = _parse_version(version)
+        version = parse_version(version)
         self._f = fileobj
         self._positions = positions
         self._level = zstd_level
@@ -369,14 +369,20 @@ def dumps(tensors: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = No
     return buf.getvalue()
 
 
-def _parse_version(version: tuple[int, int] | str) -> tuple[int, int]:
+def parse_version(version: tuple[int, int] | str) -> tuple[int, int]:
+    """A format version an encoder can write, as ``(major, minor)`` (spec 10.1).
+
+    >>> parse_version("1.2"), parse_version((1, 3))
+    ((1, 2), (1, 3))
+    """
+    given = version
     if isinstance(version, str):
         major, _, minor = version.partition(".")
         version = (int(major), int(minor)) if major.isdigit() and minor.isdigit() else (-1, -1)
     version = tuple(version)
     if version not in S.VERSIONS:
         raise EncodeError(f"version must be one of {[f'{a}.{b}' for a, b in S.VERSIONS]}, "
-                          f"got {version!r}")
+                          f"got {given!r}")
     return version
 
 

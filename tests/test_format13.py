@@ -21,14 +21,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_helpers import one_line_error, run
 
 from compeft_format import TernaryTensor, dumps, inspect, iter_stream, loads, open_file
 from compeft_format import _spec as S
 from compeft_format._io import BufferSource
 from compeft_format.codecs import NAMES_ZSTD
-from compeft_format.errors import CompeftError, CorruptDataError
+from compeft_format.convert import compress_file
+from compeft_format.errors import CompeftError, CorruptDataError, EncodeError, MergeError
 from compeft_format.layout import read_file_header, read_record_header
+from compeft_format.merge_io import merge_files
 from compeft_format.packtable import Member, compact_table, read_column_table, read_scale_columns
+from compeft_format.safetensors_io import save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = (ROOT / "spec" / "FORMAT.md").read_text(encoding="utf-8")
@@ -167,8 +171,6 @@ def test_1_2_and_1_3_hold_the_same_tensors_and_1_3_is_smaller() -> None:
 @pytest.mark.parametrize("adapter", ["lora-minilm-vader", "ia3-minilm-vader"])
 def test_the_projects_adapters_are_smaller_in_1_3(adapter: str, tmp_path: Path) -> None:
     """The files compress_file writes (format 1.3) against the same tensors in 1.2."""
-    from compeft_format.convert import compress_file
-
     out = tmp_path / "out"
     compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01)
     data = (out / "adapter_model.compeft").read_bytes()
@@ -245,3 +247,41 @@ def test_cuts_and_bit_flips_of_a_1_3_file_are_refused() -> None:
             for read in READERS.values():
                 with pytest.raises(CompeftError):
                     read(bytes(bad))
+
+
+# ---------------------------------------------------------------------------------------------
+# writing an older version, for older readers
+# ---------------------------------------------------------------------------------------------
+def test_compress_and_merge_write_the_format_version_asked(tmp_path: Path, capsys) -> None:
+    src = tmp_path / "tv.safetensors"
+    save_safetensors({k: t.to_numpy().astype(np.float32) for k, t in lora(2).items()}, src)
+    outs = {}
+    for version in ("1.0", "1.1", "1.2", "1.3"):
+        out = tmp_path / f"v{version}.compeft"
+        code, _, err = run(capsys, "compress", src, "-o", out, "--density", "0.05",
+                           "--format-version", version, "-q")
+        assert code == 0, err
+        outs[version] = out.read_bytes()
+        assert inspect(outs[version]).version == (1, int(version[2]))
+    # the same tensors whatever the version, and the newest file is the smallest
+    assert all(loads(d) == loads(outs["1.3"]) for d in outs.values())
+    assert len(outs["1.3"]) < len(outs["1.2"]) < len(outs["1.1"]) < len(outs["1.0"])
+    code, _, err = run(capsys, "compress", src, "-o", tmp_path / "x.compeft",
+                       "--format-version", "1.4")
+    assert code == 2
+    assert "invalid choice: '1.4'" in err
+    with pytest.raises(EncodeError, match=r"version must be one of .* got '2\.0'"):
+        compress_file(src, tmp_path / "y.compeft", format_version="2.0")
+    assert not (tmp_path / "y.compeft").exists()
+    # merge: a compeft output in the version asked; a dense output takes no version
+    ins = [tmp_path / "v1.3.compeft", tmp_path / "v1.2.compeft"]
+    code, _, err = run(capsys, "merge", *ins, "-o", tmp_path / "m.compeft",
+                       "--format-version", "1.1", "-q")
+    assert code == 0, err
+    assert inspect((tmp_path / "m.compeft").read_bytes()).version == (1, 1)
+    code, _, err = run(capsys, "merge", *ins, "-o", tmp_path / "m.safetensors",
+                       "--format-version", "1.1")
+    assert code == 1
+    one_line_error(err, "format_version apply to a .compeft output")
+    with pytest.raises(MergeError, match=r"format_version apply to a \.compeft output"):
+        merge_files(ins, tmp_path / "m2.safetensors", format_version="1.2")

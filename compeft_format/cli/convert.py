@@ -28,6 +28,7 @@ from .options import (
     UsageError,
     add_command,
     add_force,
+    add_format_version,
     add_json,
     add_quiet,
     add_verbose,
@@ -125,6 +126,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "back within half a step. Takes no ternary option (--density, --alpha, "
                    "--scope, --scale, --positions)")
     add_zstd(c, f"zstd level tried on every block (default {S.DEFAULT_ZSTD_LEVEL})")
+    add_format_version(c, "the file")
     add_verbose(c, "also print the quality of every tensor")
     add_json(c, "print the summary as one JSON document (an array for several INPUTs)")
 
@@ -220,7 +222,8 @@ def _run(args: argparse.Namespace, command: str) -> int:
             **_ternary_options(args), "exclude": args.exclude, "base": args.base,
             "base_model": args.base_model,
             # "auto": the format's default level, or the hi-fi codes' own
-            "zstd_level": "auto" if args.zstd is None and not args.no_zstd else zstd_choice(args)}
+            "zstd_level": "auto" if args.zstd is None and not args.no_zstd else zstd_choice(args),
+            "format_version": args.format_version}
         if args.hifi is not None:
             options["hifi"] = args.hifi
         if args.calibrate or args.calibration_text is not None:

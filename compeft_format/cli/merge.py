@@ -13,6 +13,7 @@ from .options import (
     UsageError,
     add_command,
     add_force,
+    add_format_version,
     add_json,
     add_quiet,
     add_verbose,
@@ -95,6 +96,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    help="a data-free rule for TIES of compressed inputs (see below)"
                    + (f" ({', '.join(sorted(RESCALE_RULES))})" if RESCALE_RULES else
                       " (none is registered)"))
+    add_format_version(m, "a .compeft OUTPUT")
     add_force(m, "replace an existing OUTPUT (never an INPUT)")
     add_quiet(m)
     add_verbose(m, "also list the inputs merged")
@@ -113,6 +115,7 @@ def run_merge(args: argparse.Namespace) -> int:
     summary = merge_files(args.inputs, args.output, method=args.method, weights=args.weights,
                           sign=args.sign, density=args.density, base=args.base,
                           rescale=args.rescale, force=args.force,
+                          format_version=args.format_version,
                           progress=show_progress(args))
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2))

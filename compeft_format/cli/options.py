@@ -165,6 +165,18 @@ def add_zstd(q: argparse.ArgumentParser, help_level: str) -> None:
     z.add_argument("--no-zstd", action="store_true", help="no zstd stage")
 
 
+#: the format versions a writer can be asked for, oldest first ("1.0" ... "1.3")
+FORMAT_VERSIONS = tuple(f"{a}.{b}" for a, b in S.VERSIONS)
+
+
+def add_format_version(q: argparse.ArgumentParser, what: str) -> None:
+    """``--format-version V``: the format version of the compeft file written."""
+    q.add_argument("--format-version", choices=FORMAT_VERSIONS, default=None, metavar="V",
+                   help=f"write {what} in format V ({', '.join(FORMAT_VERSIONS)}), for "
+                   f"readers of an older version (default {FORMAT_VERSIONS[-1]}, the "
+                   "newest: its files are the smallest)")
+
+
 def zstd_choice(args: argparse.Namespace) -> int | None:
     """The zstd level that ``--zstd``/``--no-zstd`` ask for (None: no zstd stage)."""
     return None if args.no_zstd else S.DEFAULT_ZSTD_LEVEL if args.zstd is None else args.zstd
