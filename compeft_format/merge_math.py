@@ -157,7 +157,11 @@ def pattern_table(mags: np.ndarray, weights: np.ndarray, method: str, sign: str,
     """The merged value of every sign pattern of ternary inputs with magnitudes ``mags``.
 
     Pattern ``p`` is indexed as :func:`pattern_digits` numbers it; ``zeros`` as in
-    :func:`combine` (see the module's example).
+    :func:`combine`.
+
+    >>> mags = np.array([0.5, 0.25], np.float32)   # patterns 0..4: none, +a, -a, +b, +a +b
+    >>> pattern_table(mags, np.ones(2, np.float32), "sum", "total").tolist()[:5]
+    [0.0, 0.5, -0.5, 0.25, 0.75]
     """
     d = pattern_digits(mags.size)
     zero = mags.dtype.type(0)

@@ -265,6 +265,14 @@ def expected_rescales(stats: Mapping[str, MergeStats], fit: str = "least_squares
     ``fit="common"``, the conditional mean times one factor per scope (the sum of the
     inputs' projections kept, each input's relative strength left as the model has it);
     ``by_tensor``, the projections kept per tensor instead of per compression scope.
+
+    >>> from compeft_format import TernaryTensor
+    >>> from compeft_format.merge import TensorMerge
+    >>> a = TernaryTensor((6,), [0, 1], [False, False], 1.0)
+    >>> b = TernaryTensor((6,), [1, 2], [True, False], 1.0)
+    >>> answers = expected_rescales({"w": TensorMerge("w", (6,), "F32", [a, b]).stats()})
+    >>> len(answers["w"].table), answers["w"].table[0]   # 3**2 patterns; none kept: 0
+    (9, 0.0)
     """
     if fit not in ("least_squares", "scaled", "common"):
         raise MergeError(f"fit must be 'least_squares', 'scaled' or 'common', got {fit!r}")

@@ -163,7 +163,12 @@ def read_scale_columns(t: BufferSource, names: Sequence[str]) -> list[bytes]:
     """Columns 11 and 12 of a compact pack's table (spec 5.10): each member's scale bytes.
 
     A member's ``Scale_Ref`` is at most the number of scales referenced before it
-    (R-CPACK-1): the scales are stored once each, in order of first use.
+    (R-PACK-12): the scales are stored once each, in order of first use.
+
+    >>> import struct
+    >>> t = BufferSource(memoryview(bytes([0, 1, 0]) + struct.pack("<ff", 0.5, 2.0)))
+    >>> [struct.unpack("<f", s)[0] for s in read_scale_columns(t, ["a", "b", "c"])]
+    [0.5, 2.0, 0.5]
     """
     refs, distinct = [], 0
     for name in names:
