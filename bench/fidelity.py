@@ -4,7 +4,7 @@ Every structure starts from the same ComPEFT selection (global top-k by magnitud
 it, rebuilds the task vector, and is scored by the rebuilt model (``bench/scale_rules.py``'s
 score: mean cosine of the sentence embeddings with the true fine-tune's). Its size is the
 size of a real file: every record goes through the package's ``Writer`` into a counting sink
-(:func:`compeft_format.tuning.count_file_bytes`, all overhead included). Structures the format
+(:func:`compeft_format.sweep.count_file_bytes`, all overhead included). Structures the format
 cannot yet *decode as one tensor* are written as the records it would need today:
 
 * ``single``: one ternary record per tensor, the default scale (``proj_vcap``); the baseline.
@@ -53,8 +53,8 @@ import numpy as np
 
 from compeft_format.compress import compress
 from compeft_format.hifi import hifi_codes, load_hifi, lora_weights, probe_weights, save_hifi
+from compeft_format.sweep import count_file_bytes
 from compeft_format.tensor import TernaryTensor
-from compeft_format.tuning import count_file_bytes
 
 
 @dataclass

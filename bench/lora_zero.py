@@ -269,7 +269,7 @@ def main() -> None:
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from bench.experts import Experts
-    from compeft_format.tuning import count_file_bytes
+    from compeft_format.sweep import count_file_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reps", default="init,zero,zero_gram,zero_roles")

@@ -20,7 +20,8 @@ from ..compress import (
 )
 from ..errors import CompeftError, ConvertError
 from ..outputs import same_path
-from ..tuning import DEFAULT_ALPHAS, DEFAULT_DENSITIES
+from ..sweep import DEFAULT_DENSITIES
+from ..tuning import DEFAULT_ALPHAS
 from .convert import compress_text
 from .options import (
     POSITIONS,
@@ -146,7 +147,7 @@ def check_plot(path: Path, force: bool) -> None:
 
 def run_sweep(args: argparse.Namespace) -> int:
     """``compeft sweep``: the table is printed even when the plot then fails."""
-    from ..tuning import sweep_file
+    from ..sweep import sweep_file
 
     if args.input == "-":
         raise UsageError("sweep reads a file or a folder; stdin (-) is not an input here")
