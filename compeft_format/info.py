@@ -21,7 +21,8 @@ class BlockInfo:
     codec: str  #: "bitmask", "golomb", "signs", "scale", "dense" (or "0x.." when unknown)
     block_type: int
     #: "none" or "zstd"; "table" for a compact pack member's scale (spec 5.10), which is kept
-    #: in the pack's member table: its offset is then the table's
+    #: in the pack's member table: its offset is then where the stored table starts (the
+    #: table may be compressed, so the scale's 4 bytes need not lie there)
     stage: str
     param: int
     stored_size: int

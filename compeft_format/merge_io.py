@@ -708,8 +708,9 @@ def merge_files(
     version = parse_version(format_version if format_version is not None
                             else (S.VERSION_MAJOR, S.VERSION_MINOR))
     if given and form != "compeft":  # they choose how the merge is compressed again
-        raise MergeError(f"{dst}: {', '.join(given)} apply to a .compeft output; this one "
-                         "is dense")
+        named = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in given)
+        raise MergeError(f"{dst}: {named} {'applies' if len(given) == 1 else 'apply'} to a "
+                         ".compeft output; this one is dense")
     base_path = base_weights(base) if base is not None else None
     paths = [p for s in sources for p in (s.path, s.weights)]
     out = Output(dst, is_dir=form == "adapter", force=force,

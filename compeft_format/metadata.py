@@ -21,7 +21,7 @@ __all__ = ["METADATA_ZSTD", "decode_metadata", "encode_metadata", "stage_metadat
            "unstage_metadata"]
 
 #: zstd with the metadata dictionary of spec 7.3
-METADATA_ZSTD = ZstdStage(S.METADATA_DICTIONARY)
+METADATA_ZSTD = ZstdStage(S.METADATA_DICTIONARY, "metadata frame")
 _ZSTD_MIN = 64  # as the blocks' zstd rule (Appendix D 5): below it a frame rarely wins
 
 

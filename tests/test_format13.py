@@ -282,6 +282,7 @@ def test_compress_and_merge_write_the_format_version_asked(tmp_path: Path, capsy
     code, _, err = run(capsys, "merge", *ins, "-o", tmp_path / "m.safetensors",
                        "--format-version", "1.1")
     assert code == 1
-    one_line_error(err, "format_version apply to a .compeft output")
-    with pytest.raises(MergeError, match=r"format_version apply to a \.compeft output"):
+    one_line_error(err, "format_version (--format-version) applies to a .compeft output")
+    with pytest.raises(MergeError, match=r"format_version \(--format-version\) applies to a "
+                       r"\.compeft output"):
         merge_files(ins, tmp_path / "m2.safetensors", format_version="1.2")

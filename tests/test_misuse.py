@@ -296,7 +296,7 @@ def test_info_json_has_an_entry_for_every_file(tmp_path, capsys):
 def test_merge_refuses_compression_options_for_a_dense_output(tmp_path):
     for i in range(2):
         cf.save_file({"w": T((8,), [1, 3], [True, False], 0.5)}, tmp_path / f"{i}.compeft")
-    with pytest.raises(MergeError, match=r"density apply to a \.compeft output"):
+    with pytest.raises(MergeError, match=r"density \(--density\) applies to a \.compeft output"):
         cf.merge_files([tmp_path / "0.compeft", tmp_path / "1.compeft"],
                        tmp_path / "o.safetensors", density=0.5)
 

@@ -62,9 +62,9 @@ class ZstdStage:
     """Compress a payload into one zstd frame that declares its content size.
 
     Safe to use from several threads at once (each thread gets its own zstd contexts).
-    With ``dictionary`` (raw content, as the metadata dictionary of spec 7.3), frames are
-    made and read with it, and a frame that names a dictionary ID is refused (the dictionary
-    is implied, spec 5.2).
+    With ``dictionary`` (raw content, as the metadata and name dictionaries of spec 7.3 and
+    7.4), frames are made and read with it, and a frame that names a dictionary ID is refused
+    (the dictionary is implied, spec 5.2, 7.4); ``what`` names such a frame in that message.
 
     >>> s = ZstdStage()
     >>> frame = s.encode(b"\\x00" * 1000, level=3)
@@ -75,8 +75,9 @@ class ZstdStage:
     stage_id = STAGE_ZSTD
     name = "zstd"
 
-    def __init__(self, dictionary: bytes | None = None) -> None:
+    def __init__(self, dictionary: bytes | None = None, what: str = "frame") -> None:
         self._local = threading.local()
+        self._what = what
         self._dict = None if dictionary is None else zstandard.ZstdCompressionDict(
             dictionary, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
         self._kw = {} if self._dict is None else {"dict_data": self._dict}
@@ -150,7 +151,7 @@ class ZstdStage:
         except zstandard.ZstdError as exc:
             raise fail(f"zstd stage: bad frame header ({exc})") from None
         if self._dict is not None and dict_id:  # spec 5.2: the dictionary is implied
-            raise fail(f"zstd stage: the metadata frame declares dictionary {dict_id}")
+            raise fail(f"zstd stage: the {self._what} declares dictionary {dict_id}")
         if declared != decoded_size:  # spec 7.1: checked before anything is allocated
             raise fail(f"zstd stage: frame declares {declared} bytes, block declares "
                        f"{decoded_size}")
@@ -190,4 +191,4 @@ class ZstdStage:
 
 ZSTD = ZstdStage()
 #: compact pack tables (spec 5.10, 7.4): zstd with the name dictionary
-NAMES_ZSTD = ZstdStage(NAME_DICTIONARY)
+NAMES_ZSTD = ZstdStage(NAME_DICTIONARY, "pack table frame")

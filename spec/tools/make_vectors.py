@@ -666,11 +666,15 @@ def meta_frame(json_text: bytes = BIG_META, *, dictionary: bool = True,
         kw["dict_data"] = zstandard.ZstdCompressionDict(
             METADATA_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
     frame = zstandard.ZstdCompressor(level=19, write_dict_id=False, **kw).compress(json_text)
-    if dict_id:  # RFC 8878 3.1.1.1: Dictionary_ID_Flag 1, a one-byte ID after the window
-        fhd = frame[4]
-        at = 5 if fhd & 0x20 else 6  # Single_Segment_Flag: no Window_Descriptor
-        frame = frame[:4] + bytes([fhd | 1]) + frame[5:at] + bytes([dict_id]) + frame[at:]
-    return varint(len(json_text)) + frame
+    return varint(len(json_text)) + (with_dict_id(frame, dict_id) if dict_id else frame)
+
+
+def with_dict_id(frame: bytes, dict_id: int) -> bytes:
+    """``frame`` with a one-byte ``Dictionary_ID`` in its header (RFC 8878 3.1.1.1:
+    Dictionary_ID_Flag 1, the ID after the window descriptor)."""
+    fhd = frame[4]
+    at = 5 if fhd & 0x20 else 6  # Single_Segment_Flag: no Window_Descriptor
+    return frame[:4] + bytes([fhd | 1]) + frame[5:at] + bytes([dict_id]) + frame[at:]
 
 
 # -- format 1.3 (spec 5.10, 7.4): compact packs, built field by field
@@ -1513,6 +1517,18 @@ INVALID += [
             "less than Table_Decoded_Size.", "R-ZST-3",
             _compact_bytes(table=names_frame(CMP_ONE), stage=NAMES_ZSTD,
                            decoded=len(CMP_ONE) + 1)),
+    Invalid("181-compact-pack-table-dictionary-id", "A stage-2 table frame that declares "
+            "Dictionary_ID 7: the name dictionary is implied, never named (7.4).", "R-ZST-2",
+            _compact_bytes(table=with_dict_id(names_frame(CMP_ONE), 7), stage=NAMES_ZSTD,
+                           decoded=len(CMP_ONE))),
+    Invalid("182-compact-pack-short-positions-type-column", "Two members; the table ends "
+            "right after the first member's Positions_Type, which is 0x00: the bad value is "
+            "reported, not the short column (8.1 step 8b: each value checked as it is read).",
+            "R-PACK-6",
+            _compact_bytes(table=compact((b"a", 0, 0x01, (8,), 1, 0x00, 0, 0),
+                                         (b"b", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                         refs=(0, 0))[:15],
+                           count=2, data=CMP_DATA * 2)),
 ]
 
 

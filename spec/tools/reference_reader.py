@@ -575,23 +575,26 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits) -> lis
         if not DTYPES[code][2]:
             raise SpecError("R-BODY-2", DTYPES[code][0])
         dtypes.append(DTYPES[code][0])
-    ndims = [t.u8("Ndim") for _ in range(count)]
-    for ndim in ndims:
-        if ndim > limits.max_ndim:
-            raise SpecError("R-BODY-3", f"Ndim {ndim}")
+    ndims = []
+    for _ in range(count):  # §8.1 8b: each value checked as it is read
+        ndims.append(t.u8("Ndim"))
+        if ndims[-1] > limits.max_ndim:
+            raise SpecError("R-BODY-3", f"Ndim {ndims[-1]}")
     shapes = []
     for ndim in ndims:
         shapes.append([t.varint("Dim") for _ in range(ndim)])
         if math.prod(shapes[-1]) > limits.max_numel:
             raise SpecError("R-BODY-4", f"numel {math.prod(shapes[-1])}")
-    nnzs = [t.varint("Nnz") for _ in range(count)]
-    for nnz, shape in zip(nnzs, shapes, strict=True):
-        if nnz > math.prod(shape):
-            raise SpecError("R-BODY-5", f"Nnz {nnz}")
-    ptypes = [t.u8("Positions_Type") for _ in range(count)]
-    for ptype in ptypes:
-        if ptype not in (0x01, 0x02):
-            raise SpecError("R-PACK-6", f"Positions_Type {ptype}")
+    nnzs = []
+    for shape in shapes:
+        nnzs.append(t.varint("Nnz"))
+        if nnzs[-1] > math.prod(shape):
+            raise SpecError("R-BODY-5", f"Nnz {nnzs[-1]}")
+    ptypes = []
+    for _ in range(count):
+        ptypes.append(t.u8("Positions_Type"))
+        if ptypes[-1] not in (0x01, 0x02):
+            raise SpecError("R-PACK-6", f"Positions_Type {ptypes[-1]}")
     params = []
     for i in range(count):
         q = predicted_param(ptypes[i], math.prod(shapes[i]), nnzs[i])
