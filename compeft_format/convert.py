@@ -291,8 +291,7 @@ def compress_file(
     if hifi is not None:
         comp_meta = hifi_compression(hifi, comp_meta, scale)
     positions = "golomb" if positions == "rice" else positions
-    version = parse_version(format_version if format_version is not None
-                            else (S.VERSION_MAJOR, S.VERSION_MINOR))
+    version = parse_version(format_version)
     calibration_text = calibration_text_of(calibrate)
     if hifi is not None and calibration_text is not None:
         raise EncodeError("calibrate chooses the scale of a ternary compression; a hi-fi file "

@@ -388,26 +388,26 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         zstd = NAMES_ZSTD if stage == S.STAGE_ZSTD_NAMES else ZSTD
         table = memoryview(zstd.decode(table, decoded, ctx))
     t = BufferSource(table, base=table_at)
-    scales: list[bytes | None]
     if compact:
         fields = read_column_table(t, count, None, limits)
-        name = rec.name = fields[0].name.decode()
-        scales = list(read_scale_columns(t, [f.name.decode() for f in fields]))
     elif rec.kind == S.KIND_COLUMN_PACK:
         fields = read_column_table(t, count, name, limits)
-        scales = [None] * count
     else:
         fields = _read_row_table(t, count, name, limits)
-        scales = [None] * count
+    names = [f.name.decode() for f in fields]  # checked UTF-8 by the table's reader
+    scales: list[bytes | None] = [None] * count
+    if compact:
+        name = rec.name = names[0]
+        scales = list(read_scale_columns(t, names))
     members, cursor = [], 0
-    for f, scale in zip(fields, scales, strict=True):
+    for f, mname, scale in zip(fields, names, scales, strict=True):
         ssize = -(-f.nnz // 8)
         blocks = [(f.ptype, S.STAGE_NONE, f.param, f.psize, f.psize),
                   (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize)]
         if scale is None:  # spec 5.8: the scale follows the signs in the data area
             blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4))
         size = sum(blk[3] for blk in blocks)
-        members.append(Record(S.KIND_TERNARY, f.name.decode(), f.dtype, f.shape, f.nnz, blocks,
+        members.append(Record(S.KIND_TERNARY, mname, f.dtype, f.shape, f.nnz, blocks,
                               0, rec.offset, rec.header_end, rec.data_start + cursor, size,
                               in_pack=True,
                               table_scale=None if scale is None else (scale, table_at)))

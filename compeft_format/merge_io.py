@@ -705,8 +705,7 @@ def merge_files(
                          "no --base (base=); give it when decompressing")
     given = [k for k, v in (("density", density), ("scope", scope), ("scale", scale),
                             ("format_version", format_version)) if v is not None]
-    version = parse_version(format_version if format_version is not None
-                            else (S.VERSION_MAJOR, S.VERSION_MINOR))
+    version = parse_version(format_version)
     if given and form != "compeft":  # they choose how the merge is compressed again
         named = ", ".join(f"{k} (--{k.replace('_', '-')})" for k in given)
         raise MergeError(f"{dst}: {named} {'applies' if len(given) == 1 else 'apply'} to a "

@@ -369,12 +369,15 @@ def dumps(tensors: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = No
     return buf.getvalue()
 
 
-def parse_version(version: tuple[int, int] | str) -> tuple[int, int]:
-    """A format version an encoder can write, as ``(major, minor)`` (spec 10.1).
+def parse_version(version: tuple[int, int] | str | None) -> tuple[int, int]:
+    """A format version an encoder can write, as ``(major, minor)`` (spec 10.1); None: the
+    default, the newest.
 
-    >>> parse_version("1.2"), parse_version((1, 3))
-    ((1, 2), (1, 3))
+    >>> parse_version("1.2"), parse_version((1, 3)), parse_version(None)
+    ((1, 2), (1, 3), (1, 3))
     """
+    if version is None:
+        return S.VERSION_MAJOR, S.VERSION_MINOR
     given = version
     if isinstance(version, str):
         major, _, minor = version.partition(".")
