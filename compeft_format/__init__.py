@@ -45,7 +45,8 @@ from .errors import (
     UnsupportedVersionError,
 )
 from .hifi import HifiError, load_hifi, lora_weights, probe_weights, save_hifi
-from .merge_io import MergeSummary, merge_and_compress, merge_files
+from .merge_compress import merge_and_compress
+from .merge_io import MergeSummary, merge_files
 from .quality import QualityReport, TensorQuality, quality_report
 from .restore import decompress_file
 from .safetensors_io import (

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from peft.utils import merge_utils
 
 import compeft_format.merge as M
-import compeft_format.merge_io as MIO
+import compeft_format.merge_compress as MC
 from compeft_format import EncodeError, TernaryTensor, compress
 from compeft_format.merge import MergeError, MergeStats, Rescale, merge, merge_tensor
 
@@ -332,6 +332,14 @@ def test_merge_io_doctests():
     assert result.failed == 0
 
 
+def test_merge_compress_doctests():
+    from compeft_format import merge_compress
+
+    result = doctest.testmod(merge_compress, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 6  # merge_and_compress and compress_merged
+    assert result.failed == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # compressing the merge again
 # ---------------------------------------------------------------------------------------------
@@ -370,13 +378,13 @@ def test_merge_and_compress_equals_compress_of_the_merge(experts, data):
     weights = data.draw(st.lists(DYADIC_WEIGHTS, min_size=len(experts), max_size=len(experts)))
     density = data.draw(st.sampled_from([0.01, 0.1, 0.3, 1.0]))
     scope = data.draw(st.sampled_from(["global", "tensor"]))
-    scale = data.draw(st.sampled_from(MIO.PATTERN_SCALES))
+    scale = data.draw(st.sampled_from(MC.PATTERN_SCALES))
     merged = merge(experts, method=method, weights=weights, sign=sign)
     from compeft_format.taskvec import TaskVector
 
     declared = TaskVector(merged, dtypes={n: t.dtype for n, t in experts[0].items()})
     want = compress(declared, density=density, scope=scope, scale=scale)
-    got = MIO.merge_and_compress(experts, density=density, method=method, weights=weights,
+    got = MC.merge_and_compress(experts, density=density, method=method, weights=weights,
                                sign=sign, scope=scope, scale=scale)
     assert list(got) == list(experts[0])
     for name in got:
@@ -395,18 +403,18 @@ def test_merge_and_compress_dense_fallback(monkeypatch):
         calls.append(stats.name)
         return 0.5
 
-    fast = MIO.merge_and_compress(experts, density=0.1, rescale=rule)
+    fast = MC.merge_and_compress(experts, density=0.1, rescale=rule)
     assert sorted(calls) == ["v", "w"]  # once per tensor, though each is read twice
     with monkeypatch.context() as mp:
-        for module in (M, MIO):  # both decide on the pattern path
+        for module in (M, MC):  # both decide on the pattern path
             mp.setattr(module, "MAX_PATTERN_INPUTS", 0)
         calls.clear()
-        slow = MIO.merge_and_compress(experts, density=0.1, rescale=rule)
+        slow = MC.merge_and_compress(experts, density=0.1, rescale=rule)
         assert sorted(calls) == ["v", "w"]
     for name in fast:
         _same_ternary(fast[name], slow[name])
     dense = {name: np.asarray(t.to_numpy()) for name, t in experts[0].items()}
-    mixed = MIO.merge_and_compress([experts[1], dense], density=0.1, scale="norm")
+    mixed = MC.merge_and_compress([experts[1], dense], density=0.1, scale="norm")
     want = compress(merge([experts[1], dense]), density=0.1, scale="norm")
     for name in mixed:
         _same_ternary(mixed[name], want[name])
@@ -422,7 +430,7 @@ def test_merge_and_compress_other_scopes_and_scales(scope, scale):
                 for n, s in names.items()
                 for idx in [np.flatnonzero(rng.random(int(np.prod(s))) < 0.3)]}
                for i in range(3)]
-    got = MIO.merge_and_compress(experts, density=0.2, scope=scope, scale=scale)
+    got = MC.merge_and_compress(experts, density=0.2, scope=scope, scale=scale)
     want = compress(merge(experts), density=0.2, scope=scope, scale=scale)
     for name in names:
         _same_ternary(got[name], want[name])
@@ -431,9 +439,9 @@ def test_merge_and_compress_other_scopes_and_scales(scope, scale):
 def test_merge_and_compress_errors():
     e = {"w": TernaryTensor((4,), [0], [False], 1.0)}
     with pytest.raises(EncodeError, match="density"):
-        MIO.merge_and_compress([e, e], density=0.0)
+        MC.merge_and_compress([e, e], density=0.0)
     with pytest.raises(EncodeError, match="scope"):
-        MIO.merge_and_compress([e, e], density=0.5, scope="model")
+        MC.merge_and_compress([e, e], density=0.5, scope="model")
     huge = {"w": TernaryTensor((4,), [0], [False], 60000.0, "F16")}
     with pytest.raises(EncodeError, match="overflows the tensor's dtype F16"):
-        MIO.merge_and_compress([huge, huge], density=0.5, method="sum", scale="norm")
+        MC.merge_and_compress([huge, huge], density=0.5, method="sum", scale="norm")
