@@ -56,9 +56,9 @@ def test_auto_is_the_default():
     (0.01, {"lora": "checkpoint"}, "lora_product_out"),
     (0.05, {"lora": "checkpoint"}, "lora_product_out"),
     (0.1, {"lora": "checkpoint"}, "proj_vcap"),
-    # from zero: up to 0.1
+    # from zero: up to 0.2
     (0.05, {"lora": "zero"}, "lora_product_out"), (0.1, {"lora": "zero"}, "lora_product_out"),
-    (0.2, {"lora": "zero"}, "proj_vcap"),
+    (0.2, {"lora": "zero"}, "lora_product_out"), (0.2001, {"lora": "zero"}, "proj_vcap"),
 ])
 def test_the_resolution_table(density, kind, want):
     assert resolve_scale("auto", density, **kind) == want
@@ -66,7 +66,7 @@ def test_the_resolution_table(density, kind, want):
 
 def test_the_thresholds_and_explicit_rules():
     assert AUTO_SKETCH_DENSITY == 0.05
-    assert AUTO_LORA_DENSITY == {"checkpoint": 0.05, "zero": 0.1}
+    assert AUTO_LORA_DENSITY == {"checkpoint": 0.05, "zero": 0.2}
     for rule in ("proj_vcap", "kron_sketch", "l2", "lora_product_out"):  # never changed
         assert resolve_scale(rule, 0.01, lora="zero") == rule
         assert resolve_scale(rule, 0.5, matrices=False) == rule
@@ -164,7 +164,7 @@ def test_compress_file_proj_scale_by_tensor_and_the_streaming_order(tmp_path):
 
 @pytest.mark.parametrize(("base", "density", "rule"), [
     (f"{LORA}/init", 0.02, "lora_product_out"), (f"{LORA}/init", 0.1, "proj_vcap"),
-    ("zero", 0.1, "lora_product_out"), ("zero", 0.2, "proj_vcap"),
+    ("zero", 0.2, "lora_product_out"), ("zero", 0.3, "proj_vcap"),
 ])
 def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, density, rule):
     auto = cf.compress_file(LORA, tmp_path / "a", density=density, base=base)
