@@ -18,6 +18,8 @@ import transformers
 
 from compeft_format.cli import main
 from compeft_format.compress import compress
+from compeft_format.lora_scale import rescale
+from compeft_format.scales import resolve_scale
 from compeft_format.taskvec import peft_task_vector
 
 DENSITY = 0.2
@@ -84,6 +86,10 @@ def test_lora_through_the_command_line(tmp_path, base_model, inputs):
     assert any("lora_A" in k for k in sd)
     assert any("lora_B" in k for k in sd)
     ternary = compress(peft_task_vector(sd, "LORA"), density=DENSITY)  # LoRA: from zero
+    # the command's default for a LoRA folder from zero at this density: the same selection,
+    # the factors' scale fitted on the products (every module has PEFT's scaling 2)
+    assert resolve_scale("auto", DENSITY, lora="zero") == "lora_product_out"
+    ternary = rescale(ternary, sd, None, rule="lora_product_out")
     expected = _in_memory(base_model, config, sd, {k: t.to_torch() for k, t in ternary.items()})
     got = _out(restored, inputs)
     assert torch.equal(got, _out(expected, inputs))
