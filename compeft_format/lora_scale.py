@@ -41,6 +41,7 @@ __all__ = [
     "LORA_SCALES",
     "best_pair_scales",
     "best_scale",
+    "delta_metric",
     "kron_metric",
     "lora_pairs",
     "output_metric",
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 #: The product-fitted scale rules (see :func:`rescale`).
-LORA_SCALES = ("lora_product", "lora_product_out", "lora_product_kron")
+LORA_SCALES = ("lora_product", "lora_product_out", "lora_product_kron", "lora_product_delta")
 
 Factors = list[tuple[np.ndarray, np.ndarray]]  # sum of X @ Y, X (out x r), Y (r x in)
 
@@ -177,6 +178,35 @@ def kron_metric(a: np.ndarray, b: np.ndarray) -> Metric:
         return None
     q, w, q_in = svd
     return q, w / (w.sum() / np.shape(b)[0]), q_in, w / (w.sum() / np.shape(a)[1])
+
+
+def delta_metric(a: np.ndarray, b: np.ndarray, a0: np.ndarray | None) -> Metric:
+    """The two-sided metric of ``"lora_product_delta"``: ``G = P P^T`` over the outputs, as
+    :func:`output_metric`, and ``H = dA^T dA`` over the inputs, ``dA = A - A0`` the trained
+    change of the A factor; each scaled to a mean eigenvalue of 1, as ``(Q, w, Q_in, w_in)``
+    (``Q_in`` the right singular vectors of ``dA``). Without ``A0`` (compressed from zero), or
+    where training left ``A`` where it started, :func:`output_metric` alone; None where
+    ``P = 0``.
+
+    Why ``dA``: training moves ``A`` by sums of (B's output gradient x input) outer products,
+    so the row space of ``dA`` holds the input directions the data used, as ``t^T t`` does
+    for a dense delta (``"kron"``); the product ``P = B A`` does not show them, its rows
+    being mostly the random ``A0``.
+
+    >>> a0 = np.array([[1.0, 0.0, 0.0]]); a = np.array([[1.0, 0.0, 2.0]])
+    >>> q, w, qi, wi = delta_metric(a, np.array([[1.0]]), a0)
+    >>> np.abs(qi[:, 0]).tolist(), wi.tolist()  # dA = [0, 0, 2]: all on input 2, mean 1
+    ([0.0, 0.0, 1.0], [3.0])
+    """
+    out = output_metric(a, b)
+    if out is None or a0 is None:
+        return out
+    d = np.asarray(a, np.float64) - np.asarray(a0, np.float64)
+    _, sv, vt = np.linalg.svd(d, full_matrices=False)
+    w_in = sv**2
+    if not w_in.sum() > 0.0:
+        return out
+    return out[0], out[1], vt.T, w_in / (w_in.sum() / d.shape[1])
 
 
 def _ip(f: Factors, g: Factors, metric: Metric = None) -> float:
@@ -391,7 +421,10 @@ def rescale(
         product ``P = B A`` moves: the directions the loss gradient used, where the dropped
         entries' effect lines up with the kept ones'; ``"lora_product_kron"`` by
         ``tr(G E H E^T)``, ``H = P^T P`` weighing the input directions the same way
-        (:func:`kron_metric`): the product's counterpart of ``"kron"``.
+        (:func:`kron_metric`): the product's counterpart of ``"kron"``;
+        ``"lora_product_delta"`` by ``tr(G E H E^T)`` with ``H = dA^T dA``, the input
+        directions the training moved ``A`` along (:func:`delta_metric`; from zero, where
+        ``dA`` is unknown, it is ``"lora_product_out"``).
     scope:
         compress's scope: ``"global"`` (one scale for every factor), ``"role"`` (one for the A
         factors, one for the B factors) or ``"tensor"`` (both per module).
@@ -445,7 +478,8 @@ def rescale(
             raise EncodeError(f"LoRA factors {a_name!r} {a.shape} and {b_name!r} {b.shape} "
                               "do not match their compressed tensors or each other")
         metric = (output_metric(a, b) if rule == "lora_product_out" else
-                  kron_metric(a, b) if rule == "lora_product_kron" else None)
+                  kron_metric(a, b) if rule == "lora_product_kron" else
+                  delta_metric(a, b, a0) if rule == "lora_product_delta" else None)
         if rule != "lora_product" and metric is None:
             continue  # B A = 0: nothing this metric sees (a module the training never moved)
         fit = product_quartic if scope == "global" else pair_polynomials

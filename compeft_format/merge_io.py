@@ -267,10 +267,10 @@ def _proj_scales(sources: Sequence[Source], readers: Sequence[CompeftReader],
     ``expected_ties`` infers each input's threshold from the proj rule's scale (spec 5.2.1
     names where a file keeps it when its stored scale is another rule's):
 
-    * a LoRA product scale (``lora_product``, ``lora_product_out``, ``lora_product_kron``)
-      keeps compress's selection and records the proj scale of the LoRA factors
-      (``lora_fit.proj_scale``: one number, ``{"A": .., "B": ..}`` for scope ``role``, or by
-      tensor name); its other tensors keep proj_vcap's scale as stored; a calibrated
+    * a LoRA product scale (``lora_product``, ``lora_product_out``, ``lora_product_kron``,
+      ``lora_product_delta``) keeps compress's selection and records the proj scale of the
+      LoRA factors (``lora_fit.proj_scale``: one number, ``{"A": .., "B": ..}`` for scope
+      ``role``, or by tensor name); its other tensors keep proj_vcap's scale as stored; a calibrated
       ``proj``/``proj_vcap`` file (``compress_file(calibrate=...)``) records its LoRA
       factors' scales before calibration there too;
     * a metric rule (``kron_sketch``, ``kron``, ``gram``) records each scope's proj scale

@@ -90,7 +90,8 @@ def require_lora(source: Source, why: str, error: type[CompeftError] = ConvertEr
         raise error(f"{source.path}: {why}; this is {what}")
 
 
-def resolved_scale(scale: str, density: float, source: Source, plan: Plan, reader: Any) -> str:
+def resolved_scale(scale: str, density: float, source: Source, plan: Plan, reader: Any,
+                   scope: str = "global") -> str:
     """The rule ``scale`` stands for (:func:`~compeft_format.scales.resolve_scale`): for
     ``"auto"``, a LoRA adapter's factors get the LoRA rule by what they are measured from,
     an (IA)^3 adapter and a task vector of vectors only ``"proj_vcap"``, the rest the dense
@@ -100,7 +101,7 @@ def resolved_scale(scale: str, density: float, source: Source, plan: Plan, reade
     peft_type = str(source.peft_type).upper() if source.config is not None else None
     if peft_type == "LORA" and lora_pairs(plan.compressible):
         ref = "checkpoint" if plan.reference["reference"] == "checkpoint" else "zero"
-        return resolve_scale(scale, density, lora=ref)
+        return resolve_scale(scale, density, lora=ref, scope=scope)
     matrices = peft_type != "IA3" and any(not is_vector(tuple(reader.info(n).shape))
                                           for n in plan.compressible)
     return resolve_scale(scale, density, matrices=matrices)

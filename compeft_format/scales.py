@@ -19,6 +19,7 @@ from .tensor import TernaryTensor
 
 __all__ = [
     "AUTO_LORA_DENSITY",
+    "AUTO_LORA_RULES",
     "AUTO_SCALE",
     "AUTO_SKETCH_DENSITY",
     "CAPPED",
@@ -65,30 +66,43 @@ DEFAULT_SCALE = AUTO_SCALE
 #: third to an eighth of the time.
 AUTO_SKETCH_DENSITY = 0.05
 #: ``"auto"`` on a LoRA adapter's factors (:func:`~compeft_format.convert.compress_file`,
-#: which has the adapter and its reference): ``"lora_product_out"`` at and below this
-#: density, ``"proj_vcap"`` above, by what the task vector was measured from
-#: (``"checkpoint"``: the initial adapter, given or regenerated; ``"zero"``). Each is the
-#: highest density where ``"lora_product_out"`` beats ``"proj_vcap"`` against the tuned
-#: scale: from the initial adapter its worst gap over the four adapters first measured is
-#: 0.031 against 0.064 at 0.05 (0.029 against 0.017 at 0.1); from zero, on 61 adapters (20
-#: trios of experts and ``tests/data``), it is within 0.005 on 52 rows against 42 at 0.2,
-#: worst 0.0096 against 0.0191, mean 0.0021 against 0.0044 (``bench/results/lora_scale.md``,
-#: "From zero at 0.2"). ``"lora_product_kron"`` from the initial adapter
-#: at 0.05-0.1 was measured and not made the default: more rows within 0.005 and a lower
-#: mean gap on the chosen trio and two held-out ones, but a higher worst gap on one held-out
-#: trio (0.019 against 0.015: a task that needs a lower scale, which no statistic of the
-#: factors shows; ``bench/results/lora_scale.md``).
-AUTO_LORA_DENSITY = {"checkpoint": 0.05, "zero": 0.2}
+#: which has the adapter and its reference), by what the task vector was measured from
+#: (``"checkpoint"``: the initial adapter, given or regenerated; ``"zero"``): ``(highest
+#: density, rule)`` bands in order, ``"proj_vcap"`` above the last. Each band's rule is the
+#: one measured closest to the tuned single scale there, on 61 adapters (20 trios of experts
+#: and ``tests/data``; ``bench/results/lora_scale.md``, "The inputs the training used"):
+#:
+#: * from the initial adapter, ``"lora_product_out"`` up to 0.05 (at 0.01 / 0.02 / 0.05
+#:   within 0.005 on 55 / 46 / 28 of 61, worst 0.035; ``"lora_product_delta"`` gets 34 at
+#:   0.05 but is worse at its worst, 0.052), then ``"lora_product_delta"`` up to 0.2 (at 0.1
+#:   55 of 61, worst 0.015, where ``"proj_vcap"`` gets 28, worst 0.026; at 0.2 all 61,
+#:   worst 0.0046, against 59 and 0.0055), with scope ``"global"`` only (one scale per role
+#:   or per module it misses by up to 0.13 at 0.1, where ``"proj_vcap"`` misses by 0.03);
+#: * from zero, where ``dA`` is unknown, ``"lora_product_out"`` up to 0.2 (at 0.2 52 of 61,
+#:   worst 0.0096, against 42 and 0.0191 for ``"proj_vcap"``).
+#:
+#: ``"lora_product_kron"`` (the product's own input directions, mostly the random ``A0``)
+#: was measured and is not used: its worst gap on a held-out trio was higher.
+AUTO_LORA_RULES: dict[str, tuple[tuple[float, str], ...]] = {
+    "checkpoint": ((0.05, "lora_product_out"), (0.2, "lora_product_delta")),
+    "zero": ((0.2, "lora_product_out"),),
+}
+#: The highest density at which ``"auto"`` fits a LoRA adapter's factors on their products,
+#: by reference (:data:`AUTO_LORA_RULES`' last band); ``"proj_vcap"`` above.
+AUTO_LORA_DENSITY = {ref: bands[-1][0] for ref, bands in AUTO_LORA_RULES.items()}
 
 
 def resolve_scale(scale: str, density: float, *, matrices: bool = True,
-                  lora: str | None = None) -> str:
+                  lora: str | None = None, scope: str = "global") -> str:
     """The rule ``scale`` stands for: itself, or for ``"auto"`` the one for this task vector.
 
     ``"auto"`` is ``"proj_vcap"`` for a task vector of vectors only (an (IA)^3 adapter:
     ``matrices=False``), and for a LoRA adapter's factors (``lora``: the reference the task
-    vector is measured from, ``"checkpoint"`` or ``"zero"``) ``"lora_product_out"`` at and
-    below :data:`AUTO_LORA_DENSITY`, else ``"proj_vcap"``; for any other task vector
+    vector is measured from, ``"checkpoint"`` or ``"zero"``) the rule of its density's band
+    in :data:`AUTO_LORA_RULES` (with a ``scope`` other than ``"global"`` without the
+    ``"lora_product_delta"`` band: it was chosen with one scale for every factor, and its
+    fits per role or per module land far from the best scale, ``bench/results/lora_scale.md``),
+    ``"proj_vcap"`` above them; for any other task vector
     ``"kron_sketch"`` at and below :data:`AUTO_SKETCH_DENSITY`, else ``"proj_vcap"``. A
     vector in a ``"kron_sketch"`` scope gets ``"proj_vcap"``'s scale (it is capped, and
     without a matrix the rule is ``"proj"``), so a task vector of vectors only gives the
@@ -98,19 +112,23 @@ def resolve_scale(scale: str, density: float, *, matrices: bool = True,
     ['kron_sketch', 'kron_sketch', 'proj_vcap']
     >>> resolve_scale("auto", 0.01, matrices=False), resolve_scale("l2", 0.01)
     ('proj_vcap', 'l2')
-    >>> [resolve_scale("auto", 0.1, lora=ref) for ref in ("checkpoint", "zero")]
-    ['proj_vcap', 'lora_product_out']
-    >>> resolve_scale("auto", 0.2, lora="zero"), resolve_scale("auto", 0.3, lora="zero")
-    ('lora_product_out', 'proj_vcap')
+    >>> [resolve_scale("auto", d, lora="checkpoint") for d in (0.05, 0.1, 0.3)]
+    ['lora_product_out', 'lora_product_delta', 'proj_vcap']
+    >>> [resolve_scale("auto", d, lora="zero") for d in (0.05, 0.2, 0.3)]
+    ['lora_product_out', 'lora_product_out', 'proj_vcap']
+    >>> resolve_scale("auto", 0.1, lora="checkpoint", scope="tensor")
+    'proj_vcap'
     """
     if scale != AUTO_SCALE:
         return scale
     if lora is not None:
-        limit = AUTO_LORA_DENSITY.get(lora)
-        if limit is None:
-            raise EncodeError(f"reference must be one of {tuple(AUTO_LORA_DENSITY)}, "
+        bands = AUTO_LORA_RULES.get(lora)
+        if bands is None:
+            raise EncodeError(f"reference must be one of {tuple(AUTO_LORA_RULES)}, "
                               f"got {lora!r}")
-        return "lora_product_out" if density <= limit else "proj_vcap"
+        if scope != "global":
+            bands = tuple(b for b in bands if b[1] != "lora_product_delta")
+        return next((rule for limit, rule in bands if density <= limit), "proj_vcap")
     if not matrices:
         return "proj_vcap"
     return "kron_sketch" if density <= AUTO_SKETCH_DENSITY else "proj_vcap"

@@ -14,10 +14,12 @@ import compeft_format as cf
 from compeft_format.compress import DEFAULT_SCALE, compress, iter_compress
 from compeft_format.container import dumps
 from compeft_format.errors import EncodeError
+from compeft_format.lora_scale import LORA_SCALES
 from compeft_format.safetensors_io import save_safetensors
 from compeft_format.scale_plan import PROJ_SCALE_KEY
 from compeft_format.scales import (
     AUTO_LORA_DENSITY,
+    AUTO_LORA_RULES,
     AUTO_SKETCH_DENSITY,
     resolve_scale,
 )
@@ -52,10 +54,19 @@ def test_auto_is_the_default():
     (1.0, {}, "proj_vcap"),
     # vectors only ((IA)^3): proj_vcap everywhere
     (0.01, {"matrices": False}, "proj_vcap"), (0.2, {"matrices": False}, "proj_vcap"),
-    # LoRA factors from the initial adapter: lora_product_out up to 0.05
+    # LoRA factors from the initial adapter: lora_product_out up to 0.05, then
+    # lora_product_delta up to 0.2
     (0.01, {"lora": "checkpoint"}, "lora_product_out"),
     (0.05, {"lora": "checkpoint"}, "lora_product_out"),
-    (0.1, {"lora": "checkpoint"}, "proj_vcap"),
+    (0.0501, {"lora": "checkpoint"}, "lora_product_delta"),
+    (0.1, {"lora": "checkpoint"}, "lora_product_delta"),
+    (0.2, {"lora": "checkpoint"}, "lora_product_delta"),
+    (0.2001, {"lora": "checkpoint"}, "proj_vcap"),
+    # lora_product_delta with one scale for every factor only
+    (0.1, {"lora": "checkpoint", "scope": "tensor"}, "proj_vcap"),
+    (0.1, {"lora": "checkpoint", "scope": "role"}, "proj_vcap"),
+    (0.05, {"lora": "checkpoint", "scope": "tensor"}, "lora_product_out"),
+    (0.2, {"lora": "zero", "scope": "role"}, "lora_product_out"),
     # from zero: up to 0.2
     (0.05, {"lora": "zero"}, "lora_product_out"), (0.1, {"lora": "zero"}, "lora_product_out"),
     (0.2, {"lora": "zero"}, "lora_product_out"), (0.2001, {"lora": "zero"}, "proj_vcap"),
@@ -66,7 +77,10 @@ def test_the_resolution_table(density, kind, want):
 
 def test_the_thresholds_and_explicit_rules():
     assert AUTO_SKETCH_DENSITY == 0.05
-    assert AUTO_LORA_DENSITY == {"checkpoint": 0.05, "zero": 0.2}
+    assert AUTO_LORA_RULES == {
+        "checkpoint": ((0.05, "lora_product_out"), (0.2, "lora_product_delta")),
+        "zero": ((0.2, "lora_product_out"),)}
+    assert AUTO_LORA_DENSITY == {"checkpoint": 0.2, "zero": 0.2}
     for rule in ("proj_vcap", "kron_sketch", "l2", "lora_product_out"):  # never changed
         assert resolve_scale(rule, 0.01, lora="zero") == rule
         assert resolve_scale(rule, 0.5, matrices=False) == rule
@@ -163,8 +177,9 @@ def test_compress_file_proj_scale_by_tensor_and_the_streaming_order(tmp_path):
 
 
 @pytest.mark.parametrize(("base", "density", "rule"), [
-    (f"{LORA}/init", 0.02, "lora_product_out"), (f"{LORA}/init", 0.1, "proj_vcap"),
-    ("zero", 0.2, "lora_product_out"), ("zero", 0.3, "proj_vcap"),
+    (f"{LORA}/init", 0.02, "lora_product_out"), (f"{LORA}/init", 0.1, "lora_product_delta"),
+    (f"{LORA}/init", 0.3, "proj_vcap"), ("zero", 0.2, "lora_product_out"),
+    ("zero", 0.3, "proj_vcap"),
 ])
 def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, density, rule):
     auto = cf.compress_file(LORA, tmp_path / "a", density=density, base=base)
@@ -175,7 +190,22 @@ def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, densit
     assert a == (tmp_path / "e" / "adapter_model.compeft").read_bytes()
     meta, _ = _compressed_meta(tmp_path / "a" / "adapter_model.compeft")
     assert meta["scale"] == rule
-    assert ("lora_fit" in meta) == (rule == "lora_product_out")
+    assert ("lora_fit" in meta) == (rule in LORA_SCALES)
+
+
+@pytest.mark.parametrize(("scope", "rule"), [("tensor", "proj_vcap"), ("role", "proj_vcap"),
+                                             ("global", "lora_product_delta")])
+def test_lora_product_delta_only_with_one_global_scale(tmp_path, scope, rule):
+    auto = cf.compress_file(LORA, tmp_path / "a", density=0.1, base=f"{LORA}/init", scope=scope)
+    explicit = cf.compress_file(LORA, tmp_path / "e", density=0.1, base=f"{LORA}/init",
+                                scope=scope, scale=rule)
+    assert auto.scale == explicit.scale == rule
+    assert auto.scale_auto
+    a = (tmp_path / "a" / "adapter_model.compeft").read_bytes()
+    assert a == (tmp_path / "e" / "adapter_model.compeft").read_bytes()
+    meta, _ = _compressed_meta(tmp_path / "a" / "adapter_model.compeft")
+    assert meta["scale"] == rule
+    assert ("lora_fit" in meta) == (rule in LORA_SCALES)
 
 
 def test_ia3_stays_proj_vcap(tmp_path):
@@ -246,14 +276,16 @@ def test_merging_auto_files(tmp_path):
     assert _compressed_meta(tmp_path / "m2.compeft")[0]["scale"] == "proj_vcap"
 
 
-def test_merging_lora_product_kron_files(tmp_path):
-    """lora_product_kron files record the proj scale they replaced (lora_fit), so
-    expected_ties merges them as it merges the same adapters compressed with proj_vcap."""
+@pytest.mark.parametrize("rule", ["lora_product_kron", "lora_product_delta"])
+def test_merging_lora_product_fit_files(tmp_path, rule):
+    """lora_product_kron and lora_product_delta files record the proj scale they replaced
+    (lora_fit), so expected_ties merges them as it merges the same adapters compressed with
+    proj_vcap."""
     from safetensors.numpy import load_file
 
     dirs = two_lora_experts(tmp_path, LORA)
     merged, mags = {}, {}
-    for scale in ("proj_vcap", "lora_product_kron"):
+    for scale in ("proj_vcap", rule):
         comp = [tmp_path / f"c-{scale}-{i}" for i in range(2)]
         for d, out in zip(dirs, comp, strict=True):
             s = cf.compress_file(d, out, density=0.05, scale=scale, base=f"{LORA}/init")
@@ -261,13 +293,12 @@ def test_merging_lora_product_kron_files(tmp_path):
         meta, got = _compressed_meta(comp[-1] / "adapter_model.compeft")
         mags[scale] = {n: t.scale for n, t in got.items() if hasattr(t, "scale")}
         if scale != "proj_vcap":
-            assert meta["scale"] == "lora_product_kron"
+            assert meta["scale"] == rule
             factor = next(n for n in got if ".lora_A." in n)
             assert meta["lora_fit"]["proj_scale"] == mags["proj_vcap"][factor]
         out = tmp_path / f"m-{scale}"
         cf.merge_files(comp, out, rescale="expected_ties", base=f"{LORA}/init")
         merged[scale] = load_file(str(out / "adapter_model.safetensors"))
-    kron = "lora_product_kron"
-    assert mags[kron] != mags["proj_vcap"]  # the fit changed the factors' scales
+    assert mags[rule] != mags["proj_vcap"]  # the fit changed the factors' scales
     for n, v in merged["proj_vcap"].items():
-        np.testing.assert_allclose(merged[kron][n], v, rtol=1e-5, atol=1e-7, err_msg=n)
+        np.testing.assert_allclose(merged[rule][n], v, rtol=1e-5, atol=1e-7, err_msg=n)

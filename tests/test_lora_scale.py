@@ -27,10 +27,11 @@ def _adapter(rng, modules=3, r=4, out=24, inp=20, init=True):
     return ad, (ref if init else None)
 
 
-def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False, in_metric=False):
+def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False, in_metric=None):
     """sum_m w_m ||(B0 + s_B S_B)(A0 + s_A S_A) - B A||^2, with full dense products; with
     ``out_metric`` the norm is tr(G E E^T), G = P P^T scaled to a mean eigenvalue of 1; with
-    ``in_metric`` too, tr(G E H E^T), H = P^T P scaled the same way."""
+    ``in_metric`` too, tr(G E H E^T), H = P^T P (``"kron"``) or dA^T dA, dA = A - A0
+    (``"delta"``; the identity from zero), scaled the same way."""
     total = 0.0
     for a, b in ls.lora_pairs(comp):
         ra = comp[a].to_numpy().astype(np.float64) / comp[a].scale * scales[a]
@@ -46,9 +47,12 @@ def _dense_error(comp, ad, ref, scales, weights=None, out_metric=False, in_metri
                 continue
             g /= np.trace(g) / g.shape[0]
             h = np.eye(e.shape[1])
-            if in_metric:
+            if in_metric == "kron":
                 h = want.T @ want
-                h /= np.trace(h) / h.shape[0]
+            elif in_metric == "delta" and ref:
+                da = ad[a].astype(np.float64) - ref[a].astype(np.float64)
+                h = da.T @ da
+            h /= np.trace(h) / h.shape[0]
             sq = float(np.trace(g @ e @ h @ e.T))
         else:
             sq = float((e**2).sum())
@@ -74,6 +78,10 @@ def _brute_1d(f, hi, points=300):
     grid = np.linspace(hi / points, hi, points)
     i = int(np.argmin([f(s) for s in grid]))
     return _golden(f, grid[max(i - 1, 0)], grid[min(i + 1, grid.size - 1)])
+
+
+#: the input side of each product rule's metric, as _dense_error computes it
+IN_METRIC = {"lora_product_kron": "kron", "lora_product_delta": "delta"}
 
 
 def _tv(ad, ref):
@@ -122,7 +130,7 @@ def test_global_scale_is_the_brute_force_minimum(seed, density, init, rule):
 
     def err(s):
         return _dense_error(comp, ad, ref, dict.fromkeys(names, s), out_metric=metric,
-                            in_metric=rule == "lora_product_kron")
+                            in_metric=IN_METRIC.get(rule))
 
     s = out[pairs[0][0]].scale
     assert all(out[n].scale == s for n in names)  # one scale for the scope
@@ -261,16 +269,38 @@ def test_kron_metric_is_p_pt_and_pt_p():
     assert ls.kron_metric(np.zeros((3, 11)), b) is None
 
 
+def test_delta_metric_is_p_pt_and_da_t_da():
+    rng = np.random.default_rng(5)
+    a0 = rng.normal(size=(3, 11))
+    a, b = a0 + 0.1 * rng.normal(size=(3, 11)), rng.normal(size=(9, 3))
+    q, w, qi, wi = ls.delta_metric(a, b, a0)
+    g, da = (b @ a) @ (b @ a).T, a - a0
+    h = da.T @ da
+    np.testing.assert_allclose((q * w) @ q.T, g / (np.trace(g) / 9), atol=1e-12)
+    np.testing.assert_allclose((qi * wi) @ qi.T, h / (np.trace(h) / 11), atol=1e-12)
+    assert qi.shape == (11, 3)  # thin: dA has rank <= r
+    # from zero (no A0), or A never moved: the output metric alone, as lora_product_out
+    for ref in (None, a):
+        got = ls.delta_metric(a, b, ref)
+        assert len(got) == 2
+        np.testing.assert_array_equal(got[1], ls.output_metric(a, b)[1])
+    assert ls.delta_metric(a, np.zeros((9, 3)), a0) is None
+
+
+@pytest.mark.parametrize("rule", ["lora_product_kron", "lora_product_delta"])
 @pytest.mark.parametrize("with_b0", [False, True])
-def test_quartic_under_the_kron_metric_is_the_dense_error(with_b0):
+def test_quartic_under_the_two_sided_metrics_is_the_dense_error(with_b0, rule):
     rng = np.random.default_rng(6)
     a, a0, b = rng.normal(size=(3, 7)), rng.normal(size=(3, 7)), rng.normal(size=(5, 3))
     b0 = rng.normal(size=(5, 3)) if with_b0 else None
     sa = rng.integers(-1, 2, size=(3, 7)).astype(float)
     sb = rng.integers(-1, 2, size=(5, 3)).astype(float)
-    metric = ls.kron_metric(a, b)
     p = b @ a
-    g, h = p @ p.T / (np.trace(p @ p.T) / 5), p.T @ p / (np.trace(p.T @ p) / 7)
+    if rule == "lora_product_kron":
+        metric, h = ls.kron_metric(a, b), p.T @ p
+    else:
+        metric, h = ls.delta_metric(a, b, a0), (a - a0).T @ (a - a0)
+    g, h = p @ p.T / (np.trace(p @ p.T) / 5), h / (np.trace(h) / 7)
     q = ls.product_quartic(a0, b0, sa, sb, a, b, metric)
     n00, n01, n11 = ls.pair_polynomials(a0, b0, sa, sb, a, b, metric)
     P = np.polynomial.polynomial
@@ -314,7 +344,7 @@ def _read_adapter(path):
 @pytest.mark.parametrize(("base", "scope", "rule"), [
     (f"{LORA}/init", "global", "lora_product"), ("zero", "global", "lora_product"),
     (f"{LORA}/init", "role", "lora_product"), (f"{LORA}/init", "global", "lora_product_out"),
-    ("zero", "tensor", "lora_product_out")])
+    ("zero", "tensor", "lora_product_out"), (f"{LORA}/init", "global", "lora_product_delta")])
 def test_compress_file_writes_the_fitted_scales(tmp_path, base, scope, rule):
     import compeft_format as cf
 

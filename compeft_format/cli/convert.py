@@ -21,7 +21,7 @@ from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
 from ..lora_scale import LORA_SCALES
 from ..restore import OUTPUT_DTYPES, decompress_file
 from ..safetensors_io import open_safetensors
-from ..scales import AUTO_LORA_DENSITY, AUTO_SKETCH_DENSITY
+from ..scales import AUTO_LORA_RULES, AUTO_SKETCH_DENSITY
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
     POSITIONS,
@@ -46,6 +46,12 @@ STDIN_NAME, STDOUT_NAME = "<stdin>", "<stdout>"
 _NAMING = ("Without -o, each OUTPUT is named after its INPUT, beside it: {rule}. An existing "
            "OUTPUT is replaced only with -f. INPUT - reads stdin and -o - (or -c) writes "
            "stdout, byte for byte the file's bytes, the summary going to stderr.")
+
+
+def _lora_bands(ref: str) -> str:
+    """``auto``'s LoRA rules from ``ref``, as the help says them."""
+    return ", ".join(f"{rule}{' (--scope global)' if rule == 'lora_product_delta' else ''} "
+                     f"at density <= {limit:g}" for limit, rule in AUTO_LORA_RULES[ref])
 
 
 def _add_io(q: argparse.ArgumentParser, what_in: str, what_out: str) -> None:
@@ -104,9 +110,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                    "role (A's together, B's together) (default global)")
     c.add_argument("--scale", choices=SCALE_CHOICES + LORA_SCALES, default=None,
                    help=f"how the one magnitude is chosen (default {DEFAULT_SCALE}: for a LoRA "
-                   "adapter lora_product_out at density <= "
-                   f"{AUTO_LORA_DENSITY['checkpoint']:g} from its initial adapter "
-                   f"(<= {AUTO_LORA_DENSITY['zero']:g} from zero), for (IA)^3 and vectors "
+                   f"adapter from its initial adapter {_lora_bands('checkpoint')} (from zero "
+                   f"{_lora_bands('zero')}), for (IA)^3 and vectors "
                    f"proj_vcap, else kron_sketch at density <= {AUTO_SKETCH_DENSITY:g}; "
                    "proj_vcap above: the most faithful rebuilt model measured without data; "
                    "the summary and the file name the rule used; see the README); "
