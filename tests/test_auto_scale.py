@@ -182,8 +182,14 @@ def test_compress_file_proj_scale_by_tensor_and_the_streaming_order(tmp_path):
     ("zero", 0.3, "proj_vcap"),
 ])
 def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, density, rule):
-    auto = cf.compress_file(LORA, tmp_path / "a", density=density, base=base)
-    explicit = cf.compress_file(LORA, tmp_path / "e", density=density, base=base, scale=rule)
+    _auto_is(rule, tmp_path, density=density, base=base)
+
+
+def _auto_is(rule, tmp_path, **options):
+    """compress_file of the LoRA with ``options`` writes, for scale auto, the bytes of
+    ``rule`` and records ``rule`` (and lora_fit for a product rule)."""
+    auto = cf.compress_file(LORA, tmp_path / "a", **options)
+    explicit = cf.compress_file(LORA, tmp_path / "e", scale=rule, **options)
     assert auto.scale == explicit.scale == rule
     assert auto.scale_auto
     a = (tmp_path / "a" / "adapter_model.compeft").read_bytes()
@@ -196,16 +202,7 @@ def test_a_lora_adapter_gets_the_lora_rule_at_low_density(tmp_path, base, densit
 @pytest.mark.parametrize(("scope", "rule"), [("tensor", "proj_vcap"), ("role", "proj_vcap"),
                                              ("global", "lora_product_delta")])
 def test_lora_product_delta_only_with_one_global_scale(tmp_path, scope, rule):
-    auto = cf.compress_file(LORA, tmp_path / "a", density=0.1, base=f"{LORA}/init", scope=scope)
-    explicit = cf.compress_file(LORA, tmp_path / "e", density=0.1, base=f"{LORA}/init",
-                                scope=scope, scale=rule)
-    assert auto.scale == explicit.scale == rule
-    assert auto.scale_auto
-    a = (tmp_path / "a" / "adapter_model.compeft").read_bytes()
-    assert a == (tmp_path / "e" / "adapter_model.compeft").read_bytes()
-    meta, _ = _compressed_meta(tmp_path / "a" / "adapter_model.compeft")
-    assert meta["scale"] == rule
-    assert ("lora_fit" in meta) == (rule in LORA_SCALES)
+    _auto_is(rule, tmp_path, density=0.1, base=f"{LORA}/init", scope=scope)
 
 
 def test_ia3_stays_proj_vcap(tmp_path):
