@@ -4,7 +4,7 @@ Every row of ``bench/results/lora_calibrate.json`` (a trio of experts of ``bench
 seed 0 to 19, one adapter, a reference, a density) holds the score of the tuned single scale
 (the best one scale for every factor, found with the data) and, for seeds 1 to 19, its
 *window*: the ratios to ``proj``'s scale whose score is within 0.005 of the tuned one
-(``bench/lora_scale.py --windows``). Three probes, each answering one question:
+(``bench/lora_scale.py --windows``). Four probes, each answering one question:
 
 * ``crossover``: at one reference and some densities, score ``proj_vcap`` and LoRA product
   rules on every row (61 adapters a density: 20 trios and ``tests/data``). Which rule
@@ -16,6 +16,9 @@ seed 0 to 19, one adapter, a reference, a density) holds the score of the tuned 
   scoring sentences themselves (an oracle), or random word pieces (no text at all)), and
   check the fitted scale against each row's window (no scoring needed). Is the miss the
   parameter-space fit ignoring which input directions the model uses?
+* ``power``: raise ``lora_product_out``'s output metric ``P P^T`` to the powers 1, 1/2, 1/4
+  and 0 (Frobenius), and check each fitted scale against the windows. How much should the
+  output directions the adapter moves dominate the fit?
 
 Score: as ``bench/lora_scale.py`` (mean cosine of the rebuilt model's sentence embeddings with
 the adapter's own, 40 sentences); within 0.005 of the tuned score is the target. Run from the
@@ -288,16 +291,65 @@ def inputs(probe: Rows, sets: Sequence[str]) -> list[dict]:
     return out
 
 
+#: ``power``: the powers of the output metric ``G = (P P^T)^p`` tried (1: ``lora_product_out``,
+#: 0: the Frobenius ``lora_product``)
+POWERS = (1.0, 0.5, 0.25, 0.0)
+
+
+def powers(probe: Rows, sets: Sequence[str], ref: str) -> list[dict]:
+    """``lora_product_out``'s global fit with its output metric raised to each of
+    :data:`POWERS` (scaled to a mean eigenvalue of 1), as ratios, on ``ref``'s rows."""
+    from compeft_format.compress import compress
+    from compeft_format.lora_scale import (
+        best_scale,
+        lora_pairs,
+        output_metric,
+        product_quartic,
+        sign_matrix,
+    )
+
+    out = []
+    for set_name, r in calibration_rows(CALIBRATION_ROWS, windows=True):
+        if set_name not in sets or r["ref"] != ref:
+            continue
+        _, _, w, init, tv = probe.load(set_name, r)
+        comp = compress(tv, density=r["density"], scale="proj_vcap")
+        pairs = lora_pairs(comp)
+        proj = comp[pairs[0][0]].scale
+        totals = {p: np.zeros(5) for p in POWERS}
+        for a_name, b_name in pairs:
+            a, b = (np.asarray(w[n], np.float64) for n in (a_name, b_name))
+            a0, b0 = ((np.asarray(init[n], np.float64) for n in (a_name, b_name)) if init
+                      else (None, None))
+            sa, sb = sign_matrix(comp[a_name]), sign_matrix(comp[b_name])
+            out_metric = output_metric(a, b)
+            if out_metric is None:
+                continue
+            q, wv = out_metric
+            for p in POWERS:
+                m = None if p == 0.0 else (q, wv**p / ((wv**p).sum() / b.shape[0]))
+                totals[p] += product_quartic(a0, b0, sa, sb, a, b, m)
+        row = {"set": set_name, "adapter": r["adapter"], "ref": r["ref"],
+               "density": r["density"], "window": r["window"]}
+        for p, q4 in totals.items():
+            s = best_scale(q4)
+            row[f"power {p:g}"] = s / proj if s else None
+        out.append(row)
+        print(json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("probe", choices=("crossover", "scope", "input"))
-    ap.add_argument("--ref", choices=("init", "zero"), default="zero")
+    ap.add_argument("probe", choices=("crossover", "scope", "input", "power"))
+    ap.add_argument("--ref", choices=("init", "zero"), default="zero",
+                    help="crossover and power: the reference (default %(default)s)")
     ap.add_argument("--densities", default="0.2",
                     help="crossover: the densities scored (default %(default)s)")
     ap.add_argument("--rules", default="proj_vcap,lora_product_out",
                     help="crossover: the rules scored (default %(default)s)")
     ap.add_argument("--sets", default="seed1,seed2,seed3,seed4,seed5,seed6",
-                    help="scope and input: the trios probed (default %(default)s)")
+                    help="scope, input and power: the trios probed (default %(default)s)")
     ap.add_argument("--experts-root", type=Path, default=Path("/work/cache"),
                     help="the folder holding experts/ (seed 0) and experts-seedN/")
     ap.add_argument("--json", type=Path)
@@ -315,6 +367,10 @@ def main() -> None:
         rows = scopes(probe, sets)
         summary = summarize(rows, [f"lora_product_out@{s}" for s in ("global", "role",
                                                                         "tensor")])
+    elif args.probe == "power":
+        rows = powers(probe, sets, args.ref)
+        summary = summarize(rows, [f"power {p:g}" for p in POWERS],
+                            hit=lambda r, label: in_window(r[label], r["window"]))
     else:
         rows = inputs(probe, sets)
         summary = summarize(rows, [v[0] for v in INPUT_VARIANTS],
