@@ -86,7 +86,8 @@ def is_lora(source: Source) -> bool:
 def require_lora(source: Source, why: str, error: type[CompeftError] = ConvertError) -> None:
     """Refuse anything but a LoRA adapter: ``PATH: WHY; this is WHAT`` (before any work)."""
     if not is_lora(source):
-        what = f"a {source.peft_type} adapter" if source.config else "not a PEFT adapter"
+        what = (f"an adapter of PEFT type {source.peft_type}" if source.config
+                else "not a PEFT adapter")
         raise error(f"{source.path}: {why}; this is {what}")
 
 

@@ -207,7 +207,7 @@ def test_refusals_name_the_problem(adapter, tmp_path) -> None:
     with pytest.raises(ConvertError, match="nothing is downloaded"):
         _compress(folder, tmp_path / "c", calibrate=True, base_model=tmp_path / "nowhere")
     ia3 = Path(__file__).parent / "data" / "ia3-minilm-vader"
-    with pytest.raises(ConvertError, match="this is a IA3 adapter"):
+    with pytest.raises(ConvertError, match="this is an adapter of PEFT type IA3"):
         cf.compress_file(ia3, tmp_path / "d", calibrate=True)
     plain = tmp_path / "w.safetensors"
     from safetensors.numpy import save_file

@@ -406,7 +406,7 @@ def test_the_summary_points_low_density_loras_to_lora_product_out(tmp_path):
 def test_lora_product_is_refused_for_other_sources(tmp_path):
     import compeft_format as cf
 
-    with pytest.raises(EncodeError, match="IA3 adapter"):
+    with pytest.raises(EncodeError, match="adapter of PEFT type IA3"):
         cf.compress_file("tests/data/ia3-minilm-vader", tmp_path / "x", scale="lora_product")
     with pytest.raises(EncodeError, match="scale must be one of"):
         compress({"w": np.ones(4)}, density=0.5, scale="lora_product")

@@ -160,7 +160,7 @@ def test_a_different_regeneration_is_refused_at_decompress(adapter, tmp_path,
     ({"init_lora_weights": "gaussian"}, "init_lora_weights is 'gaussian'"),
     ({"init_lora_weights": "pissa"}, "init_lora_weights is 'pissa'"),
     ({"use_dora": True}, "use_dora is True"),
-    ({"peft_type": "IA3"}, "a IA3 adapter"),
+    ({"peft_type": "IA3"}, "an adapter of PEFT type IA3"),
 ])
 def test_other_initialisations_refused(adapter, tmp_path, change, message) -> None:
     trained, _ = adapter
