@@ -184,9 +184,9 @@ def delta_metric(a: np.ndarray, b: np.ndarray, a0: np.ndarray | None) -> Metric:
     """The two-sided metric of ``"lora_product_delta"``: ``G = P P^T`` over the outputs, as
     :func:`output_metric`, and ``H = dA^T dA`` over the inputs, ``dA = A - A0`` the trained
     change of the A factor; each scaled to a mean eigenvalue of 1, as ``(Q, w, Q_in, w_in)``
-    (``Q_in`` the right singular vectors of ``dA``). Without ``A0`` (compressed from zero), or
-    where training left ``A`` where it started, :func:`output_metric` alone; None where
-    ``P = 0``.
+    (``Q_in`` the right singular vectors of ``dA``, through its ``rank x rank`` Gram
+    matrix). Without ``A0`` (compressed from zero), or where training left ``A`` where it
+    started, :func:`output_metric` alone; None where ``P = 0``.
 
     Why ``dA``: training moves ``A`` by sums of (B's output gradient x input) outer products,
     so the row space of ``dA`` holds the input directions the data used, as ``t^T t`` does
@@ -202,11 +202,15 @@ def delta_metric(a: np.ndarray, b: np.ndarray, a0: np.ndarray | None) -> Metric:
     if out is None or a0 is None:
         return out
     d = np.asarray(a, np.float64) - np.asarray(a0, np.float64)
-    _, sv, vt = np.linalg.svd(d, full_matrices=False)
-    w_in = sv**2
-    if not w_in.sum() > 0.0:
+    # dA^T dA through the rank x rank Gram matrix dA dA^T = U diag(w) U^T: its right
+    # singular vectors are dA^T U / sqrt(w) (an SVD of the wide dA costs several times more)
+    w_in, u = np.linalg.eigh(d @ d.T)  # ascending
+    if not w_in.size or not w_in[-1] > 0.0:
         return out
-    return out[0], out[1], vt.T, w_in / (w_in.sum() / d.shape[1])
+    keep = w_in > w_in[-1] * 1e-12  # directions dA does not span carry no weight
+    w_in, u = w_in[keep], u[:, keep]
+    q_in = (d.T @ u) / np.sqrt(w_in)
+    return out[0], out[1], q_in, w_in / (w_in.sum() / d.shape[1])
 
 
 def _ip(f: Factors, g: Factors, metric: Metric = None) -> float:
@@ -230,6 +234,12 @@ def _ip(f: Factors, g: Factors, metric: Metric = None) -> float:
     return total
 
 
+def _nonzero(m: np.ndarray | None) -> np.ndarray | None:
+    """``m``, or None where it is all zeros (PEFT's initial B): its terms vanish, and the
+    products they would cost are the fit's largest on a wide adapter."""
+    return None if m is None or not np.any(m) else m
+
+
 def product_quartic(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarray,
                     sb: np.ndarray, a: np.ndarray, b: np.ndarray,
                     metric: Metric = None) -> np.ndarray:
@@ -248,6 +258,7 @@ def product_quartic(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarray
     [45.0, 0.0, -12.0, 0.0, 1.0]
     """
     a, b, sa, sb = (np.asarray(m, np.float64) for m in (a, b, sa, sb))
+    b0 = _nonzero(b0)
     c0: Factors = [(-b, a)]
     c1: Factors = []
     if a0 is not None:
@@ -302,6 +313,7 @@ def pair_polynomials(a0: np.ndarray | None, b0: np.ndarray | None, sa: np.ndarra
     each of degree 2. Arguments as :func:`product_quartic`.
     """
     a, b, sa, sb = (np.asarray(m, np.float64) for m in (a, b, sa, sb))
+    b0 = _nonzero(b0)
     e0: Factors = [(-b, a)]
     e1: Factors = []
     f0: Factors = []

@@ -20,6 +20,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .calibrate import CALIBRATION_KEY, Calibration, calibrate_scales
 from .compress import AUTO_SCALE, iter_compress
 from .errors import CompeftError, ConvertError
@@ -114,6 +116,36 @@ def _factor_names(done: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[
     return pairs, [n for pair in pairs for n in pair]
 
 
+class _Read(Mapping):
+    """``name -> reader.get(name)`` for ``names``, read on access as a copy whose pages of
+    the memory map are then released: the fit holds one module's factors at a time, and the
+    adapter's file does not stay resident (with the reference, twice the adapter's size)."""
+
+    def __init__(self, names: Iterable[str], reader: Any) -> None:
+        self._names = list(names)
+        self._set = set(self._names)
+        self._reader = reader
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self._set:
+            raise KeyError(name)
+        storage, dtype = self._reader.get(name)
+        copy = np.array(storage)
+        release = getattr(self._reader, "release", None)
+        if release is not None:
+            release(name)
+        return copy, dtype
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor
+        return name in self._set
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def lora_refit(done: dict[str, Any], source: Source, reader: Any, base_reader: Any,
                measured: Iterable[str], rule: str, scope: str, alpha: float
                ) -> dict[str, Any]:
@@ -123,8 +155,9 @@ def lora_refit(done: dict[str, Any], source: Source, reader: Any, base_reader: A
     pairs, names = _factor_names(done)
     from_base = set(measured) if base_reader is not None else set()
     config = json.loads(Path(source.config).read_text()) if source.config else {}
-    fitted = rescale(done, {n: reader.get(n) for n in names},
-                     {n: base_reader.get(n) for n in names if n in from_base},
+    fitted = rescale(done, _Read(names, reader),
+                     _Read([n for n in names if n in from_base], base_reader)
+                     if base_reader is not None else {},
                      rule=rule, scope=scope, alpha=alpha,
                      scaling=lambda a: peft_scaling(config, a, reader.info(a).shape[0],
                                                     source.config))
