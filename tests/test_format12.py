@@ -9,18 +9,17 @@ every cut and bit flip of a small 1.2 file is refused.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import math
 import re
 import struct
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from spec_helpers import ROOT, SPEC, check_fixed_dictionary
 
 from compeft_format import TernaryTensor, dumps, iter_stream, loads, open_file
 from compeft_format import _spec as S
@@ -29,10 +28,8 @@ from compeft_format.errors import CompeftError
 from compeft_format.metadata import stage_metadata
 from compeft_format.packtable import Member, column_table, predicted_param
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = (ROOT / "spec" / "FORMAT.md").read_text(encoding="utf-8")
 sys.path.insert(0, str(ROOT / "spec" / "tools"))
-import reference_reader as rr  # noqa: E402
+import reference_reader as rr
 
 #: metadata as the reference compressor writes it for an adapter measured from its init
 META = {
@@ -131,14 +128,9 @@ def test_writer_compresses_metadata_only_where_it_pays() -> None:
 
 
 def test_metadata_dictionary_is_the_spec_text() -> None:
-    block = re.search(r"### 7\.3 .*?```text\n(.*?)\n```", SPEC, re.S)
-    assert block is not None
-    from_spec = "".join(block.group(1).split("\n")).encode("ascii")
-    assert from_spec == S.METADATA_DICTIONARY == rr.METADATA_DICTIONARY
+    from_spec = check_fixed_dictionary("7.3", S.METADATA_DICTIONARY, rr.METADATA_DICTIONARY,
+                                       S.METADATA_DICTIONARY_SHA256)
     assert len(from_spec) == 980
-    assert f"`{S.METADATA_DICTIONARY_SHA256}`" in SPEC
-    assert hashlib.sha256(from_spec).hexdigest() == S.METADATA_DICTIONARY_SHA256
-    assert not from_spec.startswith(b"\x37\xa4\x30\xec")  # raw content, not a zstd dictionary
 
 
 def test_column_table_example_of_the_spec() -> None:

@@ -10,7 +10,6 @@ adapters, and that every cut and bit flip of a small 1.3 file is refused.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 import re
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_helpers import one_line_error, run
+from spec_helpers import ROOT, SPEC, check_fixed_dictionary
 
 from compeft_format import TernaryTensor, dumps, inspect, iter_stream, loads, open_file
 from compeft_format import _spec as S
@@ -34,10 +34,8 @@ from compeft_format.merge_io import merge_files
 from compeft_format.packtable import Member, compact_table, read_column_table, read_scale_columns
 from compeft_format.safetensors_io import save_safetensors
 
-ROOT = Path(__file__).resolve().parents[1]
-SPEC = (ROOT / "spec" / "FORMAT.md").read_text(encoding="utf-8")
 sys.path.insert(0, str(ROOT / "spec" / "tools"))
-import reference_reader as rr  # noqa: E402
+import reference_reader as rr
 
 
 def _ternary(shape: tuple[int, ...], density: float, seed: int, scale: float,
@@ -84,14 +82,9 @@ class _NoBudget:
 # the spec's text and the code
 # ---------------------------------------------------------------------------------------------
 def test_name_dictionary_is_the_spec_text() -> None:
-    block = re.search(r"### 7\.4 .*?```text\n(.*?)\n```", SPEC, re.S)
-    assert block is not None
-    from_spec = "".join(block.group(1).split("\n")).encode("ascii")
-    assert from_spec == S.NAME_DICTIONARY == rr.NAME_DICTIONARY
+    from_spec = check_fixed_dictionary("7.4", S.NAME_DICTIONARY, rr.NAME_DICTIONARY,
+                                       S.NAME_DICTIONARY_SHA256)
     assert f"{len(from_spec)} bytes below" in SPEC
-    assert f"`{S.NAME_DICTIONARY_SHA256}`" in SPEC
-    assert hashlib.sha256(from_spec).hexdigest() == S.NAME_DICTIONARY_SHA256
-    assert not from_spec.startswith(b"\x37\xa4\x30\xec")  # raw content, not a zstd dictionary
 
 
 def test_compact_table_examples_of_the_spec() -> None:
