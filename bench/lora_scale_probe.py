@@ -36,6 +36,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -234,11 +235,15 @@ def input_moments(probe: Rows, sentences: Sequence[str]) -> dict[str, np.ndarray
     return acc
 
 
-def inputs(probe: Rows, sets: Sequence[str]) -> list[dict]:
-    """``lora_product_out``'s global fit with and without an input metric, as ratios."""
-    from bench.lora_calibrate import token_text
-    from bench.scale_rules import EVAL_SENTENCES
-    from compeft_format.calibrate import CALIBRATION_TEXT
+#: a probe's metric for one module: ``(module name, lora_product_out's output metric (Q, w),
+#: outputs) -> the metric product_quartic takes`` (None: Frobenius)
+MetricOf = Callable[[str, tuple[np.ndarray, np.ndarray], int], Any]
+
+
+def window_fits(probe: Rows, sets: Sequence[str], ref: str | None,
+                metrics: Mapping[str, MetricOf]) -> list[dict]:
+    """For every windowed row of ``sets`` (from ``ref``; None: both), the global product fit
+    on compress's selection under each of ``metrics``, as a ratio to proj's scale."""
     from compeft_format.compress import compress
     from compeft_format.lora_scale import (
         best_scale,
@@ -248,27 +253,15 @@ def inputs(probe: Rows, sets: Sequence[str]) -> list[dict]:
         sign_matrix,
     )
 
-    texts = {"calibration": CALIBRATION_TEXT, "scoring": EVAL_SENTENCES,
-             "random": token_text(probe.scorer.tokenizer, "random")}
-    metrics: dict[tuple[str, str, bool], tuple[np.ndarray, np.ndarray]] = {}
-    moments = {k: input_moments(probe, v) for k, v in texts.items()}
-
-    def metric(text: str, module: str, norm: bool) -> tuple[np.ndarray, np.ndarray]:
-        if (text, module, norm) not in metrics:
-            w, q = np.linalg.eigh(moments[text][module])
-            w = np.clip(w, 0.0, None)
-            metrics[text, module, norm] = (q, w / (w.sum() / w.size) if norm else w)
-        return metrics[text, module, norm]
-
     out = []
     for set_name, r in calibration_rows(CALIBRATION_ROWS, windows=True):
-        if set_name not in sets:
+        if set_name not in sets or ref not in (None, r["ref"]):
             continue
         _, _, w, init, tv = probe.load(set_name, r)
         comp = compress(tv, density=r["density"], scale="proj_vcap")
         pairs = lora_pairs(comp)
         proj = comp[pairs[0][0]].scale
-        totals = {label: np.zeros(5) for label, _, _ in INPUT_VARIANTS}
+        totals = {label: np.zeros(5) for label in metrics}
         for a_name, b_name in pairs:
             module = a_name.removeprefix("base_model.model.").split(".lora_A.")[0]
             a, b = (np.asarray(w[n], np.float64) for n in (a_name, b_name))
@@ -278,8 +271,8 @@ def inputs(probe: Rows, sets: Sequence[str]) -> list[dict]:
             out_metric = output_metric(a, b)
             if out_metric is None:
                 continue
-            for label, text, norm in INPUT_VARIANTS:
-                m = out_metric if text is None else (*out_metric, *metric(text, module, norm))
+            for label, metric_of in metrics.items():
+                m = metric_of(module, out_metric, b.shape[0])
                 totals[label] += product_quartic(a0, b0, sa, sb, a, b, m)
         row = {"set": set_name, "adapter": r["adapter"], "ref": r["ref"],
                "density": r["density"], "window": r["window"]}
@@ -291,6 +284,32 @@ def inputs(probe: Rows, sets: Sequence[str]) -> list[dict]:
     return out
 
 
+def inputs(probe: Rows, sets: Sequence[str]) -> list[dict]:
+    """``lora_product_out``'s global fit with and without an input metric, as ratios."""
+    from bench.lora_calibrate import token_text
+    from bench.scale_rules import EVAL_SENTENCES
+    from compeft_format.calibrate import CALIBRATION_TEXT
+
+    texts = {"calibration": CALIBRATION_TEXT, "scoring": EVAL_SENTENCES,
+             "random": token_text(probe.scorer.tokenizer, "random")}
+    moments = {k: input_moments(probe, v) for k, v in texts.items()}
+    eigen: dict[tuple[str, str, bool], tuple[np.ndarray, np.ndarray]] = {}
+
+    def input_metric(text: str, module: str, norm: bool) -> tuple[np.ndarray, np.ndarray]:
+        if (text, module, norm) not in eigen:
+            w, q = np.linalg.eigh(moments[text][module])
+            w = np.clip(w, 0.0, None)
+            eigen[text, module, norm] = (q, w / (w.sum() / w.size) if norm else w)
+        return eigen[text, module, norm]
+
+    def with_inputs(text: str | None, norm: bool) -> MetricOf:
+        return lambda module, out, _: (out if text is None
+                                       else (*out, *input_metric(text, module, norm)))
+
+    return window_fits(probe, sets, None, {label: with_inputs(text, norm)
+                                           for label, text, norm in INPUT_VARIANTS})
+
+
 #: ``power``: the powers of the output metric ``G = (P P^T)^p`` tried (1: ``lora_product_out``,
 #: 0: the Frobenius ``lora_product``)
 POWERS = (1.0, 0.5, 0.25, 0.0)
@@ -299,44 +318,14 @@ POWERS = (1.0, 0.5, 0.25, 0.0)
 def powers(probe: Rows, sets: Sequence[str], ref: str) -> list[dict]:
     """``lora_product_out``'s global fit with its output metric raised to each of
     :data:`POWERS` (scaled to a mean eigenvalue of 1), as ratios, on ``ref``'s rows."""
-    from compeft_format.compress import compress
-    from compeft_format.lora_scale import (
-        best_scale,
-        lora_pairs,
-        output_metric,
-        product_quartic,
-        sign_matrix,
-    )
 
-    out = []
-    for set_name, r in calibration_rows(CALIBRATION_ROWS, windows=True):
-        if set_name not in sets or r["ref"] != ref:
-            continue
-        _, _, w, init, tv = probe.load(set_name, r)
-        comp = compress(tv, density=r["density"], scale="proj_vcap")
-        pairs = lora_pairs(comp)
-        proj = comp[pairs[0][0]].scale
-        totals = {p: np.zeros(5) for p in POWERS}
-        for a_name, b_name in pairs:
-            a, b = (np.asarray(w[n], np.float64) for n in (a_name, b_name))
-            a0, b0 = ((np.asarray(init[n], np.float64) for n in (a_name, b_name)) if init
-                      else (None, None))
-            sa, sb = sign_matrix(comp[a_name]), sign_matrix(comp[b_name])
-            out_metric = output_metric(a, b)
-            if out_metric is None:
-                continue
-            q, wv = out_metric
-            for p in POWERS:
-                m = None if p == 0.0 else (q, wv**p / ((wv**p).sum() / b.shape[0]))
-                totals[p] += product_quartic(a0, b0, sa, sb, a, b, m)
-        row = {"set": set_name, "adapter": r["adapter"], "ref": r["ref"],
-               "density": r["density"], "window": r["window"]}
-        for p, q4 in totals.items():
-            s = best_scale(q4)
-            row[f"power {p:g}"] = s / proj if s else None
-        out.append(row)
-        print(json.dumps(row), flush=True)
-    return out
+    def raised(p: float) -> MetricOf:
+        def metric_of(_: str, out: tuple[np.ndarray, np.ndarray], outputs: int) -> Any:
+            q, w = out
+            return None if p == 0.0 else (q, w**p / ((w**p).sum() / outputs))
+        return metric_of
+
+    return window_fits(probe, sets, ref, {f"power {p:g}": raised(p) for p in POWERS})
 
 
 def main() -> None:
