@@ -10,7 +10,6 @@ adapters, and that every cut and bit flip of a small 1.3 file is refused.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import struct
@@ -21,9 +20,10 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_helpers import one_line_error, run
+from file_helpers import READERS, kinds, refuse_every_cut_and_flip
 from spec_helpers import ROOT, SPEC, check_fixed_dictionary
 
-from compeft_format import TernaryTensor, dumps, inspect, iter_stream, loads, open_file
+from compeft_format import TernaryTensor, dumps, inspect, loads, open_file
 from compeft_format import _spec as S
 from compeft_format._io import BufferSource
 from compeft_format.codecs import NAMES_ZSTD
@@ -55,12 +55,6 @@ def lora(layers: int = 4) -> dict[str, TernaryTensor]:
             out[f"{stem}.lora_A.weight"] = _ternary((8, 64), 0.05, 10 * i + 1, 0.25)
             out[f"{stem}.lora_B.weight"] = _ternary((64, 8), 0.05, 10 * i + 2, 0.0125, "BF16")
     return out
-
-
-def kinds(data: bytes) -> list[int]:
-    with open_file(data) as f:
-        offsets = sorted({f.info(n).offset for n in f})
-    return [data[o] for o in offsets]
 
 
 def the_pack(data: bytes):
@@ -179,15 +173,6 @@ def test_the_projects_adapters_are_smaller_in_1_3(adapter: str, tmp_path: Path) 
 # ---------------------------------------------------------------------------------------------
 # reading
 # ---------------------------------------------------------------------------------------------
-def read_all(data: bytes) -> dict[str, Any]:
-    with open_file(data) as f:
-        return {n: f.get(n) for n in f}
-
-
-READERS = {"loads": loads, "iter_stream": lambda d: dict(iter_stream(io.BytesIO(d))),
-           "open_file": read_all}
-
-
 @pytest.mark.parametrize("alignment", [1, 8])
 @pytest.mark.parametrize("positions", ["auto", "golomb", "bitmask"])
 def test_1_3_files_read_back_like_1_0_files(positions: str, alignment: int) -> None:
@@ -229,17 +214,7 @@ def test_cuts_and_bit_flips_of_a_1_3_file_are_refused() -> None:
     data = dumps({"a": _ternary((64,), 0.2, 1, 0.5), "ab": _ternary((40,), 0.3, 2, 0.5, "BF16"),
                   "b": _ternary((16,), 0.25, 3, 0.75)})
     assert kinds(data) == [S.KIND_COMPACT_PACK]
-    for n in range(len(data)):
-        for read in READERS.values():
-            with pytest.raises(CompeftError):
-                read(data[:n])
-    for at in range(len(data)):
-        for bit in range(8):
-            bad = bytearray(data)
-            bad[at] ^= 1 << bit
-            for read in READERS.values():
-                with pytest.raises(CompeftError):
-                    read(bytes(bad))
+    refuse_every_cut_and_flip(data)
 
 
 # ---------------------------------------------------------------------------------------------

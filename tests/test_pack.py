@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from file_helpers import READERS, kinds, refuse_every_cut_and_flip
 
 import compeft_format as cf
 from compeft_format import TernaryTensor, dumps, inspect, iter_stream, loads, open_file
@@ -23,7 +24,6 @@ from compeft_format import _spec as S
 from compeft_format._io import encode_varint as varint
 from compeft_format.errors import (
     ChecksumError,
-    CompeftError,
     CorruptDataError,
     EncodeError,
     UnsupportedFeatureError,
@@ -51,13 +51,6 @@ def adapter(layers: int = 6, seed: int = 0) -> dict[str, Any]:
     out["model.layers.3.zero"] = TernaryTensor((0, 4), [], [], 0.0)
     out["model.layers.3.scalar"] = TernaryTensor((), [0], [True], 2.5, "F16")
     return out
-
-
-def kinds(data: bytes) -> list[int]:
-    """Record_Kind of every record, from the index."""
-    with open_file(data) as f:
-        offsets = sorted({f.info(n).offset for n in f})
-    return [data[o] for o in offsets]
 
 
 def same(a: Any, b: Any) -> bool:
@@ -212,16 +205,6 @@ ONE = member_entry(b"a", 1)
 ONE_DATA = b"\x01" + b"\x00" + struct.pack("<f", 1.0)
 
 
-def read_all(data: bytes) -> None:
-    with open_file(data) as f:
-        for n in f:
-            f.get(n)
-
-
-READERS = {"loads": loads, "iter_stream": lambda d: list(iter_stream(io.BytesIO(d))),
-           "open_file": read_all}
-
-
 def test_hand_built_pack_decodes() -> None:
     data = pack_file(ONE, ONE_DATA)
     assert loads(data)["a"] == TernaryTensor((8,), [0], [False], 1.0)
@@ -289,16 +272,5 @@ def test_truncations_and_bit_flips_of_a_pack_are_refused() -> None:
     """Every cut and every single-bit flip of a small 1.1 file is an error on every path."""
     data = dumps({"a": _ternary(64, 0.2, 1), "ab": _ternary(40, 0.3, 2, "BF16")},
                  metadata={"m": 1}, version="1.1")  # 1.2: tests/test_format12.py
-    for n in range(len(data)):
-        for reader in READERS.values():
-            with pytest.raises(CompeftError):
-                reader(data[:n])
-    for at in range(len(data)):
-        for bit in range(8):
-            bad = bytearray(data)
-            bad[at] ^= 1 << bit
-            if at == 9:  # Version_Minor: 1.0 and 1.3 readers reject or read the same
-                continue
-            for reader in READERS.values():
-                with pytest.raises(CompeftError):
-                    reader(bytes(bad))
+    # Version_Minor (byte 9): 1.0 and 1.3 readers reject or read the same
+    refuse_every_cut_and_flip(data, unchecked=[9])
