@@ -18,6 +18,7 @@ from .errors import EncodeError
 from .tensor import TernaryTensor
 
 __all__ = [
+    "AUTO_GLOBAL_ONLY",
     "AUTO_LORA_DENSITY",
     "AUTO_LORA_RULES",
     "AUTO_SCALE",
@@ -87,6 +88,10 @@ AUTO_LORA_RULES: dict[str, tuple[tuple[float, str], ...]] = {
     "checkpoint": ((0.05, "lora_product_out"), (0.2, "lora_product_delta")),
     "zero": ((0.2, "lora_product_out"),),
 }
+#: The rules of :data:`AUTO_LORA_RULES` that ``"auto"`` uses with scope ``"global"`` only:
+#: chosen with one scale for every factor, their fits per role or per module land far from
+#: the best scale (``bench/results/lora_scale.md``); with another scope their band is left out.
+AUTO_GLOBAL_ONLY = frozenset({"lora_product_delta"})
 #: The highest density at which ``"auto"`` fits a LoRA adapter's factors on their products,
 #: by reference (:data:`AUTO_LORA_RULES`' last band); ``"proj_vcap"`` above.
 AUTO_LORA_DENSITY = {ref: bands[-1][0] for ref, bands in AUTO_LORA_RULES.items()}
@@ -99,10 +104,8 @@ def resolve_scale(scale: str, density: float, *, matrices: bool = True,
     ``"auto"`` is ``"proj_vcap"`` for a task vector of vectors only (an (IA)^3 adapter:
     ``matrices=False``), and for a LoRA adapter's factors (``lora``: the reference the task
     vector is measured from, ``"checkpoint"`` or ``"zero"``) the rule of its density's band
-    in :data:`AUTO_LORA_RULES` (with a ``scope`` other than ``"global"`` without the
-    ``"lora_product_delta"`` band: it was chosen with one scale for every factor, and its
-    fits per role or per module land far from the best scale, ``bench/results/lora_scale.md``),
-    ``"proj_vcap"`` above them; for any other task vector
+    in :data:`AUTO_LORA_RULES` (with a ``scope`` other than ``"global"``, without the bands
+    of :data:`AUTO_GLOBAL_ONLY`), ``"proj_vcap"`` above them; for any other task vector
     ``"kron_sketch"`` at and below :data:`AUTO_SKETCH_DENSITY`, else ``"proj_vcap"``. A
     vector in a ``"kron_sketch"`` scope gets ``"proj_vcap"``'s scale (it is capped, and
     without a matrix the rule is ``"proj"``), so a task vector of vectors only gives the
@@ -126,9 +129,8 @@ def resolve_scale(scale: str, density: float, *, matrices: bool = True,
         if bands is None:
             raise EncodeError(f"reference must be one of {tuple(AUTO_LORA_RULES)}, "
                               f"got {lora!r}")
-        if scope != "global":
-            bands = tuple(b for b in bands if b[1] != "lora_product_delta")
-        return next((rule for limit, rule in bands if density <= limit), "proj_vcap")
+        return next((rule for limit, rule in bands if density <= limit
+                     and (scope == "global" or rule not in AUTO_GLOBAL_ONLY)), "proj_vcap")
     if not matrices:
         return "proj_vcap"
     return "kron_sketch" if density <= AUTO_SKETCH_DENSITY else "proj_vcap"

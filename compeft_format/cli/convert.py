@@ -21,7 +21,7 @@ from ..hifi import DEFAULT_REL_STEP, HIFI_ZSTD_LEVEL
 from ..lora_scale import LORA_SCALES
 from ..restore import OUTPUT_DTYPES, decompress_file
 from ..safetensors_io import open_safetensors
-from ..scales import AUTO_LORA_RULES, AUTO_SKETCH_DENSITY
+from ..scales import AUTO_GLOBAL_ONLY, AUTO_LORA_RULES, AUTO_SKETCH_DENSITY
 from .files import STDIO, Job, make_folder, plan, pool_of, refuse_terminal, run_jobs, staged
 from .options import (
     POSITIONS,
@@ -50,7 +50,7 @@ _NAMING = ("Without -o, each OUTPUT is named after its INPUT, beside it: {rule}.
 
 def _lora_bands(ref: str) -> str:
     """``auto``'s LoRA rules from ``ref``, as the help says them."""
-    return ", ".join(f"{rule}{' (--scope global)' if rule == 'lora_product_delta' else ''} "
+    return ", ".join(f"{rule}{' (--scope global)' if rule in AUTO_GLOBAL_ONLY else ''} "
                      f"at density <= {limit:g}" for limit, rule in AUTO_LORA_RULES[ref])
 
 
