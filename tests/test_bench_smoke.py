@@ -144,6 +144,51 @@ def test_overhead_breakdown_adds_up_and_finds_each_part(tmp_path: Path) -> None:
     assert sizes[0]["record framing"] > 30
 
 
+def test_overhead_stream_padding_counts_each_streams_last_byte(tmp_path: Path) -> None:
+    """bench/overhead.py: the bits of byte rounding in a bitmask (N bits in ceil(N / 8)
+    bytes), a golomb payload (zeros after its final 1) and a signs payload (8 ceil(n / 8) - n)."""
+    from bench import overhead
+    from compeft_format import TernaryTensor, inspect, save_file
+
+    t = TernaryTensor((1001,), [3, 500, 1000], [0, 1, 1], 0.5)
+    for positions in ("bitmask", "golomb"):
+        path = tmp_path / f"{positions}.compeft"
+        save_file({"w": t}, path, positions=positions, version="1.0", zstd_level=None)
+        pad = overhead.stream_padding(path)
+        assert pad["signs"] == 5  # 3 signs in one byte
+        block = next(b for b in inspect(path).tensors[0].blocks if b.codec == positions)
+        if positions == "bitmask":
+            assert pad["positions"] == 8 * 126 - 1001
+        else:  # T = w n + L + sum(q) + n bits (spec 6.2.1), from the gaps and Param
+            m, gaps = block.param, [3, 496, 499]
+            b = (m - 1).bit_length()
+            u, w = 2**b - m, max(b - 1, 0)
+            longs = sum(b >= 1 and g % m >= u for g in gaps)
+            bits = w * 3 + longs + sum(g // m for g in gaps) + 3
+            assert block.stored_size == -(-bits // 8)
+            assert pad["positions"] == 8 * block.stored_size - bits
+
+
+def test_overhead_command_on_files_and_generated_ia3(tmp_path: Path, capsys) -> None:
+    """bench/overhead.py FILE --breakdown prints all three tables; an (IA)^3 made by
+    write_adapter starts at ones and compresses from its init/ as the command does."""
+    from bench import overhead
+    from compeft_format.convert import compress_file
+
+    shapes = overhead._t5_ia3(1, 16, 32)
+    assert [n.rsplit(".", 2)[-2] for n, _ in shapes] == ["k", "v", "wo", "k", "v", "k", "v", "wo"]
+    folder = overhead.write_adapter(tmp_path / "ia3", shapes, 0)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "IA3"
+    assert config["feedforward_modules"] == ["wo"]
+    compress_file(folder, tmp_path / "c", density=0.1, base=folder / "init")
+    path = tmp_path / "c" / "adapter_model.compeft"
+    assert overhead.main([str(path), "--breakdown"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| adapter |") == 3
+    assert "positions padding bits" in out
+
+
 def test_compress_against_partition_table(capsys) -> None:
     """bench_select part 3 (compress vs np.partition, 1 thread and all) runs and says it."""
     sys.path.insert(0, str(ROOT / "bench"))
