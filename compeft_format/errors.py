@@ -55,6 +55,16 @@ class CompeftError(Exception):
         The tensor the error belongs to, if any.
     offset:
         The absolute byte offset in the file where the error was found, if any.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compeft_format import compress
+    >>> try:
+    ...     compress({"w": np.array([np.nan, 1.0])}, density=0.5)
+    ... except CompeftError as exc:
+    ...     print(type(exc).__name__, exc.tensor, "|", exc.message)
+    EncodeError w | value nan at flat index 0 is not finite; a task vector must be finite
     """
 
     def __init__(self, message: str, *, tensor: str | None = None, offset: int | None = None):
@@ -81,43 +91,118 @@ def _rebuild(cls, message, tensor, offset, text=None):
 
 
 class FormatError(CompeftError, ValueError):
-    """The bytes are not a valid compeft file (spec section 9 lists every rule)."""
+    """The bytes are not a valid compeft file (spec section 9 lists every rule).
+
+    >>> from compeft_format import loads
+    >>> try:
+    ...     loads(b"")
+    ... except FormatError as exc:  # the base of every rule's error
+    ...     print(type(exc).__name__, "|", exc)
+    TruncatedError | byte 0: file header: need 16 bytes, 0 available
+    """
 
 
 class BadMagicError(FormatError):
-    """The file does not start with the compeft magic (or the trailer magic is wrong)."""
+    """The file does not start with the compeft magic (or the trailer magic is wrong).
+
+    >>> from compeft_format import loads
+    >>> loads(b"PK\\x03\\x04 a zip archive")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.errors.BadMagicError: byte 0: not a compeft file (magic b'PK\\x03\\x04 a z', ...)
+    """
 
 
 class TruncatedError(FormatError):
-    """The file ends before a structure it declares."""
+    """The file ends before a structure it declares.
+
+    >>> from compeft_format import TernaryTensor, dumps, loads
+    >>> good = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
+    >>> loads(good[:-20])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.errors.TruncatedError: ...
+    """
 
 
 class ChecksumError(FormatError):
-    """A stored CRC-32 does not match the bytes it covers."""
+    """A stored CRC-32 does not match the bytes it covers.
+
+    >>> from compeft_format import TernaryTensor, dumps, loads
+    >>> good = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
+    >>> loads(good[:60] + bytes([good[60] ^ 1]) + good[61:])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.errors.ChecksumError: tensor 'w': byte 56: data checksum mismatch: ...
+    """
 
 
 class CorruptDataError(FormatError):
-    """A structure is complete and its checksum matches, but its content breaks a rule."""
+    """A structure is complete and its checksum matches, but its content breaks a rule.
+
+    >>> import os, tempfile, numpy as np
+    >>> from compeft_format import decompress_file, save_file
+    >>> d = tempfile.mkdtemp()
+    >>> p = os.path.join(d, "x.compeft")
+    >>> save_file({"w": np.ones(2, np.float32)}, p, metadata={"task_vector": {"reference": "two"}})
+    >>> decompress_file(p, os.path.join(d, "x.safetensors"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.errors.CorruptDataError: ...: metadata 'task_vector': reference must be ... 'two'
+    """
 
 
 class LimitExceededError(FormatError):
-    """A declared size or count is above a reader limit (spec section 9.2)."""
+    """A declared size or count is above a reader limit (spec section 9.2).
+
+    >>> from compeft_format import TernaryTensor, dumps, loads
+    >>> good = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
+    >>> from compeft_format import ReadLimits
+    >>> loads(good, limits=ReadLimits(max_tensors=0))
+    Traceback (most recent call last):
+    compeft_format.errors.LimitExceededError: byte 24: more than 0 records
+    """
 
 
 class UnsupportedError(CompeftError):
-    """Valid under some version of the spec, but not readable by this implementation."""
+    """Valid under some version of the spec, but not readable by this implementation: a newer
+    major version (:class:`UnsupportedVersionError`) or a required part a later minor version
+    added (:class:`UnsupportedFeatureError`). Not a :class:`FormatError`: the file may be fine.
+
+    >>> issubclass(UnsupportedVersionError, UnsupportedError)
+    True
+    >>> issubclass(UnsupportedError, FormatError)
+    False
+    """
 
 
 class UnsupportedVersionError(UnsupportedError):
-    """The file's major version is newer than this reader supports."""
+    """The file's major version is newer than this reader supports.
+
+    >>> from compeft_format import TernaryTensor, dumps, loads
+    >>> good = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
+    >>> loads(good[:8] + bytes([2, 0]) + good[10:])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.errors.UnsupportedVersionError: byte 8: format version 2.0 is not supported; ...
+    """
 
 
 class UnsupportedFeatureError(UnsupportedError):
-    """A required part (record kind, block type, stage) that this reader does not know."""
+    """A required part (record kind, block type, stage) that this reader does not know.
+
+    A later minor version may add such parts (spec 10.2); the vectors of
+    ``spec/vectors/invalid`` whose error is this one (an unknown record kind, an unknown
+    stage) show each case.
+
+    >>> issubclass(UnsupportedFeatureError, UnsupportedError)
+    True
+    """
 
 
 class EncodeError(CompeftError, ValueError):
-    """The input cannot be represented: not ternary, not finite, bad option value."""
+    """The input cannot be represented: not ternary, not finite, bad option value.
+
+    >>> from compeft_format import TernaryTensor
+    >>> TernaryTensor((4,), [5], [0], 0.1)
+    Traceback (most recent call last):
+    compeft_format.errors.EncodeError: indices must lie in [0, 4)
+    """
 
 
 class ConvertError(CompeftError, ValueError):
@@ -125,11 +210,24 @@ class ConvertError(CompeftError, ValueError):
 
     A directory that is not a PEFT adapter, a base that does not match the one the task
     vector was measured from, an output that exists, a file that needs ``base``...
+
+    >>> import os, tempfile
+    >>> from compeft_format import compress_file
+    >>> d = tempfile.mkdtemp()
+    >>> compress_file(d, os.path.join(d, "out"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.errors.ConvertError: ...: not a PEFT adapter directory: ...
     """
 
 
 class MergeError(CompeftError, ValueError):
-    """Inputs that do not fit together (names, shapes, dtypes, references), or a bad option."""
+    """Inputs that do not fit together (names, shapes, dtypes, references), or a bad option.
+
+    >>> from compeft_format import merge_files
+    >>> merge_files(["expert.compeft"], "merged.safetensors")
+    Traceback (most recent call last):
+    compeft_format.errors.MergeError: merge needs two or more inputs, got 1
+    """
 
 
 class MissingDependencyError(CompeftError, ImportError):

@@ -87,7 +87,13 @@ _CHUNK = 1 << 20  # elements per pass over a tensor: temporaries stay small
 
 
 class HifiError(CompeftError, ValueError):
-    """A file that is not a hi-fi file, or whose steps do not match its records."""
+    """A file that is not a hi-fi file, or whose steps do not match its records.
+
+    >>> from compeft_format import TernaryTensor, dumps
+    >>> load_hifi(dumps({"w": TernaryTensor((4,), [1], [0], 0.5)}))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.hifi.HifiError: file: not a hi-fi file: metadata key 'compeft_format.hifi' ...
+    """
 
 
 def _values(value: Any, name: str) -> np.ndarray:
@@ -298,6 +304,13 @@ def load_hifi(path: str | os.PathLike | bytes) -> dict[str, np.ndarray]:
     A record without a step (stored as it is) comes back as the reader decodes it. Raises
     :class:`HifiError` for a file without the :data:`HIFI_KEY` metadata or whose steps do
     not match its records (count, integer dtypes).
+
+    >>> import os, tempfile, numpy as np
+    >>> p = os.path.join(tempfile.mkdtemp(), "e.compeft")
+    >>> save_hifi({"w": np.array([0.5, -1.0, 0.26], np.float32)}, p, step=0.25)
+    {'w': 0.25}
+    >>> load_hifi(p)["w"]  # each value within half a step
+    array([ 0.5 , -1.  ,  0.25], dtype=float32)
     """
     with open_file(path) as reader:
         names = reader.keys()

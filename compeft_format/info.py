@@ -16,7 +16,13 @@ __all__ = ["BlockInfo", "FileInfo", "TensorInfo"]
 
 @dataclass(frozen=True)
 class BlockInfo:
-    """One block of a record, as described by its Block_Descriptor (spec 5.5)."""
+    """One block of a record, as described by its Block_Descriptor (spec 5.5).
+
+    >>> from compeft_format import TernaryTensor, dumps, inspect
+    >>> data = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
+    >>> [(b.codec, b.stage, b.stored_size) for b in inspect(data).tensors[0].blocks]
+    [('golomb', 'none', 3), ('signs', 'none', 1), ('scale', 'table', 4)]
+    """
 
     codec: str  #: "bitmask", "golomb", "signs", "scale", "dense" (or "0x.." when unknown)
     block_type: int
@@ -32,7 +38,13 @@ class BlockInfo:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """What a record header says about one tensor, without decoding its data."""
+    """What a record header says about one tensor, without decoding its data.
+
+    >>> from compeft_format import TernaryTensor, dumps, inspect
+    >>> t = inspect(dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})).tensors[0]
+    >>> t.name, t.kind, t.dtype, t.shape, t.nnz, t.density, t.codecs
+    ('w', 'ternary', 'F32', (1000,), 2, 0.002, 'golomb,signs,scale')
+    """
 
     name: str
     kind: str  #: "ternary" or "dense"
@@ -83,7 +95,16 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileInfo:
-    """The header, metadata and per-tensor layout of a file (see :func:`inspect`)."""
+    """The header, metadata and per-tensor layout of a file (see :func:`inspect`).
+
+    >>> from compeft_format import TernaryTensor, dumps, inspect
+    >>> data = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
+    >>> info = inspect(data)
+    >>> info.version, info.file_size == len(data), [t.name for t in info.tensors]
+    ((1, 3), True, ['w'])
+    >>> info.dense_size  # 1000 float32 values
+    4000
+    """
 
     version: tuple[int, int]
     alignment: int

@@ -105,6 +105,18 @@ class MergeSummary:
     adapter directory); ``merged``/``copied`` count the task-vector tensors merged and the
     tensors copied unchanged (equal in every input); ``density``, ``nnz`` describe a
     compeft output (None otherwise).
+
+    >>> import os, tempfile
+    >>> from compeft_format import compress_file, merge_files
+    >>> d = tempfile.mkdtemp()
+    >>> ins = [os.path.join(d, f"e{a}") for a in (1, 2)]
+    >>> for path, alpha in zip(ins, (1.0, 0.8)):
+    ...     _ = compress_file("tests/data/ia3-minilm-vader", path, density=0.1, alpha=alpha)
+    >>> s = merge_files(ins, os.path.join(d, "m.safetensors"))
+    >>> s.form, s.method, s.merged, s.copied
+    ('safetensors', 'ties', 24, 0)
+    >>> s.reference
+    "one 'sentence-transformers/all-MiniLM-L6-v2' (PEFT IA3)"
     """
 
     inputs: tuple[str, ...]

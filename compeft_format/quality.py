@@ -53,6 +53,15 @@ class TensorQuality:
         ``||t - t_hat|| / ||t||`` (``inf`` when ``t`` is zero and ``t_hat`` is not).
     cosine:
         Cosine similarity of ``t`` and ``t_hat``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from compeft_format import compress
+    >>> t = {"w": np.array([0.5, -0.25, 0.0, 0.01], np.float32)}
+    >>> q = quality_report(t, compress(t, density=0.5, scale="std"))["w"]
+    >>> q.kind, q.nnz, q.density, round(q.cosine, 4)
+    ('ternary', 2, 0.5, 0.9485)
     """
 
     name: str

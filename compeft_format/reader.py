@@ -534,7 +534,24 @@ def _a_path(path: object, what: str) -> str | os.PathLike:
 
 def open_file(path: str | os.PathLike | bytes | bytearray | memoryview, *,
               framework: str = "numpy", limits: S.ReadLimits = S.DEFAULT_LIMITS) -> CompeftReader:
-    """Open a file (memory-mapped) or a bytes object for random access; see CompeftReader."""
+    """Open a file (memory-mapped) or a bytes object for random access; see CompeftReader.
+
+    Only the trailer, the index and the records asked for are read; the values are decoded
+    on ``get`` (``framework="torch"`` for torch tensors).
+
+    >>> import os, tempfile
+    >>> from compeft_format import TernaryTensor, save_file
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.compeft")
+    >>> save_file({"a": TernaryTensor((4,), [1, 3], [0, 1], 0.5),
+    ...            "b": np.arange(3, dtype=np.float32)}, p, metadata={"task": "demo"})
+    >>> with open_file(p) as f:
+    ...     print(sorted(f.keys()), f.metadata()["task"], f.info("a").nnz)
+    ...     print(f.get("a"))
+    ...     print(f.get("a", dense=True), f.get("b"))
+    ['a', 'b'] demo 2
+    TernaryTensor(shape=(4,), nnz=2, scale=0.5, dtype='F32')
+    [ 0.   0.5  0.  -0.5] [0. 1. 2.]
+    """
     if isinstance(path, (bytes, bytearray, memoryview)):
         return CompeftReader(memoryview(path).cast("B"), framework=framework, limits=limits)
     with open(_a_path(path, "open_file"), "rb") as f:

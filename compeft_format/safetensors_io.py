@@ -66,7 +66,16 @@ assert set(_DTYPE_RANK) == set(ITEMSIZE)
 
 
 class SafetensorsError(FormatError):
-    """The bytes are not a valid safetensors file; the message names the file and the rule."""
+    """The bytes are not a valid safetensors file; the message names the file and the rule.
+
+    >>> import tempfile
+    >>> from pathlib import Path
+    >>> p = Path(tempfile.mkdtemp()) / "bad.safetensors"
+    >>> _ = p.write_bytes(b"\\xff" * 16)
+    >>> open_safetensors(p)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    compeft_format.safetensors_io.SafetensorsError: ...: header size 18446744073709551615 is ...
+    """
 
 
 @dataclass(frozen=True)

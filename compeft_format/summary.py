@@ -63,6 +63,19 @@ class CompressSummary:
     scale, scale_auto:
         The scale rule used, as the file records it (None for a hi-fi file), and whether it
         was chosen by ``scale="auto"``.
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> from compeft_format import compress_file
+    >>> d = tempfile.mkdtemp()
+    >>> s = compress_file("tests/data/ia3-minilm-vader", os.path.join(d, "c"), density=0.1)
+    >>> s.reference, s.tensors, s.ternary, s.dense, s.scale, s.scale_auto
+    ('one', 24, 24, 0, 'proj_vcap', True)
+    >>> s.file_bytes, s.dense_bytes
+    (1593, 64512)
+    >>> print(s.format().splitlines()[0])  # doctest: +ELLIPSIS
+    compressed tests/data/ia3-minilm-vader -> .../c
     """
 
     source: str
@@ -158,7 +171,16 @@ class CompressSummary:
 
 @dataclass(frozen=True)
 class DecompressSummary:
-    """What :func:`decompress_file` did; :meth:`format` is the command's printout."""
+    """What :func:`decompress_file` did; :meth:`format` is the command's printout.
+
+    >>> import os, tempfile
+    >>> from compeft_format import compress_file, decompress_file
+    >>> d = tempfile.mkdtemp()
+    >>> _ = compress_file("tests/data/ia3-minilm-vader", os.path.join(d, "c"), density=0.1)
+    >>> s = decompress_file(os.path.join(d, "c"), os.path.join(d, "r"))
+    >>> s.reference, s.tensors, s.numel, s.base, s.dtype
+    ('one', 24, 16128, None, None)
+    """
 
     source: str
     output: str

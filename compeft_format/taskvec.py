@@ -106,6 +106,15 @@ class TaskVectorReport:
     non_float:
         ``(name, dtype)`` of tensors present on both sides but not float (position ids,
         step counters, masks): they have no task vector and are left out.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> ft = {"w": np.ones(2, np.float32), "ids": np.arange(2), "head": np.ones(3)}
+    >>> base = {"w": np.zeros(2, np.float32), "ids": np.arange(2)}
+    >>> tv, report = state_dict_task_vector(ft, base)
+    >>> report.names, report.only_in_finetuned, report.non_float, report.complete
+    (('w',), ('head',), (('ids', 'I64'),), False)
     """
 
     names: tuple[str, ...]
@@ -138,6 +147,12 @@ class LazyTaskVector(Mapping):
     Returned by ``state_dict_task_vector(..., lazy=True)``. Nothing is cached: each access
     reads both sides again, so memory stays within one tensor's worth at a time. Has the
     same ``.dtypes`` as :class:`TaskVector`.
+
+    >>> import numpy as np
+    >>> ft = {"w": np.full(3, 1.5, np.float32)}
+    >>> tv, _ = state_dict_task_vector(ft, {"w": np.ones(3, np.float32)}, lazy=True)
+    >>> tv, tv["w"], tv.dtypes
+    (LazyTaskVector(1 tensors), array([0.5, 0.5, 0.5], dtype=float32), {'w': 'F32'})
     """
 
     def __init__(

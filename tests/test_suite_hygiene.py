@@ -51,6 +51,19 @@ def test_every_modules_examples_run(name, monkeypatch):
     assert not result.failed, name
 
 
+def test_every_public_item_has_a_runnable_example():
+    # the engineering standard: a docstring with an example on everything __all__ exports
+    # (the examples run in test_every_modules_examples_run); the version strings are data
+    import inspect
+
+    import compeft_format
+
+    missing = [name for name in compeft_format.__all__
+               if not isinstance(getattr(compeft_format, name), str)
+               and ">>>" not in (inspect.getdoc(getattr(compeft_format, name)) or "")]
+    assert not missing, missing
+
+
 def test_one_version_everywhere():
     import re
 
