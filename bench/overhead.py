@@ -202,6 +202,13 @@ def stream_padding(path: str | Path) -> dict[str, int]:
     return {"positions": positions, "signs": signs}
 
 
+def layout_parts(path: str | Path) -> dict[str, Any]:
+    """What ``--breakdown`` adds to a row: :func:`breakdown`, :func:`scales_in_data` and
+    :func:`stream_padding` of the file."""
+    return {"parts": breakdown(path), "data_scale_bytes": scales_in_data(path),
+            "padding": stream_padding(path)}
+
+
 def write_adapter(folder: Path, shapes: list[tuple[str, tuple[int, int]]], seed: int) -> Path:
     """A PEFT adapter folder with an ``init/`` and trained-like values: a LoRA (A random, B
     zero at init) or, for ``ia3_l`` names, an (IA)^3 (ones at init)."""
@@ -251,10 +258,7 @@ def measure_all(densities: tuple[float, ...] = DENSITIES, generated: bool = True
                 out = Path(tmp) / f"out-{len(rows)}"
                 compress_file(folder, out, density=p, base=folder / "init")
                 path = out / "adapter_model.compeft"
-                row = content_measure(path) | ({"parts": breakdown(path),
-                                                "data_scale_bytes": scales_in_data(path),
-                                                "padding": stream_padding(path)}
-                                               if parts else {})
+                row = content_measure(path) | (layout_parts(path) if parts else {})
                 rows.append({"adapter": label, "density": p, **row})
     return rows
 
@@ -315,9 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.files:
         rows = [{"adapter": f, "density": float("nan"), **content_measure(f),
-                 **({"parts": breakdown(f), "data_scale_bytes": scales_in_data(f),
-                     "padding": stream_padding(f)}
-                    if args.breakdown else {})} for f in args.files]
+                 **(layout_parts(f) if args.breakdown else {})} for f in args.files]
     else:
         rows = measure_all(generated=not args.own_only, parts=args.breakdown)
     print(json.dumps(rows, indent=1) if args.json else table_md(rows))
