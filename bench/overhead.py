@@ -30,7 +30,7 @@ import numpy as np
 import zstandard
 
 from bench.common import ROOT, entropy_bound, md_table
-from compeft_format import inspect, open_file
+from compeft_format import FileInfo, inspect, open_file
 from compeft_format.convert import compress_file
 
 DENSITIES = (0.01, 0.05, 0.1)
@@ -129,7 +129,7 @@ def content_measure(path: str | Path) -> dict[str, Any]:
 PARTS = ("header and metadata", "record framing", "data", "index and trailer")
 
 
-def breakdown(path: str | Path) -> dict[str, int]:
+def breakdown(path: str | Path, info: FileInfo | None = None) -> dict[str, int]:
     """Where the bytes of a compeft file go, from its own layout (:func:`compeft_format.inspect`).
 
     ``header and metadata``: the file header, the metadata as stored, its checksum and padding
@@ -138,6 +138,8 @@ def breakdown(path: str | Path) -> dict[str, int]:
     (record headers, names, pack member tables with a compact pack's scales, checksums,
     padding). ``index and trailer``: what follows the last data block. The four add up to the
     file size.
+    ``info``, the file's :func:`~compeft_format.inspect` where the caller has it (as here,
+    :func:`scales_in_data` and :func:`stream_padding`), saves parsing it again.
 
     >>> from compeft_format import TernaryTensor, dumps
     >>> import tempfile, os
@@ -147,7 +149,7 @@ def breakdown(path: str | Path) -> dict[str, int]:
     >>> sum(parts.values()) == os.path.getsize(path), parts["data"]
     (True, 4)
     """
-    info = inspect(path)
+    info = info or inspect(path)
     blocks = [b for t in info.tensors for b in t.blocks if b.stage != "table"]
     first = min((t.offset for t in info.tensors), default=info.file_size - 16)
     data = sum(b.stored_size for b in blocks)
@@ -156,7 +158,7 @@ def breakdown(path: str | Path) -> dict[str, int]:
             "data": data, "index and trailer": info.file_size - data_end}
 
 
-def scales_in_data(path: str | Path) -> int:
+def scales_in_data(path: str | Path, info: FileInfo | None = None) -> int:
     """Bytes of scale blocks in the data areas (a compact pack keeps its scales in its table).
 
     >>> from compeft_format import TernaryTensor, dumps
@@ -167,11 +169,11 @@ def scales_in_data(path: str | Path) -> int:
     >>> scales_in_data(path)
     4
     """
-    return sum(b.stored_size for t in inspect(path).tensors for b in t.blocks
+    return sum(b.stored_size for t in (info or inspect(path)).tensors for b in t.blocks
                if b.codec == "scale" and b.stage != "table")
 
 
-def stream_padding(path: str | Path) -> dict[str, int]:
+def stream_padding(path: str | Path, info: FileInfo | None = None) -> dict[str, int]:
     """Bits lost to byte rounding in the ternary tensors' own bit streams.
 
     ``positions``: the zero bits after the last ``1`` of each golomb payload (its unary part
@@ -187,7 +189,7 @@ def stream_padding(path: str | Path) -> dict[str, int]:
     >>> stream_padding(path)["signs"]
     6
     """
-    info, data = inspect(path), Path(path).read_bytes()
+    info, data = info or inspect(path), Path(path).read_bytes()
     positions = signs = 0
     for t in info.tensors:
         for b in t.blocks:
@@ -205,8 +207,9 @@ def stream_padding(path: str | Path) -> dict[str, int]:
 def layout_parts(path: str | Path) -> dict[str, Any]:
     """What ``--breakdown`` adds to a row: :func:`breakdown`, :func:`scales_in_data` and
     :func:`stream_padding` of the file."""
-    return {"parts": breakdown(path), "data_scale_bytes": scales_in_data(path),
-            "padding": stream_padding(path)}
+    info = inspect(path)  # parsed once for the three
+    return {"parts": breakdown(path, info), "data_scale_bytes": scales_in_data(path, info),
+            "padding": stream_padding(path, info)}
 
 
 def write_adapter(folder: Path, shapes: list[tuple[str, tuple[int, int]]], seed: int) -> Path:
