@@ -5,8 +5,8 @@
 ``.compeft`` file, a ``.safetensors`` file or an adapter folder, with the semantics and
 rescaling rules of :mod:`compeft_format.merge` unchanged; a ternary output is compressed
 again by :func:`~compeft_format.merge_compress.compress_merged`, straight from the
-sign-pattern tables (:func:`~compeft_format.merge_compress.merge_and_compress`, re-exported
-here, does the same for task vectors held in memory).
+sign-pattern tables (:func:`~compeft_format.merge_compress.merge_and_compress` does the
+same for task vectors held in memory).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ from .merge import (
     prepared_rescales,
     resolve_rescale,
 )
-from .merge_compress import PATTERN_SCALES, PATTERN_SCOPES, compress_merged, merge_and_compress
+from .merge_compress import compress_merged
 from .outputs import Output, write_fsync
 from .peft_init import recorded_recipe, regenerated_file
 from .plan import CHUNK, META_SAFETENSORS, META_TASK_VECTOR
@@ -76,10 +76,7 @@ __all__ = [
     "ADAPTER_KEYS",
     "META_MERGE",
     "OUTPUT_FORMS",
-    "PATTERN_SCALES",
-    "PATTERN_SCOPES",
     "MergeSummary",
-    "merge_and_compress",
     "merge_files",
 ]
 

@@ -20,7 +20,8 @@ import compeft_format.merge as M
 from compeft_format import TernaryTensor
 from compeft_format.cli import main
 from compeft_format.merge import MergeError, merge
-from compeft_format.merge_io import merge_and_compress, merge_files
+from compeft_format.merge_compress import merge_and_compress
+from compeft_format.merge_io import merge_files
 from compeft_format.safetensors_io import open_safetensors, save_safetensors
 from compeft_format.taskvec import apply_task_vector
 

@@ -31,7 +31,8 @@ from compeft_format.merge import (
     expected_ties,
     merge,
 )
-from compeft_format.merge_io import merge_and_compress, merge_files
+from compeft_format.merge_compress import merge_and_compress
+from compeft_format.merge_io import merge_files
 from compeft_format.merge_rescale import expected_rescales
 
 
