@@ -12,8 +12,8 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 3  # what the reference encoder writes by default (spec 10.1)
-VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3))  # the versions an encoder can be asked to write
+VERSION_MINOR = 4  # what the reference encoder writes by default (spec 10.1)
+VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4))  # the versions an encoder can be asked to write
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
@@ -30,6 +30,8 @@ KIND_DENSE = 0x02
 KIND_PACK = 0x03  # spec 5.8 (1.1): many small ternary tensors in one record
 KIND_COLUMN_PACK = 0x04  # spec 5.9 (1.2): a pack whose member table is stored in columns
 KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in the table
+KIND_BIT_PACK = 0x06  # spec 5.11 (1.4): a compact pack with its members' streams bit after bit
+NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact or bit pack's index entry may be ""
 
 # spec 5.8 pack records (format 1.1)
 PACK_TABLE_MAX = 1 << 20  # the largest decoded member table (a format limit)

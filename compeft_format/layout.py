@@ -18,10 +18,13 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from . import _spec as S
 from ._io import BufferSource, Source, encode_varint
 from .budget import Budget
 from .codecs import NAMES_ZSTD, ZSTD, BlockContext, get_codec
+from .codecs._bits import concat_bits, packed_slice
 from .errors import (
     BadMagicError,
     ChecksumError,
@@ -47,14 +50,17 @@ __all__ = [
     "MAX_RECORD_HEADER",
     "PACK_KINDS",
     "RECORD_OVERHEAD",
+    "TABLE_NAMED_KINDS",
     "Header",
     "PackMember",
     "Record",
     "align",
     "check_data_crc",
+    "check_pack_data",
     "check_zero",
     "crc32",
     "descriptor",
+    "member_payloads",
     "pack_table",
     "read_file_header",
     "read_index",
@@ -137,10 +143,17 @@ class Header:
     @property
     def kinds(self) -> tuple[int, ...]:
         """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2,
-        5.10 from 1.3)."""
+        5.10 from 1.3, 5.11 from 1.4)."""
         minor = self.version[1]
         return ((S.KIND_TERNARY, S.KIND_DENSE) + (S.KIND_PACK,) * (minor >= 1)
-                + (S.KIND_COLUMN_PACK,) * (minor >= 2) + (S.KIND_COMPACT_PACK,) * (minor >= 3))
+                + (S.KIND_COLUMN_PACK,) * (minor >= 2) + (S.KIND_COMPACT_PACK,) * (minor >= 3)
+                + (S.KIND_BIT_PACK,) * (minor >= 4))
+
+    @property
+    def nameless_index(self) -> bool:
+        """Whether a compact or bit pack's index entry may have no name (spec 5.6, 1.4)."""
+        return self.version[1] >= S.NAMELESS_INDEX_MINOR
+
 
 
 def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Header:
@@ -213,9 +226,13 @@ class Record:
     data_size: int
     alignment: int = 1
     members: tuple[Record, ...] = ()  # a pack's tensors (spec 5.8), data_start absolute
+    used_bits: int = 0  # a pack's: the bits of its data area its members use
     in_pack: bool = False  # a member of a pack: no checksum, no alignment of its own
     #: a compact pack member's scale (spec 5.10): its 4 bytes and the table's offset
     table_scale: tuple[bytes, int] | None = None
+    #: a bit pack member (spec 5.11): its first bit within the byte at ``data_start`` (0 to
+    #: 7) and its ``Positions_Bits``; its signs follow, ``nnz`` bits
+    bit_span: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -235,6 +252,8 @@ class Record:
         kind = "ternary" if self.kind == S.KIND_TERNARY else "dense"
         # a pack member's share of the file is its data (the pack's header is shared)
         size = self.data_size if self.in_pack else self.end - self.offset
+        if self.bit_span is not None:  # spec 5.11: its bits, rounded up to bytes
+            size = -(-(self.bit_span[1] + (self.nnz or 0)) // 8)
         return TensorInfo(self.name, kind, self.dtype, self.shape, self.nnz, tuple(infos),
                           self.offset, size)
 
@@ -246,9 +265,11 @@ def _codec_name(btype: int) -> str:
         return f"0x{btype:02x}"
 
 
-def _read_name(src: Source, limits: S.ReadLimits, what: str) -> str:
+def _read_name(src: Source, limits: S.ReadLimits, what: str, empty: bool = False) -> str:
     start = src.pos
     n = src.varint(f"{what} name length")
+    if empty and n == 0:  # spec 5.6 (1.4): a compact or bit pack's index entry
+        return ""
     if not 1 <= n <= limits.max_name_length:
         raise LimitExceededError(f"{what} name length {n} outside [1, {limits.max_name_length}]",
                                  offset=start)
@@ -277,7 +298,7 @@ def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: 
     data_start = align(header_end, alignment)
     b = BufferSource(body[:-4], base=body_start)
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
-    if kind == S.KIND_COMPACT_PACK:  # spec 5.10: no Name; the first member's is the record's
+    if kind in TABLE_NAMED_KINDS:  # spec 5.10, 5.11: no Name; the first member's is the record's
         return _read_pack(b, "", limits, Record(
             kind, "", "", (), None, [], data_crc, offset, header_end, data_start, data_size,
             alignment), data_size_at)
@@ -359,9 +380,11 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
                data_size_at: int) -> Record:
     """The rest of a pack record's body: its member table (spec 5.8, 5.9, 5.10).
 
-    A compact pack (spec 5.10) comes with ``name`` empty: its name is its first member's.
+    A compact or bit pack (spec 5.10, 5.11) comes with ``name`` empty: its name is its first
+    member's.
     """
-    compact = rec.kind == S.KIND_COMPACT_PACK
+    compact = rec.kind in TABLE_NAMED_KINDS
+    bits = rec.kind == S.KIND_BIT_PACK
     at = b.pos
     count = b.varint("member count")
     if count < 1:
@@ -389,7 +412,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         table = memoryview(zstd.decode(table, decoded, ctx))
     t = BufferSource(table, base=table_at)
     if compact:
-        fields = read_column_table(t, count, None, limits)
+        fields = read_column_table(t, count, None, limits, bits)
     elif rec.kind == S.KIND_COLUMN_PACK:
         fields = read_column_table(t, count, name, limits)
     else:
@@ -399,27 +422,37 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
     if compact:
         name = rec.name = names[0]
         scales = list(read_scale_columns(t, names))
-    members, cursor = [], 0
+    members, cursor = [], 0  # cursor: bytes into the data area; bits in a bit pack
     for f, mname, scale in zip(fields, names, scales, strict=True):
+        psize = -(-f.psize // 8) if bits else f.psize  # spec 5.11: the stream, in whole bytes
         ssize = -(-f.nnz // 8)
-        blocks = [(f.ptype, S.STAGE_NONE, f.param, f.psize, f.psize),
+        blocks = [(f.ptype, S.STAGE_NONE, f.param, psize, psize),
                   (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize)]
         if scale is None:  # spec 5.8: the scale follows the signs in the data area
             blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4))
-        size = sum(blk[3] for blk in blocks)
+        if bits:  # the bytes that hold the member's bits
+            start, span = cursor >> 3, (cursor & 7, f.psize)
+            cursor += f.psize + f.nnz
+            size = -(-cursor // 8) - start
+        else:
+            start, span = cursor, None
+            size = sum(blk[3] for blk in blocks)
+            cursor += size
         members.append(Record(S.KIND_TERNARY, mname, f.dtype, f.shape, f.nnz, blocks,
-                              0, rec.offset, rec.header_end, rec.data_start + cursor, size,
+                              0, rec.offset, rec.header_end, rec.data_start + start, size,
                               in_pack=True,
-                              table_scale=None if scale is None else (scale, table_at)))
-        cursor += size
+                              table_scale=None if scale is None else (scale, table_at),
+                              bit_span=span))
     t.tensor = name
     if not t.at_end():
         raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
                                tensor=name, offset=t.pos)
-    if rec.data_size != align(cursor, rec.alignment):
+    used = -(-cursor // 8) if bits else cursor
+    if rec.data_size != align(used, rec.alignment):
         raise CorruptDataError(f"data size {rec.data_size} does not match the pack's members "
-                               f"({align(cursor, rec.alignment)})", tensor=name,
+                               f"({align(used, rec.alignment)})", tensor=name,
                                offset=data_size_at)
+    rec.used_bits = cursor if bits else 8 * cursor
     rec.members = tuple(members)
     return rec
 
@@ -459,9 +492,11 @@ def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits
     return members
 
 
-#: the record kinds that hold pack members: 1.1 packs (spec 5.8), column packs (5.9) and
-#: compact packs (5.10)
-PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK)
+#: the record kinds that hold pack members: 1.1 packs (spec 5.8), column packs (5.9),
+#: compact packs (5.10) and bit packs (5.11)
+PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK, S.KIND_BIT_PACK)
+#: the packs with no Name in their body: their name is their first member's (spec 5.10)
+TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK)
 BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 
@@ -494,17 +529,89 @@ def check_data_crc(rec: Record, data: memoryview, tensor: str | None = None) -> 
                             offset=rec.data_start)
 
 
-def read_index(src: Source, limits: S.ReadLimits) -> list[tuple[str, int]]:
-    """Parse the Index after its 0x00 kind byte (spec 5.6)."""
+def positions_bits(ptype: int, payload: bytes, numel: int) -> int:
+    """The length in bits of a positions payload's stream (spec 5.11): ``numel`` for a
+    bitmask, up to and with the last one bit for golomb (0 for an empty block).
+
+    >>> positions_bits(0x02, bytes([0b1011, 0b10]), 64), positions_bits(0x01, b"\x01", 5)
+    (10, 5)
+    """
+    if ptype == S.BLOCK_BITMASK:
+        return numel
+    body = payload.rstrip(b"\x00")
+    return 8 * (len(body) - 1) + body[-1].bit_length() if body else 0
+
+
+def bit_pack_data(streams: list[tuple[bytes, int]]) -> bytes:
+    """A bit pack's data area before its alignment padding (spec 5.11): the ``(payload,
+    bits)`` streams one after the other, bit after bit.
+
+    >>> bit_pack_data([(b"\x01", 1), (b"\x03", 2)]).hex()
+    '07'
+    """
+    return concat_bits((np.frombuffer(p, dtype=np.uint8), n) for p, n in streams)
+
+
+def read_index(src: Source, limits: S.ReadLimits, nameless: bool = False,
+               ) -> list[tuple[str, int]]:
+    """Parse the Index after its 0x00 kind byte (spec 5.6).
+
+    ``nameless``: the file is 1.4 or later, where a compact or bit pack's entry has no name
+    (``Name_Length`` 0, given as ``""``).
+    """
     at = src.pos
     count = src.varint("tensor count")
     if count > limits.max_tensors:
         raise LimitExceededError(f"{count} tensors; limit {limits.max_tensors}", offset=at)
     entries: list[tuple[str, int]] = []
     for _ in range(count):
-        name = _read_name(src, limits, "index")
+        name = _read_name(src, limits, "index", nameless)
         entries.append((name, src.varint("record offset")))
     return entries
+
+
+def check_pack_data(pack: Record, data: memoryview, tensor: str | None = None) -> None:
+    """Check a pack's whole data area: its checksum (R-REC-9), then the padding after its last
+    member (R-BLK-4): in a bit pack (spec 5.11) from the bit after the last member's last."""
+    check_data_crc(pack, data, tensor)
+    used = pack.used_bits >> 3
+    tail = pack.used_bits & 7
+    if tail and data[used] >> tail:
+        raise CorruptDataError(f"block padding: padding bits of byte 0x{data[used]:02x} after "
+                               f"bit {tail} must be 0", tensor=pack.name,
+                               offset=pack.data_start + used)
+    used += tail > 0
+    check_zero(data[used:], pack.data_start + used, pack.name, "block padding")
+
+
+def member_payloads(rec: Record, span: memoryview) -> memoryview:
+    """The data a pack member's blocks read: ``span``, the bytes that hold it, or for a bit
+    pack member (spec 5.11) its two streams, each moved to a byte boundary and zero padded.
+
+    R-BPK-1 is checked first: a bitmask stream is ``numel`` bits long, a golomb stream ends
+    with the one bit of its last code (0 bits when there is none).
+    """
+    if rec.bit_span is None:
+        return span
+    first, pbits = rec.bit_span
+    nnz, numel = rec.nnz or 0, math.prod(rec.shape)
+    buf = np.frombuffer(span, dtype=np.uint8)
+    ptype = rec.blocks[0][0]
+    if ptype == S.BLOCK_BITMASK and pbits != numel:
+        problem = f"bitmask stream of {pbits} bits, numel is {numel}"
+    elif ptype == S.BLOCK_GOLOMB and nnz == 0 and pbits:
+        problem = f"golomb stream of {pbits} bits, nnz is 0"
+    elif ptype == S.BLOCK_GOLOMB and nnz and not (
+            pbits and buf[(first + pbits - 1) >> 3] >> ((first + pbits - 1) & 7) & 1):
+        problem = f"golomb stream of {pbits} bits does not end with a one bit"
+    else:
+        problem = ""
+    if problem:
+        raise CorruptDataError(f"bit pack member: {problem}", tensor=rec.name,
+                               offset=rec.data_start + ((first + pbits) >> 3))
+    positions = packed_slice(buf, first, pbits)
+    signs = packed_slice(buf, first + pbits, nnz)
+    return memoryview(positions.tobytes() + signs.tobytes())
 
 
 def verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:

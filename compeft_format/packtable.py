@@ -1,5 +1,8 @@
 """The member table of a column pack (spec 5.9, format 1.2): one column per field.
 
+The same columns, with scales added, make a compact pack's table (spec 5.10, 1.3), and with
+column 10 counted in bits, a bit pack's (spec 5.11, 1.4).
+
 A 1.1 pack (spec 5.8) stores each member's fields side by side; a column pack stores all
 members' values of one field, then the next field, which zstd compresses about a third
 better on adapters, and it codes two fields from the member's own counts: ``Param`` as a
@@ -27,8 +30,8 @@ from ._spec import ReadLimits
 from .errors import CorruptDataError, LimitExceededError
 
 __all__ = ["Member", "column_table", "common_prefix", "compact_table", "decode_name",
-           "member_name", "predicted_param", "predicted_size", "read_column_table",
-           "read_scale_columns", "unzigzag", "zigzag"]
+           "member_name", "predicted_bits", "predicted_param", "predicted_size",
+           "read_column_table", "read_scale_columns", "unzigzag", "zigzag"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +44,7 @@ class Member:
     nnz: int
     ptype: int  #: Positions_Type: 0x01 bitmask, 0x02 golomb
     param: int
-    psize: int  #: Positions_Size
+    psize: int  #: Positions_Size; in a bit pack (spec 5.11) Positions_Bits
 
 
 def zigzag(d: int) -> int:
@@ -79,17 +82,18 @@ def predicted_param(ptype: int, numel: int, nnz: int) -> int:
     return max(1, min(numel, (45426 * numel + 11000 * nnz) // (65536 * nnz)))
 
 
-def predicted_size(ptype: int, param: int, numel: int, nnz: int) -> int:
-    """Spec 5.9: the predicted size of a member's positions payload, in exact integers.
+def predicted_bits(ptype: int, param: int, numel: int, nnz: int) -> int:
+    """Spec 5.11: the predicted length in bits of a member's positions stream.
 
-    A bitmask's exact size; for golomb the stream length of spec 6.2.1 with the long codes
-    and the unary part estimated for remainders spread evenly over ``[0, M)``.
+    A bitmask's exact length; for golomb the stream length of spec 6.2.1 with the long codes
+    and the unary part estimated for remainders spread evenly over ``[0, M)``, in exact
+    integers.
 
-    >>> predicted_size(0x01, 0, 10, 3), predicted_size(0x02, 23, 64, 2)
-    (2, 2)
+    >>> predicted_bits(0x01, 0, 10, 3), predicted_bits(0x02, 23, 64, 2)
+    (10, 12)
     """
     if ptype == S.BLOCK_BITMASK:
-        return (numel + 7) // 8
+        return numel
     if nnz == 0:
         return 0
     m = max(1, param)
@@ -97,7 +101,17 @@ def predicted_size(ptype: int, param: int, numel: int, nnz: int) -> int:
     u, w = (1 << b) - m, max(b - 1, 0)
     long_codes = nnz * (m - u) // m if b else 0
     unary = max(0, (numel - nnz - nnz * (m - 1) // 2) // m)
-    return (w * nnz + long_codes + unary + nnz + 7) // 8
+    return w * nnz + long_codes + unary + nnz
+
+
+def predicted_size(ptype: int, param: int, numel: int, nnz: int) -> int:
+    """Spec 5.9: the predicted size in bytes of a member's positions payload: the predicted
+    length in bits (:func:`predicted_bits`) rounded up.
+
+    >>> predicted_size(0x01, 0, 10, 3), predicted_size(0x02, 23, 64, 2)
+    (2, 2)
+    """
+    return (predicted_bits(ptype, param, numel, nnz) + 7) // 8
 
 
 def common_prefix(a: bytes, b: bytes) -> int:
@@ -110,12 +124,16 @@ def common_prefix(a: bytes, b: bytes) -> int:
     return len(os.path.commonprefix([a, b]))  # noqa: RUF071
 
 
-def column_table(members: Sequence[Member], first_prev: bytes | None = None) -> bytes:
+def column_table(members: Sequence[Member], first_prev: bytes | None = None,
+                 bits: bool = False) -> bytes:
     """The decoded member table of a column pack (spec 5.9) named after its first member.
 
     ``first_prev``: what the first name is coded against; by default the pack's ``Name``,
     which is the first name itself (spec 5.9); a compact pack's is empty (spec 5.10).
+    ``bits``: the members' ``psize`` is ``Positions_Bits``, coded from the predicted bits
+    (a bit pack, spec 5.11).
     """
+    predict = predicted_bits if bits else predicted_size
     prev = members[0].name if first_prev is None else first_prev
     prefixes, lengths, suffixes = bytearray(), bytearray(), bytearray()
     for m in members:
@@ -134,13 +152,15 @@ def column_table(members: Sequence[Member], first_prev: bytes | None = None) -> 
         q = predicted_param(m.ptype, math.prod(m.shape), m.nnz)
         out += encode_varint(zigzag(m.param - q))
     for m in members:
-        out += encode_varint(zigzag(m.psize - predicted_size(m.ptype, m.param,
-                                                             math.prod(m.shape), m.nnz)))
+        out += encode_varint(zigzag(m.psize - predict(m.ptype, m.param, math.prod(m.shape),
+                                                      m.nnz)))
     return bytes(out)
 
 
-def compact_table(members: Sequence[Member], scales: Sequence[bytes]) -> bytes:
-    """The decoded member table of a compact pack (spec 5.10, format 1.3).
+def compact_table(members: Sequence[Member], scales: Sequence[bytes], bits: bool = False,
+                  ) -> bytes:
+    """The decoded member table of a compact pack (spec 5.10, format 1.3), or with ``bits``
+    of a bit pack (spec 5.11, 1.4: the members' ``psize`` is ``Positions_Bits``).
 
     The columns of a column pack with the first name stored in full (a compact pack has no
     ``Name`` of its own), then column 11, each member's ``Scale_Ref`` (the scales numbered in
@@ -153,7 +173,7 @@ def compact_table(members: Sequence[Member], scales: Sequence[bytes]) -> bytes:
     '00 00 03 03 61 2e 77 62 2e 77 01 01 01 01 08 40 01 02 01 02 00 02 00 00 00 00 00 00 80 3f'
     """
     refs: dict[bytes, int] = {}
-    out = bytearray(column_table(members, b""))
+    out = bytearray(column_table(members, b"", bits))
     for scale in scales:
         out += encode_varint(refs.setdefault(bytes(scale), len(refs)))
     return bytes(out) + b"".join(refs)
@@ -216,14 +236,15 @@ def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str | None)
 
 
 def read_column_table(t: BufferSource, count: int, pack: str | None, limits: ReadLimits,
-                      ) -> list[Member]:
+                      bits: bool = False) -> list[Member]:
     """Read the columns of a decoded member table (spec 8.1 step 8b), checking each value.
 
     ``t`` holds the table (its ``base`` the table's offset, for messages); it is left after
     the last column, and the caller checks that nothing follows (R-PACK-3). ``pack`` is the
     record's name, or None for a compact pack (spec 5.10): its first name is coded against
-    the empty name.
+    the empty name. ``bits``: column 10 codes ``Positions_Bits`` (a bit pack, spec 5.11).
     """
+    predict = predicted_bits if bits else predicted_size
     t.tensor = pack
     prefixes = [t.varint("prefix length") for _ in range(count)]
     lengths = [(t.pos, t.varint("suffix length")) for _ in range(count)]
@@ -270,9 +291,13 @@ def read_column_table(t: BufferSource, count: int, pack: str | None, limits: Rea
         shape = tuple(t.varint("dimension") for _ in range(ndim))
         numel = math.prod(shape)
         extent = math.prod(d for d in shape if d)  # as a record's shape (spec 5.4.3)
-        if numel > limits.max_numel or extent > limits.max_numel:
+        if numel > limits.max_numel:
             raise LimitExceededError(f"shape {list(shape)} has {numel} elements; limit "
                                      f"{limits.max_numel}", tensor=name, offset=at)
+        if extent > limits.max_numel:
+            raise LimitExceededError(f"shape {list(shape)}: its nonzero dimensions multiply "
+                                     f"to {extent}; limit {limits.max_numel}", tensor=name,
+                                     offset=at)
         shapes.append(shape)
     nnzs = []
     for name, shape in zip(names, shapes, strict=True):
@@ -305,7 +330,7 @@ def read_column_table(t: BufferSource, count: int, pack: str | None, limits: Rea
     for i, name in enumerate(names):
         t.tensor = name
         at = t.pos
-        s = predicted_size(ptypes[i], params[i], math.prod(shapes[i]), nnzs[i])
+        s = predict(ptypes[i], params[i], math.prod(shapes[i]), nnzs[i])
         e = unzigzag(t.varint("size delta"))
         if s + e < 0:
             raise CorruptDataError(f"pack member positions size {s} + {e} is negative",

@@ -35,11 +35,14 @@ from .info import FileInfo, TensorInfo
 from .layout import (
     BLOCK_ROLES,
     PACK_KINDS,
+    TABLE_NAMED_KINDS,
     Record,
     align,
     check_data_crc,
+    check_pack_data,
     check_zero,
     crc32,
+    member_payloads,
     read_file_header,
     read_index,
     read_record_header,
@@ -179,14 +182,12 @@ def _decode_present(rec: Record, data: memoryview, budget: Budget, framework: st
 
 def _decode_pack(rec: Record, data: memoryview, budget: Budget, framework: str,
                  dense: bool, device: Any = None) -> Iterator[tuple[str, Any]]:
-    """Check a pack's data area, then decode its members in order (spec 5.8)."""
-    check_data_crc(rec, data)
-    used = rec.members[-1].end - rec.data_start
-    check_zero(data[used:], rec.data_start + used, rec.name, "block padding")
+    """Check a pack's data area, then decode its members in order (spec 5.8 to 5.11)."""
+    check_pack_data(rec, data)
     for m in rec.members:
         lo = m.data_start - rec.data_start
-        yield m.name, _decode_present(m, data[lo : lo + m.data_size], budget, framework, dense,
-                                      device=device)
+        payloads = member_payloads(m, data[lo : lo + m.data_size])
+        yield m.name, _decode_present(m, payloads, budget, framework, dense, device=device)
 
 
 def _walk(src: Source, framework: str, limits: S.ReadLimits,
@@ -194,7 +195,7 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
           ) -> Iterator[tuple[str, Any]]:
     budget = Budget(limits, file_size)
     header = read_file_header(src, limits, budget)
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, int]] = []  # name, offset and kind of each record
     last = ""  # the last tensor name: a record's, or a pack's last member's
     while True:
         src.tensor = None
@@ -211,7 +212,7 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
         if last and rec.name.encode() <= last.encode():  # spec 5.3
             raise CorruptDataError(f"record names must increase; {rec.name!r} follows "
                                    f"{last!r}", tensor=rec.name, offset=at)
-        seen.append((rec.name, at))
+        seen.append((rec.name, at, kind))
         last = rec.members[-1].name if rec.members else rec.name
         check_zero(src.read(rec.data_start - rec.header_end, "record padding"), rec.header_end,
                     rec.name, "record padding")
@@ -228,9 +229,13 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
     src.tensor = None
     index_at = src.pos - 1
     src.capture = bytearray(b"\x00")
-    entries = read_index(src, limits)
+    entries = read_index(src, limits, header.nameless_index)
     index_bytes, src.capture = bytes(src.capture), None
-    if entries != seen:  # spec 5.6: the index lists every record, in order, at its offset
+    # spec 5.6: every record, in order, at its offset, named (a 1.4 pack's name may be empty)
+    nameless = header.nameless_index
+    if len(entries) != len(seen) or not all(
+            (name == rname or (not name and nameless and kind in TABLE_NAMED_KINDS))
+            and off == at for (name, off), (rname, at, kind) in zip(entries, seen, strict=False)):
         raise CorruptDataError(f"index ({len(entries)} entries) does not match the "
                                f"{len(seen)} records before it", offset=index_at)
     trailer_at = src.pos
@@ -319,14 +324,16 @@ class CompeftReader:
         isrc = BufferSource(data[index_at : size - S.TRAILER_SIZE], base=index_at)
         if isrc.u8("index kind") != S.KIND_END:
             raise CorruptDataError("index does not start with kind 0x00", offset=index_at)
-        entries = read_index(isrc, limits)
+        entries = read_index(isrc, limits, self._header.nameless_index)
         if not isrc.at_end():
             raise CorruptDataError(f"{isrc.remaining} bytes after the index entries",
                                    offset=isrc.pos)
         self._entries: dict[str, tuple[int, int]] = {}
         prev_name, prev_off = None, None
         for name, off in entries:
-            if prev_name is not None and name.encode() <= prev_name.encode():
+            if not name:  # spec 5.6 (1.4): a pack's entry, named by its table (below)
+                pass
+            elif prev_name is not None and name.encode() <= prev_name.encode():
                 raise CorruptDataError(f"index names must increase; {name!r} follows "
                                        f"{prev_name!r}", offset=index_at)
             if (off <= prev_off) if prev_off is not None else off != first:
@@ -335,7 +342,7 @@ class CompeftReader:
             if off >= index_at:
                 raise CorruptDataError(f"record offset {off} is past the index", tensor=name,
                                        offset=index_at)
-            prev_name, prev_off = name, off
+            prev_name, prev_off = name or prev_name, off
         if not entries and index_at != first:
             raise CorruptDataError(f"{index_at - first} bytes between the header and an empty "
                                    "index", offset=first)
@@ -344,14 +351,23 @@ class CompeftReader:
         self._checked: set[int] = set()  # packs whose data area was verified
         self._closed = False
         ends = [off for _, off in entries[1:]] + [index_at]
+        before = ""  # the previous entry's last name: its own, or its pack's last member's
         for i, ((name, off), end) in enumerate(zip(entries, ends, strict=False)):
             kind = data[off]
+            if not name and kind not in TABLE_NAMED_KINDS:  # spec 5.6 (1.4)
+                raise CorruptDataError(f"index entry without a name: the record at {off} is "
+                                       f"of kind 0x{kind:02x}, not a compact or bit pack",
+                                       offset=index_at)
             if kind in PACK_KINDS and kind in self._header.kinds:
                 # the member tables are read now: they hold the names of the tensors
                 pack = self._read_at(name, off, end)
+                if not name and before and pack.name.encode() <= before.encode():
+                    raise CorruptDataError(f"index names must increase; {pack.name!r} follows "
+                                           f"{before!r}", offset=index_at)
+                name = pack.name
                 after = entries[i + 1][0] if i + 1 < len(entries) else None
-                last = pack.members[-1].name
-                if after is not None and last.encode() >= after.encode():
+                last = before = pack.members[-1].name
+                if after and last.encode() >= after.encode():
                     raise CorruptDataError(f"pack member {last!r} is not below the next record "
                                            f"{after!r}", tensor=name, offset=off)
                 self._packs[off] = pack
@@ -367,8 +383,10 @@ class CompeftReader:
                 src.tensor = name
                 src.u8("record kind")
                 read_record_header(src, kind, limits, self._header.alignment)
+                before = name
                 continue
             self._entries[name] = (off, end)
+            before = name
 
     # -- mapping-like API --
     def keys(self) -> list[str]:
@@ -413,22 +431,21 @@ class CompeftReader:
         if rec.in_pack:
             pack = self._packs[rec.offset]
             if rec.offset not in self._checked:
-                data = self._buf[pack.data_start : pack.end]
-                check_data_crc(pack, data, rec.name)
-                used = pack.members[-1].end
-                check_zero(self._buf[used : pack.end], used, pack.name, "block padding")
+                check_pack_data(pack, self._buf[pack.data_start : pack.end], rec.name)
                 self._checked.add(rec.offset)
+            return member_payloads(rec, self._buf[rec.data_start : rec.end])
         return self._buf[rec.data_start : rec.end]
 
     def _read_at(self, name: str, off: int, end: int) -> Record:
+        """The record at ``off``, named ``name`` in the index ("": a 1.4 pack, spec 5.6)."""
         src = BufferSource(self._buf[off:end], base=off)
-        src.tensor = name
+        src.tensor = name or None
         kind = src.u8("record kind")
         if kind not in self._header.kinds and not kind & S.KIND_OPTIONAL_BIT:
             raise UnsupportedFeatureError(f"unknown required record kind 0x{kind:02x}",
                                           tensor=name, offset=off)
         rec = read_record_header(src, kind, self._limits, self._header.alignment)
-        if rec.name != name:
+        if name and rec.name != name:
             raise CorruptDataError(f"record at {off} is named {rec.name!r}, the index says "
                                    f"{name!r}", tensor=name, offset=off)
         if rec.end != end:  # spec 5.3: records tile the file

@@ -121,7 +121,7 @@ def count_file_bytes(
     >>> t = TernaryTensor((4,), [1], [True], 0.5)
     >>> size, records = count_file_bytes([("a", t, None)])
     >>> size == len(dumps({"a": t})), records
-    (True, {'a': 2})
+    (True, {'a': 1})
     """
     sink = _CountingSink()
     with Writer(sink, metadata=metadata, positions=positions,  # type: ignore[arg-type]
@@ -219,7 +219,7 @@ class SweepResult:
         >>> tv = {"w": np.linspace(-1, 1, 1000)}
         >>> print(sweep(tv, densities=[0.1], scales=["l2"]).format_table())
         scale  density  alpha  nnz  bytes  bits/param  ratio  rel_error    cosine
-        l2      0.1000  1.000  100    173      1.3840   46.2   0.853961  0.520337
+        l2      0.1000  1.000  100    172      1.3760   46.5   0.853961  0.520337
         """
         header = ("scale", "density", "alpha", "nnz", "bytes", "bits/param", "ratio",
                   "rel_error", "cosine")

@@ -8,6 +8,7 @@ budget (spec 9.3). The bytes of each structure come from :mod:`.layout`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -30,9 +31,11 @@ from .layout import (
     RECORD_OVERHEAD,
     PackMember,
     align,
+    bit_pack_data,
     crc32,
     descriptor,
     pack_table,
+    positions_bits,
 )
 from .metadata import encode_metadata, stage_metadata
 from .packtable import Member, column_table, compact_table
@@ -62,12 +65,13 @@ class Writer:
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
     version:
-        ``"1.3"`` (the default) gathers ternary tensors of at most 2^19 elements into compact
-        pack records (spec 5.10: each distinct scale and the first name stored once, names
-        compressed with the name dictionary) and compresses the metadata (spec 5.2);
-        ``"1.2"`` writes the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs
-        of spec 5.8 and plain metadata, for 1.1 readers; ``"1.0"`` one record per tensor,
-        for 1.0 readers.
+        ``"1.4"`` (the default) gathers ternary tensors of at most 2^19 elements into bit
+        pack records (spec 5.11: each distinct scale and the first name stored once, names
+        compressed with the name dictionary, the members' bit streams not rounded to bytes;
+        no name in their index entries) and compresses the metadata (spec 5.2);
+        ``"1.3"`` writes the compact packs of spec 5.10, for 1.3 readers; ``"1.2"`` writes
+        the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs of spec 5.8 and
+        plain metadata, for 1.1 readers; ``"1.0"`` one record per tensor, for 1.0 readers.
 
     Examples
     --------
@@ -76,7 +80,7 @@ class Writer:
     >>> with Writer(buf) as w:
     ...     w.write("a", TernaryTensor((4,), [1], [True], 0.5))
     >>> len(buf.getvalue())
-    85
+    84
     """
 
     def __init__(self, fileobj: BinaryIO, *, metadata: Mapping[str, Any] | None = None,
@@ -98,6 +102,7 @@ class Writer:
         self._packing = version >= (1, 1)  # spec 5.8: small ternary tensors go into packs
         self._columns = version >= (1, 2)  # spec 5.9: ... whose member table is in columns
         self._compact = version >= (1, 3)  # spec 5.10: ... with the scales in the table
+        self._bits = version >= (1, 4)  # spec 5.11, 5.6: ... bit after bit, named by the table
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
@@ -267,12 +272,16 @@ class Writer:
         self._pack.append(member)
         self._pack_data += member.size
         self._pack_table += entry
+        if self._bits:  # spec 5.11: its bits, rounded up to bytes (as TensorInfo.record_size)
+            f = member.fields
+            return -(-(positions_bits(f.ptype, member.parts[0], math.prod(f.shape)) + f.nnz)
+                     // 8)
         return member.compact_size if self._compact else member.size
 
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 to 1.3 writer gathers small ternary tensors into a pack (spec 5.8 to 5.10) and
+        A 1.1 to 1.4 writer gathers small ternary tensors into a pack (spec 5.8 to 5.11) and
         writes it when it is full, when a tensor that is not packed comes, or at
         :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
         a new pack.
@@ -290,11 +299,20 @@ class Writer:
         members, self._pack = self._pack, []
         self._pack_data = self._pack_table = 0
         level = None if self._level is None else S.SMALL_ZSTD_LEVEL  # Appendix D 6
-        if self._compact:  # spec 5.10: scales in the table, names through their dictionary
+        if self._bits:  # spec 5.11: Positions_Bits in the table, the streams bit after bit
+            fields, streams = [], []
+            for m in members:
+                pbits = positions_bits(m.fields.ptype, m.parts[0], math.prod(m.fields.shape))
+                fields.append(dataclasses.replace(m.fields, psize=pbits))
+                streams += [(m.parts[0], pbits), (m.parts[1], m.fields.nnz)]
+            table = compact_table(fields, [m.parts[2] for m in members], bits=True)
+            data = bit_pack_data(streams)
+        elif self._compact:  # spec 5.10: scales in the table
             table = compact_table([m.fields for m in members], [m.parts[2] for m in members])
+            data = b"".join(m.parts[0] + m.parts[1] for m in members)
+        if self._compact:  # spec 5.10: names through their dictionary
             stage, stored = maybe_zstd(table, level, NAMES_ZSTD)
             stage = S.STAGE_ZSTD_NAMES if stage == S.STAGE_ZSTD else stage
-            data = b"".join(m.parts[0] + m.parts[1] for m in members)
         else:
             if self._columns:  # spec 5.9; a small table, compressed hard
                 table = column_table([m.fields for m in members])
@@ -317,11 +335,11 @@ class Writer:
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
-        kind = (S.KIND_COMPACT_PACK if self._compact else S.KIND_COLUMN_PACK if self._columns
-                else S.KIND_PACK)
+        kind = (S.KIND_BIT_PACK if self._bits else S.KIND_COMPACT_PACK if self._compact
+                else S.KIND_COLUMN_PACK if self._columns else S.KIND_PACK)
         head = (bytes([kind]) + encode_varint(len(body) + 8)
                 + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(crc32(data, pad)))
-        self._names.append(first)
+        self._names.append(b"" if self._bits else first)  # spec 5.6: 1.4 names it by its table
         self._offsets.append(self._pos)
         self._emit(head, S.CHECKSUM.pack(crc32(head)))
         self._pad()
@@ -374,7 +392,7 @@ def parse_version(version: tuple[int, int] | str | None) -> tuple[int, int]:
     default, the newest.
 
     >>> parse_version("1.2"), parse_version((1, 3)), parse_version(None)
-    ((1, 2), (1, 3), (1, 3))
+    ((1, 2), (1, 3), (1, 4))
     """
     if version is None:
         return S.VERSION_MAJOR, S.VERSION_MINOR

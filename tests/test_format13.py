@@ -97,7 +97,7 @@ def test_compact_table_examples_of_the_spec() -> None:
     assert t.at_end()
     data = dumps({"a.w": TernaryTensor((8,), [0], [False], 0.5),
                   "b.w": TernaryTensor((64,), [5, 40], [False, True], 1.0)},
-                 zstd_level=None, positions="auto")
+                 zstd_level=None, positions="auto", version="1.3")
     rec = the_pack(data)
     assert sum(mm.data_size for mm in rec.members) == 5
     assert rec.data_size == 8
@@ -115,7 +115,7 @@ def test_a_scale_ref_that_skips_ahead_is_refused() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_each_distinct_scale_is_stored_once_in_the_table() -> None:
     tensors = lora()
-    data = dumps(tensors)
+    data = dumps(tensors, version="1.3")
     assert data[9] == 3
     assert kinds(data) == [S.KIND_COMPACT_PACK]
     rec = the_pack(data)
@@ -157,14 +157,14 @@ def test_1_2_and_1_3_hold_the_same_tensors_and_1_3_is_smaller() -> None:
 
 @pytest.mark.parametrize("adapter", ["lora-minilm-vader", "ia3-minilm-vader"])
 def test_the_projects_adapters_are_smaller_in_1_3(adapter: str, tmp_path: Path) -> None:
-    """The files compress_file writes (format 1.3) against the same tensors in 1.2."""
+    """The files compress_file writes in format 1.3 against the same tensors in 1.2."""
     out = tmp_path / "out"
-    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01)
+    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01, format_version="1.3")
     data = (out / "adapter_model.compeft").read_bytes()
     with open_file(data) as f:
         tensors, meta = {n: f.get(n) for n in f}, f.metadata()
     v12 = dumps(tensors, metadata=meta, version="1.2")
-    assert data == dumps(tensors, metadata=meta)  # what the command writes is the default
+    assert data == dumps(tensors, metadata=meta, version="1.3")  # as the writer writes 1.3
     assert inspect(data).version == (1, 3)
     # measured at density 0.01: (IA)^3 705 -> 625 B, LoRA 3,993 -> 3,593 B
     assert len(data) < 0.95 * len(v12)
@@ -179,7 +179,7 @@ def test_1_3_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
     tensors: dict[str, Any] = {**lora(2), "m.dense": np.arange(6, dtype=np.float32),
                                "m.zero": TernaryTensor.zeros((3, 3)),
                                "z.big": _ternary((2**19 + 1,), 0.0001, 7, 0.5)}
-    new = dumps(tensors, positions=positions, alignment=alignment)
+    new = dumps(tensors, positions=positions, alignment=alignment, version="1.3")
     old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
     assert S.KIND_COMPACT_PACK in kinds(new)
     assert new[9] == 3
@@ -194,12 +194,12 @@ def test_1_3_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
         assert np.array_equal(f.get(k, dense=True), want[k].to_numpy())
     assert rr.read_stream(new) == rr.read_random(new)
     assert [t["name"] for t in rr.read_stream(new)["tensors"]] == list(want)
-    assert dumps(loads(new), positions=positions, alignment=alignment) == new
+    assert dumps(loads(new), positions=positions, alignment=alignment, version="1.3") == new
 
 
 def test_a_1_2_reader_refuses_a_compact_pack() -> None:
     """The kind is unknown below minor 3 (spec 10.1): a 1.3 file with its minor byte set to 2."""
-    data = bytearray(dumps(lora(1)))
+    data = bytearray(dumps(lora(1), version="1.3"))
     data[9] = 2
     import zlib
     meta_size = struct.unpack("<I", data[12:16])[0]
@@ -212,7 +212,7 @@ def test_a_1_2_reader_refuses_a_compact_pack() -> None:
 def test_cuts_and_bit_flips_of_a_1_3_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
     data = dumps({"a": _ternary((64,), 0.2, 1, 0.5), "ab": _ternary((40,), 0.3, 2, 0.5, "BF16"),
-                  "b": _ternary((16,), 0.25, 3, 0.75)})
+                  "b": _ternary((16,), 0.25, 3, 0.75)}, version="1.3")
     assert kinds(data) == [S.KIND_COMPACT_PACK]
     refuse_every_cut_and_flip(data)
 
@@ -224,7 +224,7 @@ def test_compress_and_merge_write_the_format_version_asked(tmp_path: Path, capsy
     src = tmp_path / "tv.safetensors"
     save_safetensors({k: t.to_numpy().astype(np.float32) for k, t in lora(2).items()}, src)
     outs = {}
-    for version in ("1.0", "1.1", "1.2", "1.3"):
+    for version in ("1.0", "1.1", "1.2", "1.3", "1.4"):
         out = tmp_path / f"v{version}.compeft"
         code, _, err = run(capsys, "compress", src, "-o", out, "--density", "0.05",
                            "--format-version", version, "-q")
@@ -232,12 +232,13 @@ def test_compress_and_merge_write_the_format_version_asked(tmp_path: Path, capsy
         outs[version] = out.read_bytes()
         assert inspect(outs[version]).version == (1, int(version[2]))
     # the same tensors whatever the version, and the newest file is the smallest
-    assert all(loads(d) == loads(outs["1.3"]) for d in outs.values())
-    assert len(outs["1.3"]) < len(outs["1.2"]) < len(outs["1.1"]) < len(outs["1.0"])
+    assert all(loads(d) == loads(outs["1.4"]) for d in outs.values())
+    assert (len(outs["1.4"]) < len(outs["1.3"]) < len(outs["1.2"]) < len(outs["1.1"])
+            < len(outs["1.0"]))
     code, _, err = run(capsys, "compress", src, "-o", tmp_path / "x.compeft",
-                       "--format-version", "1.4")
+                       "--format-version", "1.5")
     assert code == 2
-    assert "invalid choice: '1.4'" in err
+    assert "invalid choice: '1.5'" in err
     with pytest.raises(EncodeError, match=r"version must be one of .* got '2\.0'"):
         compress_file(src, tmp_path / "y.compeft", format_version="2.0")
     assert not (tmp_path / "y.compeft").exists()

@@ -182,6 +182,7 @@ def _t(shape: tuple[int, ...], idx: list[int], signs: list[int], scale: float,
 V11 = {"version": "1.1"}
 V12 = {"version": "1.2"}
 V13 = {"version": "1.3"}
+V14 = {"version": "1.4"}
 
 
 def _pack_tensors() -> dict[str, Any]:
@@ -411,6 +412,23 @@ VALID: list[Valid] = [
           "1 and no zstd (Table_Stage 0, metadata stored as JSON).",
           _pack_tensors, metadata=_peft_init_metadata(),
           options={**V13, "alignment": 1, "zstd_level": None}),
+    # -- format 1.4: bit packs (spec 5.11) and index entries without a name (spec 5.6)
+    Valid("036-bit-pack", "Version 1.4: the six tensors of 023-pack in one bit pack (the "
+          "members' positions and signs streams bit after bit, Positions_Bits in column 10, "
+          "the index entry without a name).",
+          _pack_tensors, metadata={"compeft.producer": "spec"}, options=V14),
+    Valid("037-bit-pack-shared-scale", "Version 1.4: the 24 LoRA-like members of 033 in a bit "
+          "pack (one scale stored), compressed metadata, the table through the name "
+          "dictionary.", _lora_like, metadata=_peft_init_metadata(), options=V14),
+    Valid("038-bit-pack-and-records", "Version 1.4: the tensors of 024-pack-and-records: bit "
+          "packs (index entries without a name) around a dense record and a ternary record "
+          "too big to pack (index entries with their names).",
+          lambda: next(v for v in VALID if v.slug == "024-pack-and-records").tensors(),
+          options=V14),
+    Valid("039-bit-pack-alignment-1", "Version 1.4: the tensors of 023-pack with alignment 1 "
+          "and no zstd (Table_Stage 0, metadata stored as JSON).",
+          _pack_tensors, metadata=_peft_init_metadata(),
+          options={**V14, "alignment": 1, "zstd_level": None}),
 ]
 
 
@@ -717,6 +735,40 @@ def names_frame(table: bytes, *, dictionary: bool = True) -> bytes:
     return zstandard.ZstdCompressor(level=19, write_dict_id=False, **kw).compress(table)
 
 
+# -- format 1.4 (spec 5.11, 5.6): bit packs and index entries without a name
+
+BIT_PACK = 0x06
+BIT_ONE = CMP_ONE  # 'a' (8 bitmask bits, S_b = 8, Size_Delta 0): the same table as CMP_ONE
+BIT_DATA = b"\x01\x00"  # its 8 bitmask bits (position 0) and its sign bit (+): 9 bits
+#: 'g': 8 F32 elements, nonzero at 0 (+), golomb M = 5 (predicted): a short code of w = 2
+#: zero bits and the unary 1, a 3-bit stream where S_b = 2 + 0 + 1 + 1 = 4 (Size_Delta -1,
+#: zigzag 1); then its sign bit: 0b0100
+BIT_G = compact((b"g", 0, 0x01, (8,), 1, GOLOMB, 0, 1))
+BIT_G_DATA = b"\x04"
+
+
+def bit_file(table: bytes = BIT_ONE, data: bytes = BIT_DATA, *, entry: bytes = b"",
+             **kw: Any) -> bytes:
+    """A 1.4 file holding one bit pack whose index entry is named ``entry`` (empty: no name,
+    as the reference encoder writes it; see :func:`pack_file`)."""
+    return pack_file(table, data, **{"name": entry, "named": False, "kind": BIT_PACK,
+                                     "minor": 4, **kw})
+
+
+def _bit_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: bit_file(**kw)
+
+
+def bit_record(table: bytes, data: bytes, count: int = 1, a: int = 8) -> bytes:
+    """A bit pack record with a plain table, to follow another record at an aligned offset."""
+    padded = data + bytes(-len(data) % a)
+    body = varint(count) + b"\x00" + varint(len(table)) + table
+    head = (bytes([BIT_PACK]) + varint(len(body) + 8) + varint(len(padded)) + body
+            + struct.pack("<I", crc32(padded)))
+    head += struct.pack("<I", crc32(head))
+    return head + bytes(-len(head) % a) + padded
+
+
 def _meta_file(stored: bytes, *, flags: int = 1, minor: int = 2, **kw: Any) -> Callable[[], bytes]:
     return lambda: column_file(flags=flags, minor=minor, metadata=stored, **kw)
 
@@ -813,6 +865,22 @@ ACCEPTED: list[Accepted] = [
              _compact_bytes(table=names_frame(CMP_ONE, dictionary=False), stage=NAMES_ZSTD,
                             decoded=len(CMP_ONE)),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    # -- format 1.4: bit packs (spec 5.11) and index entries without a name (spec 5.6)
+    Accepted("019-bit-pack-minor-9", "Version 1.9 with a bit pack whose index entry has no "
+             "name: both are known from minor 4 on.", _bit_bytes(minor=9),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("020-bit-pack-named-index-entry", "Version 1.4: a bit pack whose index entry has "
+             "its name, 'a' (MAY: the reference encoder leaves it out).", _bit_bytes(entry=b"a"),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("021-bit-pack-golomb-member", "Version 1.4: a golomb member whose 3-bit stream is "
+             "one bit shorter than predicted (Size_Delta -1), its sign bit right after it.",
+             _bit_bytes(table=BIT_G, data=BIT_G_DATA),
+             lambda: cf.dumps({"g": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("022-bit-pack-two-packs", "Version 1.4: two bit packs, 'a' (bitmask) and 'g' "
+             "(golomb), both index entries without a name.",
+             _bit_bytes(after=[(b"", bit_record(BIT_G, BIT_G_DATA))]),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
+                               "g": TernaryTensor((8,), [0], [False], 1.0)})),
 ]
 
 
@@ -1529,6 +1597,52 @@ INVALID += [
                                          (b"b", 0, 0x01, (8,), 1, BITMASK, 0, 0),
                                          refs=(0, 0))[:15],
                            count=2, data=CMP_DATA * 2)),
+    # -- format 1.4: bit packs (spec 5.11) and index entries without a name (spec 5.6)
+    Invalid("183-bit-pack-in-1-3-file", "A bit pack in a file whose Version_Minor is 3 (its "
+            "index entry named 'a', as 1.3 names a compact pack's).", "R-REC-1",
+            _bit_bytes(minor=3, entry=b"a")),
+    Invalid("184-bit-pack-bitmask-bits", "A bitmask member of 8 elements with Positions_Bits "
+            "9 (Size_Delta 1, zigzag 2).", "R-BPK-1",
+            _bit_bytes(table=compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 2)))),
+    Invalid("185-bit-pack-golomb-trailing-zero", "The golomb member 'g' with Positions_Bits 4 "
+            "(its predicted length): its 3-bit stream and a zero bit; the stream does not end "
+            "with its last code.", "R-BPK-1",
+            _bit_bytes(table=compact((b"g", 0, 0x01, (8,), 1, GOLOMB, 0, 0)), data=b"\x04")),
+    Invalid("186-bit-pack-golomb-nnz-0-bits", "A golomb member with Nnz 0 (M = 1) and "
+            "Positions_Bits 1 (Size_Delta 1, zigzag 2).", "R-BPK-1",
+            _bit_bytes(table=compact((b"g", 0, 0x01, (8,), 0, GOLOMB, 0, 2)), data=b"\x00")),
+    Invalid("187-bit-pack-golomb-no-bits", "A golomb member with Nnz 1 and Positions_Bits 0 "
+            "(Size_Delta -4, zigzag 7): no stream to end with a one bit.", "R-BPK-1",
+            _bit_bytes(table=compact((b"g", 0, 0x01, (8,), 1, GOLOMB, 0, 7)), data=b"\x00")),
+    Invalid("188-bit-pack-padding-bit", "Bit 9 of the data area, after the member's 9 bits, "
+            "is 1.", "R-BLK-4", _bit_bytes(data=b"\x01\x02")),
+    Invalid("189-bit-pack-data-size", "Data_Size 16 for the member's 9 bits (8 with "
+            "padding).", "R-PACK-8", _bit_bytes(data_size=16, data=BIT_DATA + bytes(14))),
+    Invalid("190-bit-pack-positions-bits-negative", "A golomb member whose predicted length "
+            "is 4 with Size_Delta -5 (zigzag 9).", "R-PACK-11",
+            _bit_bytes(table=compact((b"g", 0, 0x01, (8,), 1, GOLOMB, 0, 9)))),
+    Invalid("191-nameless-entry-for-a-record", "A bit pack 'a', then a dense record 'b' whose "
+            "index entry has no name.", "R-IDX-2",
+            _bit_bytes(after=[(b"", dense_u8_record(b"b"))]), random="R-IDX-12"),
+    Invalid("192-nameless-entry-in-1-3-file", "A compact pack in a 1.3 file whose index entry "
+            "has no name.", "R-NAME-1", _compact_bytes(first=b"")),
+    Invalid("193-bit-packs-out-of-order", "Two bit packs without index names: 'g', then 'a'.",
+            "R-REC-7", _bit_bytes(table=BIT_G, data=BIT_G_DATA,
+                                  after=[(b"", bit_record(BIT_ONE, BIT_DATA))]),
+            random="R-IDX-6"),
+    Invalid("194-bit-pack-next-record-before-last-member", "A bit pack of 'a' and 'az' "
+            "without an index name, then a record 'ab': below the pack's last member.",
+            "R-REC-7",
+            _bit_bytes(table=compact((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                     (b"az", 1, 0x01, (8,), 1, BITMASK, 0, 0), refs=(0, 0)),
+                       count=2, data=b"\x01\x02\x00",
+                       after=[(b"ab", dense_u8_record(b"ab"))]), random="R-PACK-9"),
+    Invalid("195-bit-pack-index-name", "A bit pack whose index entry is named 'b', its first "
+            "member is 'a'.", "R-IDX-2", _bit_bytes(entry=b"b"), random="R-IDX-10"),
+    Invalid("196-empty-shape-huge-extent", "Dimensions 0 x 2**50 and Nnz 0: no element, but "
+            "the nonzero dimensions multiply past max_numel (found by the independent "
+            "reader: the reference decoder refused it, the spec did not say so).", "R-BODY-4",
+            mutate(EX, _set(_rec("w"), dims=[0, 2**50], nnz=0))),
 ]
 
 

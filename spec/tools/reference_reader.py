@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.3 decoder (and so 1.2, 1.1 and 1.0), written from spec/FORMAT.md alone.
+"""An independent compeft 1.4 decoder (and so 1.3 to 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -22,6 +22,7 @@ import math
 import struct
 import sys
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +47,9 @@ MAX_HEADER_LENGTH = 65536  # §5.3
 PACK = 0x03  # §5.8, from Version_Minor 1
 COLUMN_PACK = 0x04  # §5.9, from Version_Minor 2
 COMPACT_PACK = 0x05  # §5.10, from Version_Minor 3
-PACKS = (PACK, COLUMN_PACK, COMPACT_PACK)
+BIT_PACK = 0x06  # §5.11, from Version_Minor 4
+PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK)
+UNNAMED = (COMPACT_PACK, BIT_PACK)  # no Name in the body; a 1.4 index entry may have none (§5.6)
 MAX_PACK_TABLE = 1_048_576  # §5.8
 METADATA_ZSTD = 0x01  # §5.1 Flags bit 0, from Version_Minor 2
 # §7.3: the metadata dictionary, the lines of the spec's block joined without line endings
@@ -174,10 +177,11 @@ def check_zero(data: bytes, rule: str) -> None:
         raise SpecError(rule, "padding byte not zero")
 
 
-def read_name(c: Cursor, limits: Limits) -> str:
-    """§5.4.1: Name_Length and Name."""
+def read_name(c: Cursor, limits: Limits, empty: bool = False) -> str:
+    """§5.4.1: Name_Length and Name (``empty``: an index entry of a 1.4 file, §5.6, whose
+    Name_Length may be 0, the empty name "")."""
     n = c.varint("Name_Length")
-    if not 1 <= n <= limits.max_name_length:
+    if not (0 if empty else 1) <= n <= limits.max_name_length:
         raise SpecError("R-NAME-1", f"Name_Length {n}")
     return decode_name(c.take(n, "Name"))
 
@@ -209,7 +213,12 @@ class Header:
     def kinds(self) -> tuple[int, ...]:
         """§5.3: the required kinds this file may hold."""
         return ((0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
-                + (COMPACT_PACK,) * (self.minor >= 3))
+                + (COMPACT_PACK,) * (self.minor >= 3) + (BIT_PACK,) * (self.minor >= 4))
+
+    @property
+    def unnamed_entries(self) -> bool:
+        """§5.6 (1.4): the entry of a compact or bit pack may have no name."""
+        return self.minor >= 4
 
 
 def _depth(value: Any) -> int:
@@ -366,13 +375,20 @@ class Member:
     nnz: int
     positions_type: int
     param: int
-    positions_size: int
+    positions_size: int  #: bytes of its positions payload (a bit pack's: Positions_Bits rounded up)
     scale: bytes | None = None  #: §5.10: a compact pack member's scale, from its table
+    positions_bits: int | None = None  #: §5.11: a bit pack member's positions stream length
 
     @property
     def size(self) -> int:
         """Its bytes in the data area (a compact pack keeps the scale in the table)."""
         return self.positions_size + (self.nnz + 7) // 8 + (4 if self.scale is None else 0)
+
+    @property
+    def bits(self) -> int:
+        """§5.11: its bits in a bit pack's data area, positions stream then signs stream."""
+        assert self.positions_bits is not None
+        return self.positions_bits + self.nnz
 
 
 def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHeader:
@@ -391,15 +407,18 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     body_end = header_end - 8
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
-    if kind == COMPACT_PACK:  # §5.10: no Name; the first member's name is the record's
-        members = read_pack_body(b, None, limits, columns=True)
+    if kind in UNNAMED:  # §5.10, §5.11: no Name; the first member's name is the record's
+        members = read_pack_body(b, None, limits, columns=True, bits=kind == BIT_PACK)
         name = members[0].name
     else:
         name = read_name(b, limits)
         if kind in PACKS:
             members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
     if kind in PACKS:
-        used = sum(m.size for m in members)
+        if kind == BIT_PACK:  # §5.11: one bit stream of B bits, rounded up to bytes
+            used = (sum(m.bits for m in members) + 7) // 8
+        else:
+            used = sum(m.size for m in members)
         if data_size != align(used, a):
             raise SpecError("R-PACK-8", f"Data_Size {data_size}")
         return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size,
@@ -447,6 +466,8 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
     numel = math.prod(shape)
     if numel > limits.max_numel:
         raise SpecError("R-BODY-4", f"numel {numel}")
+    if math.prod(d for d in shape if d) > limits.max_numel:  # §5.4.3 (1.4): nonzero dims
+        raise SpecError("R-BODY-4", f"nonzero dimensions of {shape}")
     nnz = None
     if ternary:
         nnz = b.varint("Nnz")
@@ -456,9 +477,9 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
 
 
 def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = False,
-                   ) -> list[Member]:
-    """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None):
-    the rest of a pack's body and its member table."""
+                   bits: bool = False) -> list[Member]:
+    """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None, and
+    for a bit pack, with ``bits``): the rest of a pack's body and its member table."""
     count = b.varint("Member_Count")
     if count < 1:
         raise SpecError("R-PACK-1", "no member")
@@ -476,7 +497,7 @@ def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = 
         table = undo_zstd(table, decoded, NAME_DICTIONARY if stage == 2 else None)
     t = Cursor(table)
     if columns:
-        members = read_columns(t, count, name, limits)
+        members = read_columns(t, count, name, limits, bits)
         if name is None:  # §5.10 columns 11 and 12: scale refs, then each scale once
             refs, distinct = [], 0
             for _ in range(count):
@@ -540,22 +561,29 @@ def predicted_param(ptype: int, numel: int, nnz: int) -> int:
     return max(1, min(numel, (45426 * numel + 11000 * nnz) // (65536 * nnz)))
 
 
-def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
-    """§5.9: S, in exact integer arithmetic."""
+def predicted_bits(ptype: int, m: int, numel: int, n: int) -> int:
+    """§5.11: S_b, the predicted stream length in bits, in exact integer arithmetic."""
     if ptype == 0x01:
-        return (numel + 7) // 8
+        return numel
     if n == 0:
         return 0
     m = max(1, m)  # as §7.2: Param 0 is rejected later (R-GOL-1)
     b, u, w = golomb_shape(m)
     long_codes = n * (m - u) // m if b >= 1 else 0
     unary = max(0, (numel - n - n * (m - 1) // 2) // m)
-    return (w * n + long_codes + unary + n + 7) // 8
+    return w * n + long_codes + unary + n
 
 
-def read_columns(t: Cursor, count: int, name: str | None, limits: Limits) -> list[Member]:
+def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
+    """§5.9: S, S_b rounded up to bytes (for a bitmask ceil(N / 8))."""
+    return (predicted_bits(ptype, m, numel, n) + 7) // 8
+
+
+def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: bool = False,
+                 ) -> list[Member]:
     """§8.1 step 8b: the columns of a column pack's member table (§5.9); ``name`` None: a
-    compact pack's (§5.10), whose first name is coded against the empty name."""
+    compact pack's (§5.10), whose first name is coded against the empty name; ``bits``: a bit
+    pack's (§5.11), whose column 10 gives Positions_Bits."""
     prefixes = [t.varint("Prefix_Length") for _ in range(count)]
     suffixes = [t.varint("Suffix_Length") for _ in range(count)]
     names, prev = [], b"" if name is None else name.encode()
@@ -585,6 +613,8 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits) -> lis
         shapes.append([t.varint("Dim") for _ in range(ndim)])
         if math.prod(shapes[-1]) > limits.max_numel:
             raise SpecError("R-BODY-4", f"numel {math.prod(shapes[-1])}")
+        if math.prod(d for d in shapes[-1] if d) > limits.max_numel:  # §5.4.3 (1.4)
+            raise SpecError("R-BODY-4", f"nonzero dimensions of {shapes[-1]}")
     nnzs = []
     for shape in shapes:
         nnzs.append(t.varint("Nnz"))
@@ -603,46 +633,100 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits) -> lis
             raise SpecError("R-PACK-10", f"Param {q} + {d}")
         params.append(q + d)
     members = []
+    predict = predicted_bits if bits else predicted_size  # §5.11 column 10, or §5.9's
     for i in range(count):
-        s = predicted_size(ptypes[i], params[i], math.prod(shapes[i]), nnzs[i])
+        s = predict(ptypes[i], params[i], math.prod(shapes[i]), nnzs[i])
         e = zigzag(t.varint("Size_Delta"))
         if s + e < 0:
-            raise SpecError("R-PACK-11", f"Positions_Size {s} + {e}")
-        members.append(Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i],
-                              s + e))
+            raise SpecError("R-PACK-11", f"Positions_{'Bits' if bits else 'Size'} {s} + {e}")
+        if bits:  # §5.11: the payload is the stream rounded up to bytes
+            members.append(Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i],
+                                  params[i], (s + e + 7) // 8, positions_bits=s + e))
+        else:
+            members.append(Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i],
+                                  params[i], s + e))
     return members
 
 
-def decode_pack(h: RecordHeader, data: bytes, budget: Budget) -> list[dict[str, Any]]:
-    """§8.1 step 13 for a pack: its checksum, its padding, then each member's payloads."""
+def decode_pack(h: RecordHeader, data: bytes, budget: Callable[[], Budget],
+                ) -> list[dict[str, Any]]:
+    """§8.1 step 13 for a pack: its checksum, its padding, then each member's payloads, each
+    charged to ``budget()`` (the decoding's budget, or a member's own in random access)."""
     if crc32(data) != h.data_crc:
         raise SpecError("R-REC-9", "data checksum")
     assert h.members is not None
+    if h.kind == BIT_PACK:
+        return decode_bit_pack(h.members, data, budget)
     used = sum(m.size for m in h.members)
     check_zero(data[used:], "R-BLK-4")
     out, at = [], 0
     for m in h.members:
-        numel = math.prod(m.shape)
-        itemsize = next(size for name, size, _ in DTYPES.values() if name == m.dtype)
-        mh = RecordHeader(0x01, m.name, m.dtype, m.shape, m.nnz, [], 0, 0, 0)
-        ssize = (m.nnz + 7) // 8
-        parts = [(m.positions_type, m.param, m.positions_size), (0x03, 0, ssize), (0x04, 0, 4)]
-        values: dict[str, Any] = {}
-        for btype, param, size in parts:
-            if btype == 0x04 and m.scale is not None:  # §5.10: the scale is in the table
-                payload = m.scale
-            else:
-                payload = data[at : at + size]
-                at += size
-            if btype != 0x04 and ROLES[btype] == "positions":
-                budget.charge(8 * len(payload) + 9 * m.nnz)
-            values[ROLES[btype]] = decode_block(btype, param, payload, mh, numel, m.nnz,
-                                                itemsize)
-        scale_bits, scale = values["scale"]
-        out.append({"name": m.name, "kind": "ternary", "shape": m.shape, "dtype": m.dtype,
-                    "nnz": m.nnz, "indices": values["positions"], "signs": values["signs"],
-                    "scale": scale, "scale_bits": f"0x{scale_bits:08x}"})
+        positions = data[at : at + m.positions_size]
+        at += m.positions_size
+        signs = data[at : at + (m.nnz + 7) // 8]
+        at += (m.nnz + 7) // 8
+        scale = m.scale  # a compact pack keeps the scale in its table (§5.10)
+        if scale is None:
+            scale = data[at : at + 4]
+            at += 4
+        out.append(decode_member(m, positions, signs, scale, budget()))
     return out
+
+
+def decode_bit_pack(members: list[Member], data: bytes, budget: Callable[[], Budget],
+                    ) -> list[dict[str, Any]]:
+    """§5.11, §8.1 step 13: the padding after the last member's last bit (R-BLK-4), then each
+    member: its stream lengths (R-BPK-1), then its streams rounded up to bytes, decoded as a
+    compact pack member's payloads."""
+    total = sum(m.bits for m in members)  # B
+    if total % 8 and data[total // 8] >> (total % 8):
+        raise SpecError("R-BLK-4", f"padding bits after bit {total} not zero")
+    check_zero(data[(total + 7) // 8 :], "R-BLK-4")
+    out, at = [], 0  # at: the bit where the member's streams start
+    for m in members:
+        assert m.positions_bits is not None
+        assert m.scale is not None
+        n_bits, numel = m.positions_bits, math.prod(m.shape)
+        if m.positions_type == 0x01 and n_bits != numel:
+            raise SpecError("R-BPK-1", f"bitmask stream of {n_bits} bits, numel {numel}")
+        if m.positions_type == 0x02 and m.nnz == 0 and n_bits != 0:
+            raise SpecError("R-BPK-1", f"golomb stream of {n_bits} bits with Nnz 0")
+        if m.positions_type == 0x02 and m.nnz and not (n_bits and bit(data, at + n_bits - 1)):
+            raise SpecError("R-BPK-1", f"golomb stream of {n_bits} bits does not end with a 1")
+        positions = stream_bytes(data, at, n_bits)
+        signs = stream_bytes(data, at + n_bits, m.nnz)
+        at += m.bits
+        out.append(decode_member(m, positions, signs, m.scale, budget()))
+    return out
+
+
+def bit(data: bytes, i: int) -> int:
+    """§2.2: bit ``i`` of a stream is bit i mod 8 of byte floor(i / 8)."""
+    return (data[i // 8] >> (i % 8)) & 1
+
+
+def stream_bytes(data: bytes, start: int, count: int) -> bytes:
+    """§5.11: bits ``start`` to ``start + count - 1`` of ``data`` as a payload of its own,
+    ceil(count / 8) bytes whose padding bits are zero."""
+    first, last = start // 8, (start + count + 7) // 8
+    value = int.from_bytes(data[first:last], "little") >> (start % 8)
+    return (value & ((1 << count) - 1)).to_bytes((count + 7) // 8, "little")
+
+
+def decode_member(m: Member, positions: bytes, signs: bytes, scale: bytes, budget: Budget,
+                  ) -> dict[str, Any]:
+    """§8.1 step 13: a pack member's payloads, decoded as a ternary record's positions, signs
+    and scale blocks (§8.1 step 14, Stage 0)."""
+    numel = math.prod(m.shape)
+    itemsize = next(size for name, size, _ in DTYPES.values() if name == m.dtype)
+    mh = RecordHeader(0x01, m.name, m.dtype, m.shape, m.nnz, [], 0, 0, 0)
+    budget.charge(8 * len(positions) + 9 * m.nnz)
+    indices = decode_block(m.positions_type, m.param, positions, mh, numel, m.nnz, itemsize)
+    sign_bits = decode_block(0x03, 0, signs, mh, numel, m.nnz, itemsize)
+    scale_bits, value = decode_block(0x04, 0, scale, mh, numel, m.nnz, itemsize)
+    return {"name": m.name, "kind": "ternary", "shape": m.shape, "dtype": m.dtype,
+            "nnz": m.nnz, "indices": indices, "signs": sign_bits, "scale": value,
+            "scale_bits": f"0x{scale_bits:08x}"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -845,7 +929,7 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     header = read_header(data, limits, budget)
     a = header.alignment
     c = Cursor(data, header.first)
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, bool]] = []  # each record's name, offset, may its entry be unnamed
     last: str | None = None  # the last tensor name: a record's or a pack's last member's
     tensors = []
     while True:
@@ -860,7 +944,7 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
         h = read_record_header(c, kind, limits, a)
         if last is not None and h.name.encode() <= last.encode():
             raise SpecError("R-REC-7", f"{h.name!r} after {last!r}")
-        seen.append((h.name, at))
+        seen.append((h.name, at, kind in UNNAMED and header.unnamed_entries))
         last = h.members[-1].name if h.members else h.name
         data_start = align(h.header_end, a)
         check_zero(c.take(data_start - h.header_end, "record padding"), "R-REC-8")
@@ -870,15 +954,16 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
                 raise SpecError("R-REC-10", "data checksum of an optional record")
             continue
         if kind in PACKS:
-            tensors.extend(decode_pack(h, area, budget))
+            tensors.extend(decode_pack(h, area, lambda: budget))
             continue
         tensors.append(decode_data(h, area, a, budget))
     index_at = c.pos - 1
     count = c.varint("Tensor_Count")
     if count > limits.max_tensors:
         raise SpecError("R-IDX-1", f"Tensor_Count {count}")
-    entries = [(read_name(c, limits), c.varint("Record_Offset")) for _ in range(count)]
-    if entries != seen:
+    entries = [(read_name(c, limits, header.unnamed_entries), c.varint("Record_Offset"))
+               for _ in range(count)]
+    if len(entries) != len(seen) or not all(map(lists, entries, seen)):
         raise SpecError("R-IDX-2", "index does not match the records")
     index_end = c.pos
     offset, crc, tail = struct.unpack("<QI4s", c.take(16, "Trailer"))
@@ -891,6 +976,13 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     if c.left():
         raise SpecError("R-TRL-6", "bytes after the trailer")
     return {"metadata": header.metadata, "tensors": tensors}
+
+
+def lists(entry: tuple[str, int], record: tuple[str, int, bool]) -> bool:
+    """§8.1 step 15: an index entry is its record's name and offset; in a 1.4 file a compact
+    or bit pack's entry may have the empty name instead (§5.6)."""
+    (name, off), (rname, at, may_be_unnamed) = entry, record
+    return off == at and (name == rname or (name == "" and may_be_unnamed))
 
 
 def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
@@ -915,55 +1007,69 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     count = c.varint("Tensor_Count")
     if count > limits.max_tensors:
         raise SpecError("R-IDX-1", f"Tensor_Count {count}")
-    entries = [(read_name(c, limits), c.varint("Record_Offset")) for _ in range(count)]
+    entries = [(read_name(c, limits, header.unnamed_entries), c.varint("Record_Offset"))
+               for _ in range(count)]
     if c.left():
         raise SpecError("R-IDX-5", f"{c.left()} bytes after the entries")
+    previous: str | None = None  # step 5: the last entry that has a name (§5.6: "" has none)
     for i, (name, off) in enumerate(entries):
-        if i and name.encode() <= entries[i - 1][0].encode():
+        if name and previous is not None and name.encode() <= previous.encode():
             raise SpecError("R-IDX-6", f"{name!r}")
         if off <= entries[i - 1][1] if i else off != first:
             raise SpecError("R-IDX-7", f"offset {off}")
         if off >= index_at:
             raise SpecError("R-IDX-8", f"offset {off}")
+        previous = name or previous
     if not entries and index_at != first:
         raise SpecError("R-IDX-9", "bytes before an empty index")
     ends = [off for _, off in entries[1:]] + [index_at]
     spans = []
+    last: str | None = None  # step 6: the previous entry's name, or its pack's last member's
     for i, ((name, off), end) in enumerate(zip(entries, ends, strict=False)):
-        if data[off] in PACKS and data[off] in header.kinds:
-            # step 6: a pack's header and member table are read when the file is opened
-            h = _record_in_span(data, name, off, end, limits, a)
-            if i + 1 < len(entries) and h.members[-1].name.encode() >= entries[i + 1][0].encode():
+        kind = data[off]
+        if header.unnamed_entries and not name and kind not in UNNAMED:
+            raise SpecError("R-IDX-12", f"entry without a name, record of kind {kind:#04x}")
+        if kind in PACKS and kind in header.kinds:
+            # step 6: a pack's header and member table are read when the file is opened; an
+            # entry without a name takes the pack's name
+            h = _record_in_span(data, name or None, off, end, limits, a)
+            if not name and last is not None and h.name.encode() <= last.encode():
+                raise SpecError("R-IDX-6", f"{h.name!r} after {last!r}")
+            following = entries[i + 1][0] if i + 1 < len(entries) else ""
+            if following and h.members[-1].name.encode() >= following.encode():
                 raise SpecError("R-PACK-9", f"{h.members[-1].name!r}")
-            spans.append((name, off, end))
+            spans.append((h.name, off, end))
+            last = h.members[-1].name
             continue
-        if data[off] not in header.kinds and data[off] & OPTIONAL:
+        last = name
+        if kind not in header.kinds and kind & OPTIONAL:
             # step 6: the header of a dropped optional record is checked (its checksum covers
             # the kind byte), its data area is not read
             c = Cursor(data, off + 1, end)
-            read_record_header(c, data[off], limits, a)
+            read_record_header(c, kind, limits, a)
             continue
         spans.append((name, off, end))
     tensors = []
     for name, off, end in spans:
         h = _record_in_span(data, name, off, end, limits, a, header.kinds)
         area = data[align(h.header_end, a) : end]
-        if h.kind in PACKS:  # each member with a budget of its own (§8.2 step 9)
-            tensors.extend(decode_pack(h, area, Budget(limits, size)))
+        if h.kind in PACKS:  # each member with a budget of its own (§8.2 step 9, §9.3)
+            tensors.extend(decode_pack(h, area, lambda: Budget(limits, size)))
         else:
             tensors.append(decode_data(h, area, a, Budget(limits, size)))
     return {"metadata": header.metadata, "tensors": tensors}
 
 
-def _record_in_span(data: bytes, name: str, off: int, end: int, limits: Limits, a: int,
+def _record_in_span(data: bytes, name: str | None, off: int, end: int, limits: Limits, a: int,
                     kinds: tuple[int, ...] = (0x01, 0x02, *PACKS)) -> RecordHeader:
-    """§8.2 steps 7 and 8: the record header of an entry, within its span."""
+    """§8.2 steps 7 and 8: the record header of an entry, within its span (``name`` None: an
+    entry without a name, which takes its pack's, §5.6)."""
     c = Cursor(data, off, end)
     kind = c.u8("Record_Kind")
     if kind not in kinds:
         raise SpecError("R-REC-1", f"Record_Kind {kind}")
     h = read_record_header(c, kind, limits, a)
-    if h.name != name:
+    if name is not None and h.name != name:
         raise SpecError("R-IDX-10", f"{h.name!r} is not {name!r}")
     data_start = align(h.header_end, a)
     if data_start + h.data_size != end:
