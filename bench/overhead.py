@@ -145,15 +145,18 @@ def breakdown(path: str | Path, info: FileInfo | None = None) -> dict[str, int]:
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "t.compeft")
     >>> _ = open(path, "wb").write(dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)}))
-    >>> parts = breakdown(path)
+    >>> parts = breakdown(path)  # 1.4: the golomb and signs streams' bits, in whole bytes
     >>> sum(parts.values()) == os.path.getsize(path), parts["data"]
-    (True, 4)
+    (True, 3)
     """
     info = info or inspect(path)
     blocks = [b for t in info.tensors for b in t.blocks if b.stage != "table"]
     first = min((t.offset for t in info.tensors), default=info.file_size - 16)
-    data = sum(b.stored_size for b in blocks)
-    data_end = max((b.offset + b.stored_size for b in blocks), default=first)
+    # a bit pack member's streams (format 1.4) count their bits, not their bytes
+    data = -(-sum(8 * b.stored_size if b.bits is None else b.bits for b in blocks) // 8)
+    data_end = max((b.offset + (b.stored_size if b.bits is None else
+                                -(-(b.first_bit + b.bits) // 8)) for b in blocks),
+                   default=first)
     return {"header and metadata": first, "record framing": data_end - first - data,
             "data": data, "index and trailer": info.file_size - data_end}
 
@@ -178,14 +181,14 @@ def stream_padding(path: str | Path, info: FileInfo | None = None) -> dict[str, 
 
     ``positions``: the zero bits after the last ``1`` of each golomb payload (its unary part
     ends with a 1) and after the ``N`` bits of each bitmask; ``signs``: ``8 ceil(n / 8) - n``
-    for each signs payload. What a layout with each tensor's streams at bit granularity would
-    save (see ``bench/results/overhead.md``).
+    for each signs payload. What a layout with each tensor's streams at bit granularity saves
+    (see ``bench/results/overhead.md``): none in a 1.4 bit pack, whose streams are stored so.
 
     >>> from compeft_format import TernaryTensor, dumps
     >>> import tempfile, os
     >>> path = os.path.join(tempfile.mkdtemp(), "t.compeft")
     >>> t = TernaryTensor((1000,), [5, 600], [0, 1], 0.1)
-    >>> _ = open(path, "wb").write(dumps({"w": t}, positions="golomb"))
+    >>> _ = open(path, "wb").write(dumps({"w": t}, positions="golomb", version="1.3"))
     >>> stream_padding(path)["signs"]
     6
     """
@@ -193,7 +196,7 @@ def stream_padding(path: str | Path, info: FileInfo | None = None) -> dict[str, 
     positions = signs = 0
     for t in info.tensors:
         for b in t.blocks:
-            if b.stage == "table" or not b.stored_size:
+            if b.stage == "table" or not b.stored_size or b.bits is not None:
                 continue
             if b.codec == "signs":
                 signs += 8 * b.stored_size - t.nnz

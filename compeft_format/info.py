@@ -34,6 +34,11 @@ class BlockInfo:
     stored_size: int
     decoded_size: int
     offset: int  #: absolute offset of the stored bytes
+    #: a bit pack member's stream (spec 5.11): its length in bits (``stored_size`` is the
+    #: bytes its payload takes once moved to a byte boundary) and its first bit within the
+    #: byte at ``offset`` (0 to 7); None for a block of whole bytes
+    bits: int | None = None
+    first_bit: int | None = None
 
 
 @dataclass(frozen=True)

@@ -241,7 +241,14 @@ class Record:
 
     def info(self) -> TensorInfo:
         infos, cursor = [], self.data_start
-        for btype, stage, param, stored, decoded in self.blocks:
+        if self.bit_span is not None:  # spec 5.11: two streams, bit after bit
+            first, pbits = self.bit_span
+            for (btype, _, param, stored, _), at, bits in zip(
+                    self.blocks, (first, first + pbits), (pbits, self.nnz or 0), strict=False):
+                infos.append(BlockInfo(_codec_name(btype), btype, "none", param, stored,
+                                       stored, self.data_start + (at >> 3), bits, at & 7))
+        for btype, stage, param, stored, decoded in self.blocks[2 * (self.bit_span
+                                                                     is not None):]:
             codec = _codec_name(btype)
             infos.append(BlockInfo(codec, btype, "zstd" if stage else "none", param, stored,
                                    decoded, cursor))

@@ -320,23 +320,11 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
         compressible = [n for n in names if n not in excluded and is_float(n)]
         if source.peft_type is None:
             return Plan(compressible, {"reference": "zero"})
-        base_meta = {"name": source.base_model} if source.base_model else None
         if source.peft_type.upper() not in PEFT_TYPES:
             raise ConvertError(f"{source.config}: peft_type {source.peft_type!r} has no known "
                                f"initial value ({'/'.join(PEFT_TYPES)} do); give the initial "
                                "adapter with --base (base=)")
-        # ask taskvec which tensors start at one: it holds the rules (and rejects what it
-        # cannot measure, such as a DoRA magnitude, before any work is done)
-        from_one = []
-        for n in compressible:
-            probe = peft_task_vector({n: np.zeros(1, np.float32)}, source.peft_type)[n]
-            if probe[0] != 0:
-                from_one.append(n)
-        ref: dict[str, Any] = {"reference": "one" if from_one else "zero",
-                               "peft_type": source.peft_type}
-        if from_one:
-            ref.update(delta_field(from_one, names))
-        return Plan(compressible, ref, base_meta)
+        return _recipe_plan(source, names, compressible, _from_one(source, compressible))
 
     assert base_path is not None
     base_names = set(base.keys())
@@ -356,6 +344,14 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
                                    tensor=n)
     compressible = [n for n in names
                     if n in base_names and n not in excluded and is_float(n)]
+    if (source.config is not None and source.peft_type is not None and compressible
+            and source.peft_type.upper() in PEFT_TYPES and base_names == set(names)):
+        # an initial adapter that is the PEFT type's own constant init (an (IA)^3 adapter's
+        # ones): the recipe says it exactly, in a few bytes instead of a digest per tensor,
+        # and restoring needs no base (spec 5.2.1)
+        from_one = _from_one(source, compressible)
+        if all(_is_constant(base, n, 1.0 if n in from_one else 0.0) for n in compressible):
+            return _recipe_plan(source, names, compressible, from_one)
     # the base binding: the tensors the task vector is measured from, and only those (a
     # base's other tensors are not needed to restore it)
     digests = {}
@@ -370,6 +366,48 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
     return Plan(compressible, ref, {"name": name, **base_binding(digests)},
                 only_in_source=[n for n in names if n not in base_names],
                 only_in_base=sorted(base_names - set(names)))
+
+
+def _from_one(source: Source, compressible: list[str]) -> list[str]:
+    """The tensors of a PEFT adapter whose initial value is one ((IA)^3's vectors)."""
+    # ask taskvec which tensors start at one: it holds the rules (and rejects what it cannot
+    # measure, such as a DoRA magnitude, before any work is done)
+    assert source.peft_type is not None
+    return [n for n in compressible
+            if peft_task_vector({n: np.zeros(1, np.float32)}, source.peft_type)[n][0] != 0]
+
+
+def _recipe_plan(source: Source, names: list[str], compressible: list[str],
+                 from_one: list[str]) -> Plan:
+    """The plan of an adapter measured from its PEFT type's initial values (no base file)."""
+    base_meta = {"name": source.base_model} if source.base_model else None
+    ref: dict[str, Any] = {"reference": "one" if from_one else "zero",
+                           "peft_type": source.peft_type}
+    if from_one:
+        ref.update(delta_field(from_one, names))
+    return Plan(compressible, ref, base_meta)
+
+
+def _is_constant(reader: SafetensorsReader, name: str, value: float) -> bool:
+    """Whether every element of tensor ``name`` equals ``value`` (read 16 MiB at a time)."""
+    raw = reader.raw(name)
+    try:
+        dtype = reader.info(name).dtype
+        item = S.ITEMSIZE[dtype]
+        want = None
+        for start in range(0, len(raw), 1 << 24):
+            chunk = raw[start : start + (1 << 24)]
+            if want is None:  # the constant's bytes in the tensor's own dtype
+                first = _dt.to_numpy_values(
+                    np.frombuffer(chunk[:item], dtype=_dt.storage_dtype(dtype)), dtype)
+                if first.size == 0 or float(first[0]) != value:
+                    return False
+                want = bytes(chunk[:item])
+            if bytes(chunk) != want * (len(chunk) // item):
+                return False
+        return True
+    finally:
+        raw.release()
 
 
 def file_metadata(plan: Plan, reader: SafetensorsReader, comp_meta: dict[str, Any],

@@ -359,6 +359,31 @@ def test_ia3_directory_round_trip_adds_one(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
+def test_an_ia3_base_of_ones_is_recorded_as_the_recipe(tmp_path):
+    """The saved initial state of an (IA)^3 adapter is all ones: the file is the one written
+    without a base (measured from one, no digests), and says so."""
+    plain = compress_file(IA3, tmp_path / "plain", density=0.01)
+    given = compress_file(IA3, tmp_path / "given", density=0.01, base=IA3 / "init")
+    assert given.reference == "one"
+    assert "holds IA3's initial values" in given.note
+    assert ((tmp_path / "given" / "adapter_model.compeft").read_bytes()
+            == (tmp_path / "plain" / "adapter_model.compeft").read_bytes())
+    assert given.file_bytes == plain.file_bytes
+    # a base that differs from the ones anywhere is a checkpoint, bound by its digests
+    init = safetensors.torch.load_file(IA3 / "init" / "adapter_model.safetensors")
+    name = sorted(init)[3]
+    init[name] = init[name].clone()
+    init[name].view(-1)[5] = 1.0 + 2.0**-20
+    (tmp_path / "near").mkdir()
+    safetensors.torch.save_file(init, tmp_path / "near" / "adapter_model.safetensors")
+    near = compress_file(IA3, tmp_path / "near-c", density=0.01, base=tmp_path / "near")
+    assert near.reference == "checkpoint"
+    assert near.note is None or "initial values" not in near.note
+    meta = inspect(tmp_path / "near-c" / "adapter_model.compeft").metadata
+    assert meta["task_vector"]["reference"] == "checkpoint"
+    assert "digests" in meta["compeft.base"]
+
+
 def test_lora_directory_from_zero_and_from_init(tmp_path):
     orig = safetensors.torch.load_file(LORA / "adapter_model.safetensors")
     init = safetensors.torch.load_file(LORA / "init" / "adapter_model.safetensors")
