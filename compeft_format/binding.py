@@ -18,9 +18,17 @@ from . import _spec as S
 from ._progress import Bar
 from .errors import ConvertError, CorruptDataError
 from .hifi import HIFI_KEY, HifiError
-from .plan import META_TASK_VECTOR, REFERENCES, SHORT_DIGEST, base_binding, tensor_sha256
+from .plan import (
+    META_TASK_VECTOR,
+    REFERENCES,
+    SHORT_DIGEST,
+    base_binding,
+    holds_constants,
+    tensor_sha256,
+)
 
-__all__ = ["Reference", "check_base", "check_regenerated_base", "read_reference"]
+__all__ = ["Reference", "check_base", "check_regenerated_base", "holds_its_recipe",
+           "read_reference"]
 
 
 @dataclass
@@ -51,6 +59,23 @@ class Reference:
         True
         """
         return self.kind != "checkpoint" and (self.kind == "one" or self.peft_type is not None)
+
+
+def holds_its_recipe(ref: Reference, base: Any) -> bool:
+    """Whether a base given for a file measured from one holds exactly those ones: an
+    (IA)^3 adapter's saved initial state, which compress records as the recipe (no digests).
+    Decompressing and loading then need no base, and take that one without complaint.
+
+    >>> import os, tempfile, numpy as np
+    >>> from compeft_format.safetensors_io import SafetensorsReader, save_safetensors
+    >>> p = os.path.join(tempfile.mkdtemp(), "init.safetensors")
+    >>> save_safetensors({"g": np.ones(3, np.float32)}, p)
+    >>> with SafetensorsReader(p) as r:
+    ...     holds_its_recipe(Reference("one", {"g"}, None, None, "IA3"), r)
+    True
+    """
+    return ref.kind == "one" and bool(ref.delta) and holds_constants(
+        base, dict.fromkeys(ref.delta, 1.0))
 
 
 def read_reference(meta: Mapping[str, Any], records: set[str], where: Path) -> Reference:

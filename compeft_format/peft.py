@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dtypes as _dt
-from .binding import Reference, check_regenerated_base, read_reference
+from .binding import Reference, check_regenerated_base, holds_its_recipe, read_reference
 from .codecs import torch_decode as _td
 from .container import CompeftReader, open_file
 from .errors import ConvertError, MissingDependencyError
@@ -166,6 +166,9 @@ def _check_record(reader: CompeftReader, where: Path, base: str | os.PathLike | 
                            f"state ({len(ref.hashes or {})} tensors); give it with base= (the "
                            "initial adapter folder or its safetensors file)")
     if ref.kind != "checkpoint" and base is not None:
+        with SafetensorsReader(base_weights(base)) as given:
+            if holds_its_recipe(ref, given):  # the (IA)^3 init compress was given: all ones
+                return ref, infos, steps
         raise ConvertError(f"{where}: holds the adapter as it is (from {ref.kind}), which takes "
                            "no base=")
     return ref, infos, steps
@@ -291,6 +294,8 @@ def _load(peft_model: Any, source: Any, adapter_name: str, base: Any,
     where = Path(source.path)
     with source._open() as reader:
         ref, infos, steps = _check_record(reader, where, base)
+        if ref.kind != "checkpoint":
+            base = None  # measured from the adapter type's initial values: no base to add
         init = None
         with contextlib.ExitStack() as stack:
             recipe = recorded_recipe(reader.metadata())

@@ -45,6 +45,7 @@ __all__ = [
     "base_binding",
     "delta_field",
     "file_metadata",
+    "holds_constants",
     "make_plan",
     "tensor_sha256",
     "work_dtype",
@@ -349,9 +350,9 @@ def _plan(source: Source, reader: Any, base: Any, base_path: Path | None,
         # an initial adapter that is the PEFT type's own constant init (an (IA)^3 adapter's
         # ones): the recipe says it exactly, in a few bytes instead of a digest per tensor,
         # and restoring needs no base (spec 5.2.1)
-        from_one = _from_one(source, compressible)
-        if all(_is_constant(base, n, 1.0 if n in from_one else 0.0) for n in compressible):
-            return _recipe_plan(source, names, compressible, from_one)
+        from_one = set(_from_one(source, compressible))
+        if holds_constants(base, {n: 1.0 if n in from_one else 0.0 for n in compressible}):
+            return _recipe_plan(source, names, compressible, sorted(from_one))
     # the base binding: the tensors the task vector is measured from, and only those (a
     # base's other tensors are not needed to restore it)
     digests = {}
@@ -386,6 +387,23 @@ def _recipe_plan(source: Source, names: list[str], compressible: list[str],
     if from_one:
         ref.update(delta_field(from_one, names))
     return Plan(compressible, ref, base_meta)
+
+
+def holds_constants(reader: SafetensorsReader, values: Mapping[str, float]) -> bool:
+    """Whether ``reader`` holds every tensor of ``values`` with every element equal to its
+    value (an adapter's constant initial state: an (IA)^3 adapter's ones); it stops at the
+    first tensor that differs, and reads 16 MiB at a time.
+
+    >>> import os, tempfile, numpy as np
+    >>> from compeft_format.safetensors_io import save_safetensors
+    >>> p = os.path.join(tempfile.mkdtemp(), "b.safetensors")
+    >>> save_safetensors({"g": np.ones(3, np.float32), "h": np.zeros(2, np.float32)}, p)
+    >>> with SafetensorsReader(p) as r:
+    ...     holds_constants(r, {"g": 1.0, "h": 0.0}), holds_constants(r, {"g": 0.0})
+    (True, False)
+    """
+    return bool(values) and all(n in reader and _is_constant(reader, n, v)
+                                for n, v in values.items())
 
 
 def _is_constant(reader: SafetensorsReader, name: str, value: float) -> bool:

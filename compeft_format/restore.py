@@ -25,7 +25,7 @@ import numpy as np
 from . import _spec as S
 from . import dtypes as _dt
 from ._progress import Bar
-from .binding import Reference, check_regenerated_base, read_reference
+from .binding import Reference, check_regenerated_base, holds_its_recipe, read_reference
 from .container import open_file
 from .errors import ConvertError, EncodeError, naming
 from .hifi import HIFI_KEY, hifi_decode, hifi_layout
@@ -273,6 +273,12 @@ def _bind_base(source: Source, stored: _Stored, ref: Reference, base_path: Path 
             f"({len(ref.delta)} tensors); give it with --base (base=) to write "
             "the full tensors")
     if base_path is not None and ref.stored_as_is:
+        if ref.kind == "one":
+            # the base used at compression, when it held the type's initial values (ones):
+            # the file records the recipe instead, and the base adds nothing to it
+            with open_weights(base_path) as given:
+                if holds_its_recipe(ref, given):
+                    return None, None
         raise ConvertError(f"{source.path}: holds a PEFT {ref.peft_type} adapter stored as "
                            "it is (from zero or one), which takes no --base")
     if base_path is None:

@@ -369,6 +369,13 @@ def test_an_ia3_base_of_ones_is_recorded_as_the_recipe(tmp_path):
     assert ((tmp_path / "given" / "adapter_model.compeft").read_bytes()
             == (tmp_path / "plain" / "adapter_model.compeft").read_bytes())
     assert given.file_bytes == plain.file_bytes
+    # decompress given that base again, as for any base: it adds nothing, and is taken
+    decompress_file(tmp_path / "given", tmp_path / "r1")
+    decompress_file(tmp_path / "given", tmp_path / "r2", base=IA3 / "init")
+    assert ((tmp_path / "r1" / "adapter_model.safetensors").read_bytes()
+            == (tmp_path / "r2" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(ConvertError, match=r"stored as it is \(from zero or one\), which takes no"):
+        decompress_file(tmp_path / "given", tmp_path / "r3", base=LORA / "init")
     # a base that differs from the ones anywhere is a checkpoint, bound by its digests
     init = safetensors.torch.load_file(IA3 / "init" / "adapter_model.safetensors")
     name = sorted(init)[3]
