@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import io
+import math
+import struct
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import pytest
 
-from compeft_format import iter_stream, loads, open_file
+from compeft_format import TernaryTensor, iter_stream, loads, open_file
 from compeft_format.errors import CompeftError
+
+
+def random_ternary(shape: tuple[int, ...], density: float, seed: int, scale: float,
+                   dtype: str = "F32") -> TernaryTensor:
+    """A ternary tensor with ``density`` of its entries (at least one) at random places."""
+    rng = np.random.default_rng(seed)
+    numel = math.prod(shape)
+    idx = np.sort(rng.choice(numel, max(1, int(numel * density)), replace=False))
+    return TernaryTensor(shape, idx, rng.random(len(idx)) < 0.5, scale, dtype)
+
+
+def with_minor(data: bytes, minor: int) -> bytes:
+    """``data`` with its Version_Minor set to ``minor`` and its header checksum made right
+    again (spec 5.1), as a file of that version with the same records."""
+    out = bytearray(data)
+    out[9] = minor
+    meta_size = struct.unpack("<I", out[12:16])[0]
+    out[16 + meta_size:20 + meta_size] = struct.pack("<I", zlib.crc32(out[:16 + meta_size]))
+    return bytes(out)
 
 
 def kinds(data: bytes) -> list[int]:

@@ -10,7 +10,6 @@ adapters, and that every cut and bit flip of a small 1.3 file is refused.
 
 from __future__ import annotations
 
-import math
 import re
 import struct
 import sys
@@ -20,7 +19,13 @@ from typing import Any
 import numpy as np
 import pytest
 from cli_helpers import one_line_error, run
-from file_helpers import READERS, kinds, refuse_every_cut_and_flip
+from file_helpers import (
+    READERS,
+    kinds,
+    random_ternary,
+    refuse_every_cut_and_flip,
+    with_minor,
+)
 from spec_helpers import ROOT, SPEC, check_fixed_dictionary
 
 from compeft_format import TernaryTensor, dumps, inspect, loads, open_file
@@ -38,22 +43,14 @@ sys.path.insert(0, str(ROOT / "spec" / "tools"))
 import reference_reader as rr
 
 
-def _ternary(shape: tuple[int, ...], density: float, seed: int, scale: float,
-             dtype: str = "F32") -> TernaryTensor:
-    rng = np.random.default_rng(seed)
-    numel = math.prod(shape)
-    idx = np.sort(rng.choice(numel, max(1, int(numel * density)), replace=False))
-    return TernaryTensor(shape, idx, rng.random(len(idx)) < 0.5, scale, dtype)
-
-
 def lora(layers: int = 4) -> dict[str, TernaryTensor]:
     """A LoRA-like adapter compressed with one global scale per factor kind (A, B)."""
     out = {}
     for i in range(layers):
         for m in ("q", "v"):
             stem = f"base_model.model.model.layers.{i}.self_attn.{m}_proj"
-            out[f"{stem}.lora_A.weight"] = _ternary((8, 64), 0.05, 10 * i + 1, 0.25)
-            out[f"{stem}.lora_B.weight"] = _ternary((64, 8), 0.05, 10 * i + 2, 0.0125, "BF16")
+            out[f"{stem}.lora_A.weight"] = random_ternary((8, 64), 0.05, 10 * i + 1, 0.25)
+            out[f"{stem}.lora_B.weight"] = random_ternary((64, 8), 0.05, 10 * i + 2, 0.0125, "BF16")
     return out
 
 
@@ -178,7 +175,7 @@ def test_the_projects_adapters_are_smaller_in_1_3(adapter: str, tmp_path: Path) 
 def test_1_3_files_read_back_like_1_0_files(positions: str, alignment: int) -> None:
     tensors: dict[str, Any] = {**lora(2), "m.dense": np.arange(6, dtype=np.float32),
                                "m.zero": TernaryTensor.zeros((3, 3)),
-                               "z.big": _ternary((2**19 + 1,), 0.0001, 7, 0.5)}
+                               "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
     new = dumps(tensors, positions=positions, alignment=alignment, version="1.3")
     old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
     assert S.KIND_COMPACT_PACK in kinds(new)
@@ -199,20 +196,17 @@ def test_1_3_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
 
 def test_a_1_2_reader_refuses_a_compact_pack() -> None:
     """The kind is unknown below minor 3 (spec 10.1): a 1.3 file with its minor byte set to 2."""
-    data = bytearray(dumps(lora(1), version="1.3"))
-    data[9] = 2
-    import zlib
-    meta_size = struct.unpack("<I", data[12:16])[0]
-    data[16 + meta_size:20 + meta_size] = struct.pack("<I", zlib.crc32(data[:16 + meta_size]))
+    data = with_minor(dumps(lora(1), version="1.3"), 2)
     for read in READERS.values():
         with pytest.raises(CompeftError, match="unknown required record kind 0x05"):
-            read(bytes(data))
+            read(data)
 
 
 def test_cuts_and_bit_flips_of_a_1_3_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
-    data = dumps({"a": _ternary((64,), 0.2, 1, 0.5), "ab": _ternary((40,), 0.3, 2, 0.5, "BF16"),
-                  "b": _ternary((16,), 0.25, 3, 0.75)}, version="1.3")
+    data = dumps({"a": random_ternary((64,), 0.2, 1, 0.5),
+                  "ab": random_ternary((40,), 0.3, 2, 0.5, "BF16"),
+                  "b": random_ternary((16,), 0.25, 3, 0.75)}, version="1.3")
     assert kinds(data) == [S.KIND_COMPACT_PACK]
     refuse_every_cut_and_flip(data)
 

@@ -11,7 +11,6 @@ adapters, and that every cut and bit flip of a small 1.4 file is refused.
 from __future__ import annotations
 
 import io
-import math
 import re
 import struct
 import sys
@@ -20,7 +19,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from file_helpers import READERS, kinds, refuse_every_cut_and_flip
+from file_helpers import (
+    READERS,
+    kinds,
+    random_ternary,
+    refuse_every_cut_and_flip,
+    with_minor,
+)
 from spec_helpers import ROOT, SPEC
 
 from compeft_format import TernaryTensor, Writer, dumps, inspect, loads, open_file
@@ -42,14 +47,6 @@ sys.path.insert(0, str(ROOT / "spec" / "tools"))
 import reference_reader as rr
 
 
-def _ternary(shape: tuple[int, ...], density: float, seed: int, scale: float,
-             dtype: str = "F32") -> TernaryTensor:
-    rng = np.random.default_rng(seed)
-    numel = math.prod(shape)
-    idx = np.sort(rng.choice(numel, max(1, int(numel * density)), replace=False))
-    return TernaryTensor(shape, idx, rng.random(len(idx)) < 0.5, scale, dtype)
-
-
 def ia3_like(layers: int = 6) -> dict[str, TernaryTensor]:
     """Vectors of 384 and 1,536 elements at density 0.01, as an (IA)^3 adapter's."""
     out = {}
@@ -57,7 +54,7 @@ def ia3_like(layers: int = 6) -> dict[str, TernaryTensor]:
         stem = f"base_model.model.encoder.layer.{i}"
         for j, (m, n) in enumerate((("attention.self.key", 384), ("attention.self.value", 384),
                                     ("output.dense", 1536))):
-            out[f"{stem}.{m}.ia3_l"] = _ternary((n,), 0.01, 10 * i + j, 0.01 * (j + 1))
+            out[f"{stem}.{m}.ia3_l"] = random_ternary((n,), 0.01, 10 * i + j, 0.01 * (j + 1))
     return out
 
 
@@ -131,7 +128,7 @@ def test_members_streams_follow_each_other_bit_after_bit() -> None:
 
 def test_records_keep_their_index_names() -> None:
     tensors = {**ia3_like(1), "m.dense": np.arange(4, dtype=np.float32),
-               "z.big": _ternary((2**19 + 1,), 0.0001, 7, 0.5)}
+               "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
     data = dumps(tensors)
     assert kinds(data) == [S.KIND_BIT_PACK, S.KIND_DENSE, S.KIND_TERNARY]
     assert [name for name, _ in index_of(data)] == ["", "m.dense", "z.big"]
@@ -164,7 +161,7 @@ def test_1_4_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
     tensors: dict[str, Any] = {**ia3_like(2), "m.dense": np.arange(6, dtype=np.float32),
                                "m.zero": TernaryTensor.zeros((3, 3)),
                                "m.scalar": TernaryTensor((), [0], [True], 0.5, "BF16"),
-                               "z.big": _ternary((2**19 + 1,), 0.0001, 7, 0.5)}
+                               "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
     new = dumps(tensors, positions=positions, alignment=alignment)
     old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
     assert S.KIND_BIT_PACK in kinds(new)
@@ -201,20 +198,17 @@ def test_writer_streams_the_same_bytes_as_dumps() -> None:
 def test_a_1_3_reader_refuses_a_bit_pack() -> None:
     """Both new parts are unknown below minor 4 (spec 10.1): a 1.4 file with its minor byte
     set to 3 is refused on every path, at the kind or at the index entry without a name."""
-    data = bytearray(dumps(ia3_like(1)))
-    data[9] = 3
-    import zlib
-    meta_size = struct.unpack("<I", data[12:16])[0]
-    data[16 + meta_size:20 + meta_size] = struct.pack("<I", zlib.crc32(data[:16 + meta_size]))
+    data = with_minor(dumps(ia3_like(1)), 3)
     for read in READERS.values():
         with pytest.raises(CompeftError, match=r"unknown required record kind 0x06|index name "
                                                r"length 0 outside"):
-            read(bytes(data))
+            read(data)
 
 
 def test_cuts_and_bit_flips_of_a_1_4_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
-    data = dumps({"a": _ternary((64,), 0.2, 1, 0.5), "ab": _ternary((40,), 0.3, 2, 0.5, "BF16"),
-                  "b": _ternary((16,), 0.25, 3, 0.75)})
+    data = dumps({"a": random_ternary((64,), 0.2, 1, 0.5),
+                  "ab": random_ternary((40,), 0.3, 2, 0.5, "BF16"),
+                  "b": random_ternary((16,), 0.25, 3, 0.75)})
     assert kinds(data) == [S.KIND_BIT_PACK]
     refuse_every_cut_and_flip(data)
