@@ -155,7 +155,6 @@ class Header:
         return self.version[1] >= S.NAMELESS_INDEX_MINOR
 
 
-
 def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Header:
     """Parse File_Header, Metadata and Header_Checksum (spec 5.1), and the padding after.
 
@@ -563,7 +562,7 @@ def read_index(src: Source, limits: S.ReadLimits, nameless: bool = False,
                ) -> list[tuple[str, int]]:
     """Parse the Index after its 0x00 kind byte (spec 5.6).
 
-    ``nameless``: the file is 1.4 or later, where a compact or bit pack's entry has no name
+    ``nameless``: the file is 1.4 or later, where a compact or bit pack's entry may have no name
     (``Name_Length`` 0, given as ``""``).
     """
     at = src.pos
