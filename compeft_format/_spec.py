@@ -12,8 +12,8 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 4  # what the reference encoder writes by default (spec 10.1)
-VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4))  # the versions an encoder can be asked to write
+VERSION_MINOR = 5  # what the reference encoder writes by default (spec 10.1)
+VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5))  # what an encoder can be asked for
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
@@ -31,6 +31,7 @@ KIND_PACK = 0x03  # spec 5.8 (1.1): many small ternary tensors in one record
 KIND_COLUMN_PACK = 0x04  # spec 5.9 (1.2): a pack whose member table is stored in columns
 KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in the table
 KIND_BIT_PACK = 0x06  # spec 5.11 (1.4): a compact pack with its members' streams bit after bit
+KIND_LEAN_PACK = 0x07  # spec 5.12 (1.5): a bit pack whose members' lengths are read, not stored
 NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact or bit pack's index entry may be ""
 
 # spec 5.8 pack records (format 1.1)

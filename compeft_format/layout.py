@@ -25,6 +25,7 @@ from ._io import BufferSource, Source, encode_varint
 from .budget import Budget
 from .codecs import NAMES_ZSTD, ZSTD, BlockContext, get_codec
 from .codecs._bits import concat_bits, packed_slice
+from .codecs.golomb import stream_bits as golomb_stream_bits
 from .errors import (
     BadMagicError,
     ChecksumError,
@@ -143,11 +144,11 @@ class Header:
     @property
     def kinds(self) -> tuple[int, ...]:
         """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2,
-        5.10 from 1.3, 5.11 from 1.4)."""
+        5.10 from 1.3, 5.11 from 1.4, 5.12 from 1.5)."""
         minor = self.version[1]
         return ((S.KIND_TERNARY, S.KIND_DENSE) + (S.KIND_PACK,) * (minor >= 1)
                 + (S.KIND_COLUMN_PACK,) * (minor >= 2) + (S.KIND_COMPACT_PACK,) * (minor >= 3)
-                + (S.KIND_BIT_PACK,) * (minor >= 4))
+                + (S.KIND_BIT_PACK,) * (minor >= 4) + (S.KIND_LEAN_PACK,) * (minor >= 5))
 
     @property
     def nameless_index(self) -> bool:
@@ -304,7 +305,7 @@ def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: 
     data_start = align(header_end, alignment)
     b = BufferSource(body[:-4], base=body_start)
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
-    if kind in TABLE_NAMED_KINDS:  # spec 5.10, 5.11: no Name; the first member's is the record's
+    if kind in TABLE_NAMED_KINDS:  # spec 5.10 to 5.12: no Name; the first member's is its name
         return _read_pack(b, "", limits, Record(
             kind, "", "", (), None, [], data_crc, offset, header_end, data_start, data_size,
             alignment), data_size_at)
@@ -384,13 +385,15 @@ def _read_tensor_fields(b: BufferSource, kind: int, name: str, limits: S.ReadLim
 
 def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
                data_size_at: int) -> Record:
-    """The rest of a pack record's body: its member table (spec 5.8, 5.9, 5.10).
+    """The rest of a pack record's body: its member table (spec 5.8 to 5.12).
 
-    A compact or bit pack (spec 5.10, 5.11) comes with ``name`` empty: its name is its first
-    member's.
+    A compact, bit or lean pack (spec 5.10 to 5.12) comes with ``name`` empty: its name is
+    its first member's. A lean pack's members are placed only once its data area is read
+    (:func:`check_pack_data`): until then their ``bit_span`` is None and ``used_bits`` -1.
     """
     compact = rec.kind in TABLE_NAMED_KINDS
-    bits = rec.kind == S.KIND_BIT_PACK
+    bits = rec.kind in (S.KIND_BIT_PACK, S.KIND_LEAN_PACK)
+    lean = rec.kind == S.KIND_LEAN_PACK
     at = b.pos
     count = b.varint("member count")
     if count < 1:
@@ -418,7 +421,8 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         table = memoryview(zstd.decode(table, decoded, ctx))
     t = BufferSource(table, base=table_at)
     if compact:
-        fields = read_column_table(t, count, None, limits, bits)
+        fields = read_column_table(t, count, None, limits,
+                                   "none" if lean else "bits" if bits else "bytes")
     elif rec.kind == S.KIND_COLUMN_PACK:
         fields = read_column_table(t, count, name, limits)
     else:
@@ -430,37 +434,80 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         scales = list(read_scale_columns(t, names))
     members, cursor = [], 0  # cursor: bytes into the data area; bits in a bit pack
     for f, mname, scale in zip(fields, names, scales, strict=True):
-        psize = -(-f.psize // 8) if bits else f.psize  # spec 5.11: the stream, in whole bytes
         ssize = -(-f.nnz // 8)
-        blocks = [(f.ptype, S.STAGE_NONE, f.param, psize, psize),
+        blocks = [(f.ptype, S.STAGE_NONE, f.param, f.psize, f.psize),
                   (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize)]
         if scale is None:  # spec 5.8: the scale follows the signs in the data area
             blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4))
-        if bits:  # the bytes that hold the member's bits
-            start, span = cursor >> 3, (cursor & 7, f.psize)
-            cursor += f.psize + f.nnz
-            size = -(-cursor // 8) - start
+        m = Record(S.KIND_TERNARY, mname, f.dtype, f.shape, f.nnz, blocks, 0, rec.offset,
+                   rec.header_end, rec.data_start + cursor, sum(blk[3] for blk in blocks),
+                   in_pack=True, table_scale=None if scale is None else (scale, table_at))
+        members.append(m)
+        if lean:
+            continue
+        if bits:
+            cursor = _place_bits(m, rec.data_start, cursor, f.psize)
         else:
-            start, span = cursor, None
-            size = sum(blk[3] for blk in blocks)
-            cursor += size
-        members.append(Record(S.KIND_TERNARY, mname, f.dtype, f.shape, f.nnz, blocks,
-                              0, rec.offset, rec.header_end, rec.data_start + start, size,
-                              in_pack=True,
-                              table_scale=None if scale is None else (scale, table_at),
-                              bit_span=span))
+            cursor += m.data_size
     t.tensor = name
     if not t.at_end():
         raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
                                tensor=name, offset=t.pos)
+    rec.members = tuple(members)
+    if lean:  # spec 5.12: the members' lengths are in their streams
+        rec.used_bits = -1
+        return rec
     used = -(-cursor // 8) if bits else cursor
     if rec.data_size != align(used, rec.alignment):
         raise CorruptDataError(f"data size {rec.data_size} does not match the pack's members "
                                f"({align(used, rec.alignment)})", tensor=name,
                                offset=data_size_at)
     rec.used_bits = cursor if bits else 8 * cursor
-    rec.members = tuple(members)
     return rec
+
+
+def _place_bits(m: Record, data_start: int, cursor: int, pbits: int) -> int:
+    """Place a bit or lean pack member (spec 5.11, 5.12) whose positions stream of ``pbits``
+    bits starts at bit ``cursor`` of its pack's data area; return the bit after its signs."""
+    nnz = m.nnz or 0
+    psize, ssize = -(-pbits // 8), -(-nnz // 8)  # its payloads, moved to a byte boundary
+    m.blocks = [(m.blocks[0][0], S.STAGE_NONE, m.blocks[0][2], psize, psize),
+                (S.BLOCK_SIGNS, S.STAGE_NONE, 0, ssize, ssize)]
+    m.data_start = data_start + (cursor >> 3)  # the bytes that hold its bits
+    m.data_size = -(-(cursor + pbits + nnz) // 8) - (cursor >> 3)
+    m.bit_span = (cursor & 7, pbits)
+    return cursor + pbits + nnz
+
+
+def place_lean_members(pack: Record, data: memoryview) -> None:
+    """Find where each member of a lean pack (spec 5.12) starts by reading the streams before
+    it: a bitmask stream is ``numel`` bits, a golomb stream ends with its last code's one bit
+    (:func:`~compeft_format.codecs.golomb.stream_bits`). R-LPK-1: each member's streams lie in
+    the data area; R-PACK-8: the data area is exactly what they take, aligned."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    end, cursor = 8 * len(data), 0
+    for m in pack.members:
+        ptype, _, param, _, _ = m.blocks[0]
+        numel, nnz = math.prod(m.shape), m.nnz or 0
+        pbits = numel if ptype == S.BLOCK_BITMASK else golomb_stream_bits(
+            buf, cursor, nnz, max(1, param), numel, end)
+        if pbits is None:
+            bound = nnz + max(numel - nnz, 0) // max(1, param)
+            problem = (f"its golomb stream does not end within the data area and the "
+                       f"{bound} unary bits it may take")
+        elif cursor + pbits + nnz > end:
+            problem = f"its {'signs' if pbits <= end - cursor else 'bitmask'} stream runs " \
+                      "past the data area"
+        else:
+            cursor = _place_bits(m, pack.data_start, cursor, pbits)
+            continue
+        raise CorruptDataError(f"lean pack member: {problem} ({end - cursor} bits left)",
+                               tensor=m.name, offset=pack.data_start + (cursor >> 3))
+    want = align(-(-cursor // 8), pack.alignment)
+    if pack.data_size != want:
+        raise CorruptDataError(f"data size {pack.data_size} does not match the pack's members "
+                               f"({want})", tensor=pack.name, offset=pack.data_start)
+    pack.used_bits = cursor
 
 
 def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits,
@@ -499,10 +546,11 @@ def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits
 
 
 #: the record kinds that hold pack members: 1.1 packs (spec 5.8), column packs (5.9),
-#: compact packs (5.10) and bit packs (5.11)
-PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK, S.KIND_BIT_PACK)
+#: compact packs (5.10), bit packs (5.11) and lean packs (5.12)
+PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK, S.KIND_BIT_PACK,
+              S.KIND_LEAN_PACK)
 #: the packs with no Name in their body: their name is their first member's (spec 5.10)
-TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK)
+TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK, S.KIND_LEAN_PACK)
 BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 
@@ -580,6 +628,8 @@ def check_pack_data(pack: Record, data: memoryview, tensor: str | None = None) -
     """Check a pack's whole data area: its checksum (R-REC-9), then the padding after its last
     member (R-BLK-4): in a bit pack (spec 5.11) from the bit after the last member's last."""
     check_data_crc(pack, data, tensor)
+    if pack.used_bits < 0:  # a lean pack (spec 5.12): its members are placed now
+        place_lean_members(pack, data)
     used = pack.used_bits >> 3
     tail = pack.used_bits & 7
     if tail and data[used] >> tail:

@@ -29,9 +29,22 @@ from ._io import BufferSource, encode_varint
 from ._spec import ReadLimits
 from .errors import CorruptDataError, LimitExceededError
 
-__all__ = ["Member", "column_table", "common_prefix", "compact_table", "decode_name",
-           "member_name", "predicted_bits", "predicted_param", "predicted_size",
-           "read_column_table", "read_scale_columns", "unzigzag", "zigzag"]
+__all__ = [
+    "COLUMN10",
+    "Member",
+    "column_table",
+    "common_prefix",
+    "compact_table",
+    "decode_name",
+    "member_name",
+    "predicted_bits",
+    "predicted_param",
+    "predicted_size",
+    "read_column_table",
+    "read_scale_columns",
+    "unzigzag",
+    "zigzag",
+]
 
 
 @dataclass(frozen=True)
@@ -124,16 +137,21 @@ def common_prefix(a: bytes, b: bytes) -> int:
     return len(os.path.commonprefix([a, b]))  # noqa: RUF071
 
 
+#: what column 10 of a member table holds: ``Positions_Size`` (spec 5.9), ``Positions_Bits``
+#: (a bit pack, 5.11), or nothing (a lean pack, 5.12: each length is read from the stream)
+COLUMN10 = ("bytes", "bits", "none")
+
+
 def column_table(members: Sequence[Member], first_prev: bytes | None = None,
-                 bits: bool = False) -> bytes:
+                 column10: str = "bytes") -> bytes:
     """The decoded member table of a column pack (spec 5.9) named after its first member.
 
     ``first_prev``: what the first name is coded against; by default the pack's ``Name``,
     which is the first name itself (spec 5.9); a compact pack's is empty (spec 5.10).
-    ``bits``: the members' ``psize`` is ``Positions_Bits``, coded from the predicted bits
-    (a bit pack, spec 5.11).
+    ``column10``: see :data:`COLUMN10`; with ``"bits"`` the members' ``psize`` is
+    ``Positions_Bits``, coded from the predicted bits (a bit pack, spec 5.11).
     """
-    predict = predicted_bits if bits else predicted_size
+    predict = predicted_bits if column10 == "bits" else predicted_size
     prev = members[0].name if first_prev is None else first_prev
     prefixes, lengths, suffixes = bytearray(), bytearray(), bytearray()
     for m in members:
@@ -151,16 +169,17 @@ def column_table(members: Sequence[Member], first_prev: bytes | None = None,
     for m in members:
         q = predicted_param(m.ptype, math.prod(m.shape), m.nnz)
         out += encode_varint(zigzag(m.param - q))
-    for m in members:
+    for m in members if column10 != "none" else ():
         out += encode_varint(zigzag(m.psize - predict(m.ptype, m.param, math.prod(m.shape),
                                                       m.nnz)))
     return bytes(out)
 
 
-def compact_table(members: Sequence[Member], scales: Sequence[bytes], bits: bool = False,
+def compact_table(members: Sequence[Member], scales: Sequence[bytes], column10: str = "bytes",
                   ) -> bytes:
-    """The decoded member table of a compact pack (spec 5.10, format 1.3), or with ``bits``
-    of a bit pack (spec 5.11, 1.4: the members' ``psize`` is ``Positions_Bits``).
+    """The decoded member table of a compact pack (spec 5.10, format 1.3); with ``column10``
+    ``"bits"`` of a bit pack (spec 5.11, 1.4: the members' ``psize`` is ``Positions_Bits``),
+    with ``"none"`` of a lean pack (spec 5.12, 1.5: no column 10).
 
     The columns of a column pack with the first name stored in full (a compact pack has no
     ``Name`` of its own), then column 11, each member's ``Scale_Ref`` (the scales numbered in
@@ -173,7 +192,7 @@ def compact_table(members: Sequence[Member], scales: Sequence[bytes], bits: bool
     '00 00 03 03 61 2e 77 62 2e 77 01 01 01 01 08 40 01 02 01 02 00 02 00 00 00 00 00 00 80 3f'
     """
     refs: dict[bytes, int] = {}
-    out = bytearray(column_table(members, b"", bits))
+    out = bytearray(column_table(members, b"", column10))
     for scale in scales:
         out += encode_varint(refs.setdefault(bytes(scale), len(refs)))
     return bytes(out) + b"".join(refs)
@@ -236,15 +255,16 @@ def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str | None)
 
 
 def read_column_table(t: BufferSource, count: int, pack: str | None, limits: ReadLimits,
-                      bits: bool = False) -> list[Member]:
+                      column10: str = "bytes") -> list[Member]:
     """Read the columns of a decoded member table (spec 8.1 step 8b), checking each value.
 
     ``t`` holds the table (its ``base`` the table's offset, for messages); it is left after
     the last column, and the caller checks that nothing follows (R-PACK-3). ``pack`` is the
     record's name, or None for a compact pack (spec 5.10): its first name is coded against
-    the empty name. ``bits``: column 10 codes ``Positions_Bits`` (a bit pack, spec 5.11).
+    the empty name. ``column10``: see :data:`COLUMN10` (without it, a member's ``psize`` is
+    -1: unknown until its stream is read).
     """
-    predict = predicted_bits if bits else predicted_size
+    predict = predicted_bits if column10 == "bits" else predicted_size
     t.tensor = pack
     prefixes = [t.varint("prefix length") for _ in range(count)]
     lengths = [(t.pos, t.varint("suffix length")) for _ in range(count)]
@@ -328,6 +348,10 @@ def read_column_table(t: BufferSource, count: int, pack: str | None, limits: Rea
         params.append(q + d)
     members = []
     for i, name in enumerate(names):
+        if column10 == "none":
+            members.append(Member(raws[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i],
+                                  -1))
+            continue
         t.tensor = name
         at = t.pos
         s = predict(ptypes[i], params[i], math.prod(shapes[i]), nnzs[i])

@@ -456,8 +456,12 @@ class CompeftReader:
         return rec
 
     def info(self, name: str) -> TensorInfo:
-        """Shape, dtype, nnz, blocks and sizes of one tensor, without decoding its data."""
-        return self._record(name).info()
+        """Shape, dtype, nnz, blocks and sizes of one tensor, without decoding its data (a
+        lean pack's member, spec 5.12: its pack's data area is read, to find where it is)."""
+        rec = self._record(name)
+        if rec.in_pack and self._packs[rec.offset].used_bits < 0:
+            self._data(rec)
+        return rec.info()
 
     def get(self, name: str, *, framework: str | None = None, dense: bool = False,
             out: np.ndarray | None = None, device: Any = None) -> Any:

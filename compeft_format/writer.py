@@ -65,11 +65,12 @@ class Writer:
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
     version:
-        ``"1.4"`` (the default) gathers ternary tensors of at most 2^19 elements into bit
-        pack records (spec 5.11: each distinct scale and the first name stored once, names
-        compressed with the name dictionary, the members' bit streams not rounded to bytes;
-        no name in their index entries) and compresses the metadata (spec 5.2);
-        ``"1.3"`` writes the compact packs of spec 5.10, for 1.3 readers; ``"1.2"`` writes
+        ``"1.5"`` (the default) gathers ternary tensors of at most 2^19 elements into lean
+        pack records (spec 5.12: each distinct scale and the first name stored once, names
+        compressed with the name dictionary, the members' bit streams one after the other,
+        their lengths not stored; no name in their index entries) and compresses the
+        metadata (spec 5.2); ``"1.4"`` writes the bit packs of spec 5.11 (lengths stored),
+        for 1.4 readers; ``"1.3"`` the compact packs of spec 5.10, for 1.3 readers; ``"1.2"``
         the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs of spec 5.8 and
         plain metadata, for 1.1 readers; ``"1.0"`` one record per tensor, for 1.0 readers.
 
@@ -103,6 +104,7 @@ class Writer:
         self._columns = version >= (1, 2)  # spec 5.9: ... whose member table is in columns
         self._compact = version >= (1, 3)  # spec 5.10: ... with the scales in the table
         self._bits = version >= (1, 4)  # spec 5.11, 5.6: ... bit after bit, named by the table
+        self._lean = version >= (1, 5)  # spec 5.12: ... with no lengths in the table
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
@@ -281,7 +283,7 @@ class Writer:
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 to 1.4 writer gathers small ternary tensors into a pack (spec 5.8 to 5.11) and
+        A 1.1 to 1.5 writer gathers small ternary tensors into a pack (spec 5.8 to 5.12) and
         writes it when it is full, when a tensor that is not packed comes, or at
         :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
         a new pack.
@@ -293,19 +295,20 @@ class Writer:
             self._f.flush()
 
     def _flush_pack(self) -> None:
-        """Write the pending pack as one record (spec 5.8 to 5.10, by version)."""
+        """Write the pending pack as one record (spec 5.8 to 5.12, by version)."""
         if not self._pack:
             return
         members, self._pack = self._pack, []
         self._pack_data = self._pack_table = 0
         level = None if self._level is None else S.SMALL_ZSTD_LEVEL  # Appendix D 6
-        if self._bits:  # spec 5.11: Positions_Bits in the table, the streams bit after bit
+        if self._bits:  # spec 5.11: Positions_Bits in the table (5.12: not), bit after bit
+            column10 = "none" if self._lean else "bits"
             fields, streams = [], []
             for m in members:
                 pbits = positions_bits(m.fields.ptype, m.parts[0], math.prod(m.fields.shape))
                 fields.append(dataclasses.replace(m.fields, psize=pbits))
                 streams += [(m.parts[0], pbits), (m.parts[1], m.fields.nnz)]
-            table = compact_table(fields, [m.parts[2] for m in members], bits=True)
+            table = compact_table(fields, [m.parts[2] for m in members], column10)
             data = bit_pack_data(streams)
         elif self._compact:  # spec 5.10: scales in the table
             table = compact_table([m.fields for m in members], [m.parts[2] for m in members])
@@ -335,7 +338,8 @@ class Writer:
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
-        kind = (S.KIND_BIT_PACK if self._bits else S.KIND_COMPACT_PACK if self._compact
+        kind = (S.KIND_LEAN_PACK if self._lean else S.KIND_BIT_PACK if self._bits
+                else S.KIND_COMPACT_PACK if self._compact
                 else S.KIND_COLUMN_PACK if self._columns else S.KIND_PACK)
         head = (bytes([kind]) + encode_varint(len(body) + 8)
                 + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(crc32(data, pad)))
@@ -392,7 +396,7 @@ def parse_version(version: tuple[int, int] | str | None) -> tuple[int, int]:
     default, the newest.
 
     >>> parse_version("1.2"), parse_version((1, 3)), parse_version(None)
-    ((1, 2), (1, 3), (1, 4))
+    ((1, 2), (1, 3), (1, 5))
     """
     if version is None:
         return S.VERSION_MAJOR, S.VERSION_MINOR

@@ -103,10 +103,10 @@ def test_dumps_of_an_empty_mapping() -> None:
     expected = (header + crc(header) + b"\x00" * 4  # pad 20 -> 24
                 + index + struct.pack("<Q", 24) + crc(index) + b"CPFE")
     assert dumps({}, version="1.0") == expected
-    for version, minor in (("1.1", 1), ("1.2", 2), ("1.3", 3), ("1.4", 4)):  # only the minor (and
+    for version, minor in (("1.1", 1), ("1.2", 2), ("1.3", 3), ("1.4", 4), ("1.5", 5)):  # minor
         head = expected[:9] + bytes([minor]) + expected[10:16]  # the CRC) differ
         assert dumps({}, version=version) == head + crc(head) + expected[20:]
-    assert dumps({}) == dumps({}, version="1.4")
+    assert dumps({}) == dumps({}, version="1.5")
     assert len(expected) == 42
     assert loads(expected) == {}
     assert list(iter_stream(io.BytesIO(expected))) == []
@@ -579,7 +579,7 @@ def test_inspect_agrees_with_loads() -> None:
     loaded = loads(data)
     info = inspect(data)
     assert (info.version, info.alignment, info.metadata, info.file_size) == (
-        (1, 4), 16, {"k": [1]}, len(data))
+        (1, 5), 16, {"k": [1]}, len(data))
     assert [t.name for t in info.tensors] == list(loaded)
     for t in info.tensors:
         value = loaded[t.name]
@@ -610,7 +610,7 @@ def test_reader_api() -> None:
     data = dumps(tensors)
     loaded = loads(data)
     f = open_file(data)
-    assert (f.version, f.alignment) == ((1, 4), 8)
+    assert (f.version, f.alignment) == ((1, 5), 8)
     assert "golomb" in f
     assert "nope" not in f
     assert list(f) == f.keys() == list(loaded)

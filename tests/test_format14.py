@@ -81,16 +81,16 @@ def test_bit_pack_example_of_the_spec() -> None:
     members = [Member(b"a.w", "F32", (8,), 1, S.BLOCK_BITMASK, 0, 8),
                Member(b"b.w", "F32", (64,), 2, S.BLOCK_GOLOMB, 23, 12)]
     one = struct.pack("<f", 1.0)
-    assert compact_table(members, [one, one], bits=True).hex(" ").split() == shown
-    t = BufferSource(memoryview(compact_table(members, [one, one], bits=True)))
-    assert read_column_table(t, 2, None, S.DEFAULT_LIMITS, bits=True) == members
+    assert compact_table(members, [one, one], "bits").hex(" ").split() == shown
+    t = BufferSource(memoryview(compact_table(members, [one, one], "bits")))
+    assert read_column_table(t, 2, None, S.DEFAULT_LIMITS, "bits") == members
     data = bit_pack_data([(b"\x01", 8), (b"\x00", 1), (payload, 12), (b"\x02", 2)])
     assert len(data) == 3
     assert "23 bits in 3 bytes" in section
     # the writer's file of these tensors: a data area of at most 23 bits, padded to A = 8
     tensors = {"a.w": TernaryTensor((8,), [0], [False], 1.0),
                "b.w": TernaryTensor((64,), [10, 21], [False, True], 1.0)}
-    file = dumps(tensors, zstd_level=None, positions="auto")
+    file = dumps(tensors, zstd_level=None, positions="auto", version="1.4")
     with open_file(file) as f:
         pack = f._packs[f.info("a.w").offset]
     assert pack.used_bits <= 23
@@ -110,7 +110,7 @@ def test_predicted_bits_is_the_byte_prediction_before_rounding() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_members_streams_follow_each_other_bit_after_bit() -> None:
     tensors = ia3_like()
-    data = dumps(tensors)
+    data = dumps(tensors, version="1.4")
     assert data[9] == 4
     assert kinds(data) == [S.KIND_BIT_PACK]
     assert index_of(data) == [("", inspect(data).tensors[0].offset)]  # no name (spec 5.6)
@@ -129,21 +129,21 @@ def test_members_streams_follow_each_other_bit_after_bit() -> None:
 def test_records_keep_their_index_names() -> None:
     tensors = {**ia3_like(1), "m.dense": np.arange(4, dtype=np.float32),
                "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
-    data = dumps(tensors)
+    data = dumps(tensors, version="1.4")
     assert kinds(data) == [S.KIND_BIT_PACK, S.KIND_DENSE, S.KIND_TERNARY]
     assert [name for name, _ in index_of(data)] == ["", "m.dense", "z.big"]
 
 
 @pytest.mark.parametrize("adapter", ["lora-minilm-vader", "ia3-minilm-vader"])
 def test_the_projects_adapters_are_smaller_in_1_4(adapter: str, tmp_path: Path) -> None:
-    """The files compress_file writes (format 1.4) against the same tensors in 1.3."""
+    """The files compress_file writes in format 1.4 against the same tensors in 1.3."""
     out = tmp_path / "out"
-    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01)
+    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01, format_version="1.4")
     data = (out / "adapter_model.compeft").read_bytes()
     assert inspect(data).version == (1, 4)
     with open_file(data) as f:
         tensors, meta = {n: f.get(n) for n in f}, f.metadata()
-    assert data == dumps(tensors, metadata=meta)  # what the command writes is the default
+    assert data == dumps(tensors, metadata=meta, version="1.4")  # as the writer writes 1.4
     v13 = dumps(tensors, metadata=meta, version="1.3")
     assert loads(v13) == loads(data)
     # a pack's first name leaves the index (about 60 B) and the streams' byte rounding goes
@@ -162,7 +162,7 @@ def test_1_4_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
                                "m.zero": TernaryTensor.zeros((3, 3)),
                                "m.scalar": TernaryTensor((), [0], [True], 0.5, "BF16"),
                                "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
-    new = dumps(tensors, positions=positions, alignment=alignment)
+    new = dumps(tensors, positions=positions, alignment=alignment, version="1.4")
     old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
     assert S.KIND_BIT_PACK in kinds(new)
     want = loads(old)
@@ -180,16 +180,16 @@ def test_1_4_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
             assert torch.equal(f.get(k), torch.from_numpy(want[k].to_numpy()))
     assert rr.read_stream(new) == rr.read_random(new)
     assert [t["name"] for t in rr.read_stream(new)["tensors"]] == list(want)
-    assert dumps(loads(new), positions=positions, alignment=alignment) == new
+    assert dumps(loads(new), positions=positions, alignment=alignment, version="1.4") == new
 
 
 def test_writer_streams_the_same_bytes_as_dumps() -> None:
     tensors = ia3_like(3)
     buf = io.BytesIO()
-    with Writer(buf) as w:
+    with Writer(buf, version="1.4") as w:
         for name in sorted(tensors):
             w.write(name, tensors[name])
-    assert buf.getvalue() == dumps(tensors)
+    assert buf.getvalue() == dumps(tensors, version="1.4")
     assert sum(w.sizes.values()) <= len(buf.getvalue())
     with open_file(buf.getvalue()) as f:  # the sizes the writer reports are inspect's
         assert w.sizes == {n: f.info(n).record_size for n in f}
@@ -198,7 +198,7 @@ def test_writer_streams_the_same_bytes_as_dumps() -> None:
 def test_a_1_3_reader_refuses_a_bit_pack() -> None:
     """Both new parts are unknown below minor 4 (spec 10.1): a 1.4 file with its minor byte
     set to 3 is refused on every path, at the kind or at the index entry without a name."""
-    data = with_minor(dumps(ia3_like(1)), 3)
+    data = with_minor(dumps(ia3_like(1), version="1.4"), 3)
     for read in READERS.values():
         with pytest.raises(CompeftError, match=r"unknown required record kind 0x06|index name "
                                                r"length 0 outside"):
@@ -209,6 +209,6 @@ def test_cuts_and_bit_flips_of_a_1_4_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
     data = dumps({"a": random_ternary((64,), 0.2, 1, 0.5),
                   "ab": random_ternary((40,), 0.3, 2, 0.5, "BF16"),
-                  "b": random_ternary((16,), 0.25, 3, 0.75)})
+                  "b": random_ternary((16,), 0.25, 3, 0.75)}, version="1.4")
     assert kinds(data) == [S.KIND_BIT_PACK]
     refuse_every_cut_and_flip(data)

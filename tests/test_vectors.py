@@ -401,7 +401,7 @@ def test_header_constants_match_code() -> None:
     version = re.search(r"Format version \*\*(\d+)\.(\d+)\*\*", text)
     assert version is not None
     assert tuple(map(int, version.groups())) == (_spec.VERSION_MAJOR, _spec.VERSION_MINOR)
-    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 4, 3)
+    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 5, 3)
     assert "bit 0 (`0x01`, 1.2): `Metadata_Zstd`" in text
     assert _spec.FLAG_METADATA_ZSTD == 0x01
 

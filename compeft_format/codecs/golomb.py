@@ -176,6 +176,39 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
     return concat_bits([*((planes[j], n) for j in range(w)), ext_bits.packed(), unary.packed()])
 
 
+def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: int,
+                ) -> int | None:
+    """The length in bits of the golomb stream of ``n`` codes with parameter ``m`` that
+    starts at bit ``start`` of the LSB-first ``buf``, found by reading it (spec 5.12): its
+    ``w`` planes, one extension bit per long code (counted from the planes), and its unary
+    part up to its ``n``-th one bit. None when that one bit is not within bit ``end`` nor
+    within the ``n + (numel - n) // m`` bits a unary part can take (spec 6.2: positions
+    below ``numel``).
+
+    >>> stream = np.frombuffer(_encode_stream(np.array([10, 21]), 23, 64), np.uint8)
+    >>> stream_bits(stream, 0, 2, 23, 64, 16), stream_bits(stream, 0, 2, 23, 64, 9)
+    (12, None)
+    """
+    if n == 0:
+        return 0
+    b, u, w = _code_shape(m)
+    at = start + w * n
+    if at > end:
+        return None
+    if b and u:  # a code is long when its planes' value is at least u (spec 6.2)
+        v = np.zeros(n, dtype=np.int64)
+        for j in range(w):
+            v |= bit_slice(buf, start + j * n, n).astype(np.int64) << j
+        at += int(np.count_nonzero(v >= u))
+    elif b:  # M a power of two: every code is long
+        at += n
+    window = min(end, at + n + max(numel - n, 0) // m) - at
+    if window < n:
+        return None
+    ones = np.flatnonzero(bit_slice(buf, at, window))
+    return None if ones.size < n else at + int(ones[n - 1]) + 1 - start
+
+
 def _deposit_table() -> np.ndarray:
     """``T[mask << 8 | x]``: the low bits of ``x`` moved to the one bits of ``mask`` (PDEP).
 

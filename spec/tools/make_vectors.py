@@ -183,6 +183,7 @@ V11 = {"version": "1.1"}
 V12 = {"version": "1.2"}
 V13 = {"version": "1.3"}
 V14 = {"version": "1.4"}
+V15 = {"version": "1.5"}
 
 
 def _pack_tensors() -> dict[str, Any]:
@@ -429,6 +430,22 @@ VALID: list[Valid] = [
           "and no zstd (Table_Stage 0, metadata stored as JSON).",
           _pack_tensors, metadata=_peft_init_metadata(),
           options={**V14, "alignment": 1, "zstd_level": None}),
+    # -- format 1.5: lean packs (spec 5.12)
+    Valid("040-lean-pack", "Version 1.5: the six tensors of 023-pack in one lean pack (the "
+          "members' streams bit after bit, their lengths read from the streams: no column "
+          "10), the index entry without a name.",
+          _pack_tensors, metadata={"compeft.producer": "spec"}, options=V15),
+    Valid("041-lean-pack-shared-scale", "Version 1.5: the 24 LoRA-like members of 033 in a "
+          "lean pack (one scale stored), compressed metadata, the table through the name "
+          "dictionary.", _lora_like, metadata=_peft_init_metadata(), options=V15),
+    Valid("042-lean-pack-and-records", "Version 1.5: the tensors of 024-pack-and-records: lean "
+          "packs around a dense record and a ternary record too big to pack.",
+          lambda: next(v for v in VALID if v.slug == "024-pack-and-records").tensors(),
+          options=V15),
+    Valid("043-lean-pack-alignment-1", "Version 1.5: the tensors of 023-pack with alignment 1 "
+          "and no zstd (Table_Stage 0, metadata stored as JSON).",
+          _pack_tensors, metadata=_peft_init_metadata(),
+          options={**V15, "alignment": 1, "zstd_level": None}),
 ]
 
 
@@ -769,6 +786,35 @@ def bit_record(table: bytes, data: bytes, count: int = 1, a: int = 8) -> bytes:
     return head + bytes(-len(head) % a) + padded
 
 
+# -- format 1.5 (spec 5.12): lean packs, a bit pack's table without column 10
+
+LEAN_PACK = 0x07
+
+
+def lean(*members: tuple[bytes, int, int, tuple[int, ...], int, int, int],
+         refs: tuple[int, ...] = (0,), scales: tuple[float, ...] = (1.0,)) -> bytes:
+    """A lean table (spec 5.12): the columns of :func:`compact` without column 10, members
+    given as ``(name, prefix, dtype, shape, nnz, ptype, param_delta zigzag)``."""
+    table = compact(*((*m, 0) for m in members), refs=refs, scales=scales)
+    cut = len(table) - len(members) - len(refs) - 4 * len(scales)  # column 10: one 0 each
+    assert table[cut:cut + len(members)] == bytes(len(members))
+    return table[:cut] + table[cut + len(members):]
+
+
+LEAN_ONE = lean((b"a", 0, 0x01, (8,), 1, BITMASK, 0))  # 'a': 8 bitmask bits, then its sign
+LEAN_G = lean((b"g", 0, 0x01, (8,), 1, GOLOMB, 0))  # 'g': M = 5, the 3-bit stream of BIT_G
+
+
+def lean_file(table: bytes = LEAN_ONE, data: bytes = BIT_DATA, **kw: Any) -> bytes:
+    """A 1.5 file holding one lean pack whose index entry has no name (see
+    :func:`bit_file`)."""
+    return bit_file(table, data, **{"kind": LEAN_PACK, "minor": 5, **kw})
+
+
+def _lean_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: lean_file(**kw)
+
+
 def _meta_file(stored: bytes, *, flags: int = 1, minor: int = 2, **kw: Any) -> Callable[[], bytes]:
     return lambda: column_file(flags=flags, minor=minor, metadata=stored, **kw)
 
@@ -879,6 +925,18 @@ ACCEPTED: list[Accepted] = [
     Accepted("022-bit-pack-two-packs", "Version 1.4: two bit packs, 'a' (bitmask) and 'g' "
              "(golomb), both index entries without a name.",
              _bit_bytes(after=[(b"", bit_record(BIT_G, BIT_G_DATA))]),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
+                               "g": TernaryTensor((8,), [0], [False], 1.0)})),
+    # -- format 1.5: lean packs (spec 5.12)
+    Accepted("023-lean-pack-minor-9", "Version 1.9 with a lean pack: lean packs are known "
+             "from minor 5 on.", _lean_bytes(minor=9),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("024-lean-pack-bitmask-and-golomb", "Version 1.5: 'a' (8 bitmask bits, a sign "
+             "bit) then 'g' (its 3-bit golomb stream read to its one bit, then its sign bit) "
+             "in one lean pack: bytes 01 08.",
+             _lean_bytes(table=lean((b"a", 0, 0x01, (8,), 1, BITMASK, 0),
+                                    (b"g", 0, 0x01, (8,), 1, GOLOMB, 0), refs=(0, 0)),
+                         count=2, data=b"\x01\x08"),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
                                "g": TernaryTensor((8,), [0], [False], 1.0)})),
 ]
@@ -1643,6 +1701,28 @@ INVALID += [
             "the nonzero dimensions multiply past max_numel (found by the independent "
             "reader: the reference decoder refused it, the spec did not say so).", "R-BODY-4",
             mutate(EX, _set(_rec("w"), dims=[0, 2**50], nnz=0))),
+    # -- format 1.5: lean packs (spec 5.12)
+    Invalid("197-lean-pack-in-1-4-file", "A lean pack in a file whose Version_Minor is 4.",
+            "R-REC-1", _lean_bytes(minor=4)),
+    Invalid("198-lean-pack-unary-past-data", "The golomb member 'g' with a data area of "
+            "zero bits (alignment 1, one byte): its unary part never ends.", "R-LPK-1",
+            _lean_bytes(table=LEAN_G, data=b"\x00", log2=0)),
+    Invalid("199-lean-pack-signs-past-data", "The bitmask member 'a' in a data area of one "
+            "byte (alignment 1): its sign bit would be bit 8.", "R-LPK-1",
+            _lean_bytes(data=b"\x01", log2=0)),
+    Invalid("200-lean-pack-unary-bound", "The golomb member 'g' (N = 8, n = 1, M = 5) whose "
+            "unary one bit is its third: a unary part holds its n ones within "
+            "n + floor((N - n) / M) = 2 bits.", "R-LPK-1",
+            _lean_bytes(table=LEAN_G, data=b"\x10")),
+    Invalid("201-lean-pack-planes-past-data", "A golomb member with Param 2**20 (Param_Delta "
+            "2**20 - 5): its 19 plane bits do not fit in a one-byte data area (alignment 1).",
+            "R-LPK-1",
+            _lean_bytes(table=lean((b"g", 0, 0x01, (8,), 1, GOLOMB, 2 * (2**20 - 5))),
+                        data=b"\x00", log2=0)),
+    Invalid("202-lean-pack-data-size", "Data_Size 16 for the member's 9 bits (8 with "
+            "padding).", "R-PACK-8", _lean_bytes(data_size=16, data=BIT_DATA + bytes(14))),
+    Invalid("203-lean-pack-padding-bit", "Bit 9 of the data area, after the member's 9 bits, "
+            "is 1.", "R-BLK-4", _lean_bytes(data=b"\x01\x02")),
 ]
 
 

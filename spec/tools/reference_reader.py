@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.4 decoder (and so 1.3 to 1.0), written from spec/FORMAT.md alone.
+"""An independent compeft 1.5 decoder (and so 1.4 to 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -48,8 +48,10 @@ PACK = 0x03  # §5.8, from Version_Minor 1
 COLUMN_PACK = 0x04  # §5.9, from Version_Minor 2
 COMPACT_PACK = 0x05  # §5.10, from Version_Minor 3
 BIT_PACK = 0x06  # §5.11, from Version_Minor 4
-PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK)
-UNNAMED = (COMPACT_PACK, BIT_PACK)  # no Name in the body; a 1.4 index entry may have none (§5.6)
+LEAN_PACK = 0x07  # §5.12, from Version_Minor 5
+PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK, LEAN_PACK)
+# no Name in the body; in a file of minor 4 or more an index entry may have none (§5.6)
+UNNAMED = (COMPACT_PACK, BIT_PACK, LEAN_PACK)
 MAX_PACK_TABLE = 1_048_576  # §5.8
 METADATA_ZSTD = 0x01  # §5.1 Flags bit 0, from Version_Minor 2
 # §7.3: the metadata dictionary, the lines of the spec's block joined without line endings
@@ -213,11 +215,12 @@ class Header:
     def kinds(self) -> tuple[int, ...]:
         """§5.3: the required kinds this file may hold."""
         return ((0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
-                + (COMPACT_PACK,) * (self.minor >= 3) + (BIT_PACK,) * (self.minor >= 4))
+                + (COMPACT_PACK,) * (self.minor >= 3) + (BIT_PACK,) * (self.minor >= 4)
+                + (LEAN_PACK,) * (self.minor >= 5))
 
     @property
     def unnamed_entries(self) -> bool:
-        """§5.6 (1.4): the entry of a compact or bit pack may have no name."""
+        """§5.6 (1.4): the entry of a compact, bit or lean pack may have no name."""
         return self.minor >= 4
 
 
@@ -377,7 +380,8 @@ class Member:
     param: int
     positions_size: int  #: bytes of its positions payload (a bit pack's: Positions_Bits rounded up)
     scale: bytes | None = None  #: §5.10: a compact pack member's scale, from its table
-    positions_bits: int | None = None  #: §5.11: a bit pack member's positions stream length
+    #: §5.11: a bit pack member's positions stream length (a lean pack's once placed, §5.12)
+    positions_bits: int | None = None
 
     @property
     def size(self) -> int:
@@ -407,13 +411,17 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     body_end = header_end - 8
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
-    if kind in UNNAMED:  # §5.10, §5.11: no Name; the first member's name is the record's
-        members = read_pack_body(b, None, limits, columns=True, bits=kind == BIT_PACK)
+    if kind in UNNAMED:  # §5.10 to §5.12: no Name; the first member's name is the record's
+        members = read_pack_body(b, None, limits, columns=True, bits=kind == BIT_PACK,
+                                 lean=kind == LEAN_PACK)
         name = members[0].name
     else:
         name = read_name(b, limits)
         if kind in PACKS:
             members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
+    if kind == LEAN_PACK:  # §5.12: Data_Size is checked after placing the members (step 13)
+        return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size,
+                            members)
     if kind in PACKS:
         if kind == BIT_PACK:  # §5.11: one bit stream of B bits, rounded up to bytes
             used = (sum(m.bits for m in members) + 7) // 8
@@ -477,9 +485,10 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
 
 
 def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = False,
-                   bits: bool = False) -> list[Member]:
-    """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None, and
-    for a bit pack, with ``bits``): the rest of a pack's body and its member table."""
+                   bits: bool = False, lean: bool = False) -> list[Member]:
+    """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None, for
+    a bit pack, with ``bits``, and for a lean pack, with ``lean``: no column 10): the rest of a
+    pack's body and its member table."""
     count = b.varint("Member_Count")
     if count < 1:
         raise SpecError("R-PACK-1", "no member")
@@ -497,7 +506,7 @@ def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = 
         table = undo_zstd(table, decoded, NAME_DICTIONARY if stage == 2 else None)
     t = Cursor(table)
     if columns:
-        members = read_columns(t, count, name, limits, bits)
+        members = read_columns(t, count, name, limits, bits, lean)
         if name is None:  # §5.10 columns 11 and 12: scale refs, then each scale once
             refs, distinct = [], 0
             for _ in range(count):
@@ -580,10 +589,11 @@ def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
 
 
 def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: bool = False,
-                 ) -> list[Member]:
+                 lean: bool = False) -> list[Member]:
     """§8.1 step 8b: the columns of a column pack's member table (§5.9); ``name`` None: a
     compact pack's (§5.10), whose first name is coded against the empty name; ``bits``: a bit
-    pack's (§5.11), whose column 10 gives Positions_Bits."""
+    pack's (§5.11), whose column 10 gives Positions_Bits; ``lean``: a lean pack's (§5.12),
+    which has no column 10 (its members' lengths are found in the data area)."""
     prefixes = [t.varint("Prefix_Length") for _ in range(count)]
     suffixes = [t.varint("Suffix_Length") for _ in range(count)]
     names, prev = [], b"" if name is None else name.encode()
@@ -632,6 +642,9 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: 
         if q + d < 0:
             raise SpecError("R-PACK-10", f"Param {q} + {d}")
         params.append(q + d)
+    if lean:  # §5.12: no column 10; positions_size and positions_bits come from the data area
+        return [Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i], 0)
+                for i in range(count)]
     members = []
     predict = predicted_bits if bits else predicted_size  # §5.11 column 10, or §5.9's
     for i in range(count):
@@ -648,13 +661,16 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: 
     return members
 
 
-def decode_pack(h: RecordHeader, data: bytes, budget: Callable[[], Budget],
+def decode_pack(h: RecordHeader, data: bytes, a: int, budget: Callable[[], Budget],
                 ) -> list[dict[str, Any]]:
-    """§8.1 step 13 for a pack: its checksum, its padding, then each member's payloads, each
+    """§8.1 step 13 for a pack: its checksum, its padding (a lean pack's after placing its
+    members, R-LPK-1, and checking Data_Size, R-PACK-8), then each member's payloads, each
     charged to ``budget()`` (the decoding's budget, or a member's own in random access)."""
     if crc32(data) != h.data_crc:
         raise SpecError("R-REC-9", "data checksum")
     assert h.members is not None
+    if h.kind == LEAN_PACK:
+        return decode_lean_pack(h.members, data, a, budget)
     if h.kind == BIT_PACK:
         return decode_bit_pack(h.members, data, budget)
     used = sum(m.size for m in h.members)
@@ -698,6 +714,69 @@ def decode_bit_pack(members: list[Member], data: bytes, budget: Callable[[], Bud
         at += m.bits
         out.append(decode_member(m, positions, signs, m.scale, budget()))
     return out
+
+
+def decode_lean_pack(members: list[Member], data: bytes, a: int, budget: Callable[[], Budget],
+                     ) -> list[dict[str, Any]]:
+    """§5.12, §8.1 step 13 (after the checksum): place the members in order (R-LPK-1), check
+    Data_Size (R-PACK-8), then decode the members as a bit pack's: padding (R-BLK-4), then each
+    member's streams rounded up to bytes (R-BPK-1 holds by construction)."""
+    placed, at = [], 0  # at: the bit where the member's streams start
+    for m in members:
+        n_bits = place_lean_member(m, data, at)
+        placed.append(Member(m.name, m.dtype, m.shape, m.nnz, m.positions_type, m.param,
+                             (n_bits + 7) // 8, m.scale, n_bits))
+        at += n_bits + m.nnz
+    if len(data) != align((at + 7) // 8, a):  # B = at
+        raise SpecError("R-PACK-8", f"Data_Size {len(data)}, members take {at} bits")
+    return decode_bit_pack(placed, data, budget)
+
+
+def place_lean_member(m: Member, data: bytes, at: int) -> int:
+    """§5.12: the length in bits of member ``m``'s positions stream, which starts at bit
+    ``at`` of the data area ``data`` (R-LPK-1: it and the signs stream after it lie within the
+    data area; a golomb unary part holds its n one bits within n + floor((N - n) / M) bits)."""
+    total = 8 * len(data)
+
+    def need(count: int, stream: str) -> None:
+        if count > total - at:
+            raise SpecError("R-LPK-1", f"{m.name!r}: {stream} stream runs past the data area "
+                                       f"({total - at} bits left, {count} needed)")
+
+    numel, n = math.prod(m.shape), m.nnz
+    if m.positions_type == 0x01:
+        length = numel
+    elif n == 0:
+        length = 0
+    else:
+        mm = max(1, m.param)  # a Param outside [1, max(1, N)] is R-GOL-1, when decoded
+        b, u, w = golomb_shape(mm)
+        need(w * n, "positions")
+        v = [sum(bit(data, at + j * n + k) << j for j in range(w)) for k in range(n)]
+        if b == 0:
+            long_codes = 0
+        elif u == 0:
+            long_codes = n
+        else:
+            long_codes = sum(1 for x in v if x >= u)
+        s = w * n + long_codes  # the unary part starts at bit at + s
+        need(s, "positions")
+        limit = min(n + (numel - n) // mm, total - at - s)
+        ones, t = 0, 0
+        while ones < n and t < limit:
+            ones += bit(data, at + s + t)
+            t += 1
+        if ones < n:
+            if t >= total - at - s:
+                raise SpecError("R-LPK-1", f"{m.name!r}: positions stream runs past the data "
+                                           f"area ({total - at - s} bits left for the unary "
+                                           f"part, {ones} of {n} ones)")
+            raise SpecError("R-LPK-1", f"{m.name!r}: unary part holds {ones} of {n} ones in "
+                                       f"its first {limit} bits")
+        length = s + t
+    need(length, "positions")
+    need(length + n, "signs")
+    return length
 
 
 def bit(data: bytes, i: int) -> int:
@@ -954,7 +1033,7 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
                 raise SpecError("R-REC-10", "data checksum of an optional record")
             continue
         if kind in PACKS:
-            tensors.extend(decode_pack(h, area, lambda: budget))
+            tensors.extend(decode_pack(h, area, a, lambda: budget))
             continue
         tensors.append(decode_data(h, area, a, budget))
     index_at = c.pos - 1
@@ -979,8 +1058,8 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
 
 
 def lists(entry: tuple[str, int], record: tuple[str, int, bool]) -> bool:
-    """§8.1 step 15: an index entry is its record's name and offset; in a 1.4 file a compact
-    or bit pack's entry may have the empty name instead (§5.6)."""
+    """§8.1 step 15: an index entry is its record's name and offset; in a file of minor 4 or
+    more a compact, bit or lean pack's entry may have the empty name instead (§5.6)."""
     (name, off), (rname, at, may_be_unnamed) = entry, record
     return off == at and (name == rname or (name == "" and may_be_unnamed))
 
@@ -1054,7 +1133,7 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
         h = _record_in_span(data, name, off, end, limits, a, header.kinds)
         area = data[align(h.header_end, a) : end]
         if h.kind in PACKS:  # each member with a budget of its own (§8.2 step 9, §9.3)
-            tensors.extend(decode_pack(h, area, lambda: Budget(limits, size)))
+            tensors.extend(decode_pack(h, area, a, lambda: Budget(limits, size)))
         else:
             tensors.append(decode_data(h, area, a, Budget(limits, size)))
     return {"metadata": header.metadata, "tensors": tensors}
