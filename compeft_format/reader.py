@@ -358,6 +358,9 @@ class CompeftReader:
                 raise CorruptDataError(f"index entry without a name: the record at {off} is "
                                        f"of kind 0x{kind:02x}, not a compact or bit pack",
                                        offset=index_at)
+            if not name and kind not in self._header.kinds:  # its name is in what we can't read
+                raise UnsupportedFeatureError(f"unknown required record kind 0x{kind:02x}",
+                                              tensor=name, offset=off)
             if kind in PACK_KINDS and kind in self._header.kinds:
                 # the member tables are read now: they hold the names of the tensors
                 pack = self._read_at(name, off, end)
