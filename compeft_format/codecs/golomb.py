@@ -196,9 +196,8 @@ def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: in
     if at > end:
         return None
     if b and u:  # a code is long when its planes' value is at least u (spec 6.2)
-        v = np.zeros(n, dtype=np.int64)
-        for j in range(w):
-            v |= bit_slice(buf, start + j * n, n).astype(np.int64) << j
+        planes = bit_slice(buf, start, w * n).reshape(w, n).view(np.uint8)
+        v = (planes.astype(np.int64) << np.arange(w, dtype=np.int64)[:, None]).sum(axis=0)
         at += int(np.count_nonzero(v >= u))
     elif b:  # M a power of two: every code is long
         at += n
