@@ -25,6 +25,17 @@ def random_ternary(shape: tuple[int, ...], density: float, seed: int, scale: flo
     return TernaryTensor(shape, idx, rng.random(len(idx)) < 0.5, scale, dtype)
 
 
+def ia3_like(layers: int = 6) -> dict[str, TernaryTensor]:
+    """Vectors of 384 and 1,536 elements at density 0.01, as a small (IA)^3 adapter's."""
+    out = {}
+    for i in range(layers):
+        stem = f"base_model.model.encoder.layer.{i}"
+        for j, (m, n) in enumerate((("attention.self.key", 384), ("attention.self.value", 384),
+                                    ("output.dense", 1536))):
+            out[f"{stem}.{m}.ia3_l"] = random_ternary((n,), 0.01, 10 * i + j, 0.01 * (j + 1))
+    return out
+
+
 def with_minor(data: bytes, minor: int) -> bytes:
     """``data`` with its Version_Minor set to ``minor`` and its header checksum made right
     again (spec 5.1), as a file of that version with the same records."""

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 from file_helpers import (
     READERS,
+    ia3_like,
     kinds,
     random_ternary,
     refuse_every_cut_and_flip,
@@ -45,17 +46,6 @@ from compeft_format.packtable import (
 
 sys.path.insert(0, str(ROOT / "spec" / "tools"))
 import reference_reader as rr
-
-
-def ia3_like(layers: int = 6) -> dict[str, TernaryTensor]:
-    """Vectors of 384 and 1,536 elements at density 0.01, as an (IA)^3 adapter's."""
-    out = {}
-    for i in range(layers):
-        stem = f"base_model.model.encoder.layer.{i}"
-        for j, (m, n) in enumerate((("attention.self.key", 384), ("attention.self.value", 384),
-                                    ("output.dense", 1536))):
-            out[f"{stem}.{m}.ia3_l"] = random_ternary((n,), 0.01, 10 * i + j, 0.01 * (j + 1))
-    return out
 
 
 def index_of(data: bytes) -> list[tuple[str, int]]:
