@@ -79,6 +79,24 @@ def test_a_golomb_streams_length_read_from_it_is_the_encoders(numel: int, data: 
     assert stream_bits(buf, shift, n, m, numel, shift + bits - 1) is None  # one bit short
 
 
+def test_stream_bits_in_small_steps_finds_the_same_lengths(monkeypatch) -> None:
+    """The planes and the unary part are read in steps (bounded memory on hostile streams):
+    steps of 16 bits give the lengths of one step."""
+    from compeft_format.codecs import golomb
+    rng = np.random.default_rng(3)
+    cases = []
+    for numel, n, m in [(4000, 300, 9), (4000, 300, 16), (50, 50, 1), (9000, 40, 150),
+                        (600, 599, 3)]:
+        idx = np.sort(rng.choice(numel, n, replace=False))
+        payload = golomb._encode_stream(idx, m, numel)
+        cases.append((np.frombuffer(payload, np.uint8), n, m, numel,
+                      positions_bits(S.BLOCK_GOLOMB, payload, numel)))
+    monkeypatch.setattr(golomb, "_SCAN_BITS", 16)
+    for buf, n, m, numel, bits in cases:
+        assert golomb.stream_bits(buf, 0, n, m, numel, 8 * buf.size) == bits
+        assert golomb.stream_bits(buf, 0, n, m, numel, bits - 1) is None
+
+
 # ---------------------------------------------------------------------------------------------
 # the writer's 1.5 choices
 # ---------------------------------------------------------------------------------------------

@@ -176,6 +176,9 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
     return concat_bits([*((planes[j], n) for j in range(w)), ext_bits.packed(), unary.packed()])
 
 
+_SCAN_BITS = 1 << 20  # bits per step of stream_bits: temporaries of a few MiB at most
+
+
 def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: int,
                 ) -> int | None:
     """The length in bits of the golomb stream of ``n`` codes with parameter ``m`` that
@@ -183,7 +186,8 @@ def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: in
     ``w`` planes, one extension bit per long code (counted from the planes), and its unary
     part up to its ``n``-th one bit. None when that one bit is not within bit ``end`` nor
     within the ``n + (numel - n) // m`` bits a unary part can take (spec 6.2: positions
-    below ``numel``).
+    below ``numel``). Works in steps of about a million bits, so that a hostile stream costs
+    time in proportion to its length and no more memory than a step.
 
     >>> stream = np.frombuffer(_encode_stream(np.array([10, 21]), 23, 64), np.uint8)
     >>> stream_bits(stream, 0, 2, 23, 64, 16), stream_bits(stream, 0, 2, 23, 64, 9)
@@ -196,16 +200,26 @@ def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: in
     if at > end:
         return None
     if b and u:  # a code is long when its planes' value is at least u (spec 6.2)
-        planes = bit_slice(buf, start, w * n).reshape(w, n).view(np.uint8)
-        v = (planes.astype(np.int64) << np.arange(w, dtype=np.int64)[:, None]).sum(axis=0)
-        at += int(np.count_nonzero(v >= u))
+        shifts = np.arange(w, dtype=np.int64)[:, None]
+        step = max(1, _SCAN_BITS // w)  # codes per step
+        for k0 in range(0, n, step):
+            k = min(step, n - k0)
+            planes = (bit_slice(buf, start, w * n).reshape(w, n) if k == n else
+                      np.stack([bit_slice(buf, start + j * n + k0, k) for j in range(w)]))
+            v = (planes.view(np.uint8).astype(np.int64) << shifts).sum(axis=0)
+            at += int(np.count_nonzero(v >= u))
     elif b:  # M a power of two: every code is long
         at += n
-    window = min(end, at + n + max(numel - n, 0) // m) - at
-    if window < n:
-        return None
-    ones = np.flatnonzero(bit_slice(buf, at, window))
-    return None if ones.size < n else at + int(ones[n - 1]) + 1 - start
+    stop = min(end, at + n + max(numel - n, 0) // m)  # where the unary part must have ended
+    need, pos = n, at
+    while pos < stop:
+        bits = bit_slice(buf, pos, min(_SCAN_BITS, stop - pos))
+        found = int(np.count_nonzero(bits))
+        if found >= need:
+            return pos + int(np.flatnonzero(bits)[need - 1]) + 1 - start
+        need -= found
+        pos += bits.size
+    return None
 
 
 def _deposit_table() -> np.ndarray:
