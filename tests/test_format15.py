@@ -34,7 +34,7 @@ from spec_helpers import ROOT, SPEC
 
 from compeft_format import TernaryTensor, Writer, dumps, inspect, loads, open_file
 from compeft_format import _spec as S
-from compeft_format.codecs.golomb import _encode_stream, stream_bits
+from compeft_format.codecs.golomb import _encode_stream, _small_stream_bits, stream_bits
 from compeft_format.convert import compress_file
 from compeft_format.errors import CompeftError
 from compeft_format.layout import positions_bits
@@ -77,21 +77,27 @@ def test_a_golomb_streams_length_read_from_it_is_the_encoders(numel: int, data: 
         len(payload) + 1, "little"), np.uint8)
     assert stream_bits(buf, shift, n, m, numel, 8 * buf.size) == bits
     assert stream_bits(buf, shift, n, m, numel, shift + bits - 1) is None  # one bit short
+    # short streams are read as a Python int: the same answers
+    assert _small_stream_bits(buf, shift, n, m, numel, 8 * buf.size) == bits
+    assert _small_stream_bits(buf, shift, n, m, numel, shift + bits - 1) is None
 
 
 def test_stream_bits_in_small_steps_finds_the_same_lengths(monkeypatch) -> None:
-    """The planes and the unary part are read in steps (bounded memory on hostile streams):
-    steps of 16 bits give the lengths of one step."""
+    """The planes and the unary part of a long stream are read with numpy in steps (bounded
+    memory on hostile streams): steps of 16 bits, and no stream read as one Python int, give
+    the lengths of one step."""
     from compeft_format.codecs import golomb
     rng = np.random.default_rng(3)
     cases = []
     for numel, n, m in [(4000, 300, 9), (4000, 300, 16), (50, 50, 1), (9000, 40, 150),
-                        (600, 599, 3)]:
+                        (600, 599, 3), *((int(k), int(k) // 7 + 1, int(k) // 50 + 1)
+                                         for k in rng.integers(10, 20000, 40))]:
         idx = np.sort(rng.choice(numel, n, replace=False))
         payload = golomb._encode_stream(idx, m, numel)
         cases.append((np.frombuffer(payload, np.uint8), n, m, numel,
                       positions_bits(S.BLOCK_GOLOMB, payload, numel)))
     monkeypatch.setattr(golomb, "_SCAN_BITS", 16)
+    monkeypatch.setattr(golomb, "_SMALL_STREAM_BITS", 0)
     for buf, n, m, numel, bits in cases:
         assert golomb.stream_bits(buf, 0, n, m, numel, 8 * buf.size) == bits
         assert golomb.stream_bits(buf, 0, n, m, numel, bits - 1) is None

@@ -177,6 +177,38 @@ def _encode_stream(indices: np.ndarray, m: int, numel: int) -> bytes:
 
 
 _SCAN_BITS = 1 << 20  # bits per step of stream_bits: temporaries of a few MiB at most
+_SMALL_STREAM_BITS = 1 << 12  # streams at most this long are read as one Python int
+
+
+def _small_stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: int,
+                       ) -> int | None:
+    """:func:`stream_bits` of a short stream, as one Python int: a few int operations a
+    plane and one a code, where numpy would spend microseconds a call on tiny arrays."""
+    b, u, w = _code_shape(m)
+    stop = min(end, start + (w + 2) * n + max(numel - n, 0) // m)
+    x = int.from_bytes(buf[start >> 3 : (stop + 7) >> 3].tobytes(), "little") >> (start & 7)
+    x &= (1 << (stop - start)) - 1
+    mask = (1 << n) - 1
+    at = w * n
+    if b and u:  # count v_k >= u on the planes, most significant first (as _count_long)
+        greater, equal = 0, mask
+        for j in reversed(range(w)):
+            plane = (x >> (j * n)) & mask
+            if (u >> j) & 1:
+                equal &= plane
+            else:
+                greater |= equal & plane
+                equal &= ~plane
+        at += ((greater | equal) & mask).bit_count()
+    elif b:
+        at += n
+    limit = min(stop - start, at + n + max(numel - n, 0) // m)
+    y = (x >> at) & ((1 << max(limit - at, 0)) - 1)
+    if y.bit_count() < n:
+        return None
+    for _ in range(n - 1):  # drop the lowest n - 1 one bits; the lowest left is the n-th
+        y &= y - 1
+    return at + (y & -y).bit_length()
 
 
 def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: int,
@@ -186,8 +218,8 @@ def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: in
     ``w`` planes, one extension bit per long code (counted from the planes), and its unary
     part up to its ``n``-th one bit. None when that one bit is not within bit ``end`` nor
     within the ``n + (numel - n) // m`` bits a unary part can take (spec 6.2: positions
-    below ``numel``). Works in steps of about a million bits, so that a hostile stream costs
-    time in proportion to its length and no more memory than a step.
+    below ``numel``). The unary part is read in steps of about a million bits, so that a
+    hostile stream costs time in proportion to its length and no more memory than a step.
 
     >>> stream = np.frombuffer(_encode_stream(np.array([10, 21]), 23, 64), np.uint8)
     >>> stream_bits(stream, 0, 2, 23, 64, 16), stream_bits(stream, 0, 2, 23, 64, 9)
@@ -199,15 +231,10 @@ def stream_bits(buf: np.ndarray, start: int, n: int, m: int, numel: int, end: in
     at = start + w * n
     if at > end:
         return None
+    if n <= 128 and (w + 2) * n + max(numel - n, 0) // m <= _SMALL_STREAM_BITS:
+        return _small_stream_bits(buf, start, n, m, numel, end)
     if b and u:  # a code is long when its planes' value is at least u (spec 6.2)
-        shifts = np.arange(w, dtype=np.int64)[:, None]
-        step = max(1, _SCAN_BITS // w)  # codes per step
-        for k0 in range(0, n, step):
-            k = min(step, n - k0)
-            planes = (bit_slice(buf, start, w * n).reshape(w, n) if k == n else
-                      np.stack([bit_slice(buf, start + j * n + k0, k) for j in range(w)]))
-            v = (planes.view(np.uint8).astype(np.int64) << shifts).sum(axis=0)
-            at += int(np.count_nonzero(v >= u))
+        at += _count_long(buf, n, w, u, start)  # packed: n / 8 bytes a temporary
     elif b:  # M a power of two: every code is long
         at += n
     stop = min(end, at + n + max(numel - n, 0) // m)  # where the unary part must have ended
@@ -284,8 +311,9 @@ def _wrap(value: int) -> int:
     return (value + 2**63) % 2**64 - 2**63
 
 
-def _count_long(buf: np.ndarray, n: int, w: int, u: int) -> int:
-    """Return how many of the ``n`` plane values are ``>= u`` (long codes), bit-sliced.
+def _count_long(buf: np.ndarray, n: int, w: int, u: int, start: int = 0) -> int:
+    """Return how many of the ``n`` plane values are ``>= u`` (long codes), bit-sliced; the
+    planes start at bit ``start`` of ``buf``.
 
     Compares all values at once on the packed planes, most significant plane first, so the
     count costs a few byte-wise operations per plane instead of unpacking every code.
@@ -294,7 +322,7 @@ def _count_long(buf: np.ndarray, n: int, w: int, u: int) -> int:
     greater = np.zeros(nbytes, dtype=np.uint8)
     equal = np.full(nbytes, 0xFF, dtype=np.uint8)
     for j in reversed(range(w)):
-        plane = packed_slice(buf, j * n, n)
+        plane = packed_slice(buf, start + j * n, n)
         if (u >> j) & 1:
             equal &= plane
         else:
