@@ -665,9 +665,16 @@ def member_payloads(rec: Record, span: memoryview) -> memoryview:
     if problem:
         raise CorruptDataError(f"bit pack member: {problem}", tensor=rec.name,
                                offset=rec.data_start + ((first + pbits) >> 3))
+    if len(span) <= _SMALL_SPAN:  # one Python int: numpy costs microseconds a call here
+        x = int.from_bytes(span, "little") >> first
+        return memoryview((x & ((1 << pbits) - 1)).to_bytes(-(-pbits // 8), "little")
+                          + ((x >> pbits) & ((1 << nnz) - 1)).to_bytes(-(-nnz // 8), "little"))
     positions = packed_slice(buf, first, pbits)
     signs = packed_slice(buf, first + pbits, nnz)
     return memoryview(positions.tobytes() + signs.tobytes())
+
+
+_SMALL_SPAN = 4096  # bytes: up to this, member_payloads shifts a Python int (faster there)
 
 
 def verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:

@@ -161,6 +161,8 @@ def test_1_5_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
     tensors: dict[str, Any] = {**ia3_like(2), "m.dense": np.arange(6, dtype=np.float32),
                                "m.zero": TernaryTensor.zeros((3, 3)),
                                "m.scalar": TernaryTensor((), [0], [True], 0.5, "BF16"),
+                               # a member of some 10 KiB: its streams are moved with numpy
+                               "m.wide": random_ternary((2**18,), 0.02, 5, 0.25),
                                "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
     new = dumps(tensors, positions=positions, alignment=alignment)
     old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
