@@ -82,3 +82,50 @@ def refuse_every_cut_and_flip(data: bytes, unchecked: Iterable[int] = ()) -> Non
             for read in READERS.values():
                 with pytest.raises(CompeftError):
                     read(bytes(bad))
+
+
+def mixed_tensors() -> dict[str, Any]:
+    """Pack members of every sort (small vectors, all zero, a scalar, one of some 5 KiB)
+    around a dense record and a ternary record too big to pack."""
+    return {**ia3_like(2), "m.dense": np.arange(6, dtype=np.float32),
+            "m.zero": TernaryTensor.zeros((3, 3)),
+            "m.scalar": TernaryTensor((), [0], [True], 0.5, "BF16"),
+            # a member of some 5 KiB: its streams are moved with numpy, not as one int
+            "m.wide": random_ternary((2**18,), 0.02, 5, 0.25),
+            "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
+
+
+def check_reads_back_like_1_0(tensors: dict[str, Any], members: Iterable[str], version: str,
+                              kind: int, positions: str, alignment: int) -> None:
+    """``tensors`` written in ``version`` (with a record of ``kind``) read back on every path,
+    in the independent reader too, like the 1.0 file of the same content; ``members`` (pack
+    members) each asked for first, in reverse order, dense and as torch tensors; and what
+    was read writes the same bytes again."""
+    import sys
+
+    from spec_helpers import ROOT
+    sys.path.insert(0, str(ROOT / "spec" / "tools"))
+    import reference_reader as rr
+
+    from compeft_format import dumps
+
+    opts = {"positions": positions, "alignment": alignment}
+    new, old = dumps(tensors, version=version, **opts), dumps(tensors, version="1.0", **opts)
+    assert kind in [new[o] for o in sorted({i.offset for i in open_file(new).file_info().tensors})]
+    want = loads(old)
+    for name, read in READERS.items():
+        got = read(new)
+        assert list(got) == list(want), name
+        for k, v in want.items():
+            assert v == got[k] if isinstance(v, TernaryTensor) else np.array_equal(v, got[k])
+    with open_file(new) as f:  # members asked for in reverse order, dense, before any other
+        for k in reversed(list(members)):
+            assert np.array_equal(f.get(k, dense=True), want[k].to_numpy())
+    torch = pytest.importorskip("torch")
+    with open_file(new, framework="torch") as f:
+        for k in members:
+            assert torch.equal(f.get(k), torch.from_numpy(want[k].to_numpy()))
+    assert rr.read_stream(new) == rr.read_random(new)
+    assert [t["name"] for t in rr.read_stream(new)["tensors"]] == list(want)
+    assert dumps(loads(new), version=version, **opts) == new
+

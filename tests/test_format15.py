@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import re
 import struct
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,10 @@ import numpy as np
 import pytest
 from file_helpers import (
     READERS,
+    check_reads_back_like_1_0,
     ia3_like,
     kinds,
+    mixed_tensors,
     random_ternary,
     refuse_every_cut_and_flip,
     with_minor,
@@ -39,9 +40,6 @@ from compeft_format.convert import compress_file
 from compeft_format.errors import CompeftError
 from compeft_format.layout import positions_bits
 from compeft_format.packtable import Member, compact_table
-
-sys.path.insert(0, str(ROOT / "spec" / "tools"))
-import reference_reader as rr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,31 +156,8 @@ def test_the_projects_adapters_are_smaller_in_1_5(adapter: str, tmp_path: Path) 
 @pytest.mark.parametrize("alignment", [1, 8])
 @pytest.mark.parametrize("positions", ["auto", "golomb", "bitmask"])
 def test_1_5_files_read_back_like_1_0_files(positions: str, alignment: int) -> None:
-    tensors: dict[str, Any] = {**ia3_like(2), "m.dense": np.arange(6, dtype=np.float32),
-                               "m.zero": TernaryTensor.zeros((3, 3)),
-                               "m.scalar": TernaryTensor((), [0], [True], 0.5, "BF16"),
-                               # a member of some 10 KiB: its streams are moved with numpy
-                               "m.wide": random_ternary((2**18,), 0.02, 5, 0.25),
-                               "z.big": random_ternary((2**19 + 1,), 0.0001, 7, 0.5)}
-    new = dumps(tensors, positions=positions, alignment=alignment)
-    old = dumps(tensors, positions=positions, alignment=alignment, version="1.0")
-    assert S.KIND_LEAN_PACK in kinds(new)
-    want = loads(old)
-    for name, read in READERS.items():
-        got = read(new)
-        assert list(got) == list(want), name
-        for k, v in want.items():
-            assert v == got[k] if isinstance(v, TernaryTensor) else np.array_equal(v, got[k])
-    with open_file(new) as f:  # members asked for in reverse order, dense, before any other
-        for k in reversed(list(ia3_like(2))):
-            assert np.array_equal(f.get(k, dense=True), want[k].to_numpy())
-    torch = pytest.importorskip("torch")
-    with open_file(new, framework="torch") as f:
-        for k in ia3_like(2):
-            assert torch.equal(f.get(k), torch.from_numpy(want[k].to_numpy()))
-    assert rr.read_stream(new) == rr.read_random(new)
-    assert [t["name"] for t in rr.read_stream(new)["tensors"]] == list(want)
-    assert dumps(loads(new), positions=positions, alignment=alignment) == new
+    check_reads_back_like_1_0(mixed_tensors(), ia3_like(2), "1.5", S.KIND_LEAN_PACK, positions,
+                              alignment)
 
 
 def test_writer_streams_the_same_bytes_as_dumps() -> None:
