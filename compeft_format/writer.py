@@ -265,6 +265,10 @@ class Writer:
 
     def _add_member(self, member: PackMember) -> int:
         """Put a member into the pending pack, writing the pack first if it is full."""
+        if self._bits:  # spec 5.11: its table entry gives Positions_Bits, found once here
+            f = member.fields
+            member.fields = dataclasses.replace(
+                f, psize=positions_bits(f.ptype, member.parts[0], math.prod(f.shape)))
         entry = len(pack_table([member], b""))  # an upper bound: front coding only shortens it
         if self._compact:  # spec 5.10: at most a 3-byte Scale_Ref and a 4-byte scale more
             entry += 7
@@ -275,9 +279,7 @@ class Writer:
         self._pack_data += member.size
         self._pack_table += entry
         if self._bits:  # spec 5.11: its bits, rounded up to bytes (as TensorInfo.record_size)
-            f = member.fields
-            return -(-(positions_bits(f.ptype, member.parts[0], math.prod(f.shape)) + f.nnz)
-                     // 8)
+            return -(-(member.fields.psize + member.fields.nnz) // 8)
         return member.compact_size if self._compact else member.size
 
     def flush(self) -> None:
@@ -303,11 +305,9 @@ class Writer:
         level = None if self._level is None else S.SMALL_ZSTD_LEVEL  # Appendix D 6
         if self._bits:  # spec 5.11: Positions_Bits in the table (5.12: not), bit after bit
             column10 = "none" if self._lean else "bits"
-            fields, streams = [], []
-            for m in members:
-                pbits = positions_bits(m.fields.ptype, m.parts[0], math.prod(m.fields.shape))
-                fields.append(dataclasses.replace(m.fields, psize=pbits))
-                streams += [(m.parts[0], pbits), (m.parts[1], m.fields.nnz)]
+            fields = [m.fields for m in members]  # psize: Positions_Bits (_add_member)
+            streams = [s for m in members
+                       for s in ((m.parts[0], m.fields.psize), (m.parts[1], m.fields.nnz))]
             table = compact_table(fields, [m.parts[2] for m in members], column10)
             data = bit_pack_data(streams)
         elif self._compact:  # spec 5.10: scales in the table
