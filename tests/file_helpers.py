@@ -84,6 +84,14 @@ def refuse_every_cut_and_flip(data: bytes, unchecked: Iterable[int] = ()) -> Non
                     read(bytes(bad))
 
 
+def three_members() -> dict[str, TernaryTensor]:
+    """Three small tensors, one pack: the file whose every cut and bit flip the format tests
+    refuse."""
+    return {"a": random_ternary((64,), 0.2, 1, 0.5),
+            "ab": random_ternary((40,), 0.3, 2, 0.5, "BF16"),
+            "b": random_ternary((16,), 0.25, 3, 0.75)}
+
+
 def mixed_tensors() -> dict[str, Any]:
     """Pack members of every sort (small vectors, all zero, a scalar, one of some 5 KiB)
     around a dense record and a ternary record too big to pack."""
@@ -111,6 +119,7 @@ def check_reads_back_like_1_0(tensors: dict[str, Any], members: Iterable[str], v
 
     opts = {"positions": positions, "alignment": alignment}
     new, old = dumps(tensors, version=version, **opts), dumps(tensors, version="1.0", **opts)
+    assert new[9] == int(version.split(".")[1])  # Version_Minor (spec 5.1)
     assert kind in [new[o] for o in sorted({i.offset for i in open_file(new).file_info().tensors})]
     want = loads(old)
     for name, read in READERS.items():

@@ -25,6 +25,7 @@ from file_helpers import (
     mixed_tensors,
     random_ternary,
     refuse_every_cut_and_flip,
+    three_members,
     with_minor,
 )
 from spec_helpers import ROOT, SPEC
@@ -173,8 +174,6 @@ def test_a_1_3_reader_refuses_a_bit_pack() -> None:
 
 def test_cuts_and_bit_flips_of_a_1_4_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
-    data = dumps({"a": random_ternary((64,), 0.2, 1, 0.5),
-                  "ab": random_ternary((40,), 0.3, 2, 0.5, "BF16"),
-                  "b": random_ternary((16,), 0.25, 3, 0.75)}, version="1.4")
+    data = dumps(three_members(), version="1.4")
     assert kinds(data) == [S.KIND_BIT_PACK]
     refuse_every_cut_and_flip(data)

@@ -25,8 +25,8 @@ from file_helpers import (
     ia3_like,
     kinds,
     mixed_tensors,
-    random_ternary,
     refuse_every_cut_and_flip,
+    three_members,
     with_minor,
 )
 from hypothesis import given, settings
@@ -181,8 +181,6 @@ def test_a_1_4_reader_refuses_a_lean_pack() -> None:
 
 def test_cuts_and_bit_flips_of_a_1_5_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
-    data = dumps({"a": random_ternary((64,), 0.2, 1, 0.5),
-                  "ab": random_ternary((40,), 0.3, 2, 0.5, "BF16"),
-                  "b": random_ternary((16,), 0.25, 3, 0.75)})
+    data = dumps(three_members())
     assert kinds(data) == [S.KIND_LEAN_PACK]
     refuse_every_cut_and_flip(data)
