@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import struct
@@ -130,10 +131,11 @@ def check_reads_back_like_1_0(tensors: dict[str, Any], members: Iterable[str], v
     with open_file(new) as f:  # members asked for in reverse order, dense, before any other
         for k in reversed(list(members)):
             assert np.array_equal(f.get(k, dense=True), want[k].to_numpy())
-    torch = pytest.importorskip("torch")
-    with open_file(new, framework="torch") as f:
-        for k in members:
-            assert torch.equal(f.get(k), torch.from_numpy(want[k].to_numpy()))
+    if importlib.util.find_spec("torch") is not None:  # the rest holds without torch too
+        import torch
+        with open_file(new, framework="torch") as f:
+            for k in members:
+                assert torch.equal(f.get(k), torch.from_numpy(want[k].to_numpy()))
     assert rr.read_stream(new) == rr.read_random(new)
     assert [t["name"] for t in rr.read_stream(new)["tensors"]] == list(want)
     assert dumps(loads(new), version=version, **opts) == new
