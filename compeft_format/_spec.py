@@ -12,8 +12,9 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 5  # what the reference encoder writes by default (spec 10.1)
-VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5))  # what an encoder can be asked for
+VERSION_MINOR = 6  # what the reference encoder writes by default (spec 10.1)
+# what an encoder can be asked for
+VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6))
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
@@ -21,6 +22,8 @@ CHECKSUM_SIZE = 4
 MIN_ALIGNMENT_LOG2 = 0
 MAX_ALIGNMENT_LOG2 = 12  # 4096, a page
 FLAG_METADATA_ZSTD = 0x01  # spec 5.1 Flags bit 0 (1.2): the metadata is a zstd frame (5.2)
+FLAG_METADATA_BARE = 0x02  # spec 5.1 Flags bit 1 (1.6): ... stored without its magic number
+BARE_FRAMES_MINOR = 6  # spec 7.1 (1.6): from it, a frame may be stored without its magic
 DEFAULT_ALIGNMENT_LOG2 = 3  # 8 bytes: every dtype of spec 5.4 can be viewed in place
 
 # spec 5.3 Record_Kind
@@ -32,6 +35,7 @@ KIND_COLUMN_PACK = 0x04  # spec 5.9 (1.2): a pack whose member table is stored i
 KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in the table
 KIND_BIT_PACK = 0x06  # spec 5.11 (1.4): a compact pack with its members' streams bit after bit
 KIND_LEAN_PACK = 0x07  # spec 5.12 (1.5): a bit pack whose members' lengths are read, not stored
+KIND_TIGHT_PACK = 0x08  # spec 5.13 (1.6): a lean pack with its scales coded tighter, bare frame
 NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact or bit pack's index entry may be ""
 
 # spec 5.8 pack records (format 1.1)
@@ -53,6 +57,7 @@ BLOCK_OPTIONAL_BIT = 0x80
 STAGE_NONE = 0x00
 STAGE_ZSTD = 0x01
 STAGE_ZSTD_NAMES = 0x02  # spec 7.4 (1.3): zstd with the name dictionary; compact pack tables only
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # spec 7.1 (1.6): what a bare frame leaves out (RFC 8878)
 DEFAULT_ZSTD_LEVEL = 3
 # Appendix D (1.2): metadata up to this size and column pack tables are compressed at level
 # 19 whatever the writer's level: they are small, and level 19 takes milliseconds there

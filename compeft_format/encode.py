@@ -24,12 +24,13 @@ _BITMASK, _GOLOMB = BitmaskCodec(), GolombCodec()
 ZSTD_MIN = 64  # smaller payloads are stored raw: a zstd frame would rarely win, never by much
 
 
-def maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD,
+def maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD, bare: bool = False,
                ) -> tuple[int, bytes]:
-    """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7)."""
+    """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7);
+    ``bare``: a frame without its magic number (spec 7.1, 1.6: a tight pack's table)."""
     if level is None or len(payload) < ZSTD_MIN:
         return S.STAGE_NONE, payload
-    frame = stage.encode(payload, level)
+    frame = stage.encode(payload, level, bare)
     if len(frame) < len(payload):
         return S.STAGE_ZSTD, frame
     return S.STAGE_NONE, payload

@@ -44,6 +44,7 @@ from .packtable import (
     member_name,
     read_column_table,
     read_scale_columns,
+    read_tight_scale_columns,
 )
 
 __all__ = [
@@ -144,11 +145,12 @@ class Header:
     @property
     def kinds(self) -> tuple[int, ...]:
         """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2,
-        5.10 from 1.3, 5.11 from 1.4, 5.12 from 1.5)."""
+        5.10 from 1.3, 5.11 from 1.4, 5.12 from 1.5, 5.13 from 1.6)."""
         minor = self.version[1]
         return ((S.KIND_TERNARY, S.KIND_DENSE) + (S.KIND_PACK,) * (minor >= 1)
                 + (S.KIND_COLUMN_PACK,) * (minor >= 2) + (S.KIND_COMPACT_PACK,) * (minor >= 3)
-                + (S.KIND_BIT_PACK,) * (minor >= 4) + (S.KIND_LEAN_PACK,) * (minor >= 5))
+                + (S.KIND_BIT_PACK,) * (minor >= 4) + (S.KIND_LEAN_PACK,) * (minor >= 5)
+                + (S.KIND_TIGHT_PACK,) * (minor >= 6))
 
     @property
     def nameless_index(self) -> bool:
@@ -181,8 +183,12 @@ def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Heade
     if not S.MIN_ALIGNMENT_LOG2 <= log2 <= S.MAX_ALIGNMENT_LOG2:
         raise CorruptDataError(f"Alignment_Log2 {log2} outside [0, {S.MAX_ALIGNMENT_LOG2}]",
                                offset=10)
-    if flags & ~S.FLAG_METADATA_ZSTD or (flags and minor < 2):  # spec 5.1: reserved bits
+    known = S.FLAG_METADATA_ZSTD | (S.FLAG_METADATA_BARE if minor >= S.BARE_FRAMES_MINOR else 0)
+    if flags & ~known or (flags and minor < 2):  # spec 5.1: reserved bits (R-HDR-4)
         raise CorruptDataError(f"reserved header flags must be zero (got 0x{flags:02x})", offset=11)
+    if flags == S.FLAG_METADATA_BARE:  # spec 5.1 (1.6): a bare frame is a compressed one
+        raise CorruptDataError("header flag bit 1 (bare metadata frame) is set without bit 0 "
+                               "(compressed metadata)", offset=11)
     if meta_size > limits.max_metadata_size:
         raise LimitExceededError(f"metadata is {meta_size} bytes; limit "
                                  f"{limits.max_metadata_size}", offset=12)
@@ -194,7 +200,8 @@ def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Heade
                             f"0x{computed:08x}", offset=src.pos - 4)
     if flags & S.FLAG_METADATA_ZSTD:  # spec 5.2, 8.1 step 3a
         meta_bytes = unstage_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits,
-                                      lambda n, ctx: budget.charge(n, ctx, src.pos))
+                                      lambda n, ctx: budget.charge(n, ctx, src.pos),
+                                      bool(flags & S.FLAG_METADATA_BARE))
     metadata = decode_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits)
     alignment = 1 << log2
     pad_at = src.pos
@@ -385,15 +392,17 @@ def _read_tensor_fields(b: BufferSource, kind: int, name: str, limits: S.ReadLim
 
 def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
                data_size_at: int) -> Record:
-    """The rest of a pack record's body: its member table (spec 5.8 to 5.12).
+    """The rest of a pack record's body: its member table (spec 5.8 to 5.13).
 
-    A compact, bit or lean pack (spec 5.10 to 5.12) comes with ``name`` empty: its name is
-    its first member's. A lean pack's members are placed only once its data area is read
-    (:func:`check_pack_data`): until then their ``bit_span`` is None and ``used_bits`` -1.
+    A compact, bit, lean or tight pack (spec 5.10 to 5.13) comes with ``name`` empty: its name
+    is its first member's. A lean or tight pack's members are placed only once its data area
+    is read (:func:`check_pack_data`): until then their ``bit_span`` is None and
+    ``used_bits`` -1.
     """
     compact = rec.kind in TABLE_NAMED_KINDS
-    bits = rec.kind in (S.KIND_BIT_PACK, S.KIND_LEAN_PACK)
-    lean = rec.kind == S.KIND_LEAN_PACK
+    bits = rec.kind in (S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
+    lean = rec.kind in (S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
+    tight = rec.kind == S.KIND_TIGHT_PACK
     at = b.pos
     count = b.varint("member count")
     if count < 1:
@@ -418,7 +427,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
     if stage != S.STAGE_NONE:
         ctx = BlockContext(name or None, 0, 0, "F32", (), table_at)
         zstd = NAMES_ZSTD if stage == S.STAGE_ZSTD_NAMES else ZSTD
-        table = memoryview(zstd.decode(table, decoded, ctx))
+        table = memoryview(zstd.decode(table, decoded, ctx, bare=tight))  # spec 5.13
     t = BufferSource(table, base=table_at)
     if compact:
         fields = read_column_table(t, count, None, limits,
@@ -431,7 +440,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
     scales: list[bytes | None] = [None] * count
     if compact:
         name = rec.name = names[0]
-        scales = list(read_scale_columns(t, names))
+        scales = list((read_tight_scale_columns if tight else read_scale_columns)(t, names))
     members, cursor = [], 0  # cursor: bytes into the data area; bits in a bit pack
     for f, mname, scale in zip(fields, names, scales, strict=True):
         ssize = -(-f.nnz // 8)
@@ -454,7 +463,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
                                tensor=name, offset=t.pos)
     rec.members = tuple(members)
-    if lean:  # spec 5.12: the members' lengths are in their streams
+    if lean:  # spec 5.12, 5.13: the members' lengths are in their streams
         rec.used_bits = -1
         return rec
     used = -(-cursor // 8) if bits else cursor
@@ -467,8 +476,9 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
 
 
 def _place_bits(m: Record, data_start: int, cursor: int, pbits: int) -> int:
-    """Place a bit or lean pack member (spec 5.11, 5.12) whose positions stream of ``pbits``
-    bits starts at bit ``cursor`` of its pack's data area; return the bit after its signs."""
+    """Place a bit, lean or tight pack member (spec 5.11 to 5.13) whose positions stream of
+    ``pbits`` bits starts at bit ``cursor`` of its pack's data area; return the bit after
+    its signs."""
     nnz = m.nnz or 0
     psize, ssize = -(-pbits // 8), -(-nnz // 8)  # its payloads, moved to a byte boundary
     m.blocks = [(m.blocks[0][0], S.STAGE_NONE, m.blocks[0][2], psize, psize),
@@ -480,10 +490,11 @@ def _place_bits(m: Record, data_start: int, cursor: int, pbits: int) -> int:
 
 
 def place_lean_members(pack: Record, data: memoryview) -> None:
-    """Find where each member of a lean pack (spec 5.12) starts by reading the streams before
-    it: a bitmask stream is ``numel`` bits, a golomb stream ends with its last code's one bit
-    (:func:`~compeft_format.codecs.golomb.stream_bits`). R-LPK-1: each member's streams lie in
-    the data area; R-PACK-8: the data area is exactly what they take, aligned."""
+    """Find where each member of a lean or tight pack (spec 5.12, 5.13) starts by reading the
+    streams before it: a bitmask stream is ``numel`` bits, a golomb stream ends with its last
+    code's one bit (:func:`~compeft_format.codecs.golomb.stream_bits`). R-LPK-1: each member's
+    streams lie in the data area; R-PACK-8: the data area is exactly what they take,
+    aligned."""
     buf = np.frombuffer(data, dtype=np.uint8)
     end, cursor = 8 * len(data), 0
     for m in pack.members:
@@ -501,7 +512,8 @@ def place_lean_members(pack: Record, data: memoryview) -> None:
         else:
             cursor = _place_bits(m, pack.data_start, cursor, pbits)
             continue
-        raise CorruptDataError(f"lean pack member: {problem} ({end - cursor} bits left)",
+        kind = "tight" if pack.kind == S.KIND_TIGHT_PACK else "lean"
+        raise CorruptDataError(f"{kind} pack member: {problem} ({end - cursor} bits left)",
                                tensor=m.name, offset=pack.data_start + (cursor >> 3))
     want = align(-(-cursor // 8), pack.alignment)
     if pack.data_size != want:
@@ -546,11 +558,11 @@ def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits
 
 
 #: the record kinds that hold pack members: 1.1 packs (spec 5.8), column packs (5.9),
-#: compact packs (5.10), bit packs (5.11) and lean packs (5.12)
+#: compact packs (5.10), bit packs (5.11), lean packs (5.12) and tight packs (5.13)
 PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK, S.KIND_BIT_PACK,
-              S.KIND_LEAN_PACK)
+              S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
 #: the packs with no Name in their body: their name is their first member's (spec 5.10)
-TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK, S.KIND_LEAN_PACK)
+TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
 BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 
@@ -628,7 +640,7 @@ def check_pack_data(pack: Record, data: memoryview, tensor: str | None = None) -
     """Check a pack's whole data area: its checksum (R-REC-9), then the padding after its last
     member (R-BLK-4): in a bit pack (spec 5.11) from the bit after the last member's last."""
     check_data_crc(pack, data, tensor)
-    if pack.used_bits < 0:  # a lean pack (spec 5.12): its members are placed now
+    if pack.used_bits < 0:  # a lean or tight pack (spec 5.12, 5.13): members are placed now
         place_lean_members(pack, data)
     used = pack.used_bits >> 3
     tail = pack.used_bits & 7

@@ -181,12 +181,13 @@ def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict
 
 
 
-def stage_metadata(data: bytes, level: int | None) -> tuple[int, bytes]:
+def stage_metadata(data: bytes, level: int | None, bare: bool = False) -> tuple[int, bytes]:
     """Return ``(flags, stored)``: the JSON ``data`` as a 1.2 header stores it (Appendix D 2).
 
     With zstd enabled, JSON of at least 64 bytes becomes ``Metadata_Decoded_Size`` and one
     frame made with the metadata dictionary (spec 5.2, 7.3), at level 19 up to 1 MiB, kept
-    where it is smaller.
+    where it is smaller. ``bare`` (1.6): the frame is stored without its magic number, and
+    ``Flags`` bit 1 says so (spec 5.1, 7.1).
 
     >>> flags, stored = stage_metadata(b'{"compeft.producer":"compeft_format 0.1.0"}' * 2, 3)
     >>> flags, len(stored) < 86
@@ -197,17 +198,19 @@ def stage_metadata(data: bytes, level: int | None) -> tuple[int, bytes]:
     if level is None or len(data) < _ZSTD_MIN:
         return 0, data
     frame = METADATA_ZSTD.encode(data, S.SMALL_ZSTD_LEVEL if len(data) <= S.SMALL_ZSTD_MAX
-                                 else level)
+                                 else level, bare)
     stored = encode_varint(len(data)) + frame
-    return (S.FLAG_METADATA_ZSTD, stored) if len(stored) < len(data) else (0, data)
+    flags = S.FLAG_METADATA_ZSTD | (S.FLAG_METADATA_BARE if bare else 0)
+    return (flags, stored) if len(stored) < len(data) else (0, data)
 
 
 def unstage_metadata(stored: memoryview, offset: int, limits: S.ReadLimits,
-                     charge: Callable[[int, BlockContext], None]) -> bytes:
+                     charge: Callable[[int, BlockContext], None], bare: bool = False) -> bytes:
     """Return the JSON of compressed metadata (spec 5.2, 8.1 step 3a), checked on the way.
 
     ``offset`` is where ``stored`` starts in the file; ``charge(n, ctx)`` charges the decoded
-    size to the decode budget (spec 9.3) before anything is decompressed.
+    size to the decode budget (spec 9.3) before anything is decompressed. ``bare``: the
+    frame is stored without its magic number (``Flags`` bit 1, 1.6).
     """
     src = BufferSource(stored, base=offset)
     decoded = src.varint("metadata decoded size")
@@ -216,4 +219,4 @@ def unstage_metadata(stored: memoryview, offset: int, limits: S.ReadLimits,
                                  f"{limits.max_metadata_size}", offset=offset)
     ctx = BlockContext(None, 0, 0, "F32", (), src.pos)
     charge(decoded, ctx)
-    return METADATA_ZSTD.decode(stored[src.pos - offset:], decoded, ctx)
+    return METADATA_ZSTD.decode(stored[src.pos - offset:], decoded, ctx, bare)

@@ -42,6 +42,8 @@ __all__ = [
     "predicted_size",
     "read_column_table",
     "read_scale_columns",
+    "read_tight_scale_columns",
+    "tight_scale_columns",
     "unzigzag",
     "zigzag",
 ]
@@ -176,10 +178,11 @@ def column_table(members: Sequence[Member], first_prev: bytes | None = None,
 
 
 def compact_table(members: Sequence[Member], scales: Sequence[bytes], column10: str = "bytes",
-                  ) -> bytes:
+                  tight: bool = False) -> bytes:
     """The decoded member table of a compact pack (spec 5.10, format 1.3); with ``column10``
     ``"bits"`` of a bit pack (spec 5.11, 1.4: the members' ``psize`` is ``Positions_Bits``),
-    with ``"none"`` of a lean pack (spec 5.12, 1.5: no column 10).
+    with ``"none"`` of a lean pack (spec 5.12, 1.5: no column 10); with ``tight`` too, of a
+    tight pack (spec 5.13, 1.6: columns 11 and 12 coded as :func:`tight_scale_columns`).
 
     The columns of a column pack with the first name stored in full (a compact pack has no
     ``Name`` of its own), then column 11, each member's ``Scale_Ref`` (the scales numbered in
@@ -191,11 +194,37 @@ def compact_table(members: Sequence[Member], scales: Sequence[bytes], column10: 
     >>> compact_table(m, [one, one]).hex(" ")
     '00 00 03 03 61 2e 77 62 2e 77 01 01 01 01 08 40 01 02 01 02 00 02 00 00 00 00 00 00 80 3f'
     """
-    refs: dict[bytes, int] = {}
     out = bytearray(column_table(members, b"", column10))
+    if tight:
+        return bytes(out) + tight_scale_columns(scales)
+    refs: dict[bytes, int] = {}
     for scale in scales:
         out += encode_varint(refs.setdefault(bytes(scale), len(refs)))
     return bytes(out) + b"".join(refs)
+
+
+def tight_scale_columns(scales: Sequence[bytes]) -> bytes:
+    """Columns 11 and 12 of a tight pack's table (spec 5.13, 1.6) for the members' scales.
+
+    Column 11 gives each member ``Scale_Back``: 0 for a scale no member before it has (the
+    next of column 12), else how many members back the nearest one with the same scale is.
+    Column 12 holds the distinct scales in byte planes: every scale's most significant byte
+    (sign and exponent), then every scale's next byte, down to the least significant. Alike
+    layers give repeating distances, and scales of one magnitude share their top byte, which
+    zstd then stores once instead of once per scale.
+
+    >>> half, one = bytes.fromhex("0000003f"), bytes.fromhex("0000803f")  # 0.5, 1.0
+    >>> tight_scale_columns([half, one, half, one, one]).hex(" ")
+    '00 00 02 02 01 3f 3f 00 80 00 00 00 00'
+    """
+    last: dict[bytes, int] = {}
+    backs, distinct = bytearray(), []
+    for k, scale in enumerate(map(bytes, scales)):
+        backs += encode_varint(k - last[scale] if scale in last else 0)
+        if scale not in last:
+            distinct.append(scale)
+        last[scale] = k
+    return bytes(backs) + bytes(s[3 - i] for i in range(4) for s in distinct)
 
 
 def read_scale_columns(t: BufferSource, names: Sequence[str]) -> list[bytes]:
@@ -220,6 +249,32 @@ def read_scale_columns(t: BufferSource, names: Sequence[str]) -> list[bytes]:
         distinct += ref == distinct
         refs.append(ref)
     scales = [bytes(t.read(4, "scale")) for _ in range(distinct)]
+    return [scales[r] for r in refs]
+
+
+def read_tight_scale_columns(t: BufferSource, names: Sequence[str]) -> list[bytes]:
+    """Columns 11 and 12 of a tight pack's table (spec 5.13, 1.6): each member's scale bytes.
+
+    A member's ``Scale_Back`` reaches at most its own index back, to the first member
+    (R-TPK-1).
+
+    >>> t = BufferSource(memoryview(bytes.fromhex("00 00 02 02 01 3f 3f 00 80 00 00 00 00")))
+    >>> [s.hex() for s in read_tight_scale_columns(t, ["a", "b", "c", "d", "e"])]
+    ['0000003f', '0000803f', '0000003f', '0000803f', '0000803f']
+    """
+    refs: list[int] = []
+    distinct = 0
+    for k, name in enumerate(names):
+        t.tensor = name
+        at = t.pos
+        back = t.varint("scale back")
+        if back > k:
+            raise CorruptDataError(f"scale back {back} reaches before the first member "
+                                   f"(member {k})", tensor=name, offset=at)
+        refs.append(refs[k - back] if back else distinct)
+        distinct += not back
+    planes = bytes(t.read(4 * distinct, "scales"))
+    scales = [bytes(planes[(3 - i) * distinct + d] for i in range(4)) for d in range(distinct)]
     return [scales[r] for r in refs]
 
 

@@ -65,14 +65,17 @@ class Writer:
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
     version:
-        ``"1.5"`` (the default) gathers ternary tensors of at most 2^19 elements into lean
-        pack records (spec 5.12: each distinct scale and the first name stored once, names
+        ``"1.6"`` (the default) gathers ternary tensors of at most 2^19 elements into tight
+        pack records (spec 5.13: each distinct scale and the first name stored once, names
         compressed with the name dictionary, the members' bit streams one after the other,
-        their lengths not stored; no name in their index entries) and compresses the
-        metadata (spec 5.2); ``"1.4"`` writes the bit packs of spec 5.11 (lengths stored),
-        for 1.4 readers; ``"1.3"`` the compact packs of spec 5.10, for 1.3 readers; ``"1.2"``
-        the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs of spec 5.8 and
-        plain metadata, for 1.1 readers; ``"1.0"`` one record per tensor, for 1.0 readers.
+        their lengths not stored, the scales coded by distance and in byte planes; no name
+        in their index entries) and compresses the metadata (spec 5.2), the table and
+        metadata frames stored without the zstd magic number (spec 7.1); ``"1.5"`` writes
+        the lean packs of spec 5.12, for 1.5 readers; ``"1.4"`` the bit packs of spec 5.11
+        (lengths stored), for 1.4 readers; ``"1.3"`` the compact packs of spec 5.10, for 1.3
+        readers; ``"1.2"`` the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs
+        of spec 5.8 and plain metadata, for 1.1 readers; ``"1.0"`` one record per tensor, for
+        1.0 readers.
 
     Examples
     --------
@@ -105,6 +108,7 @@ class Writer:
         self._compact = version >= (1, 3)  # spec 5.10: ... with the scales in the table
         self._bits = version >= (1, 4)  # spec 5.11, 5.6: ... bit after bit, named by the table
         self._lean = version >= (1, 5)  # spec 5.12: ... with no lengths in the table
+        self._tight = version >= (1, 6)  # spec 5.13, 7.1: ... scales tighter, bare frames
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
@@ -117,7 +121,7 @@ class Writer:
         self._closed = False
         meta, flags = encode_metadata(metadata), 0
         if self._columns:  # spec 5.2: 1.2 compresses the metadata where that pays
-            flags, meta = stage_metadata(meta, zstd_level)
+            flags, meta = stage_metadata(meta, zstd_level, bare=self._tight)
         header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, flags, len(meta))
         self._pos = 0
         self._emit(header, meta, S.CHECKSUM.pack(crc32(header, meta)))
@@ -297,7 +301,7 @@ class Writer:
             self._f.flush()
 
     def _flush_pack(self) -> None:
-        """Write the pending pack as one record (spec 5.8 to 5.12, by version)."""
+        """Write the pending pack as one record (spec 5.8 to 5.13, by version)."""
         if not self._pack:
             return
         members, self._pack = self._pack, []
@@ -308,13 +312,14 @@ class Writer:
             fields = [m.fields for m in members]  # psize: Positions_Bits (_add_member)
             streams = [s for m in members
                        for s in ((m.parts[0], m.fields.psize), (m.parts[1], m.fields.nnz))]
-            table = compact_table(fields, [m.parts[2] for m in members], column10)
+            table = compact_table(fields, [m.parts[2] for m in members], column10,
+                                  tight=self._tight)
             data = bit_pack_data(streams)
         elif self._compact:  # spec 5.10: scales in the table
             table = compact_table([m.fields for m in members], [m.parts[2] for m in members])
             data = b"".join(m.parts[0] + m.parts[1] for m in members)
         if self._compact:  # spec 5.10: names through their dictionary
-            stage, stored = maybe_zstd(table, level, NAMES_ZSTD)
+            stage, stored = maybe_zstd(table, level, NAMES_ZSTD, bare=self._tight)
             stage = S.STAGE_ZSTD_NAMES if stage == S.STAGE_ZSTD else stage
         else:
             if self._columns:  # spec 5.9; a small table, compressed hard
@@ -338,7 +343,8 @@ class Writer:
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
-        kind = (S.KIND_LEAN_PACK if self._lean else S.KIND_BIT_PACK if self._bits
+        kind = (S.KIND_TIGHT_PACK if self._tight else S.KIND_LEAN_PACK if self._lean
+                else S.KIND_BIT_PACK if self._bits
                 else S.KIND_COMPACT_PACK if self._compact
                 else S.KIND_COLUMN_PACK if self._columns else S.KIND_PACK)
         head = (bytes([kind]) + encode_varint(len(body) + 8)

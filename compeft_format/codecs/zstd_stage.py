@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import zstandard
 
-from .._spec import NAME_DICTIONARY, STAGE_ZSTD
+from .._spec import NAME_DICTIONARY, STAGE_ZSTD, ZSTD_MAGIC
 from .base import BlockContext
 
 __all__ = ["ZstdStage"]
@@ -103,9 +103,16 @@ class ZstdStage:
             dctx = self._local.decompressor = zstandard.ZstdDecompressor(**self._kw)
             return dctx
 
-    def encode(self, data: bytes, level: int) -> bytes:
-        """Return one zstd frame holding ``data`` (content size and no checksum, spec 7.1)."""
-        return self._compressor(level).compress(data)
+    def encode(self, data: bytes, level: int, bare: bool = False) -> bytes:
+        """Return one zstd frame holding ``data`` (content size and no checksum, spec 7.1);
+        ``bare``: without its 4-byte magic number (a bare frame, spec 7.1, 1.6).
+
+        >>> frame = ZSTD.encode(b"ab" * 100, 3)
+        >>> ZSTD.encode(b"ab" * 100, 3, bare=True) == frame[4:]
+        True
+        """
+        frame = self._compressor(level).compress(data)
+        return frame[len(ZSTD_MAGIC):] if bare else frame
 
     def encode_later(self, data: bytes, level: int) -> Callable[[], bytes]:
         """Start :meth:`encode` of ``data`` on a new thread; return a function that waits.
@@ -138,11 +145,21 @@ class ZstdStage:
 
         return wait
 
-    def decode(self, frame: bytes | memoryview, decoded_size: int, ctx: BlockContext | None):
-        """Return the content of ``frame``, which MUST declare exactly ``decoded_size`` bytes."""
+    def decode(self, frame: bytes | memoryview, decoded_size: int, ctx: BlockContext | None,
+               bare: bool = False):
+        """Return the content of ``frame``, which MUST declare exactly ``decoded_size`` bytes.
+
+        ``bare``: the frame is stored without its magic number, which is put back before it
+        is read (spec 7.1, 1.6), so every rule applies to the frame as to any other.
+
+        >>> ZSTD.decode(ZSTD.encode(b"ab" * 100, 3, bare=True), 200, None, bare=True)[:4]
+        b'abab'
+        """
         def fail(msg: str) -> Exception:
             return ctx.error(msg) if ctx is not None else ValueError(msg)
 
+        if bare:  # a small frame (a table, the metadata): the copy costs nothing to speak of
+            frame = ZSTD_MAGIC + bytes(frame)
         if _is_skippable(frame):  # frame_content_size() would call it a frame of 0 bytes
             raise fail("zstd stage: a skippable frame is not a zstd frame")
         try:
