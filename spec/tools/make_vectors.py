@@ -169,6 +169,17 @@ class Valid:
                         **{"version": "1.0", **self.all_options()})
 
 
+def _scale_pattern() -> dict[str, Any]:
+    """Four (IA)^3-like layers of three vectors whose first and third share a scale in each
+    layer: a tight pack's Scale_Backs repeat 0 0 2 (spec 5.13)."""
+    out = {}
+    for i in range(4):
+        for j, m in enumerate(("k", "v", "w")):
+            scale = 0.25 + 0.0625 * i + (0.03125 if j == 1 else 0.0)
+            out[f"layer.{i}.{m}.ia3_l"] = _t((64,), [i, 20 + j, 63 - i], [0, 1, i % 2], scale)
+    return out
+
+
 def _golomb_m(m: int) -> Callable[[list[dict[str, Any]]], bool]:
     return lambda layout: all(e["blocks"][0]["codec"] == "golomb" and e["blocks"][0]["param"] == m
                               for e in layout)
@@ -184,6 +195,7 @@ V12 = {"version": "1.2"}
 V13 = {"version": "1.3"}
 V14 = {"version": "1.4"}
 V15 = {"version": "1.5"}
+V16 = {"version": "1.6"}
 
 
 def _pack_tensors() -> dict[str, Any]:
@@ -446,6 +458,27 @@ VALID: list[Valid] = [
           "and no zstd (Table_Stage 0, metadata stored as JSON).",
           _pack_tensors, metadata=_peft_init_metadata(),
           options={**V15, "alignment": 1, "zstd_level": None}),
+    # -- format 1.6: tight packs (spec 5.13) and bare frames (spec 7.1)
+    Valid("044-tight-pack", "Version 1.6: the six tensors of 023-pack in one tight pack (each "
+          "member's scale as a distance back, the distinct scales in byte planes), the index "
+          "entry without a name.",
+          _pack_tensors, metadata={"compeft.producer": "spec"}, options=V16),
+    Valid("045-tight-pack-shared-scale", "Version 1.6: the 24 LoRA-like members of 033 in a "
+          "tight pack (one scale stored), the metadata and the table (through the name "
+          "dictionary) as bare zstd frames (Flags 0x03).", _lora_like,
+          metadata=_peft_init_metadata(), options=V16),
+    Valid("046-tight-pack-and-records", "Version 1.6: the tensors of 024-pack-and-records: "
+          "tight packs around a dense record and a ternary record too big to pack.",
+          lambda: next(v for v in VALID if v.slug == "024-pack-and-records").tensors(),
+          options=V16),
+    Valid("047-tight-pack-alignment-1", "Version 1.6: the tensors of 023-pack with alignment 1 "
+          "and no zstd (Table_Stage 0, metadata stored as JSON).",
+          _pack_tensors, metadata=_peft_init_metadata(),
+          options={**V16, "alignment": 1, "zstd_level": None}),
+    Valid("048-tight-pack-scale-backs", "Version 1.6: four layers of three vectors, the first "
+          "and third of each layer sharing a scale: Scale_Back 0 0 2 in every layer, eight "
+          "scales in byte planes (alignment 1, no zstd, so the table is plain).",
+          _scale_pattern, options={**V16, "alignment": 1, "zstd_level": None}),
 ]
 
 
@@ -815,6 +848,46 @@ def _lean_bytes(**kw: Any) -> Callable[[], bytes]:
     return lambda: lean_file(**kw)
 
 
+# -- format 1.6 (spec 5.13, 7.1): tight packs and bare frames
+
+TIGHT_PACK = 0x08
+
+
+def tight(*members: tuple[bytes, int, int, tuple[int, ...], int, int, int],
+          backs: tuple[int, ...] = (0,), scales: tuple[float, ...] = (1.0,)) -> bytes:
+    """A tight table (spec 5.13): the columns of :func:`lean` up to column 9, then each
+    member's ``Scale_Back`` and the ``scales`` in byte planes (byte 3 of each, ..., byte 0)."""
+    raw = [struct.pack("<f", x) for x in scales]
+    return (lean(*members, refs=(), scales=()) + b"".join(varint(b) for b in backs)
+            + bytes(r[3 - i] for i in range(4) for r in raw))
+
+
+TIGHT_ONE = tight((b"a", 0, 0x01, (8,), 1, BITMASK, 0))  # 'a' of LEAN_ONE, scale 1.0
+TIGHT_G = tight((b"g", 0, 0x01, (8,), 1, GOLOMB, 0))  # 'g' of LEAN_G
+
+
+def tight_file(table: bytes = TIGHT_ONE, data: bytes = BIT_DATA, **kw: Any) -> bytes:
+    """A 1.6 file holding one tight pack whose index entry has no name (see
+    :func:`bit_file`)."""
+    return bit_file(table, data, **{"kind": TIGHT_PACK, "minor": 6, **kw})
+
+
+def _tight_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: tight_file(**kw)
+
+
+def bare(frame: bytes) -> bytes:
+    """A zstd ``frame`` without its magic number (spec 7.1, 1.6)."""
+    assert frame[:4] == b"\x28\xb5\x2f\xfd"
+    return frame[4:]
+
+
+def bare_meta(json_text: bytes = BIG_META) -> bytes:
+    """:func:`meta_frame` of ``json_text`` with a bare frame (``Flags`` bit 1, spec 5.2)."""
+    size = varint(len(json_text))
+    return size + bare(meta_frame(json_text)[len(size):])
+
+
 def _meta_file(stored: bytes, *, flags: int = 1, minor: int = 2, **kw: Any) -> Callable[[], bytes]:
     return lambda: column_file(flags=flags, minor=minor, metadata=stored, **kw)
 
@@ -939,6 +1012,25 @@ ACCEPTED: list[Accepted] = [
                          count=2, data=b"\x01\x08"),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
                                "g": TernaryTensor((8,), [0], [False], 1.0)})),
+    # -- format 1.6: tight packs (spec 5.13) and bare frames (spec 7.1)
+    Accepted("025-tight-pack-minor-9", "Version 1.9 with a tight pack: tight packs are known "
+             "from minor 6 on.", _tight_bytes(minor=9),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("026-tight-pack-scale-stored-twice", "Version 1.6: 'a' and 'g' of 024 with the "
+             "same scale 1.0 stored twice (both Scale_Back 0); the reference encoder writes "
+             "it once, 'g' with Scale_Back 1.",
+             _tight_bytes(table=tight((b"a", 0, 0x01, (8,), 1, BITMASK, 0),
+                                      (b"g", 0, 0x01, (8,), 1, GOLOMB, 0), backs=(0, 0),
+                                      scales=(1.0, 1.0)),
+                          count=2, data=b"\x01\x08"),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
+                               "g": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("027-tight-pack-metadata-frame-with-magic", "Version 1.6 with compressed metadata "
+             "(Flags 0x01) whose frame keeps its magic number, as 1.2 to 1.5 store it: only "
+             "Flags bit 1 makes it bare.",
+             _tight_bytes(flags=1, metadata=meta_frame()),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)},
+                              metadata=json.loads(BIG_META))),
 ]
 
 
@@ -1723,6 +1815,42 @@ INVALID += [
             "padding).", "R-PACK-8", _lean_bytes(data_size=16, data=BIT_DATA + bytes(14))),
     Invalid("203-lean-pack-padding-bit", "Bit 9 of the data area, after the member's 9 bits, "
             "is 1.", "R-BLK-4", _lean_bytes(data=b"\x01\x02")),
+    # -- format 1.6: tight packs (spec 5.13) and bare frames (spec 7.1)
+    Invalid("204-tight-pack-in-1-5-file", "A tight pack in a file whose Version_Minor is 5.",
+            "R-REC-1", _tight_bytes(minor=5)),
+    Invalid("205-tight-pack-first-scale-back", "The first member's Scale_Back is 1: no member "
+            "before it.", "R-TPK-1", _tight_bytes(table=tight(
+                (b"a", 0, 0x01, (8,), 1, BITMASK, 0), backs=(1,)))),
+    Invalid("206-tight-pack-scale-back-too-far", "Members 'a' and 'g', the second's "
+            "Scale_Back 2: one member before it.", "R-TPK-1",
+            _tight_bytes(table=tight((b"a", 0, 0x01, (8,), 1, BITMASK, 0),
+                                     (b"g", 0, 0x01, (8,), 1, GOLOMB, 0), backs=(0, 2)),
+                         count=2, data=b"\x01\x08")),
+    Invalid("207-tight-pack-short-scale-planes", "A table that ends inside its scale planes.",
+            "R-EOF-1", _tight_bytes(table=TIGHT_ONE[:-1])),
+    Invalid("208-tight-pack-scale-planes-tail", "Scale_Back 0 and two scales in the planes: "
+            "the second is 4 bytes after the table's end.", "R-PACK-3",
+            _tight_bytes(table=tight((b"a", 0, 0x01, (8,), 1, BITMASK, 0),
+                                     scales=(1.0, 2.0)))),
+    Invalid("209-tight-pack-scale-negative", "The member's scale in the planes is -1.0 "
+            "(bf 80 00 00).", "R-SCL-3",
+            _tight_bytes(table=tight((b"a", 0, 0x01, (8,), 1, BITMASK, 0), scales=(-1.0,)))),
+    Invalid("210-tight-pack-table-frame-with-magic", "Table_Stage 2 with a whole zstd frame: "
+            "a tight pack's table frame is bare, so the decoder reads the magic twice.",
+            "R-ZST-2", _tight_bytes(table=names_frame(TIGHT_ONE), stage=NAMES_ZSTD,
+                                    decoded=len(TIGHT_ONE))),
+    Invalid("211-tight-pack-unary-past-data", "The golomb member 'g' of a tight pack with a "
+            "data area of zero bits (alignment 1, one byte): its unary part never ends.",
+            "R-LPK-1", _tight_bytes(table=TIGHT_G, data=b"\x00", log2=0)),
+    Invalid("212-bare-metadata-in-1-5-file", "Flags 0x03 (a bare metadata frame) in a file "
+            "whose Version_Minor is 5.", "R-HDR-4",
+            _lean_bytes(flags=3, metadata=bare_meta())),
+    Invalid("213-bare-metadata-without-bit-0", "Flags 0x02 in a 1.6 file: bit 1 (bare) "
+            "without bit 0 (compressed).", "R-HDR-4",
+            _tight_bytes(flags=2, metadata=b"{}")),
+    Invalid("214-bare-metadata-frame-with-magic", "Flags 0x03 and a metadata frame that keeps "
+            "its magic number: read as a frame that starts with it twice.", "R-ZST-2",
+            _tight_bytes(flags=3, metadata=meta_frame())),
 ]
 
 
