@@ -18,7 +18,7 @@ from .info import BlockInfo, FileInfo, TensorInfo
 from .metadata import decode_metadata, encode_metadata
 from .reader import CompeftReader, inspect, iter_stream, load_file, loads, open_file
 from .tensor import TernaryTensor
-from .writer import Writer, dumps, save_file
+from .writer import Writer, dumps, file_alignment, save_file
 
 __all__ = [
     "POSITIONS_CHOICES",
@@ -32,6 +32,7 @@ __all__ = [
     "decode_metadata",
     "dumps",
     "encode_metadata",
+    "file_alignment",
     "inspect",
     "iter_stream",
     "load_file",

@@ -85,7 +85,7 @@ from .compress import (
     check_choice,
     compression_metadata,
 )
-from .container import Writer, open_file
+from .container import Writer, file_alignment, open_file
 from .encode import POSITIONS_CHOICES
 from .errors import ConvertError, EncodeError, MissingDependencyError, with_path
 from .hifi import HIFI_KEY, HIFI_ZSTD_LEVEL
@@ -389,10 +389,7 @@ def compress_file(
             metadata[HIFI_KEY] = hifi_out.metadata(names, {n: reader.info(n).dtype
                                                            for n in names})
 
-        # Appendix D: alignment serves a dense record viewed in place; a file with none
-        # (every tensor ternary, mostly in packs) saves the padding
-        alignment = 1 if hifi is None and compressible.issuperset(names) else \
-            1 << S.DEFAULT_ALIGNMENT_LOG2
+        alignment = file_alignment(hifi is not None or not compressible.issuperset(names))
 
         def write(f: BinaryIO) -> None:
             with Writer(f, metadata=metadata, positions=positions, zstd_level=zstd_level,

@@ -47,7 +47,7 @@ from .compress import (
     compress,
     compression_metadata,
 )
-from .container import Writer
+from .container import Writer, file_alignment
 from .errors import CompeftError, EncodeError
 from .quality import QualityReport, quality_report
 from .scales import resolve_scale
@@ -96,6 +96,7 @@ def count_file_bytes(
     metadata: Mapping[str, Any] | None = None,
     positions: str = "auto",
     zstd_level: int | None = S.DEFAULT_ZSTD_LEVEL,
+    alignment: int = 1 << S.DEFAULT_ALIGNMENT_LOG2,
 ) -> tuple[int, dict[str, int]]:
     """Return the size of the file these records make, and each record's size, writing nothing.
 
@@ -105,7 +106,7 @@ def count_file_bytes(
         ``(name, value, dtype)`` in record order (increasing UTF-8 bytes): a
         :class:`~compeft_format.TernaryTensor` or a dense array, and the dtype name of a dense
         storage array whose numpy dtype cannot say it (else None), as ``Writer.write`` takes.
-    metadata, positions, zstd_level:
+    metadata, positions, zstd_level, alignment:
         As :func:`~compeft_format.container.save_file`.
 
     Returns
@@ -125,7 +126,7 @@ def count_file_bytes(
     """
     sink = _CountingSink()
     with Writer(sink, metadata=metadata, positions=positions,  # type: ignore[arg-type]
-                zstd_level=zstd_level) as w:
+                zstd_level=zstd_level, alignment=alignment) as w:
         for name, value, dtype in items:
             w.write(name, value, dtype=dtype)
     return sink.count, w.sizes
@@ -219,7 +220,7 @@ class SweepResult:
         >>> tv = {"w": np.linspace(-1, 1, 1000)}
         >>> print(sweep(tv, densities=[0.1], scales=["l2"]).format_table())
         scale  density  alpha  nnz  bytes  bits/param  ratio  rel_error    cosine
-        l2      0.1000  1.000  100    172      1.3760   46.5   0.853961  0.520337
+        l2      0.1000  1.000  100    156      1.2480   51.3   0.853961  0.520337
         """
         header = ("scale", "density", "alpha", "nnz", "bytes", "bits/param", "ratio",
                   "rel_error", "cosine")
@@ -390,8 +391,11 @@ def measure_setting(
             else:
                 yield (name, *src.passthrough[name]())
 
+    # as compress_file writes it: alignment 1 unless a tensor stays dense (Appendix D 2)
+    dense = any(not isinstance(out.get(n), TernaryTensor) for n in names)
     size, records = count_file_bytes(items(), metadata=_compression_record(metadata, comp_meta),
-                                     positions=positions, zstd_level=zstd_level)
+                                     positions=positions, zstd_level=zstd_level,
+                                     alignment=file_alignment(dense))
     numel = dense = nnz = 0
     for name in names:
         n, b = src.passthrough_sizes[name] if name not in out else _dense_bytes(out[name])
@@ -481,7 +485,8 @@ def sweep(
     >>> tv = {"w": np.random.default_rng(1).normal(size=(32, 32))}
     >>> p = sweep(tv, densities=[0.1], scales=["norm"]).points[0]
     >>> meta = {"compeft.compression": compression_metadata(0.1, 1.0, "global", "norm")}
-    >>> p.file_bytes == len(dumps(compress(tv, density=0.1, scale="norm"), metadata=meta))
+    >>> out = compress(tv, density=0.1, scale="norm")  # as compress_file writes it (alignment 1)
+    >>> p.file_bytes == len(dumps(out, metadata=meta, alignment=1))
     True
     """
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)

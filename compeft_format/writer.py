@@ -41,7 +41,7 @@ from .metadata import encode_metadata, stage_metadata
 from .packtable import Member, column_table, compact_table
 from .tensor import TernaryTensor
 
-__all__ = ["Writer", "dumps", "parse_version", "save_file"]
+__all__ = ["Writer", "dumps", "file_alignment", "parse_version", "save_file"]
 
 _SIGNS, _SCALE, _DENSE = SignsCodec(), ScaleCodec(), DenseCodec()
 
@@ -397,12 +397,23 @@ def dumps(tensors: Mapping[str, Any], *, metadata: Mapping[str, Any] | None = No
     return buf.getvalue()
 
 
+def file_alignment(dense: bool) -> int:
+    """The alignment ``compress_file`` writes (Appendix D 2): 8 bytes when the file holds a
+    dense record, which a reader may view in place, else 1, which saves every padding byte
+    (ternary payloads are decoded, never viewed in place).
+
+    >>> file_alignment(True), file_alignment(False)
+    (8, 1)
+    """
+    return 1 << S.DEFAULT_ALIGNMENT_LOG2 if dense else 1
+
+
 def parse_version(version: tuple[int, int] | str | None) -> tuple[int, int]:
     """A format version an encoder can write, as ``(major, minor)`` (spec 10.1); None: the
     default, the newest.
 
     >>> parse_version("1.2"), parse_version((1, 3)), parse_version(None)
-    ((1, 2), (1, 3), (1, 5))
+    ((1, 2), (1, 3), (1, 6))
     """
     if version is None:
         return S.VERSION_MAJOR, S.VERSION_MINOR

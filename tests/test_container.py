@@ -103,10 +103,11 @@ def test_dumps_of_an_empty_mapping() -> None:
     expected = (header + crc(header) + b"\x00" * 4  # pad 20 -> 24
                 + index + struct.pack("<Q", 24) + crc(index) + b"CPFE")
     assert dumps({}, version="1.0") == expected
-    for version, minor in (("1.1", 1), ("1.2", 2), ("1.3", 3), ("1.4", 4), ("1.5", 5)):  # minor
+    for version, minor in (("1.1", 1), ("1.2", 2), ("1.3", 3), ("1.4", 4), ("1.5", 5),
+                           ("1.6", 6)):  # minor
         head = expected[:9] + bytes([minor]) + expected[10:16]  # the CRC) differ
         assert dumps({}, version=version) == head + crc(head) + expected[20:]
-    assert dumps({}) == dumps({}, version="1.5")
+    assert dumps({}) == dumps({}, version="1.6")
     assert len(expected) == 42
     assert loads(expected) == {}
     assert list(iter_stream(io.BytesIO(expected))) == []
@@ -228,10 +229,14 @@ def test_metadata_round_trip_and_canonical_form() -> None:
     assert data[16 : 16 + len(raw)] == raw
     assert data[16 + len(raw) : 20 + len(raw)] == crc(data[:16] + raw)
     # 1.2 (spec 5.2): the same canonical text, as Metadata_Decoded_Size and a zstd frame
-    data12 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta)
+    data12 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta, version="1.2")
     size = struct.unpack("<I", data12[12:16])[0]
     assert (data12[11], data12[16]) == (S.FLAG_METADATA_ZSTD, len(raw))  # a one-byte VarInt
     assert METADATA_ZSTD.decode(data12[17 : 16 + size], len(raw), None) == raw
+    # 1.6 (spec 7.1): the same frame, bare (Flags bit 1)
+    data16 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta)
+    assert data16[11] == S.FLAG_METADATA_ZSTD | S.FLAG_METADATA_BARE
+    assert data16[16 : 12 + size] == data12[16:17] + data12[21 : 16 + size]
     assert size < len(raw)
     for d in (data, data12):
         with open_file(d) as f:
@@ -579,7 +584,7 @@ def test_inspect_agrees_with_loads() -> None:
     loaded = loads(data)
     info = inspect(data)
     assert (info.version, info.alignment, info.metadata, info.file_size) == (
-        (1, 5), 16, {"k": [1]}, len(data))
+        (1, 6), 16, {"k": [1]}, len(data))
     assert [t.name for t in info.tensors] == list(loaded)
     for t in info.tensors:
         value = loaded[t.name]
@@ -610,7 +615,7 @@ def test_reader_api() -> None:
     data = dumps(tensors)
     loaded = loads(data)
     f = open_file(data)
-    assert (f.version, f.alignment) == ((1, 5), 8)
+    assert (f.version, f.alignment) == ((1, 6), 8)
     assert "golomb" in f
     assert "nope" not in f
     assert list(f) == f.keys() == list(loaded)

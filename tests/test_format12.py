@@ -99,9 +99,9 @@ def test_1_2_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
 def test_writer_compresses_metadata_only_where_it_pays() -> None:
     t = {"a": TernaryTensor((8,), [0], [False], 1.0)}
     small = {"compeft.producer": "spec"}
-    assert dumps(t, metadata=small)[11] == 0  # under 64 bytes: stored as JSON
-    assert dumps(t, metadata=META, zstd_level=None)[11] == 0  # zstd disabled
-    data = dumps(t, metadata=META)
+    assert dumps(t, metadata=small, version="1.2")[11] == 0  # under 64 bytes: stored as JSON
+    assert dumps(t, metadata=META, zstd_level=None, version="1.2")[11] == 0  # zstd disabled
+    data = dumps(t, metadata=META, version="1.2")
     json_size = len(json.dumps(META, sort_keys=True, separators=(",", ":")))
     stored = struct.unpack_from("<I", data, 12)[0]
     assert data[11] == S.FLAG_METADATA_ZSTD

@@ -106,7 +106,7 @@ def test_stream_bits_in_small_steps_finds_the_same_lengths(monkeypatch) -> None:
 # ---------------------------------------------------------------------------------------------
 def test_members_are_placed_by_reading_their_streams() -> None:
     tensors = ia3_like()
-    data = dumps(tensors)
+    data = dumps(tensors, version="1.5")
     assert data[9] == 5
     assert kinds(data) == [S.KIND_LEAN_PACK]
     with open_file(data) as f:
@@ -136,17 +136,19 @@ def _payload(t: TernaryTensor) -> bytes:
 
 @pytest.mark.parametrize("adapter", ["lora-minilm-vader", "ia3-minilm-vader"])
 def test_the_projects_adapters_are_smaller_in_1_5(adapter: str, tmp_path: Path) -> None:
-    """The files compress_file writes (format 1.5) against the same tensors in 1.4."""
+    """The files compress_file writes in format 1.5 against the same tensors in 1.4."""
     out = tmp_path / "out"
-    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01)
+    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01,
+                  format_version="1.5")
     data = (out / "adapter_model.compeft").read_bytes()
     assert inspect(data).version == (1, 5)
     with open_file(data) as f:
         tensors, meta = {n: f.get(n) for n in f}, f.metadata()
-    assert data == dumps(tensors, metadata=meta)  # what the command writes is the default
-    v14 = dumps(tensors, metadata=meta, version="1.4")
+    # what the command writes: alignment 1 where every tensor is ternary (1.6, Appendix D)
+    assert data == dumps(tensors, metadata=meta, version="1.5", alignment=1)
+    v14 = dumps(tensors, metadata=meta, version="1.4", alignment=1)
     assert loads(v14) == loads(data)
-    # measured at density 0.01: (IA)^3 548 -> 532 B, LoRA 4,117 -> 4,075 B
+    # measured at density 0.01 (alignment 1): (IA)^3 540 -> 521 B, LoRA 3,496 -> 3,454 B
     assert len(data) <= len(v14) - len(tensors) // 2
 
 
@@ -163,17 +165,17 @@ def test_1_5_files_read_back_like_1_0_files(positions: str, alignment: int) -> N
 def test_writer_streams_the_same_bytes_as_dumps() -> None:
     tensors = ia3_like(3)
     buf = io.BytesIO()
-    with Writer(buf) as w:
+    with Writer(buf, version="1.5") as w:
         for name in sorted(tensors):
             w.write(name, tensors[name])
-    assert buf.getvalue() == dumps(tensors)
+    assert buf.getvalue() == dumps(tensors, version="1.5")
     with open_file(buf.getvalue()) as f:  # the sizes the writer reports are inspect's
         assert w.sizes == {n: f.info(n).record_size for n in f}
 
 
 def test_a_1_4_reader_refuses_a_lean_pack() -> None:
     """The kind is unknown below minor 5 (spec 10.1): a 1.5 file with its minor byte set to 4."""
-    data = with_minor(dumps(ia3_like(1)), 4)
+    data = with_minor(dumps(ia3_like(1), version="1.5"), 4)
     for read in READERS.values():
         with pytest.raises(CompeftError, match="unknown required record kind 0x07"):
             read(data)
@@ -181,6 +183,6 @@ def test_a_1_4_reader_refuses_a_lean_pack() -> None:
 
 def test_cuts_and_bit_flips_of_a_1_5_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
-    data = dumps(three_members())
+    data = dumps(three_members(), version="1.5")
     assert kinds(data) == [S.KIND_LEAN_PACK]
     refuse_every_cut_and_flip(data)

@@ -85,7 +85,9 @@ def test_fix_checksums_repairs_a_mutated_file():
     import compeft_format as cf
 
     data = bytearray(cf.dumps({"a": cf.TernaryTensor((20,), [3], [True], 2.0)}))
-    data[data.index(b"\x00\x00\x00@")] = 0x01  # the scale's low byte: another valid float
+    # the scale 2.0 in a tight pack's byte planes (spec 5.13), its low byte last: another
+    # valid float when changed
+    data[data.index(b"@\x00\x00\x00") + 3] = 0x01
     with pytest.raises(cf.ChecksumError):
         cf.loads(bytes(data))
     fixed = _craft.fix_checksums(bytes(data))

@@ -401,9 +401,13 @@ def test_header_constants_match_code() -> None:
     version = re.search(r"Format version \*\*(\d+)\.(\d+)\*\*", text)
     assert version is not None
     assert tuple(map(int, version.groups())) == (_spec.VERSION_MAJOR, _spec.VERSION_MINOR)
-    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 5, 3)
+    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 6, 3)
     assert "bit 0 (`0x01`, 1.2): `Metadata_Zstd`" in text
     assert _spec.FLAG_METADATA_ZSTD == 0x01
+    assert "bit 1 (`0x02`, 1.6): `Metadata_Bare`" in text
+    assert _spec.FLAG_METADATA_BARE == 0x02
+    assert "`28 B5 2F FD`" in text
+    assert bytes.fromhex("28 B5 2F FD") == _spec.ZSTD_MAGIC
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.5 decoder (and so 1.4 to 1.0), written from spec/FORMAT.md alone.
+"""An independent compeft 1.6 decoder (and so 1.5 to 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -49,11 +49,15 @@ COLUMN_PACK = 0x04  # §5.9, from Version_Minor 2
 COMPACT_PACK = 0x05  # §5.10, from Version_Minor 3
 BIT_PACK = 0x06  # §5.11, from Version_Minor 4
 LEAN_PACK = 0x07  # §5.12, from Version_Minor 5
-PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK, LEAN_PACK)
+TIGHT_PACK = 0x08  # §5.13, from Version_Minor 6
+PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK, LEAN_PACK, TIGHT_PACK)
 # no Name in the body; in a file of minor 4 or more an index entry may have none (§5.6)
-UNNAMED = (COMPACT_PACK, BIT_PACK, LEAN_PACK)
+UNNAMED = (COMPACT_PACK, BIT_PACK, LEAN_PACK, TIGHT_PACK)
+# members placed by reading their streams (§5.12, §5.13), with the kind R-LPK-1 names
+PLACED = {LEAN_PACK: "lean", TIGHT_PACK: "tight"}
 MAX_PACK_TABLE = 1_048_576  # §5.8
 METADATA_ZSTD = 0x01  # §5.1 Flags bit 0, from Version_Minor 2
+METADATA_BARE = 0x02  # §5.1 Flags bit 1, from Version_Minor 6: the metadata frame is bare
 # §7.3: the metadata dictionary, the lines of the spec's block joined without line endings
 METADATA_DICTIONARY = "".join((
     '"IA3","LOHA","LOKR","role","tensor","zero","one","norm","gram","kron","kron_sketch",',
@@ -216,11 +220,11 @@ class Header:
         """§5.3: the required kinds this file may hold."""
         return ((0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
                 + (COMPACT_PACK,) * (self.minor >= 3) + (BIT_PACK,) * (self.minor >= 4)
-                + (LEAN_PACK,) * (self.minor >= 5))
+                + (LEAN_PACK,) * (self.minor >= 5) + (TIGHT_PACK,) * (self.minor >= 6))
 
     @property
     def unnamed_entries(self) -> bool:
-        """§5.6 (1.4): the entry of a compact, bit or lean pack may have no name."""
+        """§5.6 (1.4): the entry of a compact, bit, lean or tight pack may have no name."""
         return self.minor >= 4
 
 
@@ -315,8 +319,13 @@ def read_header(data: bytes, limits: Limits, budget: Budget) -> Header:
         raise SpecError("R-HDR-2", f"major {major}")
     if log2 > 12:
         raise SpecError("R-HDR-3", f"Alignment_Log2 {log2}")
-    if flags & ~METADATA_ZSTD or (flags and minor < 2):
-        raise SpecError("R-HDR-4", f"flags {flags}")
+    # §5.1: bits 2 to 7 Reserved; bit 0 from minor 2; bit 1 from minor 6, and only with bit 0
+    if (flags & ~(METADATA_ZSTD | METADATA_BARE) or (flags & METADATA_ZSTD and minor < 2)
+            or (flags & METADATA_BARE and minor < 6)):
+        raise SpecError("R-HDR-4", f"reserved header flags must be zero (got 0x{flags:02x})")
+    if flags & METADATA_BARE and not flags & METADATA_ZSTD:
+        raise SpecError("R-HDR-4", "header flag bit 1 (bare metadata frame) is set without bit 0 "
+                                   "(compressed metadata)")
     if msize > limits.max_metadata_size:
         raise SpecError("R-HDR-5", f"metadata {msize}")
     raw = c.take(msize, "Metadata")
@@ -328,7 +337,8 @@ def read_header(data: bytes, limits: Limits, budget: Budget) -> Header:
         if decoded > limits.max_metadata_size:
             raise SpecError("R-HDR-5", f"metadata decodes to {decoded}")
         budget.charge(decoded)
-        raw = undo_zstd(raw[m.pos :], decoded, METADATA_DICTIONARY)
+        raw = undo_zstd(raw[m.pos :], decoded, METADATA_DICTIONARY,
+                        bare=bool(flags & METADATA_BARE))  # §7.1 bare frames (1.6)
     meta = parse_metadata(raw, limits)
     a = 1 << log2
     first = align(c.pos, a)
@@ -380,7 +390,7 @@ class Member:
     param: int
     positions_size: int  #: bytes of its positions payload (a bit pack's: Positions_Bits rounded up)
     scale: bytes | None = None  #: §5.10: a compact pack member's scale, from its table
-    #: §5.11: a bit pack member's positions stream length (a lean pack's once placed, §5.12)
+    #: §5.11: a bit pack member's positions stream length (a lean or tight pack's once placed)
     positions_bits: int | None = None
 
     @property
@@ -411,15 +421,15 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     body_end = header_end - 8
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
-    if kind in UNNAMED:  # §5.10 to §5.12: no Name; the first member's name is the record's
+    if kind in UNNAMED:  # §5.10 to §5.13: no Name; the first member's name is the record's
         members = read_pack_body(b, None, limits, columns=True, bits=kind == BIT_PACK,
-                                 lean=kind == LEAN_PACK)
+                                 lean=kind in PLACED, tight=kind == TIGHT_PACK)
         name = members[0].name
     else:
         name = read_name(b, limits)
         if kind in PACKS:
             members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
-    if kind == LEAN_PACK:  # §5.12: Data_Size is checked after placing the members (step 13)
+    if kind in PLACED:  # §5.12, §5.13: Data_Size is checked after placing the members (step 13)
         return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size,
                             members)
     if kind in PACKS:
@@ -485,10 +495,12 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
 
 
 def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = False,
-                   bits: bool = False, lean: bool = False) -> list[Member]:
+                   bits: bool = False, lean: bool = False, tight: bool = False,
+                   ) -> list[Member]:
     """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None, for
-    a bit pack, with ``bits``, and for a lean pack, with ``lean``: no column 10): the rest of a
-    pack's body and its member table."""
+    a bit pack, with ``bits``, for a lean pack, with ``lean``: no column 10, and for a tight
+    pack, with ``lean`` and ``tight``: a bare table frame, Scale_Back and Scale_Planes as
+    columns 11 and 12, §5.13): the rest of a pack's body and its member table."""
     count = b.varint("Member_Count")
     if count < 1:
         raise SpecError("R-PACK-1", "no member")
@@ -502,12 +514,14 @@ def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = 
     table = b.take(stored_size, "Table")
     if b.left():
         raise SpecError("R-REC-5", f"{b.left()} bytes left in the body")
-    if stage:
-        table = undo_zstd(table, decoded, NAME_DICTIONARY if stage == 2 else None)
+    if stage:  # a tight pack's table frame is bare (§5.13, §7.1)
+        table = undo_zstd(table, decoded, NAME_DICTIONARY if stage == 2 else None, bare=tight)
     t = Cursor(table)
     if columns:
         members = read_columns(t, count, name, limits, bits, lean)
-        if name is None:  # §5.10 columns 11 and 12: scale refs, then each scale once
+        if tight:
+            read_scale_planes(t, members)
+        elif name is None:  # §5.10 columns 11 and 12: scale refs, then each scale once
             refs, distinct = [], 0
             for _ in range(count):
                 ref = t.varint("Scale_Ref")
@@ -543,6 +557,28 @@ def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = 
     if t.left():
         raise SpecError("R-PACK-3", f"{t.left()} bytes after the entries")
     return members
+
+
+def read_scale_planes(t: Cursor, members: list[Member]) -> None:
+    """§5.13 columns 11 and 12 of a tight pack: every Scale_Back (R-TPK-1, each as it is
+    read), then the D distinct scales as four byte planes (byte 3 of every scale, then byte 2,
+    byte 1, byte 0); each member gets the 4 bytes of its scale."""
+    backs = []
+    for i in range(len(members)):
+        j = t.varint("Scale_Back")
+        if j > i:
+            raise SpecError("R-TPK-1", f"scale back {j} reaches before the first member "
+                                       f"(member {i})")
+        backs.append(j)
+    count = backs.count(0)  # D
+    planes = t.take(4 * count, "scales")
+    new = 0  # d: the zeros among the Scale_Backs before the member
+    for i, (m, j) in enumerate(zip(members, backs, strict=True)):
+        if j:
+            m.scale = members[i - j].scale
+        else:
+            m.scale = bytes(planes[(3 - k) * count + new] for k in range(4))
+            new += 1
 
 
 def member_name(raw: bytes, i: int, prev: bytes, name: str | None) -> str:
@@ -592,8 +628,9 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: 
                  lean: bool = False) -> list[Member]:
     """§8.1 step 8b: the columns of a column pack's member table (§5.9); ``name`` None: a
     compact pack's (§5.10), whose first name is coded against the empty name; ``bits``: a bit
-    pack's (§5.11), whose column 10 gives Positions_Bits; ``lean``: a lean pack's (§5.12),
-    which has no column 10 (its members' lengths are found in the data area)."""
+    pack's (§5.11), whose column 10 gives Positions_Bits; ``lean``: a lean or tight pack's
+    (§5.12, §5.13), which has no column 10 (its members' lengths are found in the data
+    area)."""
     prefixes = [t.varint("Prefix_Length") for _ in range(count)]
     suffixes = [t.varint("Suffix_Length") for _ in range(count)]
     names, prev = [], b"" if name is None else name.encode()
@@ -663,14 +700,14 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: 
 
 def decode_pack(h: RecordHeader, data: bytes, a: int, budget: Callable[[], Budget],
                 ) -> list[dict[str, Any]]:
-    """§8.1 step 13 for a pack: its checksum, its padding (a lean pack's after placing its
+    """§8.1 step 13 for a pack: its checksum, its padding (a lean or tight pack's after placing its
     members, R-LPK-1, and checking Data_Size, R-PACK-8), then each member's payloads, each
     charged to ``budget()`` (the decoding's budget, or a member's own in random access)."""
     if crc32(data) != h.data_crc:
         raise SpecError("R-REC-9", "data checksum")
     assert h.members is not None
-    if h.kind == LEAN_PACK:
-        return decode_lean_pack(h.members, data, a, budget)
+    if h.kind in PLACED:
+        return decode_lean_pack(h.members, data, a, budget, PLACED[h.kind])
     if h.kind == BIT_PACK:
         return decode_bit_pack(h.members, data, budget)
     used = sum(m.size for m in h.members)
@@ -717,13 +754,14 @@ def decode_bit_pack(members: list[Member], data: bytes, budget: Callable[[], Bud
 
 
 def decode_lean_pack(members: list[Member], data: bytes, a: int, budget: Callable[[], Budget],
-                     ) -> list[dict[str, Any]]:
-    """§5.12, §8.1 step 13 (after the checksum): place the members in order (R-LPK-1), check
-    Data_Size (R-PACK-8), then decode the members as a bit pack's: padding (R-BLK-4), then each
-    member's streams rounded up to bytes (R-BPK-1 holds by construction)."""
+                     kind: str = "lean") -> list[dict[str, Any]]:
+    """§5.12 (and §5.13 for a tight pack, ``kind`` "tight"), §8.1 step 13 (after the checksum):
+    place the members in order (R-LPK-1), check Data_Size (R-PACK-8), then decode the members
+    as a bit pack's: padding (R-BLK-4), then each member's streams rounded up to bytes (R-BPK-1
+    holds by construction)."""
     placed, at = [], 0  # at: the bit where the member's streams start
     for m in members:
-        n_bits = place_lean_member(m, data, at)
+        n_bits = place_lean_member(m, data, at, kind)
         placed.append(Member(m.name, m.dtype, m.shape, m.nnz, m.positions_type, m.param,
                              (n_bits + 7) // 8, m.scale, n_bits))
         at += n_bits + m.nnz
@@ -732,16 +770,18 @@ def decode_lean_pack(members: list[Member], data: bytes, a: int, budget: Callabl
     return decode_bit_pack(placed, data, budget)
 
 
-def place_lean_member(m: Member, data: bytes, at: int) -> int:
+def place_lean_member(m: Member, data: bytes, at: int, kind: str = "lean") -> int:
     """§5.12: the length in bits of member ``m``'s positions stream, which starts at bit
     ``at`` of the data area ``data`` (R-LPK-1: it and the signs stream after it lie within the
-    data area; a golomb unary part holds its n one bits within n + floor((N - n) / M) bits)."""
+    data area; a golomb unary part holds its n one bits within n + floor((N - n) / M) bits).
+    ``kind`` ("lean" or "tight", §5.13) names the pack in the messages."""
     total = 8 * len(data)
 
     def need(count: int, stream: str) -> None:
         if count > total - at:
-            raise SpecError("R-LPK-1", f"{m.name!r}: {stream} stream runs past the data area "
-                                       f"({total - at} bits left, {count} needed)")
+            raise SpecError("R-LPK-1", f"{m.name!r}: {kind} pack member: its {stream} stream "
+                                       f"runs past the data area ({total - at} bits left, "
+                                       f"{count} needed)")
 
     numel, n = math.prod(m.shape), m.nnz
     if m.positions_type == 0x01:
@@ -768,11 +808,11 @@ def place_lean_member(m: Member, data: bytes, at: int) -> int:
             t += 1
         if ones < n:
             if t >= total - at - s:
-                raise SpecError("R-LPK-1", f"{m.name!r}: positions stream runs past the data "
-                                           f"area ({total - at - s} bits left for the unary "
-                                           f"part, {ones} of {n} ones)")
-            raise SpecError("R-LPK-1", f"{m.name!r}: unary part holds {ones} of {n} ones in "
-                                       f"its first {limit} bits")
+                raise SpecError("R-LPK-1", f"{m.name!r}: {kind} pack member: its positions "
+                                           f"stream runs past the data area ({total - at - s} "
+                                           f"bits left for the unary part, {ones} of {n} ones)")
+            raise SpecError("R-LPK-1", f"{m.name!r}: {kind} pack member: unary part holds "
+                                       f"{ones} of {n} ones in its first {limit} bits")
         length = s + t
     need(length, "positions")
     need(length + n, "signs")
@@ -883,8 +923,14 @@ def decode_golomb(payload: bytes, m: int, numel: int, n: int) -> list[int]:
     return positions
 
 
-def undo_zstd(stored: bytes, decoded_size: int, dictionary: bytes | None = None) -> bytes:
-    """§7.1 (with the metadata dictionary of §7.3 for compressed metadata)."""
+def undo_zstd(stored: bytes, decoded_size: int, dictionary: bytes | None = None,
+              bare: bool = False) -> bytes:
+    """§7.1 (with the metadata dictionary of §7.3 for compressed metadata, or the name
+    dictionary of §7.4); ``bare``: a bare frame (1.6), whose magic number is put back first,
+    so that every rule applies to the whole frame (stored bytes that begin with the magic hold
+    it twice: a bad frame header, R-ZST-2)."""
+    if bare:
+        stored = ZSTD_MAGIC + stored
     if len(stored) >= 4 and stored[1:4] == b"\x2a\x4d\x18" and stored[0] & 0xF0 == 0x50:
         raise SpecError("R-ZST-2", "skippable frame")
     try:
@@ -1059,7 +1105,7 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
 
 def lists(entry: tuple[str, int], record: tuple[str, int, bool]) -> bool:
     """§8.1 step 15: an index entry is its record's name and offset; in a file of minor 4 or
-    more a compact, bit or lean pack's entry may have the empty name instead (§5.6)."""
+    more a compact, bit, lean or tight pack's entry may have the empty name instead (§5.6)."""
     (name, off), (rname, at, may_be_unnamed) = entry, record
     return off == at and (name == rname or (name == "" and may_be_unnamed))
 
@@ -1108,6 +1154,8 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
         kind = data[off]
         if header.unnamed_entries and not name and kind not in UNNAMED:
             raise SpecError("R-IDX-12", f"entry without a name, record of kind {kind:#04x}")
+        if not name and kind not in header.kinds:  # step 6: at once (§5.6, §5.13)
+            raise SpecError("R-REC-1", f"Record_Kind {kind} of an entry without a name")
         if kind in PACKS and kind in header.kinds:
             # step 6: a pack's header and member table are read when the file is opened; an
             # entry without a name takes the pack's name
