@@ -1851,6 +1851,10 @@ INVALID += [
     Invalid("214-bare-metadata-frame-with-magic", "Flags 0x03 and a metadata frame that keeps "
             "its magic number: read as a frame that starts with it twice.", "R-ZST-2",
             _tight_bytes(flags=3, metadata=meta_frame())),
+    Invalid("215-tight-pack-named-entry-in-1-5-file", "A tight pack in a 1.5 file whose index "
+            "entry is named 'a': a random-access decoder lists 'a' and refuses it when it is "
+            "read (found by the independent reader: the spec said so only for an entry "
+            "without a name).", "R-REC-1", _tight_bytes(minor=5, entry=b"a")),
 ]
 
 
