@@ -14,6 +14,7 @@ import torch
 
 from compeft_format import Writer, dumps, inspect, save_file
 from compeft_format.compress import DEFAULT_SCALE, SCALES, compress, compression_metadata
+from compeft_format.container import file_alignment
 from compeft_format.quality import quality_report
 from compeft_format.scales import resolve_scale
 from compeft_format.taskvec import apply_task_vector, state_dict_task_vector
@@ -215,7 +216,9 @@ def test_sweep_sizes_are_those_of_the_files_written(tmp_path, toy):
         out = compress(toy.tv, density=p.density, scale=p.scale)
         meta = {"compeft.compression": compression_metadata(p.density, 1.0, "global", p.scale)}
         path = tmp_path / f"{p.scale}-{p.density}.compeft"
-        save_file(out, path, metadata=meta, zstd_level=None)
+        # as compress_file writes it: alignment 1 when every tensor is ternary (Appendix D 2)
+        dense = not all(isinstance(t, TernaryTensor) for t in out.values())
+        save_file(out, path, metadata=meta, zstd_level=None, alignment=file_alignment(dense))
         assert p.file_bytes == os.path.getsize(path)
         info = inspect(path)
         assert p.record_bytes == {t.name: t.record_size for t in info.tensors}
@@ -256,7 +259,8 @@ def test_sweep_mapping_metadata_is_merged_with_the_compression_record():
     tv = {"w": np.linspace(-1, 1, 300)}
     p = sweep(tv, densities=[0.1], scales=["norm"], metadata={"a": 1}).points[0]
     meta = {"a": 1, "compeft.compression": compression_metadata(0.1, 1.0, "global", "norm")}
-    assert p.file_bytes == len(dumps(compress(tv, density=0.1, scale="norm"), metadata=meta))
+    out = compress(tv, density=0.1, scale="norm")  # all ternary: alignment 1, as compress_file
+    assert p.file_bytes == len(dumps(out, metadata=meta, alignment=1))
 
 
 def test_sweep_progress_table_and_plot(tmp_path):
