@@ -36,7 +36,7 @@ KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in th
 KIND_BIT_PACK = 0x06  # spec 5.11 (1.4): a compact pack with its members' streams bit after bit
 KIND_LEAN_PACK = 0x07  # spec 5.12 (1.5): a bit pack whose members' lengths are read, not stored
 KIND_TIGHT_PACK = 0x08  # spec 5.13 (1.6): a lean pack with its scales coded tighter, bare frame
-NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact or bit pack's index entry may be ""
+NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact to tight pack's entry may be ""
 
 # spec 5.8 pack records (format 1.1)
 PACK_TABLE_MAX = 1 << 20  # the largest decoded member table (a format limit)
@@ -56,7 +56,7 @@ BLOCK_OPTIONAL_BIT = 0x80
 # spec 7 Stage
 STAGE_NONE = 0x00
 STAGE_ZSTD = 0x01
-STAGE_ZSTD_NAMES = 0x02  # spec 7.4 (1.3): zstd with the name dictionary; compact pack tables only
+STAGE_ZSTD_NAMES = 0x02  # spec 7.4 (1.3): zstd with the name dictionary; pack tables, 0x05-0x08
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # spec 7.1 (1.6): what a bare frame leaves out (RFC 8878)
 DEFAULT_ZSTD_LEVEL = 3
 # Appendix D (1.2): metadata up to this size and column pack tables are compressed at level
