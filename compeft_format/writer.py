@@ -289,7 +289,7 @@ class Writer:
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 to 1.5 writer gathers small ternary tensors into a pack (spec 5.8 to 5.12) and
+        A 1.1 to 1.6 writer gathers small ternary tensors into a pack (spec 5.8 to 5.13) and
         writes it when it is full, when a tensor that is not packed comes, or at
         :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
         a new pack.
