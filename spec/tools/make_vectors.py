@@ -1031,6 +1031,12 @@ ACCEPTED: list[Accepted] = [
              _tight_bytes(flags=1, metadata=meta_frame()),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)},
                               metadata=json.loads(BIG_META))),
+    Accepted("028-tight-pack-table-stage-1", "Version 1.6: a tight pack whose table is a bare "
+             "zstd frame without the name dictionary (Table_Stage 1); the reference encoder "
+             "uses stage 2.",
+             _tight_bytes(table=bare(zstd_frame(TIGHT_ONE)), stage=0x01,
+                          decoded=len(TIGHT_ONE)),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
 ]
 
 
