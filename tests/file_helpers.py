@@ -47,6 +47,32 @@ def with_minor(data: bytes, minor: int) -> bytes:
     return bytes(out)
 
 
+def refused_below(data: bytes, minor: int, message: str) -> None:
+    """``data`` with its Version_Minor set to ``minor`` (:func:`with_minor`) is refused on
+    every read path with an error matching ``message``: a reader of that minor does not know
+    the parts the file holds (spec 10.1)."""
+    old = with_minor(data, minor)
+    for read in READERS.values():
+        with pytest.raises(CompeftError, match=message):
+            read(old)
+
+
+def check_writer_streams_like_dumps(tensors: dict[str, Any], version: str,
+                                    metadata: dict[str, Any] | None = None) -> None:
+    """A :class:`~compeft_format.Writer` fed ``tensors`` one by one writes the bytes of
+    ``dumps``, and the sizes it reports are ``inspect``'s, within the file."""
+    from compeft_format import Writer, dumps
+
+    buf = io.BytesIO()
+    with Writer(buf, metadata=metadata, version=version) as w:
+        for name in sorted(tensors):
+            w.write(name, tensors[name])
+    assert buf.getvalue() == dumps(tensors, metadata=metadata, version=version)
+    assert sum(w.sizes.values()) <= len(buf.getvalue())
+    with open_file(buf.getvalue()) as f:
+        assert w.sizes == {n: f.info(n).record_size for n in f}
+
+
 def kinds(data: bytes) -> list[int]:
     """Record_Kind of every record, from the index."""
     with open_file(data) as f:
