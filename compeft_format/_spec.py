@@ -36,6 +36,10 @@ KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in th
 KIND_BIT_PACK = 0x06  # spec 5.11 (1.4): a compact pack with its members' streams bit after bit
 KIND_LEAN_PACK = 0x07  # spec 5.12 (1.5): a bit pack whose members' lengths are read, not stored
 KIND_TIGHT_PACK = 0x08  # spec 5.13 (1.6): a lean pack with its scales coded tighter, bare frame
+#: spec 5.3, 10.1: each pack kind by the minor version that defined it, which is the kind a
+#: writer of that minor writes; a file of minor m may hold the kinds of every minor up to m
+PACK_KIND_SINCE = {1: KIND_PACK, 2: KIND_COLUMN_PACK, 3: KIND_COMPACT_PACK, 4: KIND_BIT_PACK,
+                   5: KIND_LEAN_PACK, 6: KIND_TIGHT_PACK}
 NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact to tight pack's entry may be ""
 
 # spec 5.8 pack records (format 1.1)

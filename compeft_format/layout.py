@@ -146,15 +146,13 @@ class Header:
     def kinds(self) -> tuple[int, ...]:
         """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2,
         5.10 from 1.3, 5.11 from 1.4, 5.12 from 1.5, 5.13 from 1.6)."""
-        minor = self.version[1]
-        return ((S.KIND_TERNARY, S.KIND_DENSE) + (S.KIND_PACK,) * (minor >= 1)
-                + (S.KIND_COLUMN_PACK,) * (minor >= 2) + (S.KIND_COMPACT_PACK,) * (minor >= 3)
-                + (S.KIND_BIT_PACK,) * (minor >= 4) + (S.KIND_LEAN_PACK,) * (minor >= 5)
-                + (S.KIND_TIGHT_PACK,) * (minor >= 6))
+        packs = [kind for since, kind in S.PACK_KIND_SINCE.items() if self.version[1] >= since]
+        return (S.KIND_TERNARY, S.KIND_DENSE, *packs)
 
     @property
     def nameless_index(self) -> bool:
-        """Whether a compact or bit pack's index entry may have no name (spec 5.6, 1.4)."""
+        """Whether a compact, bit, lean or tight pack's index entry may have no name (spec
+        5.6, 1.4)."""
         return self.version[1] >= S.NAMELESS_INDEX_MINOR
 
 
@@ -312,7 +310,7 @@ def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: 
     data_start = align(header_end, alignment)
     b = BufferSource(body[:-4], base=body_start)
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
-    if kind in TABLE_NAMED_KINDS:  # spec 5.10 to 5.12: no Name; the first member's is its name
+    if kind in TABLE_NAMED_KINDS:  # spec 5.10 to 5.13: no Name; the first member's is its name
         return _read_pack(b, "", limits, Record(
             kind, "", "", (), None, [], data_crc, offset, header_end, data_start, data_size,
             alignment), data_size_at)
@@ -622,8 +620,8 @@ def read_index(src: Source, limits: S.ReadLimits, nameless: bool = False,
                ) -> list[tuple[str, int]]:
     """Parse the Index after its 0x00 kind byte (spec 5.6).
 
-    ``nameless``: the file is 1.4 or later, where a compact or bit pack's entry may have no name
-    (``Name_Length`` 0, given as ``""``).
+    ``nameless``: the file is 1.4 or later, where a compact, bit, lean or tight pack's entry
+    may have no name (``Name_Length`` 0, given as ``""``).
     """
     at = src.pos
     count = src.varint("tensor count")

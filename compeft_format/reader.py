@@ -182,7 +182,7 @@ def _decode_present(rec: Record, data: memoryview, budget: Budget, framework: st
 
 def _decode_pack(rec: Record, data: memoryview, budget: Budget, framework: str,
                  dense: bool, device: Any = None) -> Iterator[tuple[str, Any]]:
-    """Check a pack's data area, then decode its members in order (spec 5.8 to 5.11)."""
+    """Check a pack's data area, then decode its members in order (spec 5.8 to 5.13)."""
     check_pack_data(rec, data)
     for m in rec.members:
         lo = m.data_start - rec.data_start
@@ -429,13 +429,18 @@ class CompeftReader:
             return self._members[name]
         return self._read_at(name, off, end)
 
+    def _check_pack(self, rec: Record) -> None:
+        """Verify the data area of pack member ``rec``'s pack once (its checksum and padding;
+        a lean or tight pack's members are placed then, spec 5.12, 5.13)."""
+        if rec.offset not in self._checked:
+            pack = self._packs[rec.offset]
+            check_pack_data(pack, self._buf[pack.data_start : pack.end], rec.name)
+            self._checked.add(rec.offset)
+
     def _data(self, rec: Record) -> memoryview:
         """The data area of a record, or of a pack member once its pack is verified."""
         if rec.in_pack:
-            pack = self._packs[rec.offset]
-            if rec.offset not in self._checked:
-                check_pack_data(pack, self._buf[pack.data_start : pack.end], rec.name)
-                self._checked.add(rec.offset)
+            self._check_pack(rec)
             return member_payloads(rec, self._buf[rec.data_start : rec.end])
         return self._buf[rec.data_start : rec.end]
 
@@ -460,10 +465,11 @@ class CompeftReader:
 
     def info(self, name: str) -> TensorInfo:
         """Shape, dtype, nnz, blocks and sizes of one tensor, without decoding its data (a
-        lean pack's member, spec 5.12: its pack's data area is read, to find where it is)."""
+        lean or tight pack's member, spec 5.12, 5.13: its pack's data area is read and
+        verified, to find where it is)."""
         rec = self._record(name)
         if rec.in_pack and self._packs[rec.offset].used_bits < 0:
-            self._data(rec)
+            self._check_pack(rec)
         return rec.info()
 
     def get(self, name: str, *, framework: str | None = None, dense: bool = False,

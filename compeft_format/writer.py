@@ -104,6 +104,7 @@ class Writer:
         self._level = zstd_level
         self._alignment = alignment
         self._packing = version >= (1, 1)  # spec 5.8: small ternary tensors go into packs
+        self._pack_kind = S.PACK_KIND_SINCE.get(version[1])  # the version's newest pack kind
         self._columns = version >= (1, 2)  # spec 5.9: ... whose member table is in columns
         self._compact = version >= (1, 3)  # spec 5.10: ... with the scales in the table
         self._bits = version >= (1, 4)  # spec 5.11, 5.6: ... bit after bit, named by the table
@@ -343,11 +344,7 @@ class Writer:
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
-        kind = (S.KIND_TIGHT_PACK if self._tight else S.KIND_LEAN_PACK if self._lean
-                else S.KIND_BIT_PACK if self._bits
-                else S.KIND_COMPACT_PACK if self._compact
-                else S.KIND_COLUMN_PACK if self._columns else S.KIND_PACK)
-        head = (bytes([kind]) + encode_varint(len(body) + 8)
+        head = (bytes([self._pack_kind]) + encode_varint(len(body) + 8)
                 + encode_varint(len(data) + len(pad)) + body + S.CHECKSUM.pack(crc32(data, pad)))
         self._names.append(b"" if self._bits else first)  # spec 5.6: 1.4 names it by its table
         self._offsets.append(self._pos)
