@@ -12,9 +12,9 @@ from dataclasses import dataclass
 # spec 5.1 File_Header
 MAGIC = b"\x89CPFT\r\n\x1a"
 VERSION_MAJOR = 1
-VERSION_MINOR = 6  # what the reference encoder writes by default (spec 10.1)
+VERSION_MINOR = 7  # what the reference encoder writes by default (spec 10.1)
 # what an encoder can be asked for
-VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6))
+VERSIONS = ((1, 0), (1, 1), (1, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7))
 FILE_HEADER = struct.Struct("<8sBBBBI")  # Magic, Major, Minor, Alignment_Log2, Flags, Metadata_Size
 FILE_HEADER_SIZE = FILE_HEADER.size  # 16
 CHECKSUM = struct.Struct("<I")
@@ -24,6 +24,9 @@ MAX_ALIGNMENT_LOG2 = 12  # 4096, a page
 FLAG_METADATA_ZSTD = 0x01  # spec 5.1 Flags bit 0 (1.2): the metadata is a zstd frame (5.2)
 FLAG_METADATA_BARE = 0x02  # spec 5.1 Flags bit 1 (1.6): ... stored without its magic number
 BARE_FRAMES_MINOR = 6  # spec 7.1 (1.6): from it, a frame may be stored without its magic
+#: spec 5.2, 7.1 (1.7): from it, a bare metadata frame is stored without the decoded size in
+#: front of it, which its Frame_Content_Size already gives
+SIZELESS_METADATA_MINOR = 7
 DEFAULT_ALIGNMENT_LOG2 = 3  # 8 bytes: every dtype of spec 5.4 can be viewed in place
 
 # spec 5.3 Record_Kind
@@ -36,11 +39,12 @@ KIND_COMPACT_PACK = 0x05  # spec 5.10 (1.3): a column pack with its scales in th
 KIND_BIT_PACK = 0x06  # spec 5.11 (1.4): a compact pack with its members' streams bit after bit
 KIND_LEAN_PACK = 0x07  # spec 5.12 (1.5): a bit pack whose members' lengths are read, not stored
 KIND_TIGHT_PACK = 0x08  # spec 5.13 (1.6): a lean pack with its scales coded tighter, bare frame
+KIND_TWIN_PACK = 0x09  # spec 5.14 (1.7): a tight pack whose members may share another's streams
 #: spec 5.3, 10.1: each pack kind by the minor version that defined it, which is the kind a
 #: writer of that minor writes; a file of minor m may hold the kinds of every minor up to m
 PACK_KIND_SINCE = {1: KIND_PACK, 2: KIND_COLUMN_PACK, 3: KIND_COMPACT_PACK, 4: KIND_BIT_PACK,
-                   5: KIND_LEAN_PACK, 6: KIND_TIGHT_PACK}
-NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact to tight pack's entry may be ""
+                   5: KIND_LEAN_PACK, 6: KIND_TIGHT_PACK, 7: KIND_TWIN_PACK}
+NAMELESS_INDEX_MINOR = 4  # spec 5.6 (1.4): from it, a compact to twin pack's entry may be ""
 
 # spec 5.8 pack records (format 1.1)
 PACK_TABLE_MAX = 1 << 20  # the largest decoded member table (a format limit)
@@ -60,7 +64,7 @@ BLOCK_OPTIONAL_BIT = 0x80
 # spec 7 Stage
 STAGE_NONE = 0x00
 STAGE_ZSTD = 0x01
-STAGE_ZSTD_NAMES = 0x02  # spec 7.4 (1.3): zstd with the name dictionary; pack tables, 0x05-0x08
+STAGE_ZSTD_NAMES = 0x02  # spec 7.4 (1.3): zstd with the name dictionary; pack tables, 0x05-0x09
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # spec 7.1 (1.6): what a bare frame leaves out (RFC 8878)
 DEFAULT_ZSTD_LEVEL = 3
 # Appendix D (1.2): metadata up to this size and column pack tables are compressed at level
@@ -123,6 +127,10 @@ NAME_DICTIONARY_SHA256 = "535e5a983fe63c343bce53a5a0789d41ab2ec9d83c518c0c5f9ba2
 # spec 5.7 Trailer
 TRAILER = struct.Struct("<QI4s")  # Index_Offset, Index_Checksum, Tail_Magic
 TRAILER_SIZE = TRAILER.size  # 16
+#: spec 5.7 (1.7): the trailer of a file of minor 7 or more gives the index's size, 4 bytes
+SHORT_TRAILER = struct.Struct("<II4s")  # Index_Size, Index_Checksum, Tail_Magic
+SHORT_TRAILER_MINOR = 7
+INDEX_SIZE_MAX = 2**32 - 1  # what Index_Size holds
 TAIL_MAGIC = b"CPFE"
 
 # spec 2.3 VarInt

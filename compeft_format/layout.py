@@ -145,13 +145,13 @@ class Header:
     @property
     def kinds(self) -> tuple[int, ...]:
         """The record kinds of this file's version (spec 5.3: packs from 1.1, 5.9 from 1.2,
-        5.10 from 1.3, 5.11 from 1.4, 5.12 from 1.5, 5.13 from 1.6)."""
+        5.10 from 1.3, 5.11 from 1.4, 5.12 from 1.5, 5.13 from 1.6, 5.14 from 1.7)."""
         packs = [kind for since, kind in S.PACK_KIND_SINCE.items() if self.version[1] >= since]
         return (S.KIND_TERNARY, S.KIND_DENSE, *packs)
 
     @property
     def nameless_index(self) -> bool:
-        """Whether a compact, bit, lean or tight pack's index entry may have no name (spec
+        """Whether a compact, bit, lean, tight or twin pack's index entry may have no name (spec
         5.6, 1.4)."""
         return self.version[1] >= S.NAMELESS_INDEX_MINOR
 
@@ -199,7 +199,9 @@ def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Heade
     if flags & S.FLAG_METADATA_ZSTD:  # spec 5.2, 8.1 step 3a
         meta_bytes = unstage_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits,
                                       lambda n, ctx: budget.charge(n, ctx, src.pos),
-                                      bool(flags & S.FLAG_METADATA_BARE))
+                                      bool(flags & S.FLAG_METADATA_BARE),
+                                      sized=minor < S.SIZELESS_METADATA_MINOR
+                                      or not flags & S.FLAG_METADATA_BARE)
     metadata = decode_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits)
     alignment = 1 << log2
     pad_at = src.pos
@@ -238,6 +240,9 @@ class Record:
     #: a bit pack member (spec 5.11): its first bit within the byte at ``data_start`` (0 to
     #: 7) and its ``Positions_Bits``; its signs follow, ``nnz`` bits
     bit_span: tuple[int, int] | None = None
+    #: a twin pack member that is a twin (spec 5.14): its source's index in the pack, whose
+    #: streams it reads; -1 for any other record
+    twin_of: int = -1
 
     @property
     def end(self) -> int:
@@ -266,6 +271,8 @@ class Record:
         size = self.data_size if self.in_pack else self.end - self.offset
         if self.bit_span is not None:  # spec 5.11: its bits, rounded up to bytes
             size = -(-(self.bit_span[1] + (self.nnz or 0)) // 8)
+        if self.twin_of >= 0:  # spec 5.14: its streams are its source's; it adds none
+            size = 0
         return TensorInfo(self.name, kind, self.dtype, self.shape, self.nnz, tuple(infos),
                           self.offset, size)
 
@@ -310,7 +317,7 @@ def read_record_header(src: Source, kind: int, limits: S.ReadLimits, alignment: 
     data_start = align(header_end, alignment)
     b = BufferSource(body[:-4], base=body_start)
     data_crc = S.CHECKSUM.unpack(body[-4:])[0]
-    if kind in TABLE_NAMED_KINDS:  # spec 5.10 to 5.13: no Name; the first member's is its name
+    if kind in TABLE_NAMED_KINDS:  # spec 5.10 to 5.14: no Name; the first member's is its name
         return _read_pack(b, "", limits, Record(
             kind, "", "", (), None, [], data_crc, offset, header_end, data_start, data_size,
             alignment), data_size_at)
@@ -390,17 +397,18 @@ def _read_tensor_fields(b: BufferSource, kind: int, name: str, limits: S.ReadLim
 
 def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
                data_size_at: int) -> Record:
-    """The rest of a pack record's body: its member table (spec 5.8 to 5.13).
+    """The rest of a pack record's body: its member table (spec 5.8 to 5.14).
 
-    A compact, bit, lean or tight pack (spec 5.10 to 5.13) comes with ``name`` empty: its name
-    is its first member's. A lean or tight pack's members are placed only once its data area
-    is read (:func:`check_pack_data`): until then their ``bit_span`` is None and
+    A compact, bit, lean, tight or twin pack (spec 5.10 to 5.14) comes with ``name`` empty: its
+    name is its first member's. A lean, tight or twin pack's members are placed only once its
+    data area is read (:func:`check_pack_data`): until then their ``bit_span`` is None and
     ``used_bits`` -1.
     """
     compact = rec.kind in TABLE_NAMED_KINDS
-    bits = rec.kind in (S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
-    lean = rec.kind in (S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
-    tight = rec.kind == S.KIND_TIGHT_PACK
+    lean = rec.kind in (S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK, S.KIND_TWIN_PACK)
+    bits = lean or rec.kind == S.KIND_BIT_PACK
+    tight = rec.kind in (S.KIND_TIGHT_PACK, S.KIND_TWIN_PACK)
+    twins = rec.kind == S.KIND_TWIN_PACK
     at = b.pos
     count = b.varint("member count")
     if count < 1:
@@ -413,10 +421,11 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
     if stage not in stages:
         raise UnsupportedFeatureError(f"unknown stage 0x{stage:02x}", tensor=name or None,
                                       offset=stage_at)
-    decoded = stored if stage == S.STAGE_NONE else b.varint("table decoded size")
-    if decoded > S.PACK_TABLE_MAX:
-        raise CorruptDataError(f"pack table: decoded size {decoded} exceeds "
-                               f"{S.PACK_TABLE_MAX}", tensor=name or None, offset=stage_at + 1)
+    # spec 5.14 (1.7): a twin pack's table frame gives its decoded size itself
+    sized = stage != S.STAGE_NONE and not twins
+    decoded = b.varint("table decoded size") if sized else stored
+    if sized:
+        _check_table_size(decoded, name, stage_at + 1)
     table_at = b.pos
     table = b.read(stored, "pack table")
     if not b.at_end():
@@ -425,11 +434,14 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
     if stage != S.STAGE_NONE:
         ctx = BlockContext(name or None, 0, 0, "F32", (), table_at)
         zstd = NAMES_ZSTD if stage == S.STAGE_ZSTD_NAMES else ZSTD
+        if not sized:
+            decoded = zstd.declared_size(table, ctx, bare=tight)
+            _check_table_size(decoded, name, table_at)
         table = memoryview(zstd.decode(table, decoded, ctx, bare=tight))  # spec 5.13
     t = BufferSource(table, base=table_at)
     if compact:
         fields = read_column_table(t, count, None, limits,
-                                   "none" if lean else "bits" if bits else "bytes")
+                                   "none" if lean else "bits" if bits else "bytes", twins)
     elif rec.kind == S.KIND_COLUMN_PACK:
         fields = read_column_table(t, count, name, limits)
     else:
@@ -448,7 +460,8 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
             blocks.append((S.BLOCK_SCALE, S.STAGE_NONE, S.SCALE_F32, 4, 4))
         m = Record(S.KIND_TERNARY, mname, f.dtype, f.shape, f.nnz, blocks, 0, rec.offset,
                    rec.header_end, rec.data_start + cursor, sum(blk[3] for blk in blocks),
-                   in_pack=True, table_scale=None if scale is None else (scale, table_at))
+                   in_pack=True, table_scale=None if scale is None else (scale, table_at),
+                   twin_of=len(members) - f.twin if f.twin else -1)
         members.append(m)
         if lean:
             continue
@@ -461,7 +474,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         raise CorruptDataError(f"{t.remaining} unexpected bytes at the end of the pack table",
                                tensor=name, offset=t.pos)
     rec.members = tuple(members)
-    if lean:  # spec 5.12, 5.13: the members' lengths are in their streams
+    if lean:  # spec 5.12 to 5.14: the members' lengths are in their streams
         rec.used_bits = -1
         return rec
     used = -(-cursor // 8) if bits else cursor
@@ -473,8 +486,15 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
     return rec
 
 
+def _check_table_size(decoded: int, name: str, at: int) -> None:
+    """R-PACK-2: a member table decodes to at most 1 MiB, checked before decompressing."""
+    if decoded > S.PACK_TABLE_MAX:
+        raise CorruptDataError(f"pack table: decoded size {decoded} exceeds "
+                               f"{S.PACK_TABLE_MAX}", tensor=name or None, offset=at)
+
+
 def _place_bits(m: Record, data_start: int, cursor: int, pbits: int) -> int:
-    """Place a bit, lean or tight pack member (spec 5.11 to 5.13) whose positions stream of
+    """Place a bit, lean, tight or twin pack member (spec 5.11 to 5.14) whose positions stream of
     ``pbits`` bits starts at bit ``cursor`` of its pack's data area; return the bit after
     its signs."""
     nnz = m.nnz or 0
@@ -488,14 +508,20 @@ def _place_bits(m: Record, data_start: int, cursor: int, pbits: int) -> int:
 
 
 def place_lean_members(pack: Record, data: memoryview) -> None:
-    """Find where each member of a lean or tight pack (spec 5.12, 5.13) starts by reading the
-    streams before it: a bitmask stream is ``numel`` bits, a golomb stream ends with its last
-    code's one bit (:func:`~compeft_format.codecs.golomb.stream_bits`). R-LPK-1: each member's
+    """Find where each member of a lean, tight or twin pack (spec 5.12 to 5.14) starts by
+    reading the streams before it: a bitmask stream is ``numel`` bits, a golomb stream ends
+    with its last code's one bit (:func:`~compeft_format.codecs.golomb.stream_bits`); a twin
+    (5.14) takes no bits and is placed on its source's streams. R-LPK-1: each member's
     streams lie in the data area; R-PACK-8: the data area is exactly what they take,
     aligned."""
     buf = np.frombuffer(data, dtype=np.uint8)
     end, cursor = 8 * len(data), 0
     for m in pack.members:
+        if m.twin_of >= 0:  # spec 5.14: no streams of its own; it reads its source's
+            src = pack.members[m.twin_of]
+            m.blocks, m.data_start, m.data_size = list(src.blocks), src.data_start, src.data_size
+            m.bit_span = src.bit_span
+            continue
         ptype, _, param, _, _ = m.blocks[0]
         numel, nnz = math.prod(m.shape), m.nnz or 0
         pbits = numel if ptype == S.BLOCK_BITMASK else golomb_stream_bits(
@@ -510,7 +536,7 @@ def place_lean_members(pack: Record, data: memoryview) -> None:
         else:
             cursor = _place_bits(m, pack.data_start, cursor, pbits)
             continue
-        kind = "tight" if pack.kind == S.KIND_TIGHT_PACK else "lean"
+        kind = {S.KIND_TIGHT_PACK: "tight", S.KIND_TWIN_PACK: "twin"}.get(pack.kind, "lean")
         raise CorruptDataError(f"{kind} pack member: {problem} ({end - cursor} bits left)",
                                tensor=m.name, offset=pack.data_start + (cursor >> 3))
     want = align(-(-cursor // 8), pack.alignment)
@@ -556,11 +582,13 @@ def _read_row_table(t: BufferSource, count: int, name: str, limits: S.ReadLimits
 
 
 #: the record kinds that hold pack members: 1.1 packs (spec 5.8), column packs (5.9),
-#: compact packs (5.10), bit packs (5.11), lean packs (5.12) and tight packs (5.13)
+#: compact packs (5.10), bit packs (5.11), lean packs (5.12), tight packs (5.13) and twin
+#: packs (5.14)
 PACK_KINDS = (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK, S.KIND_BIT_PACK,
-              S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
+              S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK, S.KIND_TWIN_PACK)
 #: the packs with no Name in their body: their name is their first member's (spec 5.10)
-TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
+TABLE_NAMED_KINDS = (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK,
+                     S.KIND_TWIN_PACK)
 BLOCK_ROLES = {S.BLOCK_BITMASK: "positions", S.BLOCK_GOLOMB: "positions", S.BLOCK_SIGNS: "signs",
           S.BLOCK_SCALE: "scale", S.BLOCK_DENSE: "dense"}
 
@@ -620,7 +648,7 @@ def read_index(src: Source, limits: S.ReadLimits, nameless: bool = False,
                ) -> list[tuple[str, int]]:
     """Parse the Index after its 0x00 kind byte (spec 5.6).
 
-    ``nameless``: the file is 1.4 or later, where a compact, bit, lean or tight pack's entry
+    ``nameless``: the file is 1.4 or later, where a compact, bit, lean, tight or twin pack's entry
     may have no name (``Name_Length`` 0, given as ``""``).
     """
     at = src.pos
@@ -638,7 +666,7 @@ def check_pack_data(pack: Record, data: memoryview, tensor: str | None = None) -
     """Check a pack's whole data area: its checksum (R-REC-9), then the padding after its last
     member (R-BLK-4): in a bit pack (spec 5.11) from the bit after the last member's last."""
     check_data_crc(pack, data, tensor)
-    if pack.used_bits < 0:  # a lean or tight pack (spec 5.12, 5.13): members are placed now
+    if pack.used_bits < 0:  # a lean, tight or twin pack (spec 5.12 to 5.14): placed now
         place_lean_members(pack, data)
     used = pack.used_bits >> 3
     tail = pack.used_bits & 7
@@ -687,8 +715,48 @@ def member_payloads(rec: Record, span: memoryview) -> memoryview:
 _SMALL_SPAN = 4096  # bytes: up to this, member_payloads shifts a Python int (faster there)
 
 
-def verify_index_crc(buf: memoryview, index_at: int, crc: int) -> None:
-    computed = crc32(buf[index_at : len(buf) - S.TRAILER_SIZE])
+def verify_index_crc(buf: memoryview, index_at: int, crc: int,
+                     trailer: int = S.TRAILER_SIZE) -> None:
+    """R-TRL-3: ``Index_Checksum`` is the CRC-32 of the bytes from the index to the
+    ``trailer``-byte trailer."""
+    computed = crc32(buf[index_at : len(buf) - trailer])
     if computed != crc:
         raise ChecksumError(f"index checksum mismatch: stored 0x{crc:08x}, computed "
-                            f"0x{computed:08x}", offset=len(buf) - S.TRAILER_SIZE + 8)
+                            f"0x{computed:08x}", offset=len(buf) - 8)
+
+
+def trailer_size(minor: int) -> int:
+    """The trailer's size in a file of ``minor`` (spec 5.7): 16 bytes, 12 from 1.7.
+
+    >>> trailer_size(6), trailer_size(7)
+    (16, 12)
+    """
+    return S.SHORT_TRAILER.size if minor >= S.SHORT_TRAILER_MINOR else S.TRAILER_SIZE
+
+
+def pack_trailer(minor: int, index_at: int, index: bytes) -> bytes:
+    """The trailer after ``index``, which starts at ``index_at`` (spec 5.7): ``Index_Offset``
+    (8 bytes), or from 1.7 ``Index_Size`` (4), then ``Index_Checksum`` and ``Tail_Magic``.
+
+    >>> pack_trailer(7, 100, b"\x00\x00").hex(" ")
+    '02 00 00 00 ff 12 d9 41 43 50 46 45'
+    """
+    if minor < S.SHORT_TRAILER_MINOR:
+        return S.TRAILER.pack(index_at, crc32(index), S.TAIL_MAGIC)
+    return S.SHORT_TRAILER.pack(len(index), crc32(index), S.TAIL_MAGIC)
+
+
+def unpack_trailer(minor: int, raw: bytes | memoryview, trailer_at: int,
+                   ) -> tuple[int, int, bytes]:
+    """``(index offset, Index_Checksum, Tail_Magic)`` of the trailer ``raw`` at ``trailer_at``
+    (spec 5.7); from 1.7 the offset is ``trailer_at - Index_Size`` (negative for a size that
+    reaches before the file: R-TRL-5 rejects it).
+
+    >>> unpack_trailer(7, pack_trailer(7, 100, b"\x00\x00"), 102)[0]
+    100
+    """
+    if minor < S.SHORT_TRAILER_MINOR:
+        offset, crc, tail = S.TRAILER.unpack(raw)
+        return offset, crc, bytes(tail)
+    size, crc, tail = S.SHORT_TRAILER.unpack(raw)
+    return trailer_at - size, crc, bytes(tail)

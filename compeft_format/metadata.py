@@ -181,13 +181,15 @@ def decode_metadata(data: memoryview, offset: int, limits: S.ReadLimits) -> dict
 
 
 
-def stage_metadata(data: bytes, level: int | None, bare: bool = False) -> tuple[int, bytes]:
+def stage_metadata(data: bytes, level: int | None, bare: bool = False,
+                   sized: bool = True) -> tuple[int, bytes]:
     """Return ``(flags, stored)``: the JSON ``data`` as a 1.2 header stores it (Appendix D 2).
 
     With zstd enabled, JSON of at least 64 bytes becomes ``Metadata_Decoded_Size`` and one
     frame made with the metadata dictionary (spec 5.2, 7.3), at level 19 up to 1 MiB, kept
     where it is smaller. ``bare`` (1.6): the frame is stored without its magic number, and
-    ``Flags`` bit 1 says so (spec 5.1, 7.1).
+    ``Flags`` bit 1 says so (spec 5.1, 7.1). ``sized=False`` (1.7, with ``bare``): without
+    ``Metadata_Decoded_Size``, which the frame's content size gives (spec 5.2).
 
     >>> flags, stored = stage_metadata(b'{"compeft.producer":"compeft_format 0.1.0"}' * 2, 3)
     >>> flags, len(stored) < 86
@@ -199,21 +201,27 @@ def stage_metadata(data: bytes, level: int | None, bare: bool = False) -> tuple[
         return 0, data
     frame = METADATA_ZSTD.encode(data, S.SMALL_ZSTD_LEVEL if len(data) <= S.SMALL_ZSTD_MAX
                                  else level, bare)
-    stored = encode_varint(len(data)) + frame
+    stored = (encode_varint(len(data)) if sized else b"") + frame
     flags = S.FLAG_METADATA_ZSTD | (S.FLAG_METADATA_BARE if bare else 0)
     return (flags, stored) if len(stored) < len(data) else (0, data)
 
 
 def unstage_metadata(stored: memoryview, offset: int, limits: S.ReadLimits,
-                     charge: Callable[[int, BlockContext], None], bare: bool = False) -> bytes:
+                     charge: Callable[[int, BlockContext], None], bare: bool = False,
+                     sized: bool = True) -> bytes:
     """Return the JSON of compressed metadata (spec 5.2, 8.1 step 3a), checked on the way.
 
     ``offset`` is where ``stored`` starts in the file; ``charge(n, ctx)`` charges the decoded
     size to the decode budget (spec 9.3) before anything is decompressed. ``bare``: the
-    frame is stored without its magic number (``Flags`` bit 1, 1.6).
+    frame is stored without its magic number (``Flags`` bit 1, 1.6). ``sized=False`` (1.7,
+    with ``bare``): no ``Metadata_Decoded_Size``; the frame header's content size is it.
     """
     src = BufferSource(stored, base=offset)
-    decoded = src.varint("metadata decoded size")
+    if sized:
+        decoded = src.varint("metadata decoded size")
+    else:  # spec 5.2 (1.7): the frame's own Frame_Content_Size (R-ZST-2, R-ZST-3 first)
+        decoded = METADATA_ZSTD.declared_size(stored, BlockContext(None, 0, 0, "F32", (),
+                                                                   offset), bare)
     if decoded > limits.max_metadata_size:
         raise LimitExceededError(f"metadata decodes to {decoded} bytes; limit "
                                  f"{limits.max_metadata_size}", offset=offset)

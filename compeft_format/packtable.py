@@ -60,6 +60,9 @@ class Member:
     ptype: int  #: Positions_Type: 0x01 bitmask, 0x02 golomb
     param: int
     psize: int  #: Positions_Size; in a bit pack (spec 5.11) Positions_Bits
+    #: Twin_Back (spec 5.14, a twin pack): j >= 1 for a twin of the member j places before
+    #: it, whose nnz, ptype and param it has and whose streams it reads; 0 for any other
+    twin: int = 0
 
 
 def zigzag(d: int) -> int:
@@ -145,13 +148,15 @@ COLUMN10 = ("bytes", "bits", "none")
 
 
 def column_table(members: Sequence[Member], first_prev: bytes | None = None,
-                 column10: str = "bytes") -> bytes:
+                 column10: str = "bytes", twins: bool = False) -> bytes:
     """The decoded member table of a column pack (spec 5.9) named after its first member.
 
     ``first_prev``: what the first name is coded against; by default the pack's ``Name``,
     which is the first name itself (spec 5.9); a compact pack's is empty (spec 5.10).
     ``column10``: see :data:`COLUMN10`; with ``"bits"`` the members' ``psize`` is
-    ``Positions_Bits``, coded from the predicted bits (a bit pack, spec 5.11).
+    ``Positions_Bits``, coded from the predicted bits (a bit pack, spec 5.11). ``twins``: a
+    twin pack's (spec 5.14): each member's ``Twin_Back`` after the dimensions, and columns 7
+    to 10 for the members that are not twins only.
     """
     predict = predicted_bits if column10 == "bits" else predicted_size
     prev = members[0].name if first_prev is None else first_prev
@@ -166,6 +171,9 @@ def column_table(members: Sequence[Member], first_prev: bytes | None = None,
     out += bytes(S.DTYPE_CODES[m.dtype] for m in members)
     out += bytes(len(m.shape) for m in members)
     out += b"".join(encode_varint(d) for m in members for d in m.shape)
+    if twins:  # spec 5.14: a twin's nnz, type and param are its source's
+        out += b"".join(encode_varint(m.twin) for m in members)
+    members = [m for m in members if not m.twin]
     out += b"".join(encode_varint(m.nnz) for m in members)
     out += bytes(m.ptype for m in members)
     for m in members:
@@ -178,11 +186,12 @@ def column_table(members: Sequence[Member], first_prev: bytes | None = None,
 
 
 def compact_table(members: Sequence[Member], scales: Sequence[bytes], column10: str = "bytes",
-                  tight: bool = False) -> bytes:
+                  tight: bool = False, twins: bool = False) -> bytes:
     """The decoded member table of a compact pack (spec 5.10, format 1.3); with ``column10``
     ``"bits"`` of a bit pack (spec 5.11, 1.4: the members' ``psize`` is ``Positions_Bits``),
     with ``"none"`` of a lean pack (spec 5.12, 1.5: no column 10); with ``tight`` too, of a
-    tight pack (spec 5.13, 1.6: columns 11 and 12 coded as :func:`tight_scale_columns`).
+    tight pack (spec 5.13, 1.6: columns 11 and 12 coded as :func:`tight_scale_columns`);
+    with ``twins`` too, of a twin pack (spec 5.14, 1.7: the ``Twin_Back`` column).
 
     The columns of a column pack with the first name stored in full (a compact pack has no
     ``Name`` of its own), then column 11, each member's ``Scale_Ref`` (the scales numbered in
@@ -194,7 +203,7 @@ def compact_table(members: Sequence[Member], scales: Sequence[bytes], column10: 
     >>> compact_table(m, [one, one]).hex(" ")
     '00 00 03 03 61 2e 77 62 2e 77 01 01 01 01 08 40 01 02 01 02 00 02 00 00 00 00 00 00 80 3f'
     """
-    out = bytearray(column_table(members, b"", column10))
+    out = bytearray(column_table(members, b"", column10, twins))
     if tight:
         return bytes(out) + tight_scale_columns(scales)
     refs: dict[bytes, int] = {}
@@ -310,14 +319,16 @@ def member_name(raw: bytes, at: int, first: bool, prev: bytes, pack: str | None)
 
 
 def read_column_table(t: BufferSource, count: int, pack: str | None, limits: ReadLimits,
-                      column10: str = "bytes") -> list[Member]:
+                      column10: str = "bytes", twins: bool = False) -> list[Member]:
     """Read the columns of a decoded member table (spec 8.1 step 8b), checking each value.
 
     ``t`` holds the table (its ``base`` the table's offset, for messages); it is left after
     the last column, and the caller checks that nothing follows (R-PACK-3). ``pack`` is the
     record's name, or None for a compact pack (spec 5.10): its first name is coded against
     the empty name. ``column10``: see :data:`COLUMN10` (without it, a member's ``psize`` is
-    -1: unknown until its stream is read).
+    -1: unknown until its stream is read). ``twins``: a twin pack's table (spec 5.14), with
+    a ``Twin_Back`` column (R-TWN-1) after the dimensions; a twin gets its source's nnz,
+    type and param.
     """
     predict = predicted_bits if column10 == "bits" else predicted_size
     t.tensor = pack
@@ -374,6 +385,10 @@ def read_column_table(t: BufferSource, count: int, pack: str | None, limits: Rea
                                      f"to {extent}; limit {limits.max_numel}", tensor=name,
                                      offset=at)
         shapes.append(shape)
+    backs = _read_twin_backs(t, names, shapes) if twins else [0] * count
+    # columns 7 to 10 hold the members that are not twins (spec 5.14); the twins' are filled in
+    names = [n for n, j in zip(names, backs, strict=True) if not j]
+    shapes, all_shapes = [s for s, j in zip(shapes, backs, strict=True) if not j], shapes
     nnzs = []
     for name, shape in zip(names, shapes, strict=True):
         t.tensor = name
@@ -401,11 +416,10 @@ def read_column_table(t: BufferSource, count: int, pack: str | None, limits: Rea
             raise CorruptDataError(f"pack member param {q} + {d} is negative", tensor=name,
                                    offset=at)
         params.append(q + d)
-    members = []
+    members: list[Member] = []
     for i, name in enumerate(names):
         if column10 == "none":
-            members.append(Member(raws[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i],
-                                  -1))
+            members.append(Member(b"", "", (), nnzs[i], ptypes[i], params[i], -1))
             continue
         t.tensor = name
         at = t.pos
@@ -414,7 +428,37 @@ def read_column_table(t: BufferSource, count: int, pack: str | None, limits: Rea
         if s + e < 0:
             raise CorruptDataError(f"pack member positions size {s} + {e} is negative",
                                    tensor=name, offset=at)
-        members.append(Member(raws[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i],
-                              s + e))
+        members.append(Member(b"", "", (), nnzs[i], ptypes[i], params[i], s + e))
     t.tensor = pack
-    return members
+    rows, own = [], iter(members)
+    for k, back in enumerate(backs):
+        m = rows[k - back] if back else next(own)
+        rows.append(Member(raws[k], dtypes[k], all_shapes[k], m.nnz, m.ptype, m.param, m.psize,
+                           back))
+    return rows
+
+
+def _read_twin_backs(t: BufferSource, names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+                     ) -> list[int]:
+    """The ``Twin_Back`` column of a twin pack's table (spec 5.14), each value checked as it
+    is read (R-TWN-1): it reaches a member before, which is not a twin itself and has as
+    many elements."""
+    backs: list[int] = []
+    for k, name in enumerate(names):
+        t.tensor = name
+        at = t.pos
+        back = t.varint("twin back")
+        if back:
+            problem = ""
+            if back > k:
+                problem = f"twin back {back} reaches before the first member (member {k})"
+            elif backs[k - back]:
+                problem = f"its source {names[k - back]!r} ({back} back) is a twin itself"
+            elif math.prod(shapes[k]) != math.prod(shapes[k - back]):
+                problem = (f"its source {names[k - back]!r} ({back} back) has "
+                           f"{math.prod(shapes[k - back])} elements, the twin "
+                           f"{math.prod(shapes[k])}")
+            if problem:
+                raise CorruptDataError(f"twin pack member: {problem}", tensor=name, offset=at)
+        backs.append(back)
+    return backs

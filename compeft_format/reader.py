@@ -46,6 +46,8 @@ from .layout import (
     read_file_header,
     read_index,
     read_record_header,
+    trailer_size,
+    unpack_trailer,
     verify_index_crc,
 )
 from .present import check_framework, dense_ternary, present
@@ -239,10 +241,12 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
         raise CorruptDataError(f"index ({len(entries)} entries) does not match the "
                                f"{len(seen)} records before it", offset=index_at)
     trailer_at = src.pos
-    offset, crc, tail = S.TRAILER.unpack(src.read(S.TRAILER_SIZE, "trailer"))
+    minor = header.version[1]
+    size = trailer_size(minor)
+    offset, crc, tail = unpack_trailer(minor, src.read(size, "trailer"), trailer_at)
     if tail != S.TAIL_MAGIC:
         raise BadMagicError(f"trailer magic {tail!r}, expected {S.TAIL_MAGIC!r}",
-                            offset=trailer_at + 12)
+                            offset=trailer_at + size - 4)
     if crc != crc32(index_bytes):
         raise ChecksumError(f"index checksum mismatch: stored 0x{crc:08x}, computed "
                             f"0x{crc32(index_bytes):08x}", offset=trailer_at + 8)
@@ -307,21 +311,23 @@ class CompeftReader:
         self._header = read_file_header(src, limits, Budget(limits, len(data)))
         size = len(data)
         first = self._header.end
-        if size < first + 1 + S.TRAILER_SIZE:
+        minor = self._header.version[1]
+        tsize = trailer_size(minor)  # spec 5.7: 16 bytes, 12 from 1.7
+        if size < first + 1 + tsize:
             raise TruncatedError(f"file is {size} bytes, too short for an index and trailer",
                                  offset=size)
-        index_at, crc, tail = S.TRAILER.unpack(data[size - S.TRAILER_SIZE :])
+        index_at, crc, tail = unpack_trailer(minor, data[size - tsize :], size - tsize)
         if tail != S.TAIL_MAGIC:  # a cut file ends in the middle of something else
             raise TruncatedError(f"trailer magic {bytes(tail)!r} is not {S.TAIL_MAGIC!r}: the "
                                  "file is cut short or not complete", offset=size - 4)
-        if not first <= index_at <= size - S.TRAILER_SIZE - 1:
+        if not first <= index_at <= size - tsize - 1:
             raise CorruptDataError(f"index offset {index_at} outside [{first}, "
-                                   f"{size - S.TRAILER_SIZE - 1}]", offset=size - S.TRAILER_SIZE)
-        if size - S.TRAILER_SIZE - index_at > limits.max_index_size:
-            raise LimitExceededError(f"index is {size - S.TRAILER_SIZE - index_at} bytes; limit "
+                                   f"{size - tsize - 1}]", offset=size - tsize)
+        if size - tsize - index_at > limits.max_index_size:
+            raise LimitExceededError(f"index is {size - tsize - index_at} bytes; limit "
                                      f"{limits.max_index_size}", offset=index_at)
-        verify_index_crc(data, index_at, crc)
-        isrc = BufferSource(data[index_at : size - S.TRAILER_SIZE], base=index_at)
+        verify_index_crc(data, index_at, crc, tsize)
+        isrc = BufferSource(data[index_at : size - tsize], base=index_at)
         if isrc.u8("index kind") != S.KIND_END:
             raise CorruptDataError("index does not start with kind 0x00", offset=index_at)
         entries = read_index(isrc, limits, self._header.nameless_index)

@@ -35,6 +35,7 @@ from .layout import (
     crc32,
     descriptor,
     pack_table,
+    pack_trailer,
     positions_bits,
 )
 from .metadata import encode_metadata, stage_metadata
@@ -110,11 +111,17 @@ class Writer:
         self._bits = version >= (1, 4)  # spec 5.11, 5.6: ... bit after bit, named by the table
         self._lean = version >= (1, 5)  # spec 5.12: ... with no lengths in the table
         self._tight = version >= (1, 6)  # spec 5.13, 7.1: ... scales tighter, bare frames
+        self._twins = version >= (1, 7)  # spec 5.14: ... a member may read another's streams
+        self._minor = version[1]  # spec 5.7: which trailer
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
         self._pack: list[PackMember] = []
         self._pack_data = self._pack_table = 0  # bytes of the pending pack's data and table
+        self._pack_cost = 0  # decode-budget charge of the pending pack's members (spec 9.3)
+        #: (numel, nnz, positions type, param, positions, signs) -> index in the pending pack
+        #: of the first member with those streams (spec 5.14: later ones are its twins)
+        self._streams: dict[tuple[int, int, int, int, bytes, bytes], int] = {}
         #: name -> bytes the tensor takes in the file, as ``TensorInfo.record_size``: its
         #: whole record, or for a pack member its data (the pack's header is shared)
         self.sizes: dict[str, int] = {}
@@ -122,7 +129,8 @@ class Writer:
         self._closed = False
         meta, flags = encode_metadata(metadata), 0
         if self._columns:  # spec 5.2: 1.2 compresses the metadata where that pays
-            flags, meta = stage_metadata(meta, zstd_level, bare=self._tight)
+            flags, meta = stage_metadata(meta, zstd_level, bare=self._tight,
+                                         sized=not self._twins)  # spec 5.2 (1.7): unsized
         header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, flags, len(meta))
         self._pos = 0
         self._emit(header, meta, S.CHECKSUM.pack(crc32(header, meta)))
@@ -280,12 +288,34 @@ class Writer:
         if self._pack and (self._pack_data + member.size > S.PACK_DATA_TARGET
                            or self._pack_table + entry > S.PACK_TABLE_TARGET):
             self._flush_pack()
+        member = self._as_twin(member)
         self._pack.append(member)
         self._pack_data += member.size
         self._pack_table += entry
+        self._pack_cost += member.cost
         if self._bits:  # spec 5.11: its bits, rounded up to bytes (as TensorInfo.record_size)
-            return -(-(member.fields.psize + member.fields.nnz) // 8)
+            f = member.fields  # a twin (spec 5.14) adds no bits
+            return 0 if f.twin else -(-(f.psize + f.nnz) // 8)
         return member.compact_size if self._compact else member.size
+
+    def _as_twin(self, member: PackMember) -> PackMember:
+        """The member as a twin (spec 5.14) of the first one of the pending pack with the same
+        streams and element count, or as it is.
+
+        A twin adds no data but decodes like its source; it is made only while the file
+        written so far stays within the default decode budget (spec 9.3) with it.
+        """
+        f = member.fields
+        if not self._twins or not f.nnz:  # an empty member's streams take no bits anyway
+            return member
+        key = (math.prod(f.shape), f.nnz, f.ptype, f.param, member.parts[0], member.parts[1])
+        source = self._streams.setdefault(key, len(self._pack))
+        charged = self._cost + self._pack_cost + member.cost
+        if (source == len(self._pack)
+                or charged > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * self._pos)):
+            return member
+        twin = dataclasses.replace(f, twin=len(self._pack) - source)
+        return PackMember(member.name, (b"", b"", member.parts[2]), member.cost, twin)
 
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
@@ -306,15 +336,16 @@ class Writer:
         if not self._pack:
             return
         members, self._pack = self._pack, []
-        self._pack_data = self._pack_table = 0
+        self._pack_data = self._pack_table = self._pack_cost = 0
+        self._streams = {}
         level = None if self._level is None else S.SMALL_ZSTD_LEVEL  # Appendix D 6
         if self._bits:  # spec 5.11: Positions_Bits in the table (5.12: not), bit after bit
             column10 = "none" if self._lean else "bits"
             fields = [m.fields for m in members]  # psize: Positions_Bits (_add_member)
-            streams = [s for m in members
+            streams = [s for m in members if not m.fields.twin  # spec 5.14: a twin has none
                        for s in ((m.parts[0], m.fields.psize), (m.parts[1], m.fields.nnz))]
             table = compact_table(fields, [m.parts[2] for m in members], column10,
-                                  tight=self._tight)
+                                  tight=self._tight, twins=self._twins)
             data = bit_pack_data(streams)
         elif self._compact:  # spec 5.10: scales in the table
             table = compact_table([m.fields for m in members], [m.parts[2] for m in members])
@@ -339,8 +370,9 @@ class Writer:
         first = members[0].name
         # spec 5.10: a compact pack has no Name of its own; the first member's is in the table
         body = b"" if self._compact else encode_varint(len(first)) + first
+        sized = stage != S.STAGE_NONE and not self._twins  # spec 5.14: the frame says it
         body += (encode_varint(len(members)) + bytes([stage]) + encode_varint(len(stored))
-                 + (encode_varint(len(table)) if stage != S.STAGE_NONE else b"") + stored)
+                 + (encode_varint(len(table)) if sized else b"") + stored)
         pad = bytes(align(len(data), self._alignment) - len(data))
         if len(body) + 8 > MAX_RECORD_HEADER:  # cannot happen with PACK_TABLE_TARGET
             raise EncodeError(f"pack header of {len(body) + 8} bytes", tensor=first.decode())
@@ -362,7 +394,10 @@ class Writer:
         index = bytearray([S.KIND_END]) + encode_varint(len(self._names))
         for bname, off in zip(self._names, self._offsets, strict=False):
             index += encode_varint(len(bname)) + bname + encode_varint(off)
-        self._emit(bytes(index), S.TRAILER.pack(index_offset, crc32(index), S.TAIL_MAGIC))
+        if len(index) > S.DEFAULT_LIMITS.max_index_size:  # spec 9.2: what readers accept
+            raise EncodeError(f"index of {len(index)} bytes; limit "
+                              f"{S.DEFAULT_LIMITS.max_index_size}")
+        self._emit(bytes(index), pack_trailer(self._minor, index_offset, bytes(index)))
 
     def __enter__(self) -> Writer:
         return self

@@ -145,6 +145,33 @@ class ZstdStage:
 
         return wait
 
+    def declared_size(self, frame: bytes | memoryview, ctx: BlockContext | None,
+                      bare: bool = False) -> int:
+        """The ``Frame_Content_Size`` of ``frame``, read from its header alone: a 1.7 bare
+        frame's decoded size where no field in front of it gives one (spec 7.1).
+
+        The header's rules come first, as :meth:`decode` checks them: not a skippable frame
+        and a valid header (R-ZST-2); then a declared size (R-ZST-3).
+
+        >>> ZSTD.declared_size(ZSTD.encode(b"ab" * 100, 3, bare=True), None, bare=True)
+        200
+        """
+        if bare:
+            frame = ZSTD_MAGIC + bytes(frame[:32])  # a frame header is at most 18 bytes
+        if _is_skippable(frame):
+            raise self._fail(ctx, "zstd stage: a skippable frame is not a zstd frame")
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise self._fail(ctx, f"zstd stage: bad frame header ({exc})") from None
+        if declared < 0:
+            raise self._fail(ctx, "zstd stage: the frame declares no content size")
+        return declared
+
+    @staticmethod
+    def _fail(ctx: BlockContext | None, msg: str) -> Exception:
+        return ctx.error(msg) if ctx is not None else ValueError(msg)
+
     def decode(self, frame: bytes | memoryview, decoded_size: int, ctx: BlockContext | None,
                bare: bool = False):
         """Return the content of ``frame``, which MUST declare exactly ``decoded_size`` bytes.
@@ -156,7 +183,7 @@ class ZstdStage:
         b'abab'
         """
         def fail(msg: str) -> Exception:
-            return ctx.error(msg) if ctx is not None else ValueError(msg)
+            return self._fail(ctx, msg)
 
         if bare:  # a small frame (a table, the metadata): the copy costs nothing to speak of
             frame = ZSTD_MAGIC + bytes(frame)
