@@ -24,9 +24,11 @@ MAX_ALIGNMENT_LOG2 = 12  # 4096, a page
 FLAG_METADATA_ZSTD = 0x01  # spec 5.1 Flags bit 0 (1.2): the metadata is a zstd frame (5.2)
 FLAG_METADATA_BARE = 0x02  # spec 5.1 Flags bit 1 (1.6): ... stored without its magic number
 BARE_FRAMES_MINOR = 6  # spec 7.1 (1.6): from it, a frame may be stored without its magic
-#: spec 5.2, 7.1 (1.7): from it, a bare metadata frame is stored without the decoded size in
-#: front of it, which its Frame_Content_Size already gives
-SIZELESS_METADATA_MINOR = 7
+#: spec 5.1 Flags bit 2 (1.7): a bare metadata frame without Metadata_Decoded_Size in front of
+#: it (spec 5.2: its Frame_Content_Size gives it)
+FLAG_METADATA_UNSIZED = 0x04
+FLAG_SHORT_TRAILER = 0x08  # spec 5.1 Flags bit 3 (1.7): the 12-byte trailer of spec 5.7
+FLAGS_1_7_MINOR = 7  # spec 5.1: bits 2 and 3 mean something from this minor on
 DEFAULT_ALIGNMENT_LOG2 = 3  # 8 bytes: every dtype of spec 5.4 can be viewed in place
 
 # spec 5.3 Record_Kind
@@ -127,10 +129,8 @@ NAME_DICTIONARY_SHA256 = "535e5a983fe63c343bce53a5a0789d41ab2ec9d83c518c0c5f9ba2
 # spec 5.7 Trailer
 TRAILER = struct.Struct("<QI4s")  # Index_Offset, Index_Checksum, Tail_Magic
 TRAILER_SIZE = TRAILER.size  # 16
-#: spec 5.7 (1.7): the trailer of a file of minor 7 or more gives the index's size, 4 bytes
+#: spec 5.7 (1.7): with Flags bit 3, the trailer gives the index's size in 4 bytes
 SHORT_TRAILER = struct.Struct("<II4s")  # Index_Size, Index_Checksum, Tail_Magic
-SHORT_TRAILER_MINOR = 7
-INDEX_SIZE_MAX = 2**32 - 1  # what Index_Size holds
 TAIL_MAGIC = b"CPFE"
 
 # spec 2.3 VarInt

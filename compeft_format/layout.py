@@ -141,6 +141,12 @@ class Header:
     alignment: int
     metadata: dict[str, Any]
     end: int  # offset of the first record (aligned)
+    flags: int = 0  # spec 5.1 Flags
+
+    @property
+    def trailer_size(self) -> int:
+        """The trailer's size (spec 5.7): 16 bytes, 12 with ``Flags`` bit 3 (1.7)."""
+        return S.SHORT_TRAILER.size if self.flags & S.FLAG_SHORT_TRAILER else S.TRAILER_SIZE
 
     @property
     def kinds(self) -> tuple[int, ...]:
@@ -182,11 +188,16 @@ def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Heade
         raise CorruptDataError(f"Alignment_Log2 {log2} outside [0, {S.MAX_ALIGNMENT_LOG2}]",
                                offset=10)
     known = S.FLAG_METADATA_ZSTD | (S.FLAG_METADATA_BARE if minor >= S.BARE_FRAMES_MINOR else 0)
+    if minor >= S.FLAGS_1_7_MINOR:
+        known |= S.FLAG_METADATA_UNSIZED | S.FLAG_SHORT_TRAILER
     if flags & ~known or (flags and minor < 2):  # spec 5.1: reserved bits (R-HDR-4)
         raise CorruptDataError(f"reserved header flags must be zero (got 0x{flags:02x})", offset=11)
-    if flags == S.FLAG_METADATA_BARE:  # spec 5.1 (1.6): a bare frame is a compressed one
+    if flags & S.FLAG_METADATA_BARE and not flags & S.FLAG_METADATA_ZSTD:  # spec 5.1 (1.6)
         raise CorruptDataError("header flag bit 1 (bare metadata frame) is set without bit 0 "
                                "(compressed metadata)", offset=11)
+    if flags & S.FLAG_METADATA_UNSIZED and not flags & S.FLAG_METADATA_BARE:  # spec 5.1 (1.7)
+        raise CorruptDataError("header flag bit 2 (unsized metadata frame) is set without "
+                               "bit 1 (bare metadata frame)", offset=11)
     if meta_size > limits.max_metadata_size:
         raise LimitExceededError(f"metadata is {meta_size} bytes; limit "
                                  f"{limits.max_metadata_size}", offset=12)
@@ -200,14 +211,13 @@ def read_file_header(src: Source, limits: S.ReadLimits, budget: Budget) -> Heade
         meta_bytes = unstage_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits,
                                       lambda n, ctx: budget.charge(n, ctx, src.pos),
                                       bool(flags & S.FLAG_METADATA_BARE),
-                                      sized=minor < S.SIZELESS_METADATA_MINOR
-                                      or not flags & S.FLAG_METADATA_BARE)
+                                      sized=not flags & S.FLAG_METADATA_UNSIZED)
     metadata = decode_metadata(meta_bytes, S.FILE_HEADER_SIZE, limits)
     alignment = 1 << log2
     pad_at = src.pos
     end = align(pad_at, alignment)
     check_zero(src.read(end - pad_at, "header padding"), pad_at, None, "header padding")
-    return Header((major, minor), alignment, metadata, end)
+    return Header((major, minor), alignment, metadata, end, flags)
 
 
 def check_zero(data: memoryview, offset: int, tensor: str | None, what: str) -> None:
@@ -725,37 +735,29 @@ def verify_index_crc(buf: memoryview, index_at: int, crc: int,
                             f"0x{computed:08x}", offset=len(buf) - 8)
 
 
-def trailer_size(minor: int) -> int:
-    """The trailer's size in a file of ``minor`` (spec 5.7): 16 bytes, 12 from 1.7.
-
-    >>> trailer_size(6), trailer_size(7)
-    (16, 12)
-    """
-    return S.SHORT_TRAILER.size if minor >= S.SHORT_TRAILER_MINOR else S.TRAILER_SIZE
-
-
-def pack_trailer(minor: int, index_at: int, index: bytes) -> bytes:
+def pack_trailer(short: bool, index_at: int, index: bytes) -> bytes:
     """The trailer after ``index``, which starts at ``index_at`` (spec 5.7): ``Index_Offset``
-    (8 bytes), or from 1.7 ``Index_Size`` (4), then ``Index_Checksum`` and ``Tail_Magic``.
+    (8 bytes), or ``short`` (``Flags`` bit 3, 1.7) ``Index_Size`` (4), then
+    ``Index_Checksum`` and ``Tail_Magic``.
 
-    >>> pack_trailer(7, 100, b"\x00\x00").hex(" ")
+    >>> pack_trailer(True, 100, b"\x00\x00").hex(" ")
     '02 00 00 00 ff 12 d9 41 43 50 46 45'
     """
-    if minor < S.SHORT_TRAILER_MINOR:
+    if not short:
         return S.TRAILER.pack(index_at, crc32(index), S.TAIL_MAGIC)
     return S.SHORT_TRAILER.pack(len(index), crc32(index), S.TAIL_MAGIC)
 
 
-def unpack_trailer(minor: int, raw: bytes | memoryview, trailer_at: int,
+def unpack_trailer(short: bool, raw: bytes | memoryview, trailer_at: int,
                    ) -> tuple[int, int, bytes]:
     """``(index offset, Index_Checksum, Tail_Magic)`` of the trailer ``raw`` at ``trailer_at``
-    (spec 5.7); from 1.7 the offset is ``trailer_at - Index_Size`` (negative for a size that
-    reaches before the file: R-TRL-5 rejects it).
+    (spec 5.7); a ``short`` one's offset is ``trailer_at - Index_Size`` (negative for a size
+    that reaches before the file: R-TRL-5 rejects it).
 
-    >>> unpack_trailer(7, pack_trailer(7, 100, b"\x00\x00"), 102)[0]
+    >>> unpack_trailer(True, pack_trailer(True, 100, b"\x00\x00"), 102)[0]
     100
     """
-    if minor < S.SHORT_TRAILER_MINOR:
+    if not short:
         offset, crc, tail = S.TRAILER.unpack(raw)
         return offset, crc, bytes(tail)
     size, crc, tail = S.SHORT_TRAILER.unpack(raw)

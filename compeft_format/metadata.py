@@ -189,7 +189,8 @@ def stage_metadata(data: bytes, level: int | None, bare: bool = False,
     frame made with the metadata dictionary (spec 5.2, 7.3), at level 19 up to 1 MiB, kept
     where it is smaller. ``bare`` (1.6): the frame is stored without its magic number, and
     ``Flags`` bit 1 says so (spec 5.1, 7.1). ``sized=False`` (1.7, with ``bare``): without
-    ``Metadata_Decoded_Size``, which the frame's content size gives (spec 5.2).
+    ``Metadata_Decoded_Size``, which the frame's content size gives, and ``Flags`` bit 2
+    says so (spec 5.2).
 
     >>> flags, stored = stage_metadata(b'{"compeft.producer":"compeft_format 0.1.0"}' * 2, 3)
     >>> flags, len(stored) < 86
@@ -202,7 +203,8 @@ def stage_metadata(data: bytes, level: int | None, bare: bool = False,
     frame = METADATA_ZSTD.encode(data, S.SMALL_ZSTD_LEVEL if len(data) <= S.SMALL_ZSTD_MAX
                                  else level, bare)
     stored = (encode_varint(len(data)) if sized else b"") + frame
-    flags = S.FLAG_METADATA_ZSTD | (S.FLAG_METADATA_BARE if bare else 0)
+    flags = (S.FLAG_METADATA_ZSTD | (S.FLAG_METADATA_BARE if bare else 0)
+             | (0 if sized else S.FLAG_METADATA_UNSIZED))
     return (flags, stored) if len(stored) < len(data) else (0, data)
 
 
@@ -213,8 +215,9 @@ def unstage_metadata(stored: memoryview, offset: int, limits: S.ReadLimits,
 
     ``offset`` is where ``stored`` starts in the file; ``charge(n, ctx)`` charges the decoded
     size to the decode budget (spec 9.3) before anything is decompressed. ``bare``: the
-    frame is stored without its magic number (``Flags`` bit 1, 1.6). ``sized=False`` (1.7,
-    with ``bare``): no ``Metadata_Decoded_Size``; the frame header's content size is it.
+    frame is stored without its magic number (``Flags`` bit 1, 1.6). ``sized=False``
+    (``Flags`` bit 2, 1.7): no ``Metadata_Decoded_Size``; the frame header's content size
+    is it.
     """
     src = BufferSource(stored, base=offset)
     if sized:

@@ -46,7 +46,6 @@ from .layout import (
     read_file_header,
     read_index,
     read_record_header,
-    trailer_size,
     unpack_trailer,
     verify_index_crc,
 )
@@ -241,9 +240,8 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
         raise CorruptDataError(f"index ({len(entries)} entries) does not match the "
                                f"{len(seen)} records before it", offset=index_at)
     trailer_at = src.pos
-    minor = header.version[1]
-    size = trailer_size(minor)
-    offset, crc, tail = unpack_trailer(minor, src.read(size, "trailer"), trailer_at)
+    size, short = header.trailer_size, bool(header.flags & S.FLAG_SHORT_TRAILER)
+    offset, crc, tail = unpack_trailer(short, src.read(size, "trailer"), trailer_at)
     if tail != S.TAIL_MAGIC:
         raise BadMagicError(f"trailer magic {tail!r}, expected {S.TAIL_MAGIC!r}",
                             offset=trailer_at + size - 4)
@@ -311,12 +309,12 @@ class CompeftReader:
         self._header = read_file_header(src, limits, Budget(limits, len(data)))
         size = len(data)
         first = self._header.end
-        minor = self._header.version[1]
-        tsize = trailer_size(minor)  # spec 5.7: 16 bytes, 12 from 1.7
+        tsize = self._header.trailer_size  # spec 5.7: 16 bytes, 12 with Flags bit 3 (1.7)
         if size < first + 1 + tsize:
             raise TruncatedError(f"file is {size} bytes, too short for an index and trailer",
                                  offset=size)
-        index_at, crc, tail = unpack_trailer(minor, data[size - tsize :], size - tsize)
+        index_at, crc, tail = unpack_trailer(tsize != S.TRAILER_SIZE, data[size - tsize :],
+                                             size - tsize)
         if tail != S.TAIL_MAGIC:  # a cut file ends in the middle of something else
             raise TruncatedError(f"trailer magic {bytes(tail)!r} is not {S.TAIL_MAGIC!r}: the "
                                  "file is cut short or not complete", offset=size - 4)

@@ -112,7 +112,6 @@ class Writer:
         self._lean = version >= (1, 5)  # spec 5.12: ... with no lengths in the table
         self._tight = version >= (1, 6)  # spec 5.13, 7.1: ... scales tighter, bare frames
         self._twins = version >= (1, 7)  # spec 5.14: ... a member may read another's streams
-        self._minor = version[1]  # spec 5.7: which trailer
         self._names: list[bytes] = []  # record names and offsets, for the index
         self._offsets: list[int] = []
         self._last = b""  # the last tensor name written, in a record or a pack
@@ -131,6 +130,8 @@ class Writer:
         if self._columns:  # spec 5.2: 1.2 compresses the metadata where that pays
             flags, meta = stage_metadata(meta, zstd_level, bare=self._tight,
                                          sized=not self._twins)  # spec 5.2 (1.7): unsized
+        if self._twins:  # spec 5.1, 5.7 (1.7): the 12-byte trailer
+            flags |= S.FLAG_SHORT_TRAILER
         header = S.FILE_HEADER.pack(S.MAGIC, *version, log2, flags, len(meta))
         self._pos = 0
         self._emit(header, meta, S.CHECKSUM.pack(crc32(header, meta)))
@@ -397,7 +398,7 @@ class Writer:
         if len(index) > S.DEFAULT_LIMITS.max_index_size:  # spec 9.2: what readers accept
             raise EncodeError(f"index of {len(index)} bytes; limit "
                               f"{S.DEFAULT_LIMITS.max_index_size}")
-        self._emit(bytes(index), pack_trailer(self._minor, index_offset, bytes(index)))
+        self._emit(bytes(index), pack_trailer(self._twins, index_offset, bytes(index)))
 
     def __enter__(self) -> Writer:
         return self
