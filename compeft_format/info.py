@@ -106,7 +106,7 @@ class FileInfo:
     >>> data = dumps({"w": TernaryTensor((1000,), [5, 600], [0, 1], 0.1)})
     >>> info = inspect(data)
     >>> info.version, info.file_size == len(data), [t.name for t in info.tensors]
-    ((1, 6), True, ['w'])
+    ((1, 7), True, ['w'])
     >>> info.dense_size  # 1000 float32 values
     4000
     """

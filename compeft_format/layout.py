@@ -740,7 +740,7 @@ def pack_trailer(short: bool, index_at: int, index: bytes) -> bytes:
     (8 bytes), or ``short`` (``Flags`` bit 3, 1.7) ``Index_Size`` (4), then
     ``Index_Checksum`` and ``Tail_Magic``.
 
-    >>> pack_trailer(True, 100, b"\x00\x00").hex(" ")
+    >>> pack_trailer(True, 100, bytes(2)).hex(" ")
     '02 00 00 00 ff 12 d9 41 43 50 46 45'
     """
     if not short:
@@ -754,7 +754,7 @@ def unpack_trailer(short: bool, raw: bytes | memoryview, trailer_at: int,
     (spec 5.7); a ``short`` one's offset is ``trailer_at - Index_Size`` (negative for a size
     that reaches before the file: R-TRL-5 rejects it).
 
-    >>> unpack_trailer(True, pack_trailer(True, 100, b"\x00\x00"), 102)[0]
+    >>> unpack_trailer(True, pack_trailer(True, 100, bytes(2)), 102)[0]
     100
     """
     if not short:

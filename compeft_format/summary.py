@@ -73,7 +73,7 @@ class CompressSummary:
     >>> s.reference, s.tensors, s.ternary, s.dense, s.scale, s.scale_auto
     ('one', 24, 24, 0, 'proj_vcap', True)
     >>> s.file_bytes, s.dense_bytes
-    (1444, 64512)
+    (1269, 64512)
     >>> print(s.format().splitlines()[0])  # doctest: +ELLIPSIS
     compressed tests/data/ia3-minilm-vader -> .../c
     """

@@ -220,7 +220,7 @@ class SweepResult:
         >>> tv = {"w": np.linspace(-1, 1, 1000)}
         >>> print(sweep(tv, densities=[0.1], scales=["l2"]).format_table())
         scale  density  alpha  nnz  bytes  bits/param  ratio  rel_error    cosine
-        l2      0.1000  1.000  100    156      1.2480   51.3   0.853961  0.520337
+        l2      0.1000  1.000  100    152      1.2160   52.6   0.853961  0.520337
         """
         header = ("scale", "density", "alpha", "nnz", "bytes", "bits/param", "ratio",
                   "rel_error", "cosine")

@@ -85,7 +85,7 @@ class Writer:
     >>> with Writer(buf) as w:
     ...     w.write("a", TernaryTensor((4,), [1], [True], 0.5))
     >>> len(buf.getvalue())
-    84
+    80
     """
 
     def __init__(self, fileobj: BinaryIO, *, metadata: Mapping[str, Any] | None = None,
@@ -446,7 +446,7 @@ def parse_version(version: tuple[int, int] | str | None) -> tuple[int, int]:
     default, the newest.
 
     >>> parse_version("1.2"), parse_version((1, 3)), parse_version(None)
-    ((1, 2), (1, 3), (1, 6))
+    ((1, 2), (1, 3), (1, 7))
     """
     if version is None:
         return S.VERSION_MAJOR, S.VERSION_MINOR

@@ -107,7 +107,11 @@ def test_dumps_of_an_empty_mapping() -> None:
                            ("1.6", 6)):  # minor
         head = expected[:9] + bytes([minor]) + expected[10:16]  # the CRC) differ
         assert dumps({}, version=version) == head + crc(head) + expected[20:]
-    assert dumps({}) == dumps({}, version="1.6")
+    # 1.7: Flags 0x08 and the short trailer, Index_Size 2 in the place of Index_Offset 24
+    head = expected[:9] + bytes([7, 3, 0x08]) + expected[12:16]
+    assert dumps({}, version="1.7") == (head + crc(head) + expected[20:26] + struct.pack("<I", 2)
+                                        + crc(index) + b"CPFE")
+    assert dumps({}) == dumps({}, version="1.7")
     assert len(expected) == 42
     assert loads(expected) == {}
     assert list(iter_stream(io.BytesIO(expected))) == []
@@ -162,7 +166,9 @@ def test_alignment_log2_field_and_header_padding(alignment: int) -> None:
     first = -(-end // alignment) * alignment
     assert data[end:first] == b"\x00" * (first - end)
     assert data[first] == S.KIND_END
-    assert struct.unpack("<Q", data[-16:-8])[0] == first
+    # spec 5.7 (1.7, Flags bit 3): the index, from `first` to the 12-byte trailer, by its size
+    assert data[11] & S.FLAG_SHORT_TRAILER
+    assert struct.unpack("<I", data[-12:-8])[0] == len(data) - 12 - first
     assert open_file(data).alignment == alignment
 
 
@@ -234,11 +240,16 @@ def test_metadata_round_trip_and_canonical_form() -> None:
     assert (data12[11], data12[16]) == (S.FLAG_METADATA_ZSTD, len(raw))  # a one-byte VarInt
     assert METADATA_ZSTD.decode(data12[17 : 16 + size], len(raw), None) == raw
     # 1.6 (spec 7.1): the same frame, bare (Flags bit 1)
-    data16 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta)
+    data16 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta, version="1.6")
     assert data16[11] == S.FLAG_METADATA_ZSTD | S.FLAG_METADATA_BARE
     assert data16[16 : 12 + size] == data12[16:17] + data12[21 : 16 + size]
     assert size < len(raw)
-    for d in (data, data12):
+    # 1.7 (spec 5.2): the bare frame alone, its header giving the size (Flags bit 2)
+    data17 = dumps({"t": TernaryTensor((2,), [0], [False], 1.0)}, metadata=meta)
+    assert data17[11] & 0x07 == (S.FLAG_METADATA_ZSTD | S.FLAG_METADATA_BARE
+                                 | S.FLAG_METADATA_UNSIZED)
+    assert data17[16 : 11 + size] == data12[21 : 16 + size]
+    for d in (data, data12, data16, data17):
         with open_file(d) as f:
             assert f.metadata() == meta
         assert inspect(d).metadata == meta
@@ -584,7 +595,7 @@ def test_inspect_agrees_with_loads() -> None:
     loaded = loads(data)
     info = inspect(data)
     assert (info.version, info.alignment, info.metadata, info.file_size) == (
-        (1, 6), 16, {"k": [1]}, len(data))
+        (1, 7), 16, {"k": [1]}, len(data))
     assert [t.name for t in info.tensors] == list(loaded)
     for t in info.tensors:
         value = loaded[t.name]
@@ -615,7 +626,7 @@ def test_reader_api() -> None:
     data = dumps(tensors)
     loaded = loads(data)
     f = open_file(data)
-    assert (f.version, f.alignment) == ((1, 6), 8)
+    assert (f.version, f.alignment) == ((1, 7), 8)
     assert "golomb" in f
     assert "nope" not in f
     assert list(f) == f.keys() == list(loaded)

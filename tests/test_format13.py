@@ -201,7 +201,7 @@ def test_compress_and_merge_write_the_format_version_asked(tmp_path: Path, capsy
     src = tmp_path / "tv.safetensors"
     save_safetensors({k: t.to_numpy().astype(np.float32) for k, t in lora(2).items()}, src)
     outs = {}
-    for version in ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6"):
+    for version in ("1.0", "1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"):
         out = tmp_path / f"v{version}.compeft"
         code, _, err = run(capsys, "compress", src, "-o", out, "--density", "0.05",
                            "--format-version", version, "-q")
@@ -209,13 +209,13 @@ def test_compress_and_merge_write_the_format_version_asked(tmp_path: Path, capsy
         outs[version] = out.read_bytes()
         assert inspect(outs[version]).version == (1, int(version[2]))
     # the same tensors whatever the version, and the newest file is the smallest
-    assert all(loads(d) == loads(outs["1.6"]) for d in outs.values())
-    assert (len(outs["1.6"]) < len(outs["1.5"]) < len(outs["1.4"]) < len(outs["1.3"])
-            < len(outs["1.2"]) < len(outs["1.1"]) < len(outs["1.0"]))
+    assert all(loads(d) == loads(outs["1.7"]) for d in outs.values())
+    assert (len(outs["1.7"]) < len(outs["1.6"]) < len(outs["1.5"]) < len(outs["1.4"])
+            < len(outs["1.3"]) < len(outs["1.2"]) < len(outs["1.1"]) < len(outs["1.0"]))
     code, _, err = run(capsys, "compress", src, "-o", tmp_path / "x.compeft",
-                       "--format-version", "1.7")
+                       "--format-version", "1.8")
     assert code == 2
-    assert "invalid choice: '1.7'" in err
+    assert "invalid choice: '1.8'" in err
     with pytest.raises(EncodeError, match=r"version must be one of .* got '2\.0'"):
         compress_file(src, tmp_path / "y.compeft", format_version="2.0")
     assert not (tmp_path / "y.compeft").exists()

@@ -115,15 +115,15 @@ def test_a_bare_frame_is_the_frame_without_its_magic() -> None:
 # ---------------------------------------------------------------------------------------------
 # the writer's 1.6 choices
 # ---------------------------------------------------------------------------------------------
-def test_the_default_writes_tight_packs_and_bare_frames() -> None:
+def test_1_6_writes_tight_packs_and_bare_frames() -> None:
     meta = {"compeft.producer": "compeft_format 0.1.0", "note": "x" * 80}
-    data = dumps(ia3_like(3), metadata=meta)
+    data = dumps(ia3_like(3), metadata=meta, version="1.6")
     assert data[8:12] == bytes([1, 6, 3, S.FLAG_METADATA_ZSTD | S.FLAG_METADATA_BARE])
     assert kinds(data) == [S.KIND_TIGHT_PACK]
     # neither the metadata frame nor the table frame stores the zstd magic
     assert S.ZSTD_MAGIC not in data
     assert S.ZSTD_MAGIC in dumps(ia3_like(3), metadata=meta, version="1.5")
-    plain = dumps(ia3_like(3), metadata=meta, zstd_level=None)  # nothing compressed
+    plain = dumps(ia3_like(3), metadata=meta, zstd_level=None, version="1.6")  # no zstd
     assert plain[11] == 0
     assert kinds(plain) == [S.KIND_TIGHT_PACK]
     assert loads(plain) == loads(data)
@@ -147,14 +147,15 @@ def test_the_command_writes_alignment_1_without_dense_tensors(tmp_path: Path) ->
 
 @pytest.mark.parametrize("adapter", ["lora-minilm-vader", "ia3-minilm-vader"])
 def test_the_projects_adapters_are_smaller_in_1_6(adapter: str, tmp_path: Path) -> None:
-    """The files compress_file writes (format 1.6) against the same tensors in 1.5."""
+    """The files compress_file writes in format 1.6 against the same tensors in 1.5."""
     out = tmp_path / "out"
-    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01)
+    compress_file(ROOT / "tests" / "data" / adapter, out, density=0.01, format_version="1.6")
     data = (out / "adapter_model.compeft").read_bytes()
     assert inspect(data).version == (1, 6)
     with open_file(data) as f:
         tensors, meta = {n: f.get(n) for n in f}, f.metadata()
-    assert data == dumps(tensors, metadata=meta, alignment=1)  # what the command writes
+    # what the command writes
+    assert data == dumps(tensors, metadata=meta, alignment=1, version="1.6")
     v15 = dumps(tensors, metadata=meta, version="1.5")
     assert loads(v15) == loads(data)
     # measured at density 0.01: (IA)^3 532 -> 482 B, LoRA 3,460 -> 3,448 B (its 74 factors share
@@ -178,17 +179,17 @@ def test_writer_streams_the_same_bytes_as_dumps() -> None:
 
 def test_a_1_5_reader_refuses_a_tight_pack() -> None:
     """The kind is unknown below minor 6 (spec 10.1): a 1.6 file with its minor byte set to 5."""
-    refused_below(dumps(ia3_like(1)), 5, "unknown required record kind 0x08")
+    refused_below(dumps(ia3_like(1), version="1.6"), 5, "unknown required record kind 0x08")
 
 
 def test_a_1_5_reader_refuses_a_bare_metadata_frame() -> None:
-    refused_below(dumps(ia3_like(1), metadata={"note": "z" * 100}), 5,
+    refused_below(dumps(ia3_like(1), metadata={"note": "z" * 100}, version="1.6"), 5,
                   r"reserved header flags must be zero \(got 0x03\)")
 
 
 def test_cuts_and_bit_flips_of_a_1_6_file_are_refused() -> None:
     """Every cut and every single-bit flip is an error on every path (a checksum on every byte)."""
-    data = dumps(three_members(), metadata={"compeft.producer": "x" * 70})
+    data = dumps(three_members(), metadata={"compeft.producer": "x" * 70}, version="1.6")
     assert kinds(data) == [S.KIND_TIGHT_PACK]
     assert data[11] == 3
     refuse_every_cut_and_flip(data)
@@ -206,7 +207,7 @@ def _shared(layers: int) -> dict[str, Any]:
 
 def test_shared_scales_read_back() -> None:
     tensors = _shared(4)
-    data = dumps(tensors)
+    data = dumps(tensors, version="1.6")
     assert loads(data) == tensors
     with open_file(data) as f:
         assert {n: f.get(n) for n in f} == tensors

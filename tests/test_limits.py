@@ -146,8 +146,7 @@ def test_decode_budget_raises_then_raising_it_loads(read):
 
 def test_index_size_limit_raises_then_raising_it_loads():
     """Random access bounds the index before parsing it (spec 9.2: random access only)."""
-    index_at = struct.unpack("<Q", SMALL_FILE[-16:-8])[0]
-    index_size = len(SMALL_FILE) - 16 - index_at
+    index_size = struct.unpack("<I", SMALL_FILE[-12:-8])[0]  # spec 5.7: the 1.7 trailer
     with pytest.raises(LimitExceededError, match=rf"index is {index_size} bytes; limit "
                                                  rf"{index_size - 1}"):
         read_random(SMALL_FILE, ReadLimits(max_index_size=index_size - 1))

@@ -60,10 +60,11 @@ def same(a: Any, b: Any) -> bool:
 
 
 PACK_OF = {"1.1": S.KIND_PACK, "1.2": S.KIND_COLUMN_PACK, "1.3": S.KIND_COMPACT_PACK,
-           "1.4": S.KIND_BIT_PACK, "1.5": S.KIND_LEAN_PACK, "1.6": S.KIND_TIGHT_PACK}
+           "1.4": S.KIND_BIT_PACK, "1.5": S.KIND_LEAN_PACK, "1.6": S.KIND_TIGHT_PACK,
+           "1.7": S.KIND_TWIN_PACK}
 
 
-@pytest.mark.parametrize("version", ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6"])
+@pytest.mark.parametrize("version", ["1.1", "1.2", "1.3", "1.4", "1.5", "1.6", "1.7"])
 @pytest.mark.parametrize("positions", ["auto", "golomb", "bitmask"])
 @pytest.mark.parametrize("alignment", [1, 8, 64])
 def test_packs_read_back_like_the_1_0_file(positions: str, alignment: int, version: str,
@@ -114,7 +115,7 @@ def test_a_pack_closes_when_full_and_at_a_record() -> None:
     """Packs hold at most PACK_DATA_TARGET bytes; a dense tensor ends the pack before it."""
     big_members = {f"t{i:03d}": _ternary(1 << 18, 0.5, i) for i in range(40)}  # ~48 KiB each
     data = dumps(big_members, zstd_level=None)
-    packs = [k for k in kinds(data) if k == S.KIND_TIGHT_PACK]
+    packs = [k for k in kinds(data) if k == S.KIND_TWIN_PACK]
     assert len(packs) >= 2
     with open_file(data) as f:
         sizes = {}
@@ -124,7 +125,9 @@ def test_a_pack_closes_when_full_and_at_a_record() -> None:
     assert max(sizes.values()) <= S.PACK_DATA_TARGET
     assert loads(data) == big_members
     mixed = {"a": _ternary(10, 0.5, 1), "b": np.ones(2, np.float32), "c": _ternary(10, 0.5, 2)}
-    assert kinds(dumps(mixed)) == [S.KIND_TIGHT_PACK, S.KIND_DENSE, S.KIND_TIGHT_PACK]
+    assert kinds(dumps(mixed)) == [S.KIND_TWIN_PACK, S.KIND_DENSE, S.KIND_TWIN_PACK]
+    assert kinds(dumps(mixed, version="1.6")) == [S.KIND_TIGHT_PACK, S.KIND_DENSE,
+                                                  S.KIND_TIGHT_PACK]
     assert kinds(dumps(mixed, version="1.5")) == [S.KIND_LEAN_PACK, S.KIND_DENSE,
                                                   S.KIND_LEAN_PACK]
     assert kinds(dumps(mixed, version="1.4")) == [S.KIND_BIT_PACK, S.KIND_DENSE, S.KIND_BIT_PACK]
@@ -143,9 +146,9 @@ def test_writer_flush_and_version_option() -> None:
         w.flush()
         assert len(buf.getvalue()) > before  # the pack is out
         w.write("b", _ternary(100, 0.1, 2))
-    assert kinds(buf.getvalue()) == [S.KIND_TIGHT_PACK, S.KIND_TIGHT_PACK]
+    assert kinds(buf.getvalue()) == [S.KIND_TWIN_PACK, S.KIND_TWIN_PACK]
     assert list(loads(buf.getvalue())) == ["a", "b"]
-    for bad in ("2.0", "1.7", "1", (1, 0, 0), "x.y"):
+    for bad in ("2.0", "1.8", "1", (1, 0, 0), "x.y"):
         with pytest.raises(EncodeError, match="version must be one of"):
             dumps({}, version=bad)
     assert dumps({}, version=(1, 0)) == dumps({}, version="1.0")

@@ -134,14 +134,16 @@ def test_zstd_is_used_only_where_it_saves_bytes(tensors: dict[str, Any],
     for t in inspect(data).tensors:
         kind = data[t.offset]
         packed = kind in (S.KIND_PACK, S.KIND_COLUMN_PACK, S.KIND_COMPACT_PACK,  # spec 5.8:
-                          S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
+                          S.KIND_BIT_PACK, S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK,
+                          S.KIND_TWIN_PACK)
         # members are neither aligned nor zstd
         for b in t.blocks:
-            # spec 5.10 to 5.13: a compact, bit, lean or tight pack member's scale is in the
-            # pack's table
+            # spec 5.10 to 5.14: a compact, bit, lean, tight or twin pack member's scale is in
+            # the pack's table
             in_table = b.stage == "table"
             assert in_table == (kind in (S.KIND_COMPACT_PACK, S.KIND_BIT_PACK,
-                                         S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK)
+                                         S.KIND_LEAN_PACK, S.KIND_TIGHT_PACK,
+                                         S.KIND_TWIN_PACK)
                                  and b.codec == "scale")
             assert packed or b.offset % opts["alignment"] == 0
             assert not packed or b.stage in ("none", "table")

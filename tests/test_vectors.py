@@ -397,15 +397,20 @@ def test_header_constants_match_code() -> None:
     assert bytes.fromhex("89 43 50 46 54 0D 0A 1A") == _spec.MAGIC
     assert "`43 50 46 45`" in text
     assert bytes.fromhex("43504645") == _spec.TAIL_MAGIC
-    assert (_spec.FILE_HEADER_SIZE, _spec.TRAILER_SIZE) == (16, 16)
+    assert (_spec.FILE_HEADER_SIZE, _spec.TRAILER_SIZE, _spec.SHORT_TRAILER.size) == (16, 16, 12)
+    assert "the trailer is the last\n12 bytes instead" in text
     version = re.search(r"Format version \*\*(\d+)\.(\d+)\*\*", text)
     assert version is not None
     assert tuple(map(int, version.groups())) == (_spec.VERSION_MAJOR, _spec.VERSION_MINOR)
-    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 6, 3)
+    assert (_spec.VERSION_MAJOR, _spec.VERSION_MINOR, _spec.DEFAULT_ALIGNMENT_LOG2) == (1, 7, 3)
     assert "bit 0 (`0x01`, 1.2): `Metadata_Zstd`" in text
     assert _spec.FLAG_METADATA_ZSTD == 0x01
     assert "bit 1 (`0x02`, 1.6): `Metadata_Bare`" in text
     assert _spec.FLAG_METADATA_BARE == 0x02
+    assert "bit 2 (`0x04`, 1.7): `Metadata_Unsized`" in text
+    assert _spec.FLAG_METADATA_UNSIZED == 0x04
+    assert "bit 3 (`0x08`, 1.7): `Short_Trailer`" in text
+    assert _spec.FLAG_SHORT_TRAILER == 0x08
     assert "`28 B5 2F FD`" in text
     assert bytes.fromhex("28 B5 2F FD") == _spec.ZSTD_MAGIC
 

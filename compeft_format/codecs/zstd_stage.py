@@ -150,8 +150,9 @@ class ZstdStage:
         """The ``Frame_Content_Size`` of ``frame``, read from its header alone: a 1.7 bare
         frame's decoded size where no field in front of it gives one (spec 7.1).
 
-        The header's rules come first, as :meth:`decode` checks them: not a skippable frame
-        and a valid header (R-ZST-2); then a declared size (R-ZST-3).
+        The header's rules come first, as :meth:`decode` checks them: not a skippable frame,
+        a valid header and no dictionary ID where the dictionary is implied (R-ZST-2); then a
+        declared size (R-ZST-3).
 
         >>> ZSTD.declared_size(ZSTD.encode(b"ab" * 100, 3, bare=True), None, bare=True)
         200
@@ -162,8 +163,11 @@ class ZstdStage:
             raise self._fail(ctx, "zstd stage: a skippable frame is not a zstd frame")
         try:
             declared = zstandard.frame_content_size(frame)
+            dict_id = zstandard.get_frame_parameters(frame).dict_id
         except zstandard.ZstdError as exc:
             raise self._fail(ctx, f"zstd stage: bad frame header ({exc})") from None
+        if self._dict is not None and dict_id:  # spec 5.2, 7.4: the dictionary is implied
+            raise self._fail(ctx, f"zstd stage: the {self._what} declares dictionary {dict_id}")
         if declared < 0:
             raise self._fail(ctx, "zstd stage: the frame declares no content size")
         return declared

@@ -196,6 +196,40 @@ V13 = {"version": "1.3"}
 V14 = {"version": "1.4"}
 V15 = {"version": "1.5"}
 V16 = {"version": "1.6"}
+V17 = {"version": "1.7"}
+
+
+def _twin_tensors() -> dict[str, Any]:
+    """Members with the same positions and signs as an earlier one: 'b.w' (another shape
+    and scale) and 'e.w' are twins of 'a.w', 'd.w' of 'c.w'; 'z.w' and 'zz.w', empty, are
+    not (spec 5.14, Appendix D 6)."""
+    a_idx, a_sg = [3, 17, 40, 41, 63], [0, 1, 1, 0, 1]
+    c_idx, c_sg = [0, 9, 31], [1, 1, 0]
+    return {
+        "a.w": _t((64,), a_idx, a_sg, 0.5),
+        "b.w": _t((8, 8), a_idx, a_sg, 0.75, "F16"),
+        "c.w": _t((32,), c_idx, c_sg, 0.5),
+        "d.w": _t((4, 8), c_idx, c_sg, 0.5, "BF16"),
+        "e.w": _t((2, 32), a_idx, a_sg, 1.5),
+        "f.w": _t((64,), a_idx, [1, 1, 1, 0, 1], 0.5),
+        "z.w": TernaryTensor.zeros((16,)),
+        "zz.w": TernaryTensor.zeros((16,)),
+    }
+
+
+def _bert_ia3_like() -> dict[str, Any]:
+    """Three BERT-like (IA)^3 layers: each layer's value vector is the attention output's
+    (the same positions, signs and scale, the other orientation): Twin_Back 2 (spec 5.14)."""
+    out = {}
+    for i in range(3):
+        stem = f"base_model.model.encoder.layer.{i}"
+        shared = ([i, 9 + i, 40 - i], [i % 2, 1, 0], 0.25 + 0.0625 * i)
+        out[f"{stem}.attention.output.dense.ia3_l"] = _t((1, 48), *shared)
+        out[f"{stem}.attention.self.key.ia3_l"] = _t((48, 1), [2 * i, 30], [1, i % 2],
+                                                     0.3125 + 0.0625 * i)
+        out[f"{stem}.attention.self.value.ia3_l"] = _t((48, 1), *shared)
+        out[f"{stem}.output.dense.ia3_l"] = _t((1, 96), [5, 50 + i, 95], [0, 0, 1], 0.5)
+    return out
 
 
 def _pack_tensors() -> dict[str, Any]:
@@ -479,6 +513,25 @@ VALID: list[Valid] = [
           "and third of each layer sharing a scale: Scale_Back 0 0 2 in every layer, eight "
           "scales in byte planes (alignment 1, no zstd, so the table is plain).",
           _scale_pattern, options={**V16, "alignment": 1, "zstd_level": None}),
+    # -- format 1.7: twin packs (spec 5.14), unsized bare frames (7.1), the short trailer (5.7)
+    Valid("049-twin-pack", "Version 1.7: a twin pack whose 'b.w' and 'e.w' are twins of 'a.w' "
+          "(Twin_Back 1 and 4: other shapes, dtypes and scales) and 'd.w' of 'c.w'; 'f.w' "
+          "differs from 'a.w' in one sign, and the empty 'z.w' and 'zz.w' are not twins. "
+          "Alignment 1, no zstd: the table is plain; Flags 0x08 (the short trailer).",
+          _twin_tensors, options={**V17, "alignment": 1, "zstd_level": None}),
+    Valid("050-twin-pack-bert-ia3", "Version 1.7: three BERT-like (IA)^3 layers whose value "
+          "vector is the twin of the attention output's (Twin_Back 0 0 2 0 in every layer); "
+          "the table a bare frame without Table_Decoded_Size, the metadata a bare frame "
+          "without Metadata_Decoded_Size (Flags 0x0f: the short trailer too).",
+          _bert_ia3_like, metadata=_peft_init_metadata(), options=V17),
+    Valid("051-twin-pack-and-records", "Version 1.7: the tensors of 024-pack-and-records: "
+          "twin packs (without twins) around a dense record and a ternary record too big to "
+          "pack, alignment 8, the short trailer.",
+          lambda: next(v for v in VALID if v.slug == "024-pack-and-records").tensors(),
+          options=V17),
+    Valid("052-empty-file-1-7", "Version 1.7 without tensors or metadata: the header, the "
+          "index 00 00 and the 12-byte trailer (Index_Size 2): 38 bytes with alignment 8.",
+          dict, options=V17),
 ]
 
 
@@ -688,6 +741,8 @@ def pack_file(table: bytes = ONE, data: bytes = ONE_DATA, *, name: bytes = b"a",
         out += record
     index = b"\x00" + varint(len(entries)) + b"".join(
         varint(len(n)) + n + varint(o) for n, o in entries)
+    if flags & SHORT_TRAILER:  # spec 5.7 (1.7): Index_Size in 4 bytes
+        return out + index + struct.pack("<II", len(index), crc32(index)) + b"CPFE"
     return out + index + struct.pack("<QI", len(out), crc32(index)) + b"CPFE"
 
 
@@ -846,6 +901,55 @@ def lean_file(table: bytes = LEAN_ONE, data: bytes = BIT_DATA, **kw: Any) -> byt
 
 def _lean_bytes(**kw: Any) -> Callable[[], bytes]:
     return lambda: lean_file(**kw)
+
+
+# -- format 1.7 (spec 5.14, 7.1, 5.7): twin packs, unsized bare frames, the short trailer
+
+TWIN_PACK = 0x09
+METADATA_UNSIZED = 0x04  #: Flags bit 2 (1.7)
+SHORT_TRAILER = 0x08  #: Flags bit 3 (1.7)
+
+
+def twin(*members: tuple[bytes, int, int, tuple[int, ...], int, int, int, int],
+         backs: tuple[int, ...] = (0,), scales: tuple[float, ...] = (1.0,)) -> bytes:
+    """A twin table (spec 5.14) of ``(name, prefix, dtype, shape, nnz, ptype, param_delta
+    zigzag, twin_back)`` members: columns 1 to 6 of every member, the ``Twin_Back``s, columns
+    7 to 9 of the members that are not twins, then each member's ``Scale_Back`` (``backs``)
+    and the ``scales`` in byte planes."""
+    out = b"".join(varint(m[1]) for m in members)
+    out += b"".join(varint(len(m[0]) - m[1]) for m in members)
+    out += b"".join(m[0][m[1]:] for m in members)
+    out += bytes(m[2] for m in members) + bytes(len(m[3]) for m in members)
+    out += b"".join(varint(d) for m in members for d in m[3])
+    out += b"".join(varint(m[7]) for m in members)
+    own = [m for m in members if not m[7]]
+    out += b"".join(varint(m[4]) for m in own) + bytes(m[5] for m in own)
+    out += b"".join(varint(m[6]) for m in own)
+    raw = [struct.pack("<f", x) for x in scales]
+    return (out + b"".join(varint(b) for b in backs)
+            + bytes(r[3 - i] for i in range(4) for r in raw))
+
+
+TWIN_ONE = twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0))  # 'a' of LEAN_ONE, scale 1.0
+#: 'a' and its twin 'b' (shape (2, 4)), both scale 1.0: the data area is 'a''s streams alone
+TWIN_AB = twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0), (b"b", 0, 0x01, (2, 4), 0, 0, 0, 1),
+               backs=(0, 1))
+
+
+def twin_file(table: bytes = TWIN_ONE, data: bytes = BIT_DATA, **kw: Any) -> bytes:
+    """A 1.7 file (``Flags`` 0x08, the short trailer) holding one twin pack whose index entry
+    has no name (see :func:`bit_file`)."""
+    return bit_file(table, data, **{"kind": TWIN_PACK, "minor": 7, "flags": SHORT_TRAILER,
+                                    **kw})
+
+
+def _twin_bytes(**kw: Any) -> Callable[[], bytes]:
+    return lambda: twin_file(**kw)
+
+
+def unsized_meta(json_text: bytes = BIG_META, **frame_kw: Any) -> bytes:
+    """The metadata of ``Flags`` 0x07 (spec 5.2, 1.7): the bare frame alone."""
+    return bare(meta_frame(json_text, **frame_kw)[len(varint(len(json_text))):])
 
 
 # -- format 1.6 (spec 5.13, 7.1): tight packs and bare frames
@@ -1037,6 +1141,38 @@ ACCEPTED: list[Accepted] = [
              _tight_bytes(table=bare(zstd_frame(TIGHT_ONE)), stage=0x01,
                           decoded=len(TIGHT_ONE)),
              lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    # -- format 1.7: twin packs (spec 5.14), unsized bare frames (7.1), the short trailer (5.7)
+    Accepted("029-twin-pack-streams-stored-twice", "Version 1.7: 'a' and 'b' with the same "
+             "streams, both stored (Twin_Back 0 0); the reference encoder makes 'b' a twin.",
+             _twin_bytes(table=twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                    (b"b", 0, 0x01, (8,), 1, BITMASK, 0, 0), backs=(0, 1)),
+                         count=2, data=b"\x01\x02\x00"),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
+                               "b": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("030-twin-pack-twin-of-the-nearer", "Version 1.7: 'a' and 'b' stored with the "
+             "same streams and 'c' the twin of 'b' (Twin_Back 1); the reference encoder "
+             "makes 'b' and 'c' twins of 'a'.",
+             _twin_bytes(table=twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                    (b"b", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                    (b"c", 0, 0x01, (8,), 0, 0, 0, 1), backs=(0, 1, 1)),
+                         count=3, data=b"\x01\x02\x00"),
+             lambda: cf.dumps({k: TernaryTensor((8,), [0], [False], 1.0) for k in "abc"})),
+    Accepted("031-1-7-long-trailer", "Version 1.7 with Flags 0: a twin pack and the 16-byte "
+             "trailer of 1.0 (the reference encoder sets Flags bit 3 and writes 12 bytes).",
+             _twin_bytes(flags=0),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)})),
+    Accepted("032-1-7-sized-bare-metadata", "Version 1.7 with Flags 0x0b: a bare metadata "
+             "frame with Metadata_Decoded_Size in front of it, as 1.6 stores it (only Flags "
+             "bit 2 leaves it out).",
+             _twin_bytes(flags=0x0B, metadata=bare_meta()),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0)},
+                              metadata=json.loads(BIG_META))),
+    Accepted("033-twin-pack-table-stage-1", "Version 1.7: a twin pack whose table is a bare "
+             "zstd frame without the name dictionary (Table_Stage 1) and without "
+             "Table_Decoded_Size: its twin 'b' reads 'a''s streams.",
+             _twin_bytes(table=bare(zstd_frame(TWIN_AB)), stage=0x01, count=2),
+             lambda: cf.dumps({"a": TernaryTensor((8,), [0], [False], 1.0),
+                               "b": TernaryTensor((2, 4), [0], [False], 1.0)})),
 ]
 
 
@@ -1861,7 +1997,69 @@ INVALID += [
             "entry is named 'a': a random-access decoder lists 'a' and refuses it when it is "
             "read (found by the independent reader: the spec said so only for an entry "
             "without a name).", "R-REC-1", _tight_bytes(minor=5, entry=b"a")),
+    # -- format 1.7: twin packs (spec 5.14), unsized bare frames (7.1), the short trailer (5.7)
+    Invalid("216-twin-pack-in-1-6-file", "A twin pack in a file whose Version_Minor is 6 (the "
+            "16-byte trailer).", "R-REC-1", _twin_bytes(minor=6, flags=0)),
+    Invalid("217-twin-back-too-far", "Members 'a' and 'b', the second's Twin_Back 2: one "
+            "member before it.", "R-TWN-1",
+            _twin_bytes(table=twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                   (b"b", 0, 0x01, (8,), 0, 0, 0, 2), backs=(0, 1)),
+                        count=2)),
+    Invalid("218-twin-of-a-twin", "'c' is the twin of 'b' (Twin_Back 1), itself the twin of "
+            "'a'.", "R-TWN-1",
+            _twin_bytes(table=twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                   (b"b", 0, 0x01, (8,), 0, 0, 0, 1),
+                                   (b"c", 0, 0x01, (8,), 0, 0, 0, 1), backs=(0, 1, 1)),
+                        count=3)),
+    Invalid("219-twin-numel-differs", "'b' (shape (2, 3): 6 elements) is the twin of 'a' (8 "
+            "elements).", "R-TWN-1",
+            _twin_bytes(table=twin((b"a", 0, 0x01, (8,), 1, BITMASK, 0, 0),
+                                   (b"b", 0, 0x01, (2, 3), 0, 0, 0, 1), backs=(0, 1)),
+                        count=2)),
+    Invalid("220-twin-pack-table-frame-without-content-size", "A twin pack's bare table "
+            "frame that declares no content size: nothing else gives the table's size.",
+            "R-ZST-3", _twin_bytes(table=bare(zstd_frame(TWIN_ONE, content_size=False)),
+                                   stage=0x01)),
+    Invalid("221-twin-pack-table-frame-over-1-mib", "A twin pack's bare table frame that "
+            "declares 1 MiB + 1 bytes, refused before decompressing.", "R-PACK-2",
+            _twin_bytes(table=bare(zstd_frame(bytes(2**20 + 1))), stage=0x01)),
+    Invalid("222-twin-pack-body-with-decoded-size", "A twin pack body with a "
+            "Table_Decoded_Size before its table frame, as a tight pack's: one byte more "
+            "than Table_Stored_Size in the body.", "R-REC-5",
+            _twin_bytes(table=bare(zstd_frame(TWIN_ONE)), stage=0x01,
+                        decoded=len(TWIN_ONE))),
+    Invalid("223-short-trailer-in-1-6-file", "Flags 0x08 (the short trailer) in a file whose "
+            "Version_Minor is 6.", "R-HDR-4", _tight_bytes(flags=0x08)),
+    Invalid("224-unsized-metadata-without-bare", "Flags 0x0d in a 1.7 file: bit 2 (unsized "
+            "metadata frame) without bit 1 (bare).", "R-HDR-4",
+            _twin_bytes(flags=0x0D, metadata=meta_frame())),
+    Invalid("225-unsized-metadata-without-content-size", "Flags 0x0f and a bare metadata "
+            "frame that declares no content size.", "R-ZST-3",
+            _twin_bytes(flags=0x0F, metadata=bare(zstandard.ZstdCompressor(
+                level=19, write_content_size=False, write_dict_id=False,
+                dict_data=zstandard.ZstdCompressionDict(
+                    METADATA_DICTIONARY, dict_type=zstandard.DICT_TYPE_RAWCONTENT),
+            ).compress(BIG_META)))),
+    Invalid("226-unsized-metadata-over-limit", "Flags 0x0f: the bare metadata frame declares "
+            "93 bytes, over a max_metadata_size of 92, refused before decompressing.",
+            "R-HDR-5", _twin_bytes(flags=0x0F, metadata=unsized_meta()),
+            limits={"max_metadata_size": 92}),
+    Invalid("227-short-trailer-index-size-one-more", "The short trailer's Index_Size is one "
+            "more than the index: it points one byte before the index.", "R-TRL-4",
+            raw(lambda: _index_size(twin_file(), +1)), random="R-TRL-3"),
+    Invalid("228-short-trailer-index-size-past-start", "The short trailer's Index_Size reaches "
+            "before the file's start.", "R-TRL-4",
+            raw(lambda: _index_size(twin_file(), 1000)), random="R-TRL-5"),
+    Invalid("229-short-trailer-file-too-short", "The 1.7 empty file cut to 36 bytes: the "
+            "header (24) and 12, no room for an index byte and a 12-byte trailer.", "R-EOF-1",
+            _cut("052-empty-file-1-7", lambda d: 36), random="R-TRL-7"),
 ]
+
+
+def _index_size(data: bytes, delta: int) -> bytes:
+    """``data`` (with the short trailer) with ``Index_Size`` changed by ``delta``."""
+    size = struct.unpack("<I", data[-12:-8])[0]
+    return data[:-12] + struct.pack("<I", size + delta) + data[-8:]
 
 
 def _pack_padding() -> bytes:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""An independent compeft 1.6 decoder (and so 1.5 to 1.0), written from spec/FORMAT.md alone.
+"""An independent compeft 1.7 decoder (and so 1.6 to 1.0), written from spec/FORMAT.md alone.
 
 It exists to check that the specification is enough to write a compatible reader: it imports
 nothing from ``compeft_format``, only the standard library and ``zstandard``, and follows the
@@ -50,14 +50,17 @@ COMPACT_PACK = 0x05  # §5.10, from Version_Minor 3
 BIT_PACK = 0x06  # §5.11, from Version_Minor 4
 LEAN_PACK = 0x07  # §5.12, from Version_Minor 5
 TIGHT_PACK = 0x08  # §5.13, from Version_Minor 6
-PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK, LEAN_PACK, TIGHT_PACK)
+TWIN_PACK = 0x09  # §5.14, from Version_Minor 7
+PACKS = (PACK, COLUMN_PACK, COMPACT_PACK, BIT_PACK, LEAN_PACK, TIGHT_PACK, TWIN_PACK)
 # no Name in the body; in a file of minor 4 or more an index entry may have none (§5.6)
-UNNAMED = (COMPACT_PACK, BIT_PACK, LEAN_PACK, TIGHT_PACK)
-# members placed by reading their streams (§5.12, §5.13), with the kind R-LPK-1 names
-PLACED = {LEAN_PACK: "lean", TIGHT_PACK: "tight"}
+UNNAMED = (COMPACT_PACK, BIT_PACK, LEAN_PACK, TIGHT_PACK, TWIN_PACK)
+# members placed by reading their streams (§5.12 to §5.14), with the kind R-LPK-1 names
+PLACED = {LEAN_PACK: "lean", TIGHT_PACK: "tight", TWIN_PACK: "twin"}
 MAX_PACK_TABLE = 1_048_576  # §5.8
 METADATA_ZSTD = 0x01  # §5.1 Flags bit 0, from Version_Minor 2
 METADATA_BARE = 0x02  # §5.1 Flags bit 1, from Version_Minor 6: the metadata frame is bare
+METADATA_UNSIZED = 0x04  # §5.1 Flags bit 2, from Version_Minor 7: no Metadata_Decoded_Size
+SHORT_TRAILER = 0x08  # §5.1 Flags bit 3, from Version_Minor 7: the 12-byte trailer (§5.7)
 # §7.3: the metadata dictionary, the lines of the spec's block joined without line endings
 METADATA_DICTIONARY = "".join((
     '"IA3","LOHA","LOKR","role","tensor","zero","one","norm","gram","kron","kron_sketch",',
@@ -214,18 +217,26 @@ class Header:
     metadata: dict[str, Any]
     first: int  #: P: where the first record (or the index) starts
     minor: int = 0
+    flags: int = 0
 
     @property
     def kinds(self) -> tuple[int, ...]:
         """§5.3: the required kinds this file may hold."""
         return ((0x01, 0x02) + (PACK,) * (self.minor >= 1) + (COLUMN_PACK,) * (self.minor >= 2)
                 + (COMPACT_PACK,) * (self.minor >= 3) + (BIT_PACK,) * (self.minor >= 4)
-                + (LEAN_PACK,) * (self.minor >= 5) + (TIGHT_PACK,) * (self.minor >= 6))
+                + (LEAN_PACK,) * (self.minor >= 5) + (TIGHT_PACK,) * (self.minor >= 6)
+                + (TWIN_PACK,) * (self.minor >= 7))
 
     @property
     def unnamed_entries(self) -> bool:
-        """§5.6 (1.4): the entry of a compact, bit, lean or tight pack may have no name."""
+        """§5.6 (1.4): the entry of a compact, bit, lean, tight or twin pack may have no
+        name."""
         return self.minor >= 4
+
+    @property
+    def trailer_size(self) -> int:
+        """§5.7: 16 bytes, or 12 with Flags bit 3 (1.7, the short trailer)."""
+        return 12 if self.flags & SHORT_TRAILER else 16
 
 
 def _depth(value: Any) -> int:
@@ -319,31 +330,41 @@ def read_header(data: bytes, limits: Limits, budget: Budget) -> Header:
         raise SpecError("R-HDR-2", f"major {major}")
     if log2 > 12:
         raise SpecError("R-HDR-3", f"Alignment_Log2 {log2}")
-    # §5.1: bits 2 to 7 Reserved; bit 0 from minor 2; bit 1 from minor 6, and only with bit 0
-    if (flags & ~(METADATA_ZSTD | METADATA_BARE) or (flags & METADATA_ZSTD and minor < 2)
-            or (flags & METADATA_BARE and minor < 6)):
+    # §5.1: bits 4 to 7 Reserved; bit 0 from minor 2; bit 1 from minor 6; bits 2 and 3 from
+    # minor 7 (these four first); then bit 1 only with bit 0; then bit 2 only with bit 1
+    if (flags & 0xF0 or (flags & METADATA_ZSTD and minor < 2)
+            or (flags & METADATA_BARE and minor < 6)
+            or (flags & (METADATA_UNSIZED | SHORT_TRAILER) and minor < 7)):
         raise SpecError("R-HDR-4", f"reserved header flags must be zero (got 0x{flags:02x})")
     if flags & METADATA_BARE and not flags & METADATA_ZSTD:
         raise SpecError("R-HDR-4", "header flag bit 1 (bare metadata frame) is set without bit 0 "
                                    "(compressed metadata)")
+    if flags & METADATA_UNSIZED and not flags & METADATA_BARE:
+        raise SpecError("R-HDR-4", "header flag bit 2 (unsized metadata frame) is set without "
+                                   "bit 1 (bare metadata frame)")
     if msize > limits.max_metadata_size:
         raise SpecError("R-HDR-5", f"metadata {msize}")
     raw = c.take(msize, "Metadata")
     if c.u32("Header_Checksum") != crc32(data[: 16 + msize]):
         raise SpecError("R-HDR-6", "header checksum")
     if flags & METADATA_ZSTD:  # step 3a (§5.2)
-        m = Cursor(raw)
-        decoded = m.varint("Metadata_Decoded_Size")
+        if flags & METADATA_UNSIZED:  # 1.7: the bare frame alone, its header gives the size
+            decoded = unsized_frame_size(raw, METADATA_DICTIONARY)
+        else:
+            m = Cursor(raw)
+            decoded = m.varint("Metadata_Decoded_Size")
+            raw = raw[m.pos :]
         if decoded > limits.max_metadata_size:
-            raise SpecError("R-HDR-5", f"metadata decodes to {decoded}")
+            raise SpecError("R-HDR-5", f"metadata decodes to {decoded} bytes; limit "
+                                       f"{limits.max_metadata_size}")
         budget.charge(decoded)
-        raw = undo_zstd(raw[m.pos :], decoded, METADATA_DICTIONARY,
+        raw = undo_zstd(raw, decoded, METADATA_DICTIONARY,
                         bare=bool(flags & METADATA_BARE))  # §7.1 bare frames (1.6)
     meta = parse_metadata(raw, limits)
     a = 1 << log2
     first = align(c.pos, a)
     check_zero(c.take(first - c.pos, "header padding"), "R-HDR-7")
-    return Header(a, meta, first, minor)
+    return Header(a, meta, first, minor, flags)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,8 +411,10 @@ class Member:
     param: int
     positions_size: int  #: bytes of its positions payload (a bit pack's: Positions_Bits rounded up)
     scale: bytes | None = None  #: §5.10: a compact pack member's scale, from its table
-    #: §5.11: a bit pack member's positions stream length (a lean or tight pack's once placed)
+    #: §5.11: a bit pack member's positions stream length (a lean, tight or twin pack's once
+    #: placed; a twin's is its source's)
     positions_bits: int | None = None
+    twin: int = 0  #: §5.14: a twin pack member's Twin_Back (0: not a twin)
 
     @property
     def size(self) -> int:
@@ -421,15 +444,16 @@ def read_record_header(c: Cursor, kind: int, limits: Limits, a: int) -> RecordHe
     body_end = header_end - 8
     data_crc = struct.unpack("<I", c.data[body_end : body_end + 4])[0]
     b = Cursor(c.data, body_start, body_end)
-    if kind in UNNAMED:  # §5.10 to §5.13: no Name; the first member's name is the record's
+    if kind in UNNAMED:  # §5.10 to §5.14: no Name; the first member's name is the record's
         members = read_pack_body(b, None, limits, columns=True, bits=kind == BIT_PACK,
-                                 lean=kind in PLACED, tight=kind == TIGHT_PACK)
+                                 lean=kind in PLACED, tight=kind in (TIGHT_PACK, TWIN_PACK),
+                                 twin=kind == TWIN_PACK)
         name = members[0].name
     else:
         name = read_name(b, limits)
         if kind in PACKS:
             members = read_pack_body(b, name, limits, columns=kind == COLUMN_PACK)
-    if kind in PLACED:  # §5.12, §5.13: Data_Size is checked after placing the members (step 13)
+    if kind in PLACED:  # §5.12 to §5.14: Data_Size is checked after placing the members (step 13)
         return RecordHeader(kind, name, "", [], None, [], data_crc, header_end, data_size,
                             members)
     if kind in PACKS:
@@ -496,11 +520,13 @@ def read_tensor_fields(b: Cursor, ternary: bool, limits: Limits,
 
 def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = False,
                    bits: bool = False, lean: bool = False, tight: bool = False,
-                   ) -> list[Member]:
+                   twin: bool = False) -> list[Member]:
     """§8.1 step 8a (8b for a column pack, 8c for a compact pack, whose ``name`` is None, for
-    a bit pack, with ``bits``, for a lean pack, with ``lean``: no column 10, and for a tight
+    a bit pack, with ``bits``, for a lean pack, with ``lean``: no column 10, for a tight
     pack, with ``lean`` and ``tight``: a bare table frame, Scale_Back and Scale_Planes as
-    columns 11 and 12, §5.13): the rest of a pack's body and its member table."""
+    columns 11 and 12, §5.13, and for a twin pack, with ``twin`` too: no
+    Table_Decoded_Size, the frame header gives it, and a Twin_Back column, §5.14): the rest of
+    a pack's body and its member table."""
     count = b.varint("Member_Count")
     if count < 1:
         raise SpecError("R-PACK-1", "no member")
@@ -508,17 +534,23 @@ def read_pack_body(b: Cursor, name: str | None, limits: Limits, columns: bool = 
     stored_size = b.varint("Table_Stored_Size")
     if stage not in ((0, 1) if name is not None else (0, 1, 2)):
         raise SpecError("R-BLK-1", f"Table_Stage {stage}")
-    decoded = b.varint("Table_Decoded_Size") if stage else stored_size
+    decoded = b.varint("Table_Decoded_Size") if stage and not twin else stored_size
     if decoded > MAX_PACK_TABLE:
         raise SpecError("R-PACK-2", f"Table_Decoded_Size {decoded}")
     table = b.take(stored_size, "Table")
     if b.left():
         raise SpecError("R-REC-5", f"{b.left()} bytes left in the body")
-    if stage:  # a tight pack's table frame is bare (§5.13, §7.1)
-        table = undo_zstd(table, decoded, NAME_DICTIONARY if stage == 2 else None, bare=tight)
+    dictionary = NAME_DICTIONARY if stage == 2 else None
+    if stage and twin:  # §5.14, §7.1 unsized bare frames (1.7): the frame header gives the size
+        decoded = unsized_frame_size(table, dictionary)
+        if decoded > MAX_PACK_TABLE:
+            raise SpecError("R-PACK-2", f"pack table: decoded size {decoded} exceeds "
+                                        f"{MAX_PACK_TABLE}")
+    if stage:  # a tight or twin pack's table frame is bare (§5.13, §7.1)
+        table = undo_zstd(table, decoded, dictionary, bare=tight)
     t = Cursor(table)
     if columns:
-        members = read_columns(t, count, name, limits, bits, lean)
+        members = read_columns(t, count, name, limits, bits, lean, twin)
         if tight:
             read_scale_planes(t, members)
         elif name is None:  # §5.10 columns 11 and 12: scale refs, then each scale once
@@ -625,12 +657,13 @@ def predicted_size(ptype: int, m: int, numel: int, n: int) -> int:
 
 
 def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: bool = False,
-                 lean: bool = False) -> list[Member]:
+                 lean: bool = False, twin: bool = False) -> list[Member]:
     """§8.1 step 8b: the columns of a column pack's member table (§5.9); ``name`` None: a
     compact pack's (§5.10), whose first name is coded against the empty name; ``bits``: a bit
-    pack's (§5.11), whose column 10 gives Positions_Bits; ``lean``: a lean or tight pack's
-    (§5.12, §5.13), which has no column 10 (its members' lengths are found in the data
-    area)."""
+    pack's (§5.11), whose column 10 gives Positions_Bits; ``lean``: a lean, tight or twin
+    pack's (§5.12 to §5.14), which has no column 10 (its members' lengths are found in the
+    data area); ``twin``: a twin pack's (§5.14), with column 6a (Twin_Back) after the
+    dimensions and columns 7 to 9 for the members that are not twins only."""
     prefixes = [t.varint("Prefix_Length") for _ in range(count)]
     suffixes = [t.varint("Suffix_Length") for _ in range(count)]
     names, prev = [], b"" if name is None else name.encode()
@@ -662,26 +695,38 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: 
             raise SpecError("R-BODY-4", f"numel {math.prod(shapes[-1])}")
         if math.prod(d for d in shapes[-1] if d) > limits.max_numel:  # §5.4.3 (1.4)
             raise SpecError("R-BODY-4", f"nonzero dimensions of {shapes[-1]}")
-    nnzs = []
-    for shape in shapes:
+    twins = read_twin_backs(t, names, shapes) if twin else [0] * count
+    # columns 7 to 9: a twin has no entry; its Nnz, Positions_Type and Param are its source's
+    # (an earlier member that is not a twin, so already read)
+    nnzs: list[int] = []
+    for i, shape in enumerate(shapes):
+        if twins[i]:
+            nnzs.append(nnzs[i - twins[i]])
+            continue
         nnzs.append(t.varint("Nnz"))
         if nnzs[-1] > math.prod(shape):
             raise SpecError("R-BODY-5", f"Nnz {nnzs[-1]}")
-    ptypes = []
-    for _ in range(count):
+    ptypes: list[int] = []
+    for i in range(count):
+        if twins[i]:
+            ptypes.append(ptypes[i - twins[i]])
+            continue
         ptypes.append(t.u8("Positions_Type"))
         if ptypes[-1] not in (0x01, 0x02):
             raise SpecError("R-PACK-6", f"Positions_Type {ptypes[-1]}")
-    params = []
+    params: list[int] = []
     for i in range(count):
+        if twins[i]:
+            params.append(params[i - twins[i]])
+            continue
         q = predicted_param(ptypes[i], math.prod(shapes[i]), nnzs[i])
         d = zigzag(t.varint("Param_Delta"))
         if q + d < 0:
             raise SpecError("R-PACK-10", f"Param {q} + {d}")
         params.append(q + d)
     if lean:  # §5.12: no column 10; positions_size and positions_bits come from the data area
-        return [Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i], 0)
-                for i in range(count)]
+        return [Member(names[i], dtypes[i], shapes[i], nnzs[i], ptypes[i], params[i], 0,
+                       twin=twins[i]) for i in range(count)]
     members = []
     predict = predicted_bits if bits else predicted_size  # §5.11 column 10, or §5.9's
     for i in range(count):
@@ -698,10 +743,33 @@ def read_columns(t: Cursor, count: int, name: str | None, limits: Limits, bits: 
     return members
 
 
+def read_twin_backs(t: Cursor, names: list[str], shapes: list[list[int]]) -> list[int]:
+    """§5.14 column 6a of a twin pack: every Twin_Back, each checked as it is read (R-TWN-1:
+    it reaches no further than the first member, to a member that is not a twin and whose
+    dimensions multiply to the twin's numel)."""
+    backs: list[int] = []
+    for i, shape in enumerate(shapes):
+        j = t.varint("Twin_Back")
+        if j > i:
+            raise SpecError("R-TWN-1", f"{names[i]!r}: twin pack member: twin back {j} reaches "
+                                       f"before the first member (member {i})")
+        if j and backs[i - j]:
+            raise SpecError("R-TWN-1", f"{names[i]!r}: twin pack member: its source "
+                                       f"{names[i - j]!r} ({j} back) is a twin itself")
+        if j and math.prod(shapes[i - j]) != math.prod(shape):
+            raise SpecError("R-TWN-1", f"{names[i]!r}: twin pack member: its source "
+                                       f"{names[i - j]!r} ({j} back) has "
+                                       f"{math.prod(shapes[i - j])} elements, the twin "
+                                       f"{math.prod(shape)}")
+        backs.append(j)
+    return backs
+
+
 def decode_pack(h: RecordHeader, data: bytes, a: int, budget: Callable[[], Budget],
                 ) -> list[dict[str, Any]]:
-    """§8.1 step 13 for a pack: its checksum, its padding (a lean or tight pack's after placing its
-    members, R-LPK-1, and checking Data_Size, R-PACK-8), then each member's payloads, each
+    """§8.1 step 13 for a pack: its checksum, its padding (a lean, tight or twin pack's after
+    placing its members, R-LPK-1, and checking Data_Size, R-PACK-8), then each member's
+    payloads, each
     charged to ``budget()`` (the decoding's budget, or a member's own in random access)."""
     if crc32(data) != h.data_crc:
         raise SpecError("R-REC-9", "data checksum")
@@ -730,13 +798,20 @@ def decode_bit_pack(members: list[Member], data: bytes, budget: Callable[[], Bud
                     ) -> list[dict[str, Any]]:
     """§5.11, §8.1 step 13: the padding after the last member's last bit (R-BLK-4), then each
     member: its stream lengths (R-BPK-1), then its streams rounded up to bytes, decoded as a
-    compact pack member's payloads."""
-    total = sum(m.bits for m in members)  # B
+    compact pack member's payloads. A twin (§5.14) takes no bits: it reads its source's
+    streams."""
+    starts, total = [], 0  # the bit where each member's streams start; B
+    for i, m in enumerate(members):
+        if m.twin:
+            starts.append(starts[i - m.twin])
+        else:
+            starts.append(total)
+            total += m.bits
     if total % 8 and data[total // 8] >> (total % 8):
         raise SpecError("R-BLK-4", f"padding bits after bit {total} not zero")
     check_zero(data[(total + 7) // 8 :], "R-BLK-4")
-    out, at = [], 0  # at: the bit where the member's streams start
-    for m in members:
+    out = []
+    for m, at in zip(members, starts, strict=True):
         assert m.positions_bits is not None
         assert m.scale is not None
         n_bits, numel = m.positions_bits, math.prod(m.shape)
@@ -748,23 +823,28 @@ def decode_bit_pack(members: list[Member], data: bytes, budget: Callable[[], Bud
             raise SpecError("R-BPK-1", f"golomb stream of {n_bits} bits does not end with a 1")
         positions = stream_bytes(data, at, n_bits)
         signs = stream_bytes(data, at + n_bits, m.nnz)
-        at += m.bits
         out.append(decode_member(m, positions, signs, m.scale, budget()))
     return out
 
 
 def decode_lean_pack(members: list[Member], data: bytes, a: int, budget: Callable[[], Budget],
                      kind: str = "lean") -> list[dict[str, Any]]:
-    """§5.12 (and §5.13 for a tight pack, ``kind`` "tight"), §8.1 step 13 (after the checksum):
-    place the members in order (R-LPK-1), check Data_Size (R-PACK-8), then decode the members
-    as a bit pack's: padding (R-BLK-4), then each member's streams rounded up to bytes (R-BPK-1
+    """§5.12 (and §5.13 for a tight pack, ``kind`` "tight", §5.14 for a twin pack, "twin"),
+    §8.1 step 13 (after the checksum): place the members in order (R-LPK-1; a twin on its
+    source's streams, taking no bits), check Data_Size (R-PACK-8), then decode the members as
+    a bit pack's: padding (R-BLK-4), then each member's streams rounded up to bytes (R-BPK-1
     holds by construction)."""
-    placed, at = [], 0  # at: the bit where the member's streams start
-    for m in members:
-        n_bits = place_lean_member(m, data, at, kind)
+    placed: list[Member] = []
+    at = 0  # the bit where the next member's streams start
+    for i, m in enumerate(members):
+        if m.twin:  # §5.14: its source's streams (its Nnz, type and Param are the source's)
+            n_bits = placed[i - m.twin].positions_bits
+            assert n_bits is not None
+        else:
+            n_bits = place_lean_member(m, data, at, kind)
+            at += n_bits + m.nnz
         placed.append(Member(m.name, m.dtype, m.shape, m.nnz, m.positions_type, m.param,
-                             (n_bits + 7) // 8, m.scale, n_bits))
-        at += n_bits + m.nnz
+                             (n_bits + 7) // 8, m.scale, n_bits, m.twin))
     if len(data) != align((at + 7) // 8, a):  # B = at
         raise SpecError("R-PACK-8", f"Data_Size {len(data)}, members take {at} bits")
     return decode_bit_pack(placed, data, budget)
@@ -774,7 +854,7 @@ def place_lean_member(m: Member, data: bytes, at: int, kind: str = "lean") -> in
     """§5.12: the length in bits of member ``m``'s positions stream, which starts at bit
     ``at`` of the data area ``data`` (R-LPK-1: it and the signs stream after it lie within the
     data area; a golomb unary part holds its n one bits within n + floor((N - n) / M) bits).
-    ``kind`` ("lean" or "tight", §5.13) names the pack in the messages."""
+    ``kind`` ("lean", "tight" or "twin", §5.13, §5.14) names the pack in the messages."""
     total = 8 * len(data)
 
     def need(count: int, stream: str) -> None:
@@ -923,12 +1003,12 @@ def decode_golomb(payload: bytes, m: int, numel: int, n: int) -> list[int]:
     return positions
 
 
-def undo_zstd(stored: bytes, decoded_size: int, dictionary: bytes | None = None,
-              bare: bool = False) -> bytes:
-    """§7.1 (with the metadata dictionary of §7.3 for compressed metadata, or the name
-    dictionary of §7.4); ``bare``: a bare frame (1.6), whose magic number is put back first,
-    so that every rule applies to the whole frame (stored bytes that begin with the magic hold
-    it twice: a bad frame header, R-ZST-2)."""
+def frame_header(stored: bytes, dictionary: bytes | None = None,
+                 bare: bool = False) -> tuple[bytes, int]:
+    """§7.1 R-ZST-2: the frame (``bare``: a bare frame, 1.6, whose magic number is put back
+    first, so that every rule applies to the whole frame; stored bytes that begin with the
+    magic hold it twice: a bad frame header) and the content size its header declares (-1:
+    none). With a ``dictionary`` (implied, §7.3, §7.4) the header names no Dictionary_ID."""
     if bare:
         stored = ZSTD_MAGIC + stored
     if len(stored) >= 4 and stored[1:4] == b"\x2a\x4d\x18" and stored[0] & 0xF0 == 0x50:
@@ -940,6 +1020,24 @@ def undo_zstd(stored: bytes, decoded_size: int, dictionary: bytes | None = None,
         raise SpecError("R-ZST-2", str(exc)) from None
     if dictionary is not None and dict_id:  # §5.2: the dictionary is implied, not named
         raise SpecError("R-ZST-2", f"Dictionary_ID {dict_id}")
+    return stored, declared
+
+
+def unsized_frame_size(stored: bytes, dictionary: bytes | None = None) -> int:
+    """§7.1 unsized bare frames (1.7): the Decoded_Size that the bare frame's header gives,
+    after the header's own checks (R-ZST-2) and that it declares one (R-ZST-3); the caller
+    checks the bound of the field it stands for before decompressing."""
+    declared = frame_header(stored, dictionary, bare=True)[1]
+    if declared < 0:
+        raise SpecError("R-ZST-3", "zstd stage: the frame declares no content size")
+    return declared
+
+
+def undo_zstd(stored: bytes, decoded_size: int, dictionary: bytes | None = None,
+              bare: bool = False) -> bytes:
+    """§7.1 (with the metadata dictionary of §7.3 for compressed metadata, or the name
+    dictionary of §7.4); ``bare``: a bare frame (1.6), see :func:`frame_header`."""
+    stored, declared = frame_header(stored, dictionary, bare)
     if declared != decoded_size:
         raise SpecError("R-ZST-3", f"frame declares {declared}")
     kw = {}
@@ -1090,14 +1188,18 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
                for _ in range(count)]
     if len(entries) != len(seen) or not all(map(lists, entries, seen)):
         raise SpecError("R-IDX-2", "index does not match the records")
-    index_end = c.pos
-    offset, crc, tail = struct.unpack("<QI4s", c.take(16, "Trailer"))
+    index_end = c.pos  # T: where the trailer starts
+    if header.flags & SHORT_TRAILER:  # §5.7 (1.7): Index_Size in the place of Index_Offset
+        index_size, crc, tail = struct.unpack("<II4s", c.take(12, "Trailer"))
+        offset = index_end - index_size
+    else:
+        offset, crc, tail = struct.unpack("<QI4s", c.take(16, "Trailer"))
     if tail != TAIL_MAGIC:
         raise SpecError("R-TRL-1", repr(tail))
     if crc != crc32(data[index_at:index_end]):
         raise SpecError("R-TRL-3", "index checksum")
     if offset != index_at:
-        raise SpecError("R-TRL-4", f"Index_Offset {offset}")
+        raise SpecError("R-TRL-4", f"trailer points at {offset}, the index is at {index_at}")
     if c.left():
         raise SpecError("R-TRL-6", "bytes after the trailer")
     return {"metadata": header.metadata, "tensors": tensors}
@@ -1105,7 +1207,8 @@ def read_stream(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
 
 def lists(entry: tuple[str, int], record: tuple[str, int, bool]) -> bool:
     """§8.1 step 15: an index entry is its record's name and offset; in a file of minor 4 or
-    more a compact, bit, lean or tight pack's entry may have the empty name instead (§5.6)."""
+    more a compact, bit, lean, tight or twin pack's entry may have the empty name instead
+    (§5.6)."""
     (name, off), (rname, at, may_be_unnamed) = entry, record
     return off == at and (name == rname or (name == "" and may_be_unnamed))
 
@@ -1115,18 +1218,23 @@ def read_random(data: bytes, limits: Limits | None = None) -> dict[str, Any]:
     limits = limits or Limits()
     header = read_header(data, limits, Budget(limits, len(data)))  # the opening's budget
     a, size, first = header.alignment, len(data), header.first
-    if size < first + 17:
+    t = header.trailer_size  # step 2: 16, or 12 with the short trailer (§5.7)
+    if size < first + 1 + t:
         raise SpecError("R-TRL-7", f"{size} bytes")
-    index_at, crc, tail = struct.unpack("<QI4s", data[-16:])
+    if t == 12:  # §5.7 (1.7): Index_Size; the index is at F - 12 - Index_Size
+        index_size, crc, tail = struct.unpack("<II4s", data[-12:])
+        index_at = size - 12 - index_size
+    else:
+        index_at, crc, tail = struct.unpack("<QI4s", data[-16:])
     if tail != TAIL_MAGIC:
         raise SpecError("R-TRL-2", repr(tail))
-    if not first <= index_at <= size - 17:
-        raise SpecError("R-TRL-5", f"Index_Offset {index_at}")
-    if size - 16 - index_at > limits.max_index_size:
+    if not first <= index_at <= size - t - 1:
+        raise SpecError("R-TRL-5", f"index offset {index_at} outside [{first}, {size - t - 1}]")
+    if size - t - index_at > limits.max_index_size:
         raise SpecError("R-IDX-3", "index size")
-    if crc != crc32(data[index_at : size - 16]):
+    if crc != crc32(data[index_at : size - t]):
         raise SpecError("R-TRL-3", "index checksum")
-    c = Cursor(data, index_at, size - 16)
+    c = Cursor(data, index_at, size - t)
     if c.u8("Index_Kind") != 0x00:
         raise SpecError("R-IDX-4", "Index_Kind")
     count = c.varint("Tensor_Count")
