@@ -118,6 +118,7 @@ class Writer:
         self._pack: list[PackMember] = []
         self._pack_data = self._pack_table = 0  # bytes of the pending pack's data and table
         self._pack_cost = 0  # decode-budget charge of the pending pack's members (spec 9.3)
+        self._pack_bits = 0  # bits of the pending bit pack's streams (spec 5.11)
         #: (numel, nnz, positions type, param, positions, signs) -> index in the pending pack
         #: of the first member with those streams (spec 5.14: later ones are its twins)
         self._streams: dict[tuple[int, int, int, int, bytes, bytes], int] = {}
@@ -294,6 +295,7 @@ class Writer:
         self._pack_data += member.size
         self._pack_table += entry
         self._pack_cost += member.cost
+        self._pack_bits += 0 if member.fields.twin else member.fields.psize + member.fields.nnz
         if self._bits:  # spec 5.11: its bits, rounded up to bytes (as TensorInfo.record_size)
             f = member.fields  # a twin (spec 5.14) adds no bits
             return 0 if f.twin else -(-(f.psize + f.nnz) // 8)
@@ -303,8 +305,11 @@ class Writer:
         """The member as a twin (spec 5.14) of the first one of the pending pack with the same
         streams and element count, or as it is.
 
-        A twin adds no data but decodes like its source; it is made only while the file
-        written so far stays within the default decode budget (spec 9.3) with it.
+        A twin adds a decoding to the decode budget (spec 9.3) but no bytes to the file, so it
+        is made only while the charges of everything written and pending, with it, stay
+        within 64 times the bytes written and pending: without the budget's 64 MiB floor,
+        which a file's last members could not make up for if twins used it (each member that
+        follows, stored without zstd, is charged less than 41 times its bytes).
         """
         f = member.fields
         if not self._twins or not f.nnz:  # an empty member's streams take no bits anyway
@@ -312,8 +317,8 @@ class Writer:
         key = (math.prod(f.shape), f.nnz, f.ptype, f.param, member.parts[0], member.parts[1])
         source = self._streams.setdefault(key, len(self._pack))
         charged = self._cost + self._pack_cost + member.cost
-        if (source == len(self._pack)
-                or charged > max(S.DECODE_BUDGET_FLOOR, S.DECODE_BUDGET_RATIO * self._pos)):
+        at_least = self._pos + self._pack_bits // 8  # bytes the file will have at least
+        if source == len(self._pack) or charged > S.DECODE_BUDGET_RATIO * at_least:
             return member
         twin = dataclasses.replace(f, twin=len(self._pack) - source)
         return PackMember(member.name, (b"", b"", member.parts[2]), member.cost, twin)
@@ -337,7 +342,7 @@ class Writer:
         if not self._pack:
             return
         members, self._pack = self._pack, []
-        self._pack_data = self._pack_table = self._pack_cost = 0
+        self._pack_data = self._pack_table = self._pack_cost = self._pack_bits = 0
         self._streams = {}
         level = None if self._level is None else S.SMALL_ZSTD_LEVEL  # Appendix D 6
         if self._bits:  # spec 5.11: Positions_Bits in the table (5.12: not), bit after bit
