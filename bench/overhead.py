@@ -150,7 +150,9 @@ def breakdown(path: str | Path, info: FileInfo | None = None) -> dict[str, int]:
     (True, 3)
     """
     info = info or inspect(path)
-    blocks = [b for t in info.tensors for b in t.blocks if b.stage != "table"]
+    # a twin's blocks (format 1.7) are its source's streams: each stream is counted once
+    blocks = list({(b.offset, b.first_bit, b.bits, b.stored_size, b.codec): b
+                   for t in info.tensors for b in t.blocks if b.stage != "table"}.values())
     first = min((t.offset for t in info.tensors), default=info.file_size - 16)
     # a bit pack member's streams (format 1.4) count their bits, not their bytes
     data = -(-sum(8 * b.stored_size if b.bits is None else b.bits for b in blocks) // 8)

@@ -259,7 +259,7 @@ def compress_file(
         0.005 of the best single scale on 606, against 455 with the default scale alone
         (``bench/results/lora_calibrate.md``).
     format_version:
-        The format version to write, ``"1.0"`` to ``"1.6"``, for readers of an older
+        The format version to write, ``"1.0"`` to ``"1.7"``, for readers of an older
         version (spec 10.1); None (the default): the newest, whose files are the smallest.
         Whatever the version, a file whose tensors are all ternary is written with
         alignment 1 (no padding), one with a dense tensor with 8

@@ -27,7 +27,7 @@ ZSTD_MIN = 64  # smaller payloads are stored raw: a zstd frame would rarely win,
 def maybe_zstd(payload: bytes, level: int | None, stage: ZstdStage = ZSTD, bare: bool = False,
                ) -> tuple[int, bytes]:
     """Return ``(stage, stored)``: zstd only where it makes the block smaller (spec 7);
-    ``bare``: a frame without its magic number (spec 7.1, 1.6: a tight pack's table)."""
+    ``bare``: a frame without its magic number (spec 7.1, 1.6: a tight or twin pack's table)."""
     if level is None or len(payload) < ZSTD_MIN:
         return S.STAGE_NONE, payload
     frame = stage.encode(payload, level, bare)

@@ -433,7 +433,7 @@ def merge_files(
     progress:
         Progress bars on stderr.
     format_version:
-        Of a compeft output: the format version to write, ``"1.0"`` to ``"1.6"``, for
+        Of a compeft output: the format version to write, ``"1.0"`` to ``"1.7"``, for
         readers of an older version (spec 10.1); None (the default): the newest.
 
     Returns

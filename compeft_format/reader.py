@@ -183,7 +183,7 @@ def _decode_present(rec: Record, data: memoryview, budget: Budget, framework: st
 
 def _decode_pack(rec: Record, data: memoryview, budget: Budget, framework: str,
                  dense: bool, device: Any = None) -> Iterator[tuple[str, Any]]:
-    """Check a pack's data area, then decode its members in order (spec 5.8 to 5.13)."""
+    """Check a pack's data area, then decode its members in order (spec 5.8 to 5.14)."""
     check_pack_data(rec, data)
     for m in rec.members:
         lo = m.data_start - rec.data_start
@@ -435,7 +435,7 @@ class CompeftReader:
 
     def _check_pack(self, rec: Record) -> None:
         """Verify the data area of pack member ``rec``'s pack once (its checksum and padding;
-        a lean or tight pack's members are placed then, spec 5.12, 5.13)."""
+        a lean, tight or twin pack's members are placed then, spec 5.12 to 5.14)."""
         if rec.offset not in self._checked:
             pack = self._packs[rec.offset]
             check_pack_data(pack, self._buf[pack.data_start : pack.end], rec.name)
@@ -469,7 +469,7 @@ class CompeftReader:
 
     def info(self, name: str) -> TensorInfo:
         """Shape, dtype, nnz, blocks and sizes of one tensor, without decoding its data (a
-        lean or tight pack's member, spec 5.12, 5.13: its pack's data area is read and
+        lean, tight or twin pack's member, spec 5.12 to 5.14: its pack's data area is read and
         verified, to find where it is)."""
         rec = self._record(name)
         if rec.in_pack and self._packs[rec.offset].used_bits < 0:

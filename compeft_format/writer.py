@@ -66,12 +66,15 @@ class Writer:
     alignment:
         Block alignment in bytes, a power of two from 1 to 4096.
     version:
-        ``"1.6"`` (the default) gathers ternary tensors of at most 2^19 elements into tight
-        pack records (spec 5.13: each distinct scale and the first name stored once, names
+        ``"1.7"`` (the default) gathers ternary tensors of at most 2^19 elements into twin
+        pack records (spec 5.14: each distinct scale and the first name stored once, names
         compressed with the name dictionary, the members' bit streams one after the other,
-        their lengths not stored, the scales coded by distance and in byte planes; no name
-        in their index entries) and compresses the metadata (spec 5.2), the table and
-        metadata frames stored without the zstd magic number (spec 7.1); ``"1.5"`` writes
+        their lengths not stored, the scales coded by distance and in byte planes, a member
+        whose streams an earlier member of the pack has stored as its twin; no name in their
+        index entries) and compresses the metadata (spec 5.2), the table and metadata frames
+        stored without the zstd magic number or a decoded size in front (spec 7.1), and ends
+        the file with the 12-byte trailer (spec 5.7); ``"1.6"`` writes the tight packs of
+        spec 5.13 with the 16-byte trailer, for 1.6 readers; ``"1.5"`` writes
         the lean packs of spec 5.12, for 1.5 readers; ``"1.4"`` the bit packs of spec 5.11
         (lengths stored), for 1.4 readers; ``"1.3"`` the compact packs of spec 5.10, for 1.3
         readers; ``"1.2"`` the column packs of spec 5.9, for 1.2 readers; ``"1.1"`` the packs
@@ -326,7 +329,7 @@ class Writer:
     def flush(self) -> None:
         """Write the tensors waiting in a pack now, so that a reader of the stream gets them.
 
-        A 1.1 to 1.6 writer gathers small ternary tensors into a pack (spec 5.8 to 5.13) and
+        A 1.1 to 1.7 writer gathers small ternary tensors into a pack (spec 5.8 to 5.14) and
         writes it when it is full, when a tensor that is not packed comes, or at
         :meth:`close`; at most about 1 MiB waits. The file stays valid: the next tensors start
         a new pack.

@@ -4,7 +4,8 @@ The input bytes drive a :class:`_harness.DataProvider` that picks the tensors (s
 0-d to 4-d, densities from 0 to 1, position patterns, signs, scales from 0 to the float32
 maximum, the four ternary dtypes, dense records of the twelve numpy dtypes), the metadata
 (nested JSON with reserved keys) and the writer options (positions codec, zstd level,
-alignment, format version 1.0 to 1.6). Contract, for every input:
+alignment, format version 1.0 to 1.7), and whether some tensors repeat another's positions and
+signs (a twin pack's twins, spec 5.14). Contract, for every input:
 
 * ``dumps`` accepts it (every generated input is valid), twice with the same bytes;
 * ``loads``, ``iter_stream`` and ``open_file`` give back exactly the input and metadata;
@@ -17,6 +18,7 @@ Any exception is a crash. Run ``python fuzz/fuzz_roundtrip.py -help=1`` or see f
 from __future__ import annotations
 
 import io
+import itertools
 import math
 import sys
 from typing import Any
@@ -35,7 +37,7 @@ DENSE_DTYPES = (np.float64, np.float32, np.float16, np.int64, np.int32, np.int16
 ZSTD_LEVELS = (None, 3, -7, -1, 1, 9, 19, 22)
 #: Format versions a writer can write (spec 10): the default first, so that corpus inputs
 #: from before this choice existed (whose bytes end before it) keep their meaning.
-VERSIONS = ("1.6", "1.5", "1.4", "1.3", "1.2", "1.1", "1.0")
+VERSIONS = ("1.7", "1.6", "1.5", "1.4", "1.3", "1.2", "1.1", "1.0")
 SCALES = (0.0, 1.0, 0.0125, 1e-45, 1.1754942e-38, 3.4028235e38, 65504.0, 1e-8)
 DENSITIES = (0.0, 1.0, 0.5, 0.001, 0.01, 0.05, 0.1, 0.3, 0.9)
 SIZE_FACTORS = (1, 1, 3, 64, 1000, 8191)  #: widen the last dimension: golomb's M grows
@@ -142,7 +144,13 @@ def generate(data: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
         if name in tensors:
             name = f"{name}#{i}"
         tensors[name] = _dense(p) if p.int_in_range(0, 3) == 3 else _ternary(p)
-    options["version"] = p.pick(VERSIONS)  # last: see VERSIONS
+    options["version"] = p.pick(VERSIONS)  # see VERSIONS
+    if p.bool():  # after the version, so older inputs keep their meaning: twins (spec 5.14)
+        ternary = [n for n, t in tensors.items() if isinstance(t, TernaryTensor)]
+        for a, b in itertools.pairwise(ternary):
+            src, own = tensors[a], tensors[b]  # b: a's positions and signs, its own shape
+            tensors[b] = TernaryTensor((src.numel,), src.indices, src.signs, own.scale,
+                                       own.dtype)
     return tensors, options
 
 

@@ -165,7 +165,7 @@ def add_zstd(q: argparse.ArgumentParser, help_level: str) -> None:
     z.add_argument("--no-zstd", action="store_true", help="no zstd stage")
 
 
-#: the format versions a writer can be asked for, oldest first ("1.0" ... "1.6")
+#: the format versions a writer can be asked for, oldest first ("1.0" ... "1.7")
 FORMAT_VERSIONS = tuple(f"{a}.{b}" for a, b in S.VERSIONS)
 
 
