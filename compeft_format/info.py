@@ -59,6 +59,9 @@ class TensorInfo:
     blocks: tuple[BlockInfo, ...]
     offset: int  #: absolute offset of the record
     record_size: int  #: header plus data area, in bytes
+    #: a twin pack member that stores no streams (format 1.7, spec 5.14): the member whose
+    #: positions and signs it reads; None for any other tensor
+    twin_of: str | None = None
 
     @property
     def numel(self) -> int:
@@ -94,7 +97,7 @@ class TensorInfo:
             "numel": self.numel, "nnz": self.nnz, "density": self.density,
             "record_bytes": self.record_size, "dense_bytes": self.dense_size,
             "bits_per_element": self.bits_per_element, "codecs": self.codecs,
-            "blocks": [b.__dict__ for b in self.blocks],
+            "blocks": [b.__dict__ for b in self.blocks], "twin_of": self.twin_of,
         }
 
 

@@ -250,9 +250,9 @@ class Record:
     #: a bit pack member (spec 5.11): its first bit within the byte at ``data_start`` (0 to
     #: 7) and its ``Positions_Bits``; its signs follow, ``nnz`` bits
     bit_span: tuple[int, int] | None = None
-    #: a twin pack member that is a twin (spec 5.14): its source's index in the pack, whose
-    #: streams it reads; -1 for any other record
-    twin_of: int = -1
+    #: a twin pack member that is a twin (spec 5.14): its source, the member of the same pack
+    #: whose streams it reads; None for any other record
+    twin: Record | None = None
 
     @property
     def end(self) -> int:
@@ -281,10 +281,10 @@ class Record:
         size = self.data_size if self.in_pack else self.end - self.offset
         if self.bit_span is not None:  # spec 5.11: its bits, rounded up to bytes
             size = -(-(self.bit_span[1] + (self.nnz or 0)) // 8)
-        if self.twin_of >= 0:  # spec 5.14: its streams are its source's; it adds none
+        if self.twin is not None:  # spec 5.14: its streams are its source's; it adds none
             size = 0
         return TensorInfo(self.name, kind, self.dtype, self.shape, self.nnz, tuple(infos),
-                          self.offset, size)
+                          self.offset, size, None if self.twin is None else self.twin.name)
 
 
 def _codec_name(btype: int) -> str:
@@ -471,7 +471,7 @@ def _read_pack(b: BufferSource, name: str, limits: S.ReadLimits, rec: Record,
         m = Record(S.KIND_TERNARY, mname, f.dtype, f.shape, f.nnz, blocks, 0, rec.offset,
                    rec.header_end, rec.data_start + cursor, sum(blk[3] for blk in blocks),
                    in_pack=True, table_scale=None if scale is None else (scale, table_at),
-                   twin_of=len(members) - f.twin if f.twin else -1)
+                   twin=members[-f.twin] if f.twin else None)
         members.append(m)
         if lean:
             continue
@@ -527,8 +527,8 @@ def place_lean_members(pack: Record, data: memoryview) -> None:
     buf = np.frombuffer(data, dtype=np.uint8)
     end, cursor = 8 * len(data), 0
     for m in pack.members:
-        if m.twin_of >= 0:  # spec 5.14: no streams of its own; it reads its source's
-            src = pack.members[m.twin_of]
+        if m.twin is not None:  # spec 5.14: no streams of its own; it reads its source's
+            src = m.twin
             m.blocks, m.data_start, m.data_size = list(src.blocks), src.data_start, src.data_size
             m.bit_span = src.bit_span
             continue

@@ -237,3 +237,27 @@ def test_a_twin_that_reaches_too_far_is_refused() -> None:
     with pytest.raises(CorruptDataError, match="twin back 2 reaches before the first member"):
         read_column_table(BufferSource(memoryview(table)), 2, None, S.DEFAULT_LIMITS, "none",
                           twins=True)
+
+
+def test_info_names_a_twin_and_its_source(tmp_path: Path, capsys) -> None:
+    """``inspect`` and ``compeft info`` say which tensor a twin reads (spec 5.14)."""
+    import json
+
+    from cli_helpers import run
+
+    tensors = _bert_layers(1)
+    path = tmp_path / "t.compeft"
+    path.write_bytes(dumps(tensors))
+    twin = "base_model.model.encoder.layer.0.attention.self.value.ia3_l"
+    source = "base_model.model.encoder.layer.0.attention.output.dense.ia3_l"
+    by_name = {t.name: t for t in inspect(path).tensors}
+    assert by_name[twin].twin_of == source
+    assert by_name[twin].record_size == 0
+    assert {n for n, t in by_name.items() if t.twin_of} == {twin}
+    code, out, _ = run(capsys, "info", path)
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith(twin))
+    assert row.split()[5:7] == ["twin", "0"]
+    code, out, _ = run(capsys, "info", "--json", path)
+    rows = {t["name"]: t for t in json.loads(out)["tensors"]}
+    assert (rows[twin]["twin_of"], rows[source]["twin_of"]) == (source, None)

@@ -107,7 +107,8 @@ def _print_info(info: Any, shown: str, verbose: bool) -> None:
     rows = [("tensor", "shape", "dtype", "kind", "density", "codecs", "bytes", "bits/param")]
     for t in info.tensors:
         rows.append((t.name, _shape(t.shape), t.dtype, t.kind,
-                     "-" if t.density is None else f"{t.density:.4f}", t.codecs,
+                     "-" if t.density is None else f"{t.density:.4f}",
+                     "twin" if t.twin_of else t.codecs,  # spec 5.14: its source's streams
                      f"{t.record_size:,}", f"{t.bits_per_element:.3f}"))
     bits = 8 * info.file_size / info.numel if info.numel else 0.0
     rows.append(("total", f"{info.numel:,} params", "", "", "", "", f"{info.file_size:,}",
