@@ -298,10 +298,11 @@ class Writer:
         self._pack_data += member.size
         self._pack_table += entry
         self._pack_cost += member.cost
-        self._pack_bits += 0 if member.fields.twin else member.fields.psize + member.fields.nnz
         if self._bits:  # spec 5.11: its bits, rounded up to bytes (as TensorInfo.record_size)
-            f = member.fields  # a twin (spec 5.14) adds no bits
-            return 0 if f.twin else -(-(f.psize + f.nnz) // 8)
+            f = member.fields
+            bits = 0 if f.twin else f.psize + f.nnz  # a twin (spec 5.14) adds none
+            self._pack_bits += bits
+            return -(-bits // 8)
         return member.compact_size if self._compact else member.size
 
     def _as_twin(self, member: PackMember) -> PackMember:
