@@ -144,9 +144,14 @@ class Header:
     flags: int = 0  # spec 5.1 Flags
 
     @property
+    def short_trailer(self) -> bool:
+        """Whether the file ends in the 12-byte trailer (spec 5.7, ``Flags`` bit 3, 1.7)."""
+        return bool(self.flags & S.FLAG_SHORT_TRAILER)
+
+    @property
     def trailer_size(self) -> int:
-        """The trailer's size (spec 5.7): 16 bytes, 12 with ``Flags`` bit 3 (1.7)."""
-        return S.SHORT_TRAILER.size if self.flags & S.FLAG_SHORT_TRAILER else S.TRAILER_SIZE
+        """The trailer's size (spec 5.7): 16 bytes, 12 with :attr:`short_trailer`."""
+        return S.SHORT_TRAILER.size if self.short_trailer else S.TRAILER_SIZE
 
     @property
     def kinds(self) -> tuple[int, ...]:

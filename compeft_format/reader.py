@@ -240,8 +240,9 @@ def _walk(src: Source, framework: str, limits: S.ReadLimits,
         raise CorruptDataError(f"index ({len(entries)} entries) does not match the "
                                f"{len(seen)} records before it", offset=index_at)
     trailer_at = src.pos
-    size, short = header.trailer_size, bool(header.flags & S.FLAG_SHORT_TRAILER)
-    offset, crc, tail = unpack_trailer(short, src.read(size, "trailer"), trailer_at)
+    size = header.trailer_size
+    offset, crc, tail = unpack_trailer(header.short_trailer, src.read(size, "trailer"),
+                                       trailer_at)
     if tail != S.TAIL_MAGIC:
         raise BadMagicError(f"trailer magic {tail!r}, expected {S.TAIL_MAGIC!r}",
                             offset=trailer_at + size - 4)
@@ -313,7 +314,7 @@ class CompeftReader:
         if size < first + 1 + tsize:
             raise TruncatedError(f"file is {size} bytes, too short for an index and trailer",
                                  offset=size)
-        index_at, crc, tail = unpack_trailer(tsize != S.TRAILER_SIZE, data[size - tsize :],
+        index_at, crc, tail = unpack_trailer(self._header.short_trailer, data[size - tsize :],
                                              size - tsize)
         if tail != S.TAIL_MAGIC:  # a cut file ends in the middle of something else
             raise TruncatedError(f"trailer magic {bytes(tail)!r} is not {S.TAIL_MAGIC!r}: the "

@@ -159,7 +159,15 @@ class ZstdStage:
         """
         if bare:
             frame = ZSTD_MAGIC + bytes(frame[:32])  # a frame header is at most 18 bytes
-        if _is_skippable(frame):
+        declared = self._declared(frame, ctx)
+        if declared < 0:
+            raise self._fail(ctx, "zstd stage: the frame declares no content size")
+        return declared
+
+    def _declared(self, frame: bytes | memoryview, ctx: BlockContext | None) -> int:
+        """The frame header's rules (R-ZST-2: not a skippable frame, a valid header, no
+        dictionary ID where the dictionary is implied), then its content size (-1: none)."""
+        if _is_skippable(frame):  # frame_content_size() would call it a frame of 0 bytes
             raise self._fail(ctx, "zstd stage: a skippable frame is not a zstd frame")
         try:
             declared = zstandard.frame_content_size(frame)
@@ -168,8 +176,6 @@ class ZstdStage:
             raise self._fail(ctx, f"zstd stage: bad frame header ({exc})") from None
         if self._dict is not None and dict_id:  # spec 5.2, 7.4: the dictionary is implied
             raise self._fail(ctx, f"zstd stage: the {self._what} declares dictionary {dict_id}")
-        if declared < 0:
-            raise self._fail(ctx, "zstd stage: the frame declares no content size")
         return declared
 
     @staticmethod
@@ -191,15 +197,7 @@ class ZstdStage:
 
         if bare:  # a small frame (a table, the metadata): the copy costs nothing to speak of
             frame = ZSTD_MAGIC + bytes(frame)
-        if _is_skippable(frame):  # frame_content_size() would call it a frame of 0 bytes
-            raise fail("zstd stage: a skippable frame is not a zstd frame")
-        try:
-            declared = zstandard.frame_content_size(frame)
-            dict_id = zstandard.get_frame_parameters(frame).dict_id
-        except zstandard.ZstdError as exc:
-            raise fail(f"zstd stage: bad frame header ({exc})") from None
-        if self._dict is not None and dict_id:  # spec 5.2: the dictionary is implied
-            raise fail(f"zstd stage: the {self._what} declares dictionary {dict_id}")
+        declared = self._declared(frame, ctx)
         if declared != decoded_size:  # spec 7.1: checked before anything is allocated
             raise fail(f"zstd stage: frame declares {declared} bytes, block declares "
                        f"{decoded_size}")
